@@ -1,0 +1,625 @@
+//! The map ABI shared by the eBPF data path (`proxy-ebpf`) and the agent (`proxy-user`).
+//!
+//! One definition for both sides: every key and value is `#[repr(C)]` with explicit padding so its
+//! layout is identical on the BPF target and the host. Byte order is stated on every field:
+//! "net" means network byte order exactly as on the wire; "host" means native order.
+//!
+//! Addresses are always 16 bytes: IPv6 as is, IPv4 as an IPv4-mapped IPv6 address
+//! (`::ffff:a.b.c.d`). One set of maps serves both families.
+//!
+//! When a layout below changes, bump [`ABI_VERSION`]: a restarted agent compares it with the
+//! version recorded in the pinned [`Config`] before adopting pinned maps.
+#![no_std]
+
+#[cfg(feature = "user")]
+extern crate std;
+
+#[cfg(feature = "user")]
+pub mod user;
+
+/// Version of the layouts in this crate. Stored in [`Config::abi_version`].
+pub const ABI_VERSION: u32 = 1;
+
+// ---------------------------------------------------------------------------------------------
+// Map names (the ELF symbol names; the kernel keeps the first 15 bytes).
+// ---------------------------------------------------------------------------------------------
+
+pub const MAP_CONFIG: &str = "CONFIG";
+pub const MAP_FRONTENDS: &str = "FRONTENDS";
+pub const MAP_SERVICES: &str = "SERVICES";
+pub const MAP_SLOTS: &str = "SLOTS";
+pub const MAP_BACKENDS: &str = "BACKENDS";
+pub const MAP_CT: &str = "CT";
+pub const MAP_REVNAT: &str = "REVNAT";
+pub const MAP_AFFINITY: &str = "AFFINITY";
+pub const MAP_SRC_RANGES: &str = "SRC_RANGES";
+pub const MAP_FRAGS: &str = "FRAGS";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_SVC_STATS: &str = "SVC_STATS";
+
+/// Every map the data path defines, in the order the agent pins and checks them.
+pub const ALL_MAPS: [&str; 12] = [
+    MAP_CONFIG,
+    MAP_FRONTENDS,
+    MAP_SERVICES,
+    MAP_SLOTS,
+    MAP_BACKENDS,
+    MAP_CT,
+    MAP_REVNAT,
+    MAP_AFFINITY,
+    MAP_SRC_RANGES,
+    MAP_FRAGS,
+    MAP_COUNTERS,
+    MAP_SVC_STATS,
+];
+
+/// Program names (the Rust function names of the entry points).
+pub const PROG_XDP: &str = "extproxy_xdp";
+pub const PROG_TC_INGRESS: &str = "extproxy_tc_ingress";
+pub const PROG_TC_EGRESS: &str = "extproxy_tc_egress";
+/// Parses a packet exactly as the real programs do and passes it: the benchmarks' floor.
+pub const PROG_PARSE_ONLY: &str = "extproxy_parse_only";
+
+// ---------------------------------------------------------------------------------------------
+// Default map sizes. The agent may override max_entries at load time (EbpfLoader::set_max_entries).
+// ---------------------------------------------------------------------------------------------
+
+/// Service ports (a Service with two ports is two services here). Also bounds service ids.
+pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
+/// Frontends: ClusterIP, NodePort x node addresses, LB ingress IPs, externalIPs, per service port.
+pub const DEFAULT_MAX_FRONTENDS: u32 = 262_144;
+/// Endpoints over all service ports; also bounds backend ids (BACKENDS is an array).
+pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
+/// Selection slots: one per (service port, ready endpoint).
+pub const DEFAULT_MAX_SLOTS: u32 = 262_144;
+/// Connections tracked (LRU). The reverse NAT map has the same size.
+pub const DEFAULT_CT_MAX: u32 = 131_072;
+pub const DEFAULT_AFFINITY_MAX: u32 = 65_536;
+pub const DEFAULT_SRC_RANGES_MAX: u32 = 16_384;
+pub const DEFAULT_FRAGS_MAX: u32 = 8_192;
+
+// ---------------------------------------------------------------------------------------------
+// Addresses
+// ---------------------------------------------------------------------------------------------
+
+/// An IP address: 16 bytes in network byte order; IPv4 is IPv4-mapped (`::ffff:a.b.c.d`).
+///
+/// Stored as four `u32` words only so the data path copies and compares it in four operations;
+/// each word holds four address bytes in wire order (read the memory, not the integer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr {
+    pub words: [u32; 4],
+}
+
+impl Addr {
+    pub const ZERO: Addr = Addr { words: [0; 4] };
+
+    /// The third word of an IPv4-mapped address: bytes `00 00 ff ff` in memory.
+    pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+    /// Builds an IPv4-mapped address from the four IPv4 bytes as they are on the wire.
+    #[inline(always)]
+    pub const fn from_v4_raw(raw_net: u32) -> Self {
+        Addr {
+            words: [0, 0, Self::V4_MAPPED_WORD, raw_net],
+        }
+    }
+
+    #[inline(always)]
+    pub const fn is_v4(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == Self::V4_MAPPED_WORD
+    }
+
+    /// The IPv4 address as it is on the wire (only meaningful when [`Addr::is_v4`]).
+    #[inline(always)]
+    pub const fn v4_raw(&self) -> u32 {
+        self.words[3]
+    }
+
+    #[inline(always)]
+    pub const fn is_zero(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == 0 && self.words[3] == 0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Protocols, kinds, states
+// ---------------------------------------------------------------------------------------------
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// What kind of Service address a frontend is. Informational for the data path (stats,
+/// inspect); behaviour is driven by [`FrontendValue::flags`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    ClusterIp = 1,
+    NodePort = 2,
+    LoadBalancer = 3,
+    ExternalIp = 4,
+}
+
+impl FrontendKind {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::ClusterIp),
+            2 => Some(Self::NodePort),
+            3 => Some(Self::LoadBalancer),
+            4 => Some(Self::ExternalIp),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+            Self::ExternalIp => "ExternalIP",
+        }
+    }
+}
+
+/// Check the client address against [`MAP_SRC_RANGES`] (loadBalancerSourceRanges).
+pub const FE_F_SOURCE_RANGES: u8 = 1;
+
+/// Lifecycle of a backend slot in [`MAP_BACKENDS`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    /// Unused: flows that still point here were cut off (TCP is reset, UDP re-balanced).
+    Free = 0,
+    /// Selectable for new flows (it is in the service's slots).
+    Active = 1,
+    /// Terminating or no longer ready: existing flows continue, no new flows or affinity.
+    Draining = 2,
+}
+
+// ---------------------------------------------------------------------------------------------
+// CONFIG: ARRAY[1] of Config
+// ---------------------------------------------------------------------------------------------
+
+/// Node-wide settings, written by the agent before any service is programmed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// [`ABI_VERSION`] of the agent that created the pinned maps.
+    pub abi_version: u32,
+    /// SNAT source ports are allocated from `snat_port_min..=snat_port_max` (host order).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// Conntrack timeouts in seconds.
+    pub tcp_syn_timeout: u32,
+    pub tcp_established_timeout: u32,
+    pub tcp_closing_timeout: u32,
+    pub udp_timeout: u32,
+    pub udp_stream_timeout: u32,
+    /// `CFG_F_*` bits.
+    pub flags: u32,
+    pub reserved: [u32; 8],
+}
+
+/// XDP may transmit translated packets back out of the interface they came in on (XDP_TX).
+pub const CFG_F_XDP_TX: u32 = 1;
+
+impl Config {
+    pub const DEFAULT: Config = Config {
+        abi_version: ABI_VERSION,
+        // Above Linux's default ip_local_port_range (32768-60999): host sockets never pick these.
+        snat_port_min: 61_000,
+        snat_port_max: 65_535,
+        tcp_syn_timeout: 60,
+        // kube-proxy sets nf_conntrack_tcp_timeout_established to 24h; match it so idle pooled
+        // connections behave the same under either proxy.
+        tcp_established_timeout: 86_400,
+        tcp_closing_timeout: 10,
+        udp_timeout: 30,
+        udp_stream_timeout: 120,
+        flags: CFG_F_XDP_TX,
+        reserved: [0; 8],
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// FRONTENDS: HASH FrontendKey -> FrontendValue
+// ---------------------------------------------------------------------------------------------
+
+/// A Service address as a client addresses it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr: Addr,
+    /// net order
+    pub port: u16,
+    /// IP protocol number ([`PROTO_TCP`], [`PROTO_UDP`]).
+    pub proto: u8,
+    pub pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FrontendValue {
+    /// Key into SERVICES and index into SVC_STATS (host order).
+    pub service_id: u32,
+    /// [`FrontendKind`] as u8.
+    pub kind: u8,
+    /// `FE_F_*` bits.
+    pub flags: u8,
+    pub pad: [u8; 2],
+}
+
+// ---------------------------------------------------------------------------------------------
+// SERVICES: HASH service_id (u32, host order) -> ServiceValue
+// ---------------------------------------------------------------------------------------------
+
+/// One Service port. Hash map, not array: an update replaces the value atomically, so a reader
+/// never sees a backend count from one version and an egress address from another.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Selectable backends, in SLOTS `1..=backend_count` (host order). 0 = reject new flows.
+    pub backend_count: u32,
+    /// sessionAffinity ClientIP timeout in seconds; 0 = no affinity (host order).
+    pub affinity_timeout: u32,
+    /// SNAT source address for this service's flows.
+    pub egress: Addr,
+    /// Reserved for flags; 0 today.
+    pub flags: u32,
+    pub reserved: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// SLOTS: HASH SlotKey -> backend_id (u32, host order)
+// ---------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    /// host order
+    pub service_id: u32,
+    /// 1-based (host order).
+    pub slot: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// BACKENDS: ARRAY[backend_id] of BackendValue
+// ---------------------------------------------------------------------------------------------
+
+/// An endpoint of one service port. Array indexed by backend id: the per-packet validity check of
+/// an established flow is a direct load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendValue {
+    pub addr: Addr,
+    /// net order
+    pub port: u16,
+    /// [`BackendState`] as u8.
+    pub state: u8,
+    pub pad: u8,
+    /// Bumped by the agent whenever the id is freed; conntrack entries record it so a reused id
+    /// never inherits old flows (host order).
+    pub generation: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// CT: LRU_HASH CtKey -> CtValue   (the client-side 5-tuple, before translation)
+// ---------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    /// Client address.
+    pub src: Addr,
+    /// Frontend address.
+    pub dst: Addr,
+    /// net order
+    pub sport: u16,
+    /// net order
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// Client has sent a FIN.
+pub const CT_F_CLIENT_FIN: u8 = 1;
+/// Backend has sent a FIN.
+pub const CT_F_BACKEND_FIN: u8 = 2;
+/// Either side sent a RST.
+pub const CT_F_RST: u8 = 4;
+/// The backend has answered at least once.
+pub const CT_F_SEEN_REPLY: u8 = 8;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    /// Endpoint the flow was sent to (cached so teardown never depends on BACKENDS).
+    pub backend: Addr,
+    /// Source address after SNAT.
+    pub snat: Addr,
+    /// host order
+    pub backend_id: u32,
+    /// BACKENDS generation at selection (host order).
+    pub backend_generation: u32,
+    /// host order
+    pub service_id: u32,
+    /// Seconds of CLOCK_MONOTONIC (bpf_ktime_get_coarse_ns / 1e9), host order.
+    pub created: u32,
+    pub last_seen: u32,
+    /// net order
+    pub backend_port: u16,
+    /// net order
+    pub snat_port: u16,
+    /// `CT_F_*` bits.
+    pub flags: u8,
+    /// [`FrontendKind`] of the frontend the flow came in on.
+    pub kind: u8,
+    pub pad: [u8; 2],
+    pub reserved: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// REVNAT: LRU_HASH RevNatKey -> RevNatValue   (the backend-side 5-tuple of a reply)
+// ---------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    /// Endpoint address (source of the reply).
+    pub backend: Addr,
+    /// SNAT address (destination of the reply).
+    pub snat: Addr,
+    /// net order
+    pub backend_port: u16,
+    /// net order
+    pub snat_port: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatValue {
+    pub client: Addr,
+    pub frontend: Addr,
+    /// net order
+    pub client_port: u16,
+    /// net order
+    pub frontend_port: u16,
+    /// host order
+    pub service_id: u32,
+}
+
+impl RevNatValue {
+    /// The conntrack key of the flow this reply belongs to.
+    #[inline(always)]
+    pub const fn ct_key(&self, proto: u8) -> CtKey {
+        CtKey {
+            src: self.client,
+            dst: self.frontend,
+            sport: self.client_port,
+            dport: self.frontend_port,
+            proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AFFINITY: LRU_HASH AffinityKey -> AffinityValue   (sessionAffinity: ClientIP)
+// ---------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// host order
+    pub service_id: u32,
+    pub client: Addr,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    /// host order
+    pub backend_id: u32,
+    pub backend_generation: u32,
+    /// Seconds of CLOCK_MONOTONIC, host order.
+    pub last_used: u32,
+    pub reserved: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// SRC_RANGES: LPM_TRIE {prefix_len, SrcRangeKey} -> u8   (loadBalancerSourceRanges)
+// ---------------------------------------------------------------------------------------------
+
+/// The data of an LPM key. The prefix length always covers all 32 bits of `service_id`, then
+/// the range's bits of `addr` (IPv4 ranges add 96 for the mapped prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SrcRangeKey {
+    /// host order (matched whole, so byte order is irrelevant to the trie)
+    pub service_id: u32,
+    /// Addresses bytes in net order, matched most significant bit first.
+    pub addr: Addr,
+}
+
+/// Prefix length of an LPM key for a range of `prefix` bits of an address of the given family.
+pub const fn src_range_prefix_len(is_v4: bool, prefix: u8) -> u32 {
+    32 + if is_v4 { 96 } else { 0 } + prefix as u32
+}
+
+// ---------------------------------------------------------------------------------------------
+// FRAGS: LRU_HASH FragKey -> FragValue   (ports of the first fragment, for the later ones)
+// ---------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// IPv4: the 16-bit identification; IPv6: the fragment header's 32-bit id (net order).
+    pub id: u32,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragValue {
+    /// net order
+    pub sport: u16,
+    /// net order
+    pub dport: u16,
+}
+
+// ---------------------------------------------------------------------------------------------
+// SVC_STATS: PERCPU_ARRAY[service_id] of ServiceStats
+// ---------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceStats {
+    /// Client to endpoint (host order; bytes are L3 lengths).
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    /// Endpoint to client.
+    pub rev_packets: u64,
+    pub rev_bytes: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// COUNTERS: PERCPU_ARRAY[Counter] of u64
+// ---------------------------------------------------------------------------------------------
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $variant:ident = $idx:literal, $name:literal, $drop:literal; )*) => {
+        /// Everything the data path counts besides per-service traffic. Drops (`is_drop`) are
+        /// packets the data path did not deliver; each has exactly one reason.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Counter {
+            $( $(#[$doc])* $variant = $idx, )*
+        }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)*];
+
+            /// Stable snake_case name, used in logs, `extproxy inspect` and metrics labels.
+            pub const fn name(self) -> &'static str {
+                match self { $(Counter::$variant => $name,)* }
+            }
+
+            pub const fn is_drop(self) -> bool {
+                match self { $(Counter::$variant => $drop,)* }
+            }
+
+            pub const fn from_u32(v: u32) -> Option<Counter> {
+                match v { $($idx => Some(Counter::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+counters! {
+    /// A packet to a frontend with a header that lies about its lengths or is cut short.
+    DropMalformed = 0, "malformed", true;
+    /// A later IP fragment to a frontend whose first fragment was not seen.
+    DropFragmentUntracked = 1, "fragment_untracked", true;
+    /// Client address outside the Service's loadBalancerSourceRanges.
+    DropSourceRange = 2, "source_range_denied", true;
+    /// No free SNAT port for (egress address, endpoint address, port, protocol).
+    DropSnatExhausted = 3, "snat_ports_exhausted", true;
+    /// The Service has no egress address for the packet's IP family.
+    DropNoEgressAddress = 4, "no_egress_address", true;
+    /// The node has no route to the endpoint.
+    DropNoRoute = 5, "no_route_to_endpoint", true;
+    /// A frontend names a service id that has no entry (agent bug or mid-update).
+    DropNoService = 6, "no_service", true;
+    /// A map update failed (conntrack or reverse NAT could not be written).
+    DropMapUpdate = 7, "map_update_failed", true;
+    /// An IPv6 packet to a frontend with an extension header chain the data path does not walk.
+    DropUnsupportedHeaders = 8, "unsupported_headers", true;
+    /// No usable endpoint: rejected with a TCP RST or ICMP port unreachable.
+    DropNoEndpoints = 9, "no_endpoints", true;
+    /// The flow's endpoint was removed: TCP is reset, the packet is not forwarded.
+    DropEndpointRemoved = 10, "endpoint_removed", true;
+    /// A reject reply could not be built (buffer helpers failed); the packet was dropped.
+    DropRejectFailed = 11, "reject_failed", true;
+    /// A new flow was created for a TCP packet without SYN: conntrack lost the flow (LRU full,
+    /// restart without pins) or the client is confused.
+    CtMissMidstream = 32, "ct_miss_midstream", false;
+    /// A reply matched reverse NAT but its conntrack entry was gone.
+    CtMissReply = 33, "ct_miss_reply", false;
+    /// New flows created.
+    CtCreated = 34, "ct_created", false;
+    /// SNAT port candidates that were taken and had to be skipped.
+    SnatCollision = 35, "snat_collisions", false;
+    /// XDP could not forward a packet itself and passed it on to the TC program.
+    XdpPassToTc = 36, "xdp_pass_to_tc", false;
+    /// ICMP errors about a translated flow, translated for the client.
+    IcmpErrorTranslated = 37, "icmp_error_translated", false;
+    /// Non-first IP fragments translated using the first fragment's ports.
+    FragmentTranslated = 38, "fragment_translated", false;
+    /// UDP flows moved to another endpoint because theirs was removed.
+    UdpRebalanced = 39, "udp_rebalanced", false;
+    /// New flows that followed sessionAffinity to their previous endpoint.
+    AffinityHit = 40, "affinity_hit", false;
+    /// A stale conntrack or reverse NAT entry was replaced when its slot was needed.
+    CtStaleReplaced = 41, "ct_stale_replaced", false;
+}
+
+/// Size of the COUNTERS array: room for the indices above and future ones.
+pub const COUNTER_SLOTS: u32 = 64;
+
+// ---------------------------------------------------------------------------------------------
+// Pod impls: aya needs to know these are plain old data to copy them in and out of maps.
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    macro_rules! pod {
+        ($($t:ty),*) => { $( unsafe impl aya::Pod for $t {} )* };
+    }
+    pod!(
+        Addr,
+        Config,
+        FrontendKey,
+        FrontendValue,
+        ServiceValue,
+        SlotKey,
+        BackendValue,
+        CtKey,
+        CtValue,
+        RevNatKey,
+        RevNatValue,
+        AffinityKey,
+        AffinityValue,
+        SrcRangeKey,
+        FragKey,
+        FragValue,
+        ServiceStats
+    );
+}
+
+// Layout guards: a change here is an ABI change (bump ABI_VERSION).
+const _: () = {
+    assert!(core::mem::size_of::<Addr>() == 16);
+    assert!(core::mem::size_of::<Config>() == 64);
+    assert!(core::mem::size_of::<FrontendKey>() == 20);
+    assert!(core::mem::size_of::<FrontendValue>() == 8);
+    assert!(core::mem::size_of::<ServiceValue>() == 32);
+    assert!(core::mem::size_of::<SlotKey>() == 8);
+    assert!(core::mem::size_of::<BackendValue>() == 24);
+    assert!(core::mem::size_of::<CtKey>() == 40);
+    assert!(core::mem::size_of::<CtValue>() == 64);
+    assert!(core::mem::size_of::<RevNatKey>() == 40);
+    assert!(core::mem::size_of::<RevNatValue>() == 40);
+    assert!(core::mem::size_of::<AffinityKey>() == 20);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
+    assert!(core::mem::size_of::<SrcRangeKey>() == 20);
+    assert!(core::mem::size_of::<FragKey>() == 40);
+    assert!(core::mem::size_of::<FragValue>() == 4);
+    assert!(core::mem::size_of::<ServiceStats>() == 32);
+};
