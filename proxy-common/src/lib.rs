@@ -522,30 +522,27 @@ macro_rules! counters {
 }
 
 counters! {
-    /// A packet to a frontend with a header that lies about its lengths or is cut short.
+    /// A packet to a frontend (or a reply to an SNAT port) whose IP header claims more bytes than
+    /// the frame holds, or fewer than its own headers.
     DropMalformed = 0, "malformed", true;
-    /// A later IP fragment to a frontend whose first fragment was not seen.
-    DropFragmentUntracked = 1, "fragment_untracked", true;
     /// Client address outside the Service's loadBalancerSourceRanges.
-    DropSourceRange = 2, "source_range_denied", true;
+    DropSourceRange = 1, "source_range_denied", true;
     /// No free SNAT port for (egress address, endpoint address, port, protocol).
-    DropSnatExhausted = 3, "snat_ports_exhausted", true;
+    DropSnatExhausted = 2, "snat_ports_exhausted", true;
     /// The Service has no egress address for the packet's IP family.
-    DropNoEgressAddress = 4, "no_egress_address", true;
+    DropNoEgressAddress = 3, "no_egress_address", true;
     /// The node has no route to the endpoint.
-    DropNoRoute = 5, "no_route_to_endpoint", true;
+    DropNoRoute = 4, "no_route_to_endpoint", true;
     /// A frontend names a service id that has no entry (agent bug or mid-update).
-    DropNoService = 6, "no_service", true;
+    DropNoService = 5, "no_service", true;
     /// A map update failed (conntrack or reverse NAT could not be written).
-    DropMapUpdate = 7, "map_update_failed", true;
-    /// An IPv6 packet to a frontend with an extension header chain the data path does not walk.
-    DropUnsupportedHeaders = 8, "unsupported_headers", true;
+    DropMapUpdate = 6, "map_update_failed", true;
     /// No usable endpoint: rejected with a TCP RST or ICMP port unreachable.
-    DropNoEndpoints = 9, "no_endpoints", true;
+    DropNoEndpoints = 7, "no_endpoints", true;
     /// The flow's endpoint was removed: TCP is reset, the packet is not forwarded.
-    DropEndpointRemoved = 10, "endpoint_removed", true;
+    DropEndpointRemoved = 8, "endpoint_removed", true;
     /// A reject reply could not be built (buffer helpers failed); the packet was dropped.
-    DropRejectFailed = 11, "reject_failed", true;
+    DropRejectFailed = 9, "reject_failed", true;
     /// A new flow was created for a TCP packet without SYN: conntrack lost the flow (LRU full,
     /// restart without pins) or the client is confused.
     CtMissMidstream = 32, "ct_miss_midstream", false;
@@ -567,6 +564,14 @@ counters! {
     AffinityHit = 40, "affinity_hit", false;
     /// A stale conntrack or reverse NAT entry was replaced when its slot was needed.
     CtStaleReplaced = 41, "ct_stale_replaced", false;
+    /// A later IP fragment whose first fragment was not seen: passed to the kernel untouched (it
+    /// cannot be matched to a flow; the kernel discards it if it is not for the node).
+    FragmentUntracked = 42, "fragment_untracked", false;
+    /// An IP packet whose transport header could not be found (cut short, unknown IPv6 extension
+    /// chain): passed to the kernel untouched, never rewritten.
+    UnparsedPassed = 43, "unparsed_passed", false;
+    /// A TCP SYN reused the 5-tuple of a closed flow: it got a new endpoint choice.
+    CtReopened = 44, "ct_reopened", false;
 }
 
 /// Size of the COUNTERS array: room for the indices above and future ones.

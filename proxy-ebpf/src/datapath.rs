@@ -1,0 +1,499 @@
+//! The per-packet flow shared by all hooks: classify, look up, translate, choose the exit.
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use proxy_common::*;
+
+use crate::{
+    conntrack::{delete_flow, is_expired, is_reopen, now_secs, tcp_ct_flags, touch},
+    ctx::{Ctx, Hook},
+    fwd::{Route, route},
+    lb::{self, Chosen},
+    maps::{BACKENDS, CONFIG, CT, FRAGS, REVNAT, SCRATCH, Scratch},
+    nat::{in_snat_range, set_macs, snat_alloc, xlate, xlate_icmp_error_reply},
+    parse::{Frag, PULL_LEN, Parsed, Pkt, TCP_ACK, TCP_SYN, parse, parse_inner},
+    reject,
+    stats::{count, count_service},
+};
+
+/// What to do with the packet; each hook maps it to its own return codes and helpers.
+///
+/// Packed into one register: BPF subprograms return through r0 only, and a larger enum would be
+/// returned through a hidden pointer argument, which counts against the five-argument limit.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Action(u64);
+
+pub enum Verdict {
+    /// Hand to the kernel: untouched, or translated where the stack should deliver it.
+    Pass,
+    Drop,
+    /// Out of the device it arrived on (XDP_TX; TC redirects to its own device).
+    Tx,
+    /// bpf_redirect to a device's egress (TC).
+    Redirect(u32),
+    /// bpf_redirect_neigh: the kernel resolves the next hop's address (TC).
+    RedirectNeigh(u32),
+    /// Back into the device's ingress (TC egress answering a local sender).
+    RedirectIngress(u32),
+}
+
+impl Action {
+    pub const PASS: Action = Action(0);
+    pub const DROP: Action = Action(1);
+    pub const TX: Action = Action(2);
+    /// Internal: answer the packet (RST / ICMP unreachable). Never leaves `forward`.
+    const REJECT: Action = Action(6);
+    /// Internal: another CPU created the flow first; follow its conntrack entry.
+    const RACED: Action = Action(7);
+
+    #[inline(always)]
+    pub const fn redirect(ifindex: u32) -> Action {
+        Action(3 | (ifindex as u64) << 32)
+    }
+    #[inline(always)]
+    pub const fn redirect_neigh(ifindex: u32) -> Action {
+        Action(4 | (ifindex as u64) << 32)
+    }
+    #[inline(always)]
+    pub const fn redirect_ingress(ifindex: u32) -> Action {
+        Action(5 | (ifindex as u64) << 32)
+    }
+
+    #[inline(always)]
+    pub fn verdict(self) -> Verdict {
+        let ifindex = (self.0 >> 32) as u32;
+        match self.0 as u32 {
+            1 => Verdict::Drop,
+            2 => Verdict::Tx,
+            3 => Verdict::Redirect(ifindex),
+            4 => Verdict::RedirectNeigh(ifindex),
+            5 => Verdict::RedirectIngress(ifindex),
+            _ => Verdict::Pass,
+        }
+    }
+}
+
+#[inline(always)]
+fn drop(reason: Counter) -> Action {
+    count(reason);
+    Action::DROP
+}
+
+/// Flow-hash seeds: endpoint choice and SNAT port start must not be correlated.
+const SEED_SELECT: u32 = 0x5eed_0001;
+const SEED_SNAT: u32 = 0x5eed_0002;
+
+#[inline(always)]
+pub fn process<C: Ctx>(ctx: &C) -> Action {
+    let Some(cfg) = CONFIG.get(0) else {
+        return Action::PASS;
+    };
+    // Until the agent has written its configuration nothing is ours.
+    if cfg.abi_version == 0 {
+        return Action::PASS;
+    }
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return Action::PASS;
+    };
+    let s = unsafe { &mut *s };
+    ctx.pull(PULL_LEN);
+    match parse_packet(ctx, &mut s.pkt) {
+        Parsed::Pkt => {}
+        Parsed::Other => return Action::PASS,
+        Parsed::Unparsed => {
+            count(Counter::UnparsedPassed);
+            return Action::PASS;
+        }
+    }
+    if s.pkt.icmp_error {
+        // Errors about our flows come from the endpoint side, i.e. in through the uplink.
+        if C::HOOK == Hook::TcEgress {
+            return Action::PASS;
+        }
+        return icmp_error(ctx, s);
+    }
+    if s.pkt.frag == Frag::Later {
+        s.frag_key = frag_key(&s.pkt);
+        match unsafe { FRAGS.get(&s.frag_key) } {
+            Some(ports) => {
+                s.pkt.sport = ports.sport;
+                s.pkt.dport = ports.dport;
+            }
+            None => {
+                count(Counter::FragmentUntracked);
+                return Action::PASS;
+            }
+        }
+    }
+    let pkt = &s.pkt;
+    if let Some(fe) = lb::lookup_frontend(&pkt.dst, pkt.dport, pkt.proto) {
+        return forward(ctx, cfg, s, fe);
+    }
+    // Replies arrive through the uplink; only ports we hand out can be ours.
+    if C::HOOK != Hook::TcEgress && in_snat_range(cfg, pkt.dport) {
+        s.rn_key = RevNatKey {
+            backend: pkt.src,
+            snat: pkt.dst,
+            backend_port: pkt.sport,
+            snat_port: pkt.dport,
+            proto: pkt.proto,
+            pad: [0; 3],
+        };
+        if let Some(rn) = unsafe { REVNAT.get(&s.rn_key) } {
+            return reply(ctx, s, rn);
+        }
+    }
+    Action::PASS
+}
+
+#[inline(always)]
+fn frag_key(pkt: &Pkt) -> FragKey {
+    FragKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        id: pkt.frag_id,
+        proto: pkt.proto,
+        pad: [0; 3],
+    }
+}
+
+/// Its own frame: parsing's temporaries are dead before the heavy paths run.
+#[inline(never)]
+fn parse_packet<C: Ctx>(ctx: &C, pkt: &mut Pkt) -> Parsed {
+    parse(ctx, pkt)
+}
+
+/// Remembers a first fragment's ports so the later fragments can follow it.
+#[inline(always)]
+fn track_fragment(pkt: &Pkt, key: &mut FragKey) {
+    if pkt.frag == Frag::First {
+        let ports = FragValue {
+            sport: pkt.sport,
+            dport: pkt.dport,
+        };
+        *key = frag_key(pkt);
+        let _ = FRAGS.insert(&*key, &ports, 0);
+    } else if pkt.frag == Frag::Later {
+        count(Counter::FragmentTranslated);
+    }
+}
+
+/// Client to frontend.
+#[inline(never)]
+fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, fe: &FrontendValue) -> Action {
+    let pkt = &s.pkt;
+    if pkt.bad_len {
+        return drop(Counter::DropMalformed);
+    }
+    track_fragment(pkt, &mut s.frag_key);
+    let pkt = &s.pkt;
+    s.ct_key = CtKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        pad: [0; 3],
+    };
+    let now = now_secs();
+    if let Some(ct) = CT.get_ptr_mut(&s.ct_key) {
+        let ct = unsafe { &mut *ct };
+        if is_expired(cfg, pkt.proto, ct, now) {
+            delete_flow(&s.ct_key, ct);
+        } else if is_reopen(pkt.proto, pkt.tcp_flags, ct) {
+            count(Counter::CtReopened);
+            delete_flow(&s.ct_key, ct);
+        } else if backend_alive(ct) {
+            return established(ctx, s, ct, now);
+        } else if pkt.proto == PROTO_TCP {
+            // Its endpoint was removed: end the connection now rather than let it hang.
+            delete_flow(&s.ct_key, ct);
+            count(Counter::DropEndpointRemoved);
+            return answer(ctx, &s.pkt);
+        } else {
+            count(Counter::UdpRebalanced);
+            delete_flow(&s.ct_key, ct);
+        }
+    }
+    match new_flow(ctx, cfg, s, fe, now) {
+        Action::REJECT => answer(ctx, &s.pkt),
+        Action::RACED => match CT.get_ptr_mut(&s.ct_key) {
+            Some(ct) => established(ctx, s, unsafe { &mut *ct }, now),
+            None => drop(Counter::DropMapUpdate),
+        },
+        action => action,
+    }
+}
+
+#[inline(always)]
+fn backend_alive(ct: &CtValue) -> bool {
+    match BACKENDS.get(ct.backend_id) {
+        Some(b) => b.generation == ct.backend_generation && b.state != BackendState::Free as u8,
+        None => false,
+    }
+}
+
+#[inline(never)]
+fn established<C: Ctx>(ctx: &C, s: &mut Scratch, ct: &mut CtValue, now: u32) -> Action {
+    let r = route(ctx, &mut s.fib, s.pkt.v6, &ct.snat, &ct.backend);
+    if C::HOOK == Hook::Xdp && !xdp_can_send(ctx, s, r) {
+        count(Counter::XdpPassToTc);
+        return Action::PASS;
+    }
+    let flags = if s.pkt.proto == PROTO_TCP {
+        tcp_ct_flags(s.pkt.tcp_flags, false)
+    } else {
+        0
+    };
+    touch(ct, now, flags);
+    send_to_endpoint(ctx, s, r, ct)
+}
+
+#[inline(always)]
+fn xdp_can_send<C: Ctx>(ctx: &C, s: &Scratch, r: Route) -> bool {
+    r == Route::Out && s.fib.ifindex == ctx.ifindex()
+}
+
+#[inline(never)]
+fn new_flow<C: Ctx>(
+    ctx: &C,
+    cfg: &Config,
+    s: &mut Scratch,
+    fe: &FrontendValue,
+    now: u32,
+) -> Action {
+    let pkt = &s.pkt;
+    if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        count(Counter::CtMissMidstream);
+    }
+    let Some(svc) = lb::lookup_service(fe.service_id) else {
+        return drop(Counter::DropNoService);
+    };
+    if fe.flags & FE_F_SOURCE_RANGES != 0 && !lb::source_allowed(fe.service_id, &pkt.src) {
+        return drop(Counter::DropSourceRange);
+    }
+    if svc.backend_count == 0 {
+        count(Counter::DropNoEndpoints);
+        return Action::REJECT;
+    }
+    if svc.egress.is_zero() || svc.egress.is_v4() == pkt.v6 {
+        return drop(Counter::DropNoEgressAddress);
+    }
+    let Some(chosen) = choose(fe.service_id, svc, &s.ct_key, now) else {
+        count(Counter::DropNoEndpoints);
+        return Action::REJECT;
+    };
+    let r = route(ctx, &mut s.fib, pkt.v6, &svc.egress, &chosen.addr);
+    if C::HOOK == Hook::Xdp && !xdp_can_send(ctx, s, r) {
+        // Nothing is allocated yet: the TC program starts this flow from scratch.
+        count(Counter::XdpPassToTc);
+        return Action::PASS;
+    }
+    s.rn = RevNatValue {
+        client: pkt.src,
+        frontend: pkt.dst,
+        client_port: pkt.sport,
+        frontend_port: pkt.dport,
+        service_id: fe.service_id,
+    };
+    s.rn_key = RevNatKey {
+        backend: chosen.addr,
+        snat: svc.egress,
+        backend_port: chosen.port,
+        snat_port: 0,
+        proto: pkt.proto,
+        pad: [0; 3],
+    };
+    let hash = lb::flow_hash(&s.ct_key, SEED_SNAT);
+    if !snat_alloc(cfg, now, &mut s.rn_key, &s.rn, &mut s.old_key, hash) {
+        return drop(Counter::DropSnatExhausted);
+    }
+    let flags = if pkt.proto == PROTO_TCP {
+        tcp_ct_flags(pkt.tcp_flags, false)
+    } else {
+        0
+    };
+    s.ct = CtValue {
+        backend: chosen.addr,
+        snat: svc.egress,
+        backend_id: chosen.id,
+        backend_generation: chosen.generation,
+        service_id: fe.service_id,
+        created: now,
+        last_seen: now,
+        backend_port: chosen.port,
+        snat_port: s.rn_key.snat_port,
+        flags,
+        kind: fe.kind,
+        pad: [0; 2],
+        reserved: 0,
+    };
+    if CT.insert(&s.ct_key, &s.ct, BPF_NOEXIST as u64).is_err() {
+        // Another CPU created this flow first: give our port back and follow its choice.
+        let _ = REVNAT.remove(&s.rn_key);
+        return Action::RACED;
+    }
+    if svc.affinity_timeout != 0 {
+        lb::affinity_record(fe.service_id, &s.pkt.src, &chosen, now);
+    }
+    count(Counter::CtCreated);
+    send_to_endpoint(ctx, s, r, &s.ct)
+}
+
+#[inline(always)]
+fn choose(service_id: u32, svc: &ServiceValue, key: &CtKey, now: u32) -> Option<Chosen> {
+    if svc.affinity_timeout != 0 {
+        if let Some(c) = lb::affinity_backend(service_id, svc.affinity_timeout, &key.src, now) {
+            count(Counter::AffinityHit);
+            return Some(c);
+        }
+    }
+    lb::select_backend(service_id, svc, lb::flow_hash(key, SEED_SELECT))
+}
+
+/// Translates client -> frontend into egress -> endpoint and picks the exit `r` found.
+#[inline(always)]
+fn send_to_endpoint<C: Ctx>(ctx: &C, s: &Scratch, r: Route, ct: &CtValue) -> Action {
+    let out = s.fib.ifindex;
+    let action = match r {
+        Route::Out if out == ctx.ifindex() => {
+            if C::HOOK == Hook::TcEgress {
+                Action::PASS
+            } else {
+                Action::TX
+            }
+        }
+        Route::Out => Action::redirect(out),
+        Route::NoNeigh => Action::redirect_neigh(out),
+        Route::Local | Route::None => return drop(Counter::DropNoRoute),
+    };
+    if xlate(
+        ctx,
+        &s.pkt,
+        &ct.snat,
+        ct.snat_port,
+        &ct.backend,
+        ct.backend_port,
+    )
+    .is_err()
+    {
+        return drop(Counter::DropMalformed);
+    }
+    if r == Route::Out && set_macs(ctx, &s.fib.smac, &s.fib.dmac).is_err() {
+        return drop(Counter::DropMalformed);
+    }
+    count_service(ct.service_id, s.pkt.l3_len, false);
+    action
+}
+
+/// Endpoint to client (through its SNAT port).
+#[inline(never)]
+fn reply<C: Ctx>(ctx: &C, s: &mut Scratch, rn: &RevNatValue) -> Action {
+    if s.pkt.bad_len {
+        return drop(Counter::DropMalformed);
+    }
+    track_fragment(&s.pkt, &mut s.frag_key);
+    let pkt = &s.pkt;
+    s.ct_key = rn.ct_key(pkt.proto);
+    match CT.get_ptr_mut(&s.ct_key) {
+        Some(ct) => {
+            let mut flags = CT_F_SEEN_REPLY;
+            if pkt.proto == PROTO_TCP {
+                flags |= tcp_ct_flags(pkt.tcp_flags, true);
+            }
+            touch(unsafe { &mut *ct }, now_secs(), flags);
+        }
+        None => count(Counter::CtMissReply),
+    }
+    let r = route(ctx, &mut s.fib, pkt.v6, &rn.frontend, &rn.client);
+    if xlate(
+        ctx,
+        &s.pkt,
+        &rn.frontend,
+        rn.frontend_port,
+        &rn.client,
+        rn.client_port,
+    )
+    .is_err()
+    {
+        return drop(Counter::DropMalformed);
+    }
+    count_service(rn.service_id, s.pkt.l3_len, true);
+    toward_client(ctx, s, r)
+}
+
+/// A translated reply: back out of the uplink ourselves (hairpin: the client is outside), or to
+/// the kernel, which delivers it to a local socket or forwards it to a pod.
+#[inline(always)]
+fn toward_client<C: Ctx>(ctx: &C, s: &Scratch, r: Route) -> Action {
+    let out = s.fib.ifindex;
+    if out != ctx.ifindex() {
+        return Action::PASS;
+    }
+    match r {
+        Route::Out => {
+            if set_macs(ctx, &s.fib.smac, &s.fib.dmac).is_err() {
+                return drop(Counter::DropMalformed);
+            }
+            Action::TX
+        }
+        // The kernel drops a packet from a local address (a NodePort frontend) arriving on the
+        // uplink as a martian; TC hands it to the neighbour code instead.
+        Route::NoNeigh if C::HOOK != Hook::Xdp => Action::redirect_neigh(out),
+        _ => Action::PASS,
+    }
+}
+
+/// ICMP errors from the endpoint side about a translated flow.
+#[inline(never)]
+fn icmp_error<C: Ctx>(ctx: &C, s: &mut Scratch) -> Action {
+    if parse_inner(ctx, &s.pkt, &mut s.inner).is_none() {
+        return Action::PASS;
+    }
+    let inner = &s.inner;
+    // The quoted packet is one we sent: egress:snat_port -> endpoint.
+    s.rn_key = RevNatKey {
+        backend: inner.dst,
+        snat: inner.src,
+        backend_port: inner.dport,
+        snat_port: inner.sport,
+        proto: inner.proto,
+        pad: [0; 3],
+    };
+    let Some(rn) = (unsafe { REVNAT.get(&s.rn_key) }) else {
+        return Action::PASS;
+    };
+    let new_src = if s.pkt.src == inner.dst {
+        rn.frontend
+    } else {
+        s.pkt.src
+    };
+    let r = route(ctx, &mut s.fib, s.pkt.v6, &new_src, &rn.client);
+    if xlate_icmp_error_reply(ctx, &s.pkt, &s.inner, rn).is_err() {
+        return drop(Counter::DropMalformed);
+    }
+    count(Counter::IcmpErrorTranslated);
+    toward_client(ctx, s, r)
+}
+
+/// Rejects the packet by turning it into its answer, sent back the way it came.
+#[inline(never)]
+fn answer<C: Ctx>(ctx: &C, pkt: &Pkt) -> Action {
+    // Later fragments carry no header to answer with; the first fragment got the answer.
+    if !pkt.has_l4() {
+        return Action::DROP;
+    }
+    let built = if pkt.proto == PROTO_TCP {
+        reject::tcp_reset(ctx, pkt)
+    } else {
+        reject::icmp_unreachable(ctx, pkt)
+    };
+    if built.is_err() {
+        return drop(Counter::DropRejectFailed);
+    }
+    match C::HOOK {
+        Hook::Xdp => Action::TX,
+        Hook::TcIngress => Action::redirect(ctx.ifindex()),
+        Hook::TcEgress => Action::redirect_ingress(ctx.ifindex()),
+    }
+}

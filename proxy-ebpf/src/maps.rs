@@ -1,0 +1,76 @@
+//! Map definitions. Layouts live in proxy-common; sizes are defaults the agent overrides at load.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use proxy_common::*;
+
+use crate::{
+    fwd::FibParams,
+    parse::{Inner, Pkt},
+};
+
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static FRONTENDS: HashMap<FrontendKey, FrontendValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_FRONTENDS, 0);
+
+#[map]
+pub static SERVICES: HashMap<u32, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map]
+pub static SLOTS: HashMap<SlotKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_SLOTS, 0);
+
+#[map]
+pub static BACKENDS: Array<BackendValue> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map]
+pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_CT_MAX, 0);
+
+#[map]
+pub static REVNAT: LruHashMap<RevNatKey, RevNatValue> =
+    LruHashMap::with_max_entries(DEFAULT_CT_MAX, 0);
+
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(DEFAULT_AFFINITY_MAX, 0);
+
+#[map]
+pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8> =
+    LpmTrie::with_max_entries(DEFAULT_SRC_RANGES_MAX, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static FRAGS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(DEFAULT_FRAGS_MAX, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[map]
+pub static SVC_STATS: PerCpuArray<ServiceStats> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Per-CPU room for the large structs of one packet's processing. The BPF stack holds 512 bytes
+/// over the whole call chain; these would not fit beside everything else. Networking programs do
+/// not nest on a CPU (redirects happen after the program returns), so one slot per CPU is enough.
+#[repr(C)]
+pub struct Scratch {
+    pub pkt: Pkt,
+    pub inner: Inner,
+    pub ct_key: CtKey,
+    pub ct: CtValue,
+    pub rn_key: RevNatKey,
+    pub rn: RevNatValue,
+    /// Key of a flow whose SNAT port we may take over.
+    pub old_key: CtKey,
+    pub frag_key: FragKey,
+    pub fib: FibParams,
+}
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -1,0 +1,226 @@
+//! Address translation: SNAT port allocation, header rewriting, ICMP error translation.
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use proxy_common::*;
+
+use crate::{
+    conntrack::{is_expired, revnat_key},
+    csum,
+    ctx::{Ctx, load, store},
+    maps::{CT, REVNAT},
+    parse::{ETH_HLEN, Inner, Pkt},
+    stats::count,
+};
+
+/// Ports tried before a new flow is dropped as `snat_ports_exhausted`.
+const SNAT_TRIES: u32 = 32;
+
+#[inline(always)]
+pub fn in_snat_range(cfg: &Config, port_net: u16) -> bool {
+    let p = u16::from_be(port_net);
+    p >= cfg.snat_port_min && p <= cfg.snat_port_max
+}
+
+/// Reserves a source port on `rn_key.snat` for a flow to `rn_key.backend:backend_port` by
+/// inserting its reverse NAT entry `rn`. On success `rn_key.snat_port` holds the port.
+///
+/// The first candidate comes from the flow hash, so a flow recreated after losing its conntrack
+/// entry usually gets the same port again. A taken port whose flow has expired is reused.
+#[inline(always)]
+pub fn snat_alloc(
+    cfg: &Config,
+    now: u32,
+    rn_key: &mut RevNatKey,
+    rn: &RevNatValue,
+    old_key: &mut CtKey,
+    hash: u32,
+) -> bool {
+    let min = cfg.snat_port_min as u32;
+    let max = cfg.snat_port_max as u32;
+    if max < min {
+        return false;
+    }
+    let proto = rn_key.proto;
+    let range = max - min + 1;
+    let start = hash % range;
+    for i in 0..SNAT_TRIES {
+        let port = (min + (start + i) % range) as u16;
+        rn_key.snat_port = port.to_be();
+        if REVNAT.insert(&*rn_key, rn, BPF_NOEXIST as u64).is_ok() {
+            return true;
+        }
+        if let Some(existing) = unsafe { REVNAT.get(&*rn_key) } {
+            *old_key = existing.ct_key(proto);
+            // Stale: its flow is gone, expired, or already moved to another port.
+            let (stale, owned) = match unsafe { CT.get(&*old_key) } {
+                None => (true, false),
+                Some(ct) => {
+                    let owned = revnat_key(ct, proto) == *rn_key;
+                    (!owned || is_expired(cfg, proto, ct, now), owned)
+                }
+            };
+            if stale {
+                if owned {
+                    let _ = CT.remove(&*old_key);
+                }
+                if REVNAT.insert(&*rn_key, rn, 0).is_ok() {
+                    count(Counter::CtStaleReplaced);
+                    return true;
+                }
+            }
+        }
+        count(Counter::SnatCollision);
+    }
+    false
+}
+
+/// Offsets of the address fields in the IP header.
+#[inline(always)]
+fn addr_offsets(v6: bool) -> (usize, usize) {
+    if v6 {
+        (ETH_HLEN + 8, ETH_HLEN + 24)
+    } else {
+        (ETH_HLEN + 12, ETH_HLEN + 16)
+    }
+}
+
+#[inline(always)]
+fn store_addr<C: Ctx>(ctx: &C, v6: bool, off: usize, a: &Addr) -> Result<(), ()> {
+    if v6 {
+        store(ctx, off, a.words)
+    } else {
+        store(ctx, off, a.words[3])
+    }
+}
+
+#[inline(always)]
+fn l4_csum_off(pkt: &Pkt) -> usize {
+    pkt.l4_off + if pkt.proto == PROTO_TCP { 16 } else { 6 }
+}
+
+/// Rewrites addresses and ports and fixes every checksum they are part of. Later fragments only
+/// carry the IP header; their transport checksum was fixed with the first fragment.
+#[inline(always)]
+pub fn xlate<C: Ctx>(
+    ctx: &C,
+    pkt: &Pkt,
+    src: &Addr,
+    sport: u16,
+    dst: &Addr,
+    dport: u16,
+) -> Result<(), ()> {
+    let (src_off, dst_off) = addr_offsets(pkt.v6);
+    store_addr(ctx, pkt.v6, src_off, src)?;
+    store_addr(ctx, pkt.v6, dst_off, dst)?;
+    let addr_delta = csum::add(
+        csum::diff_addr_family(pkt.v6, &pkt.src, src),
+        csum::diff_addr_family(pkt.v6, &pkt.dst, dst),
+    );
+    if !pkt.v6 {
+        ctx.csum_l3(ETH_HLEN + 10, addr_delta)?;
+    }
+    if pkt.has_l4() {
+        store(ctx, pkt.l4_off, [sport, dport])?;
+        let port_delta = csum::add(
+            csum::diff16(pkt.sport, sport),
+            csum::diff16(pkt.dport, dport),
+        );
+        let udp = pkt.proto == PROTO_UDP;
+        let off = l4_csum_off(pkt);
+        ctx.csum_l4(off, addr_delta, true, udp)?;
+        ctx.csum_l4(off, port_delta, false, udp)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+pub fn set_macs<C: Ctx>(ctx: &C, src: &[u8; 6], dst: &[u8; 6]) -> Result<(), ()> {
+    store(ctx, 0, *dst)?;
+    store(ctx, 6, *src)
+}
+
+/// Rewrites a checksum field inside an ICMP payload by `delta`; returns the change of the field
+/// itself (which the ICMP checksum covers). Fields cut off by the quote are skipped.
+#[inline(always)]
+fn fix_quoted_csum<C: Ctx>(ctx: &C, off: usize, delta: u32, udp: bool) -> u32 {
+    let Some(old) = load::<C, u16>(ctx, off) else {
+        return 0;
+    };
+    if udp && old == 0 {
+        return 0;
+    }
+    let mut new = csum::apply(old, delta);
+    if udp && new == 0 {
+        new = 0xffff;
+    }
+    if store(ctx, off, new).is_err() {
+        return 0;
+    }
+    csum::diff16(old, new)
+}
+
+/// Translates an ICMP error about a flow we SNATed (quoted packet: egress -> endpoint) into one
+/// the client understands (quoted packet: client -> frontend), outer header included.
+#[inline(always)]
+pub fn xlate_icmp_error_reply<C: Ctx>(
+    ctx: &C,
+    pkt: &Pkt,
+    inner: &Inner,
+    rn: &RevNatValue,
+) -> Result<(), ()> {
+    let v6 = pkt.v6;
+    // Quoted packet: src egress:snat_port -> client:client_port, dst endpoint -> frontend.
+    let (isrc_off, idst_off) = if v6 {
+        (inner.l3_off + 8, inner.l3_off + 24)
+    } else {
+        (inner.l3_off + 12, inner.l3_off + 16)
+    };
+    store_addr(ctx, v6, isrc_off, &rn.client)?;
+    store_addr(ctx, v6, idst_off, &rn.frontend)?;
+    store(ctx, inner.l4_off, [rn.client_port, rn.frontend_port])?;
+    let inner_addr_delta = csum::add(
+        csum::diff_addr_family(v6, &inner.src, &rn.client),
+        csum::diff_addr_family(v6, &inner.dst, &rn.frontend),
+    );
+    let inner_port_delta = csum::add(
+        csum::diff16(inner.sport, rn.client_port),
+        csum::diff16(inner.dport, rn.frontend_port),
+    );
+    let mut icmp_delta = csum::add(inner_addr_delta, inner_port_delta);
+    if !v6 {
+        icmp_delta = csum::add(
+            icmp_delta,
+            fix_quoted_csum(ctx, inner.l3_off + 10, inner_addr_delta, false),
+        );
+    }
+    let quoted_l4_delta = csum::add(inner_addr_delta, inner_port_delta);
+    let quoted_l4_csum = if inner.proto == PROTO_TCP {
+        fix_quoted_csum(ctx, inner.l4_off + 16, quoted_l4_delta, false)
+    } else {
+        fix_quoted_csum(ctx, inner.l4_off + 6, quoted_l4_delta, true)
+    };
+    icmp_delta = csum::add(icmp_delta, quoted_l4_csum);
+
+    // Outer header: to the client; from the frontend if the endpoint itself complained (a router
+    // on the way keeps its own address).
+    let (src_off, dst_off) = addr_offsets(v6);
+    let new_src = if pkt.src == inner.dst {
+        rn.frontend
+    } else {
+        pkt.src
+    };
+    store_addr(ctx, v6, src_off, &new_src)?;
+    store_addr(ctx, v6, dst_off, &rn.client)?;
+    let outer_delta = csum::add(
+        csum::diff_addr_family(v6, &pkt.src, &new_src),
+        csum::diff_addr_family(v6, &pkt.dst, &rn.client),
+    );
+    let icmp_csum_off = pkt.l4_off + 2;
+    if v6 {
+        // ICMPv6 covers a pseudo-header with the outer addresses.
+        ctx.csum_l4(icmp_csum_off, outer_delta, true, false)?;
+    } else {
+        ctx.csum_l3(ETH_HLEN + 10, outer_delta)?;
+    }
+    ctx.csum_l4(icmp_csum_off, icmp_delta, false, false)
+}
