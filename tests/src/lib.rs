@@ -1,0 +1,381 @@
+//! Harness for extproxy's real-kernel tests.
+//!
+//! Everything here talks to the real kernel: the real eBPF object is loaded and verified, packets
+//! go through BPF_PROG_TEST_RUN, namespaces and veths are real. All tests need root
+//! (CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN).
+
+pub mod netns;
+pub mod packet;
+
+use std::{net::IpAddr, process::Command};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use extproxy::loader::{self, Limits};
+use proxy_common::*;
+
+/// Fails the test with a clear reason when not run as root.
+pub fn require_root() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test loads eBPF programs and creates network namespaces: run it as root \
+         (e.g. `sudo -E cargo test`, or `cargo xtask test` as root)"
+    );
+}
+
+/// Runs a shell command (in the calling thread's network namespace) and panics on failure.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .unwrap_or_else(|e| panic!("spawn `{cmd}`: {e}"));
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(idx, 0, "no interface {name}");
+    idx
+}
+
+pub fn mac_of(name: &str) -> [u8; 6] {
+    let s = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).unwrap();
+    let mut mac = [0u8; 6];
+    for (i, part) in s.trim().split(':').enumerate() {
+        mac[i] = u8::from_str_radix(part, 16).unwrap();
+    }
+    mac
+}
+
+// -------------------------------------------------------------------------------------------------
+// The node used by the BPF_PROG_TEST_RUN tests
+// -------------------------------------------------------------------------------------------------
+
+pub const NODE_V4: &str = "10.0.0.1";
+pub const NODE_V6: &str = "fd00::1";
+pub const GW_V4: &str = "10.0.0.254";
+pub const GW_V6: &str = "fd00::fe";
+pub const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+pub const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const POD_V4: &str = "10.244.0.5";
+pub const POD_V6: &str = "fd00:244::5";
+pub const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x05];
+
+/// A node in a private network namespace of the calling thread: uplink `up0` (10.0.0.1,
+/// fd00::1) with a default route via a gateway whose neighbour entry is static, and a pod
+/// interface `pod0` (10.244.0.0/24, fd00:244::/64) with one pod. Forwarding is on, as on every
+/// Kubernetes node. The namespace disappears with the thread: nothing is left behind.
+pub struct TestNode {
+    pub uplink: u32,
+    pub pod_if: u32,
+    _ns: netns::ThreadNetns,
+}
+
+impl TestNode {
+    pub fn new() -> Self {
+        require_root();
+        let ns = netns::ThreadNetns::enter();
+        sh("ip link set lo up
+            ip link add up0 address 02:00:00:00:00:01 type veth peer name up1 address 02:00:00:00:00:fe
+            ip link add pod0 address 02:00:00:00:01:01 type veth peer name pod1 address 02:00:00:00:02:05
+            for d in up0 up1 pod0 pod1; do ip link set $d up; done
+            ip addr add 10.0.0.1/24 dev up0
+            ip -6 addr add fd00::1/64 dev up0 nodad
+            ip addr add 10.244.0.1/24 dev pod0
+            ip -6 addr add fd00:244::1/64 dev pod0 nodad
+            ip route add default via 10.0.0.254 dev up0
+            ip -6 route add default via fd00::fe dev up0
+            ip neigh replace 10.0.0.254 lladdr 02:00:00:00:00:fe dev up0 nud permanent
+            ip -6 neigh replace fd00::fe lladdr 02:00:00:00:00:fe dev up0 nud permanent
+            ip neigh replace 10.244.0.5 lladdr 02:00:00:00:02:05 dev pod0 nud permanent
+            ip -6 neigh replace fd00:244::5 lladdr 02:00:00:00:02:05 dev pod0 nud permanent
+            sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1");
+        TestNode {
+            uplink: ifindex("up0"),
+            pod_if: ifindex("pod0"),
+            _ns: ns,
+        }
+    }
+}
+
+impl Default for TestNode {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Data path under test
+// -------------------------------------------------------------------------------------------------
+
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+pub fn addr(s: &str) -> Addr {
+    Addr::from(ip(s))
+}
+
+/// Small maps: tests create a handful of entries and exhaustion tests need small limits.
+pub fn test_limits() -> Limits {
+    Limits {
+        max_services: 64,
+        max_frontends: 256,
+        max_backends: 256,
+        max_slots: 256,
+        ct_max: 1024,
+        affinity_max: 256,
+        src_ranges_max: 64,
+        frags_max: 64,
+    }
+}
+
+/// A service as the tests program it, straight into the maps.
+pub struct Svc<'a> {
+    pub id: u32,
+    pub frontends: &'a [(FrontendKind, &'a str, u16)],
+    pub proto: u8,
+    /// (backend id, address, port, state)
+    pub backends: &'a [(u32, &'a str, u16, BackendState)],
+    pub egress: &'a str,
+    pub affinity_timeout: u32,
+    /// CIDRs; non-empty sets the source-range flag on LoadBalancer frontends.
+    pub source_ranges: &'a [&'a str],
+}
+
+pub struct Datapath {
+    pub ebpf: Ebpf,
+}
+
+impl Datapath {
+    pub fn load() -> Self {
+        Self::load_with(Config::DEFAULT)
+    }
+
+    pub fn load_with(cfg: Config) -> Self {
+        let mut ebpf = loader::load(&test_limits(), None).expect("load the real eBPF object");
+        loader::write_config(&mut ebpf, &cfg).unwrap();
+        Datapath { ebpf }
+    }
+
+    pub fn set_config(&mut self, cfg: Config) {
+        loader::write_config(&mut self.ebpf, &cfg).unwrap();
+    }
+
+    pub fn program(&mut self, s: &Svc) {
+        for (id, a, port, state) in s.backends {
+            self.put_backend(*id, a, *port, *state, 1);
+        }
+        let active: Vec<u32> = s
+            .backends
+            .iter()
+            .filter(|b| b.3 == BackendState::Active)
+            .map(|b| b.0)
+            .collect();
+        {
+            let mut slots: HashMap<_, SlotKey, u32> =
+                HashMap::try_from(self.ebpf.map_mut(MAP_SLOTS).unwrap()).unwrap();
+            for (i, id) in active.iter().enumerate() {
+                slots
+                    .insert(SlotKey { service_id: s.id, slot: i as u32 + 1 }, *id, 0)
+                    .unwrap();
+            }
+        }
+        {
+            let mut svcs: HashMap<_, u32, ServiceValue> =
+                HashMap::try_from(self.ebpf.map_mut(MAP_SERVICES).unwrap()).unwrap();
+            let v = ServiceValue {
+                backend_count: active.len() as u32,
+                affinity_timeout: s.affinity_timeout,
+                egress: addr(s.egress),
+                flags: 0,
+                reserved: 0,
+            };
+            svcs.insert(s.id, v, 0).unwrap();
+        }
+        {
+            let mut ranges: LpmTrie<_, SrcRangeKey, u8> =
+                LpmTrie::try_from(self.ebpf.map_mut(MAP_SRC_RANGES).unwrap()).unwrap();
+            for r in s.source_ranges {
+                let net: ipnet_lite::Net = r.parse().unwrap();
+                let key = Key::new(
+                    src_range_prefix_len(net.addr.is_ipv4(), net.prefix),
+                    SrcRangeKey { service_id: s.id, addr: Addr::from(net.addr) },
+                );
+                ranges.insert(&key, 1, 0).unwrap();
+            }
+        }
+        let mut fes: HashMap<_, FrontendKey, FrontendValue> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_FRONTENDS).unwrap()).unwrap();
+        for (kind, a, port) in s.frontends {
+            let flags = if *kind == FrontendKind::LoadBalancer && !s.source_ranges.is_empty() {
+                FE_F_SOURCE_RANGES
+            } else {
+                0
+            };
+            let key = FrontendKey { addr: addr(a), port: port.to_be(), proto: s.proto, pad: 0 };
+            let value = FrontendValue { service_id: s.id, kind: *kind as u8, flags, pad: [0; 2] };
+            fes.insert(key, value, 0).unwrap();
+        }
+    }
+
+    pub fn put_backend(&mut self, id: u32, a: &str, port: u16, state: BackendState, generation: u32) {
+        let mut backends: Array<_, BackendValue> =
+            Array::try_from(self.ebpf.map_mut(MAP_BACKENDS).unwrap()).unwrap();
+        let v = BackendValue {
+            addr: addr(a),
+            port: port.to_be(),
+            state: state as u8,
+            pad: 0,
+            generation,
+        };
+        backends.set(id, v, 0).unwrap();
+    }
+
+    pub fn set_backend_count(&mut self, service_id: u32, count: u32) {
+        let mut svcs: HashMap<_, u32, ServiceValue> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_SERVICES).unwrap()).unwrap();
+        let mut v = svcs.get(&service_id, 0).unwrap();
+        v.backend_count = count;
+        svcs.insert(service_id, v, 0).unwrap();
+    }
+
+    pub fn counter(&self, c: Counter) -> u64 {
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_COUNTERS).unwrap()).unwrap();
+        map.get(&(c as u32), 0).unwrap().iter().sum()
+    }
+
+    pub fn service_stats(&self, id: u32) -> ServiceStats {
+        let map: PerCpuArray<_, ServiceStats> =
+            PerCpuArray::try_from(self.ebpf.map(MAP_SVC_STATS).unwrap()).unwrap();
+        map.get(&id, 0).unwrap().iter().fold(ServiceStats::default(), |mut acc, s| {
+            acc.fwd_packets += s.fwd_packets;
+            acc.fwd_bytes += s.fwd_bytes;
+            acc.rev_packets += s.rev_packets;
+            acc.rev_bytes += s.rev_bytes;
+            acc
+        })
+    }
+
+    pub fn ct_entries(&self) -> Vec<(CtKey, CtValue)> {
+        let map: HashMap<&MapData, CtKey, CtValue> =
+            HashMap::try_from(self.ebpf.map(MAP_CT).unwrap()).unwrap();
+        map.iter().map(|r| r.unwrap()).collect()
+    }
+
+    pub fn revnat_entries(&self) -> Vec<(RevNatKey, RevNatValue)> {
+        let map: HashMap<&MapData, RevNatKey, RevNatValue> =
+            HashMap::try_from(self.ebpf.map(MAP_REVNAT).unwrap()).unwrap();
+        map.iter().map(|r| r.unwrap()).collect()
+    }
+
+    pub fn xdp(&mut self, ifindex: u32, pkt: &[u8]) -> Run {
+        let prog: &mut Xdp = self.ebpf.program_mut(PROG_XDP).unwrap().try_into().unwrap();
+        run_xdp(prog, ifindex, pkt)
+    }
+
+    pub fn tc_ingress(&mut self, ifindex: u32, pkt: &[u8]) -> Run {
+        let prog: &mut SchedClassifier =
+            self.ebpf.program_mut(PROG_TC_INGRESS).unwrap().try_into().unwrap();
+        run_tc(prog, ifindex, pkt)
+    }
+
+    pub fn tc_egress(&mut self, ifindex: u32, pkt: &[u8]) -> Run {
+        let prog: &mut SchedClassifier =
+            self.ebpf.program_mut(PROG_TC_EGRESS).unwrap().try_into().unwrap();
+        run_tc(prog, ifindex, pkt)
+    }
+}
+
+/// The outcome of one BPF_PROG_TEST_RUN.
+#[derive(Debug)]
+pub struct Run {
+    pub verdict: u32,
+    pub out: Vec<u8>,
+}
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// xdp_md as BPF_PROG_TEST_RUN takes it: data = 0, data_end = length, the ingress device.
+fn xdp_md(ifindex: u32, len: usize) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(len as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+/// __sk_buff (192 bytes) with only `ifindex` set: the skb's device.
+fn sk_buff(ifindex: u32) -> [u8; 192] {
+    let mut ctx = [0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+pub fn run_xdp(prog: &Xdp, ifindex: u32, pkt: &[u8]) -> Run {
+    let ctx = xdp_md(ifindex, pkt.len());
+    let mut out = vec![0u8; pkt.len() + 512];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN (xdp)");
+    out.truncate(r.data_size_out as usize);
+    Run { verdict: r.return_value, out }
+}
+
+pub fn run_tc(prog: &SchedClassifier, ifindex: u32, pkt: &[u8]) -> Run {
+    let ctx = sk_buff(ifindex);
+    let mut out = vec![0u8; pkt.len() + 512];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN (tc)");
+    out.truncate(r.data_size_out as usize);
+    Run { verdict: r.return_value, out }
+}
+
+/// Minimal CIDR parsing for test tables (the agent has its own, tested separately).
+pub mod ipnet_lite {
+    use std::net::IpAddr;
+
+    pub struct Net {
+        pub addr: IpAddr,
+        pub prefix: u8,
+    }
+
+    impl std::str::FromStr for Net {
+        type Err = String;
+        fn from_str(s: &str) -> Result<Self, String> {
+            let (a, p) = s.split_once('/').ok_or("no prefix")?;
+            Ok(Net {
+                addr: a.parse().map_err(|e| format!("{e}"))?,
+                prefix: p.parse().map_err(|e| format!("{e}"))?,
+            })
+        }
+    }
+}
