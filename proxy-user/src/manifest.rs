@@ -1,0 +1,682 @@
+//! The no-cluster mode's input: a folder of Kubernetes manifests.
+//!
+//! Files are parsed one at a time so a watcher re-parses only what changed ([`ManifestSet`]).
+//! Every problem becomes a [`Diagnostic`] and the rest is still served: a malformed document does
+//! not hide the documents around it, and an invalid address does not hide the valid ones.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::discovery::v1::{
+    Endpoint, EndpointConditions, EndpointPort as SlicePort, EndpointSlice,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::diag::{Diagnostic, ObjectRef, Origin, Severity, Site};
+use crate::translate::{Inventory, ObjectKey, SERVICE_NAME_LABEL, Sourced};
+
+pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+/// The value the control plane's mirroring controller puts in [`MANAGED_BY_LABEL`].
+pub const MIRRORING_CONTROLLER: &str = "endpointslicemirroring-controller.k8s.io";
+/// Endpoints labelled `true` are not mirrored by the control plane, so not by us either.
+const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
+
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    #[error("cannot read manifest directory {}: {source}", dir.display())]
+    ReadDir { dir: PathBuf, source: io::Error },
+}
+
+/// Reads every manifest file of `dir` (not recursive). An unreadable directory is reported as a
+/// diagnostic with an empty inventory.
+pub fn load_dir(dir: &Path) -> (Inventory, Vec<Diagnostic>) {
+    match ManifestSet::read_dir(dir) {
+        Ok(set) => set.inventory(),
+        Err(err) => (
+            Inventory::default(),
+            vec![Diagnostic::new(
+                Severity::Error,
+                Origin::file(dir),
+                None,
+                None,
+                err.to_string(),
+            )],
+        ),
+    }
+}
+
+/// The parsed contents of a manifest directory, file by file.
+#[derive(Clone, Debug, Default)]
+pub struct ManifestSet {
+    files: BTreeMap<PathBuf, ParsedFile>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct ParsedFile {
+    objects: Vec<ParsedObject>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+#[derive(Clone, Debug)]
+struct ParsedObject {
+    site: Site,
+    object: KnownObject,
+}
+
+#[derive(Clone, Debug)]
+enum KnownObject {
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    Endpoints(Box<Endpoints>),
+}
+
+impl ManifestSet {
+    pub fn read_dir(dir: &Path) -> Result<Self, ManifestError> {
+        let read_err = |source| ManifestError::ReadDir {
+            dir: dir.to_owned(),
+            source,
+        };
+        let mut set = ManifestSet::default();
+        for entry in std::fs::read_dir(dir).map_err(read_err)? {
+            let path = entry.map_err(read_err)?.path();
+            if path.is_file() {
+                set.update_file(&path);
+            }
+        }
+        Ok(set)
+    }
+
+    /// Whether a watcher should care about `path`: `*.yaml`, `*.yml` or `*.json`, not hidden.
+    /// Editor droppings (`.x.swp`, `x.yaml~`, `#x.yaml#`, `.#x.yaml`) fail one test or the other.
+    pub fn is_manifest_path(path: &Path) -> bool {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            return false;
+        };
+        if name.starts_with('.') {
+            return false;
+        }
+        matches!(
+            path.extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("yaml" | "yml" | "json")
+        )
+    }
+
+    /// Re-reads one file. A file that no longer exists is removed. Returns false if `path` is not
+    /// a manifest file name (nothing changed).
+    pub fn update_file(&mut self, path: &Path) -> bool {
+        if !Self::is_manifest_path(path) {
+            return false;
+        }
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                self.files.insert(path.to_owned(), parse_file(path, &text));
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                self.files.remove(path);
+            }
+            Err(err) => {
+                let diagnostic = Diagnostic::new(
+                    Severity::Error,
+                    Origin::file(path),
+                    None,
+                    None,
+                    format!("cannot read file: {err}"),
+                );
+                self.files.insert(
+                    path.to_owned(),
+                    ParsedFile {
+                        objects: Vec::new(),
+                        diagnostics: vec![diagnostic],
+                    },
+                );
+            }
+        }
+        true
+    }
+
+    /// Parses `text` as the contents of `path` (no file system access).
+    pub fn update_file_text(&mut self, path: &Path, text: &str) {
+        self.files.insert(path.to_owned(), parse_file(path, text));
+    }
+
+    pub fn remove_file(&mut self, path: &Path) -> bool {
+        self.files.remove(path).is_some()
+    }
+
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.files.keys().map(PathBuf::as_path)
+    }
+
+    /// Services and EndpointSlices (legacy Endpoints mirrored to slices) of all files, with every
+    /// diagnostic: the files' own, then duplicates and mirroring problems.
+    pub fn inventory(&self) -> (Inventory, Vec<Diagnostic>) {
+        let mut inventory = Inventory::default();
+        let mut diagnostics: Vec<Diagnostic> = Vec::new();
+        let mut first_seen: BTreeMap<&ObjectRef, &Origin> = BTreeMap::new();
+        for file in self.files.values() {
+            diagnostics.extend(file.diagnostics.iter().cloned());
+        }
+        // Files in path order, documents in file order: the first definition wins.
+        for parsed in self.files.values().flat_map(|f| &f.objects) {
+            let reference = &parsed.site.object;
+            if let Some(first) = first_seen.get(reference) {
+                diagnostics.push(parsed.site.diagnostic(
+                    Severity::Error,
+                    None,
+                    format!(
+                        "defined twice: this definition is ignored, the first one ({first}) is used"
+                    ),
+                ));
+                continue;
+            }
+            first_seen.insert(reference, &parsed.site.origin);
+            let key = ObjectKey::new(&reference.namespace, &reference.name);
+            let origin = parsed.site.origin.clone();
+            match &parsed.object {
+                KnownObject::Service(service) => {
+                    inventory
+                        .services
+                        .insert(key, Sourced::new((**service).clone(), origin));
+                }
+                KnownObject::EndpointSlice(slice) => {
+                    inventory
+                        .slices
+                        .insert(key, Sourced::new((**slice).clone(), origin));
+                }
+                KnownObject::Endpoints(endpoints) => {
+                    for slice in mirror_endpoints(endpoints, &parsed.site, &mut diagnostics) {
+                        let name = slice.metadata.name.clone().unwrap_or_default();
+                        inventory.slices.insert(
+                            ObjectKey::new(&reference.namespace, name),
+                            Sourced {
+                                object: slice,
+                                origin: origin.clone(),
+                                mirrored_from: Some(reference.clone()),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        // By place, so a file's problems read top to bottom.
+        diagnostics.sort_by(|a, b| a.origin.cmp(&b.origin));
+        (inventory, diagnostics)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files and documents
+// ---------------------------------------------------------------------------------------------
+
+fn parse_file(path: &Path, text: &str) -> ParsedFile {
+    let mut parsed = ParsedFile::default();
+    let is_json = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    if is_json {
+        // One JSON value per file; serde_json's errors carry absolute lines already.
+        match serde_json::from_str::<Value>(text) {
+            Ok(value) => {
+                let line = first_content_line(text).unwrap_or(1);
+                parse_object(value, &Origin::document(path, line, 0), "", &mut parsed);
+            }
+            Err(err) => parsed.diagnostics.push(Diagnostic::new(
+                Severity::Error,
+                Origin::document(path, err.line().max(1), 0),
+                None,
+                None,
+                format!(
+                    "invalid JSON: {} (column {}); file ignored",
+                    strip_position(&err.to_string()),
+                    err.column()
+                ),
+            )),
+        }
+        return parsed;
+    }
+    for document in split_documents(text) {
+        let origin = Origin::document(path, document.content_line, document.index);
+        let yaml = match serde_yaml::from_str::<serde_yaml::Value>(&document.text) {
+            Ok(yaml) => yaml,
+            Err(err) => {
+                let (line, column) = match err.location() {
+                    Some(loc) => (document.first_line + loc.line() - 1, Some(loc.column())),
+                    None => (document.content_line, None),
+                };
+                let mut message = format!("invalid YAML: {}", strip_position(&err.to_string()));
+                if let Some(column) = column {
+                    message.push_str(&format!(" (column {column})"));
+                }
+                message.push_str("; document ignored");
+                parsed.diagnostics.push(Diagnostic::new(
+                    Severity::Error,
+                    Origin::document(path, line, document.index),
+                    None,
+                    None,
+                    message,
+                ));
+                continue;
+            }
+        };
+        match yaml_to_json(yaml) {
+            Ok(Value::Null) => {}
+            Ok(value) => parse_object(value, &origin, "", &mut parsed),
+            Err(message) => parsed.diagnostics.push(Diagnostic::new(
+                Severity::Error,
+                origin,
+                None,
+                None,
+                message,
+            )),
+        }
+    }
+    parsed
+}
+
+struct Document {
+    text: String,
+    /// 1-based line of the document's first line (right after the separator).
+    first_line: usize,
+    /// 1-based line of its first line that is neither blank nor a comment.
+    content_line: usize,
+    /// Index among the file's non-empty documents.
+    index: usize,
+}
+
+fn push_document(chunk: &mut Vec<&str>, first_line: usize, documents: &mut Vec<Document>) {
+    let joined = chunk.join("\n");
+    if let Some(offset) = first_content_line(&joined) {
+        let index = documents.len();
+        documents.push(Document {
+            text: joined,
+            first_line,
+            content_line: first_line + offset - 1,
+            index,
+        });
+    }
+    chunk.clear();
+}
+
+/// Splits on `---` lines ourselves, instead of letting the YAML parser do it, so one broken
+/// document cannot stop the parsing of the next ones.
+fn split_documents(text: &str) -> Vec<Document> {
+    let mut documents = Vec::new();
+    let mut chunk: Vec<&str> = Vec::new();
+    let mut chunk_first_line = 1;
+    for (i, line) in text.lines().enumerate() {
+        if is_document_separator(line) {
+            push_document(&mut chunk, chunk_first_line, &mut documents);
+            chunk_first_line = i + 2;
+        } else {
+            chunk.push(line);
+        }
+    }
+    push_document(&mut chunk, chunk_first_line, &mut documents);
+    documents
+}
+
+fn is_document_separator(line: &str) -> bool {
+    let Some(rest) = line.strip_prefix("---") else {
+        return false;
+    };
+    let rest_trimmed = rest.trim_start();
+    rest.is_empty()
+        || (rest.len() != rest_trimmed.len()
+            && (rest_trimmed.is_empty() || rest_trimmed.starts_with('#')))
+}
+
+/// 1-based line of the first line that is not blank, not a comment and not a `...` end marker.
+fn first_content_line(text: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let t = l.trim();
+            !t.is_empty() && !t.starts_with('#') && t != "..."
+        })
+        .map(|i| i + 1)
+}
+
+/// Parser messages end in " at line L column C" relative to the document; the diagnostic gives
+/// the absolute line instead, so the relative one would only mislead.
+fn strip_position(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(" at ") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 4..];
+        let skip = position_len(after);
+        if skip == 0 {
+            out.push_str(" at ");
+            rest = after;
+        } else {
+            rest = &after[skip..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Length of a leading "line N column M" or "position N", else 0.
+fn position_len(s: &str) -> usize {
+    let digits = |s: &str| s.bytes().take_while(u8::is_ascii_digit).count();
+    if let Some(r) = s.strip_prefix("line ") {
+        let n = digits(r);
+        if n > 0
+            && let Some(c) = r[n..].strip_prefix(" column ")
+        {
+            let m = digits(c);
+            if m > 0 {
+                return "line ".len() + n + " column ".len() + m;
+            }
+        }
+    } else if let Some(r) = s.strip_prefix("position ") {
+        let n = digits(r);
+        if n > 0 {
+            return "position ".len() + n;
+        }
+    }
+    0
+}
+
+fn yaml_to_json(mut yaml: serde_yaml::Value) -> Result<Value, String> {
+    yaml.apply_merge()
+        .map_err(|e| format!("invalid YAML merge key: {}", strip_position(&e.to_string())))?;
+    serde_json::to_value(&yaml).map_err(|e| format!("cannot be read as a Kubernetes object: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Objects
+// ---------------------------------------------------------------------------------------------
+
+fn join_field(prefix: &str, field: &str) -> String {
+    match (prefix.is_empty(), field.is_empty()) {
+        (true, _) => field.to_owned(),
+        (false, true) => prefix.to_owned(),
+        (false, false) => format!("{prefix}.{field}"),
+    }
+}
+
+/// Handles one object (or a `List` of them). `prefix` is the field path of the object within
+/// its document (`items[3]` inside a List).
+fn parse_object(value: Value, origin: &Origin, prefix: &str, out: &mut ParsedFile) {
+    let problem = |field: &str, message: String| {
+        let field = join_field(prefix, field);
+        Diagnostic::new(
+            Severity::Error,
+            origin.clone(),
+            None,
+            (!field.is_empty()).then_some(field),
+            message,
+        )
+    };
+    let Value::Object(map) = &value else {
+        out.diagnostics.push(problem(
+            "",
+            "not a Kubernetes object: expected a mapping with apiVersion, kind and metadata".into(),
+        ));
+        return;
+    };
+    let Some(kind) = map.get("kind").and_then(Value::as_str).map(str::to_owned) else {
+        out.diagnostics.push(problem(
+            "kind",
+            "kind is missing: every object needs a kind (Service, EndpointSlice or Endpoints)"
+                .into(),
+        ));
+        return;
+    };
+    let api_version = map
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let metadata = map.get("metadata");
+    let meta_str = |key: &str| {
+        metadata
+            .and_then(|m| m.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let name = meta_str("name").unwrap_or_default();
+    let namespace = meta_str("namespace");
+
+    // `List` (kubectl) or `ServiceList`-style (API responses, whose items carry no kind).
+    let item_kind = kind.strip_suffix("List");
+    let expected_api_version = match kind.as_str() {
+        _ if kind == "List" || (item_kind.is_some() && map.contains_key("items")) => {
+            match map.get("items") {
+                Some(Value::Array(items)) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let mut item = item.clone();
+                        if let (Some(kind), Value::Object(fields)) =
+                            (item_kind.filter(|k| !k.is_empty()), &mut item)
+                            && !fields.contains_key("kind")
+                        {
+                            fields.insert("kind".into(), Value::String(kind.to_owned()));
+                            if let Some(version) = &api_version {
+                                fields.insert("apiVersion".into(), Value::String(version.clone()));
+                            }
+                        }
+                        parse_object(
+                            item,
+                            origin,
+                            &join_field(prefix, &format!("items[{i}]")),
+                            out,
+                        );
+                    }
+                }
+                Some(Value::Null) | None => {}
+                Some(_) => out
+                    .diagnostics
+                    .push(problem("items", "items must be a list of objects".into())),
+            }
+            return;
+        }
+        "Service" | "Endpoints" => "v1",
+        "EndpointSlice" => "discovery.k8s.io/v1",
+        _ => {
+            let reference = ObjectRef::new(kind.clone(), namespace.unwrap_or_default(), name);
+            out.diagnostics.push(Diagnostic::new(
+                Severity::Info,
+                origin.clone(),
+                Some(reference),
+                (!prefix.is_empty()).then(|| prefix.to_owned()),
+                format!("kind {kind} is not used by extproxy; ignored"),
+            ));
+            return;
+        }
+    };
+    let namespace = namespace.unwrap_or_else(|| "default".to_owned());
+    let site = Site::new(
+        origin.clone(),
+        ObjectRef::new(kind.clone(), namespace.clone(), name.clone()),
+    );
+    let field_error = |field: &str, message: String| {
+        site.diagnostic(Severity::Error, Some(&join_field(prefix, field)), message)
+    };
+    match api_version.as_deref() {
+        Some(v) if v == expected_api_version => {}
+        Some(v) => {
+            out.diagnostics.push(field_error(
+                "apiVersion",
+                format!("apiVersion {v} is not supported for kind {kind}: use apiVersion {expected_api_version}; object ignored"),
+            ));
+            return;
+        }
+        None => {
+            out.diagnostics.push(field_error(
+                "apiVersion",
+                format!(
+                    "apiVersion is missing: add apiVersion: {expected_api_version}; object ignored"
+                ),
+            ));
+            return;
+        }
+    }
+    if name.is_empty() {
+        out.diagnostics.push(field_error(
+            "metadata.name",
+            "metadata.name is missing: every object needs a name; object ignored".into(),
+        ));
+        return;
+    }
+    let object = match kind.as_str() {
+        "Service" => deserialize::<Service>(value).map(|mut s| {
+            set_namespace(&mut s.metadata, &namespace);
+            KnownObject::Service(Box::new(s))
+        }),
+        "EndpointSlice" => deserialize::<EndpointSlice>(value).map(|mut s| {
+            set_namespace(&mut s.metadata, &namespace);
+            KnownObject::EndpointSlice(Box::new(s))
+        }),
+        _ => deserialize::<Endpoints>(value).map(|mut e| {
+            set_namespace(&mut e.metadata, &namespace);
+            KnownObject::Endpoints(Box::new(e))
+        }),
+    };
+    match object {
+        Ok(object) => out.objects.push(ParsedObject { site, object }),
+        Err((field, message)) => out
+            .diagnostics
+            .push(field_error(&field, format!("{message}; object ignored"))),
+    }
+}
+
+fn set_namespace(metadata: &mut ObjectMeta, namespace: &str) {
+    metadata.namespace = Some(namespace.to_owned());
+}
+
+/// Deserializes through serde_path_to_error so a type error names the field it is in.
+fn deserialize<T: DeserializeOwned>(value: Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        (field, err.into_inner().to_string())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Endpoints -> EndpointSlice mirroring
+// ---------------------------------------------------------------------------------------------
+
+/// Converts legacy Endpoints the way the endpointslicemirroring controller does: one slice per
+/// (set of ports, address family), addresses ready, notReadyAddresses not ready. Subsets with the
+/// same ports share slices. Invalid addresses and ports are reported and skipped.
+fn mirror_endpoints(
+    endpoints: &Endpoints,
+    site: &Site,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<EndpointSlice> {
+    let name = endpoints.metadata.name.clone().unwrap_or_default();
+    let skip_mirror = endpoints
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SKIP_MIRROR_LABEL))
+        .is_some_and(|v| v == "true");
+    if skip_mirror {
+        diagnostics.push(site.info(
+            &format!("metadata.labels[{SKIP_MIRROR_LABEL}]"),
+            "not mirrored to an EndpointSlice (skip-mirror is true), so extproxy does not use these endpoints",
+        ));
+        return Vec::new();
+    }
+
+    // (ports, IPv4 endpoints, IPv6 endpoints), in order of first appearance.
+    let mut groups: Vec<(Vec<SlicePort>, Vec<Endpoint>, Vec<Endpoint>)> = Vec::new();
+    for (s, subset) in endpoints.subsets.iter().flatten().enumerate() {
+        let mut ports: Vec<SlicePort> = Vec::new();
+        for (p, port) in subset.ports.iter().flatten().enumerate() {
+            if !(1..=65535).contains(&port.port) {
+                diagnostics.push(site.error(
+                    &format!("subsets[{s}].ports[{p}].port"),
+                    format!("port {} is out of range 1-65535; port ignored", port.port),
+                ));
+                continue;
+            }
+            ports.push(SlicePort {
+                name: Some(port.name.clone().unwrap_or_default()),
+                port: Some(port.port),
+                protocol: Some(port.protocol.clone().unwrap_or_else(|| "TCP".to_owned())),
+                app_protocol: port.app_protocol.clone(),
+            });
+        }
+        ports.sort_by(|a, b| (&a.name, &a.protocol, a.port).cmp(&(&b.name, &b.protocol, b.port)));
+        let group = match groups.iter().position(|(p, _, _)| *p == ports) {
+            Some(i) => i,
+            None => {
+                groups.push((ports, Vec::new(), Vec::new()));
+                groups.len() - 1
+            }
+        };
+        let lists = [
+            ("addresses", &subset.addresses, true),
+            ("notReadyAddresses", &subset.not_ready_addresses, false),
+        ];
+        for (list_name, list, ready) in lists {
+            for (a, address) in list.iter().flatten().enumerate() {
+                let ip: IpAddr = match address.ip.parse() {
+                    Ok(ip) => ip,
+                    Err(_) => {
+                        diagnostics.push(site.error(
+                            &format!("subsets[{s}].{list_name}[{a}].ip"),
+                            format!("{:?} is not an IP address; address ignored", address.ip),
+                        ));
+                        continue;
+                    }
+                };
+                let endpoint = Endpoint {
+                    addresses: vec![ip.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(ready),
+                        serving: None,
+                        terminating: None,
+                    }),
+                    hostname: address.hostname.clone(),
+                    node_name: address.node_name.clone(),
+                    target_ref: address.target_ref.clone(),
+                    ..Endpoint::default()
+                };
+                let (_, v4, v6) = &mut groups[group];
+                if ip.is_ipv4() { v4 } else { v6 }.push(endpoint);
+            }
+        }
+    }
+
+    let mut slices = Vec::new();
+    for (g, (ports, v4, v6)) in groups.into_iter().enumerate() {
+        for (family, endpoints) in [("IPv4", v4), ("IPv6", v6)] {
+            if endpoints.is_empty() {
+                continue;
+            }
+            let labels = BTreeMap::from([
+                (SERVICE_NAME_LABEL.to_owned(), name.clone()),
+                (MANAGED_BY_LABEL.to_owned(), MIRRORING_CONTROLLER.to_owned()),
+            ]);
+            slices.push(EndpointSlice {
+                metadata: ObjectMeta {
+                    // '/' cannot appear in a real object name, so this never collides with a
+                    // slice from the manifests.
+                    name: Some(format!("{name}/mirror-{g}-{}", family.to_ascii_lowercase())),
+                    namespace: Some(site.object.namespace.clone()),
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                },
+                address_type: family.to_owned(),
+                endpoints,
+                ports: Some(ports.clone()),
+            });
+        }
+    }
+    slices
+}
+
+#[cfg(test)]
+mod tests;

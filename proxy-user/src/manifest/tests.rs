@@ -1,0 +1,528 @@
+use super::*;
+
+const SEED_000_SERVICE: &str = include_str!("../../tests/fixtures/seeds/000-proxy-service.yaml");
+const SEED_000_SLICE: &str = include_str!("../../tests/fixtures/seeds/000-endpointslice.yaml");
+const SEED_001: &str = include_str!("../../tests/fixtures/seeds/001-myapp-proxy.yaml");
+const OBJECTS: &str = include_str!("../../tests/fixtures/objects.yaml");
+
+fn load(files: &[(&str, &str)]) -> (Inventory, Vec<Diagnostic>) {
+    let mut set = ManifestSet::default();
+    for (path, text) in files {
+        set.update_file_text(Path::new(path), text);
+    }
+    set.inventory()
+}
+
+fn rendered(diagnostics: &[Diagnostic]) -> Vec<String> {
+    diagnostics
+        .iter()
+        .map(|d| format!("{}: {d}", d.severity))
+        .collect()
+}
+
+fn key(namespace: &str, name: &str) -> ObjectKey {
+    ObjectKey::new(namespace, name)
+}
+
+#[test]
+fn seed_001_reports_the_invalid_ip_and_the_broken_ingress_and_keeps_the_service() {
+    let (inventory, diagnostics) = load(&[("manifests/001-myapp-proxy.yaml", SEED_001)]);
+    assert_eq!(
+        rendered(&diagnostics),
+        [
+            "error: manifests/001-myapp-proxy.yaml:1: Endpoints default/myapp-proxy: subsets[0].addresses[0].ip: \"2.3.4.5k\" is not an IP address; address ignored",
+            "error: manifests/001-myapp-proxy.yaml:34: invalid YAML: did not find expected '-' indicator, while parsing a block collection (column 3); document ignored",
+        ]
+    );
+    assert_eq!(
+        diagnostics[0].origin,
+        Origin::document("manifests/001-myapp-proxy.yaml", 1, 0)
+    );
+    assert_eq!(
+        diagnostics[1].origin,
+        Origin::document("manifests/001-myapp-proxy.yaml", 34, 2)
+    );
+    let service = &inventory.services[&key("default", "myapp-proxy")];
+    assert_eq!(
+        service.origin,
+        Origin::document("manifests/001-myapp-proxy.yaml", 13, 1)
+    );
+    let spec = service.object.spec.as_ref().expect("spec");
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(
+        spec.load_balancer_source_ranges,
+        Some(vec!["1.2.3.4/32".to_owned()])
+    );
+    // The only address was invalid: nothing to mirror.
+    assert!(inventory.slices.is_empty());
+}
+
+#[test]
+fn seed_000_mirrors_the_endpoints_with_an_unnamed_port() {
+    let (inventory, diagnostics) = load(&[
+        ("m/000-endpointslice.yaml", SEED_000_SLICE),
+        ("m/000-proxy-service.yaml", SEED_000_SERVICE),
+    ]);
+    assert_eq!(rendered(&diagnostics), Vec::<String>::new());
+    assert_eq!(
+        inventory.services.keys().cloned().collect::<Vec<_>>(),
+        [key("proxy-test", "proxy-service")]
+    );
+    assert_eq!(
+        inventory.slices.keys().cloned().collect::<Vec<_>>(),
+        [
+            key("proxy-test", "proxy-service"),
+            key("proxy-test", "proxy-service/mirror-0-ipv4")
+        ]
+    );
+    let mirrored = &inventory.slices[&key("proxy-test", "proxy-service/mirror-0-ipv4")];
+    assert_eq!(
+        mirrored.mirrored_from,
+        Some(ObjectRef::new("Endpoints", "proxy-test", "proxy-service"))
+    );
+    assert_eq!(
+        mirrored.origin,
+        Origin::document("m/000-proxy-service.yaml", 13, 1)
+    );
+    let expected: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "proxy-service/mirror-0-ipv4",
+            "namespace": "proxy-test",
+            "labels": {
+                "kubernetes.io/service-name": "proxy-service",
+                "endpointslice.kubernetes.io/managed-by": "endpointslicemirroring-controller.k8s.io",
+            },
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "", "protocol": "TCP", "port": 80}],
+        "endpoints": [{"addresses": ["10.240.0.129"], "conditions": {"ready": true}}],
+    }))
+    .expect("valid slice");
+    assert_eq!(mirrored.object, expected);
+    // The hand-written slice keeps its port unnamed and its protocol unset.
+    let manual = &inventory.slices[&key("proxy-test", "proxy-service")].object;
+    let ports = manual.ports.as_ref().expect("ports");
+    assert_eq!(
+        (
+            ports[0].name.as_deref(),
+            ports[0].port,
+            ports[0].protocol.as_deref()
+        ),
+        (None, Some(80), None)
+    );
+}
+
+#[test]
+fn objects_fixture_loads_everything_extproxy_reads() {
+    let (inventory, diagnostics) = load(&[("objects.yaml", OBJECTS)]);
+    assert_eq!(
+        rendered(&diagnostics),
+        [
+            "info: objects.yaml:1: Namespace proxy-test: kind Namespace is not used by extproxy; ignored",
+            "info: objects.yaml:5: Namespace shop: kind Namespace is not used by extproxy; ignored",
+            "info: objects.yaml:9: Node node-a: kind Node is not used by extproxy; ignored",
+        ]
+    );
+    assert_eq!(
+        inventory.services.keys().cloned().collect::<Vec<_>>(),
+        [
+            key("default", "httpbin-service"),
+            key("default", "myapp-proxy"),
+            key("proxy-test", "proxy-service"),
+            key("shop", "legacy-db"),
+            key("shop", "web"),
+        ]
+    );
+    assert_eq!(
+        inventory.slices.keys().cloned().collect::<Vec<_>>(),
+        [
+            key("default", "myapp-proxy/mirror-0-ipv4"),
+            key("proxy-test", "proxy-service-abc12"),
+            key("proxy-test", "proxy-service-def34"),
+            key("shop", "legacy-db-1"),
+        ]
+    );
+    // The comment line before a document is not its start.
+    assert_eq!(
+        inventory.services[&key("proxy-test", "proxy-service")].origin,
+        Origin::document("objects.yaml", 16, 3)
+    );
+}
+
+#[test]
+fn a_malformed_document_does_not_hide_its_neighbours() {
+    let text = "\
+# leading comment
+---
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+--- # second
+apiVersion: v1
+kind: Service
+metadata:
+  name: [broken
+---
+
+---
+apiVersion: v1
+kind: Service
+metadata: {name: c, namespace: ns}
+...
+";
+    let (inventory, diagnostics) = load(&[("m.yaml", text)]);
+    assert_eq!(
+        inventory.services.keys().cloned().collect::<Vec<_>>(),
+        [key("default", "a"), key("ns", "c")]
+    );
+    assert_eq!(
+        inventory.services[&key("default", "a")].origin,
+        Origin::document("m.yaml", 3, 0)
+    );
+    assert_eq!(
+        inventory.services[&key("ns", "c")].origin,
+        Origin::document("m.yaml", 14, 2)
+    );
+    assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
+    assert_eq!(diagnostics[0].severity, Severity::Error);
+    assert_eq!(diagnostics[0].origin, Origin::document("m.yaml", 11, 1));
+    assert!(
+        diagnostics[0].message.starts_with("invalid YAML: "),
+        "{}",
+        diagnostics[0].message
+    );
+    assert!(
+        !diagnostics[0].message.contains(" at line "),
+        "{}",
+        diagnostics[0].message
+    );
+}
+
+#[test]
+fn document_separators() {
+    let cases = [
+        ("---", true),
+        ("---   ", true),
+        ("--- # comment", true),
+        ("---\t#x", true),
+        ("----", false),
+        ("--- a: b", false),
+        (" ---", false),
+        ("---#x", false),
+    ];
+    for (line, expected) in cases {
+        assert_eq!(is_document_separator(line), expected, "{line:?}");
+    }
+}
+
+#[test]
+fn lists_work_in_yaml_and_json() {
+    let yaml = "\
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: a}
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata: {name: d}
+- apiVersion: v1
+  kind: Service
+  metadata: {name: b}
+  spec: {ports: [{port: eighty}]}
+";
+    let json = r#"{"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "s", "namespace": "x"}, "addressType": "IPv4", "endpoints": []}
+    ]}"#;
+    let (inventory, diagnostics) = load(&[("a.yaml", yaml), ("b.json", json)]);
+    assert_eq!(
+        inventory.services.keys().cloned().collect::<Vec<_>>(),
+        [key("default", "a")]
+    );
+    assert_eq!(
+        inventory.slices.keys().cloned().collect::<Vec<_>>(),
+        [key("x", "s")]
+    );
+    assert_eq!(
+        rendered(&diagnostics),
+        [
+            "info: a.yaml:1: Deployment d: items[1]: kind Deployment is not used by extproxy; ignored",
+            "error: a.yaml:1: Service default/b: items[2].spec.ports[0].port: invalid type: string \"eighty\", expected i32; object ignored",
+        ]
+    );
+}
+
+#[test]
+fn json_objects_and_json_errors() {
+    let good = r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "j"}}"#;
+    let bad = "{\n  \"apiVersion\": \"v1\",\n  \"kind\": \"Service\"\n  \"metadata\": {}\n}";
+    let (inventory, diagnostics) = load(&[("good.json", good), ("bad.JSON", bad)]);
+    assert_eq!(
+        inventory.services.keys().cloned().collect::<Vec<_>>(),
+        [key("default", "j")]
+    );
+    assert_eq!(
+        rendered(&diagnostics),
+        ["error: bad.JSON:4: invalid JSON: expected `,` or `}` (column 3); file ignored"]
+    );
+}
+
+#[test]
+fn known_kinds_need_the_right_api_version_and_a_name() {
+    let cases = [
+        (
+            "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: []\n",
+            "error: m.yaml:1: EndpointSlice default/s: apiVersion: apiVersion discovery.k8s.io/v1beta1 is not supported for kind EndpointSlice: use apiVersion discovery.k8s.io/v1; object ignored",
+        ),
+        (
+            "kind: Service\nmetadata: {name: s}\n",
+            "error: m.yaml:1: Service default/s: apiVersion: apiVersion is missing: add apiVersion: v1; object ignored",
+        ),
+        (
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {namespace: x}\n",
+            "error: m.yaml:1: Endpoints x/: metadata.name: metadata.name is missing: every object needs a name; object ignored",
+        ),
+        (
+            "apiVersion: v1\nmetadata: {name: s}\n",
+            "error: m.yaml:1: kind: kind is missing: every object needs a kind (Service, EndpointSlice or Endpoints)",
+        ),
+        (
+            "just some prose pasted from an article\n",
+            "error: m.yaml:1: not a Kubernetes object: expected a mapping with apiVersion, kind and metadata",
+        ),
+        (
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {name: e}\nsubsets: [{addresses: [{hostname: h}]}]\n",
+            // k8s-openapi reads a missing required string as "".
+            "error: m.yaml:1: Endpoints default/e: subsets[0].addresses[0].ip: \"\" is not an IP address; address ignored",
+        ),
+    ];
+    for (text, expected) in cases {
+        let (inventory, diagnostics) = load(&[("m.yaml", text)]);
+        assert_eq!(rendered(&diagnostics), [expected], "{text}");
+        assert!(
+            inventory.services.is_empty() && inventory.slices.is_empty(),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn duplicates_keep_the_first_by_path_then_document() {
+    let one = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 1}]}\n";
+    let two = "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: default}\nspec: {ports: [{port: 2}]}\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: s}\n";
+    // Inserted in reverse order: path order decides, not arrival order.
+    let (inventory, diagnostics) = load(&[("m/b.yaml", two), ("m/a.yaml", one)]);
+    assert_eq!(
+        rendered(&diagnostics),
+        [
+            "error: m/b.yaml:1: Service default/s: defined twice: this definition is ignored, the first one (m/a.yaml:1) is used"
+        ]
+    );
+    let spec = inventory.services[&key("default", "s")]
+        .object
+        .spec
+        .as_ref()
+        .expect("spec");
+    assert_eq!(spec.ports.as_ref().expect("ports")[0].port, 1);
+    // Same name, other kind: not a duplicate.
+    let (_, diagnostics) = load(&[("m/b.yaml", two)]);
+    assert!(diagnostics.is_empty(), "{diagnostics:?}");
+}
+
+#[test]
+fn endpoints_mirroring_splits_by_ports_and_family() {
+    let text = "\
+apiVersion: v1
+kind: Endpoints
+metadata: {name: db, namespace: shop}
+subsets:
+- addresses: [{ip: 10.0.0.1}, {ip: 'fd00::1'}]
+  notReadyAddresses: [{ip: 10.0.0.2}, {ip: nope}]
+  ports: [{name: pg, port: 5432}, {name: m, port: 9187, protocol: UDP}]
+- addresses: [{ip: 10.0.0.3}]
+  ports: [{name: m, port: 9187, protocol: UDP}, {name: pg, port: 5432, protocol: TCP}]
+- addresses: [{ip: 10.0.0.4}]
+  ports: [{port: 0}, {port: 80}]
+";
+    let (inventory, diagnostics) = load(&[("e.yaml", text)]);
+    assert_eq!(
+        rendered(&diagnostics),
+        [
+            "error: e.yaml:1: Endpoints shop/db: subsets[0].notReadyAddresses[1].ip: \"nope\" is not an IP address; address ignored",
+            "error: e.yaml:1: Endpoints shop/db: subsets[2].ports[0].port: port 0 is out of range 1-65535; port ignored",
+        ]
+    );
+    type Ports = Vec<(String, i32, String)>;
+    type Endpoints = Vec<(String, bool)>;
+    let summary: Vec<(String, String, Ports, Endpoints)> = inventory
+        .slices
+        .iter()
+        .map(|(k, s)| {
+            let slice = &s.object;
+            let ports = slice
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| {
+                    (
+                        p.name.clone().unwrap_or_default(),
+                        p.port.unwrap_or_default(),
+                        p.protocol.clone().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            let endpoints = slice
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let ready = e
+                        .conditions
+                        .as_ref()
+                        .and_then(|c| c.ready)
+                        .unwrap_or_default();
+                    (e.addresses[0].clone(), ready)
+                })
+                .collect();
+            (k.name.clone(), slice.address_type.clone(), ports, endpoints)
+        })
+        .collect();
+    let pg_m = vec![
+        ("m".to_owned(), 9187, "UDP".to_owned()),
+        ("pg".to_owned(), 5432, "TCP".to_owned()),
+    ];
+    assert_eq!(
+        summary,
+        [
+            (
+                "db/mirror-0-ipv4".to_owned(),
+                "IPv4".to_owned(),
+                pg_m.clone(),
+                vec![
+                    ("10.0.0.1".to_owned(), true),
+                    ("10.0.0.2".to_owned(), false),
+                    ("10.0.0.3".to_owned(), true),
+                ]
+            ),
+            (
+                "db/mirror-0-ipv6".to_owned(),
+                "IPv6".to_owned(),
+                pg_m,
+                vec![("fd00::1".to_owned(), true)]
+            ),
+            (
+                "db/mirror-1-ipv4".to_owned(),
+                "IPv4".to_owned(),
+                vec![(String::new(), 80, "TCP".to_owned())],
+                vec![("10.0.0.4".to_owned(), true)]
+            ),
+        ]
+    );
+}
+
+#[test]
+fn skip_mirror_endpoints_are_not_used() {
+    let text = "apiVersion: v1\nkind: Endpoints\nmetadata:\n  name: e\n  labels: {endpointslice.kubernetes.io/skip-mirror: \"true\"}\nsubsets: [{addresses: [{ip: 10.0.0.1}], ports: [{port: 80}]}]\n";
+    let (inventory, diagnostics) = load(&[("e.yaml", text)]);
+    assert!(inventory.slices.is_empty());
+    assert_eq!(
+        rendered(&diagnostics),
+        [
+            "info: e.yaml:1: Endpoints default/e: metadata.labels[endpointslice.kubernetes.io/skip-mirror]: not mirrored to an EndpointSlice (skip-mirror is true), so extproxy does not use these endpoints"
+        ]
+    );
+}
+
+#[test]
+fn manifest_file_names() {
+    let cases = [
+        ("a.yaml", true),
+        ("a.yml", true),
+        ("a.json", true),
+        ("A.YAML", true),
+        ("dir/b.yaml", true),
+        (".a.yaml", false),
+        (".a.yaml.swp", false),
+        ("a.yaml~", false),
+        ("#a.yaml#", false),
+        (".#a.yaml", false),
+        ("a.txt", false),
+        ("yaml", false),
+    ];
+    for (name, expected) in cases {
+        assert_eq!(
+            ManifestSet::is_manifest_path(Path::new(name)),
+            expected,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn directory_loading_and_per_file_updates() {
+    let dir = std::env::temp_dir().join(format!("extproxy-manifest-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let service =
+        |name: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n");
+    std::fs::write(dir.join("a.yaml"), service("a")).expect("write");
+    std::fs::write(dir.join(".a.yaml.swp"), "garbage: [").expect("write");
+    std::fs::write(dir.join("b.yaml~"), "garbage: [").expect("write");
+    std::fs::write(dir.join("notes.txt"), "garbage: [").expect("write");
+
+    let (inventory, diagnostics) = load_dir(&dir);
+    assert!(diagnostics.is_empty(), "{diagnostics:?}");
+    assert_eq!(
+        inventory.services.keys().cloned().collect::<Vec<_>>(),
+        [key("default", "a")]
+    );
+
+    let mut set = ManifestSet::read_dir(&dir).expect("read dir");
+    std::fs::write(dir.join("b.yml"), service("b")).expect("write");
+    assert!(set.update_file(&dir.join("b.yml")));
+    assert!(!set.update_file(&dir.join("b.yaml~")));
+    let (inventory, _) = set.inventory();
+    assert_eq!(
+        inventory.services.keys().cloned().collect::<Vec<_>>(),
+        [key("default", "a"), key("default", "b")]
+    );
+    std::fs::remove_file(dir.join("a.yaml")).expect("remove");
+    assert!(
+        set.update_file(&dir.join("a.yaml")),
+        "a vanished file is removed"
+    );
+    assert_eq!(
+        set.files().collect::<Vec<_>>(),
+        [dir.join("b.yml").as_path()]
+    );
+    assert!(set.remove_file(&dir.join("b.yml")));
+    assert!(set.inventory().0.services.is_empty());
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+
+    let (inventory, diagnostics) = load_dir(&dir);
+    assert!(inventory.services.is_empty());
+    assert_eq!(diagnostics.len(), 1);
+    assert!(
+        diagnostics[0]
+            .message
+            .starts_with("cannot read manifest directory"),
+        "{}",
+        diagnostics[0].message
+    );
+}
+
+#[test]
+fn parser_positions_are_stripped() {
+    assert_eq!(
+        strip_position("did not find x at line 3 column 4, while parsing y at line 1 column 1"),
+        "did not find x, while parsing y"
+    );
+    assert_eq!(
+        strip_position("look at this at position 17"),
+        "look at this"
+    );
+    assert_eq!(strip_position("nothing at all"), "nothing at all");
+}

@@ -1,0 +1,328 @@
+//! The data path's maps as the agent sees them: apply [`MapOp`]s, read snapshots and tables.
+//!
+//! Opened either from a loaded object (taking the maps out of [`aya::Ebpf`]) or from their pins
+//! (`extproxy inspect`, adoption after a restart).
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::Key;
+use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
+use aya::sys::SyscallError;
+use proxy_common::{
+    ALL_MAPS, AffinityKey, AffinityValue, BackendValue, Config, Counter, CtKey, CtValue,
+    FrontendKey, FrontendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_CT,
+    MAP_FRONTENDS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES, MAP_SVC_STATS, RevNatKey,
+    RevNatValue, ServiceStats, ServiceValue, SlotKey, SrcRangeKey,
+};
+use thiserror::Error;
+
+use crate::reconcile::{MapOp, MapSnapshot, MapWriteError, MapWriter, SrcRange};
+
+#[derive(Debug, Error)]
+pub enum MapsError {
+    #[error("map {0} is not in the eBPF object")]
+    Missing(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("pinned map {}: {source}", path.display())]
+    Pinned {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("pinning map {name} at {}: {source}", path.display())]
+    Pin {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+}
+
+/// The maps the agent reads or writes (FRAGS is the data path's alone).
+pub struct DatapathMaps {
+    config: Array<MapData, Config>,
+    frontends: HashMap<MapData, FrontendKey, FrontendValue>,
+    services: HashMap<MapData, u32, ServiceValue>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: Array<MapData, BackendValue>,
+    ct: HashMap<MapData, CtKey, CtValue>,
+    revnat: HashMap<MapData, RevNatKey, RevNatValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
+    counters: PerCpuArray<MapData, u64>,
+    svc_stats: PerCpuArray<MapData, ServiceStats>,
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T, MapsError> {
+    T::try_from(map).map_err(|source| MapsError::Map { name, source })
+}
+
+impl DatapathMaps {
+    /// Takes the maps out of a loaded object; the programs keep their own references.
+    pub fn take_from(ebpf: &mut aya::Ebpf) -> Result<Self, MapsError> {
+        Self::open(|name| ebpf.take_map(name).ok_or(MapsError::Missing(name)))
+    }
+
+    /// Opens the maps pinned in `dir` (one file per map, named as in proxy_common).
+    pub fn from_pinned(dir: &Path) -> Result<Self, MapsError> {
+        Self::open(|name| {
+            let path = dir.join(name);
+            MapData::from_pin(&path)
+                .and_then(Map::from_map_data)
+                .map_err(|source| MapsError::Pinned { path, source })
+        })
+    }
+
+    fn open(
+        mut get: impl FnMut(&'static str) -> Result<Map, MapsError>,
+    ) -> Result<Self, MapsError> {
+        Ok(DatapathMaps {
+            config: typed(MAP_CONFIG, get(MAP_CONFIG)?)?,
+            frontends: typed(MAP_FRONTENDS, get(MAP_FRONTENDS)?)?,
+            services: typed(MAP_SERVICES, get(MAP_SERVICES)?)?,
+            slots: typed(MAP_SLOTS, get(MAP_SLOTS)?)?,
+            backends: typed(MAP_BACKENDS, get(MAP_BACKENDS)?)?,
+            ct: typed(MAP_CT, get(MAP_CT)?)?,
+            revnat: typed(MAP_REVNAT, get(MAP_REVNAT)?)?,
+            affinity: typed(MAP_AFFINITY, get(MAP_AFFINITY)?)?,
+            src_ranges: typed(MAP_SRC_RANGES, get(MAP_SRC_RANGES)?)?,
+            counters: typed(MAP_COUNTERS, get(MAP_COUNTERS)?)?,
+            svc_stats: typed(MAP_SVC_STATS, get(MAP_SVC_STATS)?)?,
+        })
+    }
+
+    fn map_data(&self, name: &'static str) -> Option<&MapData> {
+        Some(match name {
+            MAP_CONFIG => IterableMap::map(&self.config),
+            MAP_FRONTENDS => IterableMap::map(&self.frontends),
+            MAP_SERVICES => IterableMap::map(&self.services),
+            MAP_SLOTS => IterableMap::map(&self.slots),
+            MAP_BACKENDS => IterableMap::map(&self.backends),
+            MAP_CT => IterableMap::map(&self.ct),
+            MAP_REVNAT => IterableMap::map(&self.revnat),
+            MAP_AFFINITY => IterableMap::map(&self.affinity),
+            MAP_SRC_RANGES => IterableMap::map(&self.src_ranges),
+            MAP_COUNTERS => IterableMap::map(&self.counters),
+            MAP_SVC_STATS => IterableMap::map(&self.svc_stats),
+            _ => return None,
+        })
+    }
+
+    /// Pins every map this struct holds under `dir` (which must be on a bpffs).
+    pub fn pin(&self, dir: &Path) -> Result<(), MapsError> {
+        for name in ALL_MAPS {
+            if let Some(data) = self.map_data(name) {
+                let path = dir.join(name);
+                data.pin(&path)
+                    .map_err(|source| MapsError::Pin { name, path, source })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// max_entries of a map as the kernel reports it (0 if it cannot be read).
+    pub fn max_entries(&self, name: &'static str) -> u32 {
+        self.map_data(name)
+            .and_then(|data| data.info().ok())
+            .map_or(0, |info| info.max_entries())
+    }
+
+    fn write_error(&self, name: &'static str, err: MapError) -> MapWriteError {
+        let full = match &err {
+            MapError::OutOfBounds { .. } => true,
+            // Hash maps say E2BIG when full, LPM tries ENOSPC.
+            MapError::SyscallError(SyscallError { io_error, .. }) => {
+                matches!(io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
+            }
+            _ => false,
+        };
+        if full {
+            MapWriteError::Full {
+                map: name,
+                max_entries: self.max_entries(name),
+            }
+        } else {
+            MapWriteError::Failed {
+                map: name,
+                reason: err.to_string(),
+            }
+        }
+    }
+
+    pub fn config(&self) -> Result<Config, MapsError> {
+        self.config.get(&0, 0).map_err(|source| MapsError::Map {
+            name: MAP_CONFIG,
+            source,
+        })
+    }
+
+    pub fn set_config(&mut self, config: &Config) -> Result<(), MapsError> {
+        self.config
+            .set(0, config, 0)
+            .map_err(|source| MapsError::Map {
+                name: MAP_CONFIG,
+                source,
+            })
+    }
+
+    /// What the reconciler needs to adopt the maps.
+    pub fn snapshot(&self) -> Result<MapSnapshot, MapsError> {
+        let err = |name| move |source| MapsError::Map { name, source };
+        let mut backends = Vec::new();
+        for id in 0..self.backends.len() {
+            let value = self.backends.get(&id, 0).map_err(err(MAP_BACKENDS))?;
+            if value != BackendValue::default() {
+                backends.push((id, value));
+            }
+        }
+        Ok(MapSnapshot {
+            frontends: self
+                .frontends
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(err(MAP_FRONTENDS))?,
+            services: self
+                .services
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(err(MAP_SERVICES))?,
+            slots: self
+                .slots
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(err(MAP_SLOTS))?,
+            backends,
+            src_ranges: self
+                .src_ranges
+                .iter()
+                .map(|entry| {
+                    entry.map(|(key, _)| {
+                        let data = key.data();
+                        SrcRange {
+                            service_id: data.service_id,
+                            addr: data.addr,
+                            prefix_len: key.prefix_len(),
+                        }
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .map_err(err(MAP_SRC_RANGES))?,
+        })
+    }
+
+    pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, MapsError> {
+        self.ct
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| MapsError::Map {
+                name: MAP_CT,
+                source,
+            })
+    }
+
+    pub fn reverse_nat(&self) -> Result<Vec<(RevNatKey, RevNatValue)>, MapsError> {
+        self.revnat
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| MapsError::Map {
+                name: MAP_REVNAT,
+                source,
+            })
+    }
+
+    pub fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
+        self.affinity
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| MapsError::Map {
+                name: MAP_AFFINITY,
+                source,
+            })
+    }
+
+    /// Every counter, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, MapsError> {
+        Counter::ALL
+            .iter()
+            .map(|counter| {
+                let values =
+                    self.counters
+                        .get(&(*counter as u32), 0)
+                        .map_err(|source| MapsError::Map {
+                            name: MAP_COUNTERS,
+                            source,
+                        })?;
+                Ok((
+                    *counter,
+                    values.iter().fold(0u64, |sum, v| sum.wrapping_add(*v)),
+                ))
+            })
+            .collect()
+    }
+
+    /// Traffic of the given service ids, summed over CPUs.
+    pub fn service_stats(
+        &self,
+        service_ids: &[u32],
+    ) -> Result<Vec<(u32, ServiceStats)>, MapsError> {
+        service_ids
+            .iter()
+            .map(|id| {
+                let values = self.svc_stats.get(id, 0).map_err(|source| MapsError::Map {
+                    name: MAP_SVC_STATS,
+                    source,
+                })?;
+                let sum = values
+                    .iter()
+                    .fold(ServiceStats::default(), |sum, v| ServiceStats {
+                        fwd_packets: sum.fwd_packets.wrapping_add(v.fwd_packets),
+                        fwd_bytes: sum.fwd_bytes.wrapping_add(v.fwd_bytes),
+                        rev_packets: sum.rev_packets.wrapping_add(v.rev_packets),
+                        rev_bytes: sum.rev_bytes.wrapping_add(v.rev_bytes),
+                    });
+                Ok((*id, sum))
+            })
+            .collect()
+    }
+}
+
+/// A missing entry on delete means the map already is as wanted.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+impl MapWriter for DatapathMaps {
+    fn apply(&mut self, op: &MapOp) -> Result<(), MapWriteError> {
+        let result = match *op {
+            MapOp::PutFrontend(key, value) => self.frontends.insert(key, value, 0),
+            MapOp::DeleteFrontend(key) => ignore_missing(self.frontends.remove(&key)),
+            MapOp::PutService(id, value) => self.services.insert(id, value, 0),
+            MapOp::DeleteService(id) => ignore_missing(self.services.remove(&id)),
+            MapOp::PutSlot(key, backend_id) => self.slots.insert(key, backend_id, 0),
+            MapOp::DeleteSlot(key) => ignore_missing(self.slots.remove(&key)),
+            MapOp::PutBackend(id, value) => self.backends.set(id, value, 0),
+            MapOp::PutSrcRange(range) => {
+                self.src_ranges
+                    .insert(&Key::new(range.prefix_len, range.key()), 1, 0)
+            }
+            MapOp::DeleteSrcRange(range) => ignore_missing(
+                self.src_ranges
+                    .remove(&Key::new(range.prefix_len, range.key())),
+            ),
+        };
+        result.map_err(|err| self.write_error(op.map_name(), err))
+    }
+}

@@ -1,0 +1,978 @@
+//! Diffs [`Desired`] against a model of what is in the maps and emits ordered map operations.
+//!
+//! The [`Reconciler`] keeps two things apart:
+//! - the *model* ([`MapState`]): exactly what the maps hold, changed only by operations a
+//!   [`MapWriter`] confirmed, so it stays truthful when a write fails half-way;
+//! - the *identity*: which service id belongs to which [`ServicePortKey`] and which backend id to
+//!   which (service id, endpoint). The maps carry no names, so this is what gives them meaning.
+//!
+//! Operations come in an order that keeps every packet safe mid-update: backends before the
+//! slots naming them, slots before the count that exposes them, the service before frontends
+//! pointing at it; removals in reverse (frontends, service, slots, ranges, then backends). Ids are released only once the model shows nothing refers
+//! to them any more.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use proxy_common::user::{port_host, port_net};
+use proxy_common::{
+    Addr, BackendState, BackendValue, FE_F_SOURCE_RANGES, FrontendKey, FrontendValue, MAP_BACKENDS,
+    MAP_FRONTENDS, MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES, ServiceValue, SlotKey, SrcRangeKey,
+    src_range_prefix_len,
+};
+use thiserror::Error;
+
+use crate::translate::{BackendRole, Desired, DesiredService, ServicePortKey};
+
+#[cfg(test)]
+mod tests;
+
+// ---------------------------------------------------------------------------------------------
+// Operations and writers
+// ---------------------------------------------------------------------------------------------
+
+/// One write to one map, in the ABI's own types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PutFrontend(FrontendKey, FrontendValue),
+    DeleteFrontend(FrontendKey),
+    PutService(u32, ServiceValue),
+    DeleteService(u32),
+    PutSlot(SlotKey, u32),
+    DeleteSlot(SlotKey),
+    /// BACKENDS is an array: a backend is freed by writing state Free and a new generation.
+    PutBackend(u32, BackendValue),
+    PutSrcRange(SrcRange),
+    DeleteSrcRange(SrcRange),
+}
+
+impl MapOp {
+    pub fn map_name(&self) -> &'static str {
+        match self {
+            MapOp::PutFrontend(..) | MapOp::DeleteFrontend(_) => MAP_FRONTENDS,
+            MapOp::PutService(..) | MapOp::DeleteService(_) => MAP_SERVICES,
+            MapOp::PutSlot(..) | MapOp::DeleteSlot(_) => MAP_SLOTS,
+            MapOp::PutBackend(..) => MAP_BACKENDS,
+            MapOp::PutSrcRange(_) | MapOp::DeleteSrcRange(_) => MAP_SRC_RANGES,
+        }
+    }
+}
+
+/// An entry of SRC_RANGES: the LPM key's prefix length and data (the value is always 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcRange {
+    pub service_id: u32,
+    pub addr: Addr,
+    pub prefix_len: u32,
+}
+
+impl SrcRange {
+    pub fn new(service_id: u32, range: &IpNet) -> Self {
+        let range = range.trunc();
+        SrcRange {
+            service_id,
+            addr: Addr::from(range.network()),
+            prefix_len: src_range_prefix_len(range.network().is_ipv4(), range.prefix_len()),
+        }
+    }
+
+    pub fn key(&self) -> SrcRangeKey {
+        SrcRangeKey {
+            service_id: self.service_id,
+            addr: self.addr,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum MapWriteError {
+    #[error("map {map} is full (max_entries {max_entries})")]
+    Full { map: &'static str, max_entries: u32 },
+    #[error("{map}: {reason}")]
+    Failed { map: &'static str, reason: String },
+}
+
+/// Applies operations to maps (the kernel's in [`crate::maps`]; [`MapState`] in memory).
+pub trait MapWriter {
+    fn apply(&mut self, op: &MapOp) -> Result<(), MapWriteError>;
+}
+
+/// Map contents as read from pinned maps. BACKENDS lists only entries that are not all zero.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapSnapshot {
+    pub frontends: Vec<(FrontendKey, FrontendValue)>,
+    pub services: Vec<(u32, ServiceValue)>,
+    pub slots: Vec<(SlotKey, u32)>,
+    pub backends: Vec<(u32, BackendValue)>,
+    pub src_ranges: Vec<SrcRange>,
+}
+
+/// A model of the maps the reconciler writes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    pub frontends: BTreeMap<FrontendKey, FrontendValue>,
+    pub services: BTreeMap<u32, ServiceValue>,
+    pub slots: BTreeMap<SlotKey, u32>,
+    /// Entries that were ever written (or found non-zero); the rest of the array is zero.
+    pub backends: BTreeMap<u32, BackendValue>,
+    pub src_ranges: BTreeSet<SrcRange>,
+}
+
+impl MapState {
+    pub fn from_snapshot(snapshot: MapSnapshot) -> Self {
+        MapState {
+            frontends: snapshot.frontends.into_iter().collect(),
+            services: snapshot.services.into_iter().collect(),
+            slots: snapshot.slots.into_iter().collect(),
+            backends: snapshot
+                .backends
+                .into_iter()
+                .filter(|(_, v)| *v != BackendValue::default())
+                .collect(),
+            src_ranges: snapshot.src_ranges.into_iter().collect(),
+        }
+    }
+
+    pub fn record(&mut self, op: &MapOp) {
+        match *op {
+            MapOp::PutFrontend(k, v) => {
+                self.frontends.insert(k, v);
+            }
+            MapOp::DeleteFrontend(k) => {
+                self.frontends.remove(&k);
+            }
+            MapOp::PutService(id, v) => {
+                self.services.insert(id, v);
+            }
+            MapOp::DeleteService(id) => {
+                self.services.remove(&id);
+            }
+            MapOp::PutSlot(k, v) => {
+                self.slots.insert(k, v);
+            }
+            MapOp::DeleteSlot(k) => {
+                self.slots.remove(&k);
+            }
+            MapOp::PutBackend(id, v) => {
+                self.backends.insert(id, v);
+            }
+            MapOp::PutSrcRange(r) => {
+                self.src_ranges.insert(r);
+            }
+            MapOp::DeleteSrcRange(r) => {
+                self.src_ranges.remove(&r);
+            }
+        }
+    }
+
+    /// Slots of a service in slot order: (slot, backend id).
+    pub fn slots_of(&self, service_id: u32) -> impl Iterator<Item = (u32, u32)> + '_ {
+        let from = SlotKey {
+            service_id,
+            slot: 0,
+        };
+        let to = SlotKey {
+            service_id,
+            slot: u32::MAX,
+        };
+        self.slots.range(from..=to).map(|(k, v)| (k.slot, *v))
+    }
+
+    pub fn src_ranges_of(&self, service_id: u32) -> impl Iterator<Item = &SrcRange> + '_ {
+        let from = SrcRange {
+            service_id,
+            addr: Addr::ZERO,
+            prefix_len: 0,
+        };
+        self.src_ranges
+            .range(from..)
+            .take_while(move |r| r.service_id == service_id)
+    }
+
+    fn backend(&self, id: u32) -> BackendValue {
+        self.backends.get(&id).copied().unwrap_or_default()
+    }
+
+    /// Service ids anything in the maps points to.
+    fn referenced_service_ids(&self) -> BTreeSet<u32> {
+        let mut ids: BTreeSet<u32> = self.services.keys().copied().collect();
+        ids.extend(self.frontends.values().map(|v| v.service_id));
+        ids.extend(self.slots.keys().map(|k| k.service_id));
+        ids.extend(self.src_ranges.iter().map(|r| r.service_id));
+        ids
+    }
+
+    /// Backend ids that are live (not Free) or that a slot still names.
+    fn referenced_backend_ids(&self) -> BTreeSet<u32> {
+        let mut ids: BTreeSet<u32> = self
+            .backends
+            .iter()
+            .filter(|(_, v)| v.state != BackendState::Free as u8)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.extend(self.slots.values().copied());
+        ids
+    }
+}
+
+/// The in-memory model is a writer that never fails: a dry run, and the tests' kernel.
+impl MapWriter for MapState {
+    fn apply(&mut self, op: &MapOp) -> Result<(), MapWriteError> {
+        self.record(op);
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plans and reports
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum CapacityError {
+    #[error(
+        "{service}: cannot be programmed: all {max} service ids are in use (raise the services map size)"
+    )]
+    ServiceIds { service: ServicePortKey, max: u32 },
+    #[error(
+        "{service}: cannot be programmed: needs {needed} new backend ids but only {available} of {max} are free (raise the backends map size)"
+    )]
+    BackendIds {
+        service: ServicePortKey,
+        needed: usize,
+        available: usize,
+        max: u32,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedOp {
+    /// The Service port the operation is for; None for leftovers found in pinned maps.
+    pub service: Option<ServicePortKey>,
+    pub op: MapOp,
+    /// Operations of one unit depend on each other's order: after a failure the rest of the
+    /// unit is skipped.
+    unit: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ops: Vec<PlannedOp>,
+    /// Services left as they are because a limit would be exceeded.
+    pub errors: Vec<CapacityError>,
+}
+
+impl Plan {
+    pub fn map_ops(&self) -> Vec<MapOp> {
+        self.ops.iter().map(|p| p.op).collect()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpFailure {
+    pub service: Option<ServicePortKey>,
+    pub op: MapOp,
+    pub error: MapWriteError,
+}
+
+impl fmt::Display for OpFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.service {
+            Some(service) => write!(f, "{service}: {} (update left unfinished)", self.error),
+            None => write!(f, "cleaning up stale map entries: {}", self.error),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub applied: usize,
+    /// Operations not attempted because an earlier one of the same service failed.
+    pub skipped: usize,
+    pub failures: Vec<OpFailure>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub capacity_errors: Vec<CapacityError>,
+    pub apply: ApplyReport,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reconciler
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Service ids are 0..max_services (SERVICES / SVC_STATS size).
+    pub max_services: u32,
+    /// Backend ids are 0..max_backends (BACKENDS size).
+    pub max_backends: u32,
+}
+
+/// Hands out ids 0..max: never-used ids first, then released ones in release order, so an id
+/// is reused as late as possible (stale conntrack and stats age out meanwhile).
+#[derive(Clone, Debug)]
+struct IdPool {
+    max: u32,
+    next_fresh: u32,
+    released: VecDeque<u32>,
+}
+
+impl IdPool {
+    fn available(&self) -> usize {
+        self.max.saturating_sub(self.next_fresh) as usize + self.released.len()
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        if self.next_fresh < self.max {
+            self.next_fresh += 1;
+            Some(self.next_fresh - 1)
+        } else {
+            self.released.pop_front()
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Reconciler {
+    limits: Limits,
+    state: MapState,
+    service_ids: BTreeMap<ServicePortKey, u32>,
+    backend_ids: BTreeMap<(u32, IpAddr, u16), u32>,
+    service_pool: IdPool,
+    backend_pool: IdPool,
+    /// Ids no longer owned whose entries are still (or may still be) in the maps. Cleaned up by
+    /// every plan, released once the model shows them unreferenced.
+    limbo_services: BTreeMap<u32, Option<ServicePortKey>>,
+    limbo_backends: BTreeMap<u32, Option<ServicePortKey>>,
+    /// Service ids found in pinned maps, waiting to be matched to a desired Service port.
+    adoptable: BTreeSet<u32>,
+}
+
+impl Reconciler {
+    pub fn new(limits: Limits) -> Self {
+        Self::from_state(MapState::default(), limits)
+    }
+
+    /// Adopts maps left by a previous agent. The first plan matches them to the desired
+    /// Services (by frontend) and removes whatever matches nothing.
+    pub fn from_snapshot(snapshot: MapSnapshot, limits: Limits) -> Self {
+        Self::from_state(MapState::from_snapshot(snapshot), limits)
+    }
+
+    fn from_state(state: MapState, limits: Limits) -> Self {
+        let services = state.referenced_service_ids();
+        let backends = state.referenced_backend_ids();
+        let next_service = services.last().map_or(0, |id| id + 1);
+        let next_backend = backends
+            .last()
+            .copied()
+            .max(state.backends.keys().last().copied())
+            .map_or(0, |id| id + 1);
+        let service_pool = IdPool {
+            max: limits.max_services,
+            next_fresh: next_service,
+            released: (0..next_service.min(limits.max_services))
+                .filter(|id| !services.contains(id))
+                .collect(),
+        };
+        let backend_pool = IdPool {
+            max: limits.max_backends,
+            next_fresh: next_backend,
+            released: (0..next_backend.min(limits.max_backends))
+                .filter(|id| !backends.contains(id))
+                .collect(),
+        };
+        Reconciler {
+            limits,
+            limbo_backends: backends.iter().map(|id| (*id, None)).collect(),
+            adoptable: services,
+            state,
+            service_ids: BTreeMap::new(),
+            backend_ids: BTreeMap::new(),
+            service_pool,
+            backend_pool,
+            limbo_services: BTreeMap::new(),
+        }
+    }
+
+    /// What the maps hold, as far as confirmed writes tell.
+    pub fn state(&self) -> &MapState {
+        &self.state
+    }
+
+    pub fn service_id(&self, key: &ServicePortKey) -> Option<u32> {
+        self.service_ids.get(key).copied()
+    }
+
+    /// Service port of every owned service id (to name SVC_STATS rows).
+    pub fn service_ids(&self) -> impl Iterator<Item = (&ServicePortKey, u32)> {
+        self.service_ids.iter().map(|(k, v)| (k, *v))
+    }
+
+    /// Plans and applies in one go.
+    pub fn sync(&mut self, desired: &Desired, writer: &mut impl MapWriter) -> SyncReport {
+        let plan = self.plan(desired);
+        let capacity_errors = plan.errors.clone();
+        SyncReport {
+            capacity_errors,
+            apply: self.apply(plan, writer),
+        }
+    }
+
+    /// Computes the operations that turn the maps into `desired`. Ids are assigned here; apply
+    /// the plan (or drop it) before planning again.
+    pub fn plan(&mut self, desired: &Desired) -> Plan {
+        let mut plan = Plan::default();
+        let mut projected = Projection::new(self.state.clone());
+        if !self.adoptable.is_empty() {
+            self.adopt(desired);
+        }
+
+        let removed: Vec<ServicePortKey> = self
+            .service_ids
+            .keys()
+            .filter(|k| !desired.services.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in removed {
+            if let Some(id) = self.service_ids.remove(&key) {
+                self.disown_backends(id, &key, |_| true);
+                self.limbo_services.insert(id, Some(key));
+            }
+        }
+
+        // Ids first, so that services that cannot be programmed are known before any frontend
+        // is handed from one service to another.
+        let mut programmed: Vec<(&ServicePortKey, &DesiredService, u32)> = Vec::new();
+        for (key, service) in &desired.services {
+            match self.assign_ids(key, service) {
+                Ok(id) => programmed.push((key, service, id)),
+                Err(err) => plan.errors.push(err),
+            }
+        }
+        let frontend_owner: BTreeMap<FrontendKey, u32> = programmed
+            .iter()
+            .flat_map(|(_, service, id)| service.frontends.keys().map(move |k| (*k, *id)))
+            .collect();
+
+        let mut emitter = Emitter {
+            ops: &mut plan.ops,
+            projected: &mut projected,
+            unit: 0,
+        };
+        for (key, service, id) in programmed {
+            emitter.unit += 1;
+            self.diff_service(&mut emitter, key, service, id, &frontend_owner);
+        }
+        for (id, key) in &self.limbo_services {
+            emitter.unit += 1;
+            remove_service(&mut emitter, key, *id);
+        }
+        let slotted: BTreeSet<u32> = emitter.projected.state.slots.values().copied().collect();
+        for (id, key) in &self.limbo_backends {
+            if !slotted.contains(id) {
+                emitter.unit += 1;
+                free_backend(&mut emitter, key, *id);
+            }
+        }
+        plan
+    }
+
+    /// Applies a plan through `writer`, recording every confirmed write in the model. After a
+    /// failed write the rest of that service's operations are skipped so no later operation
+    /// depends on a write that did not happen; the next plan picks up from the model.
+    pub fn apply(&mut self, plan: Plan, writer: &mut impl MapWriter) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let mut failed_unit = None;
+        for planned in plan.ops {
+            if failed_unit == Some(planned.unit) {
+                report.skipped += 1;
+                continue;
+            }
+            match writer.apply(&planned.op) {
+                Ok(()) => {
+                    self.state.record(&planned.op);
+                    report.applied += 1;
+                }
+                Err(error) => {
+                    failed_unit = Some(planned.unit);
+                    report.failures.push(OpFailure {
+                        service: planned.service,
+                        op: planned.op,
+                        error,
+                    });
+                }
+            }
+        }
+        self.release_unreferenced();
+        report
+    }
+
+    fn release_unreferenced(&mut self) {
+        let services = self.state.referenced_service_ids();
+        let backends = self.state.referenced_backend_ids();
+        let released: Vec<u32> = self
+            .limbo_services
+            .keys()
+            .filter(|id| !services.contains(id))
+            .copied()
+            .collect();
+        for id in released {
+            self.limbo_services.remove(&id);
+            self.service_pool.released.push_back(id);
+        }
+        let released: Vec<u32> = self
+            .limbo_backends
+            .keys()
+            .filter(|id| !backends.contains(id))
+            .copied()
+            .collect();
+        for id in released {
+            self.limbo_backends.remove(&id);
+            self.backend_pool.released.push_back(id);
+        }
+    }
+
+    /// Matches pinned services to desired Service ports through their frontends, and their
+    /// backends by address. Whatever stays unmatched is cleaned up by this plan.
+    fn adopt(&mut self, desired: &Desired) {
+        let adoptable = std::mem::take(&mut self.adoptable);
+        let mut adopted: Vec<(&DesiredService, u32)> = Vec::new();
+        for (key, service) in &desired.services {
+            if self.service_ids.contains_key(key) {
+                continue;
+            }
+            let found = service
+                .frontends
+                .keys()
+                .filter_map(|k| self.state.frontends.get(k))
+                .map(|v| v.service_id)
+                .find(|id| adoptable.contains(id) && !adopted.iter().any(|(_, a)| a == id));
+            if let Some(id) = found {
+                self.service_ids.insert(key.clone(), id);
+                adopted.push((service, id));
+            }
+        }
+        for id in adoptable
+            .iter()
+            .filter(|id| !adopted.iter().any(|(_, a)| a == *id))
+        {
+            self.limbo_services.insert(*id, None);
+        }
+
+        // Backends in a service's slots are surely its own; backends in no slot (draining) are
+        // matched by address to adopted services still missing that endpoint.
+        let mut owned: BTreeSet<u32> = BTreeSet::new();
+        for (service, id) in &adopted {
+            for (_, backend_id) in self.state.slots_of(*id) {
+                let value = self.state.backend(backend_id);
+                let endpoint = (value.addr.to_ip(), port_host(value.port));
+                if service.backends.contains_key(&endpoint) && owned.insert(backend_id) {
+                    self.backend_ids
+                        .insert((*id, endpoint.0, endpoint.1), backend_id);
+                }
+            }
+        }
+        let slotted: BTreeSet<u32> = self.state.slots.values().copied().collect();
+        let mut unslotted: BTreeMap<(Addr, u16), VecDeque<u32>> = BTreeMap::new();
+        for (backend_id, value) in &self.state.backends {
+            if value.state != BackendState::Free as u8 && !slotted.contains(backend_id) {
+                unslotted
+                    .entry((value.addr, value.port))
+                    .or_default()
+                    .push_back(*backend_id);
+            }
+        }
+        for (service, id) in &adopted {
+            for (ip, port) in service.backends.keys() {
+                if self.backend_ids.contains_key(&(*id, *ip, *port)) {
+                    continue;
+                }
+                let candidate = unslotted
+                    .get_mut(&(Addr::from(*ip), port_net(*port)))
+                    .and_then(VecDeque::pop_front);
+                if let Some(backend_id) = candidate {
+                    owned.insert(backend_id);
+                    self.backend_ids.insert((*id, *ip, *port), backend_id);
+                }
+            }
+        }
+        self.limbo_backends.retain(|id, _| !owned.contains(id));
+    }
+
+    /// Moves the backend ids of `service_id` whose endpoint `is_gone` from the identity to limbo.
+    fn disown_backends(
+        &mut self,
+        service_id: u32,
+        key: &ServicePortKey,
+        is_gone: impl Fn(&(IpAddr, u16)) -> bool,
+    ) {
+        let gone: Vec<((u32, IpAddr, u16), u32)> = self
+            .backend_ids
+            .range((service_id, IpAddr::from([0u8; 4]), 0)..)
+            .take_while(|((sid, _, _), _)| *sid == service_id)
+            .filter(|((_, ip, port), _)| is_gone(&(*ip, *port)))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for (k, backend_id) in gone {
+            self.backend_ids.remove(&k);
+            self.limbo_backends.insert(backend_id, Some(key.clone()));
+        }
+    }
+
+    /// The service id of `key` and a backend id for each of its endpoints, or why not.
+    fn assign_ids(
+        &mut self,
+        key: &ServicePortKey,
+        service: &DesiredService,
+    ) -> Result<u32, CapacityError> {
+        let existing = self.service_ids.get(key).copied();
+        let needed = service
+            .backends
+            .keys()
+            .filter(|(ip, port)| {
+                existing.is_none_or(|id| !self.backend_ids.contains_key(&(id, *ip, *port)))
+            })
+            .count();
+        let available = self.backend_pool.available();
+        if needed > available {
+            return Err(CapacityError::BackendIds {
+                service: key.clone(),
+                needed,
+                available,
+                max: self.limits.max_backends,
+            });
+        }
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                let id = self
+                    .service_pool
+                    .take()
+                    .ok_or_else(|| CapacityError::ServiceIds {
+                        service: key.clone(),
+                        max: self.limits.max_services,
+                    })?;
+                self.service_ids.insert(key.clone(), id);
+                id
+            }
+        };
+        self.disown_backends(id, key, |endpoint| !service.backends.contains_key(endpoint));
+        for (ip, port) in service.backends.keys() {
+            if !self.backend_ids.contains_key(&(id, *ip, *port)) {
+                // Checked above: enough ids are available.
+                if let Some(backend_id) = self.backend_pool.take() {
+                    self.backend_ids.insert((id, *ip, *port), backend_id);
+                }
+            }
+        }
+        Ok(id)
+    }
+
+    fn diff_service(
+        &self,
+        emitter: &mut Emitter<'_>,
+        key: &ServicePortKey,
+        service: &DesiredService,
+        id: u32,
+        frontend_owner: &BTreeMap<FrontendKey, u32>,
+    ) {
+        let owner = Some(key.clone());
+        let owner = &owner;
+
+        // (1) new backends, (2) role changes.
+        let mut new_backends = Vec::new();
+        let mut role_changes = Vec::new();
+        let mut active: Vec<u32> = Vec::new();
+        let mut owned_backends: BTreeSet<u32> = BTreeSet::new();
+        for ((ip, port), role) in &service.backends {
+            let Some(&backend_id) = self.backend_ids.get(&(id, *ip, *port)) else {
+                continue;
+            };
+            owned_backends.insert(backend_id);
+            let current = emitter.projected.state.backend(backend_id);
+            let state = match role {
+                BackendRole::Active => BackendState::Active,
+                BackendRole::Draining => BackendState::Draining,
+            };
+            let value = BackendValue {
+                addr: Addr::from(*ip),
+                port: port_net(*port),
+                state: state as u8,
+                pad: 0,
+                generation: current.generation,
+            };
+            if current != value {
+                let same_endpoint = current.addr == value.addr && current.port == value.port;
+                if current.state != BackendState::Free as u8 && same_endpoint {
+                    role_changes.push(MapOp::PutBackend(backend_id, value));
+                } else {
+                    new_backends.push(MapOp::PutBackend(backend_id, value));
+                }
+            }
+            if *role == BackendRole::Active {
+                active.push(backend_id);
+            }
+        }
+        for op in new_backends.into_iter().chain(role_changes) {
+            emitter.emit(owner, op);
+        }
+
+        // (3) slots 1..=n_new.
+        if service.egress.is_none() {
+            // No SNAT address: reject new flows rather than send them out unmasqueraded.
+            active.clear();
+        }
+        let old_slots: BTreeMap<u32, u32> = emitter.projected.state.slots_of(id).collect();
+        let new_slots = assign_slots(&old_slots, &active);
+        for (i, backend_id) in new_slots.iter().enumerate() {
+            let slot = i as u32 + 1;
+            if old_slots.get(&slot) != Some(backend_id) {
+                emitter.emit(
+                    owner,
+                    MapOp::PutSlot(
+                        SlotKey {
+                            service_id: id,
+                            slot,
+                        },
+                        *backend_id,
+                    ),
+                );
+            }
+        }
+
+        // (4) the service value, which exposes the new slot count.
+        let value = ServiceValue {
+            backend_count: new_slots.len() as u32,
+            affinity_timeout: service.affinity_timeout,
+            egress: service.egress.map_or(Addr::ZERO, Addr::from),
+            flags: 0,
+            reserved: 0,
+        };
+        if emitter.projected.state.services.get(&id) != Some(&value) {
+            emitter.emit(owner, MapOp::PutService(id, value));
+        }
+
+        // (5) new source ranges: written only if a frontend consults them.
+        let restricted = service
+            .frontends
+            .values()
+            .any(|f| f.flags & FE_F_SOURCE_RANGES != 0);
+        let wanted_ranges: BTreeSet<SrcRange> = if restricted {
+            service
+                .source_ranges
+                .iter()
+                .map(|r| SrcRange::new(id, r))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        let old_ranges: BTreeSet<SrcRange> =
+            emitter.projected.state.src_ranges_of(id).copied().collect();
+        for range in wanted_ranges.difference(&old_ranges) {
+            emitter.emit(owner, MapOp::PutSrcRange(*range));
+        }
+
+        // (6) frontends.
+        for (frontend, spec) in &service.frontends {
+            let value = FrontendValue {
+                service_id: id,
+                kind: spec.kind as u8,
+                flags: spec.flags,
+                pad: [0; 2],
+            };
+            if emitter.projected.state.frontends.get(frontend) != Some(&value) {
+                emitter.emit(owner, MapOp::PutFrontend(*frontend, value));
+            }
+        }
+        let stale: Vec<FrontendKey> = emitter
+            .projected
+            .frontends_of(id)
+            .filter(|k| !service.frontends.contains_key(k))
+            // Moving to another service: its put replaces this entry without a gap.
+            .filter(|k| frontend_owner.get(k).is_none_or(|owner_id| *owner_id == id))
+            .collect();
+        for frontend in stale {
+            emitter.emit(owner, MapOp::DeleteFrontend(frontend));
+        }
+
+        // (7) slots past the new count.
+        for slot in old_slots.keys().filter(|s| **s as usize > new_slots.len()) {
+            emitter.emit(
+                owner,
+                MapOp::DeleteSlot(SlotKey {
+                    service_id: id,
+                    slot: *slot,
+                }),
+            );
+        }
+
+        // (8) stale source ranges.
+        for range in old_ranges.difference(&wanted_ranges) {
+            emitter.emit(owner, MapOp::DeleteSrcRange(*range));
+        }
+
+        // (9) backends this service no longer has.
+        let slotted: BTreeSet<u32> = emitter.projected.state.slots.values().copied().collect();
+        for (backend_id, limbo_owner) in &self.limbo_backends {
+            if limbo_owner.as_ref() == Some(key)
+                && !owned_backends.contains(backend_id)
+                && !slotted.contains(backend_id)
+            {
+                free_backend(emitter, limbo_owner, *backend_id);
+            }
+        }
+    }
+}
+
+/// Slot assignment that moves as little as possible: backends keep their slot, new ones fill the
+/// holes left by removed ones, and the ones past the new end move into the remaining holes.
+fn assign_slots(old: &BTreeMap<u32, u32>, active: &[u32]) -> Vec<u32> {
+    let wanted: BTreeSet<u32> = active.iter().copied().collect();
+    let mut slots: Vec<Option<u32>> = vec![None; active.len()];
+    let mut placed: BTreeSet<u32> = BTreeSet::new();
+    let mut displaced: Vec<u32> = Vec::new();
+    for (slot, backend_id) in old {
+        if !wanted.contains(backend_id) || !placed.insert(*backend_id) {
+            continue;
+        }
+        let index = (*slot as usize).checked_sub(1);
+        match index.and_then(|i| slots.get_mut(i)) {
+            Some(entry @ None) => *entry = Some(*backend_id),
+            _ => displaced.push(*backend_id),
+        }
+    }
+    let mut fill = active
+        .iter()
+        .filter(|id| !placed.contains(id))
+        .chain(&displaced)
+        .copied();
+    slots
+        .into_iter()
+        .map(|entry| entry.or_else(|| fill.next()))
+        .collect::<Option<Vec<u32>>>()
+        .unwrap_or_default()
+}
+
+/// Removal in the safe order: frontends (no new packet finds the service), the service (whose
+/// count names the slots: deleting slots first would leave it pointing at missing ones, e.g.
+/// for a UDP flow being re-balanced), slots, source ranges. Its backends are freed afterwards
+/// by the plan's backend cleanup.
+fn remove_service(emitter: &mut Emitter<'_>, owner: &Option<ServicePortKey>, id: u32) {
+    let frontends: Vec<FrontendKey> = emitter.projected.frontends_of(id).collect();
+    for frontend in frontends {
+        emitter.emit(owner, MapOp::DeleteFrontend(frontend));
+    }
+    if emitter.projected.state.services.contains_key(&id) {
+        emitter.emit(owner, MapOp::DeleteService(id));
+    }
+    let slots: Vec<u32> = emitter
+        .projected
+        .state
+        .slots_of(id)
+        .map(|(slot, _)| slot)
+        .collect();
+    for slot in slots {
+        emitter.emit(
+            owner,
+            MapOp::DeleteSlot(SlotKey {
+                service_id: id,
+                slot,
+            }),
+        );
+    }
+    let ranges: Vec<SrcRange> = emitter.projected.state.src_ranges_of(id).copied().collect();
+    for range in ranges {
+        emitter.emit(owner, MapOp::DeleteSrcRange(range));
+    }
+}
+
+/// Frees a backend: state Free and a new generation, so flows still pinned to it end (TCP) or
+/// move (UDP) and a later owner of the id never inherits them.
+fn free_backend(emitter: &mut Emitter<'_>, owner: &Option<ServicePortKey>, backend_id: u32) {
+    let current = emitter.projected.state.backend(backend_id);
+    if current.state == BackendState::Free as u8 {
+        return;
+    }
+    let freed = BackendValue {
+        state: BackendState::Free as u8,
+        generation: current.generation.wrapping_add(1),
+        ..BackendValue::default()
+    };
+    emitter.emit(owner, MapOp::PutBackend(backend_id, freed));
+}
+
+/// The maps as they will be once the plan so far is applied, with a frontend index by service.
+struct Projection {
+    state: MapState,
+    frontends_by_service: BTreeMap<u32, BTreeSet<FrontendKey>>,
+}
+
+impl Projection {
+    fn new(state: MapState) -> Self {
+        let mut frontends_by_service: BTreeMap<u32, BTreeSet<FrontendKey>> = BTreeMap::new();
+        for (key, value) in &state.frontends {
+            frontends_by_service
+                .entry(value.service_id)
+                .or_default()
+                .insert(*key);
+        }
+        Projection {
+            state,
+            frontends_by_service,
+        }
+    }
+
+    fn frontends_of(&self, id: u32) -> impl Iterator<Item = FrontendKey> + '_ {
+        self.frontends_by_service
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .copied()
+    }
+
+    fn record(&mut self, op: &MapOp) {
+        match op {
+            MapOp::PutFrontend(key, value) => {
+                if let Some(old) = self.state.frontends.get(key)
+                    && let Some(set) = self.frontends_by_service.get_mut(&old.service_id)
+                {
+                    set.remove(key);
+                }
+                self.frontends_by_service
+                    .entry(value.service_id)
+                    .or_default()
+                    .insert(*key);
+            }
+            MapOp::DeleteFrontend(key) => {
+                if let Some(old) = self.state.frontends.get(key)
+                    && let Some(set) = self.frontends_by_service.get_mut(&old.service_id)
+                {
+                    set.remove(key);
+                }
+            }
+            _ => {}
+        }
+        self.state.record(op);
+    }
+}
+
+struct Emitter<'a> {
+    ops: &'a mut Vec<PlannedOp>,
+    projected: &'a mut Projection,
+    unit: usize,
+}
+
+impl Emitter<'_> {
+    fn emit(&mut self, service: &Option<ServicePortKey>, op: MapOp) {
+        self.projected.record(&op);
+        self.ops.push(PlannedOp {
+            service: service.clone(),
+            op,
+            unit: self.unit,
+        });
+    }
+}

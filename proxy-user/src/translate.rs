@@ -1,0 +1,1428 @@
+//! Inventory (Services, EndpointSlices) + node facts + settings -> what the maps should hold.
+//!
+//! Pure and deterministic: the same input gives the same [`Desired`] and the same diagnostics,
+//! whatever order the objects arrived in. Semantics follow kube-proxy; where kube-proxy is silent,
+//! they follow what a user of an external-endpoint proxy expects (fail closed, say why).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::RangeInclusive;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use proxy_common::user::port_net;
+use proxy_common::{Addr, FE_F_SOURCE_RANGES, FrontendKey, FrontendKind, PROTO_TCP, PROTO_UDP};
+
+use crate::diag::{Diagnostic, ObjectRef, Origin, Severity, Site};
+
+mod alloc;
+#[cfg(test)]
+mod tests;
+
+/// Label linking an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label naming the proxy that owns a Service (kube-proxy skips Services that carry it).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+pub const PROXY_NAME: &str = "extproxy";
+/// Per-Service egress override: comma-separated, at most one address per family.
+pub const EGRESS_IP_ANNOTATION: &str = "extproxy.io/egress-ip";
+/// Deprecated spelling of loadBalancerSourceRanges, still honoured by kube-proxy.
+const LEGACY_SOURCE_RANGES_ANNOTATION: &str =
+    "service.beta.kubernetes.io/load-balancer-source-ranges";
+const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
+
+// ---------------------------------------------------------------------------------------------
+// Input
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An object and where it came from.
+#[derive(Clone, Debug)]
+pub struct Sourced<T> {
+    pub object: T,
+    pub origin: Origin,
+    /// For slices made from legacy Endpoints: the Endpoints object, which diagnostics name.
+    pub mirrored_from: Option<ObjectRef>,
+}
+
+impl<T> Sourced<T> {
+    pub fn new(object: T, origin: Origin) -> Self {
+        Sourced {
+            object,
+            origin,
+            mirrored_from: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Inventory {
+    pub services: BTreeMap<ObjectKey, Sourced<Service>>,
+    pub slices: BTreeMap<ObjectKey, Sourced<EndpointSlice>>,
+}
+
+/// Facts about this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Addresses NodePorts are served on.
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimPolicy {
+    /// Manifest mode: every Service without a selector.
+    SelectorLess,
+    /// Kube mode: Services labelled `service.kubernetes.io/service-proxy-name: extproxy`, plus
+    /// every selector-less one without that label when `claim_all_selectorless` is set.
+    Label { claim_all_selectorless: bool },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub egress_v4: Option<Ipv4Addr>,
+    pub egress_v6: Option<Ipv6Addr>,
+    /// Where missing cluster IPs are allocated from (the first range of each family).
+    pub service_cidrs: Vec<IpNet>,
+    pub node_port_range: RangeInclusive<u16>,
+    /// Allocate missing clusterIPs and nodePorts (manifest mode; an API server does it otherwise).
+    pub fill_missing: bool,
+    pub claim: ClaimPolicy,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            egress_v4: None,
+            egress_v6: None,
+            service_cidrs: Vec::new(),
+            node_port_range: 30_000..=32_767,
+            fill_missing: false,
+            claim: ClaimPolicy::SelectorLess,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: &IpAddr) -> Self {
+        if ip.is_ipv4() {
+            IpFamily::V4
+        } else {
+            IpFamily::V6
+        }
+    }
+
+    /// The spelling Kubernetes uses (`spec.ipFamilies`, `addressType`).
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "IPv4" => Some(IpFamily::V4),
+            "IPv6" => Some(IpFamily::V6),
+            _ => None,
+        }
+    }
+
+    fn other(self) -> Self {
+        match self {
+            IpFamily::V4 => IpFamily::V6,
+            IpFamily::V6 => IpFamily::V4,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+/// One service in the maps: one port of one Service, in one IP family (SNAT cannot cross
+/// families, so a dual-stack Service port is two).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortKey {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    pub protocol: Protocol,
+    pub family: IpFamily,
+}
+
+impl fmt::Display for ServicePortKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Service {}/{} port {:?} {} {}",
+            self.namespace,
+            self.name,
+            self.port_name,
+            self.protocol.name(),
+            self.family.name()
+        )
+    }
+}
+
+/// A frontend's [`proxy_common::FrontendValue`] without the service id (the reconciler owns ids).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FrontendSpec {
+    pub kind: FrontendKind,
+    /// `FE_F_*` bits.
+    pub flags: u8,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BackendRole {
+    /// Receives new flows.
+    Active,
+    /// Keeps its existing flows, gets no new ones (not ready, or terminating).
+    Draining,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredService {
+    pub frontends: BTreeMap<FrontendKey, FrontendSpec>,
+    pub backends: BTreeMap<(IpAddr, u16), BackendRole>,
+    /// sessionAffinity ClientIP timeout in seconds; 0 = none.
+    pub affinity_timeout: u32,
+    /// SNAT address; None programs the service to reject (no egress for this family).
+    pub egress: Option<IpAddr>,
+    /// loadBalancerSourceRanges of this family. Only consulted by frontends flagged
+    /// `FE_F_SOURCE_RANGES`; empty with the flag means deny all.
+    pub source_ranges: Vec<IpNet>,
+    /// For display: the Service port, its cluster IP in this family and its nodePort.
+    pub port: u16,
+    pub cluster_ip: Option<IpAddr>,
+    pub node_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub services: BTreeMap<ServicePortKey, DesiredService>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimReason {
+    /// The Service has no selector (manifest mode, or kube mode with claim_all_selectorless).
+    SelectorLess,
+    /// Labelled `service.kubernetes.io/service-proxy-name: extproxy`.
+    Label,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    pub service: ObjectKey,
+    pub reason: ClaimReason,
+}
+
+/// A value allocated in manifest mode because the manifest left it out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Filled {
+    pub service: ObjectKey,
+    /// `spec.clusterIPs[IPv4]`-style: the field and, for cluster IPs, the family.
+    pub field: String,
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Translation {
+    pub desired: Desired,
+    pub diagnostics: Vec<Diagnostic>,
+    pub claimed: Vec<Claimed>,
+    pub filled: Vec<Filled>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Translation
+// ---------------------------------------------------------------------------------------------
+
+pub fn translate(inventory: &Inventory, node: &NodeInfo, settings: &Settings) -> Translation {
+    let mut t = Translator {
+        settings,
+        node,
+        out: Translation::default(),
+        taken_ips: BTreeSet::new(),
+        taken_node_ports: BTreeSet::new(),
+        frontend_owners: HashMap::new(),
+    };
+    t.reserve_explicit_values(inventory);
+    let slices = t.index_slices(inventory);
+    for (key, service) in &inventory.services {
+        let site = Site::new(
+            service.origin.clone(),
+            ObjectRef::new("Service", &key.namespace, &key.name),
+        );
+        let Some(reason) = t.claim(&service.object, &site) else {
+            continue;
+        };
+        t.out.claimed.push(Claimed {
+            service: key.clone(),
+            reason,
+        });
+        let service_slices = slices.get(key).map(Vec::as_slice).unwrap_or_default();
+        t.service(key, &service.object, &site, service_slices);
+    }
+    t.out
+}
+
+struct Translator<'a> {
+    settings: &'a Settings,
+    node: &'a NodeInfo,
+    out: Translation,
+    /// Cluster IPs and nodePorts in use: explicit ones first, then what filling handed out.
+    taken_ips: BTreeSet<IpAddr>,
+    taken_node_ports: BTreeSet<u16>,
+    frontend_owners: HashMap<FrontendKey, ServicePortKey>,
+}
+
+/// A Service port, validated.
+struct PortSpec {
+    index: usize,
+    name: String,
+    protocol: Protocol,
+    port: u16,
+    node_port: Option<u16>,
+}
+
+/// Per-Service facts shared by all its ports.
+struct ServiceFacts {
+    families: Vec<IpFamily>,
+    cluster_ips: Vec<IpAddr>,
+    /// (address, field) of load balancer ingress IPs and external IPs.
+    lb_ips: Vec<(IpAddr, String)>,
+    external_ips: Vec<(IpAddr, String)>,
+    /// Some when the Service restricts its load balancer sources: the valid ranges.
+    source_ranges: Option<Vec<IpNet>>,
+    affinity_timeout: u32,
+    egress_v4: Option<IpAddr>,
+    egress_v6: Option<IpAddr>,
+}
+
+/// An EndpointSlice, validated once for all the Service ports that read it.
+struct SliceFacts {
+    family: Option<IpFamily>,
+    /// (name, protocol, port) with the API defaults applied ("" and TCP).
+    ports: Vec<(String, String, Option<u16>)>,
+    endpoints: Vec<(IpAddr, Conditions)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Conditions {
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+}
+
+impl Conditions {
+    /// Ready endpoints take new flows; serving+terminating ones only when none is ready.
+    fn rank(self) -> u8 {
+        if self.ready {
+            2
+        } else if self.serving && self.terminating {
+            1
+        } else {
+            0
+        }
+    }
+}
+
+fn spec_of(service: &Service) -> Option<&ServiceSpec> {
+    service.spec.as_ref()
+}
+
+fn service_type(spec: Option<&ServiceSpec>) -> &str {
+    spec.and_then(|s| s.type_.as_deref()).unwrap_or("ClusterIP")
+}
+
+fn explicit_cluster_ips(spec: &ServiceSpec) -> Vec<(String, &str)> {
+    match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip.as_str()))
+            .collect(),
+        _ => spec
+            .cluster_ip
+            .as_deref()
+            .filter(|ip| !ip.is_empty())
+            .map(|ip| vec![("spec.clusterIP".to_owned(), ip)])
+            .unwrap_or_default(),
+    }
+}
+
+impl Translator<'_> {
+    fn reserve_explicit_values(&mut self, inventory: &Inventory) {
+        for service in inventory.services.values() {
+            let Some(spec) = spec_of(&service.object) else {
+                continue;
+            };
+            for (_, ip) in explicit_cluster_ips(spec) {
+                if let Ok(ip) = ip.parse() {
+                    self.taken_ips.insert(ip);
+                }
+            }
+            for port in spec.ports.iter().flatten() {
+                if let Some(n) = port.node_port.and_then(|n| u16::try_from(n).ok()) {
+                    self.taken_node_ports.insert(n);
+                }
+            }
+        }
+    }
+
+    fn index_slices(&mut self, inventory: &Inventory) -> BTreeMap<ObjectKey, Vec<SliceFacts>> {
+        let mut by_service: BTreeMap<ObjectKey, Vec<SliceFacts>> = BTreeMap::new();
+        for (key, slice) in &inventory.slices {
+            let reported = slice
+                .mirrored_from
+                .clone()
+                .unwrap_or_else(|| ObjectRef::new("EndpointSlice", &key.namespace, &key.name));
+            let site = Site::new(slice.origin.clone(), reported);
+            let label = slice
+                .object
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL));
+            let Some(service_name) = label else {
+                self.out.diagnostics.push(site.info(
+                    "metadata.labels",
+                    format!("no {SERVICE_NAME_LABEL} label: these endpoints belong to no Service"),
+                ));
+                continue;
+            };
+            let service_key = ObjectKey::new(&key.namespace, service_name);
+            if !inventory.services.contains_key(&service_key) {
+                self.out.diagnostics.push(site.info(
+                    &format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                    format!("there is no Service {service_key}: these endpoints are not used"),
+                ));
+            }
+            let facts = self.slice_facts(&slice.object, &site);
+            by_service.entry(service_key).or_default().push(facts);
+        }
+        by_service
+    }
+
+    fn slice_facts(&mut self, slice: &EndpointSlice, site: &Site) -> SliceFacts {
+        let family = match slice.address_type.as_str() {
+            "IPv4" => Some(IpFamily::V4),
+            "IPv6" => Some(IpFamily::V6),
+            "FQDN" => {
+                self.out.diagnostics.push(site.warning(
+                    "addressType",
+                    "FQDN endpoints are not proxied (extproxy forwards to IP addresses); slice ignored",
+                ));
+                None
+            }
+            other => {
+                self.out.diagnostics.push(site.error(
+                    "addressType",
+                    format!("unknown addressType {other:?}: use IPv4 or IPv6; slice ignored"),
+                ));
+                None
+            }
+        };
+        let mut ports = Vec::new();
+        for (j, port) in slice.ports.iter().flatten().enumerate() {
+            let number = match port.port {
+                Some(n) => match u16::try_from(n) {
+                    Ok(n) if n != 0 => Some(n),
+                    _ => {
+                        self.out.diagnostics.push(site.error(
+                            &format!("ports[{j}].port"),
+                            format!("port {n} is out of range 1-65535; port ignored"),
+                        ));
+                        None
+                    }
+                },
+                None => None,
+            };
+            ports.push((
+                port.name.clone().unwrap_or_default(),
+                port.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
+                number,
+            ));
+        }
+        let mut endpoints = Vec::new();
+        if let Some(family) = family {
+            for (k, endpoint) in slice.endpoints.iter().enumerate() {
+                // kube-proxy uses the first address only; the API says they are all the same.
+                let Some(address) = endpoint.addresses.first() else {
+                    self.out.diagnostics.push(site.error(
+                        &format!("endpoints[{k}].addresses"),
+                        "endpoint has no address; ignored",
+                    ));
+                    continue;
+                };
+                let field = format!("endpoints[{k}].addresses[0]");
+                let ip: IpAddr = match address.parse() {
+                    Ok(ip) => ip,
+                    Err(_) => {
+                        self.out.diagnostics.push(site.error(
+                            &field,
+                            format!("{address:?} is not an IP address; endpoint ignored"),
+                        ));
+                        continue;
+                    }
+                };
+                if IpFamily::of(&ip) != family {
+                    self.out.diagnostics.push(site.error(
+                        &field,
+                        format!(
+                            "{ip} is {} but the slice's addressType is {}; endpoint ignored",
+                            IpFamily::of(&ip).name(),
+                            family.name()
+                        ),
+                    ));
+                    continue;
+                }
+                let conditions = endpoint.conditions.as_ref();
+                let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+                endpoints.push((
+                    ip,
+                    Conditions {
+                        ready,
+                        serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+                        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                    },
+                ));
+            }
+        }
+        SliceFacts {
+            family,
+            ports,
+            endpoints,
+        }
+    }
+
+    /// Whether extproxy owns this Service; if not, says why.
+    fn claim(&mut self, service: &Service, site: &Site) -> Option<ClaimReason> {
+        let spec = spec_of(service);
+        let selector_less = spec
+            .and_then(|s| s.selector.as_ref())
+            .is_none_or(|s| s.is_empty());
+        let proxy_label = service
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
+        let reason = match (self.settings.claim, proxy_label) {
+            (ClaimPolicy::Label { .. }, Some(name)) if name == PROXY_NAME => ClaimReason::Label,
+            (ClaimPolicy::Label { .. }, Some(name)) => {
+                self.out.diagnostics.push(site.info(
+                    &format!("metadata.labels[{SERVICE_PROXY_NAME_LABEL}]"),
+                    format!("service-proxy-name is {name:?}, not {PROXY_NAME}: left to that proxy"),
+                ));
+                return None;
+            }
+            (
+                ClaimPolicy::Label {
+                    claim_all_selectorless: false,
+                },
+                None,
+            ) => {
+                self.out.diagnostics.push(site.info(
+                    "metadata.labels",
+                    format!(
+                        "not labelled {SERVICE_PROXY_NAME_LABEL}: {PROXY_NAME}: left to kube-proxy"
+                    ),
+                ));
+                return None;
+            }
+            (_, _) if !selector_less => {
+                self.out
+                    .diagnostics
+                    .push(site.info("spec.selector", "has a selector: belongs to kube-proxy"));
+                return None;
+            }
+            (_, _) => ClaimReason::SelectorLess,
+        };
+        if service_type(spec) == "ExternalName" {
+            self.out.diagnostics.push(site.info(
+                "spec.type",
+                "type ExternalName: nothing to proxy (DNS CNAME)",
+            ));
+            return None;
+        }
+        if spec.is_some_and(|s| explicit_cluster_ips(s).iter().any(|(_, ip)| *ip == "None")) {
+            self.out.diagnostics.push(site.info(
+                "spec.clusterIP",
+                "headless (clusterIP: None): no virtual IP to proxy",
+            ));
+            return None;
+        }
+        Some(reason)
+    }
+
+    fn service(&mut self, key: &ObjectKey, service: &Service, site: &Site, slices: &[SliceFacts]) {
+        let default_spec = ServiceSpec::default();
+        let spec = spec_of(service).unwrap_or(&default_spec);
+        let type_ = match service_type(Some(spec)) {
+            t @ ("ClusterIP" | "NodePort" | "LoadBalancer") => t,
+            other => {
+                self.out.diagnostics.push(site.error(
+                    "spec.type",
+                    format!("unknown type {other:?}: treated as ClusterIP"),
+                ));
+                "ClusterIP"
+            }
+        };
+        let ports = self.ports(key, spec, type_, site);
+        if ports.is_empty() {
+            self.out
+                .diagnostics
+                .push(site.warning("spec.ports", "no port to proxy: nothing is programmed"));
+            return;
+        }
+        let facts = ServiceFacts {
+            families: Vec::new(),
+            cluster_ips: Vec::new(),
+            lb_ips: if type_ == "LoadBalancer" {
+                self.load_balancer_ips(service, spec, site)
+            } else {
+                Vec::new()
+            },
+            external_ips: self.parse_ips(
+                spec.external_ips.iter().flatten(),
+                "spec.externalIPs",
+                site,
+            ),
+            source_ranges: if type_ == "LoadBalancer" {
+                self.source_ranges(service, spec, site)
+            } else {
+                None
+            },
+            affinity_timeout: self.affinity(spec, site),
+            egress_v4: self.settings.egress_v4.map(IpAddr::V4),
+            egress_v6: self.settings.egress_v6.map(IpAddr::V6),
+        };
+        let mut facts = self.egress_override(service, site, facts);
+        (facts.families, facts.cluster_ips) = self.families_and_cluster_ips(key, spec, site);
+        self.warn_other_family_addresses(&facts, site);
+        if slices.is_empty() {
+            self.out.diagnostics.push(site.diagnostic(
+                Severity::Warning,
+                None,
+                "no endpoints: connections will be refused",
+            ));
+        }
+        for family in facts.families.clone() {
+            if family_egress(&facts, family).is_none() {
+                self.out.diagnostics.push(site.diagnostic(
+                    Severity::Error,
+                    None,
+                    format!(
+                        "no {0} egress IP: pass --egress-ip with an {0} address or annotate {EGRESS_IP_ANNOTATION}; {0} connections will be refused",
+                        family.name()
+                    ),
+                ));
+            }
+        }
+        for port in &ports {
+            self.check_port_matches(port, slices, site);
+            for &family in &facts.families {
+                let port_key = ServicePortKey {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    port_name: port.name.clone(),
+                    protocol: port.protocol,
+                    family,
+                };
+                let desired = self.service_port(&port_key, port, type_, &facts, slices, site);
+                self.out.desired.services.insert(port_key, desired);
+            }
+        }
+    }
+
+    fn ports(
+        &mut self,
+        key: &ObjectKey,
+        spec: &ServiceSpec,
+        type_: &str,
+        site: &Site,
+    ) -> Vec<PortSpec> {
+        let wants_node_port = type_ == "NodePort"
+            || (type_ == "LoadBalancer" && spec.allocate_load_balancer_node_ports != Some(false));
+        let mut ports: Vec<PortSpec> = Vec::new();
+        for (i, port) in spec.ports.iter().flatten().enumerate() {
+            let field = format!("spec.ports[{i}]");
+            let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                "SCTP" => {
+                    self.out.diagnostics.push(site.warning(
+                        &format!("{field}.protocol"),
+                        "SCTP is not proxied by extproxy; port skipped",
+                    ));
+                    continue;
+                }
+                other => {
+                    self.out.diagnostics.push(site.error(
+                        &format!("{field}.protocol"),
+                        format!("unknown protocol {other:?}: use TCP or UDP; port skipped"),
+                    ));
+                    continue;
+                }
+            };
+            let Some(number) = valid_port(port.port) else {
+                self.out.diagnostics.push(site.error(
+                    &format!("{field}.port"),
+                    format!("port {} is out of range 1-65535; port skipped", port.port),
+                ));
+                continue;
+            };
+            let name = port.name.clone().unwrap_or_default();
+            if let Some(other) = ports
+                .iter()
+                .find(|p| p.name == name && p.protocol == protocol)
+            {
+                self.out.diagnostics.push(site.error(
+                    &format!("{field}.name"),
+                    format!(
+                        "port name {name:?} ({}) is also used by spec.ports[{}]: when a Service has several ports each needs a unique name (endpoints are matched by name); port skipped",
+                        protocol.name(),
+                        other.index
+                    ),
+                ));
+                continue;
+            }
+            let node_port =
+                self.node_port(key, port, &field, &name, protocol, wants_node_port, site);
+            ports.push(PortSpec {
+                index: i,
+                name,
+                protocol,
+                port: number,
+                node_port,
+            });
+        }
+        ports
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn node_port(
+        &mut self,
+        key: &ObjectKey,
+        port: &ServicePort,
+        field: &str,
+        name: &str,
+        protocol: Protocol,
+        wants_node_port: bool,
+        site: &Site,
+    ) -> Option<u16> {
+        match port.node_port {
+            Some(n) => {
+                let valid = valid_port(n);
+                if valid.is_none() {
+                    self.out.diagnostics.push(site.error(
+                        &format!("{field}.nodePort"),
+                        format!("nodePort {n} is out of range 1-65535; no NodePort"),
+                    ));
+                }
+                valid
+            }
+            None if wants_node_port && self.settings.fill_missing => {
+                let seed = alloc::fnv1a(&format!(
+                    "{}/{}/{name}/{}",
+                    key.namespace,
+                    key.name,
+                    protocol.name()
+                ));
+                match alloc::node_port(&self.settings.node_port_range, seed, &self.taken_node_ports)
+                {
+                    Some(n) => {
+                        self.taken_node_ports.insert(n);
+                        self.out.filled.push(Filled {
+                            service: key.clone(),
+                            field: format!("{field}.nodePort"),
+                            value: n.to_string(),
+                        });
+                        Some(n)
+                    }
+                    None => {
+                        self.out.diagnostics.push(site.error(
+                            &format!("{field}.nodePort"),
+                            format!(
+                                "no free nodePort left in {}-{}: set spec.ports[].nodePort or widen --node-port-range",
+                                self.settings.node_port_range.start(),
+                                self.settings.node_port_range.end()
+                            ),
+                        ));
+                        None
+                    }
+                }
+            }
+            None => None,
+        }
+    }
+
+    /// The families the Service is served in and its cluster IPs, filling missing ones in
+    /// manifest mode. Like kube-proxy, a family is served when the Service has (or wants) a
+    /// cluster IP of that family.
+    fn families_and_cluster_ips(
+        &mut self,
+        key: &ObjectKey,
+        spec: &ServiceSpec,
+        site: &Site,
+    ) -> (Vec<IpFamily>, Vec<IpAddr>) {
+        let mut cluster_ips: Vec<IpAddr> = Vec::new();
+        for (field, text) in explicit_cluster_ips(spec) {
+            match text.parse::<IpAddr>() {
+                Ok(ip)
+                    if cluster_ips
+                        .iter()
+                        .any(|c| IpFamily::of(c) == IpFamily::of(&ip)) =>
+                {
+                    self.out.diagnostics.push(site.error(
+                        &field,
+                        format!(
+                            "a second {} cluster IP ({ip}): at most one per family; ignored",
+                            IpFamily::of(&ip).name()
+                        ),
+                    ));
+                }
+                Ok(ip) => cluster_ips.push(ip),
+                Err(_) => self
+                    .out
+                    .diagnostics
+                    .push(site.error(&field, format!("{text:?} is not an IP address; ignored"))),
+            }
+        }
+        let mut requested: Vec<IpFamily> = Vec::new();
+        for (i, family) in spec.ip_families.iter().flatten().enumerate() {
+            match IpFamily::parse(family) {
+                Some(f) if !requested.contains(&f) => requested.push(f),
+                Some(_) => {}
+                None => self.out.diagnostics.push(site.error(
+                    &format!("spec.ipFamilies[{i}]"),
+                    format!("unknown IP family {family:?}: use IPv4 or IPv6; ignored"),
+                )),
+            }
+        }
+        let policy = match spec.ip_family_policy.as_deref() {
+            None | Some("SingleStack") => "SingleStack",
+            Some(p @ ("PreferDualStack" | "RequireDualStack")) => p,
+            Some(other) => {
+                self.out.diagnostics.push(site.error(
+                    "spec.ipFamilyPolicy",
+                    format!("unknown ipFamilyPolicy {other:?}: treated as SingleStack"),
+                ));
+                "SingleStack"
+            }
+        };
+        if !self.settings.fill_missing || (cluster_ips.len() == 2) {
+            let mut families: Vec<IpFamily> = cluster_ips.iter().map(IpFamily::of).collect();
+            if families.is_empty() {
+                // Only without an API server in front: serve NodePorts / external IPs anyway.
+                families = if requested.is_empty() {
+                    vec![IpFamily::V4]
+                } else {
+                    requested
+                };
+            }
+            return (families, cluster_ips);
+        }
+
+        let cidr_of = |family: IpFamily| {
+            self.settings
+                .service_cidrs
+                .iter()
+                .find(|c| {
+                    matches!(
+                        (c, family),
+                        (IpNet::V4(_), IpFamily::V4) | (IpNet::V6(_), IpFamily::V6)
+                    )
+                })
+                .copied()
+        };
+        let primary = requested
+            .first()
+            .copied()
+            .or_else(|| cluster_ips.first().map(IpFamily::of))
+            .unwrap_or_else(|| {
+                if cidr_of(IpFamily::V4).is_none() && cidr_of(IpFamily::V6).is_some() {
+                    IpFamily::V6
+                } else {
+                    IpFamily::V4
+                }
+            });
+        // (family, required): a PreferDualStack secondary family is served only if it can be.
+        let mut wanted = vec![(primary, true)];
+        let secondary = requested.get(1).copied().unwrap_or(primary.other());
+        match policy {
+            "RequireDualStack" => wanted.push((secondary, true)),
+            "PreferDualStack" => wanted.push((secondary, requested.len() > 1)),
+            _ => {}
+        }
+        for ip in &cluster_ips {
+            if !wanted.iter().any(|(f, _)| *f == IpFamily::of(ip)) {
+                wanted.push((IpFamily::of(ip), true));
+            }
+        }
+
+        let mut families = Vec::new();
+        let mut final_ips = Vec::new();
+        for (family, required) in wanted {
+            if let Some(ip) = cluster_ips.iter().find(|ip| IpFamily::of(ip) == family) {
+                families.push(family);
+                final_ips.push(*ip);
+                continue;
+            }
+            let Some(cidr) = cidr_of(family) else {
+                if required {
+                    self.out.diagnostics.push(site.error(
+                        "spec.clusterIP",
+                        format!(
+                            "no {0} cluster IP and no {0} service CIDR to allocate one from: pass --service-cidr with an {0} range or set spec.clusterIP; served without a cluster IP",
+                            family.name()
+                        ),
+                    ));
+                    families.push(family);
+                }
+                continue;
+            };
+            let seed = alloc::fnv1a(&format!("{}/{}", key.namespace, key.name));
+            match alloc::cluster_ip(&cidr, seed, &self.taken_ips) {
+                Some(ip) => {
+                    self.taken_ips.insert(ip);
+                    self.out.filled.push(Filled {
+                        service: key.clone(),
+                        field: format!("spec.clusterIPs[{}]", family.name()),
+                        value: ip.to_string(),
+                    });
+                    families.push(family);
+                    final_ips.push(ip);
+                }
+                None => {
+                    self.out.diagnostics.push(site.error(
+                        "spec.clusterIP",
+                        format!("service CIDR {cidr} has no free address left: set spec.clusterIP or pass a larger --service-cidr"),
+                    ));
+                    families.push(family);
+                }
+            }
+        }
+        (families, final_ips)
+    }
+
+    fn parse_ips<'s>(
+        &mut self,
+        texts: impl Iterator<Item = &'s String>,
+        field: &str,
+        site: &Site,
+    ) -> Vec<(IpAddr, String)> {
+        let mut ips = Vec::new();
+        for (i, text) in texts.enumerate() {
+            let field = format!("{field}[{i}]");
+            match text.trim().parse::<IpAddr>() {
+                Ok(ip) => ips.push((ip, field)),
+                Err(_) => self
+                    .out
+                    .diagnostics
+                    .push(site.error(&field, format!("{text:?} is not an IP address; ignored"))),
+            }
+        }
+        ips
+    }
+
+    fn load_balancer_ips(
+        &mut self,
+        service: &Service,
+        spec: &ServiceSpec,
+        site: &Site,
+    ) -> Vec<(IpAddr, String)> {
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_deref())
+            .unwrap_or_default();
+        let mut ips = Vec::new();
+        for (i, entry) in ingress.iter().enumerate() {
+            let field = format!("status.loadBalancer.ingress[{i}]");
+            let Some(text) = entry.ip.as_deref() else {
+                if let Some(hostname) = &entry.hostname {
+                    self.out.diagnostics.push(site.info(
+                        &format!("{field}.hostname"),
+                        format!("load balancer {hostname:?} has no IP: traffic reaches it outside extproxy; skipped"),
+                    ));
+                }
+                continue;
+            };
+            let Ok(ip) = text.parse::<IpAddr>() else {
+                self.out.diagnostics.push(site.error(
+                    &format!("{field}.ip"),
+                    format!("{text:?} is not an IP address; ignored"),
+                ));
+                continue;
+            };
+            if entry.ip_mode.as_deref() == Some("Proxy") {
+                self.out.diagnostics.push(site.info(
+                    &format!("{field}.ipMode"),
+                    format!("ipMode Proxy: traffic to {ip} must go through the real load balancer (kubernetes#97928), so it is not captured"),
+                ));
+                continue;
+            }
+            ips.push((ip, format!("{field}.ip")));
+        }
+        if ingress.is_empty()
+            && let Some(text) = spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty())
+        {
+            match text.parse::<IpAddr>() {
+                Ok(ip) => {
+                    self.out.diagnostics.push(site.info(
+                        "spec.loadBalancerIP",
+                        format!("no load balancer status: serving spec.loadBalancerIP {ip}"),
+                    ));
+                    ips.push((ip, "spec.loadBalancerIP".to_owned()));
+                }
+                Err(_) => self.out.diagnostics.push(site.error(
+                    "spec.loadBalancerIP",
+                    format!("{text:?} is not an IP address; ignored"),
+                )),
+            }
+        }
+        ips
+    }
+
+    /// None if the Service does not restrict sources. Invalid entries are left out, which can
+    /// only narrow access: with none valid in a family, that family admits nobody.
+    fn source_ranges(
+        &mut self,
+        service: &Service,
+        spec: &ServiceSpec,
+        site: &Site,
+    ) -> Option<Vec<IpNet>> {
+        let (entries, field): (Vec<&str>, String) = match &spec.load_balancer_source_ranges {
+            Some(ranges) if !ranges.is_empty() => (
+                ranges.iter().map(String::as_str).collect(),
+                "spec.loadBalancerSourceRanges".to_owned(),
+            ),
+            _ => {
+                let annotation = service
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(LEGACY_SOURCE_RANGES_ANNOTATION))?;
+                (
+                    annotation
+                        .split(',')
+                        .filter(|s| !s.trim().is_empty())
+                        .collect(),
+                    format!("metadata.annotations[{LEGACY_SOURCE_RANGES_ANNOTATION}]"),
+                )
+            }
+        };
+        if entries.is_empty() {
+            return None;
+        }
+        let mut ranges = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let field = format!("{field}[{i}]");
+            let text = entry.trim();
+            let parsed = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+            let Ok(net) = parsed else {
+                self.out.diagnostics.push(site.error(
+                    &field,
+                    format!("{entry:?} is not a CIDR (like 1.2.3.0/24); left out, which admits fewer clients"),
+                ));
+                continue;
+            };
+            if net.trunc() != net {
+                self.out.diagnostics.push(site.warning(
+                    &field,
+                    format!("{text} has host bits set; using {}", net.trunc()),
+                ));
+            }
+            if !ranges.contains(&net.trunc()) {
+                ranges.push(net.trunc());
+            }
+        }
+        Some(ranges)
+    }
+
+    fn affinity(&mut self, spec: &ServiceSpec, site: &Site) -> u32 {
+        match spec.session_affinity.as_deref() {
+            None | Some("None") => 0,
+            Some("ClientIP") => {
+                let timeout = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds);
+                match timeout {
+                    None => DEFAULT_AFFINITY_TIMEOUT,
+                    Some(t) if (1..=MAX_AFFINITY_TIMEOUT as i32).contains(&t) => t as u32,
+                    Some(t) => {
+                        self.out.diagnostics.push(site.error(
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                            format!("{t} is out of range 1-{MAX_AFFINITY_TIMEOUT}; using the default {DEFAULT_AFFINITY_TIMEOUT}"),
+                        ));
+                        DEFAULT_AFFINITY_TIMEOUT
+                    }
+                }
+            }
+            Some(other) => {
+                self.out.diagnostics.push(site.error(
+                    "spec.sessionAffinity",
+                    format!("unknown sessionAffinity {other:?}: use None or ClientIP; no affinity"),
+                ));
+                0
+            }
+        }
+    }
+
+    fn egress_override(
+        &mut self,
+        service: &Service,
+        site: &Site,
+        mut facts: ServiceFacts,
+    ) -> ServiceFacts {
+        let Some(annotation) = service
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(EGRESS_IP_ANNOTATION))
+        else {
+            return facts;
+        };
+        let field = format!("metadata.annotations[{EGRESS_IP_ANNOTATION}]");
+        let mut seen: Vec<IpFamily> = Vec::new();
+        for text in annotation
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let Ok(ip) = text.parse::<IpAddr>() else {
+                self.out
+                    .diagnostics
+                    .push(site.error(&field, format!("{text:?} is not an IP address; ignored")));
+                continue;
+            };
+            let family = IpFamily::of(&ip);
+            if seen.contains(&family) {
+                self.out.diagnostics.push(site.error(
+                    &field,
+                    format!(
+                        "more than one {} address: {ip} ignored, the first one is used",
+                        family.name()
+                    ),
+                ));
+                continue;
+            }
+            seen.push(family);
+            match family {
+                IpFamily::V4 => facts.egress_v4 = Some(ip),
+                IpFamily::V6 => facts.egress_v6 = Some(ip),
+            }
+        }
+        facts
+    }
+
+    fn warn_other_family_addresses(&mut self, facts: &ServiceFacts, site: &Site) {
+        for (ip, field) in facts.lb_ips.iter().chain(&facts.external_ips) {
+            let family = IpFamily::of(ip);
+            if !facts.families.contains(&family) {
+                self.out.diagnostics.push(site.warning(
+                    field,
+                    format!(
+                        "{ip} is {} but the Service is not (spec.ipFamilies): ignored, like kube-proxy does",
+                        family.name()
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// kube-proxy gives a Service port only the endpoint ports of the same name and protocol.
+    /// A mismatch is the most common mistake with hand-written endpoints: say exactly what to do.
+    fn check_port_matches(&mut self, port: &PortSpec, slices: &[SliceFacts], site: &Site) {
+        let proto = port.protocol.name();
+        let all_ports: Vec<&(String, String, Option<u16>)> =
+            slices.iter().flat_map(|s| &s.ports).collect();
+        if slices.is_empty()
+            || all_ports
+                .iter()
+                .any(|(n, p, _)| *n == port.name && p == proto)
+        {
+            return;
+        }
+        let mut seen: Vec<String> = Vec::new();
+        for (name, protocol, number) in &all_ports {
+            let number = number.map_or_else(|| "no port".to_owned(), |n| n.to_string());
+            let text = format!("{name:?} ({number}/{protocol})");
+            if !seen.contains(&text) {
+                seen.push(text);
+            }
+        }
+        let have = if seen.is_empty() {
+            "the endpoints have no ports".to_owned()
+        } else {
+            format!("the endpoints have ports: {}", seen.join(", "))
+        };
+        let same_name_other_protocol = all_ports.iter().any(|(n, _, _)| *n == port.name);
+        let endpoint_names: BTreeSet<&str> = all_ports.iter().map(|(n, _, _)| n.as_str()).collect();
+        let message = if same_name_other_protocol {
+            format!(
+                "port {:?} ({proto}) matches no endpoint port ({have}); kube-proxy matches by name and protocol: give the endpoint port {:?} protocol {proto}",
+                port.name, port.name
+            )
+        } else if !port.name.is_empty() {
+            format!(
+                "port {:?} matches no endpoint port ({have}); kube-proxy matches by name: name the endpoint port {:?} or remove the name from the Service port",
+                port.name, port.name
+            )
+        } else if let [only] = endpoint_names.iter().collect::<Vec<_>>().as_slice() {
+            format!(
+                "port {} has no name and matches no endpoint port ({have}); kube-proxy matches by name: name this Service port {only:?} or remove the name from the endpoint port",
+                port.port
+            )
+        } else {
+            format!(
+                "port {} has no name and matches no endpoint port ({have}); kube-proxy matches by name: give this Service port the name of its endpoint port",
+                port.port
+            )
+        };
+        self.out.diagnostics.push(site.error(
+            &format!("spec.ports[{}].name", port.index),
+            format!("{message}; until then this port has no endpoints and refuses connections"),
+        ));
+    }
+
+    fn service_port(
+        &mut self,
+        key: &ServicePortKey,
+        port: &PortSpec,
+        type_: &str,
+        facts: &ServiceFacts,
+        slices: &[SliceFacts],
+        site: &Site,
+    ) -> DesiredService {
+        let family = key.family;
+        let in_family = |ip: &IpAddr| IpFamily::of(ip) == family;
+        let cluster_ip = facts.cluster_ips.iter().copied().find(in_family);
+        let mut desired = DesiredService {
+            frontends: BTreeMap::new(),
+            backends: self.backends(port, family, slices),
+            affinity_timeout: facts.affinity_timeout,
+            egress: family_egress(facts, family),
+            source_ranges: facts
+                .source_ranges
+                .iter()
+                .flatten()
+                .filter(|r| in_family(&r.addr()))
+                .copied()
+                .collect(),
+            port: port.port,
+            cluster_ip,
+            node_port: port.node_port,
+        };
+        let port_field = format!("spec.ports[{}]", port.index);
+        let mut wanted: Vec<(IpAddr, u16, FrontendKind, u8, String)> = Vec::new();
+        if let Some(ip) = cluster_ip {
+            wanted.push((
+                ip,
+                port.port,
+                FrontendKind::ClusterIp,
+                0,
+                "spec.clusterIP".to_owned(),
+            ));
+        }
+        if let Some(node_port) = port.node_port {
+            for ip in self.node.addresses.iter().filter(|ip| in_family(ip)) {
+                wanted.push((
+                    *ip,
+                    node_port,
+                    FrontendKind::NodePort,
+                    0,
+                    format!("{port_field}.nodePort"),
+                ));
+            }
+        }
+        if type_ == "LoadBalancer" {
+            let flags = if facts.source_ranges.is_some() {
+                FE_F_SOURCE_RANGES
+            } else {
+                0
+            };
+            for (ip, field) in facts.lb_ips.iter().filter(|(ip, _)| in_family(ip)) {
+                wanted.push((
+                    *ip,
+                    port.port,
+                    FrontendKind::LoadBalancer,
+                    flags,
+                    field.clone(),
+                ));
+            }
+        }
+        for (ip, field) in facts.external_ips.iter().filter(|(ip, _)| in_family(ip)) {
+            wanted.push((*ip, port.port, FrontendKind::ExternalIp, 0, field.clone()));
+        }
+        let mut reported: BTreeSet<(String, ServicePortKey)> = BTreeSet::new();
+        for (ip, number, kind, flags, field) in wanted {
+            let frontend = FrontendKey {
+                addr: Addr::from(ip),
+                port: port_net(number),
+                proto: key.protocol.number(),
+                pad: 0,
+            };
+            if let Some(owner) = self.frontend_owners.get(&frontend) {
+                if reported.insert((field.clone(), owner.clone())) {
+                    let what = format!("{ip}:{number}/{} ({})", key.protocol.name(), kind.name());
+                    let message = if owner == key {
+                        format!("{what} is already a frontend of this port; ignored")
+                    } else {
+                        format!(
+                            "{what} is already used by Service {}/{} port {:?}, which keeps it (first by namespace/name); not programmed here",
+                            owner.namespace, owner.name, owner.port_name
+                        )
+                    };
+                    let severity = if owner == key {
+                        Severity::Warning
+                    } else {
+                        Severity::Error
+                    };
+                    self.out
+                        .diagnostics
+                        .push(site.diagnostic(severity, Some(&field), message));
+                }
+                continue;
+            }
+            self.frontend_owners.insert(frontend, key.clone());
+            desired
+                .frontends
+                .insert(frontend, FrontendSpec { kind, flags });
+        }
+        if let (Some(ranges), true) = (&facts.source_ranges, desired.source_ranges.is_empty()) {
+            let has_lb = desired
+                .frontends
+                .values()
+                .any(|f| f.kind == FrontendKind::LoadBalancer);
+            if has_lb && !ranges.is_empty() {
+                self.out.diagnostics.push(site.warning(
+                    "spec.loadBalancerSourceRanges",
+                    format!(
+                        "no {} range: {} load balancer traffic is denied",
+                        family.name(),
+                        family.name()
+                    ),
+                ));
+            } else if has_lb {
+                self.out.diagnostics.push(site.error(
+                    "spec.loadBalancerSourceRanges",
+                    format!(
+                        "no valid range: all {} load balancer traffic is denied (fail closed)",
+                        family.name()
+                    ),
+                ));
+            }
+        }
+        desired
+    }
+
+    fn backends(
+        &self,
+        port: &PortSpec,
+        family: IpFamily,
+        slices: &[SliceFacts],
+    ) -> BTreeMap<(IpAddr, u16), BackendRole> {
+        let proto = port.protocol.name();
+        let mut merged: BTreeMap<(IpAddr, u16), Conditions> = BTreeMap::new();
+        for slice in slices.iter().filter(|s| s.family == Some(family)) {
+            let numbers = slice
+                .ports
+                .iter()
+                .filter(|(n, p, _)| *n == port.name && p == proto)
+                .filter_map(|(_, _, number)| *number);
+            for number in numbers {
+                for (ip, conditions) in &slice.endpoints {
+                    merged
+                        .entry((*ip, number))
+                        .and_modify(|c| {
+                            if conditions.rank() > c.rank() {
+                                *c = *conditions;
+                            }
+                        })
+                        .or_insert(*conditions);
+                }
+            }
+        }
+        let best = merged.values().map(|c| c.rank()).max().unwrap_or(0);
+        merged
+            .into_iter()
+            .map(|(endpoint, c)| {
+                let role = if c.rank() == 2 || (best == 1 && c.rank() == 1) {
+                    BackendRole::Active
+                } else {
+                    BackendRole::Draining
+                };
+                (endpoint, role)
+            })
+            .collect()
+    }
+}
+
+fn family_egress(facts: &ServiceFacts, family: IpFamily) -> Option<IpAddr> {
+    match family {
+        IpFamily::V4 => facts.egress_v4,
+        IpFamily::V6 => facts.egress_v6,
+    }
+}
+
+fn valid_port(n: i32) -> Option<u16> {
+    u16::try_from(n).ok().filter(|n| *n != 0)
+}
