@@ -263,7 +263,8 @@ pub struct ServiceValue {
     pub backend_count: u32,
     /// sessionAffinity ClientIP timeout in seconds; 0 = no affinity (host order).
     pub affinity_timeout: u32,
-    /// SNAT source address for this service's flows.
+    /// SNAT source address for this service's flows. Zero: the Service has no egress address
+    /// for its family; new flows are rejected and counted as `no_egress_address`.
     pub egress: Addr,
     /// Reserved for flags; 0 today.
     pub flags: u32,
@@ -301,6 +302,10 @@ pub struct BackendValue {
     /// Bumped by the agent whenever the id is freed; conntrack entries record it so a reused id
     /// never inherits old flows (host order).
     pub generation: u32,
+    /// The service port this endpoint belongs to (host order). Not read by the data path: it lets
+    /// a restarted agent and `extproxy inspect` attribute draining endpoints, which sit in no slot.
+    pub service_id: u32,
+    pub reserved: u32,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -529,7 +534,7 @@ counters! {
     DropSourceRange = 1, "source_range_denied", true;
     /// No free SNAT port for (egress address, endpoint address, port, protocol).
     DropSnatExhausted = 2, "snat_ports_exhausted", true;
-    /// The Service has no egress address for the packet's IP family.
+    /// The Service has no egress address for the packet's IP family: rejected like `no_endpoints`.
     DropNoEgressAddress = 3, "no_egress_address", true;
     /// The node has no route to the endpoint.
     DropNoRoute = 4, "no_route_to_endpoint", true;
@@ -616,7 +621,7 @@ const _: () = {
     assert!(core::mem::size_of::<FrontendValue>() == 8);
     assert!(core::mem::size_of::<ServiceValue>() == 32);
     assert!(core::mem::size_of::<SlotKey>() == 8);
-    assert!(core::mem::size_of::<BackendValue>() == 24);
+    assert!(core::mem::size_of::<BackendValue>() == 32);
     assert!(core::mem::size_of::<CtKey>() == 40);
     assert!(core::mem::size_of::<CtValue>() == 64);
     assert!(core::mem::size_of::<RevNatKey>() == 40);

@@ -276,8 +276,10 @@ fn new_flow<C: Ctx>(
         count(Counter::DropNoEndpoints);
         return Action::REJECT;
     }
+    // No SNAT address for this family: refuse rather than leak the client's address outward.
     if svc.egress.is_zero() || svc.egress.is_v4() == pkt.v6 {
-        return drop(Counter::DropNoEgressAddress);
+        count(Counter::DropNoEgressAddress);
+        return Action::REJECT;
     }
     let Some(chosen) = choose(fe.service_id, svc, &s.ct_key, now) else {
         count(Counter::DropNoEndpoints);

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        tc::SchedClassifierLinkId, xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
     },
 };
 use proxy_common::*;
@@ -103,7 +103,10 @@ pub fn load(limits: &Limits, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> 
         loader.map_max_entries(name, max);
     }
     let pins: Vec<(&'static str, PathBuf)> = match pin_dir {
-        Some(dir) => ALL_MAPS.iter().map(|name| (*name, dir.join(name))).collect(),
+        Some(dir) => ALL_MAPS
+            .iter()
+            .map(|name| (*name, dir.join(name)))
+            .collect(),
         None => Vec::new(),
     };
     for (name, path) in &pins {
@@ -143,7 +146,9 @@ pub fn tc_program<'a>(
 /// Writes the node-wide settings the data path reads on every packet. Until this is written the
 /// programs pass everything untouched.
 pub fn write_config(ebpf: &mut Ebpf, cfg: &Config) -> Result<(), LoadError> {
-    let map = ebpf.map_mut(MAP_CONFIG).ok_or(LoadError::MissingMap(MAP_CONFIG))?;
+    let map = ebpf
+        .map_mut(MAP_CONFIG)
+        .ok_or(LoadError::MissingMap(MAP_CONFIG))?;
     let mut array: aya::maps::Array<_, Config> = aya::maps::Array::try_from(map)?;
     array.set(0, *cfg, 0)?;
     Ok(())
@@ -206,10 +211,17 @@ pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: XdpAttach) -> Result<Attached,
     })
 }
 
-fn attach_xdp(ebpf: &mut Ebpf, iface: &str, mode: XdpMode) -> Result<(XdpLinkId, XdpMode), LoadError> {
+fn attach_xdp(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    mode: XdpMode,
+) -> Result<(XdpLinkId, XdpMode), LoadError> {
     let id = xdp_program(ebpf, PROG_XDP)?
         .attach(iface, mode)
-        .map_err(|source| LoadError::Program { name: PROG_XDP, source })?;
+        .map_err(|source| LoadError::Program {
+            name: PROG_XDP,
+            source,
+        })?;
     Ok((id, mode))
 }
 
@@ -230,7 +242,10 @@ pub fn detach(ebpf: &mut Ebpf, attached: Attached) -> Result<(), LoadError> {
     if let Some((id, _)) = attached.xdp {
         xdp_program(ebpf, PROG_XDP)?
             .detach(id)
-            .map_err(|source| LoadError::Program { name: PROG_XDP, source })?;
+            .map_err(|source| LoadError::Program {
+                name: PROG_XDP,
+                source,
+            })?;
     }
     Ok(())
 }

@@ -704,6 +704,8 @@ impl Reconciler {
                 state: state as u8,
                 pad: 0,
                 generation: current.generation,
+                service_id: id,
+                reserved: 0,
             };
             if current != value {
                 let same_endpoint = current.addr == value.addr && current.port == value.port;
@@ -721,11 +723,8 @@ impl Reconciler {
             emitter.emit(owner, op);
         }
 
-        // (3) slots 1..=n_new.
-        if service.egress.is_none() {
-            // No SNAT address: reject new flows rather than send them out unmasqueraded.
-            active.clear();
-        }
+        // (3) slots 1..=n_new. A service without egress address keeps its slots: the data path
+        // sees the zero egress and rejects, counting the real reason.
         let old_slots: BTreeMap<u32, u32> = emitter.projected.state.slots_of(id).collect();
         let new_slots = assign_slots(&old_slots, &active);
         for (i, backend_id) in new_slots.iter().enumerate() {

@@ -189,7 +189,14 @@ impl Datapath {
                 HashMap::try_from(self.ebpf.map_mut(MAP_SLOTS).unwrap()).unwrap();
             for (i, id) in active.iter().enumerate() {
                 slots
-                    .insert(SlotKey { service_id: s.id, slot: i as u32 + 1 }, *id, 0)
+                    .insert(
+                        SlotKey {
+                            service_id: s.id,
+                            slot: i as u32 + 1,
+                        },
+                        *id,
+                        0,
+                    )
                     .unwrap();
             }
         }
@@ -212,7 +219,10 @@ impl Datapath {
                 let net: ipnet_lite::Net = r.parse().unwrap();
                 let key = Key::new(
                     src_range_prefix_len(net.addr.is_ipv4(), net.prefix),
-                    SrcRangeKey { service_id: s.id, addr: Addr::from(net.addr) },
+                    SrcRangeKey {
+                        service_id: s.id,
+                        addr: Addr::from(net.addr),
+                    },
                 );
                 ranges.insert(&key, 1, 0).unwrap();
             }
@@ -225,13 +235,30 @@ impl Datapath {
             } else {
                 0
             };
-            let key = FrontendKey { addr: addr(a), port: port.to_be(), proto: s.proto, pad: 0 };
-            let value = FrontendValue { service_id: s.id, kind: *kind as u8, flags, pad: [0; 2] };
+            let key = FrontendKey {
+                addr: addr(a),
+                port: port.to_be(),
+                proto: s.proto,
+                pad: 0,
+            };
+            let value = FrontendValue {
+                service_id: s.id,
+                kind: *kind as u8,
+                flags,
+                pad: [0; 2],
+            };
             fes.insert(key, value, 0).unwrap();
         }
     }
 
-    pub fn put_backend(&mut self, id: u32, a: &str, port: u16, state: BackendState, generation: u32) {
+    pub fn put_backend(
+        &mut self,
+        id: u32,
+        a: &str,
+        port: u16,
+        state: BackendState,
+        generation: u32,
+    ) {
         let mut backends: Array<_, BackendValue> =
             Array::try_from(self.ebpf.map_mut(MAP_BACKENDS).unwrap()).unwrap();
         let v = BackendValue {
@@ -240,6 +267,8 @@ impl Datapath {
             state: state as u8,
             pad: 0,
             generation,
+            service_id: 0,
+            reserved: 0,
         };
         backends.set(id, v, 0).unwrap();
     }
@@ -261,13 +290,16 @@ impl Datapath {
     pub fn service_stats(&self, id: u32) -> ServiceStats {
         let map: PerCpuArray<_, ServiceStats> =
             PerCpuArray::try_from(self.ebpf.map(MAP_SVC_STATS).unwrap()).unwrap();
-        map.get(&id, 0).unwrap().iter().fold(ServiceStats::default(), |mut acc, s| {
-            acc.fwd_packets += s.fwd_packets;
-            acc.fwd_bytes += s.fwd_bytes;
-            acc.rev_packets += s.rev_packets;
-            acc.rev_bytes += s.rev_bytes;
-            acc
-        })
+        map.get(&id, 0)
+            .unwrap()
+            .iter()
+            .fold(ServiceStats::default(), |mut acc, s| {
+                acc.fwd_packets += s.fwd_packets;
+                acc.fwd_bytes += s.fwd_bytes;
+                acc.rev_packets += s.rev_packets;
+                acc.rev_bytes += s.rev_bytes;
+                acc
+            })
     }
 
     pub fn ct_entries(&self) -> Vec<(CtKey, CtValue)> {
@@ -288,14 +320,22 @@ impl Datapath {
     }
 
     pub fn tc_ingress(&mut self, ifindex: u32, pkt: &[u8]) -> Run {
-        let prog: &mut SchedClassifier =
-            self.ebpf.program_mut(PROG_TC_INGRESS).unwrap().try_into().unwrap();
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(PROG_TC_INGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
         run_tc(prog, ifindex, pkt)
     }
 
     pub fn tc_egress(&mut self, ifindex: u32, pkt: &[u8]) -> Run {
-        let prog: &mut SchedClassifier =
-            self.ebpf.program_mut(PROG_TC_EGRESS).unwrap().try_into().unwrap();
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(PROG_TC_EGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
         run_tc(prog, ifindex, pkt)
     }
 }
@@ -341,7 +381,10 @@ pub fn run_xdp(prog: &Xdp, ifindex: u32, pkt: &[u8]) -> Run {
         })
         .expect("BPF_PROG_TEST_RUN (xdp)");
     out.truncate(r.data_size_out as usize);
-    Run { verdict: r.return_value, out }
+    Run {
+        verdict: r.return_value,
+        out,
+    }
 }
 
 pub fn run_tc(prog: &SchedClassifier, ifindex: u32, pkt: &[u8]) -> Run {
@@ -356,7 +399,10 @@ pub fn run_tc(prog: &SchedClassifier, ifindex: u32, pkt: &[u8]) -> Run {
         })
         .expect("BPF_PROG_TEST_RUN (tc)");
     out.truncate(r.data_size_out as usize);
-    Run { verdict: r.return_value, out }
+    Run {
+        verdict: r.return_value,
+        out,
+    }
 }
 
 /// Minimal CIDR parsing for test tables (the agent has its own, tested separately).

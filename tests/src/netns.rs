@@ -13,7 +13,12 @@ impl ThreadNetns {
     pub fn enter() -> Self {
         let original = File::open("/proc/thread-self/ns/net").expect("open own netns");
         let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(ret, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        assert_eq!(
+            ret,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
         ThreadNetns { original }
     }
 }
@@ -39,12 +44,18 @@ impl NamedNetns {
             .status()
             .expect("ip netns add");
         assert!(ok.success(), "ip netns add {name}");
-        NamedNetns { name: name.to_owned() }
+        NamedNetns {
+            name: name.to_owned(),
+        }
     }
 
     /// A shell command inside the namespace; panics on failure.
     pub fn sh(&self, cmd: &str) -> String {
-        crate::sh(&format!("ip netns exec {} sh -c '{}'", self.name, cmd.replace('\'', "'\\''")))
+        crate::sh(&format!(
+            "ip netns exec {} sh -c '{}'",
+            self.name,
+            cmd.replace('\'', "'\\''")
+        ))
     }
 
     /// A command inside the namespace, for callers that want the status or a child.
@@ -58,13 +69,18 @@ impl NamedNetns {
 impl Drop for NamedNetns {
     fn drop(&mut self) {
         // Processes still inside would keep the namespace alive; kill them first.
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 if let Ok(pid) = pid.parse::<i32>() {
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }

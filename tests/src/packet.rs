@@ -144,7 +144,11 @@ impl Ip {
     /// The IP packet carrying `seg`; a segment built with the `*_seg` helpers gets its checksum
     /// here (pass `raw = true` to keep the bytes as they are, e.g. for later fragments).
     pub fn wrap(&self, seg: Vec<u8>, raw: bool) -> Vec<u8> {
-        let seg = if raw { seg } else { l4_with_csum(self.src, self.dst, self.proto, seg) };
+        let seg = if raw {
+            seg
+        } else {
+            l4_with_csum(self.src, self.dst, self.proto, seg)
+        };
         match (self.src, self.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 let hlen = 20 + self.options.len();
@@ -272,7 +276,11 @@ pub fn decode(f: &[u8]) -> Decoded {
     }
     match proto {
         TCP => {
-            assert_eq!(fold(sum16(&l4, pseudo(src, dst, TCP, l4.len()))), 0xffff, "bad TCP checksum");
+            assert_eq!(
+                fold(sum16(&l4, pseudo(src, dst, TCP, l4.len()))),
+                0xffff,
+                "bad TCP checksum"
+            );
             d.sport = u16::from_be_bytes([l4[0], l4[1]]);
             d.dport = u16::from_be_bytes([l4[2], l4[3]]);
             d.seq = u32::from_be_bytes(l4[4..8].try_into().unwrap());
@@ -281,7 +289,11 @@ pub fn decode(f: &[u8]) -> Decoded {
         }
         UDP => {
             if !(src.is_ipv4() && l4[6] == 0 && l4[7] == 0) {
-                assert_eq!(fold(sum16(&l4, pseudo(src, dst, UDP, l4.len()))), 0xffff, "bad UDP checksum");
+                assert_eq!(
+                    fold(sum16(&l4, pseudo(src, dst, UDP, l4.len()))),
+                    0xffff,
+                    "bad UDP checksum"
+                );
             }
             d.sport = u16::from_be_bytes([l4[0], l4[1]]);
             d.dport = u16::from_be_bytes([l4[2], l4[3]]);

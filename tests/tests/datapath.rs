@@ -30,7 +30,10 @@ fn tcp_service(dp: &mut Datapath) {
             (FrontendKind::ExternalIp, EXT_IP, 80),
         ],
         proto: PROTO_TCP,
-        backends: &[(1, EP1, 8080, BackendState::Active), (2, EP2, 8080, BackendState::Active)],
+        backends: &[
+            (1, EP1, 8080, BackendState::Active),
+            (2, EP2, 8080, BackendState::Active),
+        ],
         egress: NODE_V4,
         affinity_timeout: 0,
         source_ranges: &[],
@@ -54,23 +57,44 @@ fn pod_to_cluster_ip_is_dnated_and_snated_at_tc_egress() {
     assert_eq!(run.verdict, TC_ACT_OK);
     let d = decode(&run.out);
     assert_eq!(d.src, ip(NODE_V4), "SNAT to the egress IP");
-    assert!(d.dst == ip(EP1) || d.dst == ip(EP2), "DNAT to an endpoint, got {}", d.dst);
+    assert!(
+        d.dst == ip(EP1) || d.dst == ip(EP2),
+        "DNAT to an endpoint, got {}",
+        d.dst
+    );
     assert_eq!(d.dport, 8080);
-    assert!(in_snat_range(d.sport), "SNAT port {} outside the range", d.sport);
-    assert_eq!((d.tcp_flags, d.seq), (SYN, 1000), "the segment itself is untouched");
+    assert!(
+        in_snat_range(d.sport),
+        "SNAT port {} outside the range",
+        d.sport
+    );
+    assert_eq!(
+        (d.tcp_flags, d.seq),
+        (SYN, 1000),
+        "the segment itself is untouched"
+    );
     assert_eq!(d.dmac, GW_MAC);
     assert_eq!(d.smac, UPLINK_MAC);
 
     let ct = dp.ct_entries();
     assert_eq!(ct.len(), 1);
     let (k, v) = ct[0];
-    assert_eq!((k.src, k.dst, port_host(k.sport), port_host(k.dport)), (addr(POD_V4), addr(CLUSTER_IP), 40000, 80));
-    assert_eq!((v.backend, port_host(v.backend_port), v.snat), (Addr::from(d.dst), 8080, addr(NODE_V4)));
+    assert_eq!(
+        (k.src, k.dst, port_host(k.sport), port_host(k.dport)),
+        (addr(POD_V4), addr(CLUSTER_IP), 40000, 80)
+    );
+    assert_eq!(
+        (v.backend, port_host(v.backend_port), v.snat),
+        (Addr::from(d.dst), 8080, addr(NODE_V4))
+    );
     assert_eq!(port_host(v.snat_port), d.sport);
     assert_eq!(v.kind, FrontendKind::ClusterIp as u8);
     let rn = dp.revnat_entries();
     assert_eq!(rn.len(), 1);
-    assert_eq!((rn[0].1.client, port_host(rn[0].1.client_port)), (addr(POD_V4), 40000));
+    assert_eq!(
+        (rn[0].1.client, port_host(rn[0].1.client_port)),
+        (addr(POD_V4), 40000)
+    );
     assert_eq!(dp.counter(Counter::CtCreated), 1);
     let stats = dp.service_stats(1);
     assert_eq!((stats.fwd_packets, stats.fwd_bytes), (1, 40));
@@ -107,10 +131,38 @@ fn traffic_that_is_not_ours_passes_byte_for_byte() {
     let mut dp = Datapath::load();
     tcp_service(&mut dp);
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("other host", frame(GW_MAC, UPLINK_MAC, &Ip::new(CLIENT_EXT, "10.0.0.77", TCP).wrap(tcp_seg(1, 80, 0, 0, SYN, &[]), false))),
-        ("cluster IP, other port", frame(GW_MAC, UPLINK_MAC, &Ip::new(CLIENT_EXT, CLUSTER_IP, TCP).wrap(tcp_seg(1, 81, 0, 0, SYN, &[]), false))),
-        ("cluster IP, UDP", frame(GW_MAC, UPLINK_MAC, &Ip::new(CLIENT_EXT, CLUSTER_IP, UDP).wrap(udp_dgram(1, 80, b"x"), false))),
-        ("node IP, unknown SNAT-range port", frame(GW_MAC, UPLINK_MAC, &Ip::new(EP1, NODE_V4, TCP).wrap(tcp_seg(8080, 62000, 0, 0, SYN | ACK, &[]), false))),
+        (
+            "other host",
+            frame(
+                GW_MAC,
+                UPLINK_MAC,
+                &Ip::new(CLIENT_EXT, "10.0.0.77", TCP).wrap(tcp_seg(1, 80, 0, 0, SYN, &[]), false),
+            ),
+        ),
+        (
+            "cluster IP, other port",
+            frame(
+                GW_MAC,
+                UPLINK_MAC,
+                &Ip::new(CLIENT_EXT, CLUSTER_IP, TCP).wrap(tcp_seg(1, 81, 0, 0, SYN, &[]), false),
+            ),
+        ),
+        (
+            "cluster IP, UDP",
+            frame(
+                GW_MAC,
+                UPLINK_MAC,
+                &Ip::new(CLIENT_EXT, CLUSTER_IP, UDP).wrap(udp_dgram(1, 80, b"x"), false),
+            ),
+        ),
+        (
+            "node IP, unknown SNAT-range port",
+            frame(
+                GW_MAC,
+                UPLINK_MAC,
+                &Ip::new(EP1, NODE_V4, TCP).wrap(tcp_seg(8080, 62000, 0, 0, SYN | ACK, &[]), false),
+            ),
+        ),
         ("ARP", {
             let mut f = vec![0xff; 6];
             f.extend_from_slice(&GW_MAC);
@@ -139,7 +191,11 @@ fn nodeport_from_outside_hairpins_at_xdp_both_ways() {
     let node = TestNode::new();
     let mut dp = Datapath::load();
     tcp_service(&mut dp);
-    let syn = frame(GW_MAC, UPLINK_MAC, &Ip::new(CLIENT_EXT, NODE_V4, TCP).wrap(tcp_seg(5555, 30080, 1, 0, SYN, &[]), false));
+    let syn = frame(
+        GW_MAC,
+        UPLINK_MAC,
+        &Ip::new(CLIENT_EXT, NODE_V4, TCP).wrap(tcp_seg(5555, 30080, 1, 0, SYN, &[]), false),
+    );
     let run = dp.xdp(node.uplink, &syn);
     assert_eq!(run.verdict, XDP_TX);
     let out = decode(&run.out);
@@ -147,16 +203,31 @@ fn nodeport_from_outside_hairpins_at_xdp_both_ways() {
     assert!(in_snat_range(out.sport));
     assert_eq!((out.smac, out.dmac), (UPLINK_MAC, GW_MAC));
 
-    let synack = frame(GW_MAC, UPLINK_MAC, &Ip::new(&out.dst.to_string(), NODE_V4, TCP).wrap(tcp_seg(8080, out.sport, 9, 2, SYN | ACK, &[]), false));
+    let synack = frame(
+        GW_MAC,
+        UPLINK_MAC,
+        &Ip::new(&out.dst.to_string(), NODE_V4, TCP)
+            .wrap(tcp_seg(8080, out.sport, 9, 2, SYN | ACK, &[]), false),
+    );
     let run = dp.xdp(node.uplink, &synack);
-    assert_eq!(run.verdict, XDP_TX, "the client is outside: straight back out");
+    assert_eq!(
+        run.verdict, XDP_TX,
+        "the client is outside: straight back out"
+    );
     let back = decode(&run.out);
-    assert_eq!((back.src, back.sport, back.dst, back.dport), (ip(NODE_V4), 30080, ip(CLIENT_EXT), 5555));
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip(NODE_V4), 30080, ip(CLIENT_EXT), 5555)
+    );
     assert_eq!((back.smac, back.dmac), (UPLINK_MAC, GW_MAC));
 }
 
 fn from_outside(src: &str, dst: &str, seg: Vec<u8>, proto: u8) -> Vec<u8> {
-    frame(GW_MAC, UPLINK_MAC, &Ip::new(src, dst, proto).wrap(seg, false))
+    frame(
+        GW_MAC,
+        UPLINK_MAC,
+        &Ip::new(src, dst, proto).wrap(seg, false),
+    )
 }
 
 #[test]
@@ -173,12 +244,18 @@ fn every_frontend_kind_reaches_an_endpoint() {
     ];
     for (i, (fe, port, kind)) in cases.iter().enumerate() {
         let sport = 7000 + i as u16;
-        let run = dp.xdp(node.uplink, &from_outside(CLIENT_EXT, fe, tcp_seg(sport, *port, 1, 0, SYN, &[]), TCP));
+        let run = dp.xdp(
+            node.uplink,
+            &from_outside(CLIENT_EXT, fe, tcp_seg(sport, *port, 1, 0, SYN, &[]), TCP),
+        );
         assert_eq!(run.verdict, XDP_TX, "{kind:?}");
         let d = decode(&run.out);
         assert_eq!((d.src, d.dport), (ip(NODE_V4), 8080), "{kind:?}");
         let ct = dp.ct_entries();
-        let (_, v) = ct.iter().find(|(k, _)| port_host(k.sport) == sport).expect("conntrack entry");
+        let (_, v) = ct
+            .iter()
+            .find(|(k, _)| port_host(k.sport) == sport)
+            .expect("conntrack entry");
         assert_eq!(v.kind, *kind as u8);
     }
 }
@@ -189,21 +266,40 @@ fn load_balancer_source_ranges_admit_listed_clients_only() {
     let mut dp = Datapath::load();
     dp.program(&Svc {
         id: 3,
-        frontends: &[(FrontendKind::LoadBalancer, LB_IP, 80), (FrontendKind::NodePort, NODE_V4, 30081)],
+        frontends: &[
+            (FrontendKind::LoadBalancer, LB_IP, 80),
+            (FrontendKind::NodePort, NODE_V4, 30081),
+        ],
         proto: PROTO_TCP,
         backends: &[(5, EP1, 8080, BackendState::Active)],
         egress: NODE_V4,
         affinity_timeout: 0,
         source_ranges: &["1.2.3.4/32", "5.6.7.0/24"],
     });
-    for (client, admitted) in [("1.2.3.4", true), ("5.6.7.200", true), ("1.2.3.5", false), ("9.9.9.9", false)] {
-        let run = dp.xdp(node.uplink, &from_outside(client, LB_IP, tcp_seg(4000, 80, 1, 0, SYN, &[]), TCP));
+    for (client, admitted) in [
+        ("1.2.3.4", true),
+        ("5.6.7.200", true),
+        ("1.2.3.5", false),
+        ("9.9.9.9", false),
+    ] {
+        let run = dp.xdp(
+            node.uplink,
+            &from_outside(client, LB_IP, tcp_seg(4000, 80, 1, 0, SYN, &[]), TCP),
+        );
         let expected = if admitted { XDP_TX } else { XDP_DROP };
         assert_eq!(run.verdict, expected, "client {client}");
     }
     assert_eq!(dp.counter(Counter::DropSourceRange), 2);
     // Source ranges apply to the LoadBalancer address only, as in kube-proxy.
-    let run = dp.xdp(node.uplink, &from_outside("9.9.9.9", NODE_V4, tcp_seg(4000, 30081, 1, 0, SYN, &[]), TCP));
+    let run = dp.xdp(
+        node.uplink,
+        &from_outside(
+            "9.9.9.9",
+            NODE_V4,
+            tcp_seg(4000, 30081, 1, 0, SYN, &[]),
+            TCP,
+        ),
+    );
     assert_eq!(run.verdict, XDP_TX);
 }
 
@@ -213,14 +309,21 @@ fn udp_flows_are_translated_both_ways() {
     let mut dp = Datapath::load();
     dp.program(&Svc {
         id: 4,
-        frontends: &[(FrontendKind::ClusterIp, CLUSTER_IP, 53), (FrontendKind::NodePort, NODE_V4, 30053)],
+        frontends: &[
+            (FrontendKind::ClusterIp, CLUSTER_IP, 53),
+            (FrontendKind::NodePort, NODE_V4, 30053),
+        ],
         proto: PROTO_UDP,
         backends: &[(6, EP1, 5353, BackendState::Active)],
         egress: NODE_V4,
         affinity_timeout: 0,
         source_ranges: &[],
     });
-    let q = frame(UPLINK_MAC, GW_MAC, &Ip::new(POD_V4, CLUSTER_IP, UDP).wrap(udp_dgram(33333, 53, b"query"), false));
+    let q = frame(
+        UPLINK_MAC,
+        GW_MAC,
+        &Ip::new(POD_V4, CLUSTER_IP, UDP).wrap(udp_dgram(33333, 53, b"query"), false),
+    );
     let run = dp.tc_egress(node.uplink, &q);
     assert_eq!(run.verdict, TC_ACT_OK);
     let out = decode(&run.out);
@@ -228,7 +331,10 @@ fn udp_flows_are_translated_both_ways() {
     assert_eq!(&out.l4[8..], b"query");
     let ans = from_outside(EP1, NODE_V4, udp_dgram(5353, out.sport, b"answer"), UDP);
     let back = decode(&dp.xdp(node.uplink, &ans).out);
-    assert_eq!((back.src, back.sport, back.dst, back.dport), (ip(CLUSTER_IP), 53, ip(POD_V4), 33333));
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip(CLUSTER_IP), 53, ip(POD_V4), 33333)
+    );
     // A UDP datagram without checksum (IPv4 allows it) stays without one.
     let mut nocsum = udp_dgram(33334, 53, b"q2");
     let ip4 = Ip::new(POD_V4, CLUSTER_IP, UDP);
@@ -246,32 +352,58 @@ fn ipv6_cluster_ip_and_nodeport() {
     let mut dp = Datapath::load();
     dp.program(&Svc {
         id: 7,
-        frontends: &[(FrontendKind::ClusterIp, CLUSTER_IP6, 443), (FrontendKind::NodePort, NODE_V6, 30443)],
+        frontends: &[
+            (FrontendKind::ClusterIp, CLUSTER_IP6, 443),
+            (FrontendKind::NodePort, NODE_V6, 30443),
+        ],
         proto: PROTO_TCP,
         backends: &[(9, EP1_6, 8443, BackendState::Active)],
         egress: NODE_V6,
         affinity_timeout: 0,
         source_ranges: &[],
     });
-    let syn = frame(UPLINK_MAC, GW_MAC, &Ip::new(POD_V6, CLUSTER_IP6, TCP).wrap(tcp_seg(40000, 443, 7, 0, SYN, &[]), false));
+    let syn = frame(
+        UPLINK_MAC,
+        GW_MAC,
+        &Ip::new(POD_V6, CLUSTER_IP6, TCP).wrap(tcp_seg(40000, 443, 7, 0, SYN, &[]), false),
+    );
     let run = dp.tc_egress(node.uplink, &syn);
     assert_eq!(run.verdict, TC_ACT_OK);
     let out = decode(&run.out);
-    assert_eq!((out.src, out.dst, out.dport), (ip(NODE_V6), ip(EP1_6), 8443));
-    let synack = from_outside(EP1_6, NODE_V6, tcp_seg(8443, out.sport, 1, 8, SYN | ACK, &[]), TCP);
+    assert_eq!(
+        (out.src, out.dst, out.dport),
+        (ip(NODE_V6), ip(EP1_6), 8443)
+    );
+    let synack = from_outside(
+        EP1_6,
+        NODE_V6,
+        tcp_seg(8443, out.sport, 1, 8, SYN | ACK, &[]),
+        TCP,
+    );
     let back = decode(&dp.xdp(node.uplink, &synack).out);
-    assert_eq!((back.src, back.sport, back.dst, back.dport), (ip(CLUSTER_IP6), 443, ip(POD_V6), 40000));
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip(CLUSTER_IP6), 443, ip(POD_V6), 40000)
+    );
 
-    let syn = from_outside(CLIENT_EXT6, NODE_V6, tcp_seg(5000, 30443, 1, 0, SYN, &[b'x'; 10]), TCP);
+    let syn = from_outside(
+        CLIENT_EXT6,
+        NODE_V6,
+        tcp_seg(5000, 30443, 1, 0, SYN, &[b'x'; 10]),
+        TCP,
+    );
     let run = dp.xdp(node.uplink, &syn);
     assert_eq!(run.verdict, XDP_TX);
     let out = decode(&run.out);
-    assert_eq!((out.src, out.dst, out.dport), (ip(NODE_V6), ip(EP1_6), 8443));
+    assert_eq!(
+        (out.src, out.dst, out.dport),
+        (ip(NODE_V6), ip(EP1_6), 8443)
+    );
     assert_eq!(&out.l4[20..], &[b'x'; 10]);
 }
 
 #[test]
-fn a_service_family_without_egress_address_is_dropped_with_a_reason() {
+fn a_service_family_without_egress_address_is_refused_with_its_reason() {
     let node = TestNode::new();
     let mut dp = Datapath::load();
     // An IPv6 service whose egress address is IPv4: cannot SNAT across families.
@@ -284,9 +416,17 @@ fn a_service_family_without_egress_address_is_dropped_with_a_reason() {
         affinity_timeout: 0,
         source_ranges: &[],
     });
-    let syn = frame(UPLINK_MAC, GW_MAC, &Ip::new(POD_V6, CLUSTER_IP6, TCP).wrap(tcp_seg(1, 80, 1, 0, SYN, &[]), false));
-    assert_eq!(dp.tc_egress(node.uplink, &syn).verdict, TC_ACT_SHOT);
+    let syn = frame(
+        UPLINK_MAC,
+        GW_MAC,
+        &Ip::new(POD_V6, CLUSTER_IP6, TCP).wrap(tcp_seg(1, 80, 1, 0, SYN, &[]), false),
+    );
+    let run = dp.tc_egress(node.uplink, &syn);
+    // Refused, not leaked out with the pod's own address and not black-holed.
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(decode(&run.out).tcp_flags, RST | ACK);
     assert_eq!(dp.counter(Counter::DropNoEgressAddress), 1);
+    assert!(dp.ct_entries().is_empty());
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -316,11 +456,19 @@ fn tcp_to_a_service_without_endpoints_gets_a_reset() {
     empty_service(&mut dp, PROTO_TCP);
 
     // From outside, at XDP: the RST goes straight back out.
-    let syn = from_outside(CLIENT_EXT, NODE_V4, tcp_seg(5555, 30090, 1000, 0, SYN, &[]), TCP);
+    let syn = from_outside(
+        CLIENT_EXT,
+        NODE_V4,
+        tcp_seg(5555, 30090, 1000, 0, SYN, &[]),
+        TCP,
+    );
     let run = dp.xdp(node.uplink, &syn);
     assert_eq!(run.verdict, XDP_TX);
     let d = decode(&run.out);
-    assert_eq!((d.src, d.sport, d.dst, d.dport), (ip(NODE_V4), 30090, ip(CLIENT_EXT), 5555));
+    assert_eq!(
+        (d.src, d.sport, d.dst, d.dport),
+        (ip(NODE_V4), 30090, ip(CLIENT_EXT), 5555)
+    );
     assert_eq!((d.tcp_flags, d.seq, d.ack), (RST | ACK, 0, 1001));
     assert_eq!((d.smac, d.dmac), (UPLINK_MAC, GW_MAC));
     assert_eq!(run.out.len(), 14 + 20 + 20);
@@ -329,21 +477,39 @@ fn tcp_to_a_service_without_endpoints_gets_a_reset() {
     let run = dp.tc_egress(node.uplink, &pod_syn(40000));
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     let d = decode(&run.out);
-    assert_eq!((d.src, d.sport, d.dst, d.dport), (ip(CLUSTER_IP), 80, ip(POD_V4), 40000));
+    assert_eq!(
+        (d.src, d.sport, d.dst, d.dport),
+        (ip(CLUSTER_IP), 80, ip(POD_V4), 40000)
+    );
     assert_eq!((d.tcp_flags, d.ack), (RST | ACK, 1001));
 
     // A segment with ACK and payload: the RST takes its sequence number from the ACK.
-    let data = frame(UPLINK_MAC, GW_MAC, &Ip::new(POD_V4, CLUSTER_IP, TCP).wrap(tcp_seg(40000, 80, 50, 777, ACK | PSH, b"hello"), false));
+    let data = frame(
+        UPLINK_MAC,
+        GW_MAC,
+        &Ip::new(POD_V4, CLUSTER_IP, TCP)
+            .wrap(tcp_seg(40000, 80, 50, 777, ACK | PSH, b"hello"), false),
+    );
     let d = decode(&dp.tc_egress(node.uplink, &data).out);
     assert_eq!((d.tcp_flags, d.seq), (RST, 777));
 
     // IPv6.
-    let syn6 = frame(UPLINK_MAC, GW_MAC, &Ip::new(POD_V6, CLUSTER_IP6, TCP).wrap(tcp_seg(40000, 80, 9, 0, SYN, &[]), false));
+    let syn6 = frame(
+        UPLINK_MAC,
+        GW_MAC,
+        &Ip::new(POD_V6, CLUSTER_IP6, TCP).wrap(tcp_seg(40000, 80, 9, 0, SYN, &[]), false),
+    );
     let d = decode(&dp.tc_egress(node.uplink, &syn6).out);
-    assert_eq!((d.src, d.dst, d.tcp_flags, d.ack), (ip(CLUSTER_IP6), ip(POD_V6), RST | ACK, 10));
+    assert_eq!(
+        (d.src, d.dst, d.tcp_flags, d.ack),
+        (ip(CLUSTER_IP6), ip(POD_V6), RST | ACK, 10)
+    );
 
     assert_eq!(dp.counter(Counter::DropNoEndpoints), 4);
-    assert!(dp.ct_entries().is_empty(), "a rejected packet creates no flow");
+    assert!(
+        dp.ct_entries().is_empty(),
+        "a rejected packet creates no flow"
+    );
 }
 
 #[test]
@@ -352,20 +518,32 @@ fn udp_to_a_service_without_endpoints_gets_port_unreachable() {
     let mut dp = Datapath::load();
     empty_service(&mut dp, PROTO_UDP);
 
-    let orig_ip = Ip::new(POD_V4, CLUSTER_IP, UDP).wrap(udp_dgram(33333, 80, b"some payload"), false);
+    let orig_ip =
+        Ip::new(POD_V4, CLUSTER_IP, UDP).wrap(udp_dgram(33333, 80, b"some payload"), false);
     let run = dp.tc_egress(node.uplink, &frame(UPLINK_MAC, GW_MAC, &orig_ip));
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     let d = decode(&run.out);
     assert_eq!((d.src, d.dst, d.proto), (ip(CLUSTER_IP), ip(POD_V4), ICMP));
-    assert_eq!(&d.l4[..2], &[3, 3], "destination unreachable / port unreachable");
+    assert_eq!(
+        &d.l4[..2],
+        &[3, 3],
+        "destination unreachable / port unreachable"
+    );
     // The quote: the original IP header and the first 8 bytes of UDP, unchanged.
     assert_eq!(&d.l4[8..], &orig_ip[..28]);
 
     let orig6 = Ip::new(POD_V6, CLUSTER_IP6, UDP).wrap(udp_dgram(33333, 80, b"x"), false);
     let run = dp.tc_egress(node.uplink, &frame(UPLINK_MAC, GW_MAC, &orig6));
     let d = decode(&run.out);
-    assert_eq!((d.src, d.dst, d.proto), (ip(CLUSTER_IP6), ip(POD_V6), ICMPV6));
-    assert_eq!(&d.l4[..2], &[1, 4], "ICMPv6 destination unreachable / port unreachable");
+    assert_eq!(
+        (d.src, d.dst, d.proto),
+        (ip(CLUSTER_IP6), ip(POD_V6), ICMPV6)
+    );
+    assert_eq!(
+        &d.l4[..2],
+        &[1, 4],
+        "ICMPv6 destination unreachable / port unreachable"
+    );
     assert_eq!(&d.l4[8..], &orig6[..48]);
 
     // From outside at XDP: same answer, sent back out.
@@ -373,7 +551,10 @@ fn udp_to_a_service_without_endpoints_gets_port_unreachable() {
     let run = dp.xdp(node.uplink, &frame(GW_MAC, UPLINK_MAC, &orig_ip));
     assert_eq!(run.verdict, XDP_TX);
     let d = decode(&run.out);
-    assert_eq!((d.src, d.dst, d.smac, d.dmac), (ip(NODE_V4), ip(CLIENT_EXT), UPLINK_MAC, GW_MAC));
+    assert_eq!(
+        (d.src, d.dst, d.smac, d.dmac),
+        (ip(NODE_V4), ip(CLIENT_EXT), UPLINK_MAC, GW_MAC)
+    );
     assert_eq!(&d.l4[8..], &orig_ip[..28]);
 }
 
@@ -394,35 +575,63 @@ fn icmp_errors_about_a_translated_flow_reach_the_client_translated() {
         affinity_timeout: 0,
         source_ranges: &[],
     });
-    let q = frame(UPLINK_MAC, GW_MAC, &Ip::new(POD_V4, CLUSTER_IP, UDP).wrap(udp_dgram(33333, 53, b"query"), false));
+    let q = frame(
+        UPLINK_MAC,
+        GW_MAC,
+        &Ip::new(POD_V4, CLUSTER_IP, UDP).wrap(udp_dgram(33333, 53, b"query"), false),
+    );
     let sent = dp.tc_egress(node.uplink, &q).out;
     let quoted = sent[14..14 + 28].to_vec();
 
     // Port unreachable from the endpoint itself: outer source becomes the frontend.
     let err = from_outside(EP1, NODE_V4, icmp_error(3, 3, 0, &quoted), ICMP);
     let run = dp.xdp(node.uplink, &err);
-    assert_eq!(run.verdict, XDP_PASS, "the pod is behind pod0: the kernel delivers");
+    assert_eq!(
+        run.verdict, XDP_PASS,
+        "the pod is behind pod0: the kernel delivers"
+    );
     let d = decode(&run.out);
     assert_eq!((d.src, d.dst), (ip(CLUSTER_IP), ip(POD_V4)));
     let inner = &d.l4[8..];
     assert_eq!(csum(&inner[..20]), 0, "quoted IPv4 header checksum");
     assert_eq!(&inner[12..16], &[10, 244, 0, 5], "quoted source: the pod");
-    assert_eq!(&inner[16..20], &[10, 96, 0, 10], "quoted destination: the ClusterIP");
-    assert_eq!(&inner[20..24], &[0x82, 0x35, 0, 53], "quoted ports 33333 -> 53");
+    assert_eq!(
+        &inner[16..20],
+        &[10, 96, 0, 10],
+        "quoted destination: the ClusterIP"
+    );
+    assert_eq!(
+        &inner[20..24],
+        &[0x82, 0x35, 0, 53],
+        "quoted ports 33333 -> 53"
+    );
     // The quoted UDP checksum was updated too: recompute it over the quoted datagram.
     let orig_udp = Ip::new(POD_V4, CLUSTER_IP, UDP).wrap(udp_dgram(33333, 53, b"query"), false);
-    assert_eq!(&inner[26..28], &orig_udp[26..28], "quoted UDP checksum as the pod sent it");
+    assert_eq!(
+        &inner[26..28],
+        &orig_udp[26..28],
+        "quoted UDP checksum as the pod sent it"
+    );
     assert_eq!(dp.counter(Counter::IcmpErrorTranslated), 1);
 
     // Fragmentation needed from a router on the way: its own address stays the outer source.
     let err = from_outside(GW_V4, NODE_V4, icmp_error(3, 4, 1400, &quoted), ICMP);
     let d = decode(&dp.xdp(node.uplink, &err).out);
     assert_eq!((d.src, d.dst), (ip(GW_V4), ip(POD_V4)));
-    assert_eq!(u32::from_be_bytes(d.l4[4..8].try_into().unwrap()), 1400, "the MTU is kept");
+    assert_eq!(
+        u32::from_be_bytes(d.l4[4..8].try_into().unwrap()),
+        1400,
+        "the MTU is kept"
+    );
 
     // An error quoting a flow we never made passes untouched.
     let stranger = Ip::new(NODE_V4, "203.0.113.99", UDP).wrap(udp_dgram(62000, 53, b"q"), false);
-    let err = from_outside("203.0.113.99", NODE_V4, icmp_error(3, 3, 0, &stranger[..28]), ICMP);
+    let err = from_outside(
+        "203.0.113.99",
+        NODE_V4,
+        icmp_error(3, 3, 0, &stranger[..28]),
+        ICMP,
+    );
     let run = dp.xdp(node.uplink, &err);
     assert_eq!((run.verdict, run.out == err), (XDP_PASS, true));
 }
@@ -440,7 +649,11 @@ fn icmpv6_packet_too_big_is_translated() {
         affinity_timeout: 0,
         source_ranges: &[],
     });
-    let syn = frame(UPLINK_MAC, GW_MAC, &Ip::new(POD_V6, CLUSTER_IP6, TCP).wrap(tcp_seg(40000, 443, 7, 0, SYN, &[]), false));
+    let syn = frame(
+        UPLINK_MAC,
+        GW_MAC,
+        &Ip::new(POD_V6, CLUSTER_IP6, TCP).wrap(tcp_seg(40000, 443, 7, 0, SYN, &[]), false),
+    );
     let sent = dp.tc_egress(node.uplink, &syn).out;
     // The router quotes our whole 60-byte segment (IPv6 header + TCP header).
     let err = from_outside(GW_V6, NODE_V6, icmp_error(2, 0, 1280, &sent[14..]), ICMPV6);
@@ -450,7 +663,11 @@ fn icmpv6_packet_too_big_is_translated() {
     let inner = &d.l4[8..];
     assert_eq!(&inner[8..24], &ip6_octets(POD_V6));
     assert_eq!(&inner[24..40], &ip6_octets(CLUSTER_IP6));
-    assert_eq!(&inner[40..44], &[0x9c, 0x40, 0x01, 0xbb], "quoted ports 40000 -> 443");
+    assert_eq!(
+        &inner[40..44],
+        &[0x9c, 0x40, 0x01, 0xbb],
+        "quoted ports 40000 -> 443"
+    );
     // The quoted TCP checksum is whole again, as the pod computed it.
     let orig = Ip::new(POD_V6, CLUSTER_IP6, TCP).wrap(tcp_seg(40000, 443, 7, 0, SYN, &[]), false);
     assert_eq!(&inner[56..58], &orig[56..58]);
@@ -465,11 +682,21 @@ fn ip6_octets(s: &str) -> [u8; 16] {
 // ------------------------------------------------------------------------------------------------
 
 fn outside_syn(sport: u16) -> Vec<u8> {
-    from_outside(CLIENT_EXT, NODE_V4, tcp_seg(sport, 30080, 1, 0, SYN, &[]), TCP)
+    from_outside(
+        CLIENT_EXT,
+        NODE_V4,
+        tcp_seg(sport, 30080, 1, 0, SYN, &[]),
+        TCP,
+    )
 }
 
 fn outside_ack(sport: u16) -> Vec<u8> {
-    from_outside(CLIENT_EXT, NODE_V4, tcp_seg(sport, 30080, 2, 100, ACK, b"data"), TCP)
+    from_outside(
+        CLIENT_EXT,
+        NODE_V4,
+        tcp_seg(sport, 30080, 2, 100, ACK, b"data"),
+        TCP,
+    )
 }
 
 #[test]
@@ -494,7 +721,10 @@ fn session_affinity_keeps_a_client_on_one_endpoint() {
         id: 1,
         frontends: &[(FrontendKind::NodePort, NODE_V4, 30080)],
         proto: PROTO_TCP,
-        backends: &[(1, EP1, 8080, BackendState::Active), (2, EP2, 8080, BackendState::Active)],
+        backends: &[
+            (1, EP1, 8080, BackendState::Active),
+            (2, EP2, 8080, BackendState::Active),
+        ],
         egress: NODE_V4,
         affinity_timeout: 10800,
         source_ranges: &[],
@@ -502,7 +732,10 @@ fn session_affinity_keeps_a_client_on_one_endpoint() {
     let first = decode(&dp.xdp(node.uplink, &outside_syn(21000)).out).dst;
     for sport in 21001..21020 {
         let d = decode(&dp.xdp(node.uplink, &outside_syn(sport)).out);
-        assert_eq!(d.dst, first, "flow from port {sport} left its affinity endpoint");
+        assert_eq!(
+            d.dst, first,
+            "flow from port {sport} left its affinity endpoint"
+        );
     }
     assert_eq!(dp.counter(Counter::AffinityHit), 19);
     // Another client is free to land elsewhere (and does, for some address).
@@ -538,7 +771,10 @@ fn draining_endpoints_keep_their_flows_but_get_no_new_ones() {
     let d = decode(&dp.xdp(node.uplink, &outside_ack(sport)).out);
     assert_eq!(d.dst, ip(EP1), "the established flow stays");
     for p in 23000..23020 {
-        assert_eq!(decode(&dp.xdp(node.uplink, &outside_syn(p)).out).dst, ip(EP2));
+        assert_eq!(
+            decode(&dp.xdp(node.uplink, &outside_syn(p)).out).dst,
+            ip(EP2)
+        );
     }
 }
 
@@ -564,23 +800,41 @@ fn removed_endpoints_reset_tcp_and_rebalance_udp() {
     let run = dp.xdp(node.uplink, &outside_ack(sport));
     assert_eq!(run.verdict, XDP_TX);
     let d = decode(&run.out);
-    assert_eq!((d.src, d.dst, d.tcp_flags, d.seq), (ip(NODE_V4), ip(CLIENT_EXT), RST, 100), "the client is told");
+    assert_eq!(
+        (d.src, d.dst, d.tcp_flags, d.seq),
+        (ip(NODE_V4), ip(CLIENT_EXT), RST, 100),
+        "the client is told"
+    );
     assert_eq!(dp.counter(Counter::DropEndpointRemoved), 1);
-    assert!(dp.ct_entries().iter().all(|(k, _)| u16::from_be(k.sport) != sport), "flow removed");
-    assert!(dp.revnat_entries().iter().all(|(_, v)| u16::from_be(v.client_port) != sport));
+    assert!(
+        dp.ct_entries()
+            .iter()
+            .all(|(k, _)| u16::from_be(k.sport) != sport),
+        "flow removed"
+    );
+    assert!(
+        dp.revnat_entries()
+            .iter()
+            .all(|(_, v)| u16::from_be(v.client_port) != sport)
+    );
 
     // UDP: the flow moves to a remaining endpoint instead of black-holing.
     dp.program(&Svc {
         id: 2,
         frontends: &[(FrontendKind::NodePort, NODE_V4, 30053)],
         proto: PROTO_UDP,
-        backends: &[(3, EP1, 53, BackendState::Active), (4, EP2, 53, BackendState::Active)],
+        backends: &[
+            (3, EP1, 53, BackendState::Active),
+            (4, EP2, 53, BackendState::Active),
+        ],
         egress: NODE_V4,
         affinity_timeout: 0,
         source_ranges: &[],
     });
     let udp = |p: u16| from_outside(CLIENT_EXT, NODE_V4, udp_dgram(p, 30053, b"q"), UDP);
-    let p = (25000..25100).find(|p| decode(&dp.xdp(node.uplink, &udp(*p)).out).dst == ip(EP1)).unwrap();
+    let p = (25000..25100)
+        .find(|p| decode(&dp.xdp(node.uplink, &udp(*p)).out).dst == ip(EP1))
+        .unwrap();
     dp.put_backend(3, EP1, 53, BackendState::Free, 2);
     dp.program(&Svc {
         id: 2,
@@ -602,7 +856,12 @@ fn a_syn_reusing_a_closed_tuple_chooses_again_and_midstream_misses_are_counted()
     let mut dp = Datapath::load();
     tcp_service(&mut dp);
     dp.xdp(node.uplink, &outside_syn(26000));
-    let rst = from_outside(CLIENT_EXT, NODE_V4, tcp_seg(26000, 30080, 2, 0, RST, &[]), TCP);
+    let rst = from_outside(
+        CLIENT_EXT,
+        NODE_V4,
+        tcp_seg(26000, 30080, 2, 0, RST, &[]),
+        TCP,
+    );
     dp.xdp(node.uplink, &rst);
     dp.xdp(node.uplink, &outside_syn(26000));
     assert_eq!(dp.counter(Counter::CtReopened), 1);
@@ -616,7 +875,11 @@ fn a_syn_reusing_a_closed_tuple_chooses_again_and_midstream_misses_are_counted()
 #[test]
 fn snat_port_exhaustion_is_a_counted_drop() {
     let node = TestNode::new();
-    let mut dp = Datapath::load_with(Config { snat_port_min: 61000, snat_port_max: 61001, ..Config::DEFAULT });
+    let mut dp = Datapath::load_with(Config {
+        snat_port_min: 61000,
+        snat_port_max: 61001,
+        ..Config::DEFAULT
+    });
     dp.program(&Svc {
         id: 1,
         frontends: &[(FrontendKind::NodePort, NODE_V4, 30080)],
@@ -656,9 +919,17 @@ fn expired_flows_release_their_snat_port() {
         source_ranges: &[],
     });
     assert_eq!(dp.xdp(node.uplink, &outside_syn(28000)).verdict, XDP_TX);
-    assert_eq!(dp.xdp(node.uplink, &outside_syn(28001)).verdict, XDP_DROP, "the only port is taken");
+    assert_eq!(
+        dp.xdp(node.uplink, &outside_syn(28001)).verdict,
+        XDP_DROP,
+        "the only port is taken"
+    );
     std::thread::sleep(std::time::Duration::from_millis(2100));
-    assert_eq!(dp.xdp(node.uplink, &outside_syn(28001)).verdict, XDP_TX, "the unanswered SYN's flow expired");
+    assert_eq!(
+        dp.xdp(node.uplink, &outside_syn(28001)).verdict,
+        XDP_TX,
+        "the unanswered SYN's flow expired"
+    );
     assert_eq!(dp.counter(Counter::CtStaleReplaced), 1);
 }
 
@@ -678,7 +949,11 @@ fn xdp_hands_flows_it_cannot_forward_to_tc_which_redirects_them() {
     });
     let syn = outside_syn(29000);
     let run = dp.xdp(node.uplink, &syn);
-    assert_eq!((run.verdict, run.out == syn), (XDP_PASS, true), "passed on untouched");
+    assert_eq!(
+        (run.verdict, run.out == syn),
+        (XDP_PASS, true),
+        "passed on untouched"
+    );
     assert_eq!(dp.counter(Counter::XdpPassToTc), 1);
     assert!(dp.ct_entries().is_empty(), "nothing allocated at XDP");
     let run = dp.tc_ingress(node.uplink, &syn);
@@ -699,11 +974,18 @@ fn ipv4_options_are_kept_and_the_transport_header_found_behind_them() {
     tcp_service(&mut dp);
     let mut ip4 = Ip::new(CLIENT_EXT, NODE_V4, TCP);
     ip4.options = vec![0x94, 0x04, 0, 0, 1, 1, 1, 0]; // router alert, NOPs, end of list
-    let pkt = frame(GW_MAC, UPLINK_MAC, &ip4.wrap(tcp_seg(30000, 30080, 1, 0, SYN, b"opt"), false));
+    let pkt = frame(
+        GW_MAC,
+        UPLINK_MAC,
+        &ip4.wrap(tcp_seg(30000, 30080, 1, 0, SYN, b"opt"), false),
+    );
     let run = dp.xdp(node.uplink, &pkt);
     assert_eq!(run.verdict, XDP_TX);
     let d = decode(&run.out);
-    assert_eq!((d.src, d.dport, &d.l4[20..]), (ip(NODE_V4), 8080, &b"opt"[..]));
+    assert_eq!(
+        (d.src, d.dport, &d.l4[20..]),
+        (ip(NODE_V4), 8080, &b"opt"[..])
+    );
     assert_eq!(&run.out[34..42], &ip4.options[..], "options untouched");
 }
 
@@ -715,16 +997,28 @@ fn lying_lengths_to_a_frontend_are_dropped_and_cut_headers_passed() {
     // Total length claims 200 bytes; the frame has 40.
     let mut ip4 = Ip::new(CLIENT_EXT, NODE_V4, TCP);
     ip4.tot_len = Some(200);
-    let pkt = frame(GW_MAC, UPLINK_MAC, &ip4.wrap(tcp_seg(31000, 30080, 1, 0, SYN, &[]), false));
+    let pkt = frame(
+        GW_MAC,
+        UPLINK_MAC,
+        &ip4.wrap(tcp_seg(31000, 30080, 1, 0, SYN, &[]), false),
+    );
     assert_eq!(dp.xdp(node.uplink, &pkt).verdict, XDP_DROP);
     assert_eq!(dp.counter(Counter::DropMalformed), 1);
     // Total length shorter than the header.
     ip4.tot_len = Some(12);
-    let pkt = frame(GW_MAC, UPLINK_MAC, &ip4.wrap(tcp_seg(31001, 30080, 1, 0, SYN, &[]), false));
+    let pkt = frame(
+        GW_MAC,
+        UPLINK_MAC,
+        &ip4.wrap(tcp_seg(31001, 30080, 1, 0, SYN, &[]), false),
+    );
     assert_eq!(dp.tc_ingress(node.uplink, &pkt).verdict, TC_ACT_SHOT);
     assert_eq!(dp.counter(Counter::DropMalformed), 2);
     // TCP header cut after the ports: cannot be translated safely, handed to the kernel as is.
-    let full = frame(GW_MAC, UPLINK_MAC, &Ip::new(CLIENT_EXT, NODE_V4, TCP).wrap(tcp_seg(31002, 30080, 1, 0, SYN, &[]), false));
+    let full = frame(
+        GW_MAC,
+        UPLINK_MAC,
+        &Ip::new(CLIENT_EXT, NODE_V4, TCP).wrap(tcp_seg(31002, 30080, 1, 0, SYN, &[]), false),
+    );
     let cut = full[..14 + 20 + 10].to_vec();
     let run = dp.xdp(node.uplink, &cut);
     assert_eq!((run.verdict, run.out == cut), (XDP_PASS, true));
@@ -743,7 +1037,10 @@ fn fragments_follow_their_first_fragment() {
     let mut dp = Datapath::load();
     dp.program(&Svc {
         id: 4,
-        frontends: &[(FrontendKind::NodePort, NODE_V4, 30053), (FrontendKind::NodePort, NODE_V6, 30053)],
+        frontends: &[
+            (FrontendKind::NodePort, NODE_V4, 30053),
+            (FrontendKind::NodePort, NODE_V6, 30053),
+        ],
         proto: PROTO_UDP,
         backends: &[(6, EP1, 5353, BackendState::Active)],
         egress: NODE_V4,
@@ -752,7 +1049,12 @@ fn fragments_follow_their_first_fragment() {
     });
     // A 40-byte UDP datagram in two fragments: header + 16 bytes, then 16 more.
     let payload: Vec<u8> = (0u8..32).collect();
-    let dgram = l4_with_csum(ip(CLIENT_EXT), ip(NODE_V4), UDP, udp_dgram(40000, 30053, &payload));
+    let dgram = l4_with_csum(
+        ip(CLIENT_EXT),
+        ip(NODE_V4),
+        UDP,
+        udp_dgram(40000, 30053, &payload),
+    );
     let mut first = Ip::new(CLIENT_EXT, NODE_V4, UDP);
     first.frag = Some((0, true));
     let mut later = first.clone();
@@ -772,13 +1074,31 @@ fn fragments_follow_their_first_fragment() {
     assert_eq!(dp.counter(Counter::FragmentTranslated), 1);
     let (h1, h2) = (&r1.out[14..34], &r2.out[14..34]);
     assert_eq!((csum(h1), csum(h2)), (0, 0));
-    assert_eq!((&h1[12..16], &h2[12..16]), (&[10, 0, 0, 1][..], &[10, 0, 0, 1][..]), "both SNATed");
-    assert_eq!((&h1[16..20], &h2[16..20]), (&[203, 0, 113, 7][..], &[203, 0, 113, 7][..]), "both DNATed");
-    assert_eq!(&r2.out[34..], &dgram[24..], "the later fragment's payload is untouched");
+    assert_eq!(
+        (&h1[12..16], &h2[12..16]),
+        (&[10, 0, 0, 1][..], &[10, 0, 0, 1][..]),
+        "both SNATed"
+    );
+    assert_eq!(
+        (&h1[16..20], &h2[16..20]),
+        (&[203, 0, 113, 7][..], &[203, 0, 113, 7][..]),
+        "both DNATed"
+    );
+    assert_eq!(
+        &r2.out[34..],
+        &dgram[24..],
+        "the later fragment's payload is untouched"
+    );
     // Reassembled, the datagram's checksum is right for the new addresses.
     let mut whole = r1.out[34..].to_vec();
     whole.extend_from_slice(&r2.out[34..]);
-    assert_eq!(fold(sum16(&whole, pseudo_v4([10, 0, 0, 1], [203, 0, 113, 7], UDP, whole.len()))), 0xffff);
+    assert_eq!(
+        fold(sum16(
+            &whole,
+            pseudo_v4([10, 0, 0, 1], [203, 0, 113, 7], UDP, whole.len())
+        )),
+        0xffff
+    );
 }
 
 fn pseudo_v4(s: [u8; 4], d: [u8; 4], proto: u8, len: usize) -> u32 {

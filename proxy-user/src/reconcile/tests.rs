@@ -77,6 +77,8 @@ fn backend(addr: &str, state: BackendState, generation: u32) -> BackendValue {
         state: state as u8,
         pad: 0,
         generation,
+        service_id: 0,
+        reserved: 0,
     }
 }
 
@@ -385,24 +387,22 @@ fn frontend_and_setting_changes() {
         ]
     );
 
-    // No egress: the service rejects (count 0) but keeps its frontends and backends.
+    // No egress: the zero egress address makes the data path reject (counted as
+    // no_egress_address); frontends, slots and backends stay as they are.
     s.egress = None;
     let ops = sync(&mut r, &mut kernel, &desired(&[("a", s)]));
     assert_eq!(
         ops,
-        [
-            MapOp::PutService(
-                0,
-                ServiceValue {
-                    backend_count: 0,
-                    affinity_timeout: 10,
-                    egress: Addr::ZERO,
-                    flags: 0,
-                    reserved: 0,
-                }
-            ),
-            MapOp::DeleteSlot(slot(0, 1)),
-        ]
+        [MapOp::PutService(
+            0,
+            ServiceValue {
+                backend_count: 1,
+                affinity_timeout: 10,
+                egress: Addr::ZERO,
+                flags: 0,
+                reserved: 0,
+            }
+        ),]
     );
 }
 
@@ -487,7 +487,10 @@ fn a_removed_service_goes_frontends_first_backends_last() {
     // b's backend for the same endpoint is its own and untouched.
     assert_eq!(
         kernel.maps.backends[&2],
-        backend("10.1.0.1", BackendState::Active, 0)
+        BackendValue {
+            service_id: 1,
+            ..backend("10.1.0.1", BackendState::Active, 0)
+        }
     );
 }
 
