@@ -10,7 +10,9 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     if std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
         let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
-        std::fs::write(out.join("extproxy"), []).context("write placeholder object")?;
+        for name in ["extproxy", "xdp-pass"] {
+            std::fs::write(out.join(name), []).context("write placeholder object")?;
+        }
         return Ok(());
     }
     let metadata = cargo_metadata::MetadataCommand::new()
@@ -28,7 +30,8 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("proxy-ebpf manifest has no parent"))?
         .as_str()
         .to_owned();
-    let toolchain = std::env::var("EXTPROXY_EBPF_TOOLCHAIN").unwrap_or_else(|_| EBPF_TOOLCHAIN.into());
+    let toolchain =
+        std::env::var("EXTPROXY_EBPF_TOOLCHAIN").unwrap_or_else(|_| EBPF_TOOLCHAIN.into());
     println!("cargo:rerun-if-env-changed=EXTPROXY_EBPF_TOOLCHAIN");
     aya_build::build_ebpf(
         [Package {

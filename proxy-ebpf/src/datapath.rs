@@ -110,7 +110,7 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
         if C::HOOK == Hook::TcEgress {
             return Action::PASS;
         }
-        return icmp_error(ctx, s);
+        return icmp_error(ctx, cfg, s);
     }
     if s.pkt.frag == Frag::Later {
         s.frag_key = frag_key(&s.pkt);
@@ -127,6 +127,11 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
     }
     let pkt = &s.pkt;
     if let Some(fe) = lb::lookup_frontend(&pkt.dst, pkt.dport, pkt.proto) {
+        // Without XDP_TX, XDP could not send any of these (nor their rejects): TC does it all.
+        if C::HOOK == Hook::Xdp && !xdp_tx_allowed(cfg) {
+            count(Counter::XdpPassToTc);
+            return Action::PASS;
+        }
         return forward(ctx, cfg, s, fe);
     }
     // Replies arrive through the uplink; only ports we hand out can be ours.
@@ -140,7 +145,7 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
             pad: [0; 3],
         };
         if let Some(rn) = unsafe { REVNAT.get(&s.rn_key) } {
-            return reply(ctx, s, rn);
+            return reply(ctx, cfg, s, rn);
         }
     }
     Action::PASS
@@ -204,21 +209,21 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, fe: &FrontendValue) -
             count(Counter::CtReopened);
             delete_flow(&s.ct_key, ct);
         } else if backend_alive(ct) {
-            return established(ctx, s, ct, now);
+            return established(ctx, cfg, s, ct, now);
         } else if pkt.proto == PROTO_TCP {
             // Its endpoint was removed: end the connection now rather than let it hang.
             delete_flow(&s.ct_key, ct);
             count(Counter::DropEndpointRemoved);
-            return answer(ctx, &s.pkt);
+            return answer(ctx, cfg, &s.pkt);
         } else {
             count(Counter::UdpRebalanced);
             delete_flow(&s.ct_key, ct);
         }
     }
     match new_flow(ctx, cfg, s, fe, now) {
-        Action::REJECT => answer(ctx, &s.pkt),
+        Action::REJECT => answer(ctx, cfg, &s.pkt),
         Action::RACED => match CT.get_ptr_mut(&s.ct_key) {
-            Some(ct) => established(ctx, s, unsafe { &mut *ct }, now),
+            Some(ct) => established(ctx, cfg, s, unsafe { &mut *ct }, now),
             None => drop(Counter::DropMapUpdate),
         },
         action => action,
@@ -234,9 +239,15 @@ fn backend_alive(ct: &CtValue) -> bool {
 }
 
 #[inline(never)]
-fn established<C: Ctx>(ctx: &C, s: &mut Scratch, ct: &mut CtValue, now: u32) -> Action {
+fn established<C: Ctx>(
+    ctx: &C,
+    cfg: &Config,
+    s: &mut Scratch,
+    ct: &mut CtValue,
+    now: u32,
+) -> Action {
     let r = route(ctx, &mut s.fib, s.pkt.v6, &ct.snat, &ct.backend);
-    if C::HOOK == Hook::Xdp && !xdp_can_send(ctx, s, r) {
+    if C::HOOK == Hook::Xdp && !xdp_can_send(ctx, cfg, s, r) {
         count(Counter::XdpPassToTc);
         return Action::PASS;
     }
@@ -249,9 +260,16 @@ fn established<C: Ctx>(ctx: &C, s: &mut Scratch, ct: &mut CtValue, now: u32) -> 
     send_to_endpoint(ctx, s, r, ct)
 }
 
+/// XDP sends a packet itself only back out of the device it came in on, and only where the
+/// agent allows XDP_TX (on a veth, frames sent back stall unless the peer runs XDP too).
 #[inline(always)]
-fn xdp_can_send<C: Ctx>(ctx: &C, s: &Scratch, r: Route) -> bool {
-    r == Route::Out && s.fib.ifindex == ctx.ifindex()
+fn xdp_can_send<C: Ctx>(ctx: &C, cfg: &Config, s: &Scratch, r: Route) -> bool {
+    cfg.flags & CFG_F_XDP_TX != 0 && r == Route::Out && s.fib.ifindex == ctx.ifindex()
+}
+
+#[inline(always)]
+fn xdp_tx_allowed(cfg: &Config) -> bool {
+    cfg.flags & CFG_F_XDP_TX != 0
 }
 
 #[inline(never)]
@@ -286,7 +304,7 @@ fn new_flow<C: Ctx>(
         return Action::REJECT;
     };
     let r = route(ctx, &mut s.fib, pkt.v6, &svc.egress, &chosen.addr);
-    if C::HOOK == Hook::Xdp && !xdp_can_send(ctx, s, r) {
+    if C::HOOK == Hook::Xdp && !xdp_can_send(ctx, cfg, s, r) {
         // Nothing is allocated yet: the TC program starts this flow from scratch.
         count(Counter::XdpPassToTc);
         return Action::PASS;
@@ -390,9 +408,14 @@ fn send_to_endpoint<C: Ctx>(ctx: &C, s: &Scratch, r: Route, ct: &CtValue) -> Act
 
 /// Endpoint to client (through its SNAT port).
 #[inline(never)]
-fn reply<C: Ctx>(ctx: &C, s: &mut Scratch, rn: &RevNatValue) -> Action {
+fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &RevNatValue) -> Action {
     if s.pkt.bad_len {
         return drop(Counter::DropMalformed);
+    }
+    let r = route(ctx, &mut s.fib, s.pkt.v6, &rn.frontend, &rn.client);
+    if C::HOOK == Hook::Xdp && needs_tx(ctx, s, r) && !xdp_tx_allowed(cfg) {
+        count(Counter::XdpPassToTc);
+        return Action::PASS;
     }
     track_fragment(&s.pkt, &mut s.frag_key);
     let pkt = &s.pkt;
@@ -407,7 +430,6 @@ fn reply<C: Ctx>(ctx: &C, s: &mut Scratch, rn: &RevNatValue) -> Action {
         }
         None => count(Counter::CtMissReply),
     }
-    let r = route(ctx, &mut s.fib, pkt.v6, &rn.frontend, &rn.client);
     if xlate(
         ctx,
         &s.pkt,
@@ -422,6 +444,12 @@ fn reply<C: Ctx>(ctx: &C, s: &mut Scratch, rn: &RevNatValue) -> Action {
     }
     count_service(rn.service_id, s.pkt.l3_len, true);
     toward_client(ctx, s, r)
+}
+
+/// The client is out of the device the reply came in on: the packet must be sent back out.
+#[inline(always)]
+fn needs_tx<C: Ctx>(ctx: &C, s: &Scratch, r: Route) -> bool {
+    matches!(r, Route::Out | Route::NoNeigh) && s.fib.ifindex == ctx.ifindex()
 }
 
 /// A translated reply: back out of the uplink ourselves (hairpin: the client is outside), or to
@@ -448,7 +476,7 @@ fn toward_client<C: Ctx>(ctx: &C, s: &Scratch, r: Route) -> Action {
 
 /// ICMP errors from the endpoint side about a translated flow.
 #[inline(never)]
-fn icmp_error<C: Ctx>(ctx: &C, s: &mut Scratch) -> Action {
+fn icmp_error<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     if parse_inner(ctx, &s.pkt, &mut s.inner).is_none() {
         return Action::PASS;
     }
@@ -471,6 +499,10 @@ fn icmp_error<C: Ctx>(ctx: &C, s: &mut Scratch) -> Action {
         s.pkt.src
     };
     let r = route(ctx, &mut s.fib, s.pkt.v6, &new_src, &rn.client);
+    if C::HOOK == Hook::Xdp && needs_tx(ctx, s, r) && !xdp_tx_allowed(cfg) {
+        count(Counter::XdpPassToTc);
+        return Action::PASS;
+    }
     if xlate_icmp_error_reply(ctx, &s.pkt, &s.inner, rn).is_err() {
         return drop(Counter::DropMalformed);
     }
@@ -480,7 +512,7 @@ fn icmp_error<C: Ctx>(ctx: &C, s: &mut Scratch) -> Action {
 
 /// Rejects the packet by turning it into its answer, sent back the way it came.
 #[inline(never)]
-fn answer<C: Ctx>(ctx: &C, pkt: &Pkt) -> Action {
+fn answer<C: Ctx>(ctx: &C, cfg: &Config, pkt: &Pkt) -> Action {
     // Later fragments carry no header to answer with; the first fragment got the answer.
     if !pkt.has_l4() {
         return Action::DROP;

@@ -1,8 +1,15 @@
 //! The extproxy agent as a library: the binary and the real-kernel tests share it.
 
+pub mod agent;
 pub mod diag;
+pub mod gc;
+pub mod host;
+pub mod inspect;
 pub mod loader;
 pub mod manifest;
 pub mod maps;
+pub mod pins;
 pub mod reconcile;
+pub mod state;
 pub mod translate;
+pub mod watch;

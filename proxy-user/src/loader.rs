@@ -6,14 +6,21 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
-        xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId},
+        xdp::{XdpLink, XdpLinkId},
     },
 };
 use proxy_common::*;
 
 /// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP=1).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/extproxy"));
+
+/// A program that passes every packet, for the far ends of veth test topologies (see
+/// proxy-ebpf/src/bin/xdp_pass.rs for why they need one).
+pub static XDP_PASS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
 
 /// Where the agent pins its maps unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/extproxy";
@@ -38,6 +45,12 @@ pub enum LoadError {
     MissingMap(&'static str),
     #[error("{0}")]
     Map(#[from] aya::maps::MapError),
+    #[error("pinning the {hook} link at {path}: {reason}")]
+    PinLink {
+        hook: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("mounting bpffs at {path}: {source}")]
     Bpffs {
         path: PathBuf,
@@ -166,67 +179,197 @@ pub enum XdpAttach {
     Off,
 }
 
-/// Links the agent created; dropping the `Ebpf` detaches them.
+/// What the agent attached to one interface.
 #[derive(Debug)]
 pub struct Attached {
     pub iface: String,
-    pub xdp: Option<(XdpLinkId, XdpMode)>,
-    pub tc_ingress: SchedClassifierLinkId,
-    pub tc_egress: SchedClassifierLinkId,
+    /// The XDP mode in effect, or None when XDP is off.
+    pub xdp: Option<XdpMode>,
+    /// True when links from an earlier agent were taken over rather than created.
+    pub adopted: bool,
+    xdp_link: Option<XdpLinkId>,
+    tc_ingress: SchedClassifierLinkId,
+    tc_egress: SchedClassifierLinkId,
+    /// Pin files that keep the links attached beyond this process.
+    pins: Vec<PathBuf>,
+}
+
+fn link_pin(dir: &Path, hook: &str, iface: &str) -> PathBuf {
+    dir.join("links").join(format!("{hook}-{iface}"))
+}
+
+fn pinned_fd_link(path: &Path) -> Option<FdLink> {
+    PinnedLink::from_pin(path).ok().map(FdLink::from)
 }
 
 /// Attaches XDP (per `mode`) and both TC programs (tcx) to `iface`.
-pub fn attach(ebpf: &mut Ebpf, iface: &str, mode: XdpAttach) -> Result<Attached, LoadError> {
-    let xdp = match mode {
-        XdpAttach::Off => None,
-        XdpAttach::Driver => Some(attach_xdp(ebpf, iface, XdpMode::Driver)?),
-        XdpAttach::Generic => Some(attach_xdp(ebpf, iface, XdpMode::Skb)?),
-        XdpAttach::Auto => match attach_xdp(ebpf, iface, XdpMode::Driver) {
-            Ok(a) => Some(a),
+///
+/// With `pin_dir`, every link is pinned as soon as it exists, so the data path keeps forwarding
+/// if the agent dies; links pinned by an earlier agent are taken over with `bpf_link_update`,
+/// which swaps the program without a moment in which the interface has none.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    mode: XdpAttach,
+    pin_dir: Option<&Path>,
+) -> Result<Attached, LoadError> {
+    let pins: Vec<PathBuf> = match pin_dir {
+        Some(dir) => {
+            let links = dir.join("links");
+            std::fs::create_dir_all(&links).map_err(|source| LoadError::Bpffs {
+                path: links,
+                source,
+            })?;
+            ["xdp", "tc-ingress", "tc-egress"]
+                .iter()
+                .map(|h| link_pin(dir, h, iface))
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    let pin = |i: usize| pins.get(i).map(PathBuf::as_path);
+    let mut adopted = false;
+
+    let (xdp_link, xdp_mode) = if mode == XdpAttach::Off {
+        if let Some(p) = pin(0) {
+            // A previous agent ran with XDP: drop its link so XDP is really off.
+            let _ = std::fs::remove_file(p);
+        }
+        (None, None)
+    } else {
+        let prog = xdp_program(ebpf, PROG_XDP)?;
+        let taken = pin(0)
+            .and_then(pinned_fd_link)
+            .and_then(|l| XdpLink::try_from(l).ok());
+        match taken.map(|l| prog.attach_to_link(l)) {
+            Some(Ok(id)) => {
+                adopted = true;
+                (Some(id), Some(XdpMode::Default))
+            }
+            other => {
+                if let (Some(Err(err)), Some(p)) = (other, pin(0)) {
+                    tracing::warn!(
+                        "cannot take over the pinned XDP link on {iface} ({err}); attaching anew"
+                    );
+                    let _ = std::fs::remove_file(p);
+                }
+                let (id, used) = attach_xdp_mode(prog, iface, mode)?;
+                let id = match pin(0) {
+                    Some(p) => repin(prog, id, p)?,
+                    None => id,
+                };
+                (Some(id), Some(used))
+            }
+        }
+    };
+    let mut tc = |name: &'static str, kind: TcAttachType, path: Option<&Path>| {
+        let prog = tc_program(ebpf, name)?;
+        let err = |source| LoadError::Program { name, source };
+        let taken = path
+            .and_then(pinned_fd_link)
+            .and_then(|l| SchedClassifierLink::try_from(l).ok());
+        if let Some(link) = taken {
+            match prog.attach_to_link(link) {
+                Ok(id) => {
+                    adopted = true;
+                    return Ok(id);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot take over the pinned {name} link on {iface} ({e}); attaching anew"
+                    );
+                    if let Some(p) = path {
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+            }
+        }
+        let id = prog.attach(iface, kind).map_err(err)?;
+        match path {
+            Some(p) => {
+                let pin_err = |reason: String| LoadError::PinLink {
+                    hook: name,
+                    path: p.to_owned(),
+                    reason,
+                };
+                let link = prog.take_link(id).map_err(err)?;
+                let pinned = FdLink::try_from(link)
+                    .map_err(|e| pin_err(e.to_string()))?
+                    .pin(p)
+                    .map_err(|e| pin_err(e.to_string()))?;
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| pin_err(e.to_string()))?;
+                prog.attach_to_link(link).map_err(err)
+            }
+            None => Ok(id),
+        }
+    };
+    let tc_ingress = tc(PROG_TC_INGRESS, TcAttachType::Ingress, pin(1))?;
+    let tc_egress = tc(PROG_TC_EGRESS, TcAttachType::Egress, pin(2))?;
+    Ok(Attached {
+        iface: iface.to_owned(),
+        xdp: xdp_mode,
+        adopted,
+        xdp_link,
+        tc_ingress,
+        tc_egress,
+        pins,
+    })
+}
+
+fn attach_xdp_mode(
+    prog: &mut Xdp,
+    iface: &str,
+    mode: XdpAttach,
+) -> Result<(XdpLinkId, XdpMode), LoadError> {
+    let try_mode = |prog: &mut Xdp, m: XdpMode| {
+        prog.attach(iface, m)
+            .map(|id| (id, m))
+            .map_err(|source| LoadError::Program {
+                name: PROG_XDP,
+                source,
+            })
+    };
+    match mode {
+        XdpAttach::Driver => try_mode(prog, XdpMode::Driver),
+        XdpAttach::Generic => try_mode(prog, XdpMode::Skb),
+        XdpAttach::Auto | XdpAttach::Off => match try_mode(prog, XdpMode::Driver) {
+            Ok(a) => Ok(a),
             Err(err) => {
                 tracing::warn!(
                     "native XDP on {iface} failed ({err}); using generic XDP (slower, same behaviour)"
                 );
-                Some(attach_xdp(ebpf, iface, XdpMode::Skb)?)
+                try_mode(prog, XdpMode::Skb)
             }
         },
+    }
+}
+
+/// Pins an XDP link and hands it back to the program's ownership.
+fn repin(prog: &mut Xdp, id: XdpLinkId, path: &Path) -> Result<XdpLinkId, LoadError> {
+    let err = |source| LoadError::Program {
+        name: PROG_XDP,
+        source,
     };
-    let tc_ingress = tc_program(ebpf, PROG_TC_INGRESS)?
-        .attach(iface, TcAttachType::Ingress)
-        .map_err(|source| LoadError::Program {
-            name: PROG_TC_INGRESS,
-            source,
-        })?;
-    let tc_egress = tc_program(ebpf, PROG_TC_EGRESS)?
-        .attach(iface, TcAttachType::Egress)
-        .map_err(|source| LoadError::Program {
-            name: PROG_TC_EGRESS,
-            source,
-        })?;
-    Ok(Attached {
-        iface: iface.to_owned(),
-        xdp,
-        tc_ingress,
-        tc_egress,
-    })
+    let other = |e: &dyn std::fmt::Display| LoadError::PinLink {
+        hook: PROG_XDP,
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    let link = prog.take_link(id).map_err(err)?;
+    let pinned = FdLink::try_from(link)
+        .map_err(|e| other(&e))?
+        .pin(path)
+        .map_err(|e| other(&e))?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| other(&e))?;
+    prog.attach_to_link(link).map_err(err)
 }
 
-fn attach_xdp(
-    ebpf: &mut Ebpf,
-    iface: &str,
-    mode: XdpMode,
-) -> Result<(XdpLinkId, XdpMode), LoadError> {
-    let id = xdp_program(ebpf, PROG_XDP)?
-        .attach(iface, mode)
-        .map_err(|source| LoadError::Program {
-            name: PROG_XDP,
-            source,
-        })?;
-    Ok((id, mode))
-}
-
-/// Detaches what `attach` attached, in reverse order.
+/// Detaches what `attach` attached (removing the pins that kept the links alive).
 pub fn detach(ebpf: &mut Ebpf, attached: Attached) -> Result<(), LoadError> {
+    for path in &attached.pins {
+        let _ = std::fs::remove_file(path);
+    }
     tc_program(ebpf, PROG_TC_EGRESS)?
         .detach(attached.tc_egress)
         .map_err(|source| LoadError::Program {
@@ -239,7 +382,7 @@ pub fn detach(ebpf: &mut Ebpf, attached: Attached) -> Result<(), LoadError> {
             name: PROG_TC_INGRESS,
             source,
         })?;
-    if let Some((id, _)) = attached.xdp {
+    if let Some(id) = attached.xdp_link {
         xdp_program(ebpf, PROG_XDP)?
             .detach(id)
             .map_err(|source| LoadError::Program {
@@ -284,4 +427,33 @@ fn is_bpffs(path: &Path) -> bool {
     };
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Attaches the XDP pass program to `iface` (in the calling thread's network namespace) and pins
+/// the link at `pin`, so it stays attached after the caller exits; remove the pin to detach.
+/// For test and demo topologies built from veths.
+pub fn attach_xdp_pass(iface: &str, pin: &Path) -> Result<(), LoadError> {
+    if XDP_PASS_OBJECT.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    let mut ebpf = Ebpf::load(XDP_PASS_OBJECT)?;
+    let prog = xdp_program(&mut ebpf, "xdp_pass")?;
+    let err = |source| LoadError::Program {
+        name: "xdp_pass",
+        source,
+    };
+    prog.load().map_err(err)?;
+    let id = prog.attach(iface, XdpMode::Driver).map_err(err)?;
+    let link = prog.take_link(id).map_err(err)?;
+    let pin_err = |e: &dyn std::fmt::Display| LoadError::PinLink {
+        hook: "xdp_pass",
+        path: pin.to_owned(),
+        reason: e.to_string(),
+    };
+    let _ = std::fs::remove_file(pin);
+    FdLink::try_from(link)
+        .map_err(|e| pin_err(&e))?
+        .pin(pin)
+        .map_err(|e| pin_err(&e))?;
+    Ok(())
 }

@@ -1,3 +1,565 @@
+//! `extproxy`: eBPF proxy for Kubernetes Services whose endpoints live outside the cluster.
+
+use std::{
+    net::IpAddr,
+    ops::RangeInclusive,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use extproxy::{
+    agent::Agent,
+    diag, host, inspect,
+    loader::{self, DEFAULT_PIN_DIR, Limits, XdpAttach},
+    manifest::ManifestSet,
+    maps::DatapathMaps,
+    pins::{self, Pinned},
+    reconcile::{self, Reconciler},
+    state::{AgentState, DEFAULT_STATE_DIR},
+    translate::{self, ClaimPolicy, NodeInfo, Settings, Translation},
+    watch::DirWatcher,
+};
+use ipnet::IpNet;
+use proxy_common::Config;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(
+    name = "extproxy",
+    version,
+    about = "eBPF proxy for Kubernetes Services whose endpoints live outside the cluster"
+)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax): error, warn, info, debug, or per module.
+    #[arg(long, global = true, env = "EXTPROXY_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the data path, then keep it programmed from a folder of manifests.
+    Run(Box<RunArgs>),
+    /// Show what the data path holds: services, frontends, endpoints, flows, drops.
+    Inspect(InspectArgs),
+    /// Detach the programs and remove every pin and state file extproxy created.
+    Cleanup(CleanupArgs),
+    /// Read and translate manifests without touching the kernel; exit 1 if any is in error.
+    Validate(ValidateArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Folder of Service, EndpointSlice and Endpoints manifests (YAML or JSON), watched for changes.
+    #[arg(long, value_name = "DIR")]
+    manifests: PathBuf,
+    #[command(flatten)]
+    node: NodeArgs,
+    #[command(flatten)]
+    services: ServiceArgs,
+    #[command(flatten)]
+    datapath: DatapathArgs,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Uplink interface(s): XDP and TC ingress for traffic from outside, TC egress for pods
+    /// and host processes. Repeat for several uplinks.
+    #[arg(long = "iface", value_name = "IFACE", required = true)]
+    ifaces: Vec<String>,
+    /// Source address the external endpoints see (one per IP family). Default: the uplink's
+    /// first address of each family.
+    #[arg(long = "egress-ip", value_name = "IP")]
+    egress_ips: Vec<IpAddr>,
+    /// Addresses NodePorts listen on. Default: every address of the uplink(s).
+    #[arg(long = "node-ip", value_name = "IP")]
+    node_ips: Vec<IpAddr>,
+}
+
+#[derive(Args)]
+struct ServiceArgs {
+    /// Where Services without spec.clusterIP get one (first CIDR of each family).
+    #[arg(long = "service-cidr", value_name = "CIDR", default_values = ["10.96.0.0/12", "fd00:10:96::/112"])]
+    service_cidrs: Vec<IpNet>,
+    /// Where NodePorts without a number get one.
+    #[arg(long, value_name = "FROM-TO", default_value = "30000-32767", value_parser = parse_range)]
+    node_port_range: RangeInclusive<u16>,
+}
+
+#[derive(Args)]
+struct DatapathArgs {
+    /// Source ports for SNAT. Keep them outside net.ipv4.ip_local_port_range (or reserve them).
+    #[arg(long, value_name = "FROM-TO", default_value = "61000-65535", value_parser = parse_range)]
+    snat_ports: RangeInclusive<u16>,
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value_t = XdpArg::Auto)]
+    xdp: XdpArg,
+    /// Let XDP send packets back out of the uplink itself (XDP_TX). `auto`: on, except on veth
+    /// uplinks (containers, kind), whose peer would hold such frames; TC redirects them there.
+    #[arg(long, value_enum, default_value_t = Toggle::Auto)]
+    xdp_tx: Toggle,
+    /// bpffs directory for the maps (mounted at /sys/fs/bpf if needed).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Where the agent publishes service names and diagnostics for `extproxy inspect`.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Leave programs and maps in place on exit so a restarted agent adopts them.
+    #[arg(long)]
+    keep_on_exit: bool,
+    /// Pinned maps with another layout or size: replace them (drops tracked flows) instead of
+    /// refusing to start.
+    #[arg(long)]
+    replace_incompatible_pins: bool,
+    /// Tracked connections (and reverse NAT entries).
+    #[arg(long, default_value_t = proxy_common::DEFAULT_CT_MAX)]
+    ct_max: u32,
+    /// Service ports.
+    #[arg(long, default_value_t = proxy_common::DEFAULT_MAX_SERVICES)]
+    max_services: u32,
+    /// Endpoints over all service ports.
+    #[arg(long, default_value_t = proxy_common::DEFAULT_MAX_BACKENDS)]
+    max_backends: u32,
+    /// Frontend addresses over all service ports.
+    #[arg(long, default_value_t = proxy_common::DEFAULT_MAX_FRONTENDS)]
+    max_frontends: u32,
+    /// TCP idle timeout of established connections, seconds (kube-proxy's conntrack setting: 24h).
+    #[arg(long, default_value_t = Config::DEFAULT.tcp_established_timeout)]
+    tcp_established_timeout: u32,
+    /// UDP idle timeout once the endpoint has answered, seconds.
+    #[arg(long, default_value_t = Config::DEFAULT.udp_stream_timeout)]
+    udp_timeout: u32,
+    /// How often expired flows are swept, seconds.
+    #[arg(long, default_value_t = 10)]
+    gc_interval: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum XdpArg {
+    /// Native XDP, generic XDP if the driver has none.
+    Auto,
+    Driver,
+    Generic,
+    /// No XDP: TC ingress does all the ingress work.
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Toggle {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CleanupArgs {
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct ValidateArgs {
+    #[arg(long, value_name = "DIR")]
+    manifests: PathBuf,
+    #[command(flatten)]
+    services: ServiceArgs,
+}
+
+fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or("expected FROM-TO, e.g. 61000-65535")?;
+    let a: u16 = a.trim().parse().map_err(|e| format!("{a}: {e}"))?;
+    let b: u16 = b.trim().parse().map_err(|e| format!("{b}: {e}"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s}: need 1 <= FROM <= TO"));
+    }
+    Ok(a..=b)
+}
+
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
+        .with_target(false)
+        .init();
+    match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(run(*args)),
+        Command::Inspect(args) => {
+            let report = inspect::collect(&args.pin_dir, &args.state_dir).with_context(|| {
+                format!(
+                    "reading the maps pinned in {} (is extproxy running?)",
+                    args.pin_dir.display()
+                )
+            })?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", inspect::render(&report));
+            }
+            Ok(())
+        }
+        Command::Cleanup(args) => cleanup(&args.pin_dir, &args.state_dir),
+        Command::Validate(args) => validate(&args),
+    }
+}
+
+fn settings(
+    args: &ServiceArgs,
+    egress: &[IpAddr],
+    fill_missing: bool,
+    claim: ClaimPolicy,
+) -> Settings {
+    Settings {
+        egress_v4: egress.iter().find_map(|a| match a {
+            IpAddr::V4(v) => Some(*v),
+            _ => None,
+        }),
+        egress_v6: egress.iter().find_map(|a| match a {
+            IpAddr::V6(v) => Some(*v),
+            _ => None,
+        }),
+        service_cidrs: args.service_cidrs.clone(),
+        node_port_range: args.node_port_range.clone(),
+        fill_missing,
+        claim,
+    }
+}
+
+fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
+    let set = ManifestSet::read_dir(&args.manifests)
+        .with_context(|| format!("reading {}", args.manifests.display()))?;
+    let (inventory, mut diagnostics) = set.inventory();
+    let settings = settings(
+        &args.services,
+        &["192.0.2.1".parse()?, "2001:db8::1".parse()?],
+        true,
+        ClaimPolicy::SelectorLess,
+    );
+    let node = NodeInfo {
+        addresses: vec!["192.0.2.1".parse()?],
+    };
+    let t = translate::translate(&inventory, &node, &settings);
+    diagnostics.extend(t.diagnostics.iter().cloned());
+    print_summary(&t);
+    for d in &diagnostics {
+        println!("{d}");
+    }
+    if diag::has_errors(&diagnostics) {
+        std::process::exit(1);
+    }
     Ok(())
+}
+
+/// One line per service port: what clients reach and where it goes.
+fn print_summary(t: &Translation) {
+    for f in &t.filled {
+        tracing::info!(
+            "{}: {} = {} (filled in: the manifest has none)",
+            f.service,
+            f.field,
+            f.value
+        );
+    }
+    for (key, svc) in &t.desired.services {
+        let mut fronts: Vec<String> = svc
+            .frontends
+            .iter()
+            .map(|(k, v)| {
+                let kind =
+                    proxy_common::FrontendKind::from_u8(v.kind as u8).map_or("?", |k| k.name());
+                format!("{kind} {}:{}", k.addr, u16::from_be(k.port))
+            })
+            .collect();
+        fronts.dedup();
+        let active = svc
+            .backends
+            .values()
+            .filter(|r| **r == translate::BackendRole::Active)
+            .count();
+        let endpoints = if active == 0 {
+            "no endpoints: connections refused".to_owned()
+        } else {
+            format!("{active} endpoint(s)")
+        };
+        tracing::info!("serving {key}: {} -> {endpoints}", fronts.join(", "));
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let dp = &args.datapath;
+    loader::ensure_bpffs().context("bpffs")?;
+    let manifests = std::fs::canonicalize(&args.manifests)
+        .with_context(|| format!("--manifests {}", args.manifests.display()))?;
+
+    // Node addresses: NodePorts listen on them; the first of each family is the default egress.
+    let mut iface_addrs = Vec::new();
+    for iface in &args.node.ifaces {
+        let addrs = host::interface_addresses(iface).with_context(|| format!("--iface {iface}"))?;
+        if addrs.is_empty() {
+            bail!("--iface {iface}: the interface has no addresses (or does not exist)");
+        }
+        iface_addrs.extend(addrs);
+    }
+    let node_addresses = if args.node.node_ips.is_empty() {
+        iface_addrs.clone()
+    } else {
+        args.node.node_ips.clone()
+    };
+    let mut egress = args.node.egress_ips.clone();
+    for v6 in [false, true] {
+        if !egress.iter().any(|a| a.is_ipv6() == v6)
+            && let Some(a) = iface_addrs.iter().find(|a| a.is_ipv6() == v6)
+        {
+            egress.push(*a);
+        }
+    }
+    tracing::info!(
+        "egress (SNAT) address(es): {}; NodePort addresses: {}",
+        list(&egress),
+        list(&node_addresses)
+    );
+    for w in host::check_sysctls(true, egress.iter().any(IpAddr::is_ipv6), &dp.snat_ports) {
+        tracing::warn!("{w}");
+    }
+
+    let limits = Limits {
+        max_services: dp.max_services,
+        max_frontends: dp.max_frontends,
+        max_backends: dp.max_backends,
+        max_slots: dp.max_backends,
+        ct_max: dp.ct_max,
+        ..Limits::default()
+    };
+    std::fs::create_dir_all(&dp.pin_dir)
+        .with_context(|| format!("creating {}", dp.pin_dir.display()))?;
+    let adopting = match pins::check(&dp.pin_dir, &limits) {
+        Pinned::Absent => false,
+        Pinned::Compatible => {
+            tracing::info!(
+                "adopting the maps pinned in {}: tracked flows continue",
+                dp.pin_dir.display()
+            );
+            true
+        }
+        Pinned::Incompatible(problems) => {
+            let why = problems.join("; ");
+            if !dp.replace_incompatible_pins {
+                bail!(
+                    "the maps pinned in {} do not match this agent ({why}). Adopting them could \
+                     corrupt flows. Run `extproxy cleanup` (drops tracked connections) or start with \
+                     --replace-incompatible-pins",
+                    dp.pin_dir.display()
+                );
+            }
+            tracing::warn!("replacing incompatible pinned maps ({why}); tracked flows are lost");
+            pins::remove_all(&dp.pin_dir)?;
+            std::fs::create_dir_all(&dp.pin_dir)?;
+            false
+        }
+    };
+    let mut ebpf = loader::load(&limits, Some(&dp.pin_dir)).context("loading the data path")?;
+    let xdp_tx = match dp.xdp_tx {
+        Toggle::On => true,
+        Toggle::Off => false,
+        Toggle::Auto => {
+            let veths: Vec<&String> = args
+                .node
+                .ifaces
+                .iter()
+                .filter(|i| host::driver(i).as_deref() == Some("veth"))
+                .collect();
+            if !veths.is_empty() {
+                tracing::info!(
+                    "{} is a veth: XDP hands packets it would send back out to TC (--xdp-tx on \
+                     overrides; then the veth's peer must run an XDP program)",
+                    veths
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            veths.is_empty()
+        }
+    };
+    let config = Config {
+        snat_port_min: *dp.snat_ports.start(),
+        snat_port_max: *dp.snat_ports.end(),
+        tcp_established_timeout: dp.tcp_established_timeout,
+        udp_stream_timeout: dp.udp_timeout,
+        flags: if xdp_tx {
+            proxy_common::CFG_F_XDP_TX
+        } else {
+            0
+        },
+        ..Config::DEFAULT
+    };
+    loader::write_config(&mut ebpf, &config)?;
+    let maps = DatapathMaps::take_from(&mut ebpf)?;
+    let rlimits = reconcile::Limits {
+        max_services: limits.max_services,
+        max_backends: limits.max_backends,
+    };
+    let reconciler = if adopting {
+        Reconciler::from_snapshot(maps.snapshot()?, rlimits)
+    } else {
+        Reconciler::new(rlimits)
+    };
+    let state = AgentState {
+        pid: std::process::id(),
+        source: format!("manifests:{}", manifests.display()),
+        interfaces: args.node.ifaces.clone(),
+        egress: egress.clone(),
+        node_addresses: node_addresses.clone(),
+        ..AgentState::default()
+    };
+    let mut agent = Agent::new(maps, reconciler, config, dp.state_dir.clone(), state);
+
+    let settings = settings(&args.services, &egress, true, ClaimPolicy::SelectorLess);
+    let node = NodeInfo {
+        addresses: node_addresses,
+    };
+    let mut set = ManifestSet::read_dir(&manifests)
+        .with_context(|| format!("reading {}", manifests.display()))?;
+    let mut watcher = DirWatcher::new(&manifests).context("watching the manifests")?;
+    let t = translate_set(&set, &node, &settings);
+    print_summary(&t);
+    let applied = agent.apply(&t);
+    tracing::info!(
+        "programmed {} service port(s) with {} map updates in {:.1} ms",
+        applied.services,
+        applied.ops,
+        applied.elapsed.as_secs_f64() * 1e3
+    );
+
+    let mut attached = Vec::new();
+    let xdp = match dp.xdp {
+        XdpArg::Auto => XdpAttach::Auto,
+        XdpArg::Driver => XdpAttach::Driver,
+        XdpArg::Generic => XdpAttach::Generic,
+        XdpArg::Off => XdpAttach::Off,
+    };
+    for iface in &args.node.ifaces {
+        let a = loader::attach(&mut ebpf, iface, xdp, Some(&dp.pin_dir))
+            .with_context(|| format!("attaching to {iface}"))?;
+        tracing::info!(
+            "{} {iface}: XDP {}, TC ingress and egress",
+            if a.adopted {
+                "took over the programs on"
+            } else {
+                "attached to"
+            },
+            match a.xdp {
+                Some(mode) => format!("{mode:?}").to_lowercase(),
+                None => "off".to_owned(),
+            }
+        );
+        attached.push(a);
+    }
+    tracing::info!("extproxy is running; watching {}", manifests.display());
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut gc = tokio::time::interval(Duration::from_secs(dp.gc_interval.max(1)));
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            changes = watcher.next() => {
+                for path in &changes.removed {
+                    set.remove_file(path);
+                }
+                for path in &changes.updated {
+                    set.update_file(path);
+                }
+                let t = translate_set(&set, &node, &settings);
+                let applied = agent.apply(&t);
+                tracing::info!(
+                    "manifests changed ({} file(s)): {} map updates in {:.2} ms",
+                    changes.updated.len() + changes.removed.len(),
+                    applied.ops,
+                    applied.elapsed.as_secs_f64() * 1e3
+                );
+            }
+            _ = gc.tick() => {
+                agent.sweep();
+            }
+        }
+    }
+    if dp.keep_on_exit {
+        // The pins keep links and maps alive after our file descriptors close.
+        tracing::info!(
+            "exiting; programs and maps stay in place for the next agent (--keep-on-exit); \
+             `extproxy cleanup` removes them"
+        );
+        return Ok(());
+    }
+    for a in attached {
+        let iface = a.iface.clone();
+        loader::detach(&mut ebpf, a).with_context(|| format!("detaching from {iface}"))?;
+    }
+    drop(agent);
+    drop(ebpf);
+    pins::remove_all(&dp.pin_dir)?;
+    let _ = std::fs::remove_dir(&dp.pin_dir);
+    let _ = std::fs::remove_file(extproxy::state::path(&dp.state_dir));
+    tracing::info!("detached and cleaned up");
+    Ok(())
+}
+
+fn translate_set(set: &ManifestSet, node: &NodeInfo, settings: &Settings) -> Translation {
+    let (inventory, diagnostics) = set.inventory();
+    let mut t = translate::translate(&inventory, node, settings);
+    let mut all = diagnostics;
+    all.append(&mut t.diagnostics);
+    t.diagnostics = all;
+    t
+}
+
+fn cleanup(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {
+    let removed = pins::remove_all(pin_dir)
+        .with_context(|| format!("removing pins in {}", pin_dir.display()))?;
+    let _ = std::fs::remove_dir(pin_dir);
+    let _ = std::fs::remove_file(extproxy::state::path(state_dir));
+    if removed.is_empty() {
+        println!("nothing pinned in {}", pin_dir.display());
+    } else {
+        println!(
+            "removed {} pin(s) from {}; programs detached",
+            removed.len(),
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn list(addrs: &[IpAddr]) -> String {
+    if addrs.is_empty() {
+        return "none".into();
+    }
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }

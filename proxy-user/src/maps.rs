@@ -225,6 +225,21 @@ impl DatapathMaps {
             })
     }
 
+    /// Deletes a conntrack entry (already gone is fine: the data path may have beaten us).
+    pub fn remove_ct(&mut self, key: &CtKey) -> Result<(), MapsError> {
+        ignore_missing(self.ct.remove(key)).map_err(|source| MapsError::Map {
+            name: MAP_CT,
+            source,
+        })
+    }
+
+    pub fn remove_revnat(&mut self, key: &RevNatKey) -> Result<(), MapsError> {
+        ignore_missing(self.revnat.remove(key)).map_err(|source| MapsError::Map {
+            name: MAP_REVNAT,
+            source,
+        })
+    }
+
     pub fn reverse_nat(&self) -> Result<Vec<(RevNatKey, RevNatValue)>, MapsError> {
         self.revnat
             .iter()

@@ -1104,3 +1104,44 @@ fn fragments_follow_their_first_fragment() {
 fn pseudo_v4(s: [u8; 4], d: [u8; 4], proto: u8, len: usize) -> u32 {
     sum16(&s, sum16(&d, proto as u32 + len as u32))
 }
+
+#[test]
+fn without_xdp_tx_xdp_leaves_sending_back_out_to_tc() {
+    let node = TestNode::new();
+    let mut dp = Datapath::load_with(Config {
+        flags: 0,
+        ..Config::DEFAULT
+    });
+    tcp_service(&mut dp);
+    // A NodePort SYN from outside: XDP could only send it by XDP_TX, so it passes it on whole.
+    let syn = outside_syn(32000);
+    let run = dp.xdp(node.uplink, &syn);
+    assert_eq!((run.verdict, run.out == syn), (XDP_PASS, true));
+    assert!(dp.ct_entries().is_empty());
+    // TC translates and redirects it out of the uplink.
+    let run = dp.tc_ingress(node.uplink, &syn);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let out = decode(&run.out);
+    // The endpoint's answer to an outside client: XDP passes it, TC sends it back out.
+    let synack = from_outside(
+        &out.dst.to_string(),
+        NODE_V4,
+        tcp_seg(8080, out.sport, 9, 2, SYN | ACK, &[]),
+        TCP,
+    );
+    let run = dp.xdp(node.uplink, &synack);
+    assert_eq!((run.verdict, run.out == synack), (XDP_PASS, true));
+    let run = dp.tc_ingress(node.uplink, &synack);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(decode(&run.out).dst, ip(CLIENT_EXT));
+    // A reply to a pod needs no XDP_TX: XDP still translates it.
+    let out = decode(&dp.tc_egress(node.uplink, &pod_syn(40005)).out);
+    let synack = from_outside(
+        &out.dst.to_string(),
+        NODE_V4,
+        tcp_seg(8080, out.sport, 9, 2, SYN | ACK, &[]),
+        TCP,
+    );
+    let d = decode(&dp.xdp(node.uplink, &synack).out);
+    assert_eq!(d.dst, ip(POD_V4));
+}

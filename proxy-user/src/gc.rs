@@ -1,0 +1,88 @@
+//! Conntrack garbage collection. The data path ages entries lazily (on lookup) and the maps are
+//! LRU, but idle expired entries would still hold SNAT ports and map slots until something
+//! evicts them; the agent sweeps them and reports how full the tables are.
+
+use std::collections::{HashMap, HashSet};
+
+use proxy_common::*;
+
+use crate::maps::{DatapathMaps, MapsError};
+
+/// Mirrors the data path's `conntrack::timeout`.
+pub fn timeout(cfg: &Config, proto: u8, flags: u8) -> u32 {
+    let closed = flags & CT_F_RST != 0
+        || flags & (CT_F_CLIENT_FIN | CT_F_BACKEND_FIN) == (CT_F_CLIENT_FIN | CT_F_BACKEND_FIN);
+    if proto == PROTO_TCP {
+        if closed {
+            cfg.tcp_closing_timeout
+        } else if flags & CT_F_SEEN_REPLY == 0 {
+            cfg.tcp_syn_timeout
+        } else {
+            cfg.tcp_established_timeout
+        }
+    } else if flags & CT_F_SEEN_REPLY != 0 {
+        cfg.udp_stream_timeout
+    } else {
+        cfg.udp_timeout
+    }
+}
+
+pub fn is_expired(cfg: &Config, key: &CtKey, ct: &CtValue, now: u32) -> bool {
+    now.wrapping_sub(ct.last_seen) > timeout(cfg, key.proto, ct.flags)
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcReport {
+    pub ct_entries: usize,
+    pub ct_expired: usize,
+    pub revnat_entries: usize,
+    pub revnat_orphans: usize,
+}
+
+/// Keeps reverse-NAT entries without a flow for one round before deleting them: the data path
+/// inserts the reverse entry an instant before the conntrack entry, and a sweep landing in
+/// between must not take a live flow's port.
+#[derive(Default)]
+pub struct Collector {
+    suspects: HashSet<RevNatKey>,
+}
+
+impl Collector {
+    pub fn sweep(
+        &mut self,
+        maps: &mut DatapathMaps,
+        cfg: &Config,
+        now: u32,
+    ) -> Result<GcReport, MapsError> {
+        let mut report = GcReport::default();
+        let ct = maps.conntrack()?;
+        report.ct_entries = ct.len();
+        // Live flow -> the SNAT address and port it holds.
+        let mut live = HashMap::with_capacity(ct.len());
+        for (key, value) in &ct {
+            if is_expired(cfg, key, value, now) {
+                maps.remove_ct(key)?;
+                report.ct_expired += 1;
+            } else {
+                live.insert(*key, (value.snat, value.snat_port));
+            }
+        }
+        let revnat = maps.reverse_nat()?;
+        report.revnat_entries = revnat.len();
+        let mut suspects = HashSet::new();
+        for (key, value) in revnat {
+            let owned = live.get(&value.ct_key(key.proto)) == Some(&(key.snat, key.snat_port));
+            if owned {
+                continue;
+            }
+            if self.suspects.contains(&key) {
+                maps.remove_revnat(&key)?;
+                report.revnat_orphans += 1;
+            } else {
+                suspects.insert(key);
+            }
+        }
+        self.suspects = suspects;
+        Ok(report)
+    }
+}

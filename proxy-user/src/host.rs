@@ -1,0 +1,183 @@
+//! What the agent needs to know about the node: interface addresses, sysctls, the clock.
+
+use std::{
+    ffi::CStr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::RangeInclusive,
+};
+
+/// Global unicast addresses of an interface, IPv4 first, in the kernel's order.
+pub fn interface_addresses(iface: &str) -> std::io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null()
+            || unsafe { CStr::from_ptr(ifa.ifa_name) }.to_bytes() != iface.as_bytes()
+        {
+            continue;
+        }
+        match unsafe { (*ifa.ifa_addr).sa_family } as i32 {
+            libc::AF_INET => {
+                let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr))));
+            }
+            libc::AF_INET6 => {
+                let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                let a = Ipv6Addr::from(sa.sin6_addr.s6_addr);
+                // Link-local addresses cannot be NodePort or egress addresses.
+                if a.segments()[0] & 0xffc0 != 0xfe80 {
+                    out.push(IpAddr::V6(a));
+                }
+            }
+            _ => {}
+        }
+    }
+    unsafe { libc::freeifaddrs(head) };
+    out.sort_by_key(|a| a.is_ipv6());
+    Ok(out)
+}
+
+/// The driver behind an interface (ETHTOOL_GDRVINFO), e.g. "veth", "mlx5_core", "virtio_net".
+pub fn driver(iface: &str) -> Option<String> {
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = iface.as_bytes();
+    if name.len() >= ifr.ifr_name.len() {
+        return None;
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = &mut info as *mut DrvInfo as *mut libc::c_char;
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return None;
+    }
+    let ret = unsafe { libc::ioctl(sock, SIOCETHTOOL as _, &mut ifr) };
+    unsafe { libc::close(sock) };
+    if ret != 0 {
+        return None;
+    }
+    let end = info
+        .driver
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+fn read_sysctl(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// Problems with the node's settings that would make the data path fail, each with its fix.
+pub fn check_sysctls(v4: bool, v6: bool, snat: &RangeInclusive<u16>) -> Vec<String> {
+    let mut warnings = Vec::new();
+    // The FIB lookups the programs do refuse to route when forwarding is off.
+    if v4 && read_sysctl("/proc/sys/net/ipv4/ip_forward").as_deref() == Some("0") {
+        warnings.push(
+            "net.ipv4.ip_forward is 0: the data path cannot forward to endpoints (fix: sysctl -w net.ipv4.ip_forward=1)".to_owned(),
+        );
+    }
+    if v6 && read_sysctl("/proc/sys/net/ipv6/conf/all/forwarding").as_deref() == Some("0") {
+        warnings.push(
+            "net.ipv6.conf.all.forwarding is 0: IPv6 Services cannot be forwarded (fix: sysctl -w net.ipv6.conf.all.forwarding=1)".to_owned(),
+        );
+    }
+    if let Some(range) = read_sysctl("/proc/sys/net/ipv4/ip_local_port_range") {
+        let mut parts = range
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u16>().ok());
+        if let (Some(lo), Some(hi)) = (parts.next(), parts.next()) {
+            let reserved =
+                read_sysctl("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default();
+            if lo <= *snat.end() && *snat.start() <= hi && !covers(&reserved, snat) {
+                warnings.push(format!(
+                    "SNAT ports {}-{} overlap the node's ephemeral ports ({lo}-{hi}): a local socket \
+                     could pick a port extproxy uses and lose its replies (fix: --snat-ports above {hi}, \
+                     or sysctl -w net.ipv4.ip_local_reserved_ports={}-{})",
+                    snat.start(),
+                    snat.end(),
+                    snat.start(),
+                    snat.end()
+                ));
+            }
+        }
+    }
+    warnings
+}
+
+/// Whether `ip_local_reserved_ports` (e.g. "61000-65535,7000") reserves the whole range.
+fn covers(reserved: &str, range: &RangeInclusive<u16>) -> bool {
+    reserved.split(',').any(|part| {
+        let mut it = part.trim().split('-').filter_map(|p| p.parse::<u16>().ok());
+        match (it.next(), it.next()) {
+            (Some(lo), Some(hi)) => lo <= *range.start() && *range.end() <= hi,
+            (Some(p), None) => range.start() == range.end() && p == *range.start(),
+            _ => false,
+        }
+    })
+}
+
+/// Seconds of CLOCK_MONOTONIC_COARSE: the clock behind bpf_ktime_get_coarse_ns, which stamps
+/// conntrack entries.
+pub fn monotonic_secs() -> u32 {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_port_lists_cover_ranges() {
+        assert!(covers("61000-65535", &(61000..=65535)));
+        assert!(covers("1000,61000-65535", &(62000..=63000)));
+        assert!(!covers("61000-62000", &(61000..=65535)));
+        assert!(!covers("", &(61000..=65535)));
+    }
+
+    #[test]
+    fn loopback_driver_is_reported() {
+        // lo has no ethtool driver info; the call must fail cleanly rather than panic.
+        let _ = driver("lo");
+        assert_eq!(driver("no-such-interface-xyz"), None);
+    }
+
+    #[test]
+    fn loopback_has_addresses() {
+        assert!(
+            interface_addresses("lo")
+                .unwrap()
+                .contains(&"127.0.0.1".parse().unwrap())
+        );
+    }
+}

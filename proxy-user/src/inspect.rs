@@ -1,0 +1,452 @@
+//! `extproxy inspect`: what the kernel maps hold, joined with the names the agent published.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, path::Path};
+
+use proxy_common::{user::*, *};
+use serde::Serialize;
+
+use crate::{
+    gc,
+    maps::{DatapathMaps, MapsError},
+    state::{self, AgentState},
+};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub agent: Option<AgentState>,
+    pub config: ConfigView,
+    pub services: Vec<ServiceView>,
+    pub frontends: Vec<FrontendView>,
+    pub conntrack: Vec<FlowView>,
+    pub drops: BTreeMap<String, u64>,
+    pub events: BTreeMap<String, u64>,
+    pub fill: Vec<FillView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConfigView {
+    pub abi_version: u32,
+    pub snat_ports: String,
+    pub timeouts: BTreeMap<&'static str, u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceView {
+    pub id: u32,
+    pub name: String,
+    pub egress: Option<IpAddr>,
+    pub affinity_timeout: u32,
+    pub endpoints: Vec<EndpointView>,
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    pub rev_packets: u64,
+    pub rev_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndpointView {
+    pub backend_id: u32,
+    pub address: String,
+    pub state: &'static str,
+    pub generation: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FrontendView {
+    pub address: String,
+    pub protocol: &'static str,
+    pub kind: &'static str,
+    pub service_id: u32,
+    pub service: String,
+    pub source_ranges: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlowView {
+    pub protocol: &'static str,
+    pub client: String,
+    pub frontend: String,
+    pub endpoint: String,
+    pub snat: String,
+    pub service: String,
+    pub state: String,
+    pub age_secs: u32,
+    pub idle_secs: u32,
+    pub expires_in_secs: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FillView {
+    pub map: &'static str,
+    pub entries: usize,
+    pub max_entries: u32,
+}
+
+fn sock(addr: &Addr, port_net: u16) -> String {
+    match addr.to_ip() {
+        IpAddr::V4(a) => format!("{a}:{}", port_host(port_net)),
+        IpAddr::V6(a) => format!("[{a}]:{}", port_host(port_net)),
+    }
+}
+
+fn backend_state(s: u8) -> &'static str {
+    match s {
+        x if x == BackendState::Active as u8 => "active",
+        x if x == BackendState::Draining as u8 => "draining",
+        _ => "free",
+    }
+}
+
+fn flow_state(proto: u8, flags: u8) -> String {
+    let mut parts = Vec::new();
+    if proto == PROTO_TCP {
+        if flags & CT_F_RST != 0 {
+            parts.push("reset");
+        } else if flags & (CT_F_CLIENT_FIN | CT_F_BACKEND_FIN)
+            == (CT_F_CLIENT_FIN | CT_F_BACKEND_FIN)
+        {
+            parts.push("closed");
+        } else if flags & (CT_F_CLIENT_FIN | CT_F_BACKEND_FIN) != 0 {
+            parts.push("closing");
+        } else if flags & CT_F_SEEN_REPLY != 0 {
+            parts.push("established");
+        } else {
+            parts.push("syn-sent");
+        }
+    } else {
+        parts.push(if flags & CT_F_SEEN_REPLY != 0 {
+            "replied"
+        } else {
+            "unreplied"
+        });
+    }
+    parts.join(",")
+}
+
+pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
+    let maps = DatapathMaps::from_pinned(pin_dir)?;
+    let agent = state::read(state_dir).ok();
+    let names: BTreeMap<u32, String> = agent
+        .iter()
+        .flat_map(|a| a.services.iter().map(|s| (s.id, s.display())))
+        .collect();
+    let name_of = |id: u32| {
+        names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("service #{id}"))
+    };
+    let cfg = maps.config()?;
+    let snap = maps.snapshot()?;
+
+    let mut endpoints: BTreeMap<u32, Vec<EndpointView>> = BTreeMap::new();
+    for (id, b) in &snap.backends {
+        if b.state == BackendState::Free as u8 {
+            continue;
+        }
+        endpoints
+            .entry(b.service_id)
+            .or_default()
+            .push(EndpointView {
+                backend_id: *id,
+                address: sock(&b.addr, b.port),
+                state: backend_state(b.state),
+                generation: b.generation,
+            });
+    }
+    let ids: Vec<u32> = snap.services.iter().map(|(id, _)| *id).collect();
+    let stats: BTreeMap<u32, ServiceStats> = maps.service_stats(&ids)?.into_iter().collect();
+    let services = snap
+        .services
+        .iter()
+        .map(|(id, v)| {
+            let s = stats.get(id).copied().unwrap_or_default();
+            ServiceView {
+                id: *id,
+                name: name_of(*id),
+                egress: (!v.egress.is_zero()).then(|| v.egress.to_ip()),
+                affinity_timeout: v.affinity_timeout,
+                endpoints: endpoints.remove(id).unwrap_or_default(),
+                fwd_packets: s.fwd_packets,
+                fwd_bytes: s.fwd_bytes,
+                rev_packets: s.rev_packets,
+                rev_bytes: s.rev_bytes,
+            }
+        })
+        .collect();
+    let mut frontends: Vec<FrontendView> = snap
+        .frontends
+        .iter()
+        .map(|(k, v)| FrontendView {
+            address: sock(&k.addr, k.port),
+            protocol: proto_name(k.proto),
+            kind: FrontendKind::from_u8(v.kind).map_or("?", FrontendKind::name),
+            service_id: v.service_id,
+            service: name_of(v.service_id),
+            source_ranges: v.flags & FE_F_SOURCE_RANGES != 0,
+        })
+        .collect();
+    frontends.sort_by(|a, b| (a.service_id, &a.address).cmp(&(b.service_id, &b.address)));
+
+    let now = crate::host::monotonic_secs();
+    let ct = maps.conntrack()?;
+    let conntrack = ct
+        .iter()
+        .map(|(k, v)| FlowView {
+            protocol: proto_name(k.proto),
+            client: sock(&k.src, k.sport),
+            frontend: sock(&k.dst, k.dport),
+            endpoint: sock(&v.backend, v.backend_port),
+            snat: sock(&v.snat, v.snat_port),
+            service: name_of(v.service_id),
+            state: flow_state(k.proto, v.flags),
+            age_secs: now.wrapping_sub(v.created),
+            idle_secs: now.wrapping_sub(v.last_seen),
+            expires_in_secs: gc::timeout(&cfg, k.proto, v.flags) as i64
+                - now.wrapping_sub(v.last_seen) as i64,
+        })
+        .collect();
+
+    let mut drops = BTreeMap::new();
+    let mut events = BTreeMap::new();
+    for (c, n) in maps.counters()? {
+        let target = if c.is_drop() { &mut drops } else { &mut events };
+        target.insert(c.name().to_owned(), n);
+    }
+    let revnat = maps.reverse_nat()?.len();
+    let fill = vec![
+        FillView {
+            map: MAP_CT,
+            entries: ct.len(),
+            max_entries: maps.max_entries(MAP_CT),
+        },
+        FillView {
+            map: MAP_REVNAT,
+            entries: revnat,
+            max_entries: maps.max_entries(MAP_REVNAT),
+        },
+        FillView {
+            map: MAP_SERVICES,
+            entries: snap.services.len(),
+            max_entries: maps.max_entries(MAP_SERVICES),
+        },
+        FillView {
+            map: MAP_FRONTENDS,
+            entries: snap.frontends.len(),
+            max_entries: maps.max_entries(MAP_FRONTENDS),
+        },
+        FillView {
+            map: MAP_BACKENDS,
+            entries: snap
+                .backends
+                .iter()
+                .filter(|(_, b)| b.state != BackendState::Free as u8)
+                .count(),
+            max_entries: maps.max_entries(MAP_BACKENDS),
+        },
+    ];
+    Ok(Report {
+        agent,
+        config: ConfigView {
+            abi_version: cfg.abi_version,
+            snat_ports: format!("{}-{}", cfg.snat_port_min, cfg.snat_port_max),
+            timeouts: BTreeMap::from([
+                ("tcp_syn", cfg.tcp_syn_timeout),
+                ("tcp_established", cfg.tcp_established_timeout),
+                ("tcp_closing", cfg.tcp_closing_timeout),
+                ("udp", cfg.udp_timeout),
+                ("udp_stream", cfg.udp_stream_timeout),
+            ]),
+        },
+        services,
+        frontends,
+        conntrack,
+        drops,
+        events,
+        fill,
+    })
+}
+
+/// Columns padded to their widest cell.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        let _ = writeln!(out, "  {}", padded.join("  ").trim_end());
+    };
+    line(headers.to_vec(), &mut out);
+    for r in rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    if let Some(a) = &report.agent {
+        let _ = writeln!(
+            out,
+            "agent pid {} ({}) on {}; egress {}; NodePort addresses {}",
+            a.pid,
+            a.source,
+            a.interfaces.join(","),
+            join(&a.egress),
+            join(&a.node_addresses)
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "no agent state file: names unknown (is extproxy running?)"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "SNAT ports {}, ABI {}\n\nSERVICES",
+        report.config.snat_ports, report.config.abi_version
+    );
+    let rows: Vec<Vec<String>> = report
+        .services
+        .iter()
+        .map(|s| {
+            let active = s.endpoints.iter().filter(|e| e.state == "active").count();
+            let eps: Vec<String> = s
+                .endpoints
+                .iter()
+                .map(|e| {
+                    if e.state == "active" {
+                        e.address.clone()
+                    } else {
+                        format!("{} ({})", e.address, e.state)
+                    }
+                })
+                .collect();
+            vec![
+                s.id.to_string(),
+                s.name.clone(),
+                s.egress.map_or("NONE (rejects)".into(), |e| e.to_string()),
+                if active == 0 {
+                    "none (rejects)".into()
+                } else {
+                    eps.join(" ")
+                },
+                if s.affinity_timeout == 0 {
+                    "-".into()
+                } else {
+                    format!("ClientIP {}s", s.affinity_timeout)
+                },
+                format!("{}/{}", s.fwd_packets, s.fwd_bytes),
+                format!("{}/{}", s.rev_packets, s.rev_bytes),
+            ]
+        })
+        .collect();
+    out += &table(
+        &[
+            "ID",
+            "SERVICE",
+            "EGRESS",
+            "ENDPOINTS",
+            "AFFINITY",
+            "PKTS/BYTES OUT",
+            "PKTS/BYTES BACK",
+        ],
+        &rows,
+    );
+    let _ = writeln!(out, "\nFRONTENDS");
+    let rows: Vec<Vec<String>> = report
+        .frontends
+        .iter()
+        .map(|f| {
+            vec![
+                format!("{}/{}", f.address, f.protocol),
+                f.kind.to_owned(),
+                f.service.clone(),
+                if f.source_ranges {
+                    "source ranges".into()
+                } else {
+                    String::new()
+                },
+            ]
+        })
+        .collect();
+    out += &table(&["FRONTEND", "KIND", "SERVICE", ""], &rows);
+    let _ = writeln!(out, "\nCONNTRACK ({} flows)", report.conntrack.len());
+    let rows: Vec<Vec<String>> = report
+        .conntrack
+        .iter()
+        .map(|c| {
+            vec![
+                c.protocol.to_owned(),
+                c.client.clone(),
+                c.frontend.clone(),
+                c.snat.clone(),
+                c.endpoint.clone(),
+                c.state.clone(),
+                format!("{}s", c.age_secs),
+                format!("{}s", c.expires_in_secs.max(0)),
+            ]
+        })
+        .collect();
+    out += &table(
+        &[
+            "PROTO", "CLIENT", "FRONTEND", "SNAT", "ENDPOINT", "STATE", "AGE", "EXPIRES",
+        ],
+        &rows,
+    );
+    let _ = writeln!(out, "\nDROPS");
+    let rows: Vec<Vec<String>> = report
+        .drops
+        .iter()
+        .map(|(k, v)| vec![k.clone(), v.to_string()])
+        .collect();
+    out += &table(&["REASON", "PACKETS"], &rows);
+    let _ = writeln!(out, "\nEVENTS");
+    let rows: Vec<Vec<String>> = report
+        .events
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| vec![k.clone(), v.to_string()])
+        .collect();
+    out += &table(&["EVENT", "COUNT"], &rows);
+    let _ = writeln!(out, "\nMAP FILL");
+    let rows: Vec<Vec<String>> = report
+        .fill
+        .iter()
+        .map(|f| {
+            vec![
+                f.map.to_owned(),
+                format!("{} / {}", f.entries, f.max_entries),
+            ]
+        })
+        .collect();
+    out += &table(&["MAP", "ENTRIES"], &rows);
+    if let Some(a) = &report.agent
+        && !a.diagnostics.is_empty()
+    {
+        let _ = writeln!(out, "\nDIAGNOSTICS");
+        for d in &a.diagnostics {
+            let _ = writeln!(out, "  {d}");
+        }
+    }
+    out
+}
+
+fn join(addrs: &[IpAddr]) -> String {
+    if addrs.is_empty() {
+        return "-".into();
+    }
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -1,0 +1,66 @@
+//! What a running agent publishes for `extproxy inspect` and for people: which Service port each
+//! service id is, and the open diagnostics. The maps hold numbers; this file holds the names.
+//!
+//! Written atomically (temp file + rename) after every change that touches it.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+pub const STATE_FILE: &str = "state.json";
+pub const DEFAULT_STATE_DIR: &str = "/run/extproxy";
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentState {
+    pub pid: u32,
+    /// "manifests:/path" or "kubernetes:<node>".
+    pub source: String,
+    pub interfaces: Vec<String>,
+    pub egress: Vec<IpAddr>,
+    pub node_addresses: Vec<IpAddr>,
+    pub services: Vec<ServiceName>,
+    pub diagnostics: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceName {
+    pub id: u32,
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+    pub protocol: String,
+    pub family: String,
+}
+
+impl ServiceName {
+    pub fn display(&self) -> String {
+        let port = if self.port_name.is_empty() {
+            "-"
+        } else {
+            &self.port_name
+        };
+        format!(
+            "{}/{}:{}/{}/{}",
+            self.namespace, self.name, port, self.protocol, self.family
+        )
+    }
+}
+
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join(STATE_FILE)
+}
+
+pub fn write(dir: &Path, state: &AgentState) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
+    std::fs::rename(&tmp, path(dir))
+}
+
+pub fn read(dir: &Path) -> std::io::Result<AgentState> {
+    let bytes = std::fs::read(path(dir))?;
+    serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+}
