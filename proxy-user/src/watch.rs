@@ -31,6 +31,10 @@ pub struct DirWatcher {
     _watcher: notify::RecommendedWatcher,
     events: mpsc::UnboundedReceiver<Vec<PathBuf>>,
     stamps: BTreeMap<PathBuf, Stamp>,
+    /// Events received but not yet handled. Kept here, not in the future: the agent's select!
+    /// drops `next()` whenever another branch wins, and an event held only by the dropped
+    /// future would be lost.
+    pending: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -77,6 +81,7 @@ impl DirWatcher {
             _watcher: watcher,
             events,
             stamps: BTreeMap::new(),
+            pending: None,
         };
         w.stamps = w.scan();
         Ok(w)
@@ -108,14 +113,19 @@ impl DirWatcher {
         out
     }
 
-    /// Waits until the directory changed and returns which manifest files did.
+    /// Waits until the directory changed and returns which manifest files did. Cancellation
+    /// safe: every await happens before any state is taken out of `self`.
     pub async fn next(&mut self) -> Changes {
         loop {
-            let Some(mut named) = self.events.recv().await else {
-                // The watcher is gone; never wake again.
-                return std::future::pending().await;
-            };
+            if self.pending.is_none() {
+                let Some(named) = self.events.recv().await else {
+                    // The watcher is gone; never wake again.
+                    return std::future::pending().await;
+                };
+                self.pending = Some(named);
+            }
             tokio::time::sleep(DEBOUNCE).await;
+            let mut named = self.pending.take().unwrap_or_default();
             while let Ok(paths) = self.events.try_recv() {
                 named.extend(paths);
             }
@@ -136,5 +146,36 @@ impl DirWatcher {
                 return changes;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_change_survives_a_cancelled_wait() {
+        let dir = std::env::temp_dir().join(format!("extproxy-watch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = DirWatcher::new(&dir).unwrap();
+        std::fs::write(dir.join("svc.yaml"), "kind: Service\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Cancelled inside the debounce, after the event was taken from the channel, as the
+        // agent's select! does when its GC tick fires.
+        let cancelled = tokio::time::timeout(Duration::from_millis(5), w.next()).await;
+        assert!(cancelled.is_err());
+        let changes = tokio::time::timeout(Duration::from_secs(1), w.next())
+            .await
+            .expect("the change was lost");
+        assert_eq!(changes.updated, vec![dir.join("svc.yaml")]);
+        // Reading the file (as the agent does) must not wake the watcher again.
+        let _ = std::fs::read_to_string(dir.join("svc.yaml")).unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), w.next())
+                .await
+                .is_err()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod netns;
 pub mod packet;
+pub mod topo;
 
 use std::{net::IpAddr, process::Command};
 

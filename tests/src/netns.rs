@@ -38,7 +38,10 @@ pub struct NamedNetns {
 impl NamedNetns {
     pub fn new(name: &str) -> Self {
         // A previous run killed mid-test may have left it: start clean.
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(std::process::Stdio::null())
+            .status();
         let ok = Command::new("ip")
             .args(["netns", "add", name])
             .status()

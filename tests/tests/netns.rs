@@ -1,0 +1,433 @@
+//! Network-namespace tests: a pod, a node running the real `extproxy` binary on its uplink, and
+//! an outside network with endpoints and clients; real TCP and UDP through Service addresses,
+//! asserting what the far side saw. Needs root; each test builds and deletes its own namespaces.
+
+use std::time::Duration;
+
+use extproxy_tests::topo::*;
+
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// A selector-less Service with every frontend kind and an EndpointSlice.
+fn service_yaml(name: &str, extra_spec: &str, endpoints: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: demo}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [192.0.2.60]
+  ports:
+    - {{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}
+    - {{name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}}
+{extra_spec}
+status:
+  loadBalancer:
+    ingress: [{{ip: 192.0.2.50}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: demo
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports:
+  - {{name: http, port: 8080, protocol: TCP}}
+  - {{name: dns, port: 5353, protocol: UDP}}
+endpoints:
+{endpoints}
+"#
+    )
+}
+
+fn endpoint(ip: &str, ready: bool, serving: bool, terminating: bool) -> String {
+    format!(
+        "  - addresses: [\"{ip}\"]\n    conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n"
+    )
+}
+
+fn ready(ip: &str) -> String {
+    endpoint(ip, true, true, false)
+}
+
+fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().unwrap()
+}
+
+fn assert_snat(seen: &Seen, ep: &str) {
+    assert_eq!(
+        seen.peer_ip,
+        ip(NODE),
+        "the endpoint must see the node's egress IP"
+    );
+    assert!(
+        (61000..=65535).contains(&seen.peer_port),
+        "SNAT port {}",
+        seen.peer_port
+    );
+    assert_eq!(seen.endpoint, ip(ep));
+}
+
+#[test]
+fn every_frontend_kind_over_tcp_and_udp() {
+    let t = Topology::new("kinds");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080), (EP1, 5353)]);
+    t.write_manifest("svc.yaml", &service_yaml("web", "", &ready(EP1)));
+    let agent = t.start_agent(&[]);
+
+    // A pod to the ClusterIP (TC egress on the uplink).
+    assert_snat(&tcp_once(&t.pod.name, None, "10.96.0.10", 80).unwrap(), EP1);
+    assert_snat(&udp_once(&t.pod.name, None, "10.96.0.10", 53).unwrap(), EP1);
+    // A process on the node itself to the ClusterIP.
+    assert_snat(
+        &tcp_once(&t.node.name, None, "10.96.0.10", 80).unwrap(),
+        EP1,
+    );
+    // Outside clients to the NodePort, the LoadBalancer IP and the externalIP.
+    for (dst, port) in [(NODE, 30080), ("192.0.2.50", 80), ("192.0.2.60", 80)] {
+        assert_snat(
+            &tcp_once(&t.ext.name, Some(CLIENT), dst, port).unwrap(),
+            EP1,
+        );
+    }
+    assert_snat(
+        &udp_once(&t.ext.name, Some(CLIENT), NODE, 30053).unwrap(),
+        EP1,
+    );
+
+    let report = agent.inspect();
+    let svc = &report["services"][0];
+    assert!(svc["fwd_packets"].as_u64().unwrap() > 0 && svc["rev_packets"].as_u64().unwrap() > 0);
+    assert_eq!(
+        report["drops"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum::<u64>(),
+        0
+    );
+    let text = agent.inspect_text();
+    assert!(text.contains("demo/web:http/TCP/IPv4"), "{text}");
+    let log = agent.stop();
+    assert!(log.contains("detached and cleaned up"), "{log}");
+    assert!(!t.pin_dir().join("CT").exists(), "pins removed on exit");
+}
+
+#[test]
+fn source_ranges_admit_one_client_and_refuse_another() {
+    let t = Topology::new("ranges");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080)]);
+    t.write_manifest(
+        "svc.yaml",
+        &service_yaml(
+            "lb",
+            "  loadBalancerSourceRanges: [198.51.100.9/32]",
+            &ready(EP1),
+        ),
+    );
+    let agent = t.start_agent(&[]);
+    assert_snat(
+        &tcp_once(&t.ext.name, Some(CLIENT), "192.0.2.50", 80).unwrap(),
+        EP1,
+    );
+    let refused = TcpClient::connect(
+        &t.ext.name,
+        Some(CLIENT2),
+        "192.0.2.50",
+        80,
+        Duration::from_secs(1),
+    );
+    assert!(
+        refused.is_err(),
+        "a client outside the source ranges got through"
+    );
+    assert!(agent.counter("source_range_denied") >= 1);
+    // Source ranges restrict the LoadBalancer address only (as in kube-proxy).
+    assert_snat(
+        &tcp_once(&t.ext.name, Some(CLIENT2), NODE, 30080).unwrap(),
+        EP1,
+    );
+}
+
+#[test]
+fn endpoint_changes_keep_a_long_connection_up() {
+    let t = Topology::new("churn");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080), (EP2, 8080), (EP3, 8080)]);
+    t.write_manifest("svc.yaml", &service_yaml("churn", "", &ready(EP1)));
+    let agent = t.start_agent(&[]);
+    let mut long =
+        TcpClient::connect(&t.pod.name, None, "10.96.0.10", 80, Duration::from_secs(3)).unwrap();
+    assert_eq!(long.exchange("1").unwrap().endpoint, ip(EP1));
+
+    let changed = |n: usize| agent.wait_for_log_count("manifests changed", n, SETTLE);
+    // Added: new connections spread, the long one stays on EP1.
+    t.write_manifest(
+        "svc.yaml",
+        &service_yaml("churn", "", &(ready(EP1) + &ready(EP2))),
+    );
+    changed(1);
+    let seen: std::collections::HashSet<_> = (0..24)
+        .map(|_| {
+            tcp_once(&t.pod.name, None, "10.96.0.10", 80)
+                .unwrap()
+                .endpoint
+        })
+        .collect();
+    assert_eq!(seen, [ip(EP1), ip(EP2)].into_iter().collect());
+    assert_eq!(long.exchange("2").unwrap().endpoint, ip(EP1));
+
+    // EP1 terminating: no new flows, the established one keeps going.
+    t.write_manifest(
+        "svc.yaml",
+        &service_yaml(
+            "churn",
+            "",
+            &(endpoint(EP1, false, true, true) + &ready(EP2)),
+        ),
+    );
+    changed(2);
+    for _ in 0..12 {
+        assert_eq!(
+            tcp_once(&t.pod.name, None, "10.96.0.10", 80)
+                .unwrap()
+                .endpoint,
+            ip(EP2)
+        );
+    }
+    assert_eq!(long.exchange("3").unwrap().endpoint, ip(EP1));
+
+    // EP1 removed: its connection ends cleanly (reset), it does not hang.
+    t.write_manifest(
+        "svc.yaml",
+        &service_yaml("churn", "", &(ready(EP2) + &ready(EP3))),
+    );
+    changed(3);
+    let err = long
+        .exchange("4")
+        .expect_err("the removed endpoint's connection must end");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+        ),
+        "ended with {err:?}"
+    );
+    assert!(agent.counter("endpoint_removed") >= 1);
+}
+
+#[test]
+fn no_endpoints_is_refused_not_black_holed() {
+    let t = Topology::new("empty");
+    t.write_manifest(
+        "svc.yaml",
+        &service_yaml("empty", "", "  []\n").replace("endpoints:\n  []", "endpoints: []"),
+    );
+    let agent = t.start_agent(&[]);
+    let start = std::time::Instant::now();
+    let err = TcpClient::connect(&t.pod.name, None, "10.96.0.10", 80, Duration::from_secs(3))
+        .err()
+        .expect("refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "refused at once, not after a timeout"
+    );
+    let err = tcp_once(&t.ext.name, Some(CLIENT), NODE, 30080)
+        .err()
+        .expect("refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    let err = udp_once(&t.pod.name, None, "10.96.0.10", 53)
+        .err()
+        .expect("port unreachable");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert!(agent.counter("no_endpoints") >= 3);
+}
+
+#[test]
+fn ipv6_services() {
+    let t = Topology::new("v6");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1_6, 8443)]);
+    t.write_manifest(
+        "svc.yaml",
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: web6, namespace: demo}
+spec:
+  type: NodePort
+  ipFamilies: [IPv6]
+  clusterIP: fd00:10:96::10
+  ports: [{name: https, port: 443, targetPort: 8443, nodePort: 30443}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web6-1, namespace: demo, labels: {kubernetes.io/service-name: web6}}
+addressType: IPv6
+ports: [{name: https, port: 8443}]
+endpoints: [{addresses: ["2001:db8:e::7"]}]
+"#,
+    );
+    let _agent = t.start_agent(&[]);
+    for (ns, bind, dst, port) in [
+        (&t.pod.name, None, "fd00:10:96::10", 443),
+        (&t.ext.name, Some(CLIENT6), NODE6, 30443),
+    ] {
+        let seen = tcp_once(ns, bind, dst, port).unwrap();
+        assert_eq!(seen.peer_ip, ip(NODE6), "IPv6 egress address");
+        assert_eq!(seen.endpoint, ip(EP1_6));
+    }
+}
+
+#[test]
+fn xdp_tx_fast_path_and_tc_only_mode() {
+    // XDP sending translated packets back out itself (the peer runs an XDP program, as a NIC
+    // would need nothing).
+    let t = Topology::new("xdptx");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080)]);
+    t.write_manifest("svc.yaml", &service_yaml("fast", "", &ready(EP1)));
+    t.attach_xdp_pass_on_peers();
+    // With the gateway's address resolved, XDP never needs the kernel's neighbour code.
+    let gw_mac = t.ext.sh("cat /sys/class/net/ext0/address");
+    t.node.sh(&format!(
+        "ip neigh replace 10.0.0.254 lladdr {} dev up0 nud permanent",
+        gw_mac.trim()
+    ));
+    let agent = t.start_agent(&["--xdp-tx", "on"]);
+    for _ in 0..5 {
+        assert_snat(
+            &tcp_once(&t.ext.name, Some(CLIENT), NODE, 30080).unwrap(),
+            EP1,
+        );
+    }
+    assert_eq!(
+        agent.counter("xdp_pass_to_tc"),
+        0,
+        "everything handled at XDP"
+    );
+    drop(agent);
+
+    // No XDP at all: TC ingress does the ingress work.
+    let agent = t.start_agent(&["--xdp", "off"]);
+    assert!(agent.log_text().contains("XDP off"));
+    assert_snat(
+        &tcp_once(&t.ext.name, Some(CLIENT), NODE, 30080).unwrap(),
+        EP1,
+    );
+    assert_snat(&tcp_once(&t.pod.name, None, "10.96.0.10", 80).unwrap(), EP1);
+}
+
+#[test]
+fn a_restarted_agent_keeps_established_connections() {
+    let t = Topology::new("restart");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080), (EP2, 8080)]);
+    t.write_manifest("svc.yaml", &service_yaml("sticky", "", &ready(EP1)));
+    let agent = t.start_agent(&["--keep-on-exit"]);
+    let mut long =
+        TcpClient::connect(&t.pod.name, None, "10.96.0.10", 80, Duration::from_secs(3)).unwrap();
+    assert_eq!(long.exchange("before").unwrap().endpoint, ip(EP1));
+
+    // Killed hard: no cleanup runs. The pinned programs and maps keep forwarding.
+    agent.kill();
+    assert_eq!(long.exchange("while down").unwrap().endpoint, ip(EP1));
+    // An endpoint added while no agent runs.
+    t.write_manifest(
+        "svc.yaml",
+        &service_yaml("sticky", "", &(ready(EP1) + &ready(EP2))),
+    );
+
+    let agent = t.start_agent(&["--keep-on-exit"]);
+    let log = agent.log_text();
+    assert!(log.contains("adopting the maps pinned"), "{log}");
+    assert!(log.contains("took over the programs"), "{log}");
+    assert_eq!(
+        long.exchange("after").unwrap().endpoint,
+        ip(EP1),
+        "the connection survived"
+    );
+    let seen: std::collections::HashSet<_> = (0..24)
+        .map(|_| {
+            tcp_once(&t.pod.name, None, "10.96.0.10", 80)
+                .unwrap()
+                .endpoint
+        })
+        .collect();
+    assert!(
+        seen.contains(&ip(EP2)),
+        "the endpoint added while down is used"
+    );
+    drop(agent);
+    // --keep-on-exit left everything in place; cleanup removes it.
+    assert!(t.pin_dir().join("CT").exists());
+    let out = std::process::Command::new(extproxy_bin())
+        .args(["cleanup", "--pin-dir"])
+        .arg(t.pin_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!t.pin_dir().join("CT").exists());
+}
+
+#[test]
+fn the_seed_articles_manifests_unchanged() {
+    let t = Topology::new("seeds");
+    let _servers = EchoServers::start(&t.ext.name, &[("10.240.0.129", 80)]);
+    let seeds =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proxy-user/tests/fixtures/seeds");
+    for f in [
+        "000-proxy-service.yaml",
+        "000-endpointslice.yaml",
+        "001-myapp-proxy.yaml",
+    ] {
+        std::fs::copy(seeds.join(f), t.manifests().join(f)).unwrap();
+    }
+    let agent = t.start_agent(&[]);
+    let log = agent.log_text();
+    // Article 000 names its Service port "http" but not the endpoint port: kube-proxy gives it no
+    // endpoints, and so does extproxy, saying why and how to fix it.
+    assert!(
+        log.contains("port \"http\" matches no endpoint port"),
+        "{log}"
+    );
+    // Article 001's Endpoints has an invalid address, and its Ingress is not valid YAML: both
+    // named with file and line, and the rest of the file still loads.
+    assert!(
+        log.contains("subsets[0].addresses[0].ip: \"2.3.4.5k\" is not an IP address"),
+        "{log}"
+    );
+    assert!(
+        log.contains("001-myapp-proxy.yaml:34: invalid YAML"),
+        "{log}"
+    );
+    assert!(log.contains("serving Service default/myapp-proxy"), "{log}");
+    // Everything else is served: proxy-service's ClusterIP refuses rather than hangs.
+    let summary = log
+        .lines()
+        .find(|l| l.contains("serving") && l.contains("proxy-test/proxy-service"))
+        .expect(&log);
+    let cip = summary
+        .split("ClusterIP ")
+        .nth(1)
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let err = TcpClient::connect(&t.pod.name, None, &cip, 80, Duration::from_secs(3))
+        .err()
+        .expect("refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    // The fix the message suggests: name the endpoint port. Now the external service answers.
+    let fixed = std::fs::read_to_string(seeds.join("000-endpointslice.yaml"))
+        .unwrap()
+        .replace("  - port: 80", "  - port: 80\n    name: http");
+    t.write_manifest("000-endpointslice.yaml", &fixed);
+    agent.wait_for_log("resolved:", SETTLE);
+    let seen = tcp_once(&t.pod.name, None, &cip, 80).unwrap();
+    assert_eq!(
+        (seen.peer_ip, seen.endpoint),
+        (ip(NODE), ip("10.240.0.129"))
+    );
+}
