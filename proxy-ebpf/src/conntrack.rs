@@ -92,14 +92,13 @@ pub fn revnat_key(ct: &CtValue, proto: u8) -> RevNatKey {
 #[inline(always)]
 pub fn delete_flow(key: &CtKey, ct: &CtValue) {
     let rk = revnat_key(ct, key.proto);
-    if let Some(rn) = unsafe { REVNAT.get(&rk) } {
-        if rn.client == key.src
-            && rn.client_port == key.sport
-            && rn.frontend == key.dst
-            && rn.frontend_port == key.dport
-        {
-            let _ = REVNAT.remove(&rk);
-        }
+    if let Some(rn) = unsafe { REVNAT.get(&rk) }
+        && rn.client == key.src
+        && rn.client_port == key.sport
+        && rn.frontend == key.dst
+        && rn.frontend_port == key.dport
+    {
+        let _ = REVNAT.remove(&rk);
     }
     let _ = CT.remove(key);
 }

@@ -7,7 +7,6 @@
 use aya_ebpf::{
     bindings::{
         __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        xdp_md,
     },
     helpers::{
         bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_skb_adjust_room, bpf_skb_change_tail,
@@ -119,7 +118,7 @@ impl Ctx for XdpContext {
     #[inline(always)]
     fn len(&self) -> u32 {
         // Pointer arithmetic on data_end is not allowed; the helper knows the length.
-        unsafe { bpf_xdp_get_buff_len(self.ctx as *mut xdp_md) as u32 }
+        unsafe { bpf_xdp_get_buff_len(self.ctx) as u32 }
     }
     #[inline(always)]
     fn ifindex(&self) -> u32 {
@@ -141,7 +140,7 @@ impl Ctx for XdpContext {
     }
     #[inline(always)]
     fn make_room_before_ip(&self, by: u32) -> Result<(), ()> {
-        let ret = unsafe { bpf_xdp_adjust_head(self.ctx as *mut xdp_md, -(by as i32)) };
+        let ret = unsafe { bpf_xdp_adjust_head(self.ctx, -(by as i32)) };
         if ret == 0 { Ok(()) } else { Err(()) }
     }
     #[inline(always)]
@@ -151,7 +150,7 @@ impl Ctx for XdpContext {
             return Err(());
         }
         let delta = new_len as i32 - cur as i32;
-        let ret = unsafe { bpf_xdp_adjust_tail(self.ctx as *mut xdp_md, delta) };
+        let ret = unsafe { bpf_xdp_adjust_tail(self.ctx, delta) };
         if ret == 0 { Ok(()) } else { Err(()) }
     }
 }

@@ -214,14 +214,14 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, fe: &FrontendValue) -
             // Its endpoint was removed: end the connection now rather than let it hang.
             delete_flow(&s.ct_key, ct);
             count(Counter::DropEndpointRemoved);
-            return answer(ctx, cfg, &s.pkt);
+            return answer(ctx, &s.pkt);
         } else {
             count(Counter::UdpRebalanced);
             delete_flow(&s.ct_key, ct);
         }
     }
     match new_flow(ctx, cfg, s, fe, now) {
-        Action::REJECT => answer(ctx, cfg, &s.pkt),
+        Action::REJECT => answer(ctx, &s.pkt),
         Action::RACED => match CT.get_ptr_mut(&s.ct_key) {
             Some(ct) => established(ctx, cfg, s, unsafe { &mut *ct }, now),
             None => drop(Counter::DropMapUpdate),
@@ -362,11 +362,11 @@ fn new_flow<C: Ctx>(
 
 #[inline(always)]
 fn choose(service_id: u32, svc: &ServiceValue, key: &CtKey, now: u32) -> Option<Chosen> {
-    if svc.affinity_timeout != 0 {
-        if let Some(c) = lb::affinity_backend(service_id, svc.affinity_timeout, &key.src, now) {
-            count(Counter::AffinityHit);
-            return Some(c);
-        }
+    if svc.affinity_timeout != 0
+        && let Some(c) = lb::affinity_backend(service_id, svc.affinity_timeout, &key.src, now)
+    {
+        count(Counter::AffinityHit);
+        return Some(c);
     }
     lb::select_backend(service_id, svc, lb::flow_hash(key, SEED_SELECT))
 }
@@ -512,7 +512,7 @@ fn icmp_error<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
 
 /// Rejects the packet by turning it into its answer, sent back the way it came.
 #[inline(never)]
-fn answer<C: Ctx>(ctx: &C, cfg: &Config, pkt: &Pkt) -> Action {
+fn answer<C: Ctx>(ctx: &C, pkt: &Pkt) -> Action {
     // Later fragments carry no header to answer with; the first fragment got the answer.
     if !pkt.has_l4() {
         return Action::DROP;

@@ -4,6 +4,9 @@
 //! Entry points are thin: `datapath::process` decides, the hook turns its `Action` into a verdict.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Map helpers take `impl Borrow<K>`: passing keys by value, as this lint suggests, copies them
+// onto a stack that holds 512 bytes for the whole call chain.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 #[cfg(target_arch = "bpf")]
 mod conntrack;
@@ -61,8 +64,8 @@ mod entry {
     #[inline(always)]
     fn tc_verdict<C: Ctx>(ctx: &C, action: Action) -> i32 {
         match action.verdict() {
-            Verdict::Pass => TC_ACT_OK as i32,
-            Verdict::Drop => TC_ACT_SHOT as i32,
+            Verdict::Pass => TC_ACT_OK,
+            Verdict::Drop => TC_ACT_SHOT,
             Verdict::Tx => unsafe { bpf_redirect(ctx.ifindex(), 0) as i32 },
             Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
             Verdict::RedirectNeigh(ifindex) => unsafe {

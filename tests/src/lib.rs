@@ -4,11 +4,12 @@
 //! go through BPF_PROG_TEST_RUN, namespaces and veths are real. All tests need root
 //! (CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN).
 
-pub mod netns;
+pub mod agent;
 pub mod packet;
-pub mod topo;
 
-use std::{net::IpAddr, process::Command};
+pub use testbed::{netns, require_root, sh};
+
+use std::net::IpAddr;
 
 use aya::{
     Ebpf,
@@ -17,32 +18,6 @@ use aya::{
 };
 use extproxy::loader::{self, Limits};
 use proxy_common::*;
-
-/// Fails the test with a clear reason when not run as root.
-pub fn require_root() {
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test loads eBPF programs and creates network namespaces: run it as root \
-         (e.g. `sudo -E cargo test`, or `cargo xtask test` as root)"
-    );
-}
-
-/// Runs a shell command (in the calling thread's network namespace) and panics on failure.
-pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .unwrap_or_else(|e| panic!("spawn `{cmd}`: {e}"));
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 pub fn ifindex(name: &str) -> u32 {
     let c = std::ffi::CString::new(name).unwrap();

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use extproxy_tests::topo::*;
+use extproxy_tests::agent::*;
 
 const SETTLE: Duration = Duration::from_secs(5);
 

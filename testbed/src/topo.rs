@@ -16,13 +16,12 @@ use std::{
     fs::File,
     net::IpAddr,
     os::fd::AsRawFd,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::{netns::NamedNetns, require_root, sh};
@@ -52,6 +51,7 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// Builds the topology under namespace names `xp<name>-{pod,node,ext}`.
     pub fn new(name: &str) -> Self {
         require_root();
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -114,29 +114,17 @@ impl Topology {
         std::fs::rename(&tmp, self.manifests().join(file)).unwrap();
     }
 
+    /// Where an agent on this topology pins its maps.
     pub fn pin_dir(&self) -> PathBuf {
         PathBuf::from(format!("/sys/fs/bpf/{}", self.prefix))
-    }
-
-    /// The XDP_TX fast path on veths needs an XDP program on the far ends (see xdp_pass.rs).
-    pub fn attach_xdp_pass_on_peers(&self) {
-        for (ns, dev) in [(&self.ext, "ext0")] {
-            let pin = self.pin_dir().join(format!("peer-{dev}"));
-            std::fs::create_dir_all(self.pin_dir()).unwrap();
-            in_netns(&ns.name, || extproxy::loader::attach_xdp_pass(dev, &pin))
-                .expect("attach xdp-pass");
-        }
-    }
-
-    pub fn start_agent(&self, extra: &[&str]) -> Agent {
-        Agent::start(self, extra)
     }
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        let _ = extproxy::pins::remove_all(&self.pin_dir());
-        let _ = std::fs::remove_dir(self.pin_dir());
+        // Pins an agent left behind (killed, --keep-on-exit, a failed test): bpffs entries are
+        // removed like files, and removing the last reference detaches and frees them.
+        let _ = std::fs::remove_dir_all(self.pin_dir());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -158,214 +146,6 @@ fn enter(ns: &str) {
         File::open(format!("/var/run/netns/{ns}")).unwrap_or_else(|e| panic!("netns {ns}: {e}"));
     let ret = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
     assert_eq!(ret, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-}
-
-// -------------------------------------------------------------------------------------------------
-// The agent under test: the real binary
-// -------------------------------------------------------------------------------------------------
-
-/// The `extproxy` binary next to this test executable (cargo xtask test builds it first), or
-/// $EXTPROXY_BIN.
-pub fn extproxy_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("EXTPROXY_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join("extproxy");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build -p proxy-user`, done by `cargo xtask test`) or set EXTPROXY_BIN",
-        bin.display()
-    );
-    bin
-}
-
-pub struct Agent {
-    child: Option<Child>,
-    pub log: PathBuf,
-    node_ns: String,
-    pin_dir: PathBuf,
-    state_dir: PathBuf,
-}
-
-impl Agent {
-    fn start(topo: &Topology, extra: &[&str]) -> Agent {
-        let log = topo.dir.join("agent.log");
-        let state_dir = topo.dir.join("state");
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/var/run/netns/{}", topo.node.name))
-            .arg(extproxy_bin())
-            .args(["run", "--iface", "up0", "--gc-interval", "1"])
-            .arg("--manifests")
-            .arg(topo.manifests())
-            .arg("--pin-dir")
-            .arg(topo.pin_dir())
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .args(extra)
-            .env("EXTPROXY_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(
-                File::options()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            )
-            .stderr(
-                File::options()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            );
-        let runs_before = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default())
-            .matches("extproxy is running")
-            .count();
-        let child = cmd.spawn().expect("start extproxy");
-        let agent = Agent {
-            child: Some(child),
-            log,
-            node_ns: topo.node.name.clone(),
-            pin_dir: topo.pin_dir(),
-            state_dir,
-        };
-        agent.wait_for_log_count(
-            "extproxy is running",
-            runs_before + 1,
-            Duration::from_secs(20),
-        );
-        agent
-    }
-
-    pub fn log_text(&self) -> String {
-        let raw = std::fs::read_to_string(&self.log).unwrap_or_default();
-        strip_ansi(&raw)
-    }
-
-    /// Waits until the log contains `needle` (panics with the log on timeout).
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        let start = Instant::now();
-        loop {
-            let text = self.log_text();
-            if text.contains(needle) {
-                return;
-            }
-            if start.elapsed() > timeout {
-                panic!("agent log never said {needle:?} within {timeout:?}:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Counts of a log line, to wait for the next occurrence.
-    pub fn log_count(&self, needle: &str) -> usize {
-        self.log_text().matches(needle).count()
-    }
-
-    pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) {
-        let start = Instant::now();
-        while self.log_count(needle) < count {
-            assert!(
-                start.elapsed() < timeout,
-                "agent log: {needle:?} < {count} times:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `extproxy inspect --json` against this agent's pins.
-    pub fn inspect(&self) -> serde_json::Value {
-        let out = Command::new(extproxy_bin())
-            .args(["inspect", "--json", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "inspect: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    pub fn inspect_text(&self) -> String {
-        let out = Command::new(extproxy_bin())
-            .args(["inspect", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    pub fn counter(&self, name: &str) -> u64 {
-        let v = self.inspect();
-        v["drops"][name]
-            .as_u64()
-            .or_else(|| v["events"][name].as_u64())
-            .unwrap_or(0)
-    }
-
-    /// SIGINT and wait: the agent detaches and removes its pins.
-    pub fn stop(mut self) -> String {
-        self.signal_and_wait(libc::SIGINT);
-        self.log_text()
-    }
-
-    /// SIGKILL: nothing is cleaned up; pinned maps and links keep the data path running.
-    pub fn kill(mut self) {
-        self.signal_and_wait(libc::SIGKILL);
-    }
-
-    fn signal_and_wait(&mut self, sig: i32) {
-        if let Some(mut child) = self.child.take() {
-            // nsenter execs the agent: the child's pid is the agent's.
-            unsafe { libc::kill(child.id() as i32, sig) };
-            let start = Instant::now();
-            while child.try_wait().unwrap().is_none() {
-                if start.elapsed() > Duration::from_secs(10) {
-                    let _ = child.kill();
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    pub fn node_ns(&self) -> &str {
-        &self.node_ns
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            self.signal_and_wait(libc::SIGINT);
-        }
-    }
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c2 in chars.by_ref() {
-                if c2.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -432,6 +212,20 @@ fn serve_tcp(listener: std::net::TcpListener, stop: Arc<AtomicBool>) {
                     while !s.load(Ordering::SeqCst) {
                         match r.read_line(&mut line) {
                             Ok(0) => return,
+                            Ok(_) if line.starts_with("GET ") || line.starts_with("HEAD ") => {
+                                // Enough HTTP for curl: skip the headers, answer, close.
+                                let mut header = String::new();
+                                while r.read_line(&mut header).is_ok_and(|n| n > 2) {
+                                    header.clear();
+                                }
+                                let body = format!("peer={peer} ep={local}\n");
+                                let msg = format!(
+                                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                                    body.len()
+                                );
+                                let _ = w.write_all(msg.as_bytes());
+                                return;
+                            }
                             Ok(_) => {
                                 let msg = format!("peer={peer} ep={local} got={}\n", line.trim());
                                 if w.write_all(msg.as_bytes()).is_err() {
