@@ -3,6 +3,7 @@
 
 use std::{
     collections::BTreeSet,
+    net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -62,6 +63,13 @@ impl Agent {
 
     pub fn reconciler(&self) -> &Reconciler {
         &self.reconciler
+    }
+
+    /// New egress and NodePort addresses (Kubernetes mode follows the Node); published with the
+    /// next `apply`.
+    pub fn set_node_facts(&mut self, egress: &[IpAddr], node_addresses: &[IpAddr]) {
+        self.state.egress = egress.to_vec();
+        self.state.node_addresses = node_addresses.to_vec();
     }
 
     /// Programs `translation` as a diff against what the maps hold and reports problems.

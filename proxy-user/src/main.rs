@@ -1,20 +1,24 @@
 //! `extproxy`: eBPF proxy for Kubernetes Services whose endpoints live outside the cluster.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
+use aya::Ebpf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use extproxy::{
     agent::Agent,
     diag, host, inspect,
-    loader::{self, DEFAULT_PIN_DIR, Limits, XdpAttach},
+    kube::{self as kubemode, KubeSource, NodeOverrides, SourceConfig},
+    loader::{self, Attached, DEFAULT_PIN_DIR, Limits, XdpAttach},
     manifest::ManifestSet,
     maps::DatapathMaps,
+    metrics::{self, DatapathReader, Telemetry},
     pins::{self, Pinned},
     reconcile::{self, Reconciler},
     state::{AgentState, DEFAULT_STATE_DIR},
@@ -41,7 +45,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load and attach the data path, then keep it programmed from a folder of manifests.
+    /// Load and attach the data path, then keep it programmed from the Kubernetes API server
+    /// (default) or from a folder of manifests (--manifests).
     Run(Box<RunArgs>),
     /// Show what the data path holds: services, frontends, endpoints, flows, drops.
     Inspect(InspectArgs),
@@ -53,9 +58,12 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Folder of Service, EndpointSlice and Endpoints manifests (YAML or JSON), watched for changes.
-    #[arg(long, value_name = "DIR")]
-    manifests: PathBuf,
+    /// Manifest mode: a folder of Service, EndpointSlice and Endpoints manifests (YAML or JSON),
+    /// watched for changes. Without it, extproxy runs in Kubernetes mode.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kubeconfig", "claim_all_selectorless", "streaming_lists"])]
+    manifests: Option<PathBuf>,
+    #[command(flatten)]
+    kube: KubeArgs,
     #[command(flatten)]
     node: NodeArgs,
     #[command(flatten)]
@@ -65,20 +73,61 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+struct KubeArgs {
+    /// Kubernetes mode: the kubeconfig to use (its current context). Default: the pod's service
+    /// account (in-cluster configuration).
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: this node's name, to read its addresses from its Node object.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
+    /// Kubernetes mode: also proxy every Service without a selector, labelled or not. Only for
+    /// clusters without kube-proxy (it would proxy them too).
+    #[arg(long)]
+    claim_all_selectorless: bool,
+    /// Kubernetes mode: receive initial lists as watch streams (WatchList; API server 1.27+ with
+    /// the feature enabled). Lighter on the API server.
+    #[arg(long)]
+    streaming_lists: bool,
+    /// Serve /healthz, /readyz and /metrics here; `off` for none. Default: 0.0.0.0:9464 in
+    /// Kubernetes mode, off in manifest mode.
+    #[arg(long, value_name = "ADDR|off", value_parser = parse_listen)]
+    metrics_address: Option<Listen>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Listen {
+    Off,
+    At(SocketAddr),
+}
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen::Off);
+    }
+    s.parse()
+        .map(Listen::At)
+        .map_err(|e| format!("{s}: {e} (expected IP:PORT or off)"))
+}
+
+#[derive(Args)]
 struct NodeArgs {
     /// Uplink interface(s): XDP and TC ingress for traffic from outside, TC egress for pods
-    /// and host processes. Repeat for several uplinks.
+    /// and host processes. Repeat for several uplinks. `auto`: the interface(s) of the default
+    /// route.
     #[arg(long = "iface", value_name = "IFACE", required = true)]
     ifaces: Vec<String>,
-    /// Source address the external endpoints see (one per IP family). Default: the uplink's
-    /// first address of each family.
+    /// Source address the external endpoints see (one per IP family). Default: the Node's
+    /// InternalIP (Kubernetes mode) or the uplink's first address of each family.
     #[arg(long = "egress-ip", value_name = "IP")]
     egress_ips: Vec<IpAddr>,
-    /// Addresses NodePorts listen on. Default: every address of the uplink(s).
+    /// Addresses NodePorts listen on. Default: the Node's InternalIP and ExternalIP addresses
+    /// (Kubernetes mode) or every address of the uplink(s).
     #[arg(long = "node-ip", value_name = "IP")]
     node_ips: Vec<IpAddr>,
 }
 
+/// Manifest mode only: in Kubernetes mode the API server allocates these.
 #[derive(Args)]
 struct ServiceArgs {
     /// Where Services without spec.clusterIP get one (first CIDR of each family).
@@ -107,9 +156,14 @@ struct DatapathArgs {
     /// Where the agent publishes service names and diagnostics for `extproxy inspect`.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
-    /// Leave programs and maps in place on exit so a restarted agent adopts them.
+    /// Leave programs and maps in place on exit so a restarted agent adopts them (always so in
+    /// Kubernetes mode unless --detach-on-exit).
     #[arg(long)]
     keep_on_exit: bool,
+    /// Kubernetes mode: detach and remove the maps on exit (tracked flows are dropped) instead of
+    /// leaving them for the next agent.
+    #[arg(long, conflicts_with = "keep_on_exit")]
+    detach_on_exit: bool,
     /// Pinned maps with another layout or size: replace them (drops tracked flows) instead of
     /// refusing to start.
     #[arg(long)]
@@ -306,42 +360,51 @@ fn print_summary(t: &Translation) {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let dp = &args.datapath;
     loader::ensure_bpffs().context("bpffs")?;
-    let manifests = std::fs::canonicalize(&args.manifests)
-        .with_context(|| format!("--manifests {}", args.manifests.display()))?;
+    let ifaces = resolve_ifaces(&args.node.ifaces)?;
+    match &args.manifests {
+        Some(dir) => run_manifests(&args, dir, &ifaces).await,
+        None => run_kube(&args, &ifaces).await,
+    }
+}
 
-    // Node addresses: NodePorts listen on them; the first of each family is the default egress.
-    let mut iface_addrs = Vec::new();
-    for iface in &args.node.ifaces {
-        let addrs = host::interface_addresses(iface).with_context(|| format!("--iface {iface}"))?;
-        if addrs.is_empty() {
-            bail!("--iface {iface}: the interface has no addresses (or does not exist)");
+/// `--iface auto` stands for the interface(s) of the default route: the uplink name differs
+/// between clusters and nodes, one DaemonSet must fit all.
+fn resolve_ifaces(ifaces: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for iface in ifaces {
+        if iface != "auto" {
+            out.push(iface.clone());
+            continue;
         }
-        iface_addrs.extend(addrs);
+        let found = kubemode::node::default_route_interfaces().context("--iface auto")?;
+        tracing::info!(
+            "--iface auto: {} (the default route's interface)",
+            found.join(", ")
+        );
+        out.extend(found.into_iter().filter(|i| !ifaces.contains(i)));
     }
-    let node_addresses = if args.node.node_ips.is_empty() {
-        iface_addrs.clone()
-    } else {
-        args.node.node_ips.clone()
-    };
-    let mut egress = args.node.egress_ips.clone();
-    for v6 in [false, true] {
-        if !egress.iter().any(|a| a.is_ipv6() == v6)
-            && let Some(a) = iface_addrs.iter().find(|a| a.is_ipv6() == v6)
-        {
-            egress.push(*a);
-        }
-    }
-    tracing::info!(
-        "egress (SNAT) address(es): {}; NodePort addresses: {}",
-        list(&egress),
-        list(&node_addresses)
-    );
-    for w in host::check_sysctls(true, egress.iter().any(IpAddr::is_ipv6), &dp.snat_ports) {
-        tracing::warn!("{w}");
-    }
+    out.dedup();
+    Ok(out)
+}
 
+fn iface_addresses(ifaces: &[String]) -> anyhow::Result<Vec<IpAddr>> {
+    let mut addrs = Vec::new();
+    for iface in ifaces {
+        addrs.extend(host::interface_addresses(iface).with_context(|| format!("--iface {iface}"))?);
+    }
+    Ok(addrs)
+}
+
+/// The loaded data path and the agent programming it, shared by both modes.
+struct Running {
+    ebpf: Ebpf,
+    agent: Agent,
+    attached: Vec<Attached>,
+}
+
+/// Loads the data path (adopting compatible pinned maps) and builds the agent around it.
+fn start(dp: &DatapathArgs, ifaces: &[String], state: AgentState) -> anyhow::Result<(Ebpf, Agent)> {
     let limits = Limits {
         max_services: dp.max_services,
         max_frontends: dp.max_frontends,
@@ -382,9 +445,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Toggle::On => true,
         Toggle::Off => false,
         Toggle::Auto => {
-            let veths: Vec<&String> = args
-                .node
-                .ifaces
+            let veths: Vec<&String> = ifaces
                 .iter()
                 .filter(|i| host::driver(i).as_deref() == Some("veth"))
                 .collect();
@@ -425,33 +486,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         Reconciler::new(rlimits)
     };
-    let state = AgentState {
-        pid: std::process::id(),
-        source: format!("manifests:{}", manifests.display()),
-        interfaces: args.node.ifaces.clone(),
-        egress: egress.clone(),
-        node_addresses: node_addresses.clone(),
-        ..AgentState::default()
-    };
-    let mut agent = Agent::new(maps, reconciler, config, dp.state_dir.clone(), state);
+    let agent = Agent::new(maps, reconciler, config, dp.state_dir.clone(), state);
+    Ok((ebpf, agent))
+}
 
-    let settings = settings(&args.services, &egress, true, ClaimPolicy::SelectorLess);
-    let node = NodeInfo {
-        addresses: node_addresses,
-    };
-    let mut set = ManifestSet::read_dir(&manifests)
-        .with_context(|| format!("reading {}", manifests.display()))?;
-    let mut watcher = DirWatcher::new(&manifests).context("watching the manifests")?;
-    let t = translate_set(&set, &node, &settings);
-    print_summary(&t);
-    let applied = agent.apply(&t);
-    tracing::info!(
-        "programmed {} service port(s) with {} map updates in {:.1} ms",
-        applied.services,
-        applied.ops,
-        applied.elapsed.as_secs_f64() * 1e3
-    );
-
+fn attach_all(
+    ebpf: &mut Ebpf,
+    ifaces: &[String],
+    dp: &DatapathArgs,
+) -> anyhow::Result<Vec<Attached>> {
     let mut attached = Vec::new();
     let xdp = match dp.xdp {
         XdpArg::Auto => XdpAttach::Auto,
@@ -459,8 +502,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         XdpArg::Generic => XdpAttach::Generic,
         XdpArg::Off => XdpAttach::Off,
     };
-    for iface in &args.node.ifaces {
-        let a = loader::attach(&mut ebpf, iface, xdp, Some(&dp.pin_dir))
+    for iface in ifaces {
+        let a = loader::attach(ebpf, iface, xdp, Some(&dp.pin_dir))
             .with_context(|| format!("attaching to {iface}"))?;
         tracing::info!(
             "{} {iface}: XDP {}, TC ingress and egress",
@@ -476,6 +519,137 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         attached.push(a);
     }
+    Ok(attached)
+}
+
+/// Leaves everything for the next agent (`keep`) or detaches and removes the pins.
+fn finish(running: Running, dp: &DatapathArgs, keep: bool) -> anyhow::Result<()> {
+    if keep {
+        // The pins keep links and maps alive after our file descriptors close.
+        tracing::info!(
+            "exiting; programs and maps stay in place for the next agent; `extproxy cleanup` \
+             removes them"
+        );
+        return Ok(());
+    }
+    let Running {
+        mut ebpf,
+        agent,
+        attached,
+    } = running;
+    for a in attached {
+        let iface = a.iface.clone();
+        loader::detach(&mut ebpf, a).with_context(|| format!("detaching from {iface}"))?;
+    }
+    drop(agent);
+    drop(ebpf);
+    pins::remove_all(&dp.pin_dir)?;
+    let _ = std::fs::remove_dir(&dp.pin_dir);
+    let _ = std::fs::remove_file(extproxy::state::path(&dp.state_dir));
+    tracing::info!("detached and cleaned up");
+    Ok(())
+}
+
+/// Binds the health and metrics address (failing start-up if it is taken) and serves it in the
+/// background.
+async fn start_metrics(
+    listen: Option<Listen>,
+    default: Option<SocketAddr>,
+    telemetry: &Arc<Telemetry>,
+    pin_dir: &Path,
+) -> anyhow::Result<()> {
+    let addr = match (listen, default) {
+        (Some(Listen::At(addr)), _) | (None, Some(addr)) => addr,
+        (Some(Listen::Off), _) | (None, None) => return Ok(()),
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-address {addr}"))?;
+    let reader = match DatapathReader::open(pin_dir) {
+        Ok(reader) => Some(reader),
+        Err(err) => {
+            tracing::warn!("/metrics will not show data path statistics: {err}");
+            None
+        }
+    };
+    tracing::info!("serving /healthz, /readyz and /metrics on http://{addr}");
+    tokio::spawn(metrics::serve(listener, telemetry.clone(), reader));
+    Ok(())
+}
+
+/// /healthz fails when the control loop misses this many conntrack sweeps in a row (it checks in
+/// at every sweep), and never sooner than a minute.
+fn stall_after(gc_interval: u64) -> Duration {
+    Duration::from_secs((3 * gc_interval.max(1)).max(60))
+}
+
+async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow::Result<()> {
+    let dp = &args.datapath;
+    let manifests =
+        std::fs::canonicalize(dir).with_context(|| format!("--manifests {}", dir.display()))?;
+
+    // Node addresses: NodePorts listen on them; the first of each family is the default egress.
+    let mut iface_addrs = Vec::new();
+    for iface in ifaces {
+        let addrs = iface_addresses(std::slice::from_ref(iface))?;
+        if addrs.is_empty() {
+            bail!("--iface {iface}: the interface has no addresses (or does not exist)");
+        }
+        iface_addrs.extend(addrs);
+    }
+    let node_addresses = if args.node.node_ips.is_empty() {
+        iface_addrs.clone()
+    } else {
+        args.node.node_ips.clone()
+    };
+    let mut egress = args.node.egress_ips.clone();
+    for v6 in [false, true] {
+        if !egress.iter().any(|a| a.is_ipv6() == v6)
+            && let Some(a) = iface_addrs.iter().find(|a| a.is_ipv6() == v6)
+        {
+            egress.push(*a);
+        }
+    }
+    tracing::info!(
+        "egress (SNAT) address(es): {}; NodePort addresses: {}",
+        list(&egress),
+        list(&node_addresses)
+    );
+    for w in host::check_sysctls(true, egress.iter().any(IpAddr::is_ipv6), &dp.snat_ports) {
+        tracing::warn!("{w}");
+    }
+
+    let state = AgentState {
+        pid: std::process::id(),
+        source: format!("manifests:{}", manifests.display()),
+        interfaces: ifaces.to_vec(),
+        egress: egress.clone(),
+        node_addresses: node_addresses.clone(),
+        ..AgentState::default()
+    };
+    let (mut ebpf, mut agent) = start(dp, ifaces, state)?;
+    let telemetry = Telemetry::new(stall_after(dp.gc_interval));
+    start_metrics(args.kube.metrics_address, None, &telemetry, &dp.pin_dir).await?;
+
+    let settings = settings(&args.services, &egress, true, ClaimPolicy::SelectorLess);
+    let node = NodeInfo {
+        addresses: node_addresses,
+    };
+    let mut set = ManifestSet::read_dir(&manifests)
+        .with_context(|| format!("reading {}", manifests.display()))?;
+    let mut watcher = DirWatcher::new(&manifests).context("watching the manifests")?;
+    let t = translate_set(&set, &node, &settings);
+    print_summary(&t);
+    let applied = agent.apply(&t);
+    telemetry.record_apply(&t, &applied, service_names(&agent));
+    tracing::info!(
+        "programmed {} service port(s) with {} map updates in {:.1} ms",
+        applied.services,
+        applied.ops,
+        applied.elapsed.as_secs_f64() * 1e3
+    );
+
+    let attached = attach_all(&mut ebpf, ifaces, dp)?;
     tracing::info!("extproxy is running; watching {}", manifests.display());
 
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -494,6 +668,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 let t = translate_set(&set, &node, &settings);
                 let applied = agent.apply(&t);
+                telemetry.record_apply(&t, &applied, service_names(&agent));
                 tracing::info!(
                     "manifests changed ({} file(s)): {} map updates in {:.2} ms",
                     changes.updated.len() + changes.removed.len(),
@@ -501,30 +676,129 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     applied.elapsed.as_secs_f64() * 1e3
                 );
             }
-            _ = gc.tick() => {
-                agent.sweep();
-            }
+            _ = gc.tick() => sweep(&mut agent, &telemetry),
         }
     }
-    if dp.keep_on_exit {
-        // The pins keep links and maps alive after our file descriptors close.
-        tracing::info!(
-            "exiting; programs and maps stay in place for the next agent (--keep-on-exit); \
-             `extproxy cleanup` removes them"
+    let running = Running {
+        ebpf,
+        agent,
+        attached,
+    };
+    finish(running, dp, dp.keep_on_exit)
+}
+
+fn service_names(agent: &Agent) -> Vec<(u32, translate::ServicePortKey)> {
+    kubemode::Programmer::service_names(agent)
+}
+
+fn sweep(agent: &mut Agent, telemetry: &Telemetry) {
+    telemetry.heartbeat();
+    if let Some(report) = agent.sweep() {
+        telemetry.record_gc(&report);
+    }
+}
+
+async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
+    let dp = &args.datapath;
+    let Some(node_name) = args.kube.node_name.clone().filter(|n| !n.is_empty()) else {
+        bail!(
+            "Kubernetes mode needs this node's name: pass --node-name NAME or set NODE_NAME \
+             (the DaemonSet in deploy/ sets it from spec.nodeName); or pass --manifests DIR for \
+             manifest mode"
         );
-        return Ok(());
+    };
+    let iface_addrs = iface_addresses(ifaces)?;
+    if iface_addrs.is_empty() {
+        tracing::warn!(
+            "{} has no addresses: egress and NodePort addresses come from Node {node_name} only",
+            ifaces.join(", ")
+        );
     }
-    for a in attached {
-        let iface = a.iface.clone();
-        loader::detach(&mut ebpf, a).with_context(|| format!("detaching from {iface}"))?;
+    let overrides = NodeOverrides {
+        egress_ips: args.node.egress_ips.clone(),
+        node_ips: args.node.node_ips.clone(),
+        iface_addrs,
+    };
+    let v6 = overrides
+        .egress_ips
+        .iter()
+        .chain(&overrides.iface_addrs)
+        .any(IpAddr::is_ipv6);
+    for w in host::check_sysctls(true, v6, &dp.snat_ports) {
+        tracing::warn!("{w}");
     }
-    drop(agent);
-    drop(ebpf);
-    pins::remove_all(&dp.pin_dir)?;
-    let _ = std::fs::remove_dir(&dp.pin_dir);
-    let _ = std::fs::remove_file(extproxy::state::path(&dp.state_dir));
-    tracing::info!("detached and cleaned up");
-    Ok(())
+
+    let telemetry = Telemetry::new(stall_after(dp.gc_interval));
+    let config = kubemode::load_config(args.kube.kubeconfig.as_deref())
+        .await
+        .context("Kubernetes client configuration")?;
+    let api_url = config.cluster_url.to_string();
+    let client = kubemode::client::client(config, telemetry.clone())
+        .context("building the Kubernetes client")?;
+    {
+        // Only for the log: the watchers do the real connecting (and retrying).
+        let client = client.clone();
+        tokio::spawn(async move {
+            match client.apiserver_version().await {
+                Ok(v) => tracing::info!("API server {api_url}: Kubernetes {}", v.git_version),
+                Err(err) => tracing::warn!("API server {api_url} does not answer yet: {err}"),
+            }
+        });
+    }
+
+    let state = AgentState {
+        pid: std::process::id(),
+        source: format!("kubernetes:{node_name}"),
+        interfaces: ifaces.to_vec(),
+        ..AgentState::default()
+    };
+    let (mut ebpf, agent) = start(dp, ifaces, state)?;
+    // Attach before the first sync: a previous agent's links are taken over at once (its maps
+    // keep forwarding until the cluster is known again); fresh maps pass everything meanwhile.
+    let attached = attach_all(&mut ebpf, ifaces, dp)?;
+    let mut running = Running {
+        ebpf,
+        agent,
+        attached,
+    };
+    let default_listen: SocketAddr = metrics::DEFAULT_METRICS_ADDRESS.parse()?;
+    start_metrics(
+        args.kube.metrics_address,
+        Some(default_listen),
+        &telemetry,
+        &dp.pin_dir,
+    )
+    .await?;
+
+    let mut source = KubeSource::new(
+        client,
+        SourceConfig {
+            node_name: node_name.clone(),
+            claim_all_selectorless: args.kube.claim_all_selectorless,
+            overrides,
+            streaming_lists: args.kube.streaming_lists,
+        },
+        telemetry.clone(),
+    );
+    tracing::info!(
+        "extproxy is running on node {node_name}; watching Services, EndpointSlices and Node \
+         {node_name}"
+    );
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut gc = tokio::time::interval(Duration::from_secs(dp.gc_interval.max(1)));
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            sync = source.next() => {
+                source.apply(sync, &mut running.agent);
+            }
+            _ = gc.tick() => sweep(&mut running.agent, &telemetry),
+        }
+    }
+    // A DaemonSet rollout restarts the agent: flows must survive it, so keeping is the default.
+    finish(running, dp, !dp.detach_on_exit)
 }
 
 fn translate_set(set: &ManifestSet, node: &NodeInfo, settings: &Settings) -> Translation {

@@ -1,0 +1,479 @@
+//! Kubernetes as the source of desired state: three watchers feed the reflector stores, and
+//! every batch of changes becomes one translation once all stores are complete.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures::stream::{BoxStream, SelectAll};
+use futures::{FutureExt as _, StreamExt as _};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Api, Client, Resource, ResourceExt as _};
+
+use super::Programmer;
+use super::cluster::ClusterState;
+use super::events::{EventTracker, Publisher};
+use super::node::{self, NodeFacts, NodeOverrides};
+use crate::agent::Applied;
+use crate::translate::{
+    self, ClaimPolicy, ClaimReason, NodeInfo, ObjectKey, Settings, Translation,
+};
+
+/// Set by the EndpointSlice controller to when the change that produced the slice happened;
+/// kube-proxy measures its network programming latency from it.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// kubectl's copy of the applied object: often the largest part of an object, never read.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// Server-side watch timeout. The client gives up on a silent connection 5 s after it, so this
+/// bounds how long a dead connection (no RST, e.g. a partition) goes unnoticed.
+const WATCH_TIMEOUT_SECS: u32 = 120;
+
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    pub node_name: String,
+    /// Also claim unlabelled Services without a selector (clusters without kube-proxy).
+    pub claim_all_selectorless: bool,
+    pub overrides: NodeOverrides,
+    /// Initial lists as watch streams (Kubernetes >= 1.27 with WatchList enabled).
+    pub streaming_lists: bool,
+}
+
+/// A translation ready to be programmed.
+#[derive(Debug)]
+pub struct Sync {
+    pub translation: Translation,
+    /// The node facts the translation was made with.
+    pub node: NodeFacts,
+    /// The first translation of this process.
+    pub initial: bool,
+    /// When the changes in this batch happened (for the programming latency).
+    triggers: Vec<SystemTime>,
+}
+
+/// Boxed: the three differ a lot in size, and each is moved once.
+enum Update {
+    Service(Box<watcher::Result<watcher::Event<Service>>>),
+    Slice(Box<watcher::Result<watcher::Event<EndpointSlice>>>),
+    Node(Box<watcher::Result<watcher::Event<Node>>>),
+}
+
+pub struct KubeSource {
+    config: SourceConfig,
+    cluster: ClusterState,
+    updates: SelectAll<BoxStream<'static, Update>>,
+    telemetry: Arc<crate::metrics::Telemetry>,
+    tracker: EventTracker,
+    publisher: Publisher,
+    /// The stores changed since the last translation.
+    dirty: bool,
+    triggers: Vec<SystemTime>,
+    programmed: bool,
+    node: Option<NodeFacts>,
+    node_missing: bool,
+    claimed: BTreeMap<ObjectKey, ClaimReason>,
+}
+
+/// Drops what the agent never reads, so a big cluster's stores stay small.
+fn strip<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED_ANNOTATION);
+    }
+}
+
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    wrap: fn(watcher::Result<watcher::Event<K>>) -> Update,
+) -> BoxStream<'static, Update>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher(api, config)
+        .default_backoff()
+        .modify(strip::<K>)
+        .map(wrap)
+        .boxed()
+}
+
+/// An event about one object (not part of a list).
+fn live<K>(event: &watcher::Event<K>) -> bool {
+    matches!(event, watcher::Event::Apply(_) | watcher::Event::Delete(_))
+}
+
+/// The change time an EndpointSlice carries, if any.
+fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
+    let text = slice.annotations().get(TRIGGER_TIME_ANNOTATION)?;
+    text.parse::<Timestamp>().ok().map(SystemTime::from)
+}
+
+/// The settings Kubernetes mode translates with: the API server fills cluster IPs and node
+/// ports, and only what kube-proxy is told to skip is claimed.
+pub fn settings(config: &SourceConfig, node: &NodeFacts) -> Settings {
+    Settings {
+        egress_v4: node.egress.iter().find_map(|a| match a {
+            std::net::IpAddr::V4(v) => Some(*v),
+            _ => None,
+        }),
+        egress_v6: node.egress.iter().find_map(|a| match a {
+            std::net::IpAddr::V6(v) => Some(*v),
+            _ => None,
+        }),
+        fill_missing: false,
+        claim: ClaimPolicy::Label {
+            claim_all_selectorless: config.claim_all_selectorless,
+        },
+        ..Settings::default()
+    }
+}
+
+/// Translates the cluster as the stores show it.
+pub fn translate_cluster(
+    cluster: &ClusterState,
+    config: &SourceConfig,
+    node: &NodeFacts,
+) -> Translation {
+    translate::translate(
+        &cluster.inventory(),
+        &NodeInfo {
+            addresses: node.node_ports.clone(),
+        },
+        &settings(config, node),
+    )
+}
+
+impl KubeSource {
+    /// Starts the watchers (they connect when [`KubeSource::next`] is first polled).
+    pub fn new(
+        client: Client,
+        config: SourceConfig,
+        telemetry: Arc<crate::metrics::Telemetry>,
+    ) -> Self {
+        telemetry.track_api(&crate::metrics::API_RESOURCES);
+        let base = || {
+            let c = watcher::Config::default().timeout(WATCH_TIMEOUT_SECS);
+            if config.streaming_lists {
+                c.streaming_lists()
+            } else {
+                c
+            }
+        };
+        let mut updates = SelectAll::new();
+        updates.push(watch(Api::<Service>::all(client.clone()), base(), |r| {
+            Update::Service(Box::new(r))
+        }));
+        updates.push(watch(
+            Api::<EndpointSlice>::all(client.clone()),
+            base(),
+            |r| Update::Slice(Box::new(r)),
+        ));
+        updates.push(watch(
+            Api::<Node>::all(client.clone()),
+            base().fields(&format!("metadata.name={}", config.node_name)),
+            |r| Update::Node(Box::new(r)),
+        ));
+        KubeSource {
+            cluster: ClusterState::new(&config.node_name),
+            publisher: Publisher::new(client, &config.node_name, telemetry.clone()),
+            config,
+            updates,
+            telemetry,
+            tracker: EventTracker::default(),
+            dirty: false,
+            triggers: Vec::new(),
+            programmed: false,
+            node: None,
+            node_missing: false,
+            claimed: BTreeMap::new(),
+        }
+    }
+
+    /// Waits for changes and returns the next translation to program. Cancel-safe: everything
+    /// received is kept in the stores, so dropping this future loses nothing.
+    pub async fn next(&mut self) -> Sync {
+        loop {
+            if let Some(sync) = self.take_sync() {
+                return sync;
+            }
+            let Some(update) = self.updates.next().await else {
+                // Watchers never end; if they did, there is nothing more to wait for.
+                futures::future::pending::<()>().await;
+                continue;
+            };
+            self.handle(update);
+            // Everything that has already arrived goes into the same translation: under a burst
+            // the agent programs fewer, bigger diffs instead of falling behind.
+            while let Some(Some(update)) = self.updates.next().now_or_never() {
+                self.handle(update);
+            }
+        }
+    }
+
+    fn handle(&mut self, update: Update) {
+        let now = SystemTime::now();
+        // Changes during a relist have no known time; only live events are measured.
+        let measure = self.programmed;
+        let (changed, trigger) = match update {
+            Update::Service(result) => match *result {
+                Ok(e) => (self.cluster.apply_service(&e), live(&e).then_some(now)),
+                Err(e) => return self.watch_error("services", e),
+            },
+            Update::Slice(result) => match *result {
+                Ok(e) => {
+                    let trigger = match &e {
+                        watcher::Event::Apply(slice) => trigger_time(slice).or(Some(now)),
+                        other => live(other).then_some(now),
+                    };
+                    (self.cluster.apply_slice(&e), trigger)
+                }
+                Err(e) => return self.watch_error("endpointslices", e),
+            },
+            Update::Node(result) => match *result {
+                Ok(e) => (self.cluster.apply_node(&e), live(&e).then_some(now)),
+                Err(e) => return self.watch_error("nodes", e),
+            },
+        };
+        if measure {
+            self.triggers.extend(trigger);
+        }
+        self.dirty |= changed;
+    }
+
+    fn watch_error(&mut self, resource: &'static str, error: watcher::Error) {
+        match &error {
+            // The resourceVersion was compacted away: the watcher relists, which is routine.
+            watcher::Error::WatchError(status) if status.code == 410 => {
+                tracing::info!("{resource}: {}; relisting", status.message);
+            }
+            _ => self.telemetry.api_failed(resource, error_chain(&error)),
+        }
+    }
+
+    fn take_sync(&mut self) -> Option<Sync> {
+        if !self.dirty {
+            return None;
+        }
+        let waiting = self.cluster.waiting_for();
+        if !waiting.is_empty() {
+            self.telemetry.set_waiting(Some(format!(
+                "waiting for the initial list of {}",
+                waiting.join(", ")
+            )));
+            return None;
+        }
+        self.dirty = false;
+        let node_object = self.cluster.node();
+        let facts = node::resolve(node_object.as_deref(), &self.config.overrides);
+        self.note_node(node_object.is_some(), &facts);
+        for (kind, tracked) in [
+            ("Service", self.cluster.services.len()),
+            ("EndpointSlice", self.cluster.slices.len()),
+            ("Node", self.cluster.nodes.len()),
+        ] {
+            self.telemetry.set_objects(kind, tracked);
+        }
+        let translation = translate_cluster(&self.cluster, &self.config, &facts);
+        Some(Sync {
+            translation,
+            node: facts,
+            initial: !self.programmed,
+            triggers: std::mem::take(&mut self.triggers),
+        })
+    }
+
+    fn note_node(&mut self, found: bool, facts: &NodeFacts) {
+        let name = &self.config.node_name;
+        if !found && !self.node_missing {
+            tracing::warn!(
+                "Node {name} does not exist: check --node-name (NODE_NAME); until it appears, \
+                 NodePorts and egress use the uplink's addresses"
+            );
+        } else if found && self.node_missing {
+            tracing::info!("Node {name} appeared");
+        }
+        self.node_missing = !found;
+        self.telemetry.set_waiting((!found).then(|| {
+            format!("Node {name} does not exist (check --node-name); serving with the uplink's addresses")
+        }));
+        match &self.node {
+            None => tracing::info!("Node {name}: {facts}"),
+            Some(old) if old != facts => {
+                tracing::info!("Node {name} changed: {facts} (was: {old})")
+            }
+            Some(_) => {}
+        }
+        self.node = Some(facts.clone());
+    }
+
+    /// Programs `sync` through `target`, then records latency and metrics and publishes Events
+    /// for new problems.
+    pub fn apply(&mut self, sync: Sync, target: &mut impl Programmer) -> Applied {
+        self.log_claims(&sync.translation);
+        target.set_node(&sync.node);
+        let applied = target.program(&sync.translation);
+        let done = SystemTime::now();
+        for trigger in &sync.triggers {
+            self.telemetry
+                .observe_programming(done.duration_since(*trigger).unwrap_or_default());
+        }
+        self.telemetry
+            .record_apply(&sync.translation, &applied, target.service_names());
+        let ms = applied.elapsed.as_secs_f64() * 1e3;
+        if sync.initial {
+            tracing::info!(
+                "initial sync: {} Services ({} claimed), {} EndpointSlices: programmed {} service \
+                 port(s) with {} map updates in {ms:.1} ms",
+                self.cluster.services.len(),
+                sync.translation.claimed.len(),
+                self.cluster.slices.len(),
+                applied.services,
+                applied.ops,
+            );
+        } else if applied.ops > 0 {
+            tracing::info!(
+                "{} change(s) from the API server: {} map updates in {ms:.2} ms",
+                sync.triggers.len().max(1),
+                applied.ops
+            );
+        } else {
+            tracing::debug!("resync: the maps already match ({ms:.2} ms)");
+        }
+        for event in self.tracker.plan(&sync.translation, &self.cluster) {
+            self.publisher.publish(event, &self.cluster);
+        }
+        self.programmed = true;
+        applied
+    }
+
+    /// Logs Services that became claimed or stopped being claimed (the reasons for leaving one
+    /// alone are diagnostics, logged by the agent).
+    fn log_claims(&mut self, translation: &Translation) {
+        let now: BTreeMap<ObjectKey, ClaimReason> = translation
+            .claimed
+            .iter()
+            .map(|c| (c.service.clone(), c.reason))
+            .collect();
+        for (key, reason) in &now {
+            if self.claimed.get(key) != Some(reason) {
+                let why = match reason {
+                    ClaimReason::Label => format!(
+                        "labelled {}={}",
+                        translate::SERVICE_PROXY_NAME_LABEL,
+                        translate::PROXY_NAME
+                    ),
+                    ClaimReason::SelectorLess => {
+                        "no selector, and --claim-all-selectorless".to_owned()
+                    }
+                };
+                tracing::info!("claiming Service {key}: {why}");
+            }
+        }
+        for key in self.claimed.keys().filter(|k| !now.contains_key(*k)) {
+            tracing::info!("no longer claiming Service {key}: deleted or no longer labelled");
+        }
+        self.claimed = now;
+    }
+
+    /// The stores, for inspection (tests, events).
+    pub fn cluster(&self) -> &ClusterState {
+        &self.cluster
+    }
+}
+
+/// An error with its causes: kube's errors say "failed to perform initial object list" and keep
+/// the interesting part (connection refused, 403) in their sources.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    #[test]
+    fn trigger_time_is_read_from_the_annotation() {
+        let mut slice = EndpointSlice {
+            metadata: ObjectMeta {
+                annotations: Some(
+                    [(
+                        TRIGGER_TIME_ANNOTATION.to_owned(),
+                        "2026-11-22T06:01:58Z".to_owned(),
+                    )]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let t = trigger_time(&slice).expect("parsed");
+        assert_eq!(
+            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            1_795_327_318
+        );
+        slice.metadata.annotations = None;
+        assert_eq!(trigger_time(&slice), None);
+    }
+
+    #[test]
+    fn strip_drops_managed_fields_and_last_applied() {
+        let mut svc = Service {
+            metadata: ObjectMeta {
+                managed_fields: Some(vec![Default::default()]),
+                annotations: Some(
+                    [
+                        (LAST_APPLIED_ANNOTATION.to_owned(), "{}".to_owned()),
+                        ("keep".to_owned(), "me".to_owned()),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        strip(&mut svc);
+        assert_eq!(svc.metadata.managed_fields, None);
+        assert_eq!(
+            svc.metadata.annotations.unwrap().keys().collect::<Vec<_>>(),
+            vec!["keep"]
+        );
+    }
+
+    #[test]
+    fn error_chains_keep_the_cause() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("failed to perform initial object list")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        ));
+        assert_eq!(
+            error_chain(&e),
+            "failed to perform initial object list: connection refused"
+        );
+    }
+}

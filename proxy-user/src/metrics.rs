@@ -1,0 +1,997 @@
+//! What the agent tells the outside: `/healthz`, `/readyz` and Prometheus `/metrics`.
+//!
+//! [`Telemetry`] is the shared, cheap-to-update record the control loop writes (API connection,
+//! sync state, latencies, object counts). Data path statistics come from the pinned maps through a
+//! separate [`DatapathReader`] with its own file descriptors, so a scrape never waits for the
+//! control loop and the control loop never waits for a scrape; walking conntrack is cached for
+//! [`DATAPATH_STATS_TTL`] because a full table is a million syscalls.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt::{self, Write as _};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap, Map, MapData};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use proxy_common::{
+    Counter, CtKey, CtValue, MAP_CT, MAP_REVNAT, RevNatKey, RevNatValue, ServiceStats,
+    user::{port_host, proto_name},
+};
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+use crate::agent::Applied;
+use crate::diag::Severity;
+use crate::gc::GcReport;
+use crate::maps::{DatapathMaps, MapsError};
+use crate::translate::{ClaimReason, ServicePortKey, Translation};
+
+/// Where `extproxy run` serves health and metrics in Kubernetes mode unless told otherwise.
+pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:9464";
+
+/// Data path statistics are collected at most this often; scrapes in between get the last ones.
+pub const DATAPATH_STATS_TTL: Duration = Duration::from_secs(5);
+
+/// The watched API resources, in the order readiness names them.
+pub const API_RESOURCES: [&str; 3] = ["services", "endpointslices", "nodes"];
+
+/// Bounds of the latency histograms, seconds. kube-proxy's start at 0.25 s; extproxy programs in
+/// milliseconds, so the low end is finer.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+#[derive(Debug, Error)]
+pub enum MetricsError {
+    #[error("{0}")]
+    Maps(#[from] MapsError),
+    #[error("pinned map {}: {source}", path.display())]
+    Pinned {
+        path: std::path::PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("the data path statistics task failed: {0}")]
+    Task(String),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Telemetry: what the control loop records
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Histogram {
+            counts: vec![0; LATENCY_BUCKETS.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe(&mut self, value: Duration) {
+        let v = value.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| v <= *b) {
+            self.counts[i] += 1;
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+}
+
+#[derive(Clone, Debug)]
+enum ApiState {
+    /// No request answered yet.
+    Unknown,
+    Connected,
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Set by the source while it cannot program yet (initial list incomplete, Node missing).
+    waiting: Option<String>,
+    programmed: bool,
+    api: BTreeMap<&'static str, ApiState>,
+    api_errors: BTreeMap<&'static str, u64>,
+    /// When the first of the watched resources lost the API server (None while all are fine).
+    outage_since: Option<Instant>,
+    heartbeat: Instant,
+    objects: BTreeMap<&'static str, u64>,
+    claimed_by_label: u64,
+    claimed_selectorless: u64,
+    service_ports: u64,
+    diagnostics: BTreeMap<Severity, u64>,
+    programming: Histogram,
+    sync: Histogram,
+    syncs: u64,
+    map_updates: u64,
+    map_errors: u64,
+    events: BTreeMap<String, u64>,
+    event_errors: u64,
+    ct_expired: u64,
+    nat_orphans: u64,
+    /// Which Service port each service id is, to name the per-service rows.
+    service_names: Vec<(u32, ServicePortKey)>,
+}
+
+/// Shared record of the agent's state for probes and metrics.
+#[derive(Debug)]
+pub struct Telemetry {
+    inner: Mutex<Inner>,
+    /// /healthz fails when the control loop has not checked in for this long.
+    stall_after: Duration,
+}
+
+impl Telemetry {
+    /// `stall_after`: how long the control loop may stay silent before /healthz fails. The loop
+    /// checks in at least once per conntrack sweep.
+    pub fn new(stall_after: Duration) -> Arc<Self> {
+        Arc::new(Telemetry {
+            inner: Mutex::new(Inner {
+                waiting: None,
+                programmed: false,
+                api: BTreeMap::new(),
+                api_errors: BTreeMap::new(),
+                outage_since: None,
+                heartbeat: Instant::now(),
+                objects: BTreeMap::new(),
+                claimed_by_label: 0,
+                claimed_selectorless: 0,
+                service_ports: 0,
+                diagnostics: BTreeMap::new(),
+                programming: Histogram::new(),
+                sync: Histogram::new(),
+                syncs: 0,
+                map_updates: 0,
+                map_errors: 0,
+                events: BTreeMap::new(),
+                event_errors: 0,
+                ct_expired: 0,
+                nat_orphans: 0,
+                service_names: Vec::new(),
+            }),
+            stall_after,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain counters behind: still fine to read.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers the API resources whose connection readiness depends on.
+    pub fn track_api(&self, resources: &[&'static str]) {
+        let mut inner = self.lock();
+        for r in resources {
+            inner.api.entry(r).or_insert(ApiState::Unknown);
+        }
+    }
+
+    /// The API server answered a request for `resource`.
+    pub fn api_ok(&self, resource: &'static str) {
+        let mut inner = self.lock();
+        let Some(state) = inner.api.get_mut(resource) else {
+            return;
+        };
+        *state = ApiState::Connected;
+        let all_fine = inner
+            .api
+            .values()
+            .all(|s| !matches!(s, ApiState::Failed(_)));
+        if all_fine && let Some(since) = inner.outage_since.take() {
+            tracing::info!(
+                "the API server is reachable again after {:.1} s; resyncing",
+                since.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    /// A request or watch for `resource` failed (transport error, 5xx, broken stream, refused).
+    pub fn api_failed(&self, resource: &'static str, error: String) {
+        let mut inner = self.lock();
+        if !inner.api.contains_key(resource) {
+            return;
+        }
+        *inner.api_errors.entry(resource).or_default() += 1;
+        if inner.outage_since.is_none() {
+            tracing::warn!(
+                "lost the API server ({resource}: {error}); the data path keeps forwarding with the last \
+                 known state; reconnecting with backoff"
+            );
+            inner.outage_since = Some(Instant::now());
+        } else {
+            tracing::debug!("API server still unreachable ({resource}: {error})");
+        }
+        inner.api.insert(resource, ApiState::Failed(error));
+    }
+
+    /// Why the agent cannot program yet; None once it can.
+    pub fn set_waiting(&self, reason: Option<String>) {
+        self.lock().waiting = reason;
+    }
+
+    /// The control loop is alive.
+    pub fn heartbeat(&self) {
+        self.lock().heartbeat = Instant::now();
+    }
+
+    /// Ok when the maps hold the desired state and the API watch is connected; otherwise the
+    /// one-line reason.
+    pub fn readiness(&self) -> Result<(), String> {
+        let inner = self.lock();
+        let failed: Vec<String> = inner
+            .api
+            .iter()
+            .filter_map(|(r, s)| match s {
+                ApiState::Failed(e) => Some(format!("{r}: {e}")),
+                _ => None,
+            })
+            .collect();
+        if let (false, Some(since)) = (failed.is_empty(), inner.outage_since) {
+            return Err(format!(
+                "API server unreachable for {:.0} s ({}); forwarding with the last known state",
+                since.elapsed().as_secs_f64(),
+                failed.join("; ")
+            ));
+        }
+        if let Some(waiting) = &inner.waiting {
+            return Err(waiting.clone());
+        }
+        if !inner.programmed {
+            return Err("the initial state is not programmed yet".to_owned());
+        }
+        Ok(())
+    }
+
+    fn stalled(&self) -> Option<Duration> {
+        let age = self.lock().heartbeat.elapsed();
+        (age > self.stall_after).then_some(age)
+    }
+
+    /// How many objects of `kind` the agent sees.
+    pub fn set_objects(&self, kind: &'static str, count: usize) {
+        self.lock().objects.insert(kind, count as u64);
+    }
+
+    /// Records one programming round: what was claimed and programmed, how long it took.
+    pub fn record_apply(
+        &self,
+        translation: &Translation,
+        applied: &Applied,
+        service_names: Vec<(u32, ServicePortKey)>,
+    ) {
+        let mut inner = self.lock();
+        inner.programmed = true;
+        inner.claimed_by_label = count_claims(translation, ClaimReason::Label);
+        inner.claimed_selectorless = count_claims(translation, ClaimReason::SelectorLess);
+        inner.service_ports = translation.desired.services.len() as u64;
+        inner.diagnostics.clear();
+        for d in &translation.diagnostics {
+            *inner.diagnostics.entry(d.severity).or_default() += 1;
+        }
+        inner.sync.observe(applied.elapsed);
+        inner.syncs += 1;
+        inner.map_updates += applied.ops as u64;
+        inner.map_errors += applied.errors as u64;
+        inner.service_names = service_names;
+    }
+
+    /// Time from a change (its trigger time, or its arrival) to the maps holding it.
+    pub fn observe_programming(&self, latency: Duration) {
+        self.lock().programming.observe(latency);
+    }
+
+    pub fn record_gc(&self, report: &GcReport) {
+        let mut inner = self.lock();
+        inner.ct_expired += report.ct_expired as u64;
+        inner.nat_orphans += report.revnat_orphans as u64;
+    }
+
+    pub fn record_event(&self, reason: &str, published: bool) {
+        let mut inner = self.lock();
+        if published {
+            *inner.events.entry(reason.to_owned()).or_default() += 1;
+        } else {
+            inner.event_errors += 1;
+        }
+    }
+
+    fn service_ids(&self) -> Vec<u32> {
+        self.lock()
+            .service_names
+            .iter()
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The Prometheus text exposition of everything recorded, plus `datapath` if given.
+    pub fn render(&self, datapath: Option<&DatapathStats>) -> String {
+        let ready = self.readiness().is_ok();
+        let inner = self.lock();
+        let mut out = Exposition::default();
+        out.family("extproxy_ready", "gauge", "1 when /readyz answers 200.");
+        out.sample("extproxy_ready", &[], u8::from(ready));
+        out.family(
+            "extproxy_api_connected",
+            "gauge",
+            "1 while the last request for the resource was answered by the API server.",
+        );
+        for (resource, state) in &inner.api {
+            let up = matches!(state, ApiState::Connected);
+            out.sample(
+                "extproxy_api_connected",
+                &[("resource", resource)],
+                u8::from(up),
+            );
+        }
+        out.family(
+            "extproxy_api_errors_total",
+            "counter",
+            "Failed requests and broken watches per resource.",
+        );
+        for resource in inner.api.keys() {
+            let n = inner.api_errors.get(resource).copied().unwrap_or(0);
+            out.sample("extproxy_api_errors_total", &[("resource", resource)], n);
+        }
+        out.family(
+            "extproxy_objects",
+            "gauge",
+            "Objects the agent sees, by kind.",
+        );
+        for (kind, n) in &inner.objects {
+            out.sample("extproxy_objects", &[("kind", kind)], n);
+        }
+        out.family(
+            "extproxy_services_claimed",
+            "gauge",
+            "Services extproxy proxies, by why it claims them.",
+        );
+        out.sample(
+            "extproxy_services_claimed",
+            &[("reason", "label")],
+            inner.claimed_by_label,
+        );
+        out.sample(
+            "extproxy_services_claimed",
+            &[("reason", "selectorless")],
+            inner.claimed_selectorless,
+        );
+        out.family(
+            "extproxy_service_ports",
+            "gauge",
+            "Service ports (per IP family) programmed into the data path.",
+        );
+        out.sample("extproxy_service_ports", &[], inner.service_ports);
+        out.family(
+            "extproxy_diagnostics",
+            "gauge",
+            "Open problems with the Services and endpoints, by severity (see the log).",
+        );
+        for severity in [Severity::Error, Severity::Warning, Severity::Info] {
+            let n = inner.diagnostics.get(&severity).copied().unwrap_or(0);
+            out.sample(
+                "extproxy_diagnostics",
+                &[("severity", &severity.to_string())],
+                n,
+            );
+        }
+        out.histogram(
+            "extproxy_network_programming_duration_seconds",
+            "From a change (the EndpointSlice's endpoints.kubernetes.io/last-change-trigger-time, \
+             else its arrival) to the maps holding it.",
+            &inner.programming,
+        );
+        out.histogram(
+            "extproxy_sync_duration_seconds",
+            "Time to translate and program one batch of changes.",
+            &inner.sync,
+        );
+        out.counter("extproxy_syncs_total", "Programming rounds.", inner.syncs);
+        out.counter(
+            "extproxy_map_updates_total",
+            "Map entries written or deleted by the agent.",
+            inner.map_updates,
+        );
+        out.counter(
+            "extproxy_map_update_errors_total",
+            "Map updates that failed (map full, kernel error); see the log.",
+            inner.map_errors,
+        );
+        out.family(
+            "extproxy_kube_events_total",
+            "counter",
+            "Kubernetes Events published on claimed Services, by reason.",
+        );
+        for (reason, n) in &inner.events {
+            out.sample("extproxy_kube_events_total", &[("reason", reason)], n);
+        }
+        out.counter(
+            "extproxy_kube_event_errors_total",
+            "Kubernetes Events the API server did not accept.",
+            inner.event_errors,
+        );
+        out.counter(
+            "extproxy_conntrack_expired_total",
+            "Idle flows removed by the conntrack sweep.",
+            inner.ct_expired,
+        );
+        out.counter(
+            "extproxy_nat_orphans_removed_total",
+            "Reverse NAT entries without a flow removed by the sweep (SNAT ports freed).",
+            inner.nat_orphans,
+        );
+        if let Some(stats) = datapath {
+            stats.render(&inner.service_names, &mut out);
+        }
+        out.text
+    }
+}
+
+fn count_claims(translation: &Translation, reason: ClaimReason) -> u64 {
+    translation
+        .claimed
+        .iter()
+        .filter(|c| c.reason == reason)
+        .count() as u64
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus text format
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Exposition {
+    text: String,
+}
+
+/// Label values may hold anything; the format needs backslash, quote and newline escaped.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {help}");
+        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl fmt::Display) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.text.push(',');
+                }
+                let _ = write!(self.text, "{k}=\"{}\"", escape(v));
+            }
+            self.text.push('}');
+        }
+        let _ = writeln!(self.text, " {value}");
+    }
+
+    fn counter(&mut self, name: &str, help: &str, value: u64) {
+        self.family(name, "counter", help);
+        self.sample(name, &[], value);
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, value: impl fmt::Display) {
+        self.family(name, "gauge", help);
+        self.sample(name, &[], value);
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
+        self.family(name, "histogram", help);
+        let bucket = format!("{name}_bucket");
+        let mut cumulative = 0;
+        for (bound, n) in LATENCY_BUCKETS.iter().zip(&h.counts) {
+            cumulative += n;
+            self.sample(&bucket, &[("le", &bound.to_string())], cumulative);
+        }
+        self.sample(&bucket, &[("le", "+Inf")], h.count);
+        self.sample(&format!("{name}_sum"), &[], h.sum);
+        self.sample(&format!("{name}_count"), &[], h.count);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data path statistics
+// ---------------------------------------------------------------------------------------------
+
+/// SNAT ports are unique per (egress address, endpoint address and port, protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SnatDestination {
+    pub egress: IpAddr,
+    pub destination: SocketAddr,
+    pub protocol: u8,
+}
+
+/// One reading of the data path's maps.
+#[derive(Clone, Debug, Default)]
+pub struct DatapathStats {
+    pub counters: Vec<(Counter, u64)>,
+    pub services: Vec<(u32, ServiceStats)>,
+    pub ct_entries: u64,
+    pub ct_max: u32,
+    pub nat_entries: u64,
+    pub nat_max: u32,
+    pub snat_in_use: BTreeMap<SnatDestination, u64>,
+    /// Size of the SNAT port range: the most flows one destination can have per egress address.
+    pub snat_range: u32,
+    /// How long reading took (mostly walking conntrack and reverse NAT).
+    pub collect_duration: Duration,
+}
+
+fn ratio(n: u64, max: u32) -> f64 {
+    if max == 0 { 0.0 } else { n as f64 / max as f64 }
+}
+
+impl DatapathStats {
+    fn render(&self, names: &[(u32, ServicePortKey)], out: &mut Exposition) {
+        let by_id: BTreeMap<u32, &ServicePortKey> = names.iter().map(|(id, k)| (*id, k)).collect();
+        for (metric, help, pick) in [
+            (
+                "extproxy_service_packets_total",
+                "Packets of a Service port; direction forward is client to endpoint, reply the way back.",
+                (|s: &ServiceStats| (s.fwd_packets, s.rev_packets))
+                    as fn(&ServiceStats) -> (u64, u64),
+            ),
+            (
+                "extproxy_service_bytes_total",
+                "Bytes (IP length) of a Service port, by direction.",
+                |s: &ServiceStats| (s.fwd_bytes, s.rev_bytes),
+            ),
+        ] {
+            out.family(metric, "counter", help);
+            for (id, stats) in &self.services {
+                let Some(key) = by_id.get(id) else { continue };
+                let (forward, reply) = pick(stats);
+                for (direction, value) in [("forward", forward), ("reply", reply)] {
+                    out.sample(
+                        metric,
+                        &[
+                            ("namespace", &key.namespace),
+                            ("service", &key.name),
+                            ("port", &key.port_name),
+                            ("protocol", key.protocol.name()),
+                            ("family", key.family.name()),
+                            ("direction", direction),
+                        ],
+                        value,
+                    );
+                }
+            }
+        }
+        out.family(
+            "extproxy_drops_total",
+            "counter",
+            "Packets the data path did not deliver, by reason.",
+        );
+        for (counter, value) in self.counters.iter().filter(|(c, _)| c.is_drop()) {
+            out.sample("extproxy_drops_total", &[("reason", counter.name())], value);
+        }
+        out.family(
+            "extproxy_datapath_events_total",
+            "counter",
+            "Other data path events (new flows, SNAT collisions, XDP to TC hand-offs, ...).",
+        );
+        for (counter, value) in self.counters.iter().filter(|(c, _)| !c.is_drop()) {
+            out.sample(
+                "extproxy_datapath_events_total",
+                &[("event", counter.name())],
+                value,
+            );
+        }
+        out.gauge(
+            "extproxy_conntrack_entries",
+            "Tracked flows.",
+            self.ct_entries,
+        );
+        out.gauge(
+            "extproxy_conntrack_max_entries",
+            "Conntrack capacity (--ct-max); when full the least recently used flow is evicted.",
+            self.ct_max,
+        );
+        out.gauge(
+            "extproxy_conntrack_fill_ratio",
+            "Conntrack entries / capacity.",
+            ratio(self.ct_entries, self.ct_max),
+        );
+        out.gauge(
+            "extproxy_nat_entries",
+            "Reverse NAT entries (one per SNAT port in use).",
+            self.nat_entries,
+        );
+        out.gauge(
+            "extproxy_nat_max_entries",
+            "Reverse NAT capacity.",
+            self.nat_max,
+        );
+        out.gauge(
+            "extproxy_nat_fill_ratio",
+            "Reverse NAT entries / capacity.",
+            ratio(self.nat_entries, self.nat_max),
+        );
+        out.family(
+            "extproxy_snat_ports_in_use",
+            "gauge",
+            "SNAT ports held per egress address and destination (endpoint address:port, protocol).",
+        );
+        for (d, n) in &self.snat_in_use {
+            out.sample(
+                "extproxy_snat_ports_in_use",
+                &[
+                    ("egress_ip", &d.egress.to_string()),
+                    ("destination", &d.destination.to_string()),
+                    ("protocol", proto_name(d.protocol)),
+                ],
+                n,
+            );
+        }
+        out.gauge(
+            "extproxy_snat_ports_per_destination",
+            "Size of the SNAT port range (--snat-ports): concurrent flows one egress address can \
+             have to one destination.",
+            self.snat_range,
+        );
+        out.gauge(
+            "extproxy_datapath_stats_collect_seconds",
+            "Time the last reading of the data path maps took.",
+            self.collect_duration.as_secs_f64(),
+        );
+    }
+}
+
+/// Read-only handles on the pinned maps, independent of the control loop's.
+pub struct DatapathReader {
+    maps: DatapathMaps,
+    ct: HashMap<MapData, CtKey, CtValue>,
+    revnat: HashMap<MapData, RevNatKey, RevNatValue>,
+}
+
+fn open_hash<K: aya::Pod, V: aya::Pod>(
+    dir: &Path,
+    name: &str,
+) -> Result<HashMap<MapData, K, V>, MetricsError> {
+    let path = dir.join(name);
+    MapData::from_pin(&path)
+        .and_then(Map::from_map_data)
+        .and_then(HashMap::try_from)
+        .map_err(|source| MetricsError::Pinned { path, source })
+}
+
+impl DatapathReader {
+    pub fn open(pin_dir: &Path) -> Result<Self, MetricsError> {
+        Ok(DatapathReader {
+            maps: DatapathMaps::from_pinned(pin_dir)?,
+            ct: open_hash(pin_dir, MAP_CT)?,
+            revnat: open_hash(pin_dir, MAP_REVNAT)?,
+        })
+    }
+
+    /// The maps can be read (CONFIG is one lookup).
+    pub fn check(&self) -> Result<(), MetricsError> {
+        self.maps.config()?;
+        Ok(())
+    }
+
+    pub fn collect(&self, service_ids: &[u32]) -> Result<DatapathStats, MetricsError> {
+        let start = Instant::now();
+        let config = self.maps.config()?;
+        let ct_max = self.maps.max_entries(MAP_CT);
+        let nat_max = self.maps.max_entries(MAP_REVNAT);
+        // Walking a hash map that changes underneath can revisit keys (the kernel restarts from
+        // the first key when the cursor was deleted): never read more than the map can hold.
+        let ct_entries = self
+            .ct
+            .keys()
+            .take(ct_max as usize)
+            .filter(Result::is_ok)
+            .count() as u64;
+        let mut snat_in_use: BTreeMap<SnatDestination, u64> = BTreeMap::new();
+        let mut nat_entries = 0;
+        for key in self.revnat.keys().take(nat_max as usize).flatten() {
+            nat_entries += 1;
+            let destination = SocketAddr::new(key.backend.to_ip(), port_host(key.backend_port));
+            *snat_in_use
+                .entry(SnatDestination {
+                    egress: key.snat.to_ip(),
+                    destination,
+                    protocol: key.proto,
+                })
+                .or_default() += 1;
+        }
+        Ok(DatapathStats {
+            counters: self.maps.counters()?,
+            services: self.maps.service_stats(service_ids)?,
+            ct_entries,
+            ct_max,
+            nat_entries,
+            nat_max,
+            snat_in_use,
+            snat_range: u32::from(config.snat_port_max.saturating_sub(config.snat_port_min)) + 1,
+            collect_duration: start.elapsed(),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------------------------
+
+struct Server {
+    telemetry: Arc<Telemetry>,
+    reader: Option<Arc<DatapathReader>>,
+    /// The last reading and when it was taken. A tokio mutex: concurrent scrapes of a stale
+    /// cache wait for one walk instead of each starting their own.
+    cache: tokio::sync::Mutex<Option<(Instant, Arc<DatapathStats>)>>,
+}
+
+impl Server {
+    async fn datapath_stats(&self) -> Option<Result<Arc<DatapathStats>, MetricsError>> {
+        let reader = self.reader.clone()?;
+        let mut cache = self.cache.lock().await;
+        if let Some((at, stats)) = cache.as_ref()
+            && at.elapsed() < DATAPATH_STATS_TTL
+        {
+            return Some(Ok(stats.clone()));
+        }
+        let ids = self.telemetry.service_ids();
+        let result = tokio::task::spawn_blocking(move || reader.collect(&ids))
+            .await
+            .map_err(|e| MetricsError::Task(e.to_string()))
+            .and_then(|r| r);
+        Some(result.map(|stats| {
+            let stats = Arc::new(stats);
+            *cache = Some((Instant::now(), stats.clone()));
+            stats
+        }))
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".to_owned());
+        }
+        match req.uri().path() {
+            "/healthz" => {
+                if let Some(age) = self.telemetry.stalled() {
+                    return text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "the control loop has not run for {:.0} s\n",
+                            age.as_secs_f64()
+                        ),
+                    );
+                }
+                match self.reader.as_ref().map(|r| r.check()) {
+                    Some(Err(err)) => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("the data path maps cannot be read: {err}\n"),
+                    ),
+                    _ => text(StatusCode::OK, "ok\n".to_owned()),
+                }
+            }
+            "/readyz" => match self.telemetry.readiness() {
+                Ok(()) => text(StatusCode::OK, "ok\n".to_owned()),
+                Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+            },
+            "/metrics" => {
+                let stats = match self.datapath_stats().await {
+                    Some(Ok(stats)) => Some(stats),
+                    Some(Err(err)) => {
+                        tracing::warn!("reading the data path for /metrics: {err}");
+                        None
+                    }
+                    None => None,
+                };
+                let mut response = text(StatusCode::OK, self.telemetry.render(stats.as_deref()));
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                response
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "try /healthz, /readyz or /metrics\n".to_owned(),
+            ),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+/// Serves /healthz, /readyz and /metrics on `listener` until the task is dropped. With `reader`,
+/// /metrics includes the data path's statistics and /healthz checks the maps can be read.
+pub async fn serve(
+    listener: TcpListener,
+    telemetry: Arc<Telemetry>,
+    reader: Option<DatapathReader>,
+) {
+    let server = Arc::new(Server {
+        telemetry,
+        reader: reader.map(Arc::new),
+        cache: tokio::sync::Mutex::new(None),
+    });
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!("metrics server: accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let server = server.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let server = server.clone();
+                async move { Ok::<_, Infallible>(server.handle(req).await) }
+            });
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("metrics server connection: {err}");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::{Claimed, IpFamily, ObjectKey, Protocol};
+
+    fn key() -> ServicePortKey {
+        ServicePortKey {
+            namespace: "shop".into(),
+            name: "db \"main\"".into(),
+            port_name: "pg".into(),
+            protocol: Protocol::Tcp,
+            family: IpFamily::V4,
+        }
+    }
+
+    #[test]
+    fn readiness_says_why_not() {
+        let t = Telemetry::new(Duration::from_secs(60));
+        t.track_api(&API_RESOURCES);
+        t.set_waiting(Some("waiting for the initial list of nodes".into()));
+        assert_eq!(
+            t.readiness().unwrap_err(),
+            "waiting for the initial list of nodes"
+        );
+        t.set_waiting(None);
+        assert_eq!(
+            t.readiness().unwrap_err(),
+            "the initial state is not programmed yet"
+        );
+        t.record_apply(&Translation::default(), &Applied::default(), Vec::new());
+        assert_eq!(t.readiness(), Ok(()));
+        t.api_failed("services", "connection refused".into());
+        let reason = t.readiness().unwrap_err();
+        assert!(
+            reason.starts_with("API server unreachable for 0 s (services: connection refused)"),
+            "{reason}"
+        );
+        assert!(reason.ends_with("forwarding with the last known state"));
+        t.api_ok("services");
+        assert_eq!(t.readiness(), Ok(()));
+        // Untracked resources (Events) do not count.
+        t.api_failed("events", "forbidden".into());
+        assert_eq!(t.readiness(), Ok(()));
+    }
+
+    #[test]
+    fn exposition_is_prometheus_text() {
+        let t = Telemetry::new(Duration::from_secs(60));
+        t.track_api(&API_RESOURCES);
+        t.api_ok("services");
+        t.set_objects("Service", 6);
+        let translation = Translation {
+            claimed: vec![Claimed {
+                service: ObjectKey::new("shop", "db"),
+                reason: ClaimReason::Label,
+            }],
+            ..Default::default()
+        };
+        let applied = Applied {
+            services: 1,
+            ops: 7,
+            errors: 0,
+            elapsed: Duration::from_millis(3),
+        };
+        t.record_apply(&translation, &applied, vec![(4, key())]);
+        t.observe_programming(Duration::from_millis(20));
+        let mut snat_in_use = BTreeMap::new();
+        snat_in_use.insert(
+            SnatDestination {
+                egress: "10.0.0.1".parse().unwrap(),
+                destination: "2.3.4.5:8080".parse().unwrap(),
+                protocol: proxy_common::PROTO_TCP,
+            },
+            3,
+        );
+        let stats = DatapathStats {
+            counters: vec![(Counter::DropNoEndpoints, 2), (Counter::CtCreated, 9)],
+            services: vec![(
+                4,
+                ServiceStats {
+                    fwd_packets: 10,
+                    fwd_bytes: 1000,
+                    rev_packets: 8,
+                    rev_bytes: 800,
+                },
+            )],
+            ct_entries: 3,
+            ct_max: 12,
+            nat_entries: 3,
+            nat_max: 12,
+            snat_in_use,
+            snat_range: 4536,
+            collect_duration: Duration::ZERO,
+        };
+        let text = t.render(Some(&stats));
+        for line in [
+            "extproxy_ready 1",
+            "extproxy_api_connected{resource=\"services\"} 1",
+            "extproxy_api_connected{resource=\"nodes\"} 0",
+            "extproxy_objects{kind=\"Service\"} 6",
+            "extproxy_services_claimed{reason=\"label\"} 1",
+            "extproxy_map_updates_total 7",
+            "extproxy_network_programming_duration_seconds_bucket{le=\"0.01\"} 0",
+            "extproxy_network_programming_duration_seconds_bucket{le=\"0.025\"} 1",
+            "extproxy_network_programming_duration_seconds_bucket{le=\"+Inf\"} 1",
+            "extproxy_network_programming_duration_seconds_count 1",
+            "extproxy_sync_duration_seconds_bucket{le=\"0.005\"} 1",
+            "extproxy_service_packets_total{namespace=\"shop\",service=\"db \\\"main\\\"\",port=\"pg\",protocol=\"TCP\",family=\"IPv4\",direction=\"forward\"} 10",
+            "extproxy_service_bytes_total{namespace=\"shop\",service=\"db \\\"main\\\"\",port=\"pg\",protocol=\"TCP\",family=\"IPv4\",direction=\"reply\"} 800",
+            "extproxy_drops_total{reason=\"no_endpoints\"} 2",
+            "extproxy_datapath_events_total{event=\"ct_created\"} 9",
+            "extproxy_conntrack_fill_ratio 0.25",
+            "extproxy_snat_ports_in_use{egress_ip=\"10.0.0.1\",destination=\"2.3.4.5:8080\",protocol=\"TCP\"} 3",
+            "extproxy_snat_ports_per_destination 4536",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // Every sample belongs to a family announced with HELP and TYPE.
+        let mut typed = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                typed.insert(rest.split(' ').next().unwrap().to_owned());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+                    .unwrap_or(name);
+                assert!(typed.contains(family), "{name} has no TYPE line");
+            }
+        }
+    }
+}
