@@ -333,10 +333,15 @@ impl KubeSource {
                 applied.services,
                 applied.ops,
             );
+        } else if applied.ops > 0 && sync.triggers.is_empty() {
+            tracing::info!(
+                "converged after a relist: {} map updates in {ms:.2} ms",
+                applied.ops
+            );
         } else if applied.ops > 0 {
             tracing::info!(
                 "{} change(s) from the API server: {} map updates in {ms:.2} ms",
-                sync.triggers.len().max(1),
+                sync.triggers.len(),
                 applied.ops
             );
         } else {
