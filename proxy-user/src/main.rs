@@ -36,8 +36,14 @@ use tokio::signal::unix::{SignalKind, signal};
     about = "eBPF proxy for Kubernetes Services whose endpoints live outside the cluster"
 )]
 struct Cli {
-    /// Log filter (tracing EnvFilter syntax): error, warn, info, debug, or per module.
-    #[arg(long, global = true, env = "EXTPROXY_LOG", default_value = "info")]
+    /// Log filter (tracing EnvFilter syntax): error, warn, info, debug, or per module. kube's
+    /// per-request error lines are off by default: extproxy logs API trouble itself, once.
+    #[arg(
+        long,
+        global = true,
+        env = "EXTPROXY_LOG",
+        default_value = "info,kube_client::client::builder=off"
+    )]
     log: String,
     #[command(subcommand)]
     command: Command,

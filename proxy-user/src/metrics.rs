@@ -232,19 +232,22 @@ impl Telemetry {
     /// one-line reason.
     pub fn readiness(&self) -> Result<(), String> {
         let inner = self.lock();
-        let failed: Vec<String> = inner
-            .api
-            .iter()
-            .filter_map(|(r, s)| match s {
-                ApiState::Failed(e) => Some(format!("{r}: {e}")),
-                _ => None,
-            })
-            .collect();
+        // Resources failing the same way are named together: one line, however many.
+        let mut failed: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (resource, state) in &inner.api {
+            if let ApiState::Failed(e) = state {
+                failed.entry(e).or_default().push(resource);
+            }
+        }
         if let (false, Some(since)) = (failed.is_empty(), inner.outage_since) {
+            let why: Vec<String> = failed
+                .iter()
+                .map(|(e, resources)| format!("{}: {e}", resources.join(", ")))
+                .collect();
             return Err(format!(
                 "API server unreachable for {:.0} s ({}); forwarding with the last known state",
                 since.elapsed().as_secs_f64(),
-                failed.join("; ")
+                why.join("; ")
             ));
         }
         if let Some(waiting) = &inner.waiting {
@@ -891,13 +894,18 @@ mod tests {
         t.record_apply(&Translation::default(), &Applied::default(), Vec::new());
         assert_eq!(t.readiness(), Ok(()));
         t.api_failed("services", "connection refused".into());
+        t.api_failed("nodes", "connection refused".into());
         let reason = t.readiness().unwrap_err();
         assert!(
-            reason.starts_with("API server unreachable for 0 s (services: connection refused)"),
+            reason.starts_with(
+                "API server unreachable for 0 s (nodes, services: connection refused)"
+            ),
             "{reason}"
         );
         assert!(reason.ends_with("forwarding with the last known state"));
         t.api_ok("services");
+        assert!(t.readiness().is_err(), "nodes still failing");
+        t.api_ok("nodes");
         assert_eq!(t.readiness(), Ok(()));
         // Untracked resources (Events) do not count.
         t.api_failed("events", "forbidden".into());
