@@ -324,7 +324,9 @@ pub struct CtKey {
     /// net order
     pub dport: u16,
     pub proto: u8,
-    pub pad: [u8; 3],
+    /// Explicit padding in two stores' worth: a 3-byte array compiles to a memset call on BPF.
+    pub pad: u8,
+    pub pad16: u16,
 }
 
 /// Client has sent a FIN.
@@ -362,7 +364,26 @@ pub struct CtValue {
     pub kind: u8,
     pub pad: [u8; 2],
     pub reserved: u32,
+    /// Where packets of this flow go next, so established packets skip the FIB lookup.
+    pub to_backend: NextHop,
+    pub to_client: NextHop,
 }
+
+/// A cached FIB result. Trusted for [`NEXT_HOP_CACHE_SECS`] after `stamp`; 0 = none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NextHop {
+    /// Output device (host order).
+    pub ifindex: u32,
+    /// Seconds of CLOCK_MONOTONIC when cached (host order); 0 = nothing cached.
+    pub stamp: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// How long a flow trusts its cached next hop: a neighbour's new MAC address or a new route
+/// reaches established flows within this time.
+pub const NEXT_HOP_CACHE_SECS: u32 = 1;
 
 // ---------------------------------------------------------------------------------------------
 // REVNAT: LRU_HASH RevNatKey -> RevNatValue   (the backend-side 5-tuple of a reply)
@@ -380,7 +401,9 @@ pub struct RevNatKey {
     /// net order
     pub snat_port: u16,
     pub proto: u8,
-    pub pad: [u8; 3],
+    /// Explicit padding in two stores' worth: a 3-byte array compiles to a memset call on BPF.
+    pub pad: u8,
+    pub pad16: u16,
 }
 
 #[repr(C)]
@@ -406,7 +429,8 @@ impl RevNatValue {
             sport: self.client_port,
             dport: self.frontend_port,
             proto,
-            pad: [0; 3],
+            pad: 0,
+            pad16: 0,
         }
     }
 }
@@ -466,7 +490,9 @@ pub struct FragKey {
     /// IPv4: the 16-bit identification; IPv6: the fragment header's 32-bit id (net order).
     pub id: u32,
     pub proto: u8,
-    pub pad: [u8; 3],
+    /// Explicit padding in two stores' worth: a 3-byte array compiles to a memset call on BPF.
+    pub pad: u8,
+    pub pad16: u16,
 }
 
 #[repr(C)]
@@ -602,6 +628,7 @@ mod pod {
         BackendValue,
         CtKey,
         CtValue,
+        NextHop,
         RevNatKey,
         RevNatValue,
         AffinityKey,
@@ -623,7 +650,7 @@ const _: () = {
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<BackendValue>() == 32);
     assert!(core::mem::size_of::<CtKey>() == 40);
-    assert!(core::mem::size_of::<CtValue>() == 64);
+    assert!(core::mem::size_of::<CtValue>() == 104);
     assert!(core::mem::size_of::<RevNatKey>() == 40);
     assert!(core::mem::size_of::<RevNatValue>() == 40);
     assert!(core::mem::size_of::<AffinityKey>() == 20);

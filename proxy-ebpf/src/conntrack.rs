@@ -84,7 +84,8 @@ pub fn revnat_key(ct: &CtValue, proto: u8) -> RevNatKey {
         backend_port: ct.backend_port,
         snat_port: ct.snat_port,
         proto,
-        pad: [0; 3],
+        pad: 0,
+        pad16: 0,
     }
 }
 

@@ -6,7 +6,7 @@ use proxy_common::*;
 use crate::{
     conntrack::{delete_flow, is_expired, is_reopen, now_secs, tcp_ct_flags, touch},
     ctx::{Ctx, Hook},
-    fwd::{Route, route},
+    fwd::{Route, remember, route, route_cached},
     lb::{self, Chosen},
     maps::{BACKENDS, CONFIG, CT, FRAGS, REVNAT, SCRATCH, Scratch},
     nat::{in_snat_range, set_macs, snat_alloc, xlate, xlate_icmp_error_reply},
@@ -142,7 +142,8 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
             backend_port: pkt.sport,
             snat_port: pkt.dport,
             proto: pkt.proto,
-            pad: [0; 3],
+            pad: 0,
+            pad16: 0,
         };
         if let Some(rn) = unsafe { REVNAT.get(&s.rn_key) } {
             return reply(ctx, cfg, s, rn);
@@ -158,7 +159,8 @@ fn frag_key(pkt: &Pkt) -> FragKey {
         dst: pkt.dst,
         id: pkt.frag_id,
         proto: pkt.proto,
-        pad: [0; 3],
+        pad: 0,
+        pad16: 0,
     }
 }
 
@@ -198,7 +200,8 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, fe: &FrontendValue) -
         sport: pkt.sport,
         dport: pkt.dport,
         proto: pkt.proto,
-        pad: [0; 3],
+        pad: 0,
+        pad16: 0,
     };
     let now = now_secs();
     if let Some(ct) = CT.get_ptr_mut(&s.ct_key) {
@@ -246,7 +249,15 @@ fn established<C: Ctx>(
     ct: &mut CtValue,
     now: u32,
 ) -> Action {
-    let r = route(ctx, &mut s.fib, s.pkt.v6, &ct.snat, &ct.backend);
+    let r = route_cached(
+        ctx,
+        &mut s.fib,
+        &mut ct.to_backend,
+        now,
+        s.pkt.v6,
+        &ct.snat,
+        &ct.backend,
+    );
     if C::HOOK == Hook::Xdp && !xdp_can_send(ctx, cfg, s, r) {
         count(Counter::XdpPassToTc);
         return Action::PASS;
@@ -322,7 +333,8 @@ fn new_flow<C: Ctx>(
         backend_port: chosen.port,
         snat_port: 0,
         proto: pkt.proto,
-        pad: [0; 3],
+        pad: 0,
+        pad16: 0,
     };
     let hash = lb::flow_hash(&s.ct_key, SEED_SNAT);
     if !snat_alloc(cfg, now, &mut s.rn_key, &s.rn, &mut s.old_key, hash) {
@@ -347,7 +359,10 @@ fn new_flow<C: Ctx>(
         kind: fe.kind,
         pad: [0; 2],
         reserved: 0,
+        to_backend: NextHop::default(),
+        to_client: NextHop::default(),
     };
+    remember(&mut s.ct.to_backend, r, now, &s.fib);
     if CT.insert(&s.ct_key, &s.ct, BPF_NOEXIST as u64).is_err() {
         // Another CPU created this flow first: give our port back and follow its choice.
         let _ = REVNAT.remove(&s.rn_key);
@@ -412,21 +427,37 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &RevNatValue) -> Ac
     if s.pkt.bad_len {
         return drop(Counter::DropMalformed);
     }
-    let r = route(ctx, &mut s.fib, s.pkt.v6, &rn.frontend, &rn.client);
+    s.ct_key = rn.ct_key(s.pkt.proto);
+    let now = now_secs();
+    let ct = CT.get_ptr_mut(&s.ct_key);
+    let r = match ct {
+        Some(ct) => {
+            let ct = unsafe { &mut *ct };
+            route_cached(
+                ctx,
+                &mut s.fib,
+                &mut ct.to_client,
+                now,
+                s.pkt.v6,
+                &rn.frontend,
+                &rn.client,
+            )
+        }
+        None => route(ctx, &mut s.fib, s.pkt.v6, &rn.frontend, &rn.client),
+    };
     if C::HOOK == Hook::Xdp && needs_tx(ctx, s, r) && !xdp_tx_allowed(cfg) {
         count(Counter::XdpPassToTc);
         return Action::PASS;
     }
     track_fragment(&s.pkt, &mut s.frag_key);
     let pkt = &s.pkt;
-    s.ct_key = rn.ct_key(pkt.proto);
-    match CT.get_ptr_mut(&s.ct_key) {
+    match ct {
         Some(ct) => {
             let mut flags = CT_F_SEEN_REPLY;
             if pkt.proto == PROTO_TCP {
                 flags |= tcp_ct_flags(pkt.tcp_flags, true);
             }
-            touch(unsafe { &mut *ct }, now_secs(), flags);
+            touch(unsafe { &mut *ct }, now, flags);
         }
         None => count(Counter::CtMissReply),
     }
@@ -488,7 +519,8 @@ fn icmp_error<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
         backend_port: inner.dport,
         snat_port: inner.sport,
         proto: inner.proto,
-        pad: [0; 3],
+        pad: 0,
+        pad16: 0,
     };
     let Some(rn) = (unsafe { REVNAT.get(&s.rn_key) }) else {
         return Action::PASS;

@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS},
     helpers::bpf_fib_lookup,
 };
-use proxy_common::Addr;
+use proxy_common::{Addr, NEXT_HOP_CACHE_SECS, NextHop};
 
 use crate::ctx::Ctx;
 
@@ -29,14 +29,17 @@ pub enum Route {
 /// Looks up the route for a packet from `src` to `dst` as if it arrived on the program's device.
 #[inline(always)]
 pub fn route<C: Ctx>(ctx: &C, p: &mut FibParams, v6: bool, src: &Addr, dst: &Addr) -> Route {
-    *p = unsafe { core::mem::zeroed() };
+    // The first eight bytes (family, protocol, ports, length) in one store: field by field,
+    // LLVM merges the zero stores into an odd-sized memset call.
+    let head = p as *mut FibParams as *mut u64;
+    unsafe { core::ptr::write(head, if v6 { AF_INET6 } else { AF_INET } as u64) };
+    p.__bindgen_anon_2.flowinfo = 0;
+    p.__bindgen_anon_5.tbid = 0;
     p.ifindex = ctx.ifindex();
     if v6 {
-        p.family = AF_INET6;
         p.__bindgen_anon_3.ipv6_src = src.words;
         p.__bindgen_anon_4.ipv6_dst = dst.words;
     } else {
-        p.family = AF_INET;
         p.__bindgen_anon_3.ipv4_src = src.words[3];
         p.__bindgen_anon_4.ipv4_dst = dst.words[3];
     }
@@ -53,5 +56,61 @@ pub fn route<C: Ctx>(ctx: &C, p: &mut FibParams, v6: bool, src: &Addr, dst: &Add
         BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeigh,
         BPF_FIB_LKUP_RET_NOT_FWDED => Route::Local,
         _ => Route::None,
+    }
+}
+
+/// The cached next hop if it is fresh, loaded into `p` as a lookup would have left it.
+#[inline(always)]
+pub fn cached(hop: &NextHop, now: u32, p: &mut FibParams) -> Option<Route> {
+    if hop.stamp == 0 || now.wrapping_sub(hop.stamp) >= NEXT_HOP_CACHE_SECS {
+        return None;
+    }
+    p.ifindex = hop.ifindex;
+    copy_mac(&mut p.smac, &hop.smac);
+    copy_mac(&mut p.dmac, &hop.dmac);
+    Some(Route::Out)
+}
+
+/// Remembers a resolved next hop (only complete answers are worth remembering).
+#[inline(always)]
+pub fn remember(hop: &mut NextHop, r: Route, now: u32, p: &FibParams) {
+    if r == Route::Out {
+        *hop = NextHop {
+            ifindex: p.ifindex,
+            stamp: now.max(1),
+            smac: p.smac,
+            dmac: p.dmac,
+        };
+    }
+}
+
+/// The route from a flow's cache, else from the FIB (and cached).
+#[inline(always)]
+pub fn route_cached<C: Ctx>(
+    ctx: &C,
+    p: &mut FibParams,
+    hop: &mut NextHop,
+    now: u32,
+    v6: bool,
+    src: &Addr,
+    dst: &Addr,
+) -> Route {
+    if let Some(r) = cached(hop, now, p) {
+        return r;
+    }
+    let r = route(ctx, p, v6, src, dst);
+    remember(hop, r, now, p);
+    r
+}
+
+/// A MAC address as one u32 and one u16 store: LLVM turns a plain 6-byte copy between two map
+/// values it cannot tell apart into a byte-loop memmove call.
+#[inline(always)]
+fn copy_mac(dst: &mut [u8; 6], src: &[u8; 6]) {
+    unsafe {
+        let hi = core::ptr::read_unaligned(src.as_ptr() as *const u32);
+        let lo = core::ptr::read_unaligned(src.as_ptr().add(4) as *const u16);
+        core::ptr::write_unaligned(dst.as_mut_ptr() as *mut u32, hi);
+        core::ptr::write_unaligned(dst.as_mut_ptr().add(4) as *mut u16, lo);
     }
 }

@@ -347,6 +347,9 @@ pub struct Reconciler {
     /// every plan, released once the model shows them unreferenced.
     limbo_services: BTreeMap<u32, Option<ServicePortKey>>,
     limbo_backends: BTreeMap<u32, Option<ServicePortKey>>,
+    /// `limbo_backends` by owner: a service's diff must not scan every limbo entry (that made
+    /// programming 10k services quadratic).
+    limbo_by_owner: BTreeMap<ServicePortKey, BTreeSet<u32>>,
     /// Service ids found in pinned maps, waiting to be matched to a desired Service port.
     adoptable: BTreeSet<u32>,
 }
@@ -388,6 +391,7 @@ impl Reconciler {
         Reconciler {
             limits,
             limbo_backends: backends.iter().map(|id| (*id, None)).collect(),
+            limbo_by_owner: BTreeMap::new(),
             adoptable: services,
             state,
             service_ids: BTreeMap::new(),
@@ -531,7 +535,7 @@ impl Reconciler {
             .copied()
             .collect();
         for id in released {
-            self.limbo_backends.remove(&id);
+            self.limbo_backend_remove(id);
             self.backend_pool.released.push_back(id);
         }
     }
@@ -600,7 +604,20 @@ impl Reconciler {
                 }
             }
         }
-        self.limbo_backends.retain(|id, _| !owned.contains(id));
+        for id in owned {
+            self.limbo_backend_remove(id);
+        }
+    }
+
+    fn limbo_backend_remove(&mut self, id: u32) {
+        if let Some(Some(owner)) = self.limbo_backends.remove(&id)
+            && let Some(ids) = self.limbo_by_owner.get_mut(&owner)
+        {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.limbo_by_owner.remove(&owner);
+            }
+        }
     }
 
     /// Moves the backend ids of `service_id` whose endpoint `is_gone` from the identity to limbo.
@@ -620,6 +637,10 @@ impl Reconciler {
         for (k, backend_id) in gone {
             self.backend_ids.remove(&k);
             self.limbo_backends.insert(backend_id, Some(key.clone()));
+            self.limbo_by_owner
+                .entry(key.clone())
+                .or_default()
+                .insert(backend_id);
         }
     }
 
@@ -814,14 +835,20 @@ impl Reconciler {
             emitter.emit(owner, MapOp::DeleteSrcRange(*range));
         }
 
-        // (9) backends this service no longer has.
-        let slotted: BTreeSet<u32> = emitter.projected.state.slots.values().copied().collect();
-        for (backend_id, limbo_owner) in &self.limbo_backends {
-            if limbo_owner.as_ref() == Some(key)
-                && !owned_backends.contains(backend_id)
-                && !slotted.contains(backend_id)
-            {
-                free_backend(emitter, limbo_owner, *backend_id);
+        // (9) backends this service no longer has. Backend ids are per service, so only this
+        // service's slots can still hold one of them.
+        if let Some(limbo) = self.limbo_by_owner.get(key) {
+            let own_slots: BTreeSet<u32> = emitter
+                .projected
+                .state
+                .slots_of(id)
+                .map(|(_, b)| b)
+                .collect();
+            let owner = Some(key.clone());
+            for backend_id in limbo {
+                if !owned_backends.contains(backend_id) && !own_slots.contains(backend_id) {
+                    free_backend(emitter, &owner, *backend_id);
+                }
             }
         }
     }

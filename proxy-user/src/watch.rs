@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::manifest::ManifestSet;
 
 /// Events arriving within this window are handled together (an editor's save is several).
-const DEBOUNCE: Duration = Duration::from_millis(15);
+const DEBOUNCE: Duration = Duration::from_millis(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Stamp {

@@ -141,7 +141,11 @@ impl Datapath {
     }
 
     pub fn load_with(cfg: Config) -> Self {
-        let mut ebpf = loader::load(&test_limits(), None).expect("load the real eBPF object");
+        Self::load_sized(cfg, &test_limits())
+    }
+
+    pub fn load_sized(cfg: Config, limits: &Limits) -> Self {
+        let mut ebpf = loader::load(limits, None).expect("load the real eBPF object");
         loader::write_config(&mut ebpf, &cfg).unwrap();
         Datapath { ebpf }
     }
@@ -343,6 +347,34 @@ fn sk_buff(ifindex: u32) -> [u8; 192] {
     let mut ctx = [0u8; 192];
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
+}
+
+/// Kernel-measured time of one run (ns), for benchmarks: BPF_PROG_TEST_RUN reuses one buffer
+/// across `repeat` iterations, so a packet the program rewrites must be fed fresh every run.
+pub fn time_xdp(prog: &Xdp, ifindex: u32, pkt: &[u8], out: &mut [u8]) -> (u32, u64) {
+    let ctx = xdp_md(ifindex, pkt.len());
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN (xdp)");
+    (r.return_value, r.duration.as_nanos() as u64)
+}
+
+pub fn time_tc(prog: &SchedClassifier, ifindex: u32, pkt: &[u8], out: &mut [u8]) -> (u32, u64) {
+    let ctx = sk_buff(ifindex);
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN (tc)");
+    (r.return_value, r.duration.as_nanos() as u64)
 }
 
 pub fn run_xdp(prog: &Xdp, ifindex: u32, pkt: &[u8]) -> Run {

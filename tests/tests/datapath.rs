@@ -1145,3 +1145,36 @@ fn without_xdp_tx_xdp_leaves_sending_back_out_to_tc() {
     let d = decode(&dp.xdp(node.uplink, &synack).out);
     assert_eq!(d.dst, ip(POD_V4));
 }
+
+#[test]
+fn established_flows_cache_their_next_hop_for_a_second() {
+    let node = TestNode::new();
+    let mut dp = Datapath::load();
+    tcp_service(&mut dp);
+    let first = decode(&dp.xdp(node.uplink, &outside_syn(33000)).out);
+    assert_eq!(first.dmac, GW_MAC);
+    // The gateway moves to another MAC address.
+    let new_mac = [0x02, 0, 0, 0, 0, 0xfd];
+    sh("ip neigh replace 10.0.0.254 lladdr 02:00:00:00:00:fd dev up0 nud permanent");
+    // The flow keeps its cached next hop for at most NEXT_HOP_CACHE_SECS, then looks again.
+    let mut seen_new = None;
+    for i in 0..30 {
+        let d = decode(&dp.xdp(node.uplink, &outside_ack(33000)).out);
+        if d.dmac == new_mac {
+            seen_new = Some(i);
+            break;
+        }
+        assert_eq!(d.dmac, GW_MAC);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let after = seen_new.expect("the new MAC address never reached the established flow");
+    assert!(
+        after <= (NEXT_HOP_CACHE_SECS as usize + 1) * 10,
+        "took {after} x 100 ms"
+    );
+    // A new flow looks the route up at once.
+    assert_eq!(
+        decode(&dp.xdp(node.uplink, &outside_syn(33001)).out).dmac,
+        new_mac
+    );
+}

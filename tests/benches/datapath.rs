@@ -1,0 +1,404 @@
+//! Per-packet cost of the real programs, measured in the kernel with BPF_PROG_TEST_RUN, at 1, 1k,
+//! 10k and 100k Services (4 endpoints each). Run by `cargo xtask bench`; needs root.
+//!
+//! The kernel reuses one buffer across the `repeat` iterations of a test run, so a packet the
+//! program rewrites would stop being ours on the second iteration. Every sample is therefore a
+//! single run on a fresh copy of the packet, timed by the kernel; the cost of an empty XDP
+//! program measured the same way is reported beside it (and subtracted in the "net" figures).
+//!
+//! Output: one JSON object per line on stdout, `{"metric":..,"services":..,"ns":..}`, plus a
+//! table on stderr.
+
+use std::time::Instant;
+
+use aya::programs::{SchedClassifier, Xdp};
+use extproxy::loader::{self, Limits};
+use extproxy_tests::{packet::*, *};
+use proxy_common::*;
+
+struct Args {
+    runs: usize,
+    rounds: usize,
+    sizes: Vec<u32>,
+    /// Measure only this metric (for profiling).
+    only: Option<String>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        runs: 100_000,
+        rounds: 3,
+        sizes: vec![1, 1_000, 10_000, 100_000],
+        only: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--runs" => a.runs = it.next().unwrap().parse().unwrap(),
+            "--rounds" => a.rounds = it.next().unwrap().parse().unwrap(),
+            "--sizes" => {
+                a.sizes = it
+                    .next()
+                    .unwrap()
+                    .split(',')
+                    .map(|s| s.parse().unwrap())
+                    .collect()
+            }
+            // cargo bench passes --bench; ignore what we do not know.
+            _ => {}
+        }
+    }
+    a
+}
+
+const EPS: [&str; 4] = ["203.0.113.7", "203.0.113.8", "203.0.113.9", "203.0.113.10"];
+
+fn cluster_ip(i: u32) -> String {
+    format!("10.{}.{}.{}", 96 + (i >> 16), (i >> 8) & 0xff, i & 0xff)
+}
+
+/// Programs services `from..to` straight into the maps, as the agent would.
+fn program(dp: &mut Datapath, from: u32, to: u32) {
+    use aya::maps::{Array, HashMap};
+    let egress = addr(NODE_V4);
+    let eps: Vec<Addr> = EPS.iter().map(|e| addr(e)).collect();
+    {
+        let mut backends: Array<_, BackendValue> =
+            Array::try_from(dp.ebpf.map_mut(MAP_BACKENDS).unwrap()).unwrap();
+        for i in from..to {
+            for (j, ep) in eps.iter().enumerate() {
+                let v = BackendValue {
+                    addr: *ep,
+                    port: 8080u16.to_be(),
+                    state: BackendState::Active as u8,
+                    pad: 0,
+                    generation: 1,
+                    service_id: i,
+                    reserved: 0,
+                };
+                backends.set(i * 4 + j as u32, v, 0).unwrap();
+            }
+        }
+    }
+    {
+        let mut slots: HashMap<_, SlotKey, u32> =
+            HashMap::try_from(dp.ebpf.map_mut(MAP_SLOTS).unwrap()).unwrap();
+        for i in from..to {
+            for j in 0..4 {
+                slots
+                    .insert(
+                        SlotKey {
+                            service_id: i,
+                            slot: j + 1,
+                        },
+                        i * 4 + j,
+                        0,
+                    )
+                    .unwrap();
+            }
+        }
+    }
+    {
+        let mut svcs: HashMap<_, u32, ServiceValue> =
+            HashMap::try_from(dp.ebpf.map_mut(MAP_SERVICES).unwrap()).unwrap();
+        for i in from..to {
+            let v = ServiceValue {
+                backend_count: 4,
+                affinity_timeout: 0,
+                egress,
+                flags: 0,
+                reserved: 0,
+            };
+            svcs.insert(i, v, 0).unwrap();
+        }
+    }
+    let mut fes: HashMap<_, FrontendKey, FrontendValue> =
+        HashMap::try_from(dp.ebpf.map_mut(MAP_FRONTENDS).unwrap()).unwrap();
+    for i in from..to {
+        let key = FrontendKey {
+            addr: addr(&cluster_ip(i)),
+            port: 80u16.to_be(),
+            proto: PROTO_TCP,
+            pad: 0,
+        };
+        let value = FrontendValue {
+            service_id: i,
+            kind: FrontendKind::ClusterIp as u8,
+            flags: 0,
+            pad: [0; 2],
+        };
+        fes.insert(key, value, 0).unwrap();
+    }
+}
+
+/// Median of per-sample nanoseconds, as floating point.
+fn median(mut v: Vec<u64>) -> f64 {
+    v.sort_unstable();
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2] as f64
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) as f64 / 2.0
+    }
+}
+
+fn mean(v: &[u64]) -> f64 {
+    v.iter().sum::<u64>() as f64 / v.len() as f64
+}
+
+struct Bench {
+    node: TestNode,
+    dp: Datapath,
+    empty: aya::Ebpf,
+    out: Vec<u8>,
+}
+
+impl Bench {
+    fn xdp(&mut self) -> &mut Xdp {
+        self.dp
+            .ebpf
+            .program_mut(PROG_XDP)
+            .unwrap()
+            .try_into()
+            .unwrap()
+    }
+
+    fn samples_xdp(
+        &mut self,
+        prog: &str,
+        runs: usize,
+        mut pkt: impl FnMut(usize) -> Vec<u8>,
+        expect: u32,
+    ) -> Vec<u64> {
+        let ifindex = self.node.uplink;
+        let mut out = std::mem::take(&mut self.out);
+        let p: &mut Xdp = match prog {
+            "empty" => self
+                .empty
+                .program_mut("xdp_pass")
+                .unwrap()
+                .try_into()
+                .unwrap(),
+            name => self.dp.ebpf.program_mut(name).unwrap().try_into().unwrap(),
+        };
+        let mut v = Vec::with_capacity(runs);
+        for i in 0..runs {
+            let input = pkt(i);
+            let (ret, ns) = time_xdp(p, ifindex, &input, &mut out);
+            assert_eq!(ret, expect, "{prog}: unexpected verdict on run {i}");
+            v.push(ns);
+        }
+        self.out = out;
+        v
+    }
+
+    fn samples_tc(
+        &mut self,
+        runs: usize,
+        mut pkt: impl FnMut(usize) -> Vec<u8>,
+        expect: u32,
+    ) -> Vec<u64> {
+        let ifindex = self.node.uplink;
+        let p: &mut SchedClassifier = self
+            .dp
+            .ebpf
+            .program_mut(PROG_TC_EGRESS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut out = std::mem::take(&mut self.out);
+        let mut v = Vec::with_capacity(runs);
+        for i in 0..runs {
+            let input = pkt(i);
+            let (ret, ns) = time_tc(p, ifindex, &input, &mut out);
+            assert_eq!(ret, expect, "tc egress: unexpected verdict on run {i}");
+            v.push(ns);
+        }
+        self.out = out;
+        v
+    }
+}
+
+fn emit(metric: &str, services: u32, round: usize, samples: &[u64]) {
+    let med = median(samples.to_vec());
+    println!(
+        "{{\"metric\":\"{metric}\",\"services\":{services},\"round\":{round},\"median_ns\":{med},\"mean_ns\":{:.1},\"samples\":{}}}",
+        mean(samples),
+        samples.len()
+    );
+    eprintln!(
+        "  {metric:<28} {services:>7} services  round {round}: median {med:>6.0} ns  mean {:>6.1} ns",
+        mean(samples)
+    );
+}
+
+fn main() {
+    let a = args();
+    let node = TestNode::new();
+    let max = *a.sizes.iter().max().unwrap();
+    let limits = Limits {
+        max_services: max.next_power_of_two().max(1024),
+        max_frontends: (max * 2).next_power_of_two().max(1024),
+        max_backends: (max * 4).next_power_of_two().max(4096),
+        max_slots: (max * 4).next_power_of_two().max(4096),
+        ct_max: (a.runs as u32 * 2).next_power_of_two().max(1 << 16),
+        ..Limits::default()
+    };
+    // A wide SNAT range: every first-packet sample is a new flow to one of four endpoints.
+    let cfg = Config {
+        snat_port_min: 1024,
+        snat_port_max: 65535,
+        ..Config::DEFAULT
+    };
+    let dp = Datapath::load_sized(cfg, &limits);
+    let mut empty = aya::Ebpf::load(loader::XDP_PASS_OBJECT).unwrap();
+    {
+        let p: &mut Xdp = empty.program_mut("xdp_pass").unwrap().try_into().unwrap();
+        p.load().unwrap();
+    }
+    let mut b = Bench {
+        node,
+        dp,
+        empty,
+        out: vec![0u8; 2048],
+    };
+    let _ = b.xdp();
+    let mut programmed = 0;
+    for &n in &a.sizes {
+        let t = Instant::now();
+        program(&mut b.dp, programmed, n);
+        programmed = n;
+        eprintln!(
+            "{n} services programmed ({:.1} s)",
+            t.elapsed().as_secs_f64()
+        );
+        let target = cluster_ip(n - 1);
+        // One established flow from outside to the last service, and its reply.
+        let syn = frame(
+            GW_MAC,
+            UPLINK_MAC,
+            &Ip::new("198.51.100.9", &target, TCP).wrap(tcp_seg(40000, 80, 1, 0, SYN, &[]), false),
+        );
+        let sent = decode(&b.dp.xdp(b.node.uplink, &syn).out);
+        let est = frame(
+            GW_MAC,
+            UPLINK_MAC,
+            &Ip::new("198.51.100.9", &target, TCP).wrap(tcp_seg(40000, 80, 2, 9, ACK, b"x"), false),
+        );
+        let reply = frame(
+            GW_MAC,
+            UPLINK_MAC,
+            &Ip::new(&sent.dst.to_string(), NODE_V4, TCP)
+                .wrap(tcp_seg(8080, sent.sport, 9, 3, ACK, b"y"), false),
+        );
+        let pod_est = frame(
+            UPLINK_MAC,
+            GW_MAC,
+            &Ip::new(POD_V4, &target, TCP).wrap(tcp_seg(41000, 80, 2, 9, ACK, b"x"), false),
+        );
+        b.dp.tc_egress(
+            b.node.uplink,
+            &frame(
+                UPLINK_MAC,
+                GW_MAC,
+                &Ip::new(POD_V4, &target, TCP).wrap(tcp_seg(41000, 80, 1, 0, SYN, &[]), false),
+            ),
+        );
+        let want = |m: &str| a.only.as_deref().is_none_or(|o| o == m);
+        for round in 0..a.rounds {
+            if want("empty_xdp_program") {
+                let s = b.samples_xdp("empty", a.runs, |_| est.clone(), XDP_PASS);
+                emit("empty_xdp_program", n, round, &s);
+            }
+            if want("parse_only") {
+                let s = b.samples_xdp(PROG_PARSE_ONLY, a.runs, |_| est.clone(), XDP_PASS);
+                emit("parse_only", n, round, &s);
+            }
+            if want("xdp_established") {
+                let s = b.samples_xdp(PROG_XDP, a.runs, |_| est.clone(), XDP_TX);
+                emit("xdp_established", n, round, &s);
+            }
+            if want("xdp_reply") {
+                let s = b.samples_xdp(PROG_XDP, a.runs, |_| reply.clone(), XDP_TX);
+                emit("xdp_reply", n, round, &s);
+            }
+            // New flows: a fresh (client, port) per sample.
+            let base = round * a.runs;
+            if want("xdp_first_packet") {
+                let s = b.samples_xdp(
+                    PROG_XDP,
+                    a.runs,
+                    |i| {
+                        let k = base + i;
+                        let client =
+                            format!("198.51.{}.{}", 101 + (k >> 16) % 100, (k >> 8) & 0xff);
+                        frame(
+                            GW_MAC,
+                            UPLINK_MAC,
+                            &Ip::new(&client, &target, TCP).wrap(
+                                tcp_seg(
+                                    1024 + (k & 0xff) as u16 * 200 + (n % 200) as u16,
+                                    80,
+                                    1,
+                                    0,
+                                    SYN,
+                                    &[],
+                                ),
+                                false,
+                            ),
+                        )
+                    },
+                    XDP_TX,
+                );
+                emit("xdp_first_packet", n, round, &s);
+            }
+            if want("tc_egress_established") {
+                let s = b.samples_tc(a.runs, |_| pod_est.clone(), TC_ACT_OK);
+                emit("tc_egress_established", n, round, &s);
+            }
+        }
+        // Flows of this size's first-packet samples would fill conntrack for the next size.
+        clear_flows(&mut b.dp);
+    }
+}
+
+fn clear_flows(dp: &mut Datapath) {
+    use aya::maps::HashMap;
+    for name in [MAP_CT, MAP_REVNAT] {
+        let map = dp.ebpf.map_mut(name).unwrap();
+        let keys: Vec<Vec<u8>> = match name {
+            MAP_CT => {
+                let m: HashMap<_, CtKey, CtValue> = HashMap::try_from(map).unwrap();
+                m.keys().map(|k| bytes_of(&k.unwrap())).collect()
+            }
+            _ => {
+                let m: HashMap<_, RevNatKey, RevNatValue> = HashMap::try_from(map).unwrap();
+                m.keys().map(|k| bytes_of(&k.unwrap())).collect()
+            }
+        };
+        let map = dp.ebpf.map_mut(name).unwrap();
+        match name {
+            MAP_CT => {
+                let mut m: HashMap<_, CtKey, CtValue> = HashMap::try_from(map).unwrap();
+                for k in keys {
+                    let _ = m.remove(&from_bytes::<CtKey>(&k));
+                }
+            }
+            _ => {
+                let mut m: HashMap<_, RevNatKey, RevNatValue> = HashMap::try_from(map).unwrap();
+                for k in keys {
+                    let _ = m.remove(&from_bytes::<RevNatKey>(&k));
+                }
+            }
+        }
+    }
+}
+
+fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
+    let p = v as *const T as *const u8;
+    unsafe { std::slice::from_raw_parts(p, std::mem::size_of::<T>()).to_vec() }
+}
+
+fn from_bytes<T: Copy>(b: &[u8]) -> T {
+    unsafe { std::ptr::read_unaligned(b.as_ptr() as *const T) }
+}
