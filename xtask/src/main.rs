@@ -324,7 +324,10 @@ fn lint() -> anyhow::Result<()> {
         ])
         .args(["--target-dir", "target/ebpf-lint", "--", "-D", "warnings"])
         // aya-ebpf-bindings picks its generated bindings by this cfg (aya-build sets it too).
-        .env("RUSTFLAGS", format!("--cfg bpf_target_arch=\"{}\"", std::env::consts::ARCH))
+        .env(
+            "RUSTFLAGS",
+            format!("--cfg bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+        )
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .current_dir(workspace_root())
