@@ -50,7 +50,7 @@ fn legacy_metrics() -> ServicePortKey {
     key("shop", "legacy-db", "metrics", Protocol::Udp)
 }
 
-fn source(api: &FakeApi, telemetry: &Arc<Telemetry>, config: SourceConfig) -> KubeSource {
+fn start_source(api: &FakeApi, telemetry: &Arc<Telemetry>, config: SourceConfig) -> KubeSource {
     let kube_config = kube::Config::new(api.url().parse().unwrap());
     let client = extproxy::kube::client::client(kube_config, telemetry.clone()).unwrap();
     KubeSource::new(client, config, telemetry.clone())
@@ -178,7 +178,7 @@ fn final_state_reached<W: MapWriter>(m: &Model<W>) -> bool {
 async fn recorded_lists_and_watch_events_program_the_maps() {
     let api = FakeApi::recorded().await;
     let telemetry = Telemetry::new(Duration::from_secs(60));
-    let mut source = source(&api, &telemetry, node_a());
+    let mut source = start_source(&api, &telemetry, node_a());
     let mut m = Model::new();
 
     drive_until(
@@ -427,7 +427,7 @@ async fn a_streaming_list_ends_at_the_initial_events_bookmark() {
     let api = FakeApi::recorded().await;
     api.release_through(252);
     let telemetry = Telemetry::new(Duration::from_secs(60));
-    let mut source = source(
+    let mut source = start_source(
         &api,
         &telemetry,
         SourceConfig {
@@ -473,7 +473,7 @@ async fn an_api_outage_keeps_the_maps_then_converges() {
     let api = FakeApi::recorded().await;
     api.release_through(252);
     let telemetry = Telemetry::new(Duration::from_secs(60));
-    let mut source = source(&api, &telemetry, node_a());
+    let mut source = start_source(&api, &telemetry, node_a());
     let mut m = Model::new();
     drive_until(
         &mut source,
@@ -587,6 +587,40 @@ async fn an_api_outage_keeps_the_maps_then_converges() {
         "Service proxy-test/proxy-service: no endpoints: connections will be refused"
     );
     assert_eq!(event["reportingController"], "extproxy");
+    assert_eq!(event["reportingInstance"], "extproxy-node-a");
+
+    // Another node (or this one restarted) sees the same problem: it asks for the same Event,
+    // which exists, so the Service keeps one Event instead of one per node.
+    let attempts = api.event_attempts();
+    let other = Telemetry::new(Duration::from_secs(60));
+    let mut second = start_source(
+        &api,
+        &other,
+        SourceConfig {
+            node_name: "node-b".into(),
+            ..node_a()
+        },
+    );
+    let mut m2 = Model::new();
+    drive_until(
+        &mut second,
+        &mut m2,
+        &other,
+        WAIT,
+        "the second agent's Event",
+        |_, _| api.event_attempts() > attempts,
+    )
+    .await;
+    let no_endpoints: Vec<_> = api
+        .events_posted()
+        .into_iter()
+        .filter(|e| e["reason"] == "NoEndpoints")
+        .collect();
+    assert_eq!(
+        no_endpoints.len(),
+        1,
+        "one Event per problem: {no_endpoints:#?}"
+    );
 }
 
 /// A restarted agent adopts the maps and programs nothing until every initial list is complete;
@@ -597,7 +631,7 @@ async fn a_restarted_agent_waits_for_every_list_and_rewrites_nothing() {
     api.release_through(252);
     let first_state = {
         let telemetry = Telemetry::new(Duration::from_secs(60));
-        let mut source = source(&api, &telemetry, node_a());
+        let mut source = start_source(&api, &telemetry, node_a());
         let mut m = Model::new();
         drive_until(
             &mut source,
@@ -613,7 +647,7 @@ async fn a_restarted_agent_waits_for_every_list_and_rewrites_nothing() {
 
     api.hold_lists("endpointslices", true);
     let telemetry = Telemetry::new(Duration::from_secs(60));
-    let mut source = source(&api, &telemetry, node_a());
+    let mut source = start_source(&api, &telemetry, node_a());
     let mut m = Model::with_writer(
         Reconciler::from_snapshot(snapshot_of(&first_state), LIMITS),
         first_state.clone(),
@@ -651,7 +685,7 @@ async fn a_restarted_agent_waits_for_every_list_and_rewrites_nothing() {
 async fn a_missing_node_is_reported_and_the_uplink_stands_in() {
     let api = FakeApi::recorded().await;
     let telemetry = Telemetry::new(Duration::from_secs(60));
-    let mut source = source(
+    let mut source = start_source(
         &api,
         &telemetry,
         SourceConfig {

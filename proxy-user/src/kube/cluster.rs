@@ -92,10 +92,6 @@ impl ClusterState {
         }
     }
 
-    pub fn node_name(&self) -> &str {
-        &self.node_name
-    }
-
     /// Applies one Service event; true when the stores' visible content changed.
     pub fn apply_service(&mut self, event: &watcher::Event<Service>) -> bool {
         self.services.apply(event)

@@ -5,9 +5,11 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::Client;
-use kube::Resource;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::PostParams;
+use kube::{Api, Client, Resource};
 
 use super::cluster::ClusterState;
 use crate::diag::{Diagnostic, Severity};
@@ -117,20 +119,41 @@ fn truncate(text: &str, max: usize) -> String {
     text[..end].to_owned()
 }
 
-/// Publishes Events through kube-rs's [`Recorder`] (events.k8s.io/v1), off the control loop.
+/// FNV-1a: a hash every agent version computes alike, so every node names an Event the same.
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes().chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The Event's name: the Service and a hash of the problem. Every node sees the same problems,
+/// and a restarted agent sees them again; with one name per problem only the first create
+/// succeeds (the rest get 409 AlreadyExists), so a Service gets one Event per problem, not one
+/// per node and restart. kube-rs's `Recorder` names Events by time and dedupes only within
+/// one process, which on a DaemonSet means N copies.
+pub fn event_name(service_name: &str, uid: &str, event: &ProblemEvent) -> String {
+    let field = event.field.as_deref().unwrap_or("");
+    let hash = fnv1a(&[uid, event.reason, field, &event.note]);
+    format!("{service_name}.extproxy-{hash:016x}")
+}
+
+/// Publishes Events (events.k8s.io/v1) off the control loop.
 pub struct Publisher {
-    recorder: Recorder,
+    client: Client,
+    instance: String,
     telemetry: Arc<Telemetry>,
 }
 
 impl Publisher {
     pub fn new(client: Client, node_name: &str, telemetry: Arc<Telemetry>) -> Self {
-        let reporter = Reporter {
-            controller: "extproxy".to_owned(),
-            instance: Some(format!("extproxy-{node_name}")),
-        };
         Publisher {
-            recorder: Recorder::new(client, reporter),
+            client,
+            instance: format!("extproxy-{node_name}"),
             telemetry,
         }
     }
@@ -142,41 +165,100 @@ impl Publisher {
             return;
         };
         let regarding: ObjectReference = service.object_ref(&());
-        let secondary = event
+        let related = event
             .slice
             .as_ref()
             .and_then(|k| cluster.slice(k))
             .map(|s| s.object_ref(&()));
-        // The recorder folds Events with the same reason and action into one series: the field
-        // in the action keeps two problems of one Service apart.
-        let action = match &event.field {
-            Some(field) => truncate(&format!("Program {field}"), MAX_ACTION),
-            None => "Program".to_owned(),
+        let name = event_name(
+            &event.service.name,
+            regarding.uid.as_deref().unwrap_or(""),
+            &event,
+        );
+        let object = K8sEvent {
+            metadata: ObjectMeta {
+                name: Some(name),
+                namespace: Some(event.service.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(Timestamp::now())),
+            // Only errors and warnings become Events.
+            type_: Some("Warning".to_owned()),
+            reason: Some(event.reason.to_owned()),
+            action: Some(match &event.field {
+                Some(field) => truncate(&format!("Program {field}"), MAX_ACTION),
+                None => "Program".to_owned(),
+            }),
+            note: Some(event.note.clone()),
+            regarding: Some(regarding),
+            related,
+            reporting_controller: Some("extproxy".to_owned()),
+            reporting_instance: Some(self.instance.clone()),
+            ..K8sEvent::default()
         };
-        let recorder = self.recorder.clone();
+        let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), &event.service.namespace);
         let telemetry = self.telemetry.clone();
         tokio::spawn(async move {
-            let published = recorder
-                .publish(
-                    &Event {
-                        // Only errors and warnings become Events.
-                        type_: EventType::Warning,
-                        reason: event.reason.to_owned(),
-                        note: Some(event.note),
-                        action,
-                        secondary,
-                    },
-                    &regarding,
-                )
-                .await;
-            if let Err(err) = &published {
-                tracing::warn!(
-                    "cannot publish the {} Event on Service {}: {err}",
-                    event.reason,
-                    event.service
-                );
+            match api.create(&PostParams::default(), &object).await {
+                Ok(_) => telemetry.record_event(event.reason, true),
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    tracing::debug!(
+                        "the {} Event on Service {} is already there (another node or an earlier run)",
+                        event.reason,
+                        event.service
+                    );
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        "cannot publish the {} Event on Service {}: {err}",
+                        event.reason,
+                        event.service
+                    );
+                    telemetry.record_event(event.reason, false);
+                }
             }
-            telemetry.record_event(event.reason, published.is_ok());
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_names_are_stable_and_distinct() {
+        let event = ProblemEvent {
+            service: ObjectKey::new("shop", "db"),
+            slice: None,
+            reason: "PortNameMismatch",
+            field: Some("spec.ports[0].name".into()),
+            note: "Service shop/db: spec.ports[0].name: port \"pg\" matches no endpoint port"
+                .into(),
+        };
+        let name = event_name("db", "uid-1", &event);
+        // Fixed: every node and every agent version must compute the same name.
+        assert_eq!(
+            name,
+            format!(
+                "db.extproxy-{:016x}",
+                fnv1a(&[
+                    "uid-1",
+                    "PortNameMismatch",
+                    "spec.ports[0].name",
+                    &event.note
+                ])
+            )
+        );
+        assert_eq!(fnv1a(&["a"]), 0x089b_e207_b544_f1e4);
+        assert_ne!(
+            name,
+            event_name("db", "uid-2", &event),
+            "a re-created Service is new"
+        );
+        let other = ProblemEvent {
+            field: Some("spec.ports[1].name".into()),
+            ..event.clone()
+        };
+        assert_ne!(name, event_name("db", "uid-1", &other));
     }
 }

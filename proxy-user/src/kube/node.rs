@@ -51,7 +51,7 @@ fn join(addrs: &[IpAddr]) -> String {
 
 /// The Node's addresses of one type ("InternalIP", "ExternalIP"), in the Node's order.
 /// Hostnames and unparsable entries are skipped: they cannot be frontends.
-pub fn node_addresses(node: &Node, kind: &str) -> Vec<IpAddr> {
+fn node_addresses(node: &Node, kind: &str) -> Vec<IpAddr> {
     node.status
         .as_ref()
         .and_then(|s| s.addresses.as_ref())

@@ -113,7 +113,7 @@ fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
 
 /// The settings Kubernetes mode translates with: the API server fills cluster IPs and node
 /// ports, and only what kube-proxy is told to skip is claimed.
-pub fn settings(config: &SourceConfig, node: &NodeFacts) -> Settings {
+fn settings(config: &SourceConfig, node: &NodeFacts) -> Settings {
     Settings {
         egress_v4: node.egress.iter().find_map(|a| match a {
             std::net::IpAddr::V4(v) => Some(*v),
@@ -154,6 +154,10 @@ impl KubeSource {
         telemetry: Arc<crate::metrics::Telemetry>,
     ) -> Self {
         telemetry.track_api(&crate::metrics::API_RESOURCES);
+        telemetry.set_waiting(Some(format!(
+            "waiting for the initial list of {}",
+            crate::metrics::API_RESOURCES.join(", ")
+        )));
         let base = || {
             let c = watcher::Config::default().timeout(WATCH_TIMEOUT_SECS);
             if config.streaming_lists {
@@ -381,11 +385,6 @@ impl KubeSource {
             tracing::info!("no longer claiming Service {key}: deleted or no longer labelled");
         }
         self.claimed = now;
-    }
-
-    /// The stores, for inspection (tests, events).
-    pub fn cluster(&self) -> &ClusterState {
-        &self.cluster
     }
 }
 

@@ -147,6 +147,8 @@ struct World {
     requests: Vec<String>,
     /// Bodies of created Events.
     events_posted: Vec<Value>,
+    /// Event creations asked for, including refused duplicates.
+    event_attempts: usize,
 }
 
 /// Agent logs in the test output when EXTPROXY_TEST_LOG holds a filter (e.g. `info`).
@@ -347,6 +349,10 @@ impl FakeApi {
     pub fn events_posted(&self) -> Vec<Value> {
         self.world.lock().unwrap().events_posted.clone()
     }
+
+    pub fn event_attempts(&self) -> usize {
+        self.world.lock().unwrap().event_attempts
+    }
 }
 
 async fn serve(listener: TcpListener, world: Arc<Mutex<World>>, changed: Arc<Notify>) {
@@ -404,7 +410,23 @@ async fn handle(
             .await
             .map_err(std::io::Error::other)?;
         let event: Value = serde_json::from_slice(&body.to_bytes()).unwrap();
-        world.lock().unwrap().events_posted.push(event.clone());
+        let mut w = world.lock().unwrap();
+        w.event_attempts += 1;
+        let name = &event["metadata"]["name"];
+        if w.events_posted
+            .iter()
+            .any(|e| &e["metadata"]["name"] == name)
+        {
+            return Ok(full(
+                StatusCode::CONFLICT,
+                status(
+                    409,
+                    "AlreadyExists",
+                    &format!("events.events.k8s.io {name} already exists"),
+                ),
+            ));
+        }
+        w.events_posted.push(event.clone());
         return Ok(full(StatusCode::CREATED, event.to_string()));
     }
     let resource = match path.as_str() {
