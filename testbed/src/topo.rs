@@ -141,7 +141,8 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-fn enter(ns: &str) {
+/// Moves the calling thread into the named network namespace (for threads that stay there).
+pub(crate) fn enter(ns: &str) {
     let f =
         File::open(format!("/var/run/netns/{ns}")).unwrap_or_else(|e| panic!("netns {ns}: {e}"));
     let ret = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };

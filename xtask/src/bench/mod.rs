@@ -7,6 +7,7 @@
 //! * [`nftables`]: kube-proxy nftables mode (`nft -f` transaction creating
 //!   `table ip kube-proxy`).
 //! * [`netns`]: a network-namespace guard that cleans up on drop.
+//! * [`traffic`]: the traffic measurements through every contender (see `TRAFFIC.md`).
 //!
 //! The benchmark driver is not written yet, hence the allowance below.
 #![allow(dead_code)]
@@ -16,5 +17,6 @@ pub mod kubeproxy;
 pub mod netns;
 pub mod nftables;
 mod sha256;
+pub mod traffic;
 #[cfg(test)]
 mod validate;
