@@ -23,7 +23,7 @@ pub mod source;
 mod tests;
 
 pub use node::{NodeFacts, NodeOverrides};
-pub use source::{KubeSource, SourceConfig, Sync};
+pub use source::{Batch, KubeSource, SourceConfig};
 
 /// What [`KubeSource::apply`] programs into: the [`Agent`], or an in-memory model in tests.
 pub trait Programmer {

@@ -797,8 +797,8 @@ async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            sync = source.next() => {
-                source.apply(sync, &mut running.agent);
+            batch = source.next() => {
+                source.apply(batch, &mut running.agent);
             }
             _ = gc.tick() => sweep(&mut running.agent, &telemetry),
         }

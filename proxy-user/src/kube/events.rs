@@ -34,7 +34,7 @@ pub struct ProblemEvent {
     pub note: String,
 }
 
-/// The Event reason for a diagnostic: the three problems users hit most have their own, the rest
+/// The Event reason for a diagnostic: the problems users hit most have their own, the rest
 /// are named by the kind of object they are in.
 pub fn reason(d: &Diagnostic) -> &'static str {
     let field = d.field.as_deref().unwrap_or("");

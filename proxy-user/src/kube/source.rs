@@ -24,7 +24,7 @@ use crate::translate::{
 
 /// Set by the EndpointSlice controller to when the change that produced the slice happened;
 /// kube-proxy measures its network programming latency from it.
-pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// kubectl's copy of the applied object: often the largest part of an object, never read.
 const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// Server-side watch timeout. The client gives up on a silent connection 5 s after it, so this
@@ -41,9 +41,9 @@ pub struct SourceConfig {
     pub streaming_lists: bool,
 }
 
-/// A translation ready to be programmed.
+/// A batch of changes, translated and ready to be programmed.
 #[derive(Debug)]
-pub struct Sync {
+pub struct Batch {
     pub translation: Translation,
     /// The node facts the translation was made with.
     pub node: NodeFacts,
@@ -198,10 +198,10 @@ impl KubeSource {
 
     /// Waits for changes and returns the next translation to program. Cancel-safe: everything
     /// received is kept in the stores, so dropping this future loses nothing.
-    pub async fn next(&mut self) -> Sync {
+    pub async fn next(&mut self) -> Batch {
         loop {
-            if let Some(sync) = self.take_sync() {
-                return sync;
+            if let Some(batch) = self.take_batch() {
+                return batch;
             }
             let Some(update) = self.updates.next().await else {
                 // Watchers never end; if they did, there is nothing more to wait for.
@@ -237,11 +237,20 @@ impl KubeSource {
                 Err(e) => return self.watch_error("endpointslices", e),
             },
             Update::Node(result) => match *result {
-                Ok(e) => (self.cluster.apply_node(&e), live(&e).then_some(now)),
+                Ok(e) => {
+                    let changed = self.cluster.apply_node(&e);
+                    // The kubelet rewrites its Node's status every few minutes; only a change
+                    // of the addresses extproxy uses is worth a translation.
+                    let facts =
+                        node::resolve(self.cluster.node().as_deref(), &self.config.overrides);
+                    let relevant = self.node.as_ref() != Some(&facts)
+                        || self.node_missing == self.cluster.node().is_some();
+                    (changed && relevant, live(&e).then_some(now))
+                }
                 Err(e) => return self.watch_error("nodes", e),
             },
         };
-        if measure {
+        if measure && changed {
             self.triggers.extend(trigger);
         }
         self.dirty |= changed;
@@ -257,7 +266,7 @@ impl KubeSource {
         }
     }
 
-    fn take_sync(&mut self) -> Option<Sync> {
+    fn take_batch(&mut self) -> Option<Batch> {
         if !self.dirty {
             return None;
         }
@@ -281,7 +290,7 @@ impl KubeSource {
             self.telemetry.set_objects(kind, tracked);
         }
         let translation = translate_cluster(&self.cluster, &self.config, &facts);
-        Some(Sync {
+        Some(Batch {
             translation,
             node: facts,
             initial: !self.programmed,
@@ -313,31 +322,31 @@ impl KubeSource {
         self.node = Some(facts.clone());
     }
 
-    /// Programs `sync` through `target`, then records latency and metrics and publishes Events
+    /// Programs `batch` through `target`, then records latency and metrics and publishes Events
     /// for new problems.
-    pub fn apply(&mut self, sync: Sync, target: &mut impl Programmer) -> Applied {
-        self.log_claims(&sync.translation);
-        target.set_node(&sync.node);
-        let applied = target.program(&sync.translation);
+    pub fn apply(&mut self, batch: Batch, target: &mut impl Programmer) -> Applied {
+        self.log_claims(&batch.translation);
+        target.set_node(&batch.node);
+        let applied = target.program(&batch.translation);
         let done = SystemTime::now();
-        for trigger in &sync.triggers {
+        for trigger in &batch.triggers {
             self.telemetry
                 .observe_programming(done.duration_since(*trigger).unwrap_or_default());
         }
         self.telemetry
-            .record_apply(&sync.translation, &applied, target.service_names());
+            .record_apply(&batch.translation, &applied, target.service_names());
         let ms = applied.elapsed.as_secs_f64() * 1e3;
-        if sync.initial {
+        if batch.initial {
             tracing::info!(
                 "initial sync: {} Services ({} claimed), {} EndpointSlices: programmed {} service \
                  port(s) with {} map updates in {ms:.1} ms",
                 self.cluster.services.len(),
-                sync.translation.claimed.len(),
+                batch.translation.claimed.len(),
                 self.cluster.slices.len(),
                 applied.services,
                 applied.ops,
             );
-        } else if applied.ops > 0 && sync.triggers.is_empty() {
+        } else if applied.ops > 0 && batch.triggers.is_empty() {
             tracing::info!(
                 "converged after a relist: {} map updates in {ms:.2} ms",
                 applied.ops
@@ -345,13 +354,13 @@ impl KubeSource {
         } else if applied.ops > 0 {
             tracing::info!(
                 "{} change(s) from the API server: {} map updates in {ms:.2} ms",
-                sync.triggers.len(),
+                batch.triggers.len(),
                 applied.ops
             );
         } else {
             tracing::debug!("resync: the maps already match ({ms:.2} ms)");
         }
-        for event in self.tracker.plan(&sync.translation, &self.cluster) {
+        for event in self.tracker.plan(&batch.translation, &self.cluster) {
             self.publisher.publish(event, &self.cluster);
         }
         self.programmed = true;

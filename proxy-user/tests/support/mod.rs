@@ -646,8 +646,8 @@ pub async fn drive_until<W: MapWriter>(
             telemetry.readiness()
         );
         tokio::select! {
-            sync = source.next() => {
-                source.apply(sync, model);
+            batch = source.next() => {
+                source.apply(batch, model);
             }
             // Readiness and metrics change without a sync (errors, reconnects): look again.
             _ = tokio::time::sleep(Duration::from_millis(50).min(left)) => {}
@@ -665,8 +665,8 @@ pub async fn drive_for<W: MapWriter>(
     let mut syncs = 0;
     loop {
         tokio::select! {
-            sync = source.next() => {
-                source.apply(sync, model);
+            batch = source.next() => {
+                source.apply(batch, model);
                 syncs += 1;
             }
             _ = tokio::time::sleep_until(deadline) => return syncs,
