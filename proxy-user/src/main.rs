@@ -136,10 +136,10 @@ struct NodeArgs {
 /// Manifest mode only: in Kubernetes mode the API server allocates these.
 #[derive(Args)]
 struct ServiceArgs {
-    /// Where Services without spec.clusterIP get one (first CIDR of each family).
+    /// Manifest mode: where Services without spec.clusterIP get one (first CIDR of each family).
     #[arg(long = "service-cidr", value_name = "CIDR", default_values = ["10.96.0.0/12", "fd00:10:96::/112"])]
     service_cidrs: Vec<IpNet>,
-    /// Where NodePorts without a number get one.
+    /// Manifest mode: where NodePorts without a number get one.
     #[arg(long, value_name = "FROM-TO", default_value = "30000-32767", value_parser = parse_range)]
     node_port_range: RangeInclusive<u16>,
 }
