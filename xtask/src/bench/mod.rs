@@ -7,12 +7,14 @@
 //! * [`nftables`]: kube-proxy nftables mode (`nft -f` transaction creating
 //!   `table ip kube-proxy`).
 //! * [`netns`]: a network-namespace guard that cleans up on drop.
-//! * [`traffic`]: the traffic measurements through every contender (see `TRAFFIC.md`).
+//! * [`traffic`]: the traffic measurements through every contender (see `TRAFFIC.md`);
+//!   [`cpu`] tells whether something else took the CPU meanwhile.
 //!
 //! The benchmark driver is not written yet, hence the allowance below.
 #![allow(dead_code)]
 
 pub mod iptables;
+pub mod cpu;
 pub mod kubeproxy;
 pub mod netns;
 pub mod nftables;
