@@ -13,8 +13,8 @@
 //! The benchmark driver is not written yet, hence the allowance below.
 #![allow(dead_code)]
 
-pub mod iptables;
 pub mod cpu;
+pub mod iptables;
 pub mod kubeproxy;
 pub mod netns;
 pub mod nftables;
