@@ -16,7 +16,8 @@ use tokio::sync::mpsc;
 
 use crate::manifest::ManifestSet;
 
-/// Events arriving within this window are handled together (an editor's save is several).
+/// Events arriving within this window are handled together (an editor's save is several). Short:
+/// every millisecond here is latency before a change reaches the maps.
 const DEBOUNCE: Duration = Duration::from_millis(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +32,7 @@ pub struct DirWatcher {
     _watcher: notify::RecommendedWatcher,
     events: mpsc::UnboundedReceiver<Vec<PathBuf>>,
     stamps: BTreeMap<PathBuf, Stamp>,
+    debounce: Duration,
     /// Events received but not yet handled. Kept here, not in the future: the agent's select!
     /// drops `next()` whenever another branch wins, and an event held only by the dropped
     /// future would be lost.
@@ -60,6 +62,10 @@ fn changes_content(kind: &EventKind) -> bool {
 
 impl DirWatcher {
     pub fn new(dir: &Path) -> notify::Result<Self> {
+        Self::with_debounce(dir, DEBOUNCE)
+    }
+
+    pub fn with_debounce(dir: &Path, debounce: Duration) -> notify::Result<Self> {
         let (tx, events) = mpsc::unbounded_channel();
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -81,6 +87,7 @@ impl DirWatcher {
             _watcher: watcher,
             events,
             stamps: BTreeMap::new(),
+            debounce,
             pending: None,
         };
         w.stamps = w.scan();
@@ -124,7 +131,7 @@ impl DirWatcher {
                 };
                 self.pending = Some(named);
             }
-            tokio::time::sleep(DEBOUNCE).await;
+            tokio::time::sleep(self.debounce).await;
             let mut named = self.pending.take().unwrap_or_default();
             while let Ok(paths) = self.events.try_recv() {
                 named.extend(paths);
@@ -158,7 +165,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("extproxy-watch-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut w = DirWatcher::new(&dir).unwrap();
+        // A debounce wide enough that the 5 ms timeout below lands inside it.
+        let mut w = DirWatcher::with_debounce(&dir, Duration::from_millis(50)).unwrap();
         std::fs::write(dir.join("svc.yaml"), "kind: Service\n").unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Cancelled inside the debounce, after the event was taken from the channel, as the

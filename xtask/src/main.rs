@@ -2,6 +2,7 @@
 
 mod bench;
 mod benchmark;
+mod plot;
 
 use std::{
     path::{Path, PathBuf},
