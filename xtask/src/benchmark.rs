@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead, BufReader},
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -15,7 +15,6 @@ use serde_json::{Value, json};
 
 use crate::{
     bench::{iptables, kubeproxy, nftables},
-    plot::{Series, line_chart},
     workspace_root,
 };
 
@@ -35,6 +34,15 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
+            "--report" => {
+                // Re-render BENCHMARKS.md from the last run's records.
+                let path = workspace_root().join("bench-results/bench.json");
+                let bytes = std::fs::read(&path).with_context(|| path.display().to_string())?;
+                let records: Vec<Value> = serde_json::from_slice(&bytes)?;
+                crate::report::write(&records, opts.quick, Duration::ZERO)?;
+                println!("BENCHMARKS.md re-rendered from {}", path.display());
+                return Ok(());
+            }
             "--only" => {
                 let list = it.next().context("--only SUITE[,SUITE]")?;
                 opts.suites = list.split(',').map(str::to_owned).collect();
@@ -46,7 +54,9 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
                     );
                 }
             }
-            other => bail!("bench: unknown option {other:?} (use --quick, --only SUITES)"),
+            other => {
+                bail!("bench: unknown option {other:?} (use --quick, --only SUITES, --report)")
+            }
         }
     }
     ensure!(
@@ -72,13 +82,13 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
         records.extend(control_plane(&opts, &bin)?);
     }
     if want("traffic") {
-        records.extend(traffic(&opts)?);
+        records.extend(traffic(&opts, &bin)?);
     }
     let elapsed = started.elapsed();
     let out = workspace_root().join("bench-results");
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("bench.json"), serde_json::to_vec_pretty(&records)?)?;
-    report::write(&records, &opts, elapsed)?;
+    crate::report::write(&records, opts.quick, elapsed)?;
     println!(
         "bench done in {:.0} s: BENCHMARKS.md, docs/bench/*.svg, bench-results/bench.json",
         elapsed.as_secs_f64()
@@ -448,27 +458,21 @@ fn kube_proxy_apply(n: usize, quick: bool) -> anyhow::Result<Vec<Value>> {
 // Traffic through a Service: extproxy, iptables, nftables, direct
 // -------------------------------------------------------------------------------------------------
 
-fn traffic(opts: &Opts) -> anyhow::Result<Vec<Value>> {
-    let _ = opts;
-    println!("== traffic: not available in this build");
-    Ok(Vec::new())
-}
-
-mod report {
-    use super::*;
-
-    pub fn write(records: &[Value], opts: &Opts, elapsed: Duration) -> anyhow::Result<()> {
-        let _ = (records, opts, elapsed);
-        Ok(())
-    }
-}
-
-#[allow(dead_code)]
-fn unused_plot(series: &[Series]) -> String {
-    line_chart("", "", "", series)
-}
-
-#[allow(dead_code)]
-fn unused_path() -> PathBuf {
-    PathBuf::new()
+fn traffic(opts: &Opts, bin: &Path) -> anyhow::Result<Vec<Value>> {
+    use crate::bench::traffic::{self, TrafficOpts};
+    let topts = if opts.quick {
+        TrafficOpts::quick(bin.to_owned())
+    } else {
+        TrafficOpts::full(bin.to_owned())
+    };
+    println!("== traffic through a Service: extproxy, kube-proxy's iptables and nftables, direct");
+    let records = traffic::run(&topts)?;
+    records
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r)?;
+            v["suite"] = json!("traffic");
+            Ok(v)
+        })
+        .collect()
 }

@@ -3,6 +3,7 @@
 mod bench;
 mod benchmark;
 mod plot;
+mod report;
 
 use std::{
     path::{Path, PathBuf},
@@ -25,7 +26,9 @@ usage: cargo xtask <task> [options]
       -- ARGS           extra arguments for `extproxy run`
   test                  build everything and run all tests (unit, BPF_PROG_TEST_RUN, namespaces)
   lint                  rustfmt check and clippy -D warnings, the eBPF crate included
-  bench [--quick]       benchmarks against kube-proxy's iptables and nftables data paths
+  bench [--quick]       benchmarks against kube-proxy's iptables and nftables data paths;
+      --only SUITES     per-packet, control-plane, traffic (comma-separated)
+      --report          re-render BENCHMARKS.md from bench-results/bench.json
   kind                  Kubernetes-in-Docker tests (skipped with a message without docker/kind)
 ";
 
@@ -121,10 +124,8 @@ fn run_cluster(
     iface: Option<String>,
     extra: &[String],
 ) -> anyhow::Result<()> {
-    let iface = match iface {
-        Some(i) => i,
-        None => default_route_iface()?,
-    };
+    // `auto`: the agent picks the interface of the default route.
+    let iface = iface.unwrap_or_else(|| "auto".into());
     let node = std::env::var("NODE_NAME").unwrap_or_else(|_| hostname());
     println!("running extproxy against {kubeconfig} as node {node} on {iface}");
     let status = Command::new(bin)
@@ -141,18 +142,6 @@ fn run_cluster(
         .status()?;
     ensure!(status.success(), "extproxy exited with {status}");
     Ok(())
-}
-
-fn default_route_iface() -> anyhow::Result<String> {
-    let out = Command::new("ip")
-        .args(["-o", "route", "show", "default"])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .skip_while(|w| *w != "dev")
-        .nth(1)
-        .map(str::to_owned)
-        .context("no default route: pass --iface")
 }
 
 fn hostname() -> String {
