@@ -14,7 +14,7 @@ use std::net::IpAddr;
 use aya::{
     Ebpf,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use extproxy::loader::{self, Limits};
 use proxy_common::*;
@@ -129,6 +129,26 @@ pub struct Svc<'a> {
     pub affinity_timeout: u32,
     /// CIDRs; non-empty sets the source-range flag on LoadBalancer frontends.
     pub source_ranges: &'a [&'a str],
+}
+
+impl<'a> Svc<'a> {
+    /// A service SNATed to the node's address, without affinity or source ranges.
+    pub fn new(
+        id: u32,
+        proto: u8,
+        frontends: &'a [(FrontendKind, &'a str, u16)],
+        backends: &'a [(u32, &'a str, u16, BackendState)],
+    ) -> Self {
+        Svc {
+            id,
+            frontends,
+            proto,
+            backends,
+            egress: NODE_V4,
+            affinity_timeout: 0,
+            source_ranges: &[],
+        }
+    }
 }
 
 pub struct Datapath {
@@ -349,68 +369,51 @@ fn sk_buff(ifindex: u32) -> [u8; 192] {
     ctx
 }
 
+/// One BPF_PROG_TEST_RUN with `ctx` as the context; the output goes to `out`. Returns the verdict,
+/// the output length and the kernel-measured duration (ns).
+fn test_run<P>(prog: &P, ctx: &[u8], pkt: &[u8], out: &mut [u8]) -> (u32, usize, u64)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(out),
+            ctx_in: Some(ctx),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    (
+        r.return_value,
+        r.data_size_out as usize,
+        r.duration.as_nanos() as u64,
+    )
+}
+
 /// Kernel-measured time of one run (ns), for benchmarks: BPF_PROG_TEST_RUN reuses one buffer
 /// across `repeat` iterations, so a packet the program rewrites must be fed fresh every run.
 pub fn time_xdp(prog: &Xdp, ifindex: u32, pkt: &[u8], out: &mut [u8]) -> (u32, u64) {
-    let ctx = xdp_md(ifindex, pkt.len());
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(out),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN (xdp)");
-    (r.return_value, r.duration.as_nanos() as u64)
+    let (verdict, _, ns) = test_run(prog, &xdp_md(ifindex, pkt.len()), pkt, out);
+    (verdict, ns)
 }
 
 pub fn time_tc(prog: &SchedClassifier, ifindex: u32, pkt: &[u8], out: &mut [u8]) -> (u32, u64) {
-    let ctx = sk_buff(ifindex);
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(out),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN (tc)");
-    (r.return_value, r.duration.as_nanos() as u64)
+    let (verdict, _, ns) = test_run(prog, &sk_buff(ifindex), pkt, out);
+    (verdict, ns)
 }
 
 pub fn run_xdp(prog: &Xdp, ifindex: u32, pkt: &[u8]) -> Run {
-    let ctx = xdp_md(ifindex, pkt.len());
     let mut out = vec![0u8; pkt.len() + 512];
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN (xdp)");
-    out.truncate(r.data_size_out as usize);
-    Run {
-        verdict: r.return_value,
-        out,
-    }
+    let (verdict, len, _) = test_run(prog, &xdp_md(ifindex, pkt.len()), pkt, &mut out);
+    out.truncate(len);
+    Run { verdict, out }
 }
 
 pub fn run_tc(prog: &SchedClassifier, ifindex: u32, pkt: &[u8]) -> Run {
-    let ctx = sk_buff(ifindex);
     let mut out = vec![0u8; pkt.len() + 512];
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN (tc)");
-    out.truncate(r.data_size_out as usize);
-    Run {
-        verdict: r.return_value,
-        out,
-    }
+    let (verdict, len, _) = test_run(prog, &sk_buff(ifindex), pkt, &mut out);
+    out.truncate(len);
+    Run { verdict, out }
 }
 
 /// Minimal CIDR parsing for test tables (the agent has its own, tested separately).

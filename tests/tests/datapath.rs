@@ -21,23 +21,20 @@ fn in_snat_range(port: u16) -> bool {
 
 /// One TCP service, id 1, with every frontend kind and two active endpoints on port 8080.
 fn tcp_service(dp: &mut Datapath) {
-    dp.program(&Svc {
-        id: 1,
-        frontends: &[
+    dp.program(&Svc::new(
+        1,
+        PROTO_TCP,
+        &[
             (FrontendKind::ClusterIp, CLUSTER_IP, 80),
             (FrontendKind::NodePort, NODE_V4, 30080),
             (FrontendKind::LoadBalancer, LB_IP, 80),
             (FrontendKind::ExternalIp, EXT_IP, 80),
         ],
-        proto: PROTO_TCP,
-        backends: &[
+        &[
             (1, EP1, 8080, BackendState::Active),
             (2, EP2, 8080, BackendState::Active),
         ],
-        egress: NODE_V4,
-        affinity_timeout: 0,
-        source_ranges: &[],
-    });
+    ));
 }
 
 /// A SYN from a pod to the ClusterIP, as the TC egress program sees it on the uplink.
@@ -307,18 +304,15 @@ fn load_balancer_source_ranges_admit_listed_clients_only() {
 fn udp_flows_are_translated_both_ways() {
     let node = TestNode::new();
     let mut dp = Datapath::load();
-    dp.program(&Svc {
-        id: 4,
-        frontends: &[
+    dp.program(&Svc::new(
+        4,
+        PROTO_UDP,
+        &[
             (FrontendKind::ClusterIp, CLUSTER_IP, 53),
             (FrontendKind::NodePort, NODE_V4, 30053),
         ],
-        proto: PROTO_UDP,
-        backends: &[(6, EP1, 5353, BackendState::Active)],
-        egress: NODE_V4,
-        affinity_timeout: 0,
-        source_ranges: &[],
-    });
+        &[(6, EP1, 5353, BackendState::Active)],
+    ));
     let q = frame(
         UPLINK_MAC,
         GW_MAC,
@@ -407,15 +401,12 @@ fn a_service_family_without_egress_address_is_refused_with_its_reason() {
     let node = TestNode::new();
     let mut dp = Datapath::load();
     // An IPv6 service whose egress address is IPv4: cannot SNAT across families.
-    dp.program(&Svc {
-        id: 8,
-        frontends: &[(FrontendKind::ClusterIp, CLUSTER_IP6, 80)],
-        proto: PROTO_TCP,
-        backends: &[(10, EP1_6, 80, BackendState::Active)],
-        egress: NODE_V4,
-        affinity_timeout: 0,
-        source_ranges: &[],
-    });
+    dp.program(&Svc::new(
+        8,
+        PROTO_TCP,
+        &[(FrontendKind::ClusterIp, CLUSTER_IP6, 80)],
+        &[(10, EP1_6, 80, BackendState::Active)],
+    ));
     let syn = frame(
         UPLINK_MAC,
         GW_MAC,
@@ -566,15 +557,12 @@ fn udp_to_a_service_without_endpoints_gets_port_unreachable() {
 fn icmp_errors_about_a_translated_flow_reach_the_client_translated() {
     let node = TestNode::new();
     let mut dp = Datapath::load();
-    dp.program(&Svc {
-        id: 12,
-        frontends: &[(FrontendKind::ClusterIp, CLUSTER_IP, 53)],
-        proto: PROTO_UDP,
-        backends: &[(12, EP1, 5353, BackendState::Active)],
-        egress: NODE_V4,
-        affinity_timeout: 0,
-        source_ranges: &[],
-    });
+    dp.program(&Svc::new(
+        12,
+        PROTO_UDP,
+        &[(FrontendKind::ClusterIp, CLUSTER_IP, 53)],
+        &[(12, EP1, 5353, BackendState::Active)],
+    ));
     let q = frame(
         UPLINK_MAC,
         GW_MAC,
@@ -759,15 +747,12 @@ fn draining_endpoints_keep_their_flows_but_get_no_new_ones() {
         .unwrap();
     // EP1 starts terminating: out of the slots, still in BACKENDS as Draining.
     dp.put_backend(1, EP1, 8080, BackendState::Draining, 1);
-    dp.program(&Svc {
-        id: 1,
-        frontends: &[],
-        proto: PROTO_TCP,
-        backends: &[(2, EP2, 8080, BackendState::Active)],
-        egress: NODE_V4,
-        affinity_timeout: 0,
-        source_ranges: &[],
-    });
+    dp.program(&Svc::new(
+        1,
+        PROTO_TCP,
+        &[],
+        &[(2, EP2, 8080, BackendState::Active)],
+    ));
     let d = decode(&dp.xdp(node.uplink, &outside_ack(sport)).out);
     assert_eq!(d.dst, ip(EP1), "the established flow stays");
     for p in 23000..23020 {
@@ -788,15 +773,12 @@ fn removed_endpoints_reset_tcp_and_rebalance_udp() {
         .unwrap();
     // EP1 removed: the agent frees the id (generation bump) and shrinks the slots.
     dp.put_backend(1, EP1, 8080, BackendState::Free, 2);
-    dp.program(&Svc {
-        id: 1,
-        frontends: &[],
-        proto: PROTO_TCP,
-        backends: &[(2, EP2, 8080, BackendState::Active)],
-        egress: NODE_V4,
-        affinity_timeout: 0,
-        source_ranges: &[],
-    });
+    dp.program(&Svc::new(
+        1,
+        PROTO_TCP,
+        &[],
+        &[(2, EP2, 8080, BackendState::Active)],
+    ));
     let run = dp.xdp(node.uplink, &outside_ack(sport));
     assert_eq!(run.verdict, XDP_TX);
     let d = decode(&run.out);
@@ -819,32 +801,26 @@ fn removed_endpoints_reset_tcp_and_rebalance_udp() {
     );
 
     // UDP: the flow moves to a remaining endpoint instead of black-holing.
-    dp.program(&Svc {
-        id: 2,
-        frontends: &[(FrontendKind::NodePort, NODE_V4, 30053)],
-        proto: PROTO_UDP,
-        backends: &[
+    dp.program(&Svc::new(
+        2,
+        PROTO_UDP,
+        &[(FrontendKind::NodePort, NODE_V4, 30053)],
+        &[
             (3, EP1, 53, BackendState::Active),
             (4, EP2, 53, BackendState::Active),
         ],
-        egress: NODE_V4,
-        affinity_timeout: 0,
-        source_ranges: &[],
-    });
+    ));
     let udp = |p: u16| from_outside(CLIENT_EXT, NODE_V4, udp_dgram(p, 30053, b"q"), UDP);
     let p = (25000..25100)
         .find(|p| decode(&dp.xdp(node.uplink, &udp(*p)).out).dst == ip(EP1))
         .unwrap();
     dp.put_backend(3, EP1, 53, BackendState::Free, 2);
-    dp.program(&Svc {
-        id: 2,
-        frontends: &[],
-        proto: PROTO_UDP,
-        backends: &[(4, EP2, 53, BackendState::Active)],
-        egress: NODE_V4,
-        affinity_timeout: 0,
-        source_ranges: &[],
-    });
+    dp.program(&Svc::new(
+        2,
+        PROTO_UDP,
+        &[],
+        &[(4, EP2, 53, BackendState::Active)],
+    ));
     let d = decode(&dp.xdp(node.uplink, &udp(p)).out);
     assert_eq!(d.dst, ip(EP2));
     assert_eq!(dp.counter(Counter::UdpRebalanced), 1);
@@ -880,15 +856,12 @@ fn snat_port_exhaustion_is_a_counted_drop() {
         snat_port_max: 61001,
         ..Config::DEFAULT
     });
-    dp.program(&Svc {
-        id: 1,
-        frontends: &[(FrontendKind::NodePort, NODE_V4, 30080)],
-        proto: PROTO_TCP,
-        backends: &[(1, EP1, 8080, BackendState::Active)],
-        egress: NODE_V4,
-        affinity_timeout: 0,
-        source_ranges: &[],
-    });
+    dp.program(&Svc::new(
+        1,
+        PROTO_TCP,
+        &[(FrontendKind::NodePort, NODE_V4, 30080)],
+        &[(1, EP1, 8080, BackendState::Active)],
+    ));
     let mut ports = std::collections::HashSet::new();
     for sport in [27000, 27001] {
         let run = dp.xdp(node.uplink, &outside_syn(sport));
@@ -909,15 +882,12 @@ fn expired_flows_release_their_snat_port() {
         tcp_syn_timeout: 1,
         ..Config::DEFAULT
     });
-    dp.program(&Svc {
-        id: 1,
-        frontends: &[(FrontendKind::NodePort, NODE_V4, 30080)],
-        proto: PROTO_TCP,
-        backends: &[(1, EP1, 8080, BackendState::Active)],
-        egress: NODE_V4,
-        affinity_timeout: 0,
-        source_ranges: &[],
-    });
+    dp.program(&Svc::new(
+        1,
+        PROTO_TCP,
+        &[(FrontendKind::NodePort, NODE_V4, 30080)],
+        &[(1, EP1, 8080, BackendState::Active)],
+    ));
     assert_eq!(dp.xdp(node.uplink, &outside_syn(28000)).verdict, XDP_TX);
     assert_eq!(
         dp.xdp(node.uplink, &outside_syn(28001)).verdict,
@@ -938,15 +908,12 @@ fn xdp_hands_flows_it_cannot_forward_to_tc_which_redirects_them() {
     let node = TestNode::new();
     let mut dp = Datapath::load();
     // The endpoint is on the pod network: reachable through pod0, not the uplink.
-    dp.program(&Svc {
-        id: 1,
-        frontends: &[(FrontendKind::NodePort, NODE_V4, 30080)],
-        proto: PROTO_TCP,
-        backends: &[(1, POD_V4, 8080, BackendState::Active)],
-        egress: NODE_V4,
-        affinity_timeout: 0,
-        source_ranges: &[],
-    });
+    dp.program(&Svc::new(
+        1,
+        PROTO_TCP,
+        &[(FrontendKind::NodePort, NODE_V4, 30080)],
+        &[(1, POD_V4, 8080, BackendState::Active)],
+    ));
     let syn = outside_syn(29000);
     let run = dp.xdp(node.uplink, &syn);
     assert_eq!(
@@ -1035,18 +1002,15 @@ fn lying_lengths_to_a_frontend_are_dropped_and_cut_headers_passed() {
 fn fragments_follow_their_first_fragment() {
     let node = TestNode::new();
     let mut dp = Datapath::load();
-    dp.program(&Svc {
-        id: 4,
-        frontends: &[
+    dp.program(&Svc::new(
+        4,
+        PROTO_UDP,
+        &[
             (FrontendKind::NodePort, NODE_V4, 30053),
             (FrontendKind::NodePort, NODE_V6, 30053),
         ],
-        proto: PROTO_UDP,
-        backends: &[(6, EP1, 5353, BackendState::Active)],
-        egress: NODE_V4,
-        affinity_timeout: 0,
-        source_ranges: &[],
-    });
+        &[(6, EP1, 5353, BackendState::Active)],
+    ));
     // A 40-byte UDP datagram in two fragments: header + 16 bytes, then 16 more.
     let payload: Vec<u8> = (0u8..32).collect();
     let dgram = l4_with_csum(
