@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::{
@@ -71,9 +72,9 @@ struct ParsedObject {
 
 #[derive(Clone, Debug)]
 enum KnownObject {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    Endpoints(Box<Endpoints>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    Endpoints(Arc<Endpoints>),
 }
 
 impl ManifestSet {
@@ -185,12 +186,12 @@ impl ManifestSet {
                 KnownObject::Service(service) => {
                     inventory
                         .services
-                        .insert(key, Sourced::new((**service).clone(), origin));
+                        .insert(key, Sourced::new(service.clone(), origin));
                 }
                 KnownObject::EndpointSlice(slice) => {
                     inventory
                         .slices
-                        .insert(key, Sourced::new((**slice).clone(), origin));
+                        .insert(key, Sourced::new(slice.clone(), origin));
                 }
                 KnownObject::Endpoints(endpoints) => {
                     for slice in mirror_endpoints(endpoints, &parsed.site, &mut diagnostics) {
@@ -198,7 +199,7 @@ impl ManifestSet {
                         inventory.slices.insert(
                             ObjectKey::new(&reference.namespace, name),
                             Sourced {
-                                object: slice,
+                                object: Arc::new(slice),
                                 origin: origin.clone(),
                                 mirrored_from: Some(reference.clone()),
                             },
@@ -530,15 +531,15 @@ fn parse_object(value: Value, origin: &Origin, prefix: &str, out: &mut ParsedFil
     let object = match kind.as_str() {
         "Service" => deserialize::<Service>(value).map(|mut s| {
             set_namespace(&mut s.metadata, &namespace);
-            KnownObject::Service(Box::new(s))
+            KnownObject::Service(Arc::new(s))
         }),
         "EndpointSlice" => deserialize::<EndpointSlice>(value).map(|mut s| {
             set_namespace(&mut s.metadata, &namespace);
-            KnownObject::EndpointSlice(Box::new(s))
+            KnownObject::EndpointSlice(Arc::new(s))
         }),
         _ => deserialize::<Endpoints>(value).map(|mut e| {
             set_namespace(&mut e.metadata, &namespace);
-            KnownObject::Endpoints(Box::new(e))
+            KnownObject::Endpoints(Arc::new(e))
         }),
     };
     match object {

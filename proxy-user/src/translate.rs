@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
@@ -18,8 +19,12 @@ use proxy_common::{Addr, FE_F_SOURCE_RANGES, FrontendKey, FrontendKind, PROTO_TC
 use crate::diag::{Diagnostic, ObjectRef, Origin, Severity, Site};
 
 mod alloc;
+mod incremental;
 #[cfg(test)]
 mod tests;
+
+pub use incremental::Incremental;
+use incremental::{Allocation, ServiceOut, World};
 
 /// Label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -59,21 +64,32 @@ impl fmt::Display for ObjectKey {
     }
 }
 
-/// An object and where it came from.
-#[derive(Clone, Debug)]
+/// An object and where it came from. The object is shared, not copied: the same parsed manifest
+/// or reflector store entry serves the source, the inventory and the translator's cache.
+#[derive(Debug)]
 pub struct Sourced<T> {
-    pub object: T,
+    pub object: Arc<T>,
     pub origin: Origin,
     /// For slices made from legacy Endpoints: the Endpoints object, which diagnostics name.
     pub mirrored_from: Option<ObjectRef>,
 }
 
 impl<T> Sourced<T> {
-    pub fn new(object: T, origin: Origin) -> Self {
+    pub fn new(object: impl Into<Arc<T>>, origin: Origin) -> Self {
         Sourced {
-            object,
+            object: object.into(),
             origin,
             mirrored_from: None,
+        }
+    }
+}
+
+impl<T> Clone for Sourced<T> {
+    fn clone(&self) -> Self {
+        Sourced {
+            object: self.object.clone(),
+            origin: self.origin.clone(),
+            mirrored_from: self.mirrored_from.clone(),
         }
     }
 }
@@ -282,48 +298,52 @@ pub struct Translation {
     pub diagnostics: Vec<Diagnostic>,
     pub claimed: Vec<Claimed>,
     pub filled: Vec<Filled>,
+    /// What differs from the previous translation of the same [`Incremental`]; None when
+    /// everything may have (the first translation, new node facts).
+    pub changes: Option<Changes>,
+}
+
+/// What one incremental update changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Service ports added, removed or programmed differently.
+    pub services: BTreeSet<ServicePortKey>,
+    /// `diagnostics` differs.
+    pub diagnostics: bool,
+    /// `claimed` or `filled` differs.
+    pub claims: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
 // Translation
 // ---------------------------------------------------------------------------------------------
 
+/// Translates a whole inventory at once (`extproxy validate`, tests); the agent keeps an
+/// [`Incremental`] instead, which gives the same result after every change.
 pub fn translate(inventory: &Inventory, node: &NodeInfo, settings: &Settings) -> Translation {
-    let mut t = Translator {
-        settings,
-        node,
-        out: Translation::default(),
-        taken_ips: BTreeSet::new(),
-        taken_node_ports: BTreeSet::new(),
-        frontend_owners: HashMap::new(),
-    };
-    t.reserve_explicit_values(inventory);
-    let slices = t.index_slices(inventory);
-    for (key, service) in &inventory.services {
-        let site = Site::new(
-            service.origin.clone(),
-            ObjectRef::new("Service", &key.namespace, &key.name),
-        );
-        let Some(reason) = t.claim(&service.object, &site) else {
-            continue;
-        };
-        t.out.claimed.push(Claimed {
-            service: key.clone(),
-            reason,
-        });
-        let service_slices = slices.get(key).map(Vec::as_slice).unwrap_or_default();
-        t.service(key, &service.object, &site, service_slices);
+    let mut t = Incremental::new(node.clone(), settings.clone());
+    for (key, slice) in &inventory.slices {
+        t.set_slice(key.clone(), Some(slice.clone()));
     }
-    t.out
+    for (key, service) in &inventory.services {
+        t.set_service(key.clone(), Some(service.clone()));
+    }
+    t.update();
+    t.into_translation()
 }
 
+/// Translates one Service. What it cannot know alone, who owns a contested frontend and which
+/// values filling may hand out, it asks `world`, which answers as if every Service before this
+/// one (by namespace/name) had just been translated, as a single pass over the inventory would.
 struct Translator<'a> {
     settings: &'a Settings,
     node: &'a NodeInfo,
-    out: Translation,
-    /// Cluster IPs and nodePorts in use: explicit ones first, then what filling handed out.
-    taken_ips: BTreeSet<IpAddr>,
-    taken_node_ports: BTreeSet<u16>,
+    world: &'a World,
+    key: &'a ObjectKey,
+    out: ServiceOut,
+    /// Values this Service filled in so far (its own earlier ports and families).
+    own_ips: BTreeSet<IpAddr>,
+    own_node_ports: BTreeSet<u16>,
     frontend_owners: HashMap<FrontendKey, ServicePortKey>,
 }
 
@@ -351,6 +371,7 @@ struct ServiceFacts {
 }
 
 /// An EndpointSlice, validated once for all the Service ports that read it.
+#[derive(Debug)]
 struct SliceFacts {
     family: Option<IpFamily>,
     /// (name, protocol, port) with the API defaults applied ("" and TCP).
@@ -403,150 +424,6 @@ fn explicit_cluster_ips(spec: &ServiceSpec) -> Vec<(String, &str)> {
 }
 
 impl Translator<'_> {
-    fn reserve_explicit_values(&mut self, inventory: &Inventory) {
-        for service in inventory.services.values() {
-            let Some(spec) = spec_of(&service.object) else {
-                continue;
-            };
-            for (_, ip) in explicit_cluster_ips(spec) {
-                if let Ok(ip) = ip.parse() {
-                    self.taken_ips.insert(ip);
-                }
-            }
-            for port in spec.ports.iter().flatten() {
-                if let Some(n) = port.node_port.and_then(|n| u16::try_from(n).ok()) {
-                    self.taken_node_ports.insert(n);
-                }
-            }
-        }
-    }
-
-    fn index_slices(&mut self, inventory: &Inventory) -> BTreeMap<ObjectKey, Vec<SliceFacts>> {
-        let mut by_service: BTreeMap<ObjectKey, Vec<SliceFacts>> = BTreeMap::new();
-        for (key, slice) in &inventory.slices {
-            let reported = slice
-                .mirrored_from
-                .clone()
-                .unwrap_or_else(|| ObjectRef::new("EndpointSlice", &key.namespace, &key.name));
-            let site = Site::new(slice.origin.clone(), reported);
-            let label = slice
-                .object
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL));
-            let Some(service_name) = label else {
-                self.out.diagnostics.push(site.info(
-                    "metadata.labels",
-                    format!("no {SERVICE_NAME_LABEL} label: these endpoints belong to no Service"),
-                ));
-                continue;
-            };
-            let service_key = ObjectKey::new(&key.namespace, service_name);
-            if !inventory.services.contains_key(&service_key) {
-                self.out.diagnostics.push(site.info(
-                    &format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
-                    format!("there is no Service {service_key}: these endpoints are not used"),
-                ));
-            }
-            let facts = self.slice_facts(&slice.object, &site);
-            by_service.entry(service_key).or_default().push(facts);
-        }
-        by_service
-    }
-
-    fn slice_facts(&mut self, slice: &EndpointSlice, site: &Site) -> SliceFacts {
-        let family = match slice.address_type.as_str() {
-            "IPv4" => Some(IpFamily::V4),
-            "IPv6" => Some(IpFamily::V6),
-            "FQDN" => {
-                self.out.diagnostics.push(site.warning(
-                    "addressType",
-                    "FQDN endpoints are not proxied (extproxy forwards to IP addresses); slice ignored",
-                ));
-                None
-            }
-            other => {
-                self.out.diagnostics.push(site.error(
-                    "addressType",
-                    format!("unknown addressType {other:?}: use IPv4 or IPv6; slice ignored"),
-                ));
-                None
-            }
-        };
-        let mut ports = Vec::new();
-        for (j, port) in slice.ports.iter().flatten().enumerate() {
-            let number = match port.port {
-                Some(n) => match u16::try_from(n) {
-                    Ok(n) if n != 0 => Some(n),
-                    _ => {
-                        self.out.diagnostics.push(site.error(
-                            &format!("ports[{j}].port"),
-                            format!("port {n} is out of range 1-65535; port ignored"),
-                        ));
-                        None
-                    }
-                },
-                None => None,
-            };
-            ports.push((
-                port.name.clone().unwrap_or_default(),
-                port.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
-                number,
-            ));
-        }
-        let mut endpoints = Vec::new();
-        if let Some(family) = family {
-            for (k, endpoint) in slice.endpoints.iter().enumerate() {
-                // kube-proxy uses the first address only; the API says they are all the same.
-                let Some(address) = endpoint.addresses.first() else {
-                    self.out.diagnostics.push(site.error(
-                        &format!("endpoints[{k}].addresses"),
-                        "endpoint has no address; ignored",
-                    ));
-                    continue;
-                };
-                let field = format!("endpoints[{k}].addresses[0]");
-                let ip: IpAddr = match address.parse() {
-                    Ok(ip) => ip,
-                    Err(_) => {
-                        self.out.diagnostics.push(site.error(
-                            &field,
-                            format!("{address:?} is not an IP address; endpoint ignored"),
-                        ));
-                        continue;
-                    }
-                };
-                if IpFamily::of(&ip) != family {
-                    self.out.diagnostics.push(site.error(
-                        &field,
-                        format!(
-                            "{ip} is {} but the slice's addressType is {}; endpoint ignored",
-                            IpFamily::of(&ip).name(),
-                            family.name()
-                        ),
-                    ));
-                    continue;
-                }
-                let conditions = endpoint.conditions.as_ref();
-                let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-                endpoints.push((
-                    ip,
-                    Conditions {
-                        ready,
-                        serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
-                        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-                    },
-                ));
-            }
-        }
-        SliceFacts {
-            family,
-            ports,
-            endpoints,
-        }
-    }
-
     /// Whether extproxy owns this Service; if not, says why.
     fn claim(&mut self, service: &Service, site: &Site) -> Option<ClaimReason> {
         let spec = spec_of(service);
@@ -606,7 +483,7 @@ impl Translator<'_> {
         Some(reason)
     }
 
-    fn service(&mut self, key: &ObjectKey, service: &Service, site: &Site, slices: &[SliceFacts]) {
+    fn service(&mut self, key: &ObjectKey, service: &Service, site: &Site, slices: &[&SliceFacts]) {
         let default_spec = ServiceSpec::default();
         let spec = spec_of(service).unwrap_or(&default_spec);
         let type_ = match service_type(Some(spec)) {
@@ -681,7 +558,7 @@ impl Translator<'_> {
                     family,
                 };
                 let desired = self.service_port(&port_key, port, type_, &facts, slices, site);
-                self.out.desired.services.insert(port_key, desired);
+                self.out.ports.push((port_key, desired));
             }
         }
     }
@@ -780,10 +657,18 @@ impl Translator<'_> {
                     key.name,
                     protocol.name()
                 ));
-                match alloc::node_port(&self.settings.node_port_range, seed, &self.taken_node_ports)
-                {
+                let allocated = self.world.node_port(
+                    self.key,
+                    &self.settings.node_port_range,
+                    seed,
+                    &self.own_node_ports,
+                );
+                self.out
+                    .allocations
+                    .push(Allocation::NodePort(seed, allocated));
+                match allocated {
                     Some(n) => {
-                        self.taken_node_ports.insert(n);
+                        self.own_node_ports.insert(n);
                         self.out.filled.push(Filled {
                             service: key.clone(),
                             field: format!("{field}.nodePort"),
@@ -934,9 +819,13 @@ impl Translator<'_> {
                 continue;
             };
             let seed = alloc::fnv1a(&format!("{}/{}", key.namespace, key.name));
-            match alloc::cluster_ip(&cidr, seed, &self.taken_ips) {
+            let allocated = self.world.cluster_ip(self.key, &cidr, seed, &self.own_ips);
+            self.out
+                .allocations
+                .push(Allocation::ClusterIp(cidr, seed, allocated));
+            match allocated {
                 Some(ip) => {
-                    self.taken_ips.insert(ip);
+                    self.own_ips.insert(ip);
                     self.out.filled.push(Filled {
                         service: key.clone(),
                         field: format!("spec.clusterIPs[{}]", family.name()),
@@ -1190,7 +1079,7 @@ impl Translator<'_> {
 
     /// kube-proxy gives a Service port only the endpoint ports of the same name and protocol.
     /// A mismatch is the most common mistake with hand-written endpoints: say exactly what to do.
-    fn check_port_matches(&mut self, port: &PortSpec, slices: &[SliceFacts], site: &Site) {
+    fn check_port_matches(&mut self, port: &PortSpec, slices: &[&SliceFacts], site: &Site) {
         let proto = port.protocol.name();
         let all_ports: Vec<&(String, String, Option<u16>)> =
             slices.iter().flat_map(|s| &s.ports).collect();
@@ -1249,7 +1138,7 @@ impl Translator<'_> {
         port: &PortSpec,
         type_: &str,
         facts: &ServiceFacts,
-        slices: &[SliceFacts],
+        slices: &[&SliceFacts],
         site: &Site,
     ) -> DesiredService {
         let family = key.family;
@@ -1320,7 +1209,11 @@ impl Translator<'_> {
                 proto: key.protocol.number(),
                 pad: 0,
             };
-            if let Some(owner) = self.frontend_owners.get(&frontend) {
+            self.out
+                .wanted
+                .push((frontend, self.out.ports.len() as u32));
+            let earlier = self.world.owner_before(self.key, &frontend);
+            if let Some(owner) = earlier.as_ref().or(self.frontend_owners.get(&frontend)) {
                 if reported.insert((field.clone(), owner.clone())) {
                     let what = format!("{ip}:{number}/{} ({})", key.protocol.name(), kind.name());
                     let message = if owner == key {
@@ -1378,7 +1271,7 @@ impl Translator<'_> {
         &self,
         port: &PortSpec,
         family: IpFamily,
-        slices: &[SliceFacts],
+        slices: &[&SliceFacts],
     ) -> BTreeMap<(IpAddr, u16), BackendRole> {
         let proto = port.protocol.name();
         let mut merged: BTreeMap<(IpAddr, u16), Conditions> = BTreeMap::new();
@@ -1413,6 +1306,104 @@ impl Translator<'_> {
                 (endpoint, role)
             })
             .collect()
+    }
+}
+
+/// Validates an EndpointSlice once for all the Service ports that read it; problems go to
+/// `diagnostics`.
+fn slice_facts(
+    slice: &EndpointSlice,
+    site: &Site,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> SliceFacts {
+    let family = match slice.address_type.as_str() {
+        "IPv4" => Some(IpFamily::V4),
+        "IPv6" => Some(IpFamily::V6),
+        "FQDN" => {
+            diagnostics.push(site.warning(
+                "addressType",
+                "FQDN endpoints are not proxied (extproxy forwards to IP addresses); slice ignored",
+            ));
+            None
+        }
+        other => {
+            diagnostics.push(site.error(
+                "addressType",
+                format!("unknown addressType {other:?}: use IPv4 or IPv6; slice ignored"),
+            ));
+            None
+        }
+    };
+    let mut ports = Vec::new();
+    for (j, port) in slice.ports.iter().flatten().enumerate() {
+        let number = match port.port {
+            Some(n) => match u16::try_from(n) {
+                Ok(n) if n != 0 => Some(n),
+                _ => {
+                    diagnostics.push(site.error(
+                        &format!("ports[{j}].port"),
+                        format!("port {n} is out of range 1-65535; port ignored"),
+                    ));
+                    None
+                }
+            },
+            None => None,
+        };
+        ports.push((
+            port.name.clone().unwrap_or_default(),
+            port.protocol.clone().unwrap_or_else(|| "TCP".to_owned()),
+            number,
+        ));
+    }
+    let mut endpoints = Vec::new();
+    if let Some(family) = family {
+        for (k, endpoint) in slice.endpoints.iter().enumerate() {
+            // kube-proxy uses the first address only; the API says they are all the same.
+            let Some(address) = endpoint.addresses.first() else {
+                diagnostics.push(site.error(
+                    &format!("endpoints[{k}].addresses"),
+                    "endpoint has no address; ignored",
+                ));
+                continue;
+            };
+            let field = format!("endpoints[{k}].addresses[0]");
+            let ip: IpAddr = match address.parse() {
+                Ok(ip) => ip,
+                Err(_) => {
+                    diagnostics.push(site.error(
+                        &field,
+                        format!("{address:?} is not an IP address; endpoint ignored"),
+                    ));
+                    continue;
+                }
+            };
+            if IpFamily::of(&ip) != family {
+                diagnostics.push(site.error(
+                    &field,
+                    format!(
+                        "{ip} is {} but the slice's addressType is {}; endpoint ignored",
+                        IpFamily::of(&ip).name(),
+                        family.name()
+                    ),
+                ));
+                continue;
+            }
+            let conditions = endpoint.conditions.as_ref();
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            endpoints.push((
+                ip,
+                Conditions {
+                    ready,
+                    serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+                    terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                },
+            ));
+        }
+    }
+    SliceFacts {
+        family,
+        ports,
+        endpoints,
     }
 }
 

@@ -130,12 +130,12 @@ impl ClusterState {
             services: self
                 .services
                 .keyed()
-                .map(|(k, s)| (k, Sourced::new(Service::clone(&s), Origin::Cluster)))
+                .map(|(k, s)| (k, Sourced::new(s, Origin::Cluster)))
                 .collect(),
             slices: self
                 .slices
                 .keyed()
-                .map(|(k, s)| (k, Sourced::new(EndpointSlice::clone(&s), Origin::Cluster)))
+                .map(|(k, s)| (k, Sourced::new(s, Origin::Cluster)))
                 .collect(),
         }
     }

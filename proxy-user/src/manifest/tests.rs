@@ -100,7 +100,7 @@ fn seed_000_mirrors_the_endpoints_with_an_unnamed_port() {
         "endpoints": [{"addresses": ["10.240.0.129"], "conditions": {"ready": true}}],
     }))
     .expect("valid slice");
-    assert_eq!(mirrored.object, expected);
+    assert_eq!(*mirrored.object, expected);
     // The hand-written slice keeps its port unnamed and its protocol unset.
     let manual = &inventory.slices[&key("proxy-test", "proxy-service")].object;
     let ports = manual.ports.as_ref().expect("ports");

@@ -2,8 +2,9 @@
 //!
 //! A Service's value depends only on its name and on what is already taken, never on file order
 //! or on a per-process random seed, so restarting the agent gives every Service the same address.
+//! What is taken is a predicate: the incremental translator answers it per Service (explicit
+//! values, and what the Services before it filled in).
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 
@@ -19,8 +20,15 @@ pub fn fnv1a(text: &str) -> u64 {
 }
 
 /// A free address of `cidr` chosen by `seed`, probing upwards (wrapping) from there. The network
-/// address, and for IPv4 the broadcast address, are never handed out.
-pub fn cluster_ip(cidr: &IpNet, seed: u64, taken: &BTreeSet<IpAddr>) -> Option<IpAddr> {
+/// address, and for IPv4 the broadcast address, are never handed out. `taken_at_most` bounds how
+/// many addresses `is_taken` accepts: the first free address is always within that many + 1
+/// probes, so any bound gives the same answer.
+pub fn cluster_ip(
+    cidr: &IpNet,
+    seed: u64,
+    taken_at_most: usize,
+    is_taken: impl Fn(&IpAddr) -> bool,
+) -> Option<IpAddr> {
     let cidr = cidr.trunc();
     let host_bits = u32::from(cidr.max_prefix_len() - cidr.prefix_len());
     // Offsets 1..=usable; huge IPv6 ranges are capped: 2^64 candidates are plenty.
@@ -38,19 +46,23 @@ pub fn cluster_ip(cidr: &IpNet, seed: u64, taken: &BTreeSet<IpAddr>) -> Option<I
     };
     let start = u128::from(seed) % usable;
     // Each taken address can push the probe one step, so this many probes always suffice.
-    let probes = (taken.len() as u128 + 1).min(usable);
+    let probes = (taken_at_most as u128 + 1).min(usable);
     (0..probes).find_map(|i| {
         let offset = 1 + (start + i) % usable;
         let ip = match cidr {
             IpNet::V4(_) => IpAddr::V4(Ipv4Addr::from(u32::try_from(base + offset).ok()?)),
             IpNet::V6(_) => IpAddr::V6(Ipv6Addr::from(base + offset)),
         };
-        (!taken.contains(&ip)).then_some(ip)
+        (!is_taken(&ip)).then_some(ip)
     })
 }
 
 /// A free port of `range` chosen by `seed`, probing upwards (wrapping).
-pub fn node_port(range: &RangeInclusive<u16>, seed: u64, taken: &BTreeSet<u16>) -> Option<u16> {
+pub fn node_port(
+    range: &RangeInclusive<u16>,
+    seed: u64,
+    is_taken: impl Fn(&u16) -> bool,
+) -> Option<u16> {
     if range.is_empty() {
         return None;
     }
@@ -58,13 +70,23 @@ pub fn node_port(range: &RangeInclusive<u16>, seed: u64, taken: &BTreeSet<u16>) 
     let start = seed % size;
     (0..size).find_map(|i| {
         let port = u16::try_from(u64::from(*range.start()) + (start + i) % size).ok()?;
-        (!taken.contains(&port)).then_some(port)
+        (!is_taken(&port)).then_some(port)
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
+
+    fn cluster_ip(cidr: &IpNet, seed: u64, taken: &BTreeSet<IpAddr>) -> Option<IpAddr> {
+        super::cluster_ip(cidr, seed, taken.len(), |ip| taken.contains(ip))
+    }
+
+    fn node_port(range: &RangeInclusive<u16>, seed: u64, taken: &BTreeSet<u16>) -> Option<u16> {
+        super::node_port(range, seed, |port| taken.contains(port))
+    }
 
     #[test]
     fn fnv1a_matches_the_reference_vectors() {

@@ -1,0 +1,652 @@
+//! Keeping a [`Translation`] up to date one change at a time.
+//!
+//! A Service's translation depends on its own object, the EndpointSlices labelled with its name,
+//! the node and the settings, and on two things decided across Services in namespace/name
+//! order: who keeps a contested frontend (the first Service wanting it) and which values filling
+//! hands out (explicit values of every Service are taken, then each Service fills in turn). Each
+//! Service's result is cached with what it wanted (frontends, fills), and a change re-translates
+//! the Services it touches: the changed ones, the later claimants of a frontend whose first
+//! claimant changed, and, when the taken values changed, every later Service whose fills come out
+//! differently. The result is the one a single pass over the whole inventory gives
+//! ([`super::translate`] is that pass: an update from nothing).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use proxy_common::FrontendKey;
+
+use super::{
+    Changes, ClaimReason, Claimed, DesiredService, Filled, NodeInfo, ObjectKey, SERVICE_NAME_LABEL,
+    ServicePortKey, Settings, SliceFacts, Sourced, Translation, Translator, alloc,
+    explicit_cluster_ips, slice_facts, spec_of,
+};
+use crate::diag::{Diagnostic, ObjectRef, Site};
+
+/// One value filling handed out (or could not), with what it was asked with: replaying the
+/// request against the values taken now tells whether the answer would still be the same.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Allocation {
+    ClusterIp(IpNet, u64, Option<IpAddr>),
+    NodePort(u64, Option<u16>),
+}
+
+/// One Service's translation.
+#[derive(Debug, Default)]
+pub(super) struct ServiceOut {
+    pub claimed: Option<ClaimReason>,
+    pub diagnostics: Vec<Diagnostic>,
+    pub filled: Vec<Filled>,
+    /// Filled by the translator; moved into the translation's [`super::Desired`] afterwards.
+    pub ports: Vec<(ServicePortKey, DesiredService)>,
+    /// The keys of `ports`, kept once the values moved.
+    port_keys: Vec<ServicePortKey>,
+    /// Every frontend the Service wanted, kept or not, with the index of its port in `ports`.
+    pub wanted: Vec<(FrontendKey, u32)>,
+    pub allocations: Vec<Allocation>,
+}
+
+impl ServiceOut {
+    /// The first port (by key) wanting each frontend.
+    fn first_claims(&self) -> Vec<(FrontendKey, &ServicePortKey)> {
+        let mut first: Vec<(FrontendKey, &ServicePortKey)> = Vec::new();
+        for (frontend, port) in &self.wanted {
+            if !first.iter().any(|(f, _)| f == frontend) {
+                first.push((*frontend, &self.port_keys[*port as usize]));
+            }
+        }
+        first
+    }
+}
+
+/// Explicit cluster IPs and nodePorts: taken for filling whether the Service is claimed or not.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Reserved {
+    ips: Vec<IpAddr>,
+    node_ports: Vec<u16>,
+}
+
+impl Reserved {
+    fn of(service: &Service) -> Self {
+        let mut reserved = Reserved::default();
+        let Some(spec) = spec_of(service) else {
+            return reserved;
+        };
+        for (_, ip) in explicit_cluster_ips(spec) {
+            if let Ok(ip) = ip.parse() {
+                reserved.ips.push(ip);
+            }
+        }
+        for port in spec.ports.iter().flatten() {
+            if let Some(n) = port.node_port.and_then(|n| u16::try_from(n).ok()) {
+                reserved.node_ports.push(n);
+            }
+        }
+        reserved
+    }
+}
+
+#[derive(Debug)]
+struct ServiceEntry {
+    /// None once removed, until the next update forgets the entry.
+    source: Option<Sourced<Service>>,
+    reserved: Reserved,
+    out: ServiceOut,
+}
+
+#[derive(Debug)]
+struct SliceEntry {
+    site: Site,
+    /// The Service its label names, with the slice validated; None without the label.
+    labelled: Option<(ObjectKey, SliceFacts)>,
+    diagnostics: Vec<Diagnostic>,
+}
+
+/// What every Service's translation may ask about the others.
+#[derive(Debug, Default)]
+pub(super) struct World {
+    services: BTreeMap<Arc<ObjectKey>, ServiceEntry>,
+    /// The Services wanting each frontend, in namespace/name order: the first one keeps it.
+    claims: HashMap<FrontendKey, Vec<Arc<ObjectKey>>>,
+    /// Explicit values, counted per Service that names them.
+    reserved_ips: HashMap<IpAddr, u32>,
+    reserved_node_ports: HashMap<u16, u32>,
+    /// Filled-in values and the Service holding each.
+    filled_ips: HashMap<IpAddr, Arc<ObjectKey>>,
+    filled_node_ports: HashMap<u16, Arc<ObjectKey>>,
+    /// Services that asked for values to be filled in.
+    requesters: BTreeSet<Arc<ObjectKey>>,
+}
+
+impl World {
+    /// The port of the first Service before `key` that wants `frontend`: it keeps the frontend.
+    pub fn owner_before(&self, key: &ObjectKey, frontend: &FrontendKey) -> Option<ServicePortKey> {
+        let first = self.claims.get(frontend)?.first()?;
+        if **first >= *key {
+            return None;
+        }
+        let out = &self.services.get(first)?.out;
+        let (_, port) = out.wanted.iter().find(|(f, _)| f == frontend)?;
+        out.port_keys.get(*port as usize).cloned()
+    }
+
+    /// A cluster IP for the Service `key`, as a single pass would hand it out: explicit values
+    /// and what Services before `key` (and `key` itself, `own`) filled in are taken.
+    pub fn cluster_ip(
+        &self,
+        key: &ObjectKey,
+        cidr: &IpNet,
+        seed: u64,
+        own: &BTreeSet<IpAddr>,
+    ) -> Option<IpAddr> {
+        let at_most = self.reserved_ips.len() + self.filled_ips.len() + own.len();
+        alloc::cluster_ip(cidr, seed, at_most, |ip| {
+            self.reserved_ips.contains_key(ip)
+                || own.contains(ip)
+                || self.filled_ips.get(ip).is_some_and(|o| **o < *key)
+        })
+    }
+
+    pub fn node_port(
+        &self,
+        key: &ObjectKey,
+        range: &std::ops::RangeInclusive<u16>,
+        seed: u64,
+        own: &BTreeSet<u16>,
+    ) -> Option<u16> {
+        alloc::node_port(range, seed, |port| {
+            self.reserved_node_ports.contains_key(port)
+                || own.contains(port)
+                || self.filled_node_ports.get(port).is_some_and(|o| **o < *key)
+        })
+    }
+
+    /// Whether the fills of `key` come out as cached.
+    fn fills_unchanged(&self, key: &ObjectKey, settings: &Settings) -> bool {
+        let Some(entry) = self.services.get(key) else {
+            return true;
+        };
+        let mut own_ips = BTreeSet::new();
+        let mut own_ports = BTreeSet::new();
+        entry.out.allocations.iter().all(|a| match a {
+            Allocation::ClusterIp(cidr, seed, was) => {
+                let now = self.cluster_ip(key, cidr, *seed, &own_ips);
+                own_ips.extend(now);
+                now == *was
+            }
+            Allocation::NodePort(seed, was) => {
+                let now = self.node_port(key, &settings.node_port_range, *seed, &own_ports);
+                own_ports.extend(now);
+                now == *was
+            }
+        })
+    }
+
+    /// Updates the counts of explicit values; true if a value became taken or free.
+    fn reserve(&mut self, old: &Reserved, new: &Reserved) -> bool {
+        fn count<T: std::hash::Hash + Eq + Copy>(
+            map: &mut HashMap<T, u32>,
+            old: &[T],
+            new: &[T],
+        ) -> bool {
+            let mut flipped = false;
+            for v in new {
+                let n = map.entry(*v).or_default();
+                *n += 1;
+                flipped |= *n == 1;
+            }
+            for v in old {
+                if let Some(n) = map.get_mut(v) {
+                    *n -= 1;
+                    if *n == 0 {
+                        map.remove(v);
+                        flipped = true;
+                    }
+                }
+            }
+            flipped
+        }
+        let ips = count(&mut self.reserved_ips, &old.ips, &new.ips);
+        let ports = count(
+            &mut self.reserved_node_ports,
+            &old.node_ports,
+            &new.node_ports,
+        );
+        ips || ports
+    }
+
+    /// Replaces what `key` wanted: frontend claims and filled values. Later Services whose
+    /// view of a frontend's owner changed are added to `queue`; returns whether fills changed.
+    fn record(
+        &mut self,
+        key: &Arc<ObjectKey>,
+        old: &ServiceOut,
+        new: &ServiceOut,
+        queue: &mut BTreeSet<Arc<ObjectKey>>,
+    ) -> bool {
+        let old_first = old.first_claims();
+        let new_first = new.first_claims();
+        for (frontend, port) in &old_first {
+            match new_first.iter().find(|(f, _)| f == frontend) {
+                Some((_, now)) if now == port => continue,
+                Some(_) => {}
+                None => {
+                    if let Some(claimants) = self.claims.get_mut(frontend) {
+                        claimants.retain(|c| c != key);
+                        if claimants.is_empty() {
+                            self.claims.remove(frontend);
+                        }
+                    }
+                }
+            }
+            self.requeue_after(key, frontend, queue);
+        }
+        for (frontend, _) in &new_first {
+            if old_first.iter().any(|(f, _)| f == frontend) {
+                continue;
+            }
+            let claimants = self.claims.entry(*frontend).or_default();
+            if let Err(at) = claimants.binary_search(key) {
+                claimants.insert(at, key.clone());
+            }
+            self.requeue_after(key, frontend, queue);
+        }
+
+        if old.allocations == new.allocations {
+            return false;
+        }
+        for a in &old.allocations {
+            match a {
+                Allocation::ClusterIp(_, _, Some(ip)) => {
+                    if self.filled_ips.get(ip) == Some(key) {
+                        self.filled_ips.remove(ip);
+                    }
+                }
+                Allocation::NodePort(_, Some(port)) => {
+                    if self.filled_node_ports.get(port) == Some(key) {
+                        self.filled_node_ports.remove(port);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for a in &new.allocations {
+            match a {
+                Allocation::ClusterIp(_, _, Some(ip)) => {
+                    self.filled_ips.insert(*ip, key.clone());
+                }
+                Allocation::NodePort(_, Some(port)) => {
+                    self.filled_node_ports.insert(*port, key.clone());
+                }
+                _ => {}
+            }
+        }
+        if new.allocations.is_empty() {
+            self.requesters.remove(key);
+        } else {
+            self.requesters.insert(key.clone());
+        }
+        true
+    }
+
+    fn requeue_after(
+        &self,
+        key: &ObjectKey,
+        frontend: &FrontendKey,
+        queue: &mut BTreeSet<Arc<ObjectKey>>,
+    ) {
+        if let Some(claimants) = self.claims.get(frontend) {
+            queue.extend(claimants.iter().filter(|c| ***c > *key).cloned());
+        }
+    }
+}
+
+/// A translation kept up to date: feed it object changes, then [`Incremental::update`].
+#[derive(Debug)]
+pub struct Incremental {
+    node: NodeInfo,
+    settings: Settings,
+    world: World,
+    slices: BTreeMap<ObjectKey, SliceEntry>,
+    /// Slices by the Service their label names.
+    slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Services to translate again (their object or their slices changed).
+    dirty: BTreeSet<ObjectKey>,
+    /// The next update translates everything (the first one, new node facts or settings).
+    full: bool,
+    diagnostics_dirty: bool,
+    translation: Translation,
+}
+
+impl Incremental {
+    pub fn new(node: NodeInfo, settings: Settings) -> Self {
+        Incremental {
+            node,
+            settings,
+            world: World::default(),
+            slices: BTreeMap::new(),
+            slices_by_service: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            full: true,
+            diagnostics_dirty: true,
+            translation: Translation::default(),
+        }
+    }
+
+    /// The translation as of the last update.
+    pub fn translation(&self) -> &Translation {
+        &self.translation
+    }
+
+    pub fn into_translation(self) -> Translation {
+        self.translation
+    }
+
+    /// New node facts or settings: the next update translates everything (rare: a Node's
+    /// addresses or egress changed).
+    pub fn reconfigure(&mut self, node: &NodeInfo, settings: &Settings) {
+        if self.node != *node || self.settings != *settings {
+            self.node = node.clone();
+            self.settings = settings.clone();
+            self.full = true;
+        }
+    }
+
+    /// Adds, replaces (Some) or removes (None) a Service.
+    pub fn set_service(&mut self, key: ObjectKey, service: Option<Sourced<Service>>) {
+        let existed = match self.world.services.get_mut(&key) {
+            Some(entry) => {
+                let existed = entry.source.is_some();
+                entry.source = service;
+                existed != entry.source.is_some()
+            }
+            None if service.is_none() => return,
+            None => {
+                self.world.services.insert(
+                    Arc::new(key.clone()),
+                    ServiceEntry {
+                        source: service,
+                        reserved: Reserved::default(),
+                        out: ServiceOut::default(),
+                    },
+                );
+                true
+            }
+        };
+        // Slices naming a Service that comes or goes gain or lose "there is no Service".
+        if existed && self.slices_by_service.contains_key(&key) {
+            self.diagnostics_dirty = true;
+        }
+        self.dirty.insert(key);
+    }
+
+    /// Adds, replaces (Some) or removes (None) an EndpointSlice.
+    pub fn set_slice(&mut self, key: ObjectKey, slice: Option<Sourced<EndpointSlice>>) {
+        if let Some(old) = self.slices.remove(&key) {
+            self.note_slice(&old);
+            if let Some((service, _)) = old.labelled {
+                if let Some(keys) = self.slices_by_service.get_mut(&service) {
+                    keys.remove(&key);
+                    if keys.is_empty() {
+                        self.slices_by_service.remove(&service);
+                    }
+                }
+                self.dirty.insert(service);
+            }
+        }
+        let Some(slice) = slice else { return };
+        let reported = slice
+            .mirrored_from
+            .clone()
+            .unwrap_or_else(|| ObjectRef::new("EndpointSlice", &key.namespace, &key.name));
+        let site = Site::new(slice.origin.clone(), reported);
+        let label = slice
+            .object
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL));
+        let mut diagnostics = Vec::new();
+        let labelled = label.map(|name| {
+            let service = ObjectKey::new(&key.namespace, name);
+            let facts = slice_facts(&slice.object, &site, &mut diagnostics);
+            (service, facts)
+        });
+        let entry = SliceEntry {
+            site,
+            labelled,
+            diagnostics,
+        };
+        self.note_slice(&entry);
+        if let Some((service, _)) = &entry.labelled {
+            self.slices_by_service
+                .entry(service.clone())
+                .or_default()
+                .insert(key.clone());
+            self.dirty.insert(service.clone());
+        }
+        self.slices.insert(key, entry);
+    }
+
+    /// Marks the diagnostics dirty if `slice` contributes any.
+    fn note_slice(&mut self, slice: &SliceEntry) {
+        let contributes = match &slice.labelled {
+            None => true,
+            Some((service, _)) => !slice.diagnostics.is_empty() || !self.service_exists(service),
+        };
+        self.diagnostics_dirty |= contributes;
+    }
+
+    fn service_exists(&self, key: &ObjectKey) -> bool {
+        self.world
+            .services
+            .get(key)
+            .is_some_and(|e| e.source.is_some())
+    }
+
+    /// Translates what changed since the last update.
+    pub fn update(&mut self) -> &Translation {
+        let full = std::mem::take(&mut self.full);
+        let mut changes = Changes {
+            diagnostics: std::mem::take(&mut self.diagnostics_dirty),
+            ..Changes::default()
+        };
+        let mut dirty = std::mem::take(&mut self.dirty);
+        if full {
+            let world = &mut self.world;
+            for entry in world.services.values_mut() {
+                entry.out = ServiceOut::default();
+                entry.reserved = Reserved::default();
+            }
+            world.claims.clear();
+            world.reserved_ips.clear();
+            world.reserved_node_ports.clear();
+            world.filled_ips.clear();
+            world.filled_node_ports.clear();
+            world.requesters.clear();
+            self.translation.desired.services.clear();
+            dirty.extend(world.services.keys().map(|k| (**k).clone()));
+            changes.diagnostics = true;
+            changes.claims = true;
+        }
+
+        // Explicit values and removals first: both change what every later Service sees.
+        let mut queue: BTreeSet<Arc<ObjectKey>> = BTreeSet::new();
+        let mut refill = false;
+        for key in dirty {
+            let Some((arc, entry)) = self.world.services.get_key_value(&key) else {
+                continue;
+            };
+            let arc = arc.clone();
+            let reserved = entry
+                .source
+                .as_ref()
+                .map(|s| Reserved::of(&s.object))
+                .unwrap_or_default();
+            if reserved != entry.reserved {
+                let old = std::mem::take(&mut self.world.services.get_mut(&key).unwrap().reserved);
+                refill |= self.world.reserve(&old, &reserved);
+                self.world.services.get_mut(&key).unwrap().reserved = reserved;
+            }
+            if self.world.services[&key].source.is_some() {
+                queue.insert(arc);
+                continue;
+            }
+            let Some(entry) = self.world.services.remove(&key) else {
+                continue;
+            };
+            refill |= self
+                .world
+                .record(&arc, &entry.out, &ServiceOut::default(), &mut queue);
+            self.forget_outputs(&entry.out, &ServiceOut::default(), &mut changes);
+        }
+
+        // In namespace/name order, so every Service sees the Services before it as they are now.
+        let mut cursor: Option<Arc<ObjectKey>> = None;
+        loop {
+            let next_dirty = queue.first().cloned();
+            let next_requester = if refill {
+                let from = match &cursor {
+                    Some(c) => Bound::Excluded(&**c),
+                    None => Bound::Unbounded,
+                };
+                self.world
+                    .requesters
+                    .range::<ObjectKey, _>((from, Bound::Unbounded))
+                    .next()
+                    .cloned()
+            } else {
+                None
+            };
+            let key = match (next_dirty, next_requester) {
+                (Some(a), Some(b)) => a.min(b),
+                (Some(a), None) | (None, Some(a)) => a,
+                (None, None) => break,
+            };
+            let was_dirty = queue.remove(&key);
+            cursor = Some(key.clone());
+            if !was_dirty && self.world.fills_unchanged(&key, &self.settings) {
+                continue;
+            }
+            refill |= self.retranslate(&key, &mut queue, &mut changes);
+        }
+
+        if changes.diagnostics {
+            self.translation.diagnostics = self.collect_diagnostics();
+        }
+        if changes.claims {
+            let services = &self.world.services;
+            self.translation.claimed = services
+                .iter()
+                .filter_map(|(key, e)| {
+                    e.out.claimed.map(|reason| Claimed {
+                        service: (**key).clone(),
+                        reason,
+                    })
+                })
+                .collect();
+            self.translation.filled = services
+                .values()
+                .flat_map(|e| e.out.filled.iter().cloned())
+                .collect();
+        }
+        self.translation.changes = (!full).then_some(changes);
+        &self.translation
+    }
+
+    /// Translates one Service again; returns whether its fills changed.
+    fn retranslate(
+        &mut self,
+        key: &Arc<ObjectKey>,
+        queue: &mut BTreeSet<Arc<ObjectKey>>,
+        changes: &mut Changes,
+    ) -> bool {
+        let Some(source) = self
+            .world
+            .services
+            .get(&**key)
+            .and_then(|e| e.source.clone())
+        else {
+            return false;
+        };
+        let slices: Vec<&SliceFacts> = self
+            .slices_by_service
+            .get(&**key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k)?.labelled.as_ref().map(|(_, f)| f))
+            .collect();
+        let site = Site::new(
+            source.origin.clone(),
+            ObjectRef::new("Service", &key.namespace, &key.name),
+        );
+        let mut t = Translator {
+            settings: &self.settings,
+            node: &self.node,
+            world: &self.world,
+            key,
+            out: ServiceOut::default(),
+            own_ips: BTreeSet::new(),
+            own_node_ports: BTreeSet::new(),
+            frontend_owners: HashMap::new(),
+        };
+        if let Some(reason) = t.claim(&source.object, &site) {
+            t.out.claimed = Some(reason);
+            t.service(key, &source.object, &site, &slices);
+        }
+        let mut new = t.out;
+        new.port_keys = new.ports.iter().map(|(k, _)| k.clone()).collect();
+        let old = std::mem::take(&mut self.world.services.get_mut(&**key).unwrap().out);
+        let refill = self.world.record(key, &old, &new, queue);
+        self.forget_outputs(&old, &new, changes);
+        let desired = &mut self.translation.desired.services;
+        for (port, service) in std::mem::take(&mut new.ports) {
+            if desired.get(&port) != Some(&service) {
+                changes.services.insert(port.clone());
+                desired.insert(port, service);
+            }
+        }
+        self.world.services.get_mut(&**key).unwrap().out = new;
+        refill
+    }
+
+    /// Drops the service ports `old` had and `new` has not, and notes which lists changed.
+    fn forget_outputs(&mut self, old: &ServiceOut, new: &ServiceOut, changes: &mut Changes) {
+        for port in &old.port_keys {
+            if !new.port_keys.contains(port) {
+                self.translation.desired.services.remove(port);
+                changes.services.insert(port.clone());
+            }
+        }
+        changes.diagnostics |= old.diagnostics != new.diagnostics;
+        changes.claims |= old.claimed != new.claimed || old.filled != new.filled;
+    }
+
+    /// Every diagnostic in the order a single pass reports them: slices, then Services, each
+    /// by namespace/name.
+    fn collect_diagnostics(&self) -> Vec<Diagnostic> {
+        let mut all = Vec::new();
+        for slice in self.slices.values() {
+            match &slice.labelled {
+                None => all.push(slice.site.info(
+                    "metadata.labels",
+                    format!("no {SERVICE_NAME_LABEL} label: these endpoints belong to no Service"),
+                )),
+                Some((service, _)) if !self.service_exists(service) => all.push(slice.site.info(
+                    &format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                    format!("there is no Service {service}: these endpoints are not used"),
+                )),
+                Some(_) => {}
+            }
+            all.extend(slice.diagnostics.iter().cloned());
+        }
+        for entry in self.world.services.values() {
+            all.extend(entry.out.diagnostics.iter().cloned());
+        }
+        all
+    }
+}
