@@ -650,3 +650,6 @@ impl Incremental {
         all
     }
 }
+
+#[cfg(test)]
+mod tests;
