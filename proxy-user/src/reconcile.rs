@@ -11,7 +11,7 @@
 //! pointing at it; removals in reverse (frontends, service, slots, ranges, then backends). Ids are released only once the model shows nothing refers
 //! to them any more.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -225,6 +225,119 @@ impl MapWriter for MapState {
     }
 }
 
+/// [`MapState`] with the indexes planning needs, kept as writes are recorded so that neither a
+/// plan nor an apply has to scan the whole model.
+#[derive(Clone, Debug, Default)]
+struct Model {
+    state: MapState,
+    frontends_by_service: HashMap<u32, BTreeSet<FrontendKey>>,
+    /// Entries naming each service id (its service value, frontends, slots, source ranges).
+    service_refs: HashMap<u32, u32>,
+    /// Slots naming each backend id.
+    slot_refs: HashMap<u32, u32>,
+}
+
+fn count_up(counts: &mut HashMap<u32, u32>, id: u32) {
+    *counts.entry(id).or_default() += 1;
+}
+
+fn count_down(counts: &mut HashMap<u32, u32>, id: u32) {
+    if let Some(n) = counts.get_mut(&id) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&id);
+        }
+    }
+}
+
+impl Model {
+    fn new(state: MapState) -> Self {
+        let mut model = Model::default();
+        for (key, value) in &state.frontends {
+            model.record(&MapOp::PutFrontend(*key, *value));
+        }
+        for (id, value) in &state.services {
+            model.record(&MapOp::PutService(*id, *value));
+        }
+        for (key, backend) in &state.slots {
+            model.record(&MapOp::PutSlot(*key, *backend));
+        }
+        for range in &state.src_ranges {
+            model.record(&MapOp::PutSrcRange(*range));
+        }
+        model.state.backends = state.backends;
+        model
+    }
+
+    fn record(&mut self, op: &MapOp) {
+        let state = &self.state;
+        match *op {
+            MapOp::PutFrontend(key, value) => {
+                if let Some(old) = state.frontends.get(&key) {
+                    count_down(&mut self.service_refs, old.service_id);
+                    if let Some(set) = self.frontends_by_service.get_mut(&old.service_id) {
+                        set.remove(&key);
+                        if set.is_empty() {
+                            self.frontends_by_service.remove(&old.service_id);
+                        }
+                    }
+                }
+                count_up(&mut self.service_refs, value.service_id);
+                self.frontends_by_service
+                    .entry(value.service_id)
+                    .or_default()
+                    .insert(key);
+            }
+            MapOp::DeleteFrontend(key) => {
+                if let Some(old) = state.frontends.get(&key) {
+                    count_down(&mut self.service_refs, old.service_id);
+                    if let Some(set) = self.frontends_by_service.get_mut(&old.service_id) {
+                        set.remove(&key);
+                        if set.is_empty() {
+                            self.frontends_by_service.remove(&old.service_id);
+                        }
+                    }
+                }
+            }
+            MapOp::PutService(id, _) if !state.services.contains_key(&id) => {
+                count_up(&mut self.service_refs, id);
+            }
+            MapOp::DeleteService(id) if state.services.contains_key(&id) => {
+                count_down(&mut self.service_refs, id);
+            }
+            MapOp::PutSlot(key, backend) => {
+                match state.slots.get(&key) {
+                    Some(old) => count_down(&mut self.slot_refs, *old),
+                    None => count_up(&mut self.service_refs, key.service_id),
+                }
+                count_up(&mut self.slot_refs, backend);
+            }
+            MapOp::DeleteSlot(key) => {
+                if let Some(old) = state.slots.get(&key) {
+                    count_down(&mut self.slot_refs, *old);
+                    count_down(&mut self.service_refs, key.service_id);
+                }
+            }
+            MapOp::PutSrcRange(range) if !state.src_ranges.contains(&range) => {
+                count_up(&mut self.service_refs, range.service_id);
+            }
+            MapOp::DeleteSrcRange(range) if state.src_ranges.contains(&range) => {
+                count_down(&mut self.service_refs, range.service_id);
+            }
+            _ => {}
+        }
+        self.state.record(op);
+    }
+
+    fn service_referenced(&self, id: u32) -> bool {
+        self.service_refs.contains_key(&id)
+    }
+
+    fn backend_referenced(&self, id: u32) -> bool {
+        self.state.backend(id).state != BackendState::Free as u8 || self.slot_refs.contains_key(&id)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Plans and reports
 // ---------------------------------------------------------------------------------------------
@@ -338,7 +451,7 @@ impl IdPool {
 #[derive(Clone, Debug)]
 pub struct Reconciler {
     limits: Limits,
-    state: MapState,
+    model: Model,
     service_ids: BTreeMap<ServicePortKey, u32>,
     backend_ids: BTreeMap<(u32, IpAddr, u16), u32>,
     service_pool: IdPool,
@@ -352,6 +465,9 @@ pub struct Reconciler {
     limbo_by_owner: BTreeMap<ServicePortKey, BTreeSet<u32>>,
     /// Service ids found in pinned maps, waiting to be matched to a desired Service port.
     adoptable: BTreeSet<u32>,
+    /// Service ports the last plan could not program in full (no ids, a failed write): an
+    /// incremental plan takes them up again as if they had changed.
+    retry: BTreeSet<ServicePortKey>,
 }
 
 impl Reconciler {
@@ -393,7 +509,8 @@ impl Reconciler {
             limbo_backends: backends.iter().map(|id| (*id, None)).collect(),
             limbo_by_owner: BTreeMap::new(),
             adoptable: services,
-            state,
+            model: Model::new(state),
+            retry: BTreeSet::new(),
             service_ids: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             service_pool,
@@ -404,7 +521,7 @@ impl Reconciler {
 
     /// What the maps hold, as far as confirmed writes tell.
     pub fn state(&self) -> &MapState {
-        &self.state
+        &self.model.state
     }
 
     pub fn service_id(&self, key: &ServicePortKey) -> Option<u32> {
@@ -426,21 +543,65 @@ impl Reconciler {
         }
     }
 
+    /// Plans and applies only what `changed` names (see [`Reconciler::plan_changes`]).
+    pub fn sync_changes(
+        &mut self,
+        desired: &Desired,
+        changed: &BTreeSet<ServicePortKey>,
+        writer: &mut impl MapWriter,
+    ) -> SyncReport {
+        let plan = self.plan_changes(desired, changed);
+        let capacity_errors = plan.errors.clone();
+        SyncReport {
+            capacity_errors,
+            apply: self.apply(plan, writer),
+        }
+    }
+
     /// Computes the operations that turn the maps into `desired`. Ids are assigned here; apply
     /// the plan (or drop it) before planning again.
     pub fn plan(&mut self, desired: &Desired) -> Plan {
+        self.retry.clear();
+        self.plan_services(desired, None)
+    }
+
+    /// Like [`Reconciler::plan`] when only the Service ports in `changed` (added, removed or
+    /// different) differ from the `desired` of the previous plan: the same operations in the same
+    /// order, found without looking at the other services. Every service a plan left unfinished
+    /// is planned again too; maps still to be adopted take a full plan.
+    pub fn plan_changes(&mut self, desired: &Desired, changed: &BTreeSet<ServicePortKey>) -> Plan {
+        if !self.adoptable.is_empty() {
+            return self.plan(desired);
+        }
+        let mut keys = std::mem::take(&mut self.retry);
+        keys.extend(changed.iter().cloned());
+        self.plan_services(desired, Some(&keys))
+    }
+
+    /// Plans `only` those service ports, or all of `desired` (and the removal of every other).
+    fn plan_services(
+        &mut self,
+        desired: &Desired,
+        only: Option<&BTreeSet<ServicePortKey>>,
+    ) -> Plan {
         let mut plan = Plan::default();
-        let mut projected = Projection::new(self.state.clone());
         if !self.adoptable.is_empty() {
             self.adopt(desired);
         }
 
-        let removed: Vec<ServicePortKey> = self
-            .service_ids
-            .keys()
-            .filter(|k| !desired.services.contains_key(*k))
-            .cloned()
-            .collect();
+        let removed: Vec<ServicePortKey> = match only {
+            Some(keys) => keys
+                .iter()
+                .filter(|k| self.service_ids.contains_key(*k) && !desired.services.contains_key(*k))
+                .cloned()
+                .collect(),
+            None => self
+                .service_ids
+                .keys()
+                .filter(|k| !desired.services.contains_key(*k))
+                .cloned()
+                .collect(),
+        };
         for key in removed {
             if let Some(id) = self.service_ids.remove(&key) {
                 self.disown_backends(id, &key, |_| true);
@@ -450,18 +611,31 @@ impl Reconciler {
 
         // Ids first, so that services that cannot be programmed are known before any frontend
         // is handed from one service to another.
+        let wanted: Vec<(&ServicePortKey, &DesiredService)> = match only {
+            Some(keys) => keys
+                .iter()
+                .filter_map(|k| desired.services.get_key_value(k))
+                .collect(),
+            None => desired.services.iter().collect(),
+        };
         let mut programmed: Vec<(&ServicePortKey, &DesiredService, u32)> = Vec::new();
-        for (key, service) in &desired.services {
+        for (key, service) in wanted {
             match self.assign_ids(key, service) {
                 Ok(id) => programmed.push((key, service, id)),
-                Err(err) => plan.errors.push(err),
+                Err(err) => {
+                    self.retry.insert(key.clone());
+                    plan.errors.push(err);
+                }
             }
         }
-        let frontend_owner: BTreeMap<FrontendKey, u32> = programmed
+        // A frontend moving between services moves between two changed ones (the translation
+        // gives each frontend to one service), so planning only changed services sees both ends.
+        let frontend_owner: HashMap<FrontendKey, u32> = programmed
             .iter()
             .flat_map(|(_, service, id)| service.frontends.keys().map(move |k| (*k, *id)))
             .collect();
 
+        let mut projected = Projection::new(&self.model);
         let mut emitter = Emitter {
             ops: &mut plan.ops,
             projected: &mut projected,
@@ -475,9 +649,8 @@ impl Reconciler {
             emitter.unit += 1;
             remove_service(&mut emitter, key, *id);
         }
-        let slotted: BTreeSet<u32> = emitter.projected.state.slots.values().copied().collect();
         for (id, key) in &self.limbo_backends {
-            if !slotted.contains(id) {
+            if !emitter.projected.slotted(*id) {
                 emitter.unit += 1;
                 free_backend(&mut emitter, key, *id);
             }
@@ -498,11 +671,14 @@ impl Reconciler {
             }
             match writer.apply(&planned.op) {
                 Ok(()) => {
-                    self.state.record(&planned.op);
+                    self.model.record(&planned.op);
                     report.applied += 1;
                 }
                 Err(error) => {
                     failed_unit = Some(planned.unit);
+                    if let Some(service) = &planned.service {
+                        self.retry.insert(service.clone());
+                    }
                     report.failures.push(OpFailure {
                         service: planned.service,
                         op: planned.op,
@@ -516,12 +692,10 @@ impl Reconciler {
     }
 
     fn release_unreferenced(&mut self) {
-        let services = self.state.referenced_service_ids();
-        let backends = self.state.referenced_backend_ids();
         let released: Vec<u32> = self
             .limbo_services
             .keys()
-            .filter(|id| !services.contains(id))
+            .filter(|id| !self.model.service_referenced(**id))
             .copied()
             .collect();
         for id in released {
@@ -531,7 +705,7 @@ impl Reconciler {
         let released: Vec<u32> = self
             .limbo_backends
             .keys()
-            .filter(|id| !backends.contains(id))
+            .filter(|id| !self.model.backend_referenced(**id))
             .copied()
             .collect();
         for id in released {
@@ -552,7 +726,7 @@ impl Reconciler {
             let found = service
                 .frontends
                 .keys()
-                .filter_map(|k| self.state.frontends.get(k))
+                .filter_map(|k| self.model.state.frontends.get(k))
                 .map(|v| v.service_id)
                 .find(|id| adoptable.contains(id) && !adopted.iter().any(|(_, a)| a == id));
             if let Some(id) = found {
@@ -571,8 +745,8 @@ impl Reconciler {
         // matched by address to adopted services still missing that endpoint.
         let mut owned: BTreeSet<u32> = BTreeSet::new();
         for (service, id) in &adopted {
-            for (_, backend_id) in self.state.slots_of(*id) {
-                let value = self.state.backend(backend_id);
+            for (_, backend_id) in self.model.state.slots_of(*id) {
+                let value = self.model.state.backend(backend_id);
                 let endpoint = (value.addr.to_ip(), port_host(value.port));
                 if service.backends.contains_key(&endpoint) && owned.insert(backend_id) {
                     self.backend_ids
@@ -580,9 +754,9 @@ impl Reconciler {
                 }
             }
         }
-        let slotted: BTreeSet<u32> = self.state.slots.values().copied().collect();
+        let slotted: BTreeSet<u32> = self.model.state.slots.values().copied().collect();
         let mut unslotted: BTreeMap<(Addr, u16), VecDeque<u32>> = BTreeMap::new();
-        for (backend_id, value) in &self.state.backends {
+        for (backend_id, value) in &self.model.state.backends {
             if value.state != BackendState::Free as u8 && !slotted.contains(backend_id) {
                 unslotted
                     .entry((value.addr, value.port))
@@ -695,11 +869,11 @@ impl Reconciler {
 
     fn diff_service(
         &self,
-        emitter: &mut Emitter<'_>,
+        emitter: &mut Emitter<'_, '_>,
         key: &ServicePortKey,
         service: &DesiredService,
         id: u32,
-        frontend_owner: &BTreeMap<FrontendKey, u32>,
+        frontend_owner: &HashMap<FrontendKey, u32>,
     ) {
         let owner = Some(key.clone());
         let owner = &owner;
@@ -714,7 +888,7 @@ impl Reconciler {
                 continue;
             };
             owned_backends.insert(backend_id);
-            let current = emitter.projected.state.backend(backend_id);
+            let current = emitter.projected.backend(backend_id);
             let state = match role {
                 BackendRole::Active => BackendState::Active,
                 BackendRole::Draining => BackendState::Draining,
@@ -746,7 +920,7 @@ impl Reconciler {
 
         // (3) slots 1..=n_new. A service without egress address keeps its slots: the data path
         // sees the zero egress and rejects, counting the real reason.
-        let old_slots: BTreeMap<u32, u32> = emitter.projected.state.slots_of(id).collect();
+        let old_slots: BTreeMap<u32, u32> = emitter.projected.slots_of(id);
         let new_slots = assign_slots(&old_slots, &active);
         for (i, backend_id) in new_slots.iter().enumerate() {
             let slot = i as u32 + 1;
@@ -772,7 +946,7 @@ impl Reconciler {
             flags: 0,
             reserved: 0,
         };
-        if emitter.projected.state.services.get(&id) != Some(&value) {
+        if emitter.projected.service(id) != Some(value) {
             emitter.emit(owner, MapOp::PutService(id, value));
         }
 
@@ -790,8 +964,7 @@ impl Reconciler {
         } else {
             BTreeSet::new()
         };
-        let old_ranges: BTreeSet<SrcRange> =
-            emitter.projected.state.src_ranges_of(id).copied().collect();
+        let old_ranges: BTreeSet<SrcRange> = emitter.projected.src_ranges_of(id);
         for range in wanted_ranges.difference(&old_ranges) {
             emitter.emit(owner, MapOp::PutSrcRange(*range));
         }
@@ -804,13 +977,14 @@ impl Reconciler {
                 flags: spec.flags,
                 pad: [0; 2],
             };
-            if emitter.projected.state.frontends.get(frontend) != Some(&value) {
+            if emitter.projected.frontend(frontend) != Some(value) {
                 emitter.emit(owner, MapOp::PutFrontend(*frontend, value));
             }
         }
         let stale: Vec<FrontendKey> = emitter
             .projected
             .frontends_of(id)
+            .into_iter()
             .filter(|k| !service.frontends.contains_key(k))
             // Moving to another service: its put replaces this entry without a gap.
             .filter(|k| frontend_owner.get(k).is_none_or(|owner_id| *owner_id == id))
@@ -838,12 +1012,7 @@ impl Reconciler {
         // (9) backends this service no longer has. Backend ids are per service, so only this
         // service's slots can still hold one of them.
         if let Some(limbo) = self.limbo_by_owner.get(key) {
-            let own_slots: BTreeSet<u32> = emitter
-                .projected
-                .state
-                .slots_of(id)
-                .map(|(_, b)| b)
-                .collect();
+            let own_slots: BTreeSet<u32> = emitter.projected.slots_of(id).into_values().collect();
             let owner = Some(key.clone());
             for backend_id in limbo {
                 if !owned_backends.contains(backend_id) && !own_slots.contains(backend_id) {
@@ -887,20 +1056,15 @@ fn assign_slots(old: &BTreeMap<u32, u32>, active: &[u32]) -> Vec<u32> {
 /// count names the slots: deleting slots first would leave it pointing at missing ones, e.g.
 /// for a UDP flow being re-balanced), slots, source ranges. Its backends are freed afterwards
 /// by the plan's backend cleanup.
-fn remove_service(emitter: &mut Emitter<'_>, owner: &Option<ServicePortKey>, id: u32) {
-    let frontends: Vec<FrontendKey> = emitter.projected.frontends_of(id).collect();
+fn remove_service(emitter: &mut Emitter<'_, '_>, owner: &Option<ServicePortKey>, id: u32) {
+    let frontends = emitter.projected.frontends_of(id);
     for frontend in frontends {
         emitter.emit(owner, MapOp::DeleteFrontend(frontend));
     }
-    if emitter.projected.state.services.contains_key(&id) {
+    if emitter.projected.service(id).is_some() {
         emitter.emit(owner, MapOp::DeleteService(id));
     }
-    let slots: Vec<u32> = emitter
-        .projected
-        .state
-        .slots_of(id)
-        .map(|(slot, _)| slot)
-        .collect();
+    let slots: Vec<u32> = emitter.projected.slots_of(id).into_keys().collect();
     for slot in slots {
         emitter.emit(
             owner,
@@ -910,7 +1074,7 @@ fn remove_service(emitter: &mut Emitter<'_>, owner: &Option<ServicePortKey>, id:
             }),
         );
     }
-    let ranges: Vec<SrcRange> = emitter.projected.state.src_ranges_of(id).copied().collect();
+    let ranges = emitter.projected.src_ranges_of(id);
     for range in ranges {
         emitter.emit(owner, MapOp::DeleteSrcRange(range));
     }
@@ -918,8 +1082,8 @@ fn remove_service(emitter: &mut Emitter<'_>, owner: &Option<ServicePortKey>, id:
 
 /// Frees a backend: state Free and a new generation, so flows still pinned to it end (TCP) or
 /// move (UDP) and a later owner of the id never inherits them.
-fn free_backend(emitter: &mut Emitter<'_>, owner: &Option<ServicePortKey>, backend_id: u32) {
-    let current = emitter.projected.state.backend(backend_id);
+fn free_backend(emitter: &mut Emitter<'_, '_>, owner: &Option<ServicePortKey>, backend_id: u32) {
+    let current = emitter.projected.backend(backend_id);
     if current.state == BackendState::Free as u8 {
         return;
     }
@@ -931,68 +1095,211 @@ fn free_backend(emitter: &mut Emitter<'_>, owner: &Option<ServicePortKey>, backe
     emitter.emit(owner, MapOp::PutBackend(backend_id, freed));
 }
 
-/// The maps as they will be once the plan so far is applied, with a frontend index by service.
-struct Projection {
-    state: MapState,
-    frontends_by_service: BTreeMap<u32, BTreeSet<FrontendKey>>,
+/// The maps as they will be once the plan so far is applied: the model, overlaid with what the
+/// plan wrote. A plan reads only the services it touches, so it never copies the model.
+struct Projection<'a> {
+    base: &'a Model,
+    /// Written by the plan: Some(value) put, None deleted.
+    frontends: HashMap<FrontendKey, Option<FrontendValue>>,
+    services: HashMap<u32, Option<ServiceValue>>,
+    slots: BTreeMap<SlotKey, Option<u32>>,
+    backends: HashMap<u32, BackendValue>,
+    src_ranges: BTreeMap<SrcRange, bool>,
+    /// Frontends the plan gave each service id.
+    frontends_added: HashMap<u32, BTreeSet<FrontendKey>>,
+    /// Frontends of the model that the plan deleted or gave another service id.
+    frontends_gone: HashSet<FrontendKey>,
+    /// Change of each backend id's slot count.
+    slot_refs: HashMap<u32, i64>,
 }
 
-impl Projection {
-    fn new(state: MapState) -> Self {
-        let mut frontends_by_service: BTreeMap<u32, BTreeSet<FrontendKey>> = BTreeMap::new();
-        for (key, value) in &state.frontends {
-            frontends_by_service
-                .entry(value.service_id)
-                .or_default()
-                .insert(*key);
-        }
+impl<'a> Projection<'a> {
+    fn new(base: &'a Model) -> Self {
         Projection {
-            state,
-            frontends_by_service,
+            base,
+            frontends: HashMap::new(),
+            services: HashMap::new(),
+            slots: BTreeMap::new(),
+            backends: HashMap::new(),
+            src_ranges: BTreeMap::new(),
+            frontends_added: HashMap::new(),
+            frontends_gone: HashSet::new(),
+            slot_refs: HashMap::new(),
         }
     }
 
-    fn frontends_of(&self, id: u32) -> impl Iterator<Item = FrontendKey> + '_ {
-        self.frontends_by_service
-            .get(&id)
+    fn frontend(&self, key: &FrontendKey) -> Option<FrontendValue> {
+        match self.frontends.get(key) {
+            Some(written) => *written,
+            None => self.base.state.frontends.get(key).copied(),
+        }
+    }
+
+    fn service(&self, id: u32) -> Option<ServiceValue> {
+        match self.services.get(&id) {
+            Some(written) => *written,
+            None => self.base.state.services.get(&id).copied(),
+        }
+    }
+
+    fn backend(&self, id: u32) -> BackendValue {
+        match self.backends.get(&id) {
+            Some(written) => *written,
+            None => self.base.state.backend(id),
+        }
+    }
+
+    /// Slots of a service: slot -> backend id.
+    fn slots_of(&self, service_id: u32) -> BTreeMap<u32, u32> {
+        let mut slots: BTreeMap<u32, u32> = self.base.state.slots_of(service_id).collect();
+        let from = SlotKey {
+            service_id,
+            slot: 0,
+        };
+        let to = SlotKey {
+            service_id,
+            slot: u32::MAX,
+        };
+        for (key, written) in self.slots.range(from..=to) {
+            match written {
+                Some(backend) => slots.insert(key.slot, *backend),
+                None => slots.remove(&key.slot),
+            };
+        }
+        slots
+    }
+
+    fn src_ranges_of(&self, service_id: u32) -> BTreeSet<SrcRange> {
+        let mut ranges: BTreeSet<SrcRange> =
+            self.base.state.src_ranges_of(service_id).copied().collect();
+        let from = SrcRange {
+            service_id,
+            addr: Addr::ZERO,
+            prefix_len: 0,
+        };
+        for (range, present) in self
+            .src_ranges
+            .range(from..)
+            .take_while(|(r, _)| r.service_id == service_id)
+        {
+            if *present {
+                ranges.insert(*range);
+            } else {
+                ranges.remove(range);
+            }
+        }
+        ranges
+    }
+
+    /// Frontends pointing at a service, in key order.
+    fn frontends_of(&self, service_id: u32) -> BTreeSet<FrontendKey> {
+        let mut keys: BTreeSet<FrontendKey> = self
+            .base
+            .frontends_by_service
+            .get(&service_id)
             .into_iter()
             .flatten()
+            .filter(|k| !self.frontends_gone.contains(*k))
             .copied()
+            .collect();
+        keys.extend(self.frontends_added.get(&service_id).into_iter().flatten());
+        keys
+    }
+
+    /// Whether a slot still names this backend id.
+    fn slotted(&self, backend_id: u32) -> bool {
+        let base = self.base.slot_refs.get(&backend_id).copied().unwrap_or(0);
+        i64::from(base) + self.slot_refs.get(&backend_id).copied().unwrap_or(0) > 0
+    }
+
+    fn slot(&self, key: &SlotKey) -> Option<u32> {
+        match self.slots.get(key) {
+            Some(written) => *written,
+            None => self.base.state.slots.get(key).copied(),
+        }
+    }
+
+    fn leave(&mut self, key: FrontendKey, service_id: u32) {
+        let added = self
+            .frontends_added
+            .get_mut(&service_id)
+            .is_some_and(|set| set.remove(&key));
+        if !added {
+            self.frontends_gone.insert(key);
+        }
+    }
+
+    fn join(&mut self, key: FrontendKey, service_id: u32) {
+        let in_base = self
+            .base
+            .state
+            .frontends
+            .get(&key)
+            .is_some_and(|v| v.service_id == service_id);
+        if in_base {
+            self.frontends_gone.remove(&key);
+        } else {
+            self.frontends_added
+                .entry(service_id)
+                .or_default()
+                .insert(key);
+        }
     }
 
     fn record(&mut self, op: &MapOp) {
-        match op {
+        match *op {
             MapOp::PutFrontend(key, value) => {
-                if let Some(old) = self.state.frontends.get(key)
-                    && let Some(set) = self.frontends_by_service.get_mut(&old.service_id)
-                {
-                    set.remove(key);
+                if let Some(old) = self.frontend(&key) {
+                    self.leave(key, old.service_id);
                 }
-                self.frontends_by_service
-                    .entry(value.service_id)
-                    .or_default()
-                    .insert(*key);
+                self.join(key, value.service_id);
+                self.frontends.insert(key, Some(value));
             }
             MapOp::DeleteFrontend(key) => {
-                if let Some(old) = self.state.frontends.get(key)
-                    && let Some(set) = self.frontends_by_service.get_mut(&old.service_id)
-                {
-                    set.remove(key);
+                if let Some(old) = self.frontend(&key) {
+                    self.leave(key, old.service_id);
                 }
+                self.frontends.insert(key, None);
             }
-            _ => {}
+            MapOp::PutService(id, value) => {
+                self.services.insert(id, Some(value));
+            }
+            MapOp::DeleteService(id) => {
+                self.services.insert(id, None);
+            }
+            MapOp::PutSlot(key, backend) => {
+                if let Some(old) = self.slot(&key) {
+                    *self.slot_refs.entry(old).or_default() -= 1;
+                }
+                *self.slot_refs.entry(backend).or_default() += 1;
+                self.slots.insert(key, Some(backend));
+            }
+            MapOp::DeleteSlot(key) => {
+                if let Some(old) = self.slot(&key) {
+                    *self.slot_refs.entry(old).or_default() -= 1;
+                }
+                self.slots.insert(key, None);
+            }
+            MapOp::PutBackend(id, value) => {
+                self.backends.insert(id, value);
+            }
+            MapOp::PutSrcRange(range) => {
+                self.src_ranges.insert(range, true);
+            }
+            MapOp::DeleteSrcRange(range) => {
+                self.src_ranges.insert(range, false);
+            }
         }
-        self.state.record(op);
     }
 }
 
-struct Emitter<'a> {
+struct Emitter<'a, 'm> {
     ops: &'a mut Vec<PlannedOp>,
-    projected: &'a mut Projection,
+    projected: &'a mut Projection<'m>,
     unit: usize,
 }
 
-impl Emitter<'_> {
+impl Emitter<'_, '_> {
     fn emit(&mut self, service: &Option<ServicePortKey>, op: MapOp) {
         self.projected.record(&op);
         self.ops.push(PlannedOp {
