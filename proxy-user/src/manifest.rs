@@ -4,7 +4,7 @@
 //! Every problem becomes a [`Diagnostic`] and the rest is still served: a malformed document does
 //! not hide the documents around it, and an invalid address does not hide the valid ones.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::diag::{Diagnostic, ObjectRef, Origin, Severity, Site};
-use crate::translate::{Inventory, ObjectKey, SERVICE_NAME_LABEL, Sourced};
+use crate::translate::{Incremental, Inventory, ObjectKey, SERVICE_NAME_LABEL, Sourced};
 
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 /// The value the control plane's mirroring controller puts in [`MANAGED_BY_LABEL`].
@@ -52,10 +52,19 @@ pub fn load_dir(dir: &Path) -> (Inventory, Vec<Diagnostic>) {
     }
 }
 
-/// The parsed contents of a manifest directory, file by file.
+/// The parsed contents of a manifest directory, file by file, and which definition of each
+/// object is in force (the first by file path and document order).
 #[derive(Clone, Debug, Default)]
 pub struct ManifestSet {
     files: BTreeMap<PathBuf, ParsedFile>,
+    /// Where each object is defined: (file, index among the file's objects), in order.
+    definitions: HashMap<ObjectRef, BTreeSet<(PathBuf, usize)>>,
+    /// Objects whose definitions changed since the last [`ManifestSet::feed`].
+    touched: BTreeSet<ObjectRef>,
+    /// The diagnostics may have changed since the last [`ManifestSet::feed`].
+    diagnostics_dirty: bool,
+    /// The slices each Endpoints object was last fed as, to take them back when it changes.
+    mirrors_fed: HashMap<ObjectRef, Vec<ObjectKey>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -68,6 +77,9 @@ struct ParsedFile {
 struct ParsedObject {
     site: Site,
     object: KnownObject,
+    /// For Endpoints: the EndpointSlices it mirrors to, and the problems mirroring found.
+    mirrors: Vec<Arc<EndpointSlice>>,
+    mirror_diagnostics: Vec<Diagnostic>,
 }
 
 #[derive(Clone, Debug)]
@@ -77,18 +89,43 @@ enum KnownObject {
     Endpoints(Arc<Endpoints>),
 }
 
+/// Files parsed per thread when reading a whole directory: parsing dominates a cold start.
+const PARSE_THREADS: usize = 2;
+
 impl ManifestSet {
     pub fn read_dir(dir: &Path) -> Result<Self, ManifestError> {
         let read_err = |source| ManifestError::ReadDir {
             dir: dir.to_owned(),
             source,
         };
-        let mut set = ManifestSet::default();
+        let mut paths = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(read_err)? {
             let path = entry.map_err(read_err)?.path();
-            if path.is_file() {
-                set.update_file(&path);
+            if Self::is_manifest_path(&path) && path.is_file() {
+                paths.push(path);
             }
+        }
+        let chunk = paths.len().div_ceil(PARSE_THREADS).max(1);
+        let parsed: Vec<(PathBuf, Option<ParsedFile>)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = paths
+                .chunks(chunk)
+                .map(|paths| {
+                    scope.spawn(move || {
+                        paths
+                            .iter()
+                            .map(|p| (p.clone(), read_file(p)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap_or_default())
+                .collect()
+        });
+        let mut set = ManifestSet::default();
+        for (path, file) in parsed {
+            set.set_file(&path, file);
         }
         Ok(set)
     }
@@ -117,72 +154,123 @@ impl ManifestSet {
         if !Self::is_manifest_path(path) {
             return false;
         }
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                self.files.insert(path.to_owned(), parse_file(path, &text));
-            }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                self.files.remove(path);
-            }
-            Err(err) => {
-                let diagnostic = Diagnostic::new(
-                    Severity::Error,
-                    Origin::file(path),
-                    None,
-                    None,
-                    format!("cannot read file: {err}"),
-                );
-                self.files.insert(
-                    path.to_owned(),
-                    ParsedFile {
-                        objects: Vec::new(),
-                        diagnostics: vec![diagnostic],
-                    },
-                );
-            }
-        }
+        let file = read_file(path);
+        self.set_file(path, file);
         true
     }
 
     /// Parses `text` as the contents of `path` (no file system access).
     pub fn update_file_text(&mut self, path: &Path, text: &str) {
-        self.files.insert(path.to_owned(), parse_file(path, text));
+        self.set_file(path, Some(parse_file(path, text)));
     }
 
     pub fn remove_file(&mut self, path: &Path) -> bool {
-        self.files.remove(path).is_some()
+        let present = self.files.contains_key(path);
+        self.set_file(path, None);
+        present
     }
 
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         self.files.keys().map(PathBuf::as_path)
     }
 
+    /// Replaces (Some) or forgets (None) what `path` defines.
+    fn set_file(&mut self, path: &Path, file: Option<ParsedFile>) {
+        if let Some(old) = self.files.remove(path) {
+            self.note_file(path, &old, false);
+        }
+        if let Some(new) = file {
+            self.note_file(path, &new, true);
+            self.files.insert(path.to_owned(), new);
+        }
+    }
+
+    /// Adds or removes the definitions of `file`, noting what they touch.
+    fn note_file(&mut self, path: &Path, file: &ParsedFile, add: bool) {
+        self.diagnostics_dirty |= !file.diagnostics.is_empty();
+        for (i, parsed) in file.objects.iter().enumerate() {
+            let reference = &parsed.site.object;
+            let definitions = self.definitions.entry(reference.clone()).or_default();
+            // With more than one definition, "defined twice" may come or go.
+            self.diagnostics_dirty |=
+                !definitions.is_empty() || !parsed.mirror_diagnostics.is_empty();
+            if add {
+                definitions.insert((path.to_owned(), i));
+            } else {
+                definitions.remove(&(path.to_owned(), i));
+                if definitions.is_empty() {
+                    self.definitions.remove(reference);
+                }
+            }
+            self.touched.insert(reference.clone());
+        }
+    }
+
+    /// The definition in force of `reference`.
+    fn winner(&self, reference: &ObjectRef) -> Option<&ParsedObject> {
+        let (path, i) = self.definitions.get(reference)?.first()?;
+        self.files.get(path)?.objects.get(*i)
+    }
+
+    /// Hands `translator` every object whose definition in force changed since the last call,
+    /// and the diagnostics if they may have changed.
+    pub fn feed(&mut self, translator: &mut Incremental) {
+        for reference in std::mem::take(&mut self.touched) {
+            let winner = self.winner(&reference);
+            let key = ObjectKey::new(&reference.namespace, &reference.name);
+            let origin = || winner.map(|w| w.site.origin.clone());
+            match (reference.kind.as_str(), winner.map(|w| &w.object)) {
+                ("Service", Some(KnownObject::Service(service))) => {
+                    translator.set_service(key, origin().map(|o| Sourced::new(service.clone(), o)));
+                }
+                ("Service", _) => translator.set_service(key, None),
+                ("EndpointSlice", Some(KnownObject::EndpointSlice(slice))) => {
+                    translator.set_slice(key, origin().map(|o| Sourced::new(slice.clone(), o)));
+                }
+                ("EndpointSlice", _) => translator.set_slice(key, None),
+                _ => {
+                    let previous = self.mirrors_fed.get(&reference).cloned();
+                    for old in previous.unwrap_or_default() {
+                        translator.set_slice(old, None);
+                    }
+                    let Some(winner) = winner else {
+                        self.mirrors_fed.remove(&reference);
+                        continue;
+                    };
+                    let mut fed = Vec::new();
+                    for slice in &winner.mirrors {
+                        let name = slice.metadata.name.clone().unwrap_or_default();
+                        let key = ObjectKey::new(&reference.namespace, name);
+                        translator.set_slice(
+                            key.clone(),
+                            Some(Sourced {
+                                object: slice.clone(),
+                                origin: winner.site.origin.clone(),
+                                mirrored_from: Some(reference.clone()),
+                            }),
+                        );
+                        fed.push(key);
+                    }
+                    self.mirrors_fed.insert(reference, fed);
+                }
+            }
+        }
+        if std::mem::take(&mut self.diagnostics_dirty) {
+            translator.set_source_diagnostics(self.diagnostics());
+        }
+    }
+
     /// Services and EndpointSlices (legacy Endpoints mirrored to slices) of all files, with every
     /// diagnostic: the files' own, then duplicates and mirroring problems.
     pub fn inventory(&self) -> (Inventory, Vec<Diagnostic>) {
         let mut inventory = Inventory::default();
-        let mut diagnostics: Vec<Diagnostic> = Vec::new();
-        let mut first_seen: BTreeMap<&ObjectRef, &Origin> = BTreeMap::new();
-        for file in self.files.values() {
-            diagnostics.extend(file.diagnostics.iter().cloned());
-        }
-        // Files in path order, documents in file order: the first definition wins.
-        for parsed in self.files.values().flat_map(|f| &f.objects) {
-            let reference = &parsed.site.object;
-            if let Some(first) = first_seen.get(reference) {
-                diagnostics.push(parsed.site.diagnostic(
-                    Severity::Error,
-                    None,
-                    format!(
-                        "defined twice: this definition is ignored, the first one ({first}) is used"
-                    ),
-                ));
+        for reference in self.definitions.keys() {
+            let Some(winner) = self.winner(reference) else {
                 continue;
-            }
-            first_seen.insert(reference, &parsed.site.origin);
+            };
             let key = ObjectKey::new(&reference.namespace, &reference.name);
-            let origin = parsed.site.origin.clone();
-            match &parsed.object {
+            let origin = winner.site.origin.clone();
+            match &winner.object {
                 KnownObject::Service(service) => {
                     inventory
                         .services
@@ -193,13 +281,13 @@ impl ManifestSet {
                         .slices
                         .insert(key, Sourced::new(slice.clone(), origin));
                 }
-                KnownObject::Endpoints(endpoints) => {
-                    for slice in mirror_endpoints(endpoints, &parsed.site, &mut diagnostics) {
+                KnownObject::Endpoints(_) => {
+                    for slice in &winner.mirrors {
                         let name = slice.metadata.name.clone().unwrap_or_default();
                         inventory.slices.insert(
                             ObjectKey::new(&reference.namespace, name),
                             Sourced {
-                                object: Arc::new(slice),
+                                object: slice.clone(),
                                 origin: origin.clone(),
                                 mirrored_from: Some(reference.clone()),
                             },
@@ -208,9 +296,57 @@ impl ManifestSet {
                 }
             }
         }
+        (inventory, self.diagnostics())
+    }
+
+    /// Every diagnostic of the files: their own, then duplicates and mirroring problems, by place.
+    pub fn diagnostics(&self) -> Vec<Diagnostic> {
+        let mut diagnostics: Vec<Diagnostic> = Vec::new();
+        for file in self.files.values() {
+            diagnostics.extend(file.diagnostics.iter().cloned());
+        }
+        for (path, file) in &self.files {
+            for (i, parsed) in file.objects.iter().enumerate() {
+                let first = self
+                    .definitions
+                    .get(&parsed.site.object)
+                    .and_then(|d| d.first())
+                    .filter(|(p, at)| (p, *at) != (path, i))
+                    .and_then(|(p, at)| self.files.get(p)?.objects.get(*at));
+                match first {
+                    Some(first) => diagnostics.push(parsed.site.diagnostic(
+                        Severity::Error,
+                        None,
+                        format!(
+                            "defined twice: this definition is ignored, the first one ({}) is used",
+                            first.site.origin
+                        ),
+                    )),
+                    None => diagnostics.extend(parsed.mirror_diagnostics.iter().cloned()),
+                }
+            }
+        }
         // By place, so a file's problems read top to bottom.
         diagnostics.sort_by(|a, b| a.origin.cmp(&b.origin));
-        (inventory, diagnostics)
+        diagnostics
+    }
+}
+
+/// Reads and parses one file; None if it does not exist (any more).
+fn read_file(path: &Path) -> Option<ParsedFile> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Some(parse_file(path, &text)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+        Err(err) => Some(ParsedFile {
+            objects: Vec::new(),
+            diagnostics: vec![Diagnostic::new(
+                Severity::Error,
+                Origin::file(path),
+                None,
+                None,
+                format!("cannot read file: {err}"),
+            )],
+        }),
     }
 }
 
@@ -543,7 +679,24 @@ fn parse_object(value: Value, origin: &Origin, prefix: &str, out: &mut ParsedFil
         }),
     };
     match object {
-        Ok(object) => out.objects.push(ParsedObject { site, object }),
+        Ok(object) => {
+            let mut mirror_diagnostics = Vec::new();
+            let mirrors = match &object {
+                KnownObject::Endpoints(endpoints) => {
+                    mirror_endpoints(endpoints, &site, &mut mirror_diagnostics)
+                        .into_iter()
+                        .map(Arc::new)
+                        .collect()
+                }
+                _ => Vec::new(),
+            };
+            out.objects.push(ParsedObject {
+                site,
+                object,
+                mirrors,
+                mirror_diagnostics,
+            })
+        }
         Err((field, message)) => out
             .diagnostics
             .push(field_error(&field, format!("{message}; object ignored"))),

@@ -526,3 +526,76 @@ fn parser_positions_are_stripped() {
     );
     assert_eq!(strip_position("nothing at all"), "nothing at all");
 }
+
+/// Files coming, changing and going, with duplicates, mirrored Endpoints and broken documents:
+/// feeding an incremental translator gives what translating the whole set gives.
+#[test]
+fn feeding_changes_equals_translating_the_whole_set() {
+    use crate::translate::{NodeInfo, Settings, translate};
+    let settings = Settings {
+        egress_v4: Some("192.0.2.100".parse().unwrap()),
+        service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+        fill_missing: true,
+        ..Settings::default()
+    };
+    let node = NodeInfo {
+        addresses: vec!["10.240.0.10".parse().unwrap()],
+    };
+    let service = |name: &str, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{port: 80}}]\n{extra}"
+        )
+    };
+    let endpoints = |name: &str, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}}}\nsubsets:\n- addresses: [{{ip: {ip}}}]\n  ports: [{{port: 8080}}]\n"
+        )
+    };
+    let steps: Vec<(&str, Option<String>)> = vec![
+        ("a.yaml", Some(service("web", ""))),
+        (
+            "b.yaml",
+            Some(format!(
+                "{}---\n{}",
+                endpoints("web", "10.1.0.1"),
+                service("db", "")
+            )),
+        ),
+        // A second definition of web: ignored while a.yaml has the first.
+        (
+            "c.yaml",
+            Some(service("web", "  externalIPs: [192.0.2.7]\n")),
+        ),
+        ("b.yaml", Some(endpoints("web", "10.1.0.2k"))),
+        ("a.yaml", None),
+        ("d.yaml", Some("kind: [broken\n".to_owned())),
+        ("b.yaml", Some(endpoints("web", "10.1.0.3"))),
+        (
+            "c.yaml",
+            Some(service("web", "  externalIPs: [192.0.2.8]\n")),
+        ),
+        ("d.yaml", None),
+        ("b.yaml", None),
+    ];
+    let mut set = ManifestSet::default();
+    let mut translator = Incremental::new(node.clone(), settings.clone());
+    for (i, (path, text)) in steps.into_iter().enumerate() {
+        match text {
+            Some(text) => set.update_file_text(Path::new(path), &text),
+            None => {
+                set.remove_file(Path::new(path));
+            }
+        }
+        set.feed(&mut translator);
+        let got = translator.update().clone();
+        let (inventory, mut want_diagnostics) = set.inventory();
+        let want = translate(&inventory, &node, &settings);
+        want_diagnostics.extend(want.diagnostics);
+        assert_eq!(got.desired, want.desired, "step {i}");
+        assert_eq!(
+            rendered(&got.diagnostics),
+            rendered(&want_diagnostics),
+            "step {i}"
+        );
+    }
+}

@@ -319,6 +319,8 @@ pub struct Incremental {
     /// The next update translates everything (the first one, new node facts or settings).
     full: bool,
     diagnostics_dirty: bool,
+    /// Problems found before translation (reading manifests): reported first.
+    source_diagnostics: Vec<Diagnostic>,
     translation: Translation,
 }
 
@@ -333,6 +335,7 @@ impl Incremental {
             dirty: BTreeSet::new(),
             full: true,
             diagnostics_dirty: true,
+            source_diagnostics: Vec::new(),
             translation: Translation::default(),
         }
     }
@@ -353,6 +356,15 @@ impl Incremental {
             self.node = node.clone();
             self.settings = settings.clone();
             self.full = true;
+        }
+    }
+
+    /// Problems the source found (manifest mode: files, duplicates, mirroring), reported ahead of
+    /// the translation's own.
+    pub fn set_source_diagnostics(&mut self, diagnostics: Vec<Diagnostic>) {
+        if self.source_diagnostics != diagnostics {
+            self.source_diagnostics = diagnostics;
+            self.diagnostics_dirty = true;
         }
     }
 
@@ -629,7 +641,7 @@ impl Incremental {
     /// Every diagnostic in the order a single pass reports them: slices, then Services, each
     /// by namespace/name.
     fn collect_diagnostics(&self) -> Vec<Diagnostic> {
-        let mut all = Vec::new();
+        let mut all = self.source_diagnostics.clone();
         for slice in self.slices.values() {
             match &slice.labelled {
                 None => all.push(slice.site.info(
