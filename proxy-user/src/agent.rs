@@ -16,7 +16,7 @@ use crate::{
     maps::DatapathMaps,
     reconcile::{Reconciler, SyncReport},
     state::{self, AgentState, ServiceName},
-    translate::{Desired, Translation},
+    translate::Translation,
 };
 
 pub struct Agent {
@@ -29,7 +29,16 @@ pub struct Agent {
     /// Diagnostics already logged, so a re-translation repeats none of them.
     reported: BTreeSet<String>,
     ct_max: u32,
+    /// The reconciler's ids as last published.
+    published_ids: Option<u64>,
+    /// `state` differs from the file.
+    state_dirty: bool,
+    last_write: Option<Instant>,
 }
+
+/// The state file is rewritten at most this often: with 10k Services it is a megabyte of JSON,
+/// and a burst of changes needs it written once, not once per change.
+const STATE_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What one `apply` did, for logs and metrics.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +47,8 @@ pub struct Applied {
     pub ops: usize,
     pub errors: usize,
     pub elapsed: Duration,
+    /// Service ids were given to or taken from Service ports (their names need publishing).
+    pub names_changed: bool,
 }
 
 impl Agent {
@@ -58,6 +69,9 @@ impl Agent {
             state,
             reported: BTreeSet::new(),
             ct_max,
+            published_ids: None,
+            state_dirty: true,
+            last_write: None,
         }
     }
 
@@ -68,22 +82,38 @@ impl Agent {
     /// New egress and NodePort addresses (Kubernetes mode follows the Node); published with the
     /// next `apply`.
     pub fn set_node_facts(&mut self, egress: &[IpAddr], node_addresses: &[IpAddr]) {
-        self.state.egress = egress.to_vec();
-        self.state.node_addresses = node_addresses.to_vec();
+        if self.state.egress != egress || self.state.node_addresses != node_addresses {
+            self.state.egress = egress.to_vec();
+            self.state.node_addresses = node_addresses.to_vec();
+            self.state_dirty = true;
+        }
     }
 
-    /// Programs `translation` as a diff against what the maps hold and reports problems.
+    /// Programs `translation` as a diff against what the maps hold and reports problems. An
+    /// incremental translation is planned for the Service ports it changed only.
     pub fn apply(&mut self, translation: &Translation) -> Applied {
         let start = Instant::now();
-        self.report_diagnostics(&translation.diagnostics);
-        let report = self.reconciler.sync(&translation.desired, &mut self.maps);
+        let changes = translation.changes.as_ref();
+        let diagnostics_changed = changes.is_none_or(|c| c.diagnostics);
+        if diagnostics_changed {
+            self.report_diagnostics(&translation.diagnostics);
+        }
+        let report = match changes {
+            Some(c) => {
+                self.reconciler
+                    .sync_changes(&translation.desired, &c.services, &mut self.maps)
+            }
+            None => self.reconciler.sync(&translation.desired, &mut self.maps),
+        };
         let errors = log_sync_report(&report);
-        self.publish(&translation.desired, &translation.diagnostics);
+        let names_changed = self.published_ids != Some(self.reconciler.ids_version());
+        self.publish(translation, names_changed, diagnostics_changed);
         Applied {
             services: translation.desired.services.len(),
             ops: report.apply.applied,
             errors,
             elapsed: start.elapsed(),
+            names_changed,
         }
     }
 
@@ -106,27 +136,58 @@ impl Agent {
         self.reported = now;
     }
 
-    fn publish(&mut self, desired: &Desired, diagnostics: &[Diagnostic]) {
-        self.state.services = self
-            .reconciler
-            .service_ids()
-            .filter(|(key, _)| desired.services.contains_key(*key))
-            .map(|(key, id)| ServiceName {
-                id,
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-                port_name: key.port_name.clone(),
-                protocol: key.protocol.name().to_owned(),
-                family: key.family.name().to_owned(),
-            })
-            .collect();
-        self.state.diagnostics = diagnostics.iter().map(|d| d.to_string()).collect();
+    fn publish(&mut self, translation: &Translation, names: bool, diagnostics: bool) {
+        let desired = &translation.desired;
+        if names {
+            self.published_ids = Some(self.reconciler.ids_version());
+            self.state.services = self
+                .reconciler
+                .service_ids()
+                .filter(|(key, _)| desired.services.contains_key(*key))
+                .map(|(key, id)| ServiceName {
+                    id,
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    port_name: key.port_name.clone(),
+                    protocol: key.protocol.name().to_owned(),
+                    family: key.family.name().to_owned(),
+                })
+                .collect();
+        }
+        if diagnostics {
+            self.state.diagnostics = translation
+                .diagnostics
+                .iter()
+                .map(|d| d.to_string())
+                .collect();
+        }
+        self.state_dirty |= names || diagnostics;
+        self.flush_state();
+    }
+
+    /// Writes the state file if it is out of date and was not written within the last second;
+    /// call it every second or so so that the last change of a burst gets written too.
+    pub fn flush_state(&mut self) {
+        let recent = self
+            .last_write
+            .is_some_and(|t| t.elapsed() < STATE_WRITE_INTERVAL);
+        if !self.state_dirty || recent {
+            return;
+        }
+        self.state_dirty = false;
+        self.last_write = Some(Instant::now());
         if let Err(err) = state::write(&self.state_dir, &self.state) {
             tracing::warn!(
                 "cannot write {}: {err} (extproxy inspect will show ids without names)",
                 state::path(&self.state_dir).display()
             );
         }
+    }
+
+    /// Writes the state file now if it is out of date (before exiting).
+    pub fn flush_state_now(&mut self) {
+        self.last_write = None;
+        self.flush_state();
     }
 
     /// Sweeps expired flows and warns when conntrack is close to full.

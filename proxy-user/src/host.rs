@@ -145,6 +145,16 @@ fn covers(reserved: &str, range: &RangeInclusive<u16>) -> bool {
     })
 }
 
+/// Hands memory freed after a burst of work (the initial parse and translation) back to the
+/// kernel: glibc keeps freed heap pages otherwise, and they count as the agent's RSS.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Seconds of CLOCK_MONOTONIC_COARSE: the clock behind bpf_ktime_get_coarse_ns, which stamps
 /// conntrack entries.
 pub fn monotonic_secs() -> u32 {

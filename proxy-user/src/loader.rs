@@ -131,7 +131,7 @@ pub fn load(limits: &Limits, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> 
             .load()
             .map_err(|source| LoadError::Program { name, source })?;
     }
-    for name in [PROG_TC_INGRESS, PROG_TC_EGRESS] {
+    for name in [PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_TC_POD] {
         tc_program(&mut ebpf, name)?
             .load()
             .map_err(|source| LoadError::Program { name, source })?;

@@ -22,7 +22,7 @@ use extproxy::{
     pins::{self, Pinned},
     reconcile::{self, Reconciler},
     state::{AgentState, DEFAULT_STATE_DIR},
-    translate::{self, ClaimPolicy, NodeInfo, Settings, Translation},
+    translate::{self, ClaimPolicy, Incremental, NodeInfo, Settings, Translation},
     watch::DirWatcher,
 };
 use ipnet::IpNet;
@@ -644,16 +644,19 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
     let mut set = ManifestSet::read_dir(&manifests)
         .with_context(|| format!("reading {}", manifests.display()))?;
     let mut watcher = DirWatcher::new(&manifests).context("watching the manifests")?;
-    let t = translate_set(&set, &node, &settings);
-    print_summary(&t);
-    let applied = agent.apply(&t);
-    telemetry.record_apply(&t, &applied, service_names(&agent));
+    let mut translator = Incremental::new(node, settings);
+    set.feed(&mut translator);
+    let t = translator.update();
+    print_summary(t);
+    let applied = agent.apply(t);
+    telemetry.record_apply(t, &applied, Some(service_names(&agent)));
     tracing::info!(
         "programmed {} service port(s) with {} map updates in {:.1} ms",
         applied.services,
         applied.ops,
         applied.elapsed.as_secs_f64() * 1e3
     );
+    host::release_free_memory();
 
     let attached = attach_all(&mut ebpf, ifaces, dp)?;
     tracing::info!("extproxy is running; watching {}", manifests.display());
@@ -661,6 +664,7 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut gc = tokio::time::interval(Duration::from_secs(dp.gc_interval.max(1)));
+    let mut flush = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
@@ -672,9 +676,11 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
                 for path in &changes.updated {
                     set.update_file(path);
                 }
-                let t = translate_set(&set, &node, &settings);
-                let applied = agent.apply(&t);
-                telemetry.record_apply(&t, &applied, service_names(&agent));
+                set.feed(&mut translator);
+                let t = translator.update();
+                let applied = agent.apply(t);
+                let names = applied.names_changed.then(|| service_names(&agent));
+                telemetry.record_apply(t, &applied, names);
                 tracing::info!(
                     "manifests changed ({} file(s)): {} map updates in {:.2} ms",
                     changes.updated.len() + changes.removed.len(),
@@ -683,8 +689,10 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
                 );
             }
             _ = gc.tick() => sweep(&mut agent, &telemetry),
+            _ = flush.tick() => agent.flush_state(),
         }
     }
+    agent.flush_state_now();
     let running = Running {
         ebpf,
         agent,
@@ -793,27 +801,27 @@ async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut gc = tokio::time::interval(Duration::from_secs(dp.gc_interval.max(1)));
+    let mut flush = tokio::time::interval(Duration::from_secs(1));
+    let mut trimmed = false;
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             batch = source.next() => {
                 source.apply(batch, &mut running.agent);
+                if !trimmed {
+                    // The initial lists and the first translation leave much freed memory.
+                    host::release_free_memory();
+                    trimmed = true;
+                }
             }
             _ = gc.tick() => sweep(&mut running.agent, &telemetry),
+            _ = flush.tick() => running.agent.flush_state(),
         }
     }
+    running.agent.flush_state_now();
     // A DaemonSet rollout restarts the agent: flows must survive it, so keeping is the default.
     finish(running, dp, !dp.detach_on_exit)
-}
-
-fn translate_set(set: &ManifestSet, node: &NodeInfo, settings: &Settings) -> Translation {
-    let (inventory, diagnostics) = set.inventory();
-    let mut t = translate::translate(&inventory, node, settings);
-    let mut all = diagnostics;
-    all.append(&mut t.diagnostics);
-    t.diagnostics = all;
-    t
 }
 
 fn cleanup(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {

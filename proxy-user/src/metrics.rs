@@ -274,7 +274,7 @@ impl Telemetry {
         &self,
         translation: &Translation,
         applied: &Applied,
-        service_names: Vec<(u32, ServicePortKey)>,
+        service_names: Option<Vec<(u32, ServicePortKey)>>,
     ) {
         let mut inner = self.lock();
         inner.programmed = true;
@@ -289,7 +289,9 @@ impl Telemetry {
         inner.syncs += 1;
         inner.map_updates += applied.ops as u64;
         inner.map_errors += applied.errors as u64;
-        inner.service_names = service_names;
+        if let Some(names) = service_names {
+            inner.service_names = names;
+        }
     }
 
     /// Time from a change (its trigger time, or its arrival) to the maps holding it.
@@ -891,7 +893,11 @@ mod tests {
             t.readiness().unwrap_err(),
             "the initial state is not programmed yet"
         );
-        t.record_apply(&Translation::default(), &Applied::default(), Vec::new());
+        t.record_apply(
+            &Translation::default(),
+            &Applied::default(),
+            Some(Vec::new()),
+        );
         assert_eq!(t.readiness(), Ok(()));
         t.api_failed("services", "connection refused".into());
         t.api_failed("nodes", "connection refused".into());
@@ -930,8 +936,9 @@ mod tests {
             ops: 7,
             errors: 0,
             elapsed: Duration::from_millis(3),
+            names_changed: true,
         };
-        t.record_apply(&translation, &applied, vec![(4, key())]);
+        t.record_apply(&translation, &applied, Some(vec![(4, key())]));
         t.observe_programming(Duration::from_millis(20));
         let mut snat_in_use = BTreeMap::new();
         snat_in_use.insert(

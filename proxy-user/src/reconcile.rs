@@ -465,6 +465,9 @@ pub struct Reconciler {
     limbo_by_owner: BTreeMap<ServicePortKey, BTreeSet<u32>>,
     /// Service ids found in pinned maps, waiting to be matched to a desired Service port.
     adoptable: BTreeSet<u32>,
+    /// Bumped whenever a service id is given to or taken from a Service port, so the names of
+    /// the ids are republished only when they change.
+    ids_version: u64,
     /// Service ports the last plan could not program in full (no ids, a failed write): an
     /// incremental plan takes them up again as if they had changed.
     retry: BTreeSet<ServicePortKey>,
@@ -510,6 +513,7 @@ impl Reconciler {
             limbo_by_owner: BTreeMap::new(),
             adoptable: services,
             model: Model::new(state),
+            ids_version: 0,
             retry: BTreeSet::new(),
             service_ids: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
@@ -526,6 +530,11 @@ impl Reconciler {
 
     pub fn service_id(&self, key: &ServicePortKey) -> Option<u32> {
         self.service_ids.get(key).copied()
+    }
+
+    /// Changes whenever [`Reconciler::service_ids`] does.
+    pub fn ids_version(&self) -> u64 {
+        self.ids_version
     }
 
     /// Service port of every owned service id (to name SVC_STATS rows).
@@ -604,6 +613,7 @@ impl Reconciler {
         };
         for key in removed {
             if let Some(id) = self.service_ids.remove(&key) {
+                self.ids_version += 1;
                 self.disown_backends(id, &key, |_| true);
                 self.limbo_services.insert(id, Some(key));
             }
@@ -731,6 +741,7 @@ impl Reconciler {
                 .find(|id| adoptable.contains(id) && !adopted.iter().any(|(_, a)| a == id));
             if let Some(id) = found {
                 self.service_ids.insert(key.clone(), id);
+                self.ids_version += 1;
                 adopted.push((service, id));
             }
         }
@@ -852,6 +863,7 @@ impl Reconciler {
                         max: self.limits.max_services,
                     })?;
                 self.service_ids.insert(key.clone(), id);
+                self.ids_version += 1;
                 id
             }
         };

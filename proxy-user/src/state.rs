@@ -1,7 +1,7 @@
 //! What a running agent publishes for `extproxy inspect` and for people: which Service port each
 //! service id is, and the open diagnostics. The maps hold numbers; this file holds the names.
 //!
-//! Written atomically (temp file + rename) after every change that touches it.
+//! Written atomically (temp file + rename) after a change that touches it, at most once a second.
 
 use std::{
     net::IpAddr,

@@ -1,6 +1,8 @@
-//! Watching the manifest directory. A file is re-read when inotify names it, or when a rescan
-//! finds its metadata changed: event paths catch two writes within one mtime tick, rescans catch
-//! editors that write via rename and ConfigMap mounts that swap a `..data` symlink.
+//! Watching the manifest directory. A file is re-read when inotify names it: only the named
+//! files are looked at, so a change costs the same with ten files or ten thousand. The whole
+//! directory is rescanned (and files whose metadata changed re-read) only when events may have
+//! been lost (queue overflow, errors), when the directory itself changed, or when a symlink or
+//! directory entry changed: ConfigMap mounts swap a `..data` symlink and never name the files.
 
 use std::{
     collections::BTreeMap,
@@ -60,6 +62,18 @@ fn changes_content(kind: &EventKind) -> bool {
     }
 }
 
+/// A regular file's stamp, following symlinks: a swapped ConfigMap `..data` link changes the
+/// target's stamp. None if there is no such file.
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    meta.is_file().then(|| Stamp {
+        modified: meta.modified().ok(),
+        len: meta.len(),
+        inode: meta.ino(),
+    })
+}
+
 impl DirWatcher {
     pub fn new(dir: &Path) -> notify::Result<Self> {
         Self::with_debounce(dir, DEBOUNCE)
@@ -94,6 +108,65 @@ impl DirWatcher {
         Ok(w)
     }
 
+    /// Whether an event about `path` can mean changes inotify does not name.
+    fn needs_rescan(&self, path: &Path) -> bool {
+        if path == self.dir || path.parent() != Some(&self.dir) {
+            return true;
+        }
+        if ManifestSet::is_manifest_path(path) {
+            return false;
+        }
+        // `..data`, `..2024_01_01_...`: a ConfigMap mount swapping its contents.
+        let dotdot = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(".."));
+        let link_or_dir =
+            std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink() || m.is_dir());
+        dotdot || link_or_dir
+    }
+
+    /// The named manifest files: re-read those that exist, drop those that are gone.
+    fn look_at(&mut self, mut named: Vec<PathBuf>) -> Changes {
+        named.sort();
+        named.dedup();
+        let mut changes = Changes::default();
+        for path in named {
+            if !ManifestSet::is_manifest_path(&path) {
+                continue;
+            }
+            match stamp(&path) {
+                Some(stamp) => {
+                    self.stamps.insert(path.clone(), stamp);
+                    changes.updated.push(path);
+                }
+                None => {
+                    if self.stamps.remove(&path).is_some() {
+                        changes.removed.push(path);
+                    }
+                }
+            }
+        }
+        changes
+    }
+
+    fn rescan(&mut self) -> Changes {
+        let now = self.scan();
+        let mut changes = Changes::default();
+        for (path, stamp) in &now {
+            if self.stamps.get(path) != Some(stamp) {
+                changes.updated.push(path.clone());
+            }
+        }
+        for path in self.stamps.keys() {
+            if !now.contains_key(path) {
+                changes.removed.push(path.clone());
+            }
+        }
+        self.stamps = now;
+        changes
+    }
+
     fn scan(&self) -> BTreeMap<PathBuf, Stamp> {
         let mut out = BTreeMap::new();
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
@@ -104,17 +177,8 @@ impl DirWatcher {
             if !ManifestSet::is_manifest_path(&path) {
                 continue;
             }
-            // Follow symlinks: a swapped ConfigMap `..data` link changes the target's stamp.
-            if let Ok(meta) = std::fs::metadata(&path) {
-                use std::os::unix::fs::MetadataExt;
-                if meta.is_file() {
-                    let stamp = Stamp {
-                        modified: meta.modified().ok(),
-                        len: meta.len(),
-                        inode: meta.ino(),
-                    };
-                    out.insert(path, stamp);
-                }
+            if let Some(stamp) = stamp(&path) {
+                out.insert(path, stamp);
             }
         }
         out
@@ -132,23 +196,18 @@ impl DirWatcher {
                 self.pending = Some(named);
             }
             tokio::time::sleep(self.debounce).await;
-            let mut named = self.pending.take().unwrap_or_default();
+            // An event without paths (an error, an overflow) means "look at everything".
+            let mut named = self.pending.take().filter(|p| !p.is_empty());
             while let Ok(paths) = self.events.try_recv() {
-                named.extend(paths);
-            }
-            let now = self.scan();
-            let mut changes = Changes::default();
-            for (path, stamp) in &now {
-                if self.stamps.get(path) != Some(stamp) || named.contains(path) {
-                    changes.updated.push(path.clone());
+                match (&mut named, paths.is_empty()) {
+                    (Some(named), false) => named.extend(paths),
+                    _ => named = None,
                 }
             }
-            for path in self.stamps.keys() {
-                if !now.contains_key(path) {
-                    changes.removed.push(path.clone());
-                }
-            }
-            self.stamps = now;
+            let changes = match named {
+                Some(named) if !named.iter().any(|p| self.needs_rescan(p)) => self.look_at(named),
+                _ => self.rescan(),
+            };
             if !changes.is_empty() {
                 return changes;
             }

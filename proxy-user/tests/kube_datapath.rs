@@ -142,7 +142,7 @@ async fn recorded_cluster_into_kernel_maps_and_adopted_after_restart() {
         telemetry.record_apply(
             m.last.as_ref().unwrap(),
             &Default::default(),
-            extproxy::kube::Programmer::service_names(&m),
+            Some(extproxy::kube::Programmer::service_names(&m)),
         );
         let text = telemetry.render(Some(&stats));
         assert!(

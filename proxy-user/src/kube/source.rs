@@ -1,7 +1,9 @@
 //! Kubernetes as the source of desired state: three watchers feed the reflector stores, and
-//! every batch of changes becomes one translation once all stores are complete.
+//! every batch of changes updates one incremental translation once all stores are complete: the
+//! Services and EndpointSlices named by the batch's events are translated again, the rest is
+//! reused. A relist (the stores swapped wholesale) or new node facts translate everything.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -18,8 +20,10 @@ use super::cluster::ClusterState;
 use super::events::{EventTracker, Publisher};
 use super::node::{self, NodeFacts, NodeOverrides};
 use crate::agent::Applied;
+use crate::diag::Origin;
 use crate::translate::{
-    self, ClaimPolicy, ClaimReason, NodeInfo, ObjectKey, Settings, Translation,
+    self, ClaimPolicy, ClaimReason, Incremental, NodeInfo, ObjectKey, Settings, Sourced,
+    Translation,
 };
 
 /// Set by the EndpointSlice controller to when the change that produced the slice happened;
@@ -41,16 +45,17 @@ pub struct SourceConfig {
     pub streaming_lists: bool,
 }
 
-/// A batch of changes, translated and ready to be programmed.
+/// A batch of changes, translated (the source keeps the translation) and ready to be programmed.
 #[derive(Debug)]
 pub struct Batch {
-    pub translation: Translation,
     /// The node facts the translation was made with.
     pub node: NodeFacts,
     /// The first translation of this process.
     pub initial: bool,
     /// When the changes in this batch happened (for the programming latency).
     triggers: Vec<SystemTime>,
+    /// EndpointSlices changed: which Service a slice's problems belong to may have too.
+    slices_changed: bool,
 }
 
 /// Boxed: the three differ a lot in size, and each is moved once.
@@ -74,6 +79,12 @@ pub struct KubeSource {
     node: Option<NodeFacts>,
     node_missing: bool,
     claimed: BTreeMap<ObjectKey, ClaimReason>,
+    /// The translation, kept up to date batch by batch; None until the first batch and after
+    /// a relist.
+    translator: Option<Incremental>,
+    /// Objects named by events since the last translation.
+    changed_services: BTreeSet<ObjectKey>,
+    changed_slices: BTreeSet<ObjectKey>,
 }
 
 /// Drops what the agent never reads, so a big cluster's stores stay small.
@@ -193,7 +204,15 @@ impl KubeSource {
             node: None,
             node_missing: false,
             claimed: BTreeMap::new(),
+            translator: None,
+            changed_services: BTreeSet::new(),
+            changed_slices: BTreeSet::new(),
         }
+    }
+
+    /// The translation of the last batch.
+    pub fn translation(&self) -> Option<&Translation> {
+        self.translator.as_ref().map(Incremental::translation)
     }
 
     /// Waits for changes and returns the next translation to program. Cancel-safe: everything
@@ -223,11 +242,28 @@ impl KubeSource {
         let measure = self.programmed;
         let (changed, trigger) = match update {
             Update::Service(result) => match *result {
-                Ok(e) => (self.cluster.apply_service(&e), live(&e).then_some(now)),
+                Ok(e) => {
+                    match &e {
+                        watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
+                            self.changed_services.insert(key_of(s));
+                        }
+                        // The store was swapped whole: translate it whole.
+                        watcher::Event::InitDone => self.translator = None,
+                        _ => {}
+                    }
+                    (self.cluster.apply_service(&e), live(&e).then_some(now))
+                }
                 Err(e) => return self.watch_error("services", e),
             },
             Update::Slice(result) => match *result {
                 Ok(e) => {
+                    match &e {
+                        watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
+                            self.changed_slices.insert(key_of(s));
+                        }
+                        watcher::Event::InitDone => self.translator = None,
+                        _ => {}
+                    }
                     let trigger = match &e {
                         watcher::Event::Apply(slice) => trigger_time(slice).or(Some(now)),
                         other => live(other).then_some(now),
@@ -289,12 +325,45 @@ impl KubeSource {
         ] {
             self.telemetry.set_objects(kind, tracked);
         }
-        let translation = translate_cluster(&self.cluster, &self.config, &facts);
+        let node = NodeInfo {
+            addresses: facts.node_ports.clone(),
+        };
+        let settings = settings(&self.config, &facts);
+        let services = std::mem::take(&mut self.changed_services);
+        let slices = std::mem::take(&mut self.changed_slices);
+        let slices_changed = !slices.is_empty();
+        match &mut self.translator {
+            Some(translator) => {
+                translator.reconfigure(&node, &settings);
+                for key in services {
+                    let service = self.cluster.service(&key);
+                    translator.set_service(key, service.map(|s| Sourced::new(s, Origin::Cluster)));
+                }
+                for key in slices {
+                    let slice = self.cluster.slice(&key);
+                    translator.set_slice(key, slice.map(|s| Sourced::new(s, Origin::Cluster)));
+                }
+            }
+            None => {
+                let mut translator = Incremental::new(node, settings);
+                let inventory = self.cluster.inventory();
+                for (key, slice) in inventory.slices {
+                    translator.set_slice(key, Some(slice));
+                }
+                for (key, service) in inventory.services {
+                    translator.set_service(key, Some(service));
+                }
+                self.translator = Some(translator);
+            }
+        }
+        if let Some(translator) = &mut self.translator {
+            translator.update();
+        }
         Some(Batch {
-            translation,
             node: facts,
             initial: !self.programmed,
             triggers: std::mem::take(&mut self.triggers),
+            slices_changed,
         })
     }
 
@@ -325,23 +394,35 @@ impl KubeSource {
     /// Programs `batch` through `target`, then records latency and metrics and publishes Events
     /// for new problems.
     pub fn apply(&mut self, batch: Batch, target: &mut impl Programmer) -> Applied {
-        self.log_claims(&batch.translation);
+        let Some(translation) = self.translator.as_ref().map(Incremental::translation) else {
+            return Applied::default();
+        };
+        let changes = translation.changes.as_ref();
+        let claims_changed = changes.is_none_or(|c| c.claims);
+        let problems_changed =
+            batch.slices_changed || changes.is_none_or(|c| c.claims || c.diagnostics);
+        if claims_changed {
+            log_claims(&mut self.claimed, translation);
+        }
         target.set_node(&batch.node);
-        let applied = target.program(&batch.translation);
+        let applied = target.program(translation);
         let done = SystemTime::now();
         for trigger in &batch.triggers {
             self.telemetry
                 .observe_programming(done.duration_since(*trigger).unwrap_or_default());
         }
-        self.telemetry
-            .record_apply(&batch.translation, &applied, target.service_names());
+        self.telemetry.record_apply(
+            translation,
+            &applied,
+            applied.names_changed.then(|| target.service_names()),
+        );
         let ms = applied.elapsed.as_secs_f64() * 1e3;
         if batch.initial {
             tracing::info!(
                 "initial sync: {} Services ({} claimed), {} EndpointSlices: programmed {} service \
                  port(s) with {} map updates in {ms:.1} ms",
                 self.cluster.services.len(),
-                batch.translation.claimed.len(),
+                translation.claimed.len(),
                 self.cluster.slices.len(),
                 applied.services,
                 applied.ops,
@@ -360,41 +441,49 @@ impl KubeSource {
         } else {
             tracing::debug!("resync: the maps already match ({ms:.2} ms)");
         }
-        for event in self.tracker.plan(&batch.translation, &self.cluster) {
-            self.publisher.publish(event, &self.cluster);
+        if problems_changed {
+            for event in self.tracker.plan(translation, &self.cluster) {
+                self.publisher.publish(event, &self.cluster);
+            }
         }
         self.programmed = true;
         applied
     }
+}
 
-    /// Logs Services that became claimed or stopped being claimed (the reasons for leaving one
-    /// alone are diagnostics, logged by the agent).
-    fn log_claims(&mut self, translation: &Translation) {
-        let now: BTreeMap<ObjectKey, ClaimReason> = translation
-            .claimed
-            .iter()
-            .map(|c| (c.service.clone(), c.reason))
-            .collect();
-        for (key, reason) in &now {
-            if self.claimed.get(key) != Some(reason) {
-                let why = match reason {
-                    ClaimReason::Label => format!(
-                        "labelled {}={}",
-                        translate::SERVICE_PROXY_NAME_LABEL,
-                        translate::PROXY_NAME
-                    ),
-                    ClaimReason::SelectorLess => {
-                        "no selector, and --claim-all-selectorless".to_owned()
-                    }
-                };
-                tracing::info!("claiming Service {key}: {why}");
-            }
+/// Logs Services that became claimed or stopped being claimed (the reasons for leaving one alone
+/// are diagnostics, logged by the agent).
+fn log_claims(claimed: &mut BTreeMap<ObjectKey, ClaimReason>, translation: &Translation) {
+    let now: BTreeMap<ObjectKey, ClaimReason> = translation
+        .claimed
+        .iter()
+        .map(|c| (c.service.clone(), c.reason))
+        .collect();
+    for (key, reason) in &now {
+        if claimed.get(key) != Some(reason) {
+            let why = match reason {
+                ClaimReason::Label => format!(
+                    "labelled {}={}",
+                    translate::SERVICE_PROXY_NAME_LABEL,
+                    translate::PROXY_NAME
+                ),
+                ClaimReason::SelectorLess => "no selector, and --claim-all-selectorless".to_owned(),
+            };
+            tracing::info!("claiming Service {key}: {why}");
         }
-        for key in self.claimed.keys().filter(|k| !now.contains_key(*k)) {
-            tracing::info!("no longer claiming Service {key}: deleted or no longer labelled");
-        }
-        self.claimed = now;
     }
+    for key in claimed.keys().filter(|k| !now.contains_key(*k)) {
+        tracing::info!("no longer claiming Service {key}: deleted or no longer labelled");
+    }
+    *claimed = now;
+}
+
+fn key_of<K: Resource>(object: &K) -> ObjectKey {
+    let meta = object.meta();
+    ObjectKey::new(
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 /// An error with its causes: kube's errors say "failed to perform initial object list" and keep

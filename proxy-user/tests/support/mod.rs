@@ -612,6 +612,7 @@ impl<W: MapWriter> Programmer for Model<W> {
             ops: report.applied,
             errors: report.failures.len(),
             elapsed: start.elapsed(),
+            names_changed: true,
         }
     }
 
