@@ -261,15 +261,13 @@ impl World {
         }
         for a in &old.allocations {
             match a {
-                Allocation::ClusterIp(_, _, Some(ip)) => {
-                    if self.filled_ips.get(ip) == Some(key) {
-                        self.filled_ips.remove(ip);
-                    }
+                Allocation::ClusterIp(_, _, Some(ip)) if self.filled_ips.get(ip) == Some(key) => {
+                    self.filled_ips.remove(ip);
                 }
-                Allocation::NodePort(_, Some(port)) => {
-                    if self.filled_node_ports.get(port) == Some(key) {
-                        self.filled_node_ports.remove(port);
-                    }
+                Allocation::NodePort(_, Some(port))
+                    if self.filled_node_ports.get(port) == Some(key) =>
+                {
+                    self.filled_node_ports.remove(port);
                 }
                 _ => {}
             }
