@@ -191,9 +191,9 @@ impl ManifestSet {
         for (i, parsed) in file.objects.iter().enumerate() {
             let reference = &parsed.site.object;
             let definitions = self.definitions.entry(reference.clone()).or_default();
-            // With more than one definition, "defined twice" may come or go.
-            self.diagnostics_dirty |=
-                !definitions.is_empty() || !parsed.mirror_diagnostics.is_empty();
+            // With more than one definition, "defined twice" comes or goes.
+            let others = definitions.len() - usize::from(!add);
+            self.diagnostics_dirty |= others > 0 || !parsed.mirror_diagnostics.is_empty();
             if add {
                 definitions.insert((path.to_owned(), i));
             } else {
