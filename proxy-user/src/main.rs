@@ -633,7 +633,9 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
         node_addresses: node_addresses.clone(),
         ..AgentState::default()
     };
+    let started = std::time::Instant::now();
     let (mut ebpf, mut agent) = start(dp, ifaces, state)?;
+    let loaded = started.elapsed();
     let telemetry = Telemetry::new(stall_after(dp.gc_interval));
     start_metrics(args.kube.metrics_address, None, &telemetry, &dp.pin_dir).await?;
 
@@ -641,12 +643,22 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
     let node = NodeInfo {
         addresses: node_addresses,
     };
+    let started = std::time::Instant::now();
     let mut set = ManifestSet::read_dir(&manifests)
         .with_context(|| format!("reading {}", manifests.display()))?;
+    let read = started.elapsed();
     let mut watcher = DirWatcher::new(&manifests).context("watching the manifests")?;
     let mut translator = Incremental::new(node, settings);
     set.feed(&mut translator);
     let t = translator.update();
+    tracing::info!(
+        "start-up: data path loaded in {:.0} ms, {} manifest file(s) read in {:.0} ms, translated \
+         in {:.0} ms",
+        loaded.as_secs_f64() * 1e3,
+        set.files().count(),
+        read.as_secs_f64() * 1e3,
+        (started.elapsed() - read).as_secs_f64() * 1e3
+    );
     print_summary(t);
     let applied = agent.apply(t);
     telemetry.record_apply(t, &applied, Some(service_names(&agent)));
