@@ -57,6 +57,8 @@ pub const ALL_MAPS: [&str; 12] = [
 pub const PROG_XDP: &str = "extproxy_xdp";
 pub const PROG_TC_INGRESS: &str = "extproxy_tc_ingress";
 pub const PROG_TC_EGRESS: &str = "extproxy_tc_egress";
+/// TC ingress on pods' host-side veths (`--pod-ifaces`).
+pub const PROG_TC_POD: &str = "extproxy_tc_pod";
 /// Parses a packet exactly as the real programs do and passes it: the benchmarks' floor.
 pub const PROG_PARSE_ONLY: &str = "extproxy_parse_only";
 

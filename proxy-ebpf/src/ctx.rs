@@ -26,6 +26,16 @@ pub enum Hook {
     TcIngress,
     /// TC egress on the uplink: pods and host processes talking to frontends.
     TcEgress,
+    /// TC ingress on a pod's host-side veth: the pod's packets, before netfilter sees them (where
+    /// kube-proxy's nftables mode drops ClusterIPs it does not know).
+    PodIngress,
+}
+
+impl Hook {
+    /// Whether endpoints' replies and ICMP errors arrive at this hook.
+    pub const fn sees_replies(self) -> bool {
+        matches!(self, Hook::Xdp | Hook::TcIngress)
+    }
 }
 
 pub trait Ctx {
@@ -158,6 +168,7 @@ impl Ctx for XdpContext {
 /// TC ingress and egress share the skb implementation; only the hook differs.
 pub struct TcIngress(pub TcContext);
 pub struct TcEgress(pub TcContext);
+pub struct TcPod(pub TcContext);
 
 #[inline(always)]
 fn skb(ctx: &TcContext) -> *mut __sk_buff {
@@ -239,3 +250,4 @@ macro_rules! impl_tc_ctx {
 
 impl_tc_ctx!(TcIngress, Hook::TcIngress);
 impl_tc_ctx!(TcEgress, Hook::TcEgress);
+impl_tc_ctx!(TcPod, Hook::PodIngress);

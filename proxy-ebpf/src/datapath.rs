@@ -107,7 +107,7 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
     }
     if s.pkt.icmp_error {
         // Errors about our flows come from the endpoint side, i.e. in through the uplink.
-        if C::HOOK == Hook::TcEgress {
+        if !C::HOOK.sees_replies() {
             return Action::PASS;
         }
         return icmp_error(ctx, cfg, s);
@@ -135,7 +135,7 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
         return forward(ctx, cfg, s, fe);
     }
     // Replies arrive through the uplink; only ports we hand out can be ours.
-    if C::HOOK != Hook::TcEgress && in_snat_range(cfg, pkt.dport) {
+    if C::HOOK.sees_replies() && in_snat_range(cfg, pkt.dport) {
         s.rn_key = RevNatKey {
             backend: pkt.src,
             snat: pkt.dst,
@@ -559,7 +559,8 @@ fn answer<C: Ctx>(ctx: &C, pkt: &Pkt) -> Action {
     }
     match C::HOOK {
         Hook::Xdp => Action::TX,
-        Hook::TcIngress => Action::redirect(ctx.ifindex()),
+        // Back out of the device the packet came in by: to the outside, or into the pod.
+        Hook::TcIngress | Hook::PodIngress => Action::redirect(ctx.ifindex()),
         Hook::TcEgress => Action::redirect_ingress(ctx.ifindex()),
     }
 }

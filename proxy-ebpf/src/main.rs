@@ -43,7 +43,7 @@ mod entry {
     };
 
     use crate::{
-        ctx::{Ctx, TcEgress, TcIngress},
+        ctx::{Ctx, TcEgress, TcIngress, TcPod},
         datapath::{Action, Verdict, process},
         maps::SCRATCH,
         parse::{Parsed, parse},
@@ -87,6 +87,15 @@ mod entry {
     #[classifier]
     pub fn extproxy_tc_egress(ctx: TcContext) -> i32 {
         let ctx = TcEgress(ctx);
+        let action = process(&ctx);
+        tc_verdict(&ctx, action)
+    }
+
+    /// Pods' own packets at their host-side veth, translated before netfilter: kube-proxy's
+    /// nftables mode drops traffic to ClusterIPs it does not serve in the forward hook.
+    #[classifier]
+    pub fn extproxy_tc_pod(ctx: TcContext) -> i32 {
+        let ctx = TcPod(ctx);
         let action = process(&ctx);
         tc_verdict(&ctx, action)
     }

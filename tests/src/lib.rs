@@ -329,6 +329,16 @@ impl Datapath {
         run_tc(prog, ifindex, pkt)
     }
 
+    pub fn tc_pod(&mut self, ifindex: u32, pkt: &[u8]) -> Run {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(PROG_TC_POD)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        run_tc(prog, ifindex, pkt)
+    }
+
     pub fn tc_egress(&mut self, ifindex: u32, pkt: &[u8]) -> Run {
         let prog: &mut SchedClassifier = self
             .ebpf

@@ -1142,3 +1142,54 @@ fn established_flows_cache_their_next_hop_for_a_second() {
         new_mac
     );
 }
+
+#[test]
+fn pod_traffic_is_translated_at_the_pod_veth_before_netfilter() {
+    let node = TestNode::new();
+    let mut dp = Datapath::load();
+    tcp_service(&mut dp);
+    // As the pod sends it: from the pod's MAC to the node's pod-side MAC.
+    let syn = frame(
+        POD_MAC,
+        [0x02, 0, 0, 0, 0x01, 0x01],
+        &Ip::new(POD_V4, CLUSTER_IP, TCP).wrap(tcp_seg(40100, 80, 1, 0, SYN, &[]), false),
+    );
+    let run = dp.tc_pod(node.pod_if, &syn);
+    // Straight to the uplink: passing a packet from the egress IP up the stack would be a martian.
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let d = decode(&run.out);
+    assert_eq!(
+        (d.src, d.dport, d.smac, d.dmac),
+        (ip(NODE_V4), 8080, UPLINK_MAC, GW_MAC)
+    );
+    assert!(d.dst == ip(EP1) || d.dst == ip(EP2));
+    // The reply comes back through the uplink as usual.
+    let synack = from_outside(
+        &d.dst.to_string(),
+        NODE_V4,
+        tcp_seg(8080, d.sport, 9, 2, SYN | ACK, &[]),
+        TCP,
+    );
+    let back = decode(&dp.xdp(node.uplink, &synack).out);
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip(CLUSTER_IP), 80, ip(POD_V4), 40100)
+    );
+    // Anything else from the pod is not ours.
+    let other = frame(
+        POD_MAC,
+        [0x02, 0, 0, 0, 0x01, 0x01],
+        &Ip::new(POD_V4, "192.0.2.99", TCP).wrap(tcp_seg(1, 80, 1, 0, SYN, &[]), false),
+    );
+    let run = dp.tc_pod(node.pod_if, &other);
+    assert_eq!((run.verdict, run.out == other), (TC_ACT_OK, true));
+    // A Service without endpoints answers the pod directly.
+    empty_service(&mut dp, PROTO_TCP);
+    let run = dp.tc_pod(node.pod_if, &syn);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let d = decode(&run.out);
+    assert_eq!(
+        (d.src, d.dst, d.tcp_flags, d.dmac),
+        (ip(CLUSTER_IP), ip(POD_V4), RST | ACK, POD_MAC)
+    );
+}
