@@ -106,14 +106,21 @@ pub enum Measure {
     TcpThroughput,
     /// One UDP flow of small datagrams: what the endpoint receives per second.
     UdpPackets,
+    /// One worker opening connections one after the other: the latency of a new connection
+    /// (first packet included: where a linear rule list costs) on an otherwise idle path.
+    ConnectionLatency,
+    /// One kept-alive connection, one request at a time: the round trip on an idle path.
+    RequestLatency,
 }
 
 impl Measure {
-    pub const ALL: [Measure; 4] = [
+    pub const ALL: [Measure; 6] = [
         Measure::NewConnections,
         Measure::Requests,
         Measure::TcpThroughput,
         Measure::UdpPackets,
+        Measure::ConnectionLatency,
+        Measure::RequestLatency,
     ];
 
     pub fn name(self) -> &'static str {
@@ -122,6 +129,8 @@ impl Measure {
             Measure::Requests => "requests",
             Measure::TcpThroughput => "tcp_throughput",
             Measure::UdpPackets => "udp_packets",
+            Measure::ConnectionLatency => "connection_latency",
+            Measure::RequestLatency => "request_latency",
         }
     }
 
@@ -131,7 +140,13 @@ impl Measure {
             Measure::Requests => "req/s",
             Measure::TcpThroughput => "Gbit/s",
             Measure::UdpPackets => "pps",
+            Measure::ConnectionLatency | Measure::RequestLatency => "us (p99)",
         }
+    }
+
+    /// Rates are; the latency measures report their p99 as `value`, where lower is better.
+    pub fn higher_is_better(self) -> bool {
+        !matches!(self, Measure::ConnectionLatency | Measure::RequestLatency)
     }
 }
 
@@ -151,7 +166,8 @@ pub struct Record {
     pub services: usize,
     /// 0-based.
     pub round: usize,
-    /// Higher is better, in `unit`.
+    /// In `unit`; higher is better except for the latency measures
+    /// ([`Measure::higher_is_better`]), whose value is their p99 in microseconds.
     pub value: f64,
     pub unit: &'static str,
     /// Per-operation latency (connection: connect to the server's close; request: request to
@@ -191,6 +207,8 @@ pub struct TrafficOpts {
     pub request_time: Duration,
     pub stream_time: Duration,
     pub udp_time: Duration,
+    /// Each of the two latency measures.
+    pub latency_time: Duration,
     /// Concurrent connections of the connection and request measures.
     pub workers: usize,
     /// Client and server threads each (one per core).
@@ -200,6 +218,8 @@ pub struct TrafficOpts {
     pub extproxy_args: Vec<String>,
     /// nftables is skipped above this many Services (`nft -f` of 10k takes ~80 s here).
     pub nftables_max_services: usize,
+    /// How long a run waits for the machine to calm down (under 15 % busy) before it starts.
+    pub quiet_wait: Duration,
     /// Progress lines on stderr.
     pub verbose: bool,
 }
@@ -217,10 +237,12 @@ impl TrafficOpts {
             request_time: Duration::from_millis(1500),
             stream_time: Duration::from_millis(1500),
             udp_time: Duration::from_millis(1500),
+            latency_time: Duration::from_secs(1),
             workers: 16,
             threads: 2,
             extproxy_args: Vec::new(),
             nftables_max_services: 1_000,
+            quiet_wait: Duration::from_secs(5),
             verbose: true,
         }
     }
@@ -233,7 +255,9 @@ impl TrafficOpts {
             request_time: Duration::from_secs(5),
             stream_time: Duration::from_secs(5),
             udp_time: Duration::from_secs(5),
+            latency_time: Duration::from_secs(5),
             nftables_max_services: usize::MAX,
+            quiet_wait: Duration::from_secs(30),
             ..TrafficOpts::quick(agent_bin)
         }
     }
@@ -248,6 +272,7 @@ impl TrafficOpts {
             Measure::Requests => self.request_time,
             Measure::TcpThroughput => self.stream_time,
             Measure::UdpPackets => self.udp_time,
+            Measure::ConnectionLatency | Measure::RequestLatency => self.latency_time,
         }
     }
 }
@@ -462,7 +487,7 @@ fn run_one(
     // Everything else on the machine (a build, another benchmark, the kernel still tearing down
     // the previous run's namespaces) takes CPU from the path under test: wait for it to calm
     // down, and say in the records how busy it was.
-    let busy = wait_for_quiet()?;
+    let busy = wait_for_quiet(opts.quiet_wait)?;
     let topo = Topology::new("bench");
     // The fourth endpoint, and a route back to the pods for the direct contender (the others
     // SNAT to the node; the route only makes a missing SNAT visible instead of a hang).
@@ -527,23 +552,22 @@ fn run_one(
     Ok(records)
 }
 
-/// Waits (up to [`QUIET_WAIT`]) until the machine is less than [`QUIET_BUSY`] busy; returns the
+/// Waits (up to `patience`) until the machine is less than [`QUIET_BUSY`] busy; returns the
 /// last busy share seen.
-fn wait_for_quiet() -> Result<f64> {
+fn wait_for_quiet(patience: Duration) -> Result<f64> {
     let start = Instant::now();
     loop {
         let busy = cpu::busy_share(Duration::from_millis(250))?;
-        if busy < QUIET_BUSY || start.elapsed() > QUIET_WAIT {
+        if busy < QUIET_BUSY || start.elapsed() > patience {
             return Ok(busy);
         }
     }
 }
 
 const QUIET_BUSY: f64 = 0.15;
-const QUIET_WAIT: Duration = Duration::from_secs(30);
 
 fn summary(r: &Record) -> String {
-    let mut s = format!("{:<16} {:>10.2} {}", r.measure.name(), r.value, r.unit);
+    let mut s = format!("{:<18} {:>10.2} {}", r.measure.name(), r.value, r.unit);
     if let (Some(p50), Some(p99)) = (r.p50_us, r.p99_us) {
         s += &format!("  p50 {p50:.0} us  p99 {p99:.0} us");
     }
@@ -851,6 +875,19 @@ fn measure_one(
             opts.threads,
             duration,
         )?),
+        Measure::ConnectionLatency | Measure::RequestLatency => {
+            let stats = if measure == Measure::ConnectionLatency {
+                load::connection_rate(pod, &route.tcp, 1, 1, duration)?
+            } else {
+                load::request_rate(pod, &route.tcp, 1, 1, duration)?
+            };
+            Record {
+                value: stats
+                    .latency_us(0.99)
+                    .context("not one operation completed")?,
+                ..from_ops(stats)
+            }
+        }
         Measure::TcpThroughput => {
             let (bytes, elapsed) = load::tcp_stream(pod, route.tcp[0], duration)?;
             Record {
@@ -980,9 +1017,12 @@ mod tests {
         };
         let mut opts = TrafficOpts::quick(agent_bin);
         let list = |var: &str| -> Option<Vec<String>> {
-            std::env::var(var)
-                .ok()
-                .map(|v| v.split(',').map(str::to_owned).collect())
+            std::env::var(var).ok().map(|v| {
+                v.split(',')
+                    .filter(|item| !item.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
         };
         if let Some(sizes) = list("XP_TRAFFIC_SIZES") {
             opts.sizes = sizes.iter().map(|n| n.parse()).collect::<Result<_, _>>()?;
@@ -1008,6 +1048,7 @@ mod tests {
             opts.request_time = secs;
             opts.stream_time = secs;
             opts.udp_time = secs;
+            opts.latency_time = secs;
         }
         opts.nftables_max_services = opts.nftables_max_services.max(
             std::env::var("XP_TRAFFIC_NFT_MAX")
