@@ -1183,8 +1183,13 @@ fn pod_traffic_is_translated_at_the_pod_veth_before_netfilter() {
     );
     let run = dp.tc_pod(node.pod_if, &other);
     assert_eq!((run.verdict, run.out == other), (TC_ACT_OK, true));
-    // A Service without endpoints answers the pod directly.
+    // A Service without endpoints answers the pod directly (a new flow: a new source port).
     empty_service(&mut dp, PROTO_TCP);
+    let syn = frame(
+        POD_MAC,
+        [0x02, 0, 0, 0, 0x01, 0x01],
+        &Ip::new(POD_V4, CLUSTER_IP, TCP).wrap(tcp_seg(40101, 80, 1, 0, SYN, &[]), false),
+    );
     let run = dp.tc_pod(node.pod_if, &syn);
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     let d = decode(&run.out);
