@@ -245,4 +245,27 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A ConfigMap mount: the files are symlinks through `..data`, which is swapped to a new
+    /// directory; inotify names only `..data` and the directories, never the files.
+    #[tokio::test]
+    async fn a_configmap_swap_is_found_by_a_rescan() {
+        use std::os::unix::fs::symlink;
+        let dir = std::env::temp_dir().join(format!("extproxy-cm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("..v1")).unwrap();
+        std::fs::write(dir.join("..v1/svc.yaml"), "kind: Service\n").unwrap();
+        symlink("..v1", dir.join("..data")).unwrap();
+        symlink("..data/svc.yaml", dir.join("svc.yaml")).unwrap();
+        let mut w = DirWatcher::with_debounce(&dir, Duration::from_millis(20)).unwrap();
+        std::fs::create_dir_all(dir.join("..v2")).unwrap();
+        std::fs::write(dir.join("..v2/svc.yaml"), "kind: Service\nmetadata: {}\n").unwrap();
+        symlink("..v2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        let changes = tokio::time::timeout(Duration::from_secs(1), w.next())
+            .await
+            .expect("the swap was missed");
+        assert_eq!(changes.updated, vec![dir.join("svc.yaml")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
