@@ -727,7 +727,22 @@ impl AgentProcess {
         let log_path = topo.dir.join("agent.log");
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let child = Command::new("nsenter")
+        let mut command = Command::new("nsenter");
+        // If this process dies without dropping us (a signal), the agent still gets its SIGINT,
+        // detaches and removes its pins, rather than serving a deleted namespace forever. (The
+        // signal follows the spawning thread, which holds the agent until it is dropped.)
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = command
             .arg(format!("--net=/var/run/netns/{}", topo.node.name))
             .arg(&opts.agent_bin)
             .args(["run", "--iface", "up0", "--manifests"])
@@ -1007,7 +1022,8 @@ mod tests {
     /// The quick mode on its own, until `cargo xtask bench` drives it:
     /// `cargo test -p xtask -- --ignored traffic_quick --nocapture` (as root). For profiling one
     /// case, narrow it: `XP_TRAFFIC_CONTENDERS=extproxy,direct XP_TRAFFIC_SIZES=10000
-    /// XP_TRAFFIC_MEASURES=new_connections XP_TRAFFIC_SECS=20`.
+    /// XP_TRAFFIC_MEASURES=new_connections XP_TRAFFIC_SECS=20`; `XP_TRAFFIC_FULL=1` starts from
+    /// the full mode instead (about 35 minutes).
     #[test]
     #[ignore = "needs root; about three minutes"]
     fn traffic_quick() -> Result<()> {
@@ -1015,7 +1031,11 @@ mod tests {
             Some(p) => PathBuf::from(p),
             None => crate::build_agent(true)?,
         };
-        let mut opts = TrafficOpts::quick(agent_bin);
+        let mut opts = if std::env::var_os("XP_TRAFFIC_FULL").is_some() {
+            TrafficOpts::full(agent_bin)
+        } else {
+            TrafficOpts::quick(agent_bin)
+        };
         let list = |var: &str| -> Option<Vec<String>> {
             std::env::var(var).ok().map(|v| {
                 v.split(',')
@@ -1059,7 +1079,7 @@ mod tests {
         let started = Instant::now();
         let records = run(&opts)?;
         println!(
-            "traffic quick mode took {:.0} s",
+            "traffic benchmark took {:.0} s",
             started.elapsed().as_secs_f64()
         );
         for r in &records {
