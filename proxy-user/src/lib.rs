@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod maps;
 pub mod metrics;
 pub mod pins;
+pub mod podlinks;
 pub mod reconcile;
 pub mod state;
 pub mod translate;

@@ -195,7 +195,18 @@ pub struct Attached {
 }
 
 fn link_pin(dir: &Path, hook: &str, iface: &str) -> PathBuf {
-    dir.join("links").join(format!("{hook}-{iface}"))
+    dir.join("links")
+        .join(format!("{hook}-{}", pin_name(iface)))
+}
+
+/// bpffs refuses names with a dot, which interface names may have (VLANs: `eth0.100`), so dots are
+/// escaped (and the escape character itself, to keep the mapping reversible).
+fn pin_name(iface: &str) -> String {
+    iface.replace('%', "%25").replace('.', "%2e")
+}
+
+fn iface_of_pin(name: &str) -> String {
+    name.replace("%2e", ".").replace("%25", "%")
 }
 
 fn pinned_fd_link(path: &Path) -> Option<FdLink> {
@@ -262,50 +273,11 @@ pub fn attach(
             }
         }
     };
-    let mut tc = |name: &'static str, kind: TcAttachType, path: Option<&Path>| {
-        let prog = tc_program(ebpf, name)?;
-        let err = |source| LoadError::Program { name, source };
-        let taken = path
-            .and_then(pinned_fd_link)
-            .and_then(|l| SchedClassifierLink::try_from(l).ok());
-        if let Some(link) = taken {
-            match prog.attach_to_link(link) {
-                Ok(id) => {
-                    adopted = true;
-                    return Ok(id);
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "cannot take over the pinned {name} link on {iface} ({e}); attaching anew"
-                    );
-                    if let Some(p) = path {
-                        let _ = std::fs::remove_file(p);
-                    }
-                }
-            }
-        }
-        let id = prog.attach(iface, kind).map_err(err)?;
-        match path {
-            Some(p) => {
-                let pin_err = |reason: String| LoadError::PinLink {
-                    hook: name,
-                    path: p.to_owned(),
-                    reason,
-                };
-                let link = prog.take_link(id).map_err(err)?;
-                let pinned = FdLink::try_from(link)
-                    .map_err(|e| pin_err(e.to_string()))?
-                    .pin(p)
-                    .map_err(|e| pin_err(e.to_string()))?;
-                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                    .map_err(|e| pin_err(e.to_string()))?;
-                prog.attach_to_link(link).map_err(err)
-            }
-            None => Ok(id),
-        }
-    };
-    let tc_ingress = tc(PROG_TC_INGRESS, TcAttachType::Ingress, pin(1))?;
-    let tc_egress = tc(PROG_TC_EGRESS, TcAttachType::Egress, pin(2))?;
+    let (tc_ingress, taken) =
+        attach_tc(ebpf, PROG_TC_INGRESS, iface, TcAttachType::Ingress, pin(1))?;
+    adopted |= taken;
+    let (tc_egress, taken) = attach_tc(ebpf, PROG_TC_EGRESS, iface, TcAttachType::Egress, pin(2))?;
+    adopted |= taken;
     Ok(Attached {
         iface: iface.to_owned(),
         xdp: xdp_mode,
@@ -315,6 +287,161 @@ pub fn attach(
         tc_egress,
         pins,
     })
+}
+
+/// Attaches one TC program with tcx, pinning the link at `path` when given. A link pinned there by
+/// an earlier agent is taken over instead (returned flag true), swapping the program in place.
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    iface: &str,
+    kind: TcAttachType,
+    path: Option<&Path>,
+) -> Result<(SchedClassifierLinkId, bool), LoadError> {
+    let prog = tc_program(ebpf, name)?;
+    let err = |source| LoadError::Program { name, source };
+    let taken = path
+        .and_then(pinned_fd_link)
+        .and_then(|l| SchedClassifierLink::try_from(l).ok());
+    if let Some(link) = taken {
+        match prog.attach_to_link(link) {
+            Ok(id) => return Ok((id, true)),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot take over the pinned {name} link on {iface} ({e}); attaching anew"
+                );
+                if let Some(p) = path {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
+    }
+    let id = prog.attach(iface, kind).map_err(err)?;
+    match path {
+        Some(p) => Ok((pin_tc(prog, name, id, p)?, false)),
+        None => Ok((id, false)),
+    }
+}
+
+/// Pins a TC link at `path` and hands it back to the program's ownership.
+fn pin_tc(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    id: SchedClassifierLinkId,
+    path: &Path,
+) -> Result<SchedClassifierLinkId, LoadError> {
+    let err = |source| LoadError::Program { name, source };
+    let pin_err = |reason: String| LoadError::PinLink {
+        hook: name,
+        path: path.to_owned(),
+        reason,
+    };
+    let link = prog.take_link(id).map_err(err)?;
+    let pinned = FdLink::try_from(link)
+        .map_err(|e| pin_err(e.to_string()))?
+        .pin(path)
+        .map_err(|e| pin_err(e.to_string()))?;
+    let link =
+        SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(e.to_string()))?;
+    prog.attach_to_link(link).map_err(err)
+}
+
+/// Where a fresh pod link is pinned before it replaces the old pin (not "tc-pod-", so that it never
+/// reads as an interface name; bpffs allows no dot).
+const POD_PIN_STAGING: &str = "tc-pod+new";
+
+/// The pod-side program attached to one pod's host-side veth.
+#[derive(Debug)]
+pub struct PodAttached {
+    pub iface: String,
+    /// True when a link pinned by an earlier agent was replaced.
+    pub replaced: bool,
+    link: SchedClassifierLinkId,
+    pin: Option<PathBuf>,
+}
+
+/// Attaches `extproxy_tc_pod` to the ingress of a pod's host-side veth, so the pod's packets to a
+/// frontend are translated before netfilter sees them (kube-proxy's nftables mode drops packets
+/// to ClusterIPs it does not serve).
+pub fn attach_pod(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    pin_dir: Option<&Path>,
+) -> Result<PodAttached, LoadError> {
+    // Pod links are never taken over: a veth name can come back with a new ifindex (Calico
+    // derives names from the pod's name), and a pinned link of the old one would take the update
+    // yet filter nothing. A fresh link goes in first and the old pin goes after, so the pod is never
+    // without a program; for that moment tcx runs the old one, which ends the chain.
+    let (link, _) = attach_tc(ebpf, PROG_TC_POD, iface, TcAttachType::Ingress, None)?;
+    let Some(dir) = pin_dir else {
+        return Ok(PodAttached {
+            iface: iface.to_owned(),
+            replaced: false,
+            link,
+            pin: None,
+        });
+    };
+    let links = dir.join("links");
+    std::fs::create_dir_all(&links).map_err(|source| LoadError::Bpffs {
+        path: links,
+        source,
+    })?;
+    let path = link_pin(dir, "tc-pod", iface);
+    let fresh = link_pin(dir, POD_PIN_STAGING, iface);
+    let _ = std::fs::remove_file(&fresh);
+    let prog = tc_program(ebpf, PROG_TC_POD)?;
+    let link = pin_tc(prog, PROG_TC_POD, link, &fresh)?;
+    let replaced = std::fs::remove_file(&path).is_ok();
+    std::fs::rename(&fresh, &path).map_err(|e| LoadError::PinLink {
+        hook: PROG_TC_POD,
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(PodAttached {
+        iface: iface.to_owned(),
+        replaced,
+        link,
+        pin: Some(path),
+    })
+}
+
+/// Detaches a pod link. When the interface is already gone the kernel has released the link and
+/// only the pin is left to remove.
+pub fn detach_pod(ebpf: &mut Ebpf, attached: PodAttached) -> Result<(), LoadError> {
+    if let Some(p) = &attached.pin {
+        let _ = std::fs::remove_file(p);
+    }
+    tc_program(ebpf, PROG_TC_POD)?
+        .detach(attached.link)
+        .map_err(|source| LoadError::Program {
+            name: PROG_TC_POD,
+            source,
+        })
+}
+
+/// Removes pins of pod links whose interface no longer exists (the pod went away while no agent
+/// was running); the link itself died with the interface.
+pub fn prune_pod_pins(pin_dir: &Path, alive: &dyn Fn(&str) -> bool) -> usize {
+    let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_str().unwrap_or_default();
+        if name.starts_with(POD_PIN_STAGING) {
+            // Left by an agent that died between pinning and renaming.
+            let _ = std::fs::remove_file(entry.path());
+            continue;
+        }
+        let Some(iface) = name.strip_prefix("tc-pod-") else {
+            continue;
+        };
+        if !alive(&iface_of_pin(iface)) && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 fn attach_xdp_mode(
@@ -456,4 +583,22 @@ pub fn attach_xdp_pass(iface: &str, pin: &Path) -> Result<(), LoadError> {
         .pin(pin)
         .map_err(|e| pin_err(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_escape_dots_reversibly() {
+        for iface in ["eth0", "eth0.100", "a%2eb", "x.%y"] {
+            let name = pin_name(iface);
+            assert!(!name.contains('.'), "{name}");
+            assert_eq!(iface_of_pin(&name), iface);
+        }
+        assert_eq!(
+            link_pin(Path::new("/p"), "tc-pod", "eth0.100"),
+            Path::new("/p/links/tc-pod-eth0%2e100")
+        );
+    }
 }

@@ -20,6 +20,7 @@ use extproxy::{
     maps::DatapathMaps,
     metrics::{self, DatapathReader, Telemetry},
     pins::{self, Pinned},
+    podlinks::{Patterns, PodLinks},
     reconcile::{self, Reconciler},
     state::{AgentState, DEFAULT_STATE_DIR},
     translate::{self, ClaimPolicy, Incremental, NodeInfo, Settings, Translation},
@@ -156,6 +157,13 @@ struct DatapathArgs {
     /// uplinks (containers, kind), whose peer would hold such frames; TC redirects them there.
     #[arg(long, value_enum, default_value_t = Toggle::Auto)]
     xdp_tx: Toggle,
+    /// Pods' host-side interfaces to translate on as packets leave the pod, before netfilter
+    /// (needed beside kube-proxy in nftables mode, which drops ClusterIPs it does not serve):
+    /// comma-separated names or globs (`veth*`), `auto` for the usual CNI prefixes (veth, cali,
+    /// lxc, eni, azv, gke) or `none`. Interfaces appearing later are picked up. Default: `auto` in
+    /// Kubernetes mode, `none` in manifest mode.
+    #[arg(long, value_name = "PATTERNS")]
+    pod_ifaces: Option<String>,
     /// bpffs directory for the maps (mounted at /sys/fs/bpf if needed).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
@@ -407,6 +415,7 @@ struct Running {
     ebpf: Ebpf,
     agent: Agent,
     attached: Vec<Attached>,
+    pods: PodLinks,
 }
 
 /// Loads the data path (adopting compatible pinned maps) and builds the agent around it.
@@ -528,6 +537,39 @@ fn attach_all(
     Ok(attached)
 }
 
+/// Attaches the pod program per `--pod-ifaces` and starts following links as they come and go.
+fn attach_pods(
+    ebpf: &mut Ebpf,
+    ifaces: &[String],
+    dp: &DatapathArgs,
+    default: &str,
+) -> anyhow::Result<PodLinks> {
+    let spec = dp.pod_ifaces.as_deref().unwrap_or(default);
+    let patterns = if spec.trim() == "none" {
+        Patterns::default()
+    } else {
+        Patterns::parse(spec)
+    };
+    if patterns.is_empty() {
+        // A previous agent may have run with pod interfaces: its links must not linger.
+        loader::prune_pod_pins(&dp.pin_dir, &|_| false);
+        return Ok(PodLinks::disabled());
+    }
+    let pods = PodLinks::start(ebpf, patterns.clone(), ifaces, Some(&dp.pin_dir))
+        .context("--pod-ifaces: watching network interfaces")?;
+    let names = pods.names();
+    tracing::info!(
+        "pod interfaces ({patterns}): attached to {}{}",
+        names.len(),
+        if names.is_empty() || names.len() > 8 {
+            String::new()
+        } else {
+            format!(" ({})", names.join(", "))
+        }
+    );
+    Ok(pods)
+}
+
 /// Leaves everything for the next agent (`keep`) or detaches and removes the pins.
 fn finish(running: Running, dp: &DatapathArgs, keep: bool) -> anyhow::Result<()> {
     if keep {
@@ -542,7 +584,9 @@ fn finish(running: Running, dp: &DatapathArgs, keep: bool) -> anyhow::Result<()>
         mut ebpf,
         agent,
         attached,
+        pods,
     } = running;
+    pods.detach_all(&mut ebpf);
     for a in attached {
         let iface = a.iface.clone();
         loader::detach(&mut ebpf, a).with_context(|| format!("detaching from {iface}"))?;
@@ -671,6 +715,7 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
     host::release_free_memory();
 
     let attached = attach_all(&mut ebpf, ifaces, dp)?;
+    let mut pods = attach_pods(&mut ebpf, ifaces, dp, "none")?;
     tracing::info!("extproxy is running; watching {}", manifests.display());
 
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -700,6 +745,7 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
                     applied.elapsed.as_secs_f64() * 1e3
                 );
             }
+            events = pods.next() => pods.handle(&mut ebpf, events),
             _ = gc.tick() => sweep(&mut agent, &telemetry),
             _ = flush.tick() => agent.flush_state(),
         }
@@ -709,6 +755,7 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
         ebpf,
         agent,
         attached,
+        pods,
     };
     finish(running, dp, dp.keep_on_exit)
 }
@@ -782,10 +829,12 @@ async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     // Attach before the first sync: a previous agent's links are taken over at once (its maps
     // keep forwarding until the cluster is known again); fresh maps pass everything meanwhile.
     let attached = attach_all(&mut ebpf, ifaces, dp)?;
+    let pods = attach_pods(&mut ebpf, ifaces, dp, "auto")?;
     let mut running = Running {
         ebpf,
         agent,
         attached,
+        pods,
     };
     let default_listen: SocketAddr = metrics::DEFAULT_METRICS_ADDRESS.parse()?;
     start_metrics(
@@ -827,6 +876,7 @@ async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
                     trimmed = true;
                 }
             }
+            events = running.pods.next() => running.pods.handle(&mut running.ebpf, events),
             _ = gc.tick() => sweep(&mut running.agent, &telemetry),
             _ = flush.tick() => running.agent.flush_state(),
         }

@@ -6,9 +6,15 @@
 //! program would see it.
 
 use std::{
+    collections::HashMap,
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
 };
+
+use aya::Ebpf;
+
+use crate::loader::{self, PodAttached};
 
 /// Interface name patterns: `veth*`, `cali*`, `lxc*`, or exact names. `*` matches any run of
 /// characters anywhere in the pattern.
@@ -72,7 +78,9 @@ pub fn list() -> Vec<(u32, String)> {
         if entry.if_index == 0 || entry.if_name.is_null() {
             break;
         }
-        let name = unsafe { std::ffi::CStr::from_ptr(entry.if_name) }.to_string_lossy().into_owned();
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.if_name) }
+            .to_string_lossy()
+            .into_owned();
         out.push((entry.if_index, name));
         cur = unsafe { cur.add(1) };
     }
@@ -80,11 +88,211 @@ pub fn list() -> Vec<(u32, String)> {
     out
 }
 
+/// The pod program on every matching interface, kept so as pods come and go.
+pub struct PodLinks {
+    patterns: Patterns,
+    /// The uplinks: they carry the uplink programs and never the pod one, whatever the patterns.
+    uplinks: Vec<String>,
+    pin_dir: Option<PathBuf>,
+    watch: Option<LinkWatch>,
+    attached: HashMap<String, (u32, PodAttached)>,
+}
+
+impl PodLinks {
+    /// Nothing attached, nothing watched (no `--pod-ifaces`).
+    pub fn disabled() -> Self {
+        PodLinks {
+            patterns: Patterns::default(),
+            uplinks: Vec::new(),
+            pin_dir: None,
+            watch: None,
+            attached: HashMap::new(),
+        }
+    }
+
+    /// Subscribes to link notifications first, so no pod created meanwhile is missed, then attaches
+    /// to every matching interface that exists.
+    pub fn start(
+        ebpf: &mut Ebpf,
+        patterns: Patterns,
+        uplinks: &[String],
+        pin_dir: Option<&Path>,
+    ) -> io::Result<Self> {
+        if patterns.is_empty() {
+            return Ok(Self::disabled());
+        }
+        let mut links = PodLinks {
+            patterns,
+            uplinks: uplinks.to_vec(),
+            pin_dir: pin_dir.map(Path::to_owned),
+            watch: Some(LinkWatch::new()?),
+            attached: HashMap::new(),
+        };
+        links.resync(ebpf);
+        Ok(links)
+    }
+
+    pub fn len(&self) -> usize {
+        self.attached.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.attached.is_empty()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.attached.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// The next link events; never resolves when disabled.
+    pub async fn next(&self) -> Vec<LinkEvent> {
+        let Some(watch) = &self.watch else {
+            return std::future::pending().await;
+        };
+        match watch.next().await {
+            Ok(events) => events,
+            Err(err) => {
+                tracing::warn!("reading link notifications: {err}; listing links again");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                vec![LinkEvent::Overrun]
+            }
+        }
+    }
+
+    pub fn handle(&mut self, ebpf: &mut Ebpf, events: Vec<LinkEvent>) {
+        for event in events {
+            match event {
+                LinkEvent::New { index, name } => {
+                    if self.link_up(ebpf, index, &name) {
+                        tracing::info!("pod interface {name} appeared: attached");
+                    }
+                }
+                LinkEvent::Deleted { index, name } => {
+                    if self.attached.get(&name).is_some_and(|(i, _)| *i == index) {
+                        self.release(ebpf, &name, "went away");
+                        tracing::info!("pod interface {name} went away: detached");
+                    }
+                }
+                LinkEvent::Overrun => {
+                    tracing::info!("link notifications were lost; listing links again");
+                    self.resync(ebpf)
+                }
+            }
+        }
+    }
+
+    /// Makes the attached set match the interfaces that exist now.
+    pub fn resync(&mut self, ebpf: &mut Ebpf) {
+        let now = list();
+        let gone: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(name, (index, _))| !now.iter().any(|(i, n)| i == index && n == *name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            self.release(ebpf, &name, "went away");
+        }
+        for (index, name) in &now {
+            self.link_up(ebpf, *index, name);
+        }
+        if let Some(dir) = &self.pin_dir {
+            let removed = loader::prune_pod_pins(dir, &|iface| self.attached.contains_key(iface));
+            if removed > 0 {
+                tracing::info!("removed {removed} pin(s) of pod interfaces that no longer exist");
+            }
+        }
+    }
+
+    /// Attaches to `name` if it matches and is not attached yet; true when it attached now.
+    fn link_up(&mut self, ebpf: &mut Ebpf, index: u32, name: &str) -> bool {
+        // A rename keeps the index: the old name's entry is stale.
+        let renamed: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(n, (i, _))| *i == index && n.as_str() != name)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for old in renamed {
+            self.release(ebpf, &old, "was renamed");
+        }
+        if !self.patterns.matches(name) || self.uplinks.iter().any(|u| u == name) {
+            return false;
+        }
+        match self.attached.get(name) {
+            Some((i, _)) if *i == index => return false,
+            Some(_) => self.release(ebpf, name, "was replaced"),
+            None => {}
+        }
+        match loader::attach_pod(ebpf, name, self.pin_dir.as_deref()) {
+            Ok(a) => {
+                tracing::debug!(
+                    "pod interface {name}: {}",
+                    if a.replaced {
+                        "replaced the previous agent's program"
+                    } else {
+                        "attached"
+                    }
+                );
+                self.attached.insert(name.to_owned(), (index, a));
+                true
+            }
+            // Pods come and go quickly; one that vanished before we got to it is no error.
+            Err(err) if !interface_exists(name) => {
+                tracing::debug!("pod interface {name} went away before attaching: {err}");
+                false
+            }
+            Err(err) => {
+                tracing::warn!(
+                    "pod interface {name}: attaching failed: {err}; its packets to frontends are \
+                     translated on the uplink instead, where kube-proxy's nftables mode may drop \
+                     them"
+                );
+                false
+            }
+        }
+    }
+
+    fn release(&mut self, ebpf: &mut Ebpf, name: &str, why: &str) {
+        let Some((_, a)) = self.attached.remove(name) else {
+            return;
+        };
+        // The kernel already unhooked a deleted interface's link; only the pin needs removing.
+        if let Err(err) = loader::detach_pod(ebpf, a) {
+            tracing::debug!("pod interface {name} {why}; detaching: {err}");
+        } else {
+            tracing::debug!("pod interface {name} {why}; detached");
+        }
+    }
+
+    /// Detaches from every pod interface (and removes the pins).
+    pub fn detach_all(mut self, ebpf: &mut Ebpf) {
+        let names: Vec<String> = self.attached.keys().cloned().collect();
+        for name in names {
+            self.release(ebpf, &name, "is being left");
+        }
+    }
+}
+
+fn interface_exists(name: &str) -> bool {
+    std::ffi::CString::new(name).is_ok_and(|c| unsafe { libc::if_nametoindex(c.as_ptr()) } != 0)
+}
+
 /// A link appearing or going away.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkEvent {
-    New { index: u32, name: String },
-    Deleted { index: u32, name: String },
+    New {
+        index: u32,
+        name: String,
+    },
+    Deleted {
+        index: u32,
+        name: String,
+    },
+    /// The kernel dropped notifications (socket buffer overrun): list the links again.
+    Overrun,
 }
 
 /// A netlink socket subscribed to link notifications (RTMGRP_LINK).
@@ -125,9 +333,12 @@ impl LinkWatch {
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(LinkWatch {
-            fd: tokio::io::unix::AsyncFd::new(fd)?,
-        })
+        // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(io::Error::from)?;
+        Ok(LinkWatch { fd })
     }
 
     /// The next batch of link events (cancellation safe: a message is read only when ready).
@@ -136,13 +347,21 @@ impl LinkWatch {
         loop {
             let mut guard = self.fd.readable().await?;
             let n = unsafe {
-                libc::recv(self.fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                libc::recv(
+                    self.fd.get_ref().as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                )
             };
             if n < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::WouldBlock {
                     guard.clear_ready();
                     continue;
+                }
+                if err.raw_os_error() == Some(libc::ENOBUFS) {
+                    return Ok(vec![LinkEvent::Overrun]);
                 }
                 return Err(err);
             }
@@ -211,7 +430,14 @@ mod tests {
         assert!(p.matches("pod0"));
         assert!(!p.matches("pod01") && !p.matches("eth0"));
         let auto = Patterns::parse("auto");
-        for name in ["veth9f8e", "cali12ab", "lxc_health", "eni3a", "azv1", "gke55"] {
+        for name in [
+            "veth9f8e",
+            "cali12ab",
+            "lxc_health",
+            "eni3a",
+            "azv1",
+            "gke55",
+        ] {
             assert!(auto.matches(name), "{name}");
         }
         assert!(!auto.matches("eth0") && !auto.matches("cni0") && !auto.matches("lo"));
@@ -248,8 +474,14 @@ mod tests {
         assert_eq!(
             parse(&buf),
             vec![
-                LinkEvent::New { index: 7, name: "veth0abc".into() },
-                LinkEvent::Deleted { index: 5, name: "cali1".into() },
+                LinkEvent::New {
+                    index: 7,
+                    name: "veth0abc".into()
+                },
+                LinkEvent::Deleted {
+                    index: 5,
+                    name: "cali1".into()
+                },
             ]
         );
         assert!(parse(&buf[..10]).is_empty());

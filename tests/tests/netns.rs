@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use extproxy_tests::agent::*;
+use extproxy_tests::{agent::*, sh};
 
 const SETTLE: Duration = Duration::from_secs(5);
 
@@ -235,13 +235,9 @@ fn no_endpoints_is_refused_not_black_holed() {
         start.elapsed() < Duration::from_secs(1),
         "refused at once, not after a timeout"
     );
-    let err = tcp_once(&t.ext.name, Some(CLIENT), NODE, 30080)
-        .err()
-        .expect("refused");
+    let err = tcp_once(&t.ext.name, Some(CLIENT), NODE, 30080).expect_err("refused");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
-    let err = udp_once(&t.pod.name, None, "10.96.0.10", 53)
-        .err()
-        .expect("port unreachable");
+    let err = udp_once(&t.pod.name, None, "10.96.0.10", 53).expect_err("port unreachable");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
     assert!(agent.counter("no_endpoints") >= 3);
 }
@@ -323,7 +319,8 @@ fn a_restarted_agent_keeps_established_connections() {
     let t = Topology::new("restart");
     let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080), (EP2, 8080)]);
     t.write_manifest("svc.yaml", &service_yaml("sticky", "", &ready(EP1)));
-    let agent = t.start_agent(&["--keep-on-exit"]);
+    // The pod's packets go through the pod program, whose link is pinned too.
+    let agent = t.start_agent(&["--keep-on-exit", "--pod-ifaces", "pod0"]);
     let mut long =
         TcpClient::connect(&t.pod.name, None, "10.96.0.10", 80, Duration::from_secs(3)).unwrap();
     assert_eq!(long.exchange("before").unwrap().endpoint, ip(EP1));
@@ -337,9 +334,14 @@ fn a_restarted_agent_keeps_established_connections() {
         &service_yaml("sticky", "", &(ready(EP1) + &ready(EP2))),
     );
 
-    let agent = t.start_agent(&["--keep-on-exit"]);
+    let agent = t.start_agent(&["--keep-on-exit", "--pod-ifaces", "pod0"]);
     let log = agent.log_text();
     assert!(log.contains("adopting the maps pinned"), "{log}");
+    assert_eq!(
+        pod_links(&t),
+        ["tc-pod-pod0"],
+        "the old pod link was replaced"
+    );
     assert!(log.contains("took over the programs"), "{log}");
     assert_eq!(
         long.exchange("after").unwrap().endpoint,
@@ -430,4 +432,85 @@ fn the_seed_articles_manifests_unchanged() {
         (seen.peer_ip, seen.endpoint),
         (ip(NODE), ip("10.240.0.129"))
     );
+}
+
+/// kube-proxy's nftables mode, as it sets up every node: new connections to ClusterIPs it does not
+/// serve are dropped in the forward and output hooks.
+const KUBE_PROXY_NFT: &str = "table ip kube-proxy {
+  set cluster-ips { type ipv4_addr; elements = { 10.96.0.1 }; }
+  chain cluster-ips-check { ip daddr @cluster-ips reject; ip daddr { 10.96.0.0/16 } drop; }
+  chain filter-forward { type filter hook forward priority filter; policy accept; ct state new jump cluster-ips-check; }
+  chain filter-output { type filter hook output priority filter; policy accept; ct state new jump cluster-ips-check; }
+}";
+
+fn pod_links(t: &Topology) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(t.pin_dir().join("links"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("tc-pod"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn pods_reach_services_beside_kube_proxy_in_nftables_mode() {
+    let t = Topology::new("nftpod");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080), (EP1, 5353)]);
+    t.write_manifest("svc.yaml", &service_yaml("beside", "", &ready(EP1)));
+    let rules = t.dir.join("kube-proxy.nft");
+    std::fs::write(&rules, KUBE_PROXY_NFT).unwrap();
+    t.node.sh(&format!("nft -f {}", rules.display()));
+
+    // Translating only on the uplink is too late: the forward hook drops the pod's packets first.
+    let agent = t.start_agent(&["--pod-ifaces", "none"]);
+    let err = TcpClient::connect(&t.pod.name, None, "10.96.0.10", 80, Duration::from_secs(2))
+        .err()
+        .expect("kube-proxy's rules drop it");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    drop(agent);
+
+    let agent = t.start_agent(&["--pod-ifaces", "pod*"]);
+    assert!(
+        agent
+            .log_text()
+            .contains("pod interfaces (pod*): attached to 1 (pod0)"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(pod_links(&t), ["tc-pod-pod0"]);
+    assert_snat(&tcp_once(&t.pod.name, None, "10.96.0.10", 80).unwrap(), EP1);
+    assert_snat(&udp_once(&t.pod.name, None, "10.96.0.10", 53).unwrap(), EP1);
+    // Outside clients still come in through the uplink programs.
+    assert_snat(
+        &tcp_once(&t.ext.name, Some(CLIENT), NODE, 30080).unwrap(),
+        EP1,
+    );
+
+    // The pod is recreated: a new interface under the same name (and a new index), as Calico's
+    // name-derived veths do. The agent follows without a restart.
+    t.node.sh("ip link del pod0");
+    agent.wait_for_log("pod interface pod0 went away: detached", SETTLE);
+    assert!(pod_links(&t).is_empty(), "the dead link's pin is removed");
+    sh(&format!(
+        "ip link add pod0 netns {} type veth peer name eth0 netns {}",
+        t.node.name, t.pod.name
+    ));
+    t.node.sh(
+        "ip link set pod0 up; ip addr add 10.244.0.1/24 dev pod0; ethtool -K pod0 tx off >/dev/null",
+    );
+    t.pod.sh(
+        "ip link set eth0 up; ip addr add 10.244.0.5/24 dev eth0; ip route add default via 10.244.0.1
+         ethtool -K eth0 tx off >/dev/null",
+    );
+    agent.wait_for_log("pod interface pod0 appeared: attached", SETTLE);
+    assert_eq!(pod_links(&t), ["tc-pod-pod0"]);
+    assert_snat(&tcp_once(&t.pod.name, None, "10.96.0.10", 80).unwrap(), EP1);
+
+    let log = agent.stop();
+    assert!(log.contains("detached and cleaned up"), "{log}");
+    assert!(pod_links(&t).is_empty());
 }
