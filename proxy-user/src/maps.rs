@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::Key;
-use aya::maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{
+    Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+};
 use aya::sys::SyscallError;
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, Config, Counter, CtKey, CtValue,
@@ -306,6 +308,20 @@ impl DatapathMaps {
     }
 }
 
+impl DatapathMaps {
+    /// Service ids are reused: a new Service must not inherit the counters of the one before.
+    fn zero_service_stats(&mut self, id: u32) -> Result<(), MapError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, io_error)| {
+            MapError::SyscallError(SyscallError {
+                call: "nr_cpus",
+                io_error,
+            })
+        })?;
+        let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); cpus])?;
+        self.svc_stats.set(id, zeros, 0)
+    }
+}
+
 /// A missing entry on delete means the map already is as wanted.
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
@@ -325,7 +341,9 @@ impl MapWriter for DatapathMaps {
             MapOp::PutFrontend(key, value) => self.frontends.insert(key, value, 0),
             MapOp::DeleteFrontend(key) => ignore_missing(self.frontends.remove(&key)),
             MapOp::PutService(id, value) => self.services.insert(id, value, 0),
-            MapOp::DeleteService(id) => ignore_missing(self.services.remove(&id)),
+            MapOp::DeleteService(id) => {
+                ignore_missing(self.services.remove(&id)).and_then(|()| self.zero_service_stats(id))
+            }
             MapOp::PutSlot(key, backend_id) => self.slots.insert(key, backend_id, 0),
             MapOp::DeleteSlot(key) => ignore_missing(self.slots.remove(&key)),
             MapOp::PutBackend(id, value) => self.backends.set(id, value, 0),
