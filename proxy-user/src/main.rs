@@ -5,7 +5,7 @@ use std::{
     ops::RangeInclusive,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -418,8 +418,31 @@ struct Running {
     pods: PodLinks,
 }
 
-/// Loads the data path (adopting compatible pinned maps) and builds the agent around it.
-fn start(dp: &DatapathArgs, ifaces: &[String], state: AgentState) -> anyhow::Result<(Ebpf, Agent)> {
+/// The data path's programs, being verified on other threads; the maps are usable meanwhile.
+struct Verifying {
+    thread: std::thread::JoinHandle<Result<Ebpf, loader::LoadError>>,
+    started: Instant,
+}
+
+impl Verifying {
+    /// The loaded object once every program is verified, and how long verifying took.
+    fn wait(self) -> anyhow::Result<(Ebpf, Duration)> {
+        let ebpf = match self.thread.join() {
+            Ok(result) => result.context("loading the data path")?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        Ok((ebpf, self.started.elapsed()))
+    }
+}
+
+/// Loads the data path (adopting compatible pinned maps) and builds the agent around it. The
+/// kernel verifies the programs in the background: the maps can be programmed meanwhile, which
+/// hides most of a cold start's verification time.
+fn start(
+    dp: &DatapathArgs,
+    ifaces: &[String],
+    state: AgentState,
+) -> anyhow::Result<(Verifying, Agent)> {
     let limits = Limits {
         max_services: dp.max_services,
         max_frontends: dp.max_frontends,
@@ -455,7 +478,8 @@ fn start(dp: &DatapathArgs, ifaces: &[String], state: AgentState) -> anyhow::Res
             false
         }
     };
-    let mut ebpf = loader::load(&limits, Some(&dp.pin_dir)).context("loading the data path")?;
+    let mut ebpf =
+        loader::create_maps(&limits, Some(&dp.pin_dir)).context("loading the data path")?;
     let xdp_tx = match dp.xdp_tx {
         Toggle::On => true,
         Toggle::Off => false,
@@ -502,7 +526,12 @@ fn start(dp: &DatapathArgs, ifaces: &[String], state: AgentState) -> anyhow::Res
         Reconciler::new(rlimits)
     };
     let agent = Agent::new(maps, reconciler, config, dp.state_dir.clone(), state);
-    Ok((ebpf, agent))
+    let started = Instant::now();
+    let thread = std::thread::Builder::new()
+        .name("verifier".into())
+        .spawn(move || loader::load_programs(&mut ebpf).map(|()| ebpf))
+        .context("starting the program loader")?;
+    Ok((Verifying { thread, started }, agent))
 }
 
 fn attach_all(
@@ -677,8 +706,8 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
         node_addresses: node_addresses.clone(),
         ..AgentState::default()
     };
-    let started = std::time::Instant::now();
-    let (mut ebpf, mut agent) = start(dp, ifaces, state)?;
+    let started = Instant::now();
+    let (verifying, mut agent) = start(dp, ifaces, state)?;
     let loaded = started.elapsed();
     let telemetry = Telemetry::new(stall_after(dp.gc_interval));
     start_metrics(args.kube.metrics_address, None, &telemetry, &dp.pin_dir).await?;
@@ -687,7 +716,7 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
     let node = NodeInfo {
         addresses: node_addresses,
     };
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let mut set = ManifestSet::read_dir(&manifests)
         .with_context(|| format!("reading {}", manifests.display()))?;
     let read = started.elapsed();
@@ -696,8 +725,8 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
     set.feed(&mut translator);
     let t = translator.update();
     tracing::info!(
-        "start-up: data path loaded in {:.0} ms, {} manifest file(s) read in {:.0} ms, translated \
-         in {:.0} ms",
+        "start-up: maps created in {:.0} ms, {} manifest file(s) read in {:.0} ms, translated in \
+         {:.0} ms",
         loaded.as_secs_f64() * 1e3,
         set.files().count(),
         read.as_secs_f64() * 1e3,
@@ -714,6 +743,12 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
     );
     host::release_free_memory();
 
+    // Attached only now: the programs must find the maps programmed.
+    let (mut ebpf, verified) = verifying.wait()?;
+    tracing::info!(
+        "start-up: programs verified in {:.0} ms (beside the above)",
+        verified.as_secs_f64() * 1e3
+    );
     let attached = attach_all(&mut ebpf, ifaces, dp)?;
     let mut pods = attach_pods(&mut ebpf, ifaces, dp, "none")?;
     tracing::info!("extproxy is running; watching {}", manifests.display());
@@ -825,7 +860,8 @@ async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
         interfaces: ifaces.to_vec(),
         ..AgentState::default()
     };
-    let (mut ebpf, agent) = start(dp, ifaces, state)?;
+    let (verifying, agent) = start(dp, ifaces, state)?;
+    let (mut ebpf, _) = verifying.wait()?;
     // Attach before the first sync: a previous agent's links are taken over at once (its maps
     // keep forwarding until the cluster is known again); fresh maps pass everything meanwhile.
     let attached = attach_all(&mut ebpf, ifaces, dp)?;

@@ -10,23 +10,21 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Endpoints, Service};
-use k8s_openapi::api::discovery::v1::{
-    Endpoint, EndpointConditions, EndpointPort as SlicePort, EndpointSlice,
-};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::de::DeserializeOwned;
+use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort as SlicePort};
+use serde::de::{DeserializeOwned, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use thiserror::Error;
 
 use crate::diag::{Diagnostic, ObjectRef, Origin, Severity, Site};
+use crate::objects::{EndpointObject, EndpointsObject, Kept, Meta, ServiceObject, SliceObject};
 use crate::translate::{Incremental, Inventory, ObjectKey, SERVICE_NAME_LABEL, Sourced};
 
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 /// The value the control plane's mirroring controller puts in [`MANAGED_BY_LABEL`].
 pub const MIRRORING_CONTROLLER: &str = "endpointslicemirroring-controller.k8s.io";
 /// Endpoints labelled `true` are not mirrored by the control plane, so not by us either.
-const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
+pub(crate) const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 
 #[derive(Debug, Error)]
 pub enum ManifestError {
@@ -77,16 +75,18 @@ struct ParsedFile {
 struct ParsedObject {
     site: Site,
     object: KnownObject,
-    /// For Endpoints: the EndpointSlices it mirrors to, and the problems mirroring found.
-    mirrors: Vec<Arc<EndpointSlice>>,
+    /// For Endpoints: the EndpointSlices it mirrors to (by name), and the problems mirroring
+    /// found.
+    mirrors: Vec<(String, Arc<SliceObject>)>,
     mirror_diagnostics: Vec<Diagnostic>,
 }
 
 #[derive(Clone, Debug)]
 enum KnownObject {
-    Service(Arc<Service>),
-    EndpointSlice(Arc<EndpointSlice>),
-    Endpoints(Arc<Endpoints>),
+    Service(Arc<ServiceObject>),
+    EndpointSlice(Arc<SliceObject>),
+    /// Only its mirrors are used.
+    Endpoints,
 }
 
 /// Files parsed per thread when reading a whole directory: parsing dominates a cold start.
@@ -238,8 +238,7 @@ impl ManifestSet {
                         continue;
                     };
                     let mut fed = Vec::new();
-                    for slice in &winner.mirrors {
-                        let name = slice.metadata.name.clone().unwrap_or_default();
+                    for (name, slice) in &winner.mirrors {
                         let key = ObjectKey::new(&reference.namespace, name);
                         translator.set_slice(
                             key.clone(),
@@ -281,9 +280,8 @@ impl ManifestSet {
                         .slices
                         .insert(key, Sourced::new(slice.clone(), origin));
                 }
-                KnownObject::Endpoints(_) => {
-                    for slice in &winner.mirrors {
-                        let name = slice.metadata.name.clone().unwrap_or_default();
+                KnownObject::Endpoints => {
+                    for (name, slice) in &winner.mirrors {
                         inventory.slices.insert(
                             ObjectKey::new(&reference.namespace, name),
                             Sourced {
@@ -362,10 +360,11 @@ fn parse_file(path: &Path, text: &str) -> ParsedFile {
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));
     if is_json {
         // One JSON value per file; serde_json's errors carry absolute lines already.
-        match serde_json::from_str::<Value>(text) {
-            Ok(value) => {
+        match serde_json::from_str::<&RawValue>(text) {
+            Ok(raw) => {
                 let line = first_content_line(text).unwrap_or(1);
-                parse_object(value, &Origin::document(path, line, 0), "", &mut parsed);
+                let origin = Origin::document(path, line, 0);
+                parse_object(Doc::Raw(raw), &origin, "", None, &mut parsed);
             }
             Err(err) => parsed.diagnostics.push(Diagnostic::new(
                 Severity::Error,
@@ -407,7 +406,7 @@ fn parse_file(path: &Path, text: &str) -> ParsedFile {
         };
         match yaml_to_json(yaml) {
             Ok(Value::Null) => {}
-            Ok(value) => parse_object(value, &origin, "", &mut parsed),
+            Ok(value) => parse_object(Doc::Value(&value), &origin, "", None, &mut parsed),
             Err(message) => parsed.diagnostics.push(Diagnostic::new(
                 Severity::Error,
                 origin,
@@ -542,9 +541,221 @@ fn join_field(prefix: &str, field: &str) -> String {
     }
 }
 
+/// One object's text: a JSON value already built (YAML documents), or the raw text of a JSON
+/// one, read straight into the compact types without building a tree of it first.
+#[derive(Clone, Copy)]
+enum Doc<'a> {
+    Value(&'a Value),
+    Raw(&'a RawValue),
+}
+
+/// What an object says of itself before its type is chosen.
+#[derive(Default)]
+struct Header<'a> {
+    is_object: bool,
+    /// The `kind` key is there (whatever its value).
+    has_kind: bool,
+    kind: Option<String>,
+    api_version: Option<String>,
+    name: Option<String>,
+    namespace: Option<String>,
+    /// None when there is no `items` key.
+    items: Option<Items<'a>>,
+}
+
+enum Items<'a> {
+    List(Vec<Doc<'a>>),
+    Null,
+    Other,
+}
+
+impl<'a> Doc<'a> {
+    fn header(self) -> Header<'a> {
+        match self {
+            Doc::Value(value) => {
+                let Value::Object(map) = value else {
+                    return Header::default();
+                };
+                let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
+                let metadata = map.get("metadata");
+                Header {
+                    is_object: true,
+                    has_kind: map.contains_key("kind"),
+                    kind: text(map.get("kind")),
+                    api_version: text(map.get("apiVersion")),
+                    name: text(metadata.and_then(|m| m.get("name"))),
+                    namespace: text(metadata.and_then(|m| m.get("namespace"))),
+                    items: map.get("items").map(|items| match items {
+                        Value::Array(items) => Items::List(items.iter().map(Doc::Value).collect()),
+                        Value::Null => Items::Null,
+                        _ => Items::Other,
+                    }),
+                }
+            }
+            // The text is valid JSON already: only its shape can fail to be an object's.
+            Doc::Raw(raw) if raw.get().starts_with('{') => {
+                serde_json::from_str::<RawHeader<'a>>(raw.get())
+                    .map(|h| h.0)
+                    .unwrap_or_default()
+            }
+            Doc::Raw(_) => Header::default(),
+        }
+    }
+
+    /// Deserializes the object, naming the field a type error is in.
+    fn deserialize<T: DeserializeOwned>(self) -> Result<T, (String, String)> {
+        // Without tracking the path first: tracking copies every key, and errors are rare.
+        let fast = match self {
+            Doc::Value(value) => T::deserialize(value).ok(),
+            Doc::Raw(raw) => {
+                T::deserialize(&mut serde_json::Deserializer::from_str(raw.get())).ok()
+            }
+        };
+        if let Some(object) = fast {
+            return Ok(object);
+        }
+        let field = |path: &serde_path_to_error::Path| {
+            let path = path.to_string();
+            if path == "." { String::new() } else { path }
+        };
+        match self {
+            Doc::Value(value) => serde_path_to_error::deserialize(value)
+                .map_err(|err| (field(err.path()), err.into_inner().to_string())),
+            Doc::Raw(raw) => {
+                serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(raw.get()))
+                    .map_err(|err| {
+                        let path = field(err.path());
+                        let inner = err.into_inner();
+                        // Positions within the object's own text would only mislead: the diagnostic
+                        // gives the document's line.
+                        let message = inner.to_string();
+                        let suffix = format!(" at line {} column {}", inner.line(), inner.column());
+                        let message = match message.strip_suffix(&suffix) {
+                            Some(m) => m.to_owned(),
+                            None => message,
+                        };
+                        (path, message)
+                    })
+            }
+        }
+    }
+}
+
+/// [`Header`] read from raw JSON text: `kind`, `apiVersion`, `metadata.name`,
+/// `metadata.namespace` and `items` as a JSON value's accessors see them (a later duplicate key
+/// wins, a value of another type reads as absent); everything else skipped unread.
+struct RawHeader<'a>(Header<'a>);
+
+impl<'de> serde::Deserialize<'de> for RawHeader<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct HeaderVisitor;
+        impl<'de> Visitor<'de> for HeaderVisitor {
+            type Value = RawHeader<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut header = Header {
+                    is_object: true,
+                    ..Header::default()
+                };
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match &*key {
+                        "kind" => {
+                            header.has_kind = true;
+                            header.kind = raw_str(map.next_value()?);
+                        }
+                        "apiVersion" => header.api_version = raw_str(map.next_value()?),
+                        "metadata" => {
+                            let raw: &RawValue = map.next_value()?;
+                            (header.name, header.namespace) = if raw.get().starts_with('{') {
+                                serde_json::from_str::<RawMeta>(raw.get())
+                                    .map(|m| (m.name, m.namespace))
+                                    .unwrap_or_default()
+                            } else {
+                                (None, None)
+                            };
+                        }
+                        "items" => {
+                            let raw: &'de RawValue = map.next_value()?;
+                            header.items = Some(match raw.get() {
+                                "null" => Items::Null,
+                                text if text.starts_with('[') => {
+                                    match serde_json::from_str::<Vec<&'de RawValue>>(text) {
+                                        Ok(items) => {
+                                            Items::List(items.into_iter().map(Doc::Raw).collect())
+                                        }
+                                        Err(_) => Items::Other,
+                                    }
+                                }
+                                _ => Items::Other,
+                            });
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(RawHeader(header))
+            }
+        }
+        deserializer.deserialize_map(HeaderVisitor)
+    }
+}
+
+/// `metadata.name` and `metadata.namespace` of raw JSON, when they are strings.
+struct RawMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for RawMeta {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MetaVisitor;
+        impl<'de> Visitor<'de> for MetaVisitor {
+            type Value = RawMeta;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawMeta, A::Error> {
+                let mut meta = RawMeta {
+                    name: None,
+                    namespace: None,
+                };
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match &*key {
+                        "name" => meta.name = raw_str(map.next_value()?),
+                        "namespace" => meta.namespace = raw_str(map.next_value()?),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(meta)
+            }
+        }
+        deserializer.deserialize_map(MetaVisitor)
+    }
+}
+
+/// A raw JSON value as a string, if it is one.
+fn raw_str(raw: &RawValue) -> Option<String> {
+    raw.get()
+        .starts_with('"')
+        .then(|| serde_json::from_str(raw.get()).ok())
+        .flatten()
+}
+
 /// Handles one object (or a `List` of them). `prefix` is the field path of the object within
-/// its document (`items[3]` inside a List).
-fn parse_object(value: Value, origin: &Origin, prefix: &str, out: &mut ParsedFile) {
+/// its document (`items[3]` inside a List); `inherited` the kind and apiVersion a `ServiceList`
+/// style list gives items that name no kind.
+fn parse_object(
+    doc: Doc<'_>,
+    origin: &Origin,
+    prefix: &str,
+    inherited: Option<(&str, Option<&str>)>,
+    out: &mut ParsedFile,
+) {
     let problem = |field: &str, message: String| {
         let field = join_field(prefix, field);
         Diagnostic::new(
@@ -555,14 +766,22 @@ fn parse_object(value: Value, origin: &Origin, prefix: &str, out: &mut ParsedFil
             message,
         )
     };
-    let Value::Object(map) = &value else {
+    let header = doc.header();
+    if !header.is_object {
         out.diagnostics.push(problem(
             "",
             "not a Kubernetes object: expected a mapping with apiVersion, kind and metadata".into(),
         ));
         return;
+    }
+    let (kind, api_version) = match inherited {
+        Some((kind, version)) if !header.has_kind => (
+            Some(kind.to_owned()),
+            version.map(str::to_owned).or(header.api_version),
+        ),
+        _ => (header.kind, header.api_version),
     };
-    let Some(kind) = map.get("kind").and_then(Value::as_str).map(str::to_owned) else {
+    let Some(kind) = kind else {
         out.diagnostics.push(problem(
             "kind",
             "kind is missing: every object needs a kind (Service, EndpointSlice or Endpoints)"
@@ -570,47 +789,30 @@ fn parse_object(value: Value, origin: &Origin, prefix: &str, out: &mut ParsedFil
         ));
         return;
     };
-    let api_version = map
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let metadata = map.get("metadata");
-    let meta_str = |key: &str| {
-        metadata
-            .and_then(|m| m.get(key))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-    };
-    let name = meta_str("name").unwrap_or_default();
-    let namespace = meta_str("namespace");
+    let name = header.name.unwrap_or_default();
+    let namespace = header.namespace;
 
     // `List` (kubectl) or `ServiceList`-style (API responses, whose items carry no kind).
     let item_kind = kind.strip_suffix("List");
     let expected_api_version = match kind.as_str() {
-        _ if kind == "List" || (item_kind.is_some() && map.contains_key("items")) => {
-            match map.get("items") {
-                Some(Value::Array(items)) => {
-                    for (i, item) in items.iter().enumerate() {
-                        let mut item = item.clone();
-                        if let (Some(kind), Value::Object(fields)) =
-                            (item_kind.filter(|k| !k.is_empty()), &mut item)
-                            && !fields.contains_key("kind")
-                        {
-                            fields.insert("kind".into(), Value::String(kind.to_owned()));
-                            if let Some(version) = &api_version {
-                                fields.insert("apiVersion".into(), Value::String(version.clone()));
-                            }
-                        }
+        _ if kind == "List" || (item_kind.is_some() && header.items.is_some()) => {
+            match header.items {
+                Some(Items::List(items)) => {
+                    let inherit = item_kind
+                        .filter(|k| !k.is_empty())
+                        .map(|k| (k, api_version.as_deref()));
+                    for (i, item) in items.into_iter().enumerate() {
                         parse_object(
                             item,
                             origin,
                             &join_field(prefix, &format!("items[{i}]")),
+                            inherit,
                             out,
                         );
                     }
                 }
-                Some(Value::Null) | None => {}
-                Some(_) => out
+                Some(Items::Null) | None => {}
+                Some(Items::Other) => out
                     .diagnostics
                     .push(problem("items", "items must be a list of objects".into())),
             }
@@ -633,7 +835,7 @@ fn parse_object(value: Value, origin: &Origin, prefix: &str, out: &mut ParsedFil
     let namespace = namespace.unwrap_or_else(|| "default".to_owned());
     let site = Site::new(
         origin.clone(),
-        ObjectRef::new(kind.clone(), namespace.clone(), name.clone()),
+        ObjectRef::new(kind.clone(), namespace, name),
     );
     let field_error = |field: &str, message: String| {
         site.diagnostic(Severity::Error, Some(&join_field(prefix, field)), message)
@@ -657,63 +859,41 @@ fn parse_object(value: Value, origin: &Origin, prefix: &str, out: &mut ParsedFil
             return;
         }
     }
-    if name.is_empty() {
+    if site.object.name.is_empty() {
         out.diagnostics.push(field_error(
             "metadata.name",
             "metadata.name is missing: every object needs a name; object ignored".into(),
         ));
         return;
     }
+    let mut mirror_diagnostics = Vec::new();
+    let mut mirrors = Vec::new();
     let object = match kind.as_str() {
-        "Service" => deserialize::<Service>(value).map(|mut s| {
-            set_namespace(&mut s.metadata, &namespace);
-            KnownObject::Service(Arc::new(s))
-        }),
-        "EndpointSlice" => deserialize::<EndpointSlice>(value).map(|mut s| {
-            set_namespace(&mut s.metadata, &namespace);
-            KnownObject::EndpointSlice(Arc::new(s))
-        }),
-        _ => deserialize::<Endpoints>(value).map(|mut e| {
-            set_namespace(&mut e.metadata, &namespace);
-            KnownObject::Endpoints(Arc::new(e))
+        "Service" => doc
+            .deserialize::<ServiceObject>()
+            .map(|s| KnownObject::Service(Arc::new(s))),
+        "EndpointSlice" => doc
+            .deserialize::<SliceObject>()
+            .map(|s| KnownObject::EndpointSlice(Arc::new(s))),
+        _ => doc.deserialize::<EndpointsObject>().map(|endpoints| {
+            mirrors = mirror_endpoints(&endpoints, &site, &mut mirror_diagnostics)
+                .into_iter()
+                .map(|(name, slice)| (name, Arc::new(slice)))
+                .collect();
+            KnownObject::Endpoints
         }),
     };
     match object {
-        Ok(object) => {
-            let mut mirror_diagnostics = Vec::new();
-            let mirrors = match &object {
-                KnownObject::Endpoints(endpoints) => {
-                    mirror_endpoints(endpoints, &site, &mut mirror_diagnostics)
-                        .into_iter()
-                        .map(Arc::new)
-                        .collect()
-                }
-                _ => Vec::new(),
-            };
-            out.objects.push(ParsedObject {
-                site,
-                object,
-                mirrors,
-                mirror_diagnostics,
-            })
-        }
+        Ok(object) => out.objects.push(ParsedObject {
+            site,
+            object,
+            mirrors,
+            mirror_diagnostics,
+        }),
         Err((field, message)) => out
             .diagnostics
             .push(field_error(&field, format!("{message}; object ignored"))),
     }
-}
-
-fn set_namespace(metadata: &mut ObjectMeta, namespace: &str) {
-    metadata.namespace = Some(namespace.to_owned());
-}
-
-/// Deserializes through serde_path_to_error so a type error names the field it is in.
-fn deserialize<T: DeserializeOwned>(value: Value) -> Result<T, (String, String)> {
-    serde_path_to_error::deserialize(value).map_err(|err| {
-        let path = err.path().to_string();
-        let field = if path == "." { String::new() } else { path };
-        (field, err.into_inner().to_string())
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -722,20 +902,15 @@ fn deserialize<T: DeserializeOwned>(value: Value) -> Result<T, (String, String)>
 
 /// Converts legacy Endpoints the way the endpointslicemirroring controller does: one slice per
 /// (set of ports, address family), addresses ready, notReadyAddresses not ready. Subsets with the
-/// same ports share slices. Invalid addresses and ports are reported and skipped.
+/// same ports share slices. Invalid addresses and ports are reported and skipped. Returns each
+/// slice with its name.
 fn mirror_endpoints(
-    endpoints: &Endpoints,
+    endpoints: &EndpointsObject,
     site: &Site,
     diagnostics: &mut Vec<Diagnostic>,
-) -> Vec<EndpointSlice> {
-    let name = endpoints.metadata.name.clone().unwrap_or_default();
-    let skip_mirror = endpoints
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SKIP_MIRROR_LABEL))
-        .is_some_and(|v| v == "true");
-    if skip_mirror {
+) -> Vec<(String, SliceObject)> {
+    let name = &site.object.name;
+    if endpoints.metadata.labels.get(SKIP_MIRROR_LABEL) == Some("true") {
         diagnostics.push(site.info(
             &format!("metadata.labels[{SKIP_MIRROR_LABEL}]"),
             "not mirrored to an EndpointSlice (skip-mirror is true), so extproxy does not use these endpoints",
@@ -744,7 +919,8 @@ fn mirror_endpoints(
     }
 
     // (ports, IPv4 endpoints, IPv6 endpoints), in order of first appearance.
-    let mut groups: Vec<(Vec<SlicePort>, Vec<Endpoint>, Vec<Endpoint>)> = Vec::new();
+    type Group = (Vec<SlicePort>, Vec<EndpointObject>, Vec<EndpointObject>);
+    let mut groups: Vec<Group> = Vec::new();
     for (s, subset) in endpoints.subsets.iter().flatten().enumerate() {
         let mut ports: Vec<SlicePort> = Vec::new();
         for (p, port) in subset.ports.iter().flatten().enumerate() {
@@ -786,17 +962,13 @@ fn mirror_endpoints(
                         continue;
                     }
                 };
-                let endpoint = Endpoint {
+                let endpoint = EndpointObject {
                     addresses: vec![ip.to_string()],
                     conditions: Some(EndpointConditions {
                         ready: Some(ready),
                         serving: None,
                         terminating: None,
                     }),
-                    hostname: address.hostname.clone(),
-                    node_name: address.node_name.clone(),
-                    target_ref: address.target_ref.clone(),
-                    ..Endpoint::default()
                 };
                 let (_, v4, v6) = &mut groups[group];
                 if ip.is_ipv4() { v4 } else { v6 }.push(endpoint);
@@ -810,23 +982,24 @@ fn mirror_endpoints(
             if endpoints.is_empty() {
                 continue;
             }
-            let labels = BTreeMap::from([
-                (SERVICE_NAME_LABEL.to_owned(), name.clone()),
-                (MANAGED_BY_LABEL.to_owned(), MIRRORING_CONTROLLER.to_owned()),
-            ]);
-            slices.push(EndpointSlice {
-                metadata: ObjectMeta {
-                    // '/' cannot appear in a real object name, so this never collides with a
-                    // slice from the manifests.
-                    name: Some(format!("{name}/mirror-{g}-{}", family.to_ascii_lowercase())),
-                    namespace: Some(site.object.namespace.clone()),
-                    labels: Some(labels),
-                    ..ObjectMeta::default()
+            let mut labels = Kept::default();
+            labels.insert(SERVICE_NAME_LABEL, name);
+            labels.insert(MANAGED_BY_LABEL, MIRRORING_CONTROLLER);
+            // '/' cannot appear in a real object name, so this never collides with a slice from
+            // the manifests.
+            let slice_name = format!("{name}/mirror-{g}-{}", family.to_ascii_lowercase());
+            slices.push((
+                slice_name,
+                SliceObject {
+                    metadata: Meta {
+                        labels,
+                        ..Meta::default()
+                    },
+                    address_type: family.to_owned(),
+                    endpoints,
+                    ports: Some(ports.clone()),
                 },
-                address_type: family.to_owned(),
-                endpoints,
-                ports: Some(ports.clone()),
-            });
+            ));
         }
     }
     slices

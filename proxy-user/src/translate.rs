@@ -10,9 +10,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 
+use crate::objects::{
+    ServiceObject as Service, ServicePortObject as ServicePort, ServiceSpecObject as ServiceSpec,
+    SliceObject as EndpointSlice,
+};
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use proxy_common::user::port_net;
 use proxy_common::{Addr, FE_F_SOURCE_RANGES, FrontendKey, FrontendKind, PROTO_TCP, PROTO_UDP};
 
@@ -34,7 +36,7 @@ pub const PROXY_NAME: &str = "extproxy";
 /// Per-Service egress override: comma-separated, at most one address per family.
 pub const EGRESS_IP_ANNOTATION: &str = "extproxy.io/egress-ip";
 /// Deprecated spelling of loadBalancerSourceRanges, still honoured by kube-proxy.
-const LEGACY_SOURCE_RANGES_ANNOTATION: &str =
+pub(crate) const LEGACY_SOURCE_RANGES_ANNOTATION: &str =
     "service.beta.kubernetes.io/load-balancer-source-ranges";
 const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
@@ -429,12 +431,8 @@ impl Translator<'_> {
         let spec = spec_of(service);
         let selector_less = spec
             .and_then(|s| s.selector.as_ref())
-            .is_none_or(|s| s.is_empty());
-        let proxy_label = service
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
+            .is_none_or(|s| s.empty);
+        let proxy_label = service.metadata.labels.get(SERVICE_PROXY_NAME_LABEL);
         let reason = match (self.settings.claim, proxy_label) {
             (ClaimPolicy::Label { .. }, Some(name)) if name == PROXY_NAME => ClaimReason::Label,
             (ClaimPolicy::Label { .. }, Some(name)) => {
@@ -943,8 +941,7 @@ impl Translator<'_> {
                 let annotation = service
                     .metadata
                     .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(LEGACY_SOURCE_RANGES_ANNOTATION))?;
+                    .get(LEGACY_SOURCE_RANGES_ANNOTATION)?;
                 (
                     annotation
                         .split(',')
@@ -1021,12 +1018,7 @@ impl Translator<'_> {
         site: &Site,
         mut facts: ServiceFacts,
     ) -> ServiceFacts {
-        let Some(annotation) = service
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(EGRESS_IP_ANNOTATION))
-        else {
+        let Some(annotation) = service.metadata.annotations.get(EGRESS_IP_ANNOTATION) else {
             return facts;
         };
         let field = format!("metadata.annotations[{EGRESS_IP_ANNOTATION}]");

@@ -16,6 +16,7 @@ use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
 use kube::runtime::watcher;
 
 use crate::diag::Origin;
+use crate::objects::{ServiceObject, SliceObject};
 use crate::translate::{Inventory, ObjectKey, Sourced};
 
 /// One watched resource.
@@ -130,12 +131,12 @@ impl ClusterState {
             services: self
                 .services
                 .keyed()
-                .map(|(k, s)| (k, Sourced::new(s, Origin::Cluster)))
+                .map(|(k, s)| (k, Sourced::new(ServiceObject::from(&*s), Origin::Cluster)))
                 .collect(),
             slices: self
                 .slices
                 .keyed()
-                .map(|(k, s)| (k, Sourced::new(s, Origin::Cluster)))
+                .map(|(k, s)| (k, Sourced::new(SliceObject::from(&*s), Origin::Cluster)))
                 .collect(),
         }
     }

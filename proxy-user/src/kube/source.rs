@@ -21,6 +21,7 @@ use super::events::{EventTracker, Publisher};
 use super::node::{self, NodeFacts, NodeOverrides};
 use crate::agent::Applied;
 use crate::diag::Origin;
+use crate::objects::{ServiceObject, SliceObject};
 use crate::translate::{
     self, ClaimPolicy, ClaimReason, Incremental, NodeInfo, ObjectKey, Settings, Sourced,
     Translation,
@@ -337,11 +338,17 @@ impl KubeSource {
                 translator.reconfigure(&node, &settings);
                 for key in services {
                     let service = self.cluster.service(&key);
-                    translator.set_service(key, service.map(|s| Sourced::new(s, Origin::Cluster)));
+                    translator.set_service(
+                        key,
+                        service.map(|s| Sourced::new(ServiceObject::from(&*s), Origin::Cluster)),
+                    );
                 }
                 for key in slices {
                     let slice = self.cluster.slice(&key);
-                    translator.set_slice(key, slice.map(|s| Sourced::new(s, Origin::Cluster)));
+                    translator.set_slice(
+                        key,
+                        slice.map(|s| Sourced::new(SliceObject::from(&*s), Origin::Cluster)),
+                    );
                 }
             }
             None => {

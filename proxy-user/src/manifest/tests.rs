@@ -84,7 +84,7 @@ fn seed_000_mirrors_the_endpoints_with_an_unnamed_port() {
         mirrored.origin,
         Origin::document("m/000-proxy-service.yaml", 13, 1)
     );
-    let expected: EndpointSlice = serde_json::from_value(serde_json::json!({
+    let expected: SliceObject = serde_json::from_value(serde_json::json!({
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {

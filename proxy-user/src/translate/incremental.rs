@@ -16,8 +16,6 @@ use std::ops::Bound;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use proxy_common::FrontendKey;
 
 use super::{
@@ -26,6 +24,7 @@ use super::{
     explicit_cluster_ips, slice_facts, spec_of,
 };
 use crate::diag::{Diagnostic, ObjectRef, Site};
+use crate::objects::{ServiceObject as Service, SliceObject as EndpointSlice};
 
 /// One value filling handed out (or could not), with what it was asked with: replaying the
 /// request against the values taken now tells whether the answer would still be the same.
@@ -414,12 +413,7 @@ impl Incremental {
             .clone()
             .unwrap_or_else(|| ObjectRef::new("EndpointSlice", &key.namespace, &key.name));
         let site = Site::new(slice.origin.clone(), reported);
-        let label = slice
-            .object
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL));
+        let label = slice.object.metadata.labels.get(SERVICE_NAME_LABEL);
         let mut diagnostics = Vec::new();
         let labelled = label.map(|name| {
             let service = ObjectKey::new(&key.namespace, name);
