@@ -70,8 +70,13 @@ impl Agent {
             .arg(topo.pin_dir())
             .arg("--state-dir")
             .arg(&state_dir)
-            .args(extra)
-            .env("EXTPROXY_LOG", "info")
+            .args(extra);
+        // Every uplink here is a veth, where `--xdp auto` leaves XDP off: the tests want the XDP
+        // program in the path, as on a NIC, unless they choose otherwise.
+        if !extra.contains(&"--xdp") {
+            cmd.args(["--xdp", "driver"]);
+        }
+        cmd.env("EXTPROXY_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(

@@ -304,9 +304,13 @@ fn xdp_tx_fast_path_and_tc_only_mode() {
     );
     drop(agent);
 
-    // No XDP at all: TC ingress does the ingress work.
-    let agent = t.start_agent(&["--xdp", "off"]);
-    assert!(agent.log_text().contains("XDP off"));
+    // The default on a veth uplink is no XDP at all: TC ingress does the ingress work.
+    let agent = t.start_agent(&["--xdp", "auto"]);
+    assert!(
+        agent.log_text().contains("XDP off (a veth"),
+        "{}",
+        agent.log_text()
+    );
     assert_snat(
         &tcp_once(&t.ext.name, Some(CLIENT), NODE, 30080).unwrap(),
         EP1,

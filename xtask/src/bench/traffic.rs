@@ -53,7 +53,7 @@ pub const FIRST_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Contender {
-    /// The real agent with its defaults (XDP auto; on this veth uplink TC redirects, XDP_TX off).
+    /// The real agent with its defaults (XDP auto: off on this veth uplink, TC does everything).
     Extproxy,
     /// kube-proxy's iptables-mode rules through iptables-legacy (x_tables).
     #[serde(rename = "iptables-legacy")]
@@ -213,7 +213,7 @@ pub struct TrafficOpts {
     pub workers: usize,
     /// Client and server threads each (one per core).
     pub threads: usize,
-    /// Appended to `extproxy run` (e.g. `--xdp off` to compare the TC-only path); named in the
+    /// Appended to `extproxy run` (e.g. `--xdp driver` to compare the XDP path); named in the
     /// records' `detail`.
     pub extproxy_args: Vec<String>,
     /// nftables is skipped above this many Services (`nft -f` of 10k takes ~80 s here).
@@ -602,7 +602,7 @@ fn program(
                 .context("manifests were not prepared")?;
             let agent = AgentProcess::start(opts, topo, &manifests.path, plan.services)?;
             let mut detail = String::from(
-                "agent defaults (XDP auto, TC on this veth uplink), --snat-ports 1024-65535",
+                "agent defaults (XDP auto: off on this veth uplink, TC only), --snat-ports 1024-65535",
             );
             for arg in &opts.extproxy_args {
                 detail.push(' ');
