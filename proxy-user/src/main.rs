@@ -767,6 +767,7 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
     );
     let attached = attach_all(&mut ebpf, ifaces, dp)?;
     let mut pods = attach_pods(&mut ebpf, ifaces, dp, "none")?;
+    telemetry.set_pod_interfaces(pods.count());
     tracing::info!("extproxy is running; watching {}", manifests.display());
 
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -796,7 +797,10 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
                     applied.elapsed.as_secs_f64() * 1e3
                 );
             }
-            events = pods.next() => pods.handle(&mut ebpf, events),
+            events = pods.next() => {
+                pods.handle(&mut ebpf, events);
+                telemetry.set_pod_interfaces(pods.count());
+            }
             _ = gc.tick() => sweep(&mut agent, &telemetry),
             _ = flush.tick() => agent.flush_state(),
         }
@@ -882,6 +886,7 @@ async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     // keep forwarding until the cluster is known again); fresh maps pass everything meanwhile.
     let attached = attach_all(&mut ebpf, ifaces, dp)?;
     let pods = attach_pods(&mut ebpf, ifaces, dp, "auto")?;
+    telemetry.set_pod_interfaces(pods.count());
     let mut running = Running {
         ebpf,
         agent,
@@ -928,7 +933,10 @@ async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
                     trimmed = true;
                 }
             }
-            events = running.pods.next() => running.pods.handle(&mut running.ebpf, events),
+            events = running.pods.next() => {
+                running.pods.handle(&mut running.ebpf, events);
+                telemetry.set_pod_interfaces(running.pods.count());
+            }
             _ = gc.tick() => sweep(&mut running.agent, &telemetry),
             _ = flush.tick() => running.agent.flush_state(),
         }

@@ -123,6 +123,8 @@ struct Inner {
     event_errors: u64,
     ct_expired: u64,
     nat_orphans: u64,
+    /// None outside of `--pod-ifaces` (the gauge is not shown then).
+    pod_interfaces: Option<usize>,
     /// Which Service port each service id is, to name the per-service rows.
     service_names: Vec<(u32, ServicePortKey)>,
 }
@@ -161,6 +163,7 @@ impl Telemetry {
                 event_errors: 0,
                 ct_expired: 0,
                 nat_orphans: 0,
+                pod_interfaces: None,
                 service_names: Vec::new(),
             }),
             stall_after,
@@ -265,6 +268,11 @@ impl Telemetry {
     }
 
     /// How many objects of `kind` the agent sees.
+    /// How many pods' interfaces carry the pod program (`--pod-ifaces`), or None when disabled.
+    pub fn set_pod_interfaces(&self, count: Option<usize>) {
+        self.lock().pod_interfaces = count;
+    }
+
     pub fn set_objects(&self, kind: &'static str, count: usize) {
         self.lock().objects.insert(kind, count as u64);
     }
@@ -350,6 +358,14 @@ impl Telemetry {
         for resource in inner.api.keys() {
             let n = inner.api_errors.get(resource).copied().unwrap_or(0);
             out.sample("extproxy_api_errors_total", &[("resource", resource)], n);
+        }
+        if let Some(n) = inner.pod_interfaces {
+            out.family(
+                "extproxy_pod_interfaces",
+                "gauge",
+                "Pods' host-side interfaces the pod program is attached to (--pod-ifaces).",
+            );
+            out.sample("extproxy_pod_interfaces", &[], n);
         }
         out.family(
             "extproxy_objects",
@@ -968,9 +984,15 @@ mod tests {
             snat_range: 4536,
             collect_duration: Duration::ZERO,
         };
+        assert!(
+            !t.render(Some(&stats)).contains("extproxy_pod_interfaces"),
+            "no pod gauge without --pod-ifaces"
+        );
+        t.set_pod_interfaces(Some(5));
         let text = t.render(Some(&stats));
         for line in [
             "extproxy_ready 1",
+            "extproxy_pod_interfaces 5",
             "extproxy_api_connected{resource=\"services\"} 1",
             "extproxy_api_connected{resource=\"nodes\"} 0",
             "extproxy_objects{kind=\"Service\"} 6",

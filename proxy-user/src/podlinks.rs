@@ -140,6 +140,11 @@ impl PodLinks {
         self.attached.is_empty()
     }
 
+    /// How many interfaces carry the pod program; None when `--pod-ifaces` is off.
+    pub fn count(&self) -> Option<usize> {
+        self.watch.as_ref().map(|_| self.attached.len())
+    }
+
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.attached.keys().cloned().collect();
         names.sort();
