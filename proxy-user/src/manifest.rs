@@ -55,8 +55,10 @@ pub fn load_dir(dir: &Path) -> (Inventory, Vec<Diagnostic>) {
 #[derive(Clone, Debug, Default)]
 pub struct ManifestSet {
     files: BTreeMap<PathBuf, ParsedFile>,
-    /// Where each object is defined: (file, index among the file's objects), in order.
-    definitions: HashMap<ObjectRef, BTreeSet<(PathBuf, usize)>>,
+    /// Where each object is defined: (file, index among the file's objects), in order. A sorted
+    /// Vec, not a BTreeSet: almost every object has one definition, and a B-tree leaf per object
+    /// cost more than all the rest of this map at 10k Services.
+    definitions: HashMap<ObjectRef, Vec<(PathBuf, usize)>>,
     /// Objects whose definitions changed since the last [`ManifestSet::feed`].
     touched: BTreeSet<ObjectRef>,
     /// The diagnostics may have changed since the last [`ManifestSet::feed`].
@@ -190,14 +192,22 @@ impl ManifestSet {
         self.diagnostics_dirty |= !file.diagnostics.is_empty();
         for (i, parsed) in file.objects.iter().enumerate() {
             let reference = &parsed.site.object;
-            let definitions = self.definitions.entry(reference.clone()).or_default();
+            let definitions = self
+                .definitions
+                .entry(reference.clone())
+                .or_insert_with(|| Vec::with_capacity(1));
             // With more than one definition, "defined twice" comes or goes.
             let others = definitions.len() - usize::from(!add);
             self.diagnostics_dirty |= others > 0 || !parsed.mirror_diagnostics.is_empty();
+            let at = definitions.binary_search_by(|(p, at)| (p.as_path(), *at).cmp(&(path, i)));
             if add {
-                definitions.insert((path.to_owned(), i));
+                if let Err(at) = at {
+                    definitions.insert(at, (path.to_owned(), i));
+                }
             } else {
-                definitions.remove(&(path.to_owned(), i));
+                if let Ok(at) = at {
+                    definitions.remove(at);
+                }
                 if definitions.is_empty() {
                     self.definitions.remove(reference);
                 }
@@ -353,6 +363,14 @@ fn read_file(path: &Path) -> Option<ParsedFile> {
 // ---------------------------------------------------------------------------------------------
 
 fn parse_file(path: &Path, text: &str) -> ParsedFile {
+    let mut parsed = parse_documents(path, text);
+    // Kept until the file changes: without this, growth slack is a third of a small file's size.
+    parsed.objects.shrink_to_fit();
+    parsed.diagnostics.shrink_to_fit();
+    parsed
+}
+
+fn parse_documents(path: &Path, text: &str) -> ParsedFile {
     let mut parsed = ParsedFile::default();
     let is_json = path
         .extension()
@@ -869,16 +887,21 @@ fn parse_object(
     let mut mirror_diagnostics = Vec::new();
     let mut mirrors = Vec::new();
     let object = match kind.as_str() {
-        "Service" => doc
-            .deserialize::<ServiceObject>()
-            .map(|s| KnownObject::Service(Arc::new(s))),
-        "EndpointSlice" => doc
-            .deserialize::<SliceObject>()
-            .map(|s| KnownObject::EndpointSlice(Arc::new(s))),
+        "Service" => doc.deserialize::<ServiceObject>().map(|mut s| {
+            s.shrink_to_fit();
+            KnownObject::Service(Arc::new(s))
+        }),
+        "EndpointSlice" => doc.deserialize::<SliceObject>().map(|mut s| {
+            s.shrink_to_fit();
+            KnownObject::EndpointSlice(Arc::new(s))
+        }),
         _ => doc.deserialize::<EndpointsObject>().map(|endpoints| {
             mirrors = mirror_endpoints(&endpoints, &site, &mut mirror_diagnostics)
                 .into_iter()
-                .map(|(name, slice)| (name, Arc::new(slice)))
+                .map(|(name, mut slice)| {
+                    slice.shrink_to_fit();
+                    (name, Arc::new(slice))
+                })
                 .collect();
             KnownObject::Endpoints
         }),
