@@ -54,17 +54,19 @@ pub fn load_dir(dir: &Path) -> (Inventory, Vec<Diagnostic>) {
 /// object is in force (the first by file path and document order).
 #[derive(Clone, Debug, Default)]
 pub struct ManifestSet {
-    files: BTreeMap<PathBuf, ParsedFile>,
+    /// Paths and object references are shared (Arc) between this map, `definitions` and the
+    /// parsed objects: at 10k Services their copies were a good part of the agent's memory.
+    files: BTreeMap<Arc<Path>, ParsedFile>,
     /// Where each object is defined: (file, index among the file's objects), in order. A sorted
     /// Vec, not a BTreeSet: almost every object has one definition, and a B-tree leaf per object
     /// cost more than all the rest of this map at 10k Services.
-    definitions: HashMap<ObjectRef, Vec<(PathBuf, usize)>>,
+    definitions: HashMap<Arc<ObjectRef>, Vec<(Arc<Path>, usize)>>,
     /// Objects whose definitions changed since the last [`ManifestSet::feed`].
-    touched: BTreeSet<ObjectRef>,
+    touched: BTreeSet<Arc<ObjectRef>>,
     /// The diagnostics may have changed since the last [`ManifestSet::feed`].
     diagnostics_dirty: bool,
     /// The slices each Endpoints object was last fed as, to take them back when it changes.
-    mirrors_fed: HashMap<ObjectRef, Vec<ObjectKey>>,
+    mirrors_fed: HashMap<Arc<ObjectRef>, Vec<ObjectKey>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -75,12 +77,19 @@ struct ParsedFile {
 
 #[derive(Clone, Debug)]
 struct ParsedObject {
-    site: Site,
+    origin: Origin,
+    reference: Arc<ObjectRef>,
     object: KnownObject,
     /// For Endpoints: the EndpointSlices it mirrors to (by name), and the problems mirroring
     /// found.
     mirrors: Vec<(String, Arc<SliceObject>)>,
     mirror_diagnostics: Vec<Diagnostic>,
+}
+
+impl ParsedObject {
+    fn site(&self) -> Site {
+        Site::new(self.origin.clone(), (*self.reference).clone())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -173,25 +182,26 @@ impl ManifestSet {
     }
 
     pub fn files(&self) -> impl Iterator<Item = &Path> {
-        self.files.keys().map(PathBuf::as_path)
+        self.files.keys().map(|p| &**p)
     }
 
     /// Replaces (Some) or forgets (None) what `path` defines.
     fn set_file(&mut self, path: &Path, file: Option<ParsedFile>) {
-        if let Some(old) = self.files.remove(path) {
-            self.note_file(path, &old, false);
+        if let Some((old_path, old)) = self.files.remove_entry(path) {
+            self.note_file(&old_path, &old, false);
         }
         if let Some(new) = file {
-            self.note_file(path, &new, true);
-            self.files.insert(path.to_owned(), new);
+            let path: Arc<Path> = Arc::from(path);
+            self.note_file(&path, &new, true);
+            self.files.insert(path, new);
         }
     }
 
     /// Adds or removes the definitions of `file`, noting what they touch.
-    fn note_file(&mut self, path: &Path, file: &ParsedFile, add: bool) {
+    fn note_file(&mut self, path: &Arc<Path>, file: &ParsedFile, add: bool) {
         self.diagnostics_dirty |= !file.diagnostics.is_empty();
         for (i, parsed) in file.objects.iter().enumerate() {
-            let reference = &parsed.site.object;
+            let reference = &parsed.reference;
             let definitions = self
                 .definitions
                 .entry(reference.clone())
@@ -199,17 +209,17 @@ impl ManifestSet {
             // With more than one definition, "defined twice" comes or goes.
             let others = definitions.len() - usize::from(!add);
             self.diagnostics_dirty |= others > 0 || !parsed.mirror_diagnostics.is_empty();
-            let at = definitions.binary_search_by(|(p, at)| (p.as_path(), *at).cmp(&(path, i)));
+            let at = definitions.binary_search_by(|(p, at)| (&**p, *at).cmp(&(&**path, i)));
             if add {
                 if let Err(at) = at {
-                    definitions.insert(at, (path.to_owned(), i));
+                    definitions.insert(at, (path.clone(), i));
                 }
             } else {
                 if let Ok(at) = at {
                     definitions.remove(at);
                 }
                 if definitions.is_empty() {
-                    self.definitions.remove(reference);
+                    self.definitions.remove(&**reference);
                 }
             }
             self.touched.insert(reference.clone());
@@ -219,7 +229,7 @@ impl ManifestSet {
     /// The definition in force of `reference`.
     fn winner(&self, reference: &ObjectRef) -> Option<&ParsedObject> {
         let (path, i) = self.definitions.get(reference)?.first()?;
-        self.files.get(path)?.objects.get(*i)
+        self.files.get(&**path)?.objects.get(*i)
     }
 
     /// Hands `translator` every object whose definition in force changed since the last call,
@@ -228,7 +238,7 @@ impl ManifestSet {
         for reference in std::mem::take(&mut self.touched) {
             let winner = self.winner(&reference);
             let key = ObjectKey::new(&reference.namespace, &reference.name);
-            let origin = || winner.map(|w| w.site.origin.clone());
+            let origin = || winner.map(|w| w.origin.clone());
             match (reference.kind.as_str(), winner.map(|w| &w.object)) {
                 ("Service", Some(KnownObject::Service(service))) => {
                     translator.set_service(key, origin().map(|o| Sourced::new(service.clone(), o)));
@@ -254,8 +264,8 @@ impl ManifestSet {
                             key.clone(),
                             Some(Sourced {
                                 object: slice.clone(),
-                                origin: winner.site.origin.clone(),
-                                mirrored_from: Some(reference.clone()),
+                                origin: winner.origin.clone(),
+                                mirrored_from: Some((*reference).clone()),
                             }),
                         );
                         fed.push(key);
@@ -278,7 +288,7 @@ impl ManifestSet {
                 continue;
             };
             let key = ObjectKey::new(&reference.namespace, &reference.name);
-            let origin = winner.site.origin.clone();
+            let origin = winner.origin.clone();
             match &winner.object {
                 KnownObject::Service(service) => {
                     inventory
@@ -297,7 +307,7 @@ impl ManifestSet {
                             Sourced {
                                 object: slice.clone(),
                                 origin: origin.clone(),
-                                mirrored_from: Some(reference.clone()),
+                                mirrored_from: Some((**reference).clone()),
                             },
                         );
                     }
@@ -317,17 +327,17 @@ impl ManifestSet {
             for (i, parsed) in file.objects.iter().enumerate() {
                 let first = self
                     .definitions
-                    .get(&parsed.site.object)
+                    .get(&parsed.reference)
                     .and_then(|d| d.first())
                     .filter(|(p, at)| (p, *at) != (path, i))
-                    .and_then(|(p, at)| self.files.get(p)?.objects.get(*at));
+                    .and_then(|(p, at)| self.files.get(&**p)?.objects.get(*at));
                 match first {
-                    Some(first) => diagnostics.push(parsed.site.diagnostic(
+                    Some(first) => diagnostics.push(parsed.site().diagnostic(
                         Severity::Error,
                         None,
                         format!(
                             "defined twice: this definition is ignored, the first one ({}) is used",
-                            first.site.origin
+                            first.origin
                         ),
                     )),
                     None => diagnostics.extend(parsed.mirror_diagnostics.iter().cloned()),
@@ -908,7 +918,8 @@ fn parse_object(
     };
     match object {
         Ok(object) => out.objects.push(ParsedObject {
-            site,
+            origin: site.origin,
+            reference: Arc::new(site.object),
             object,
             mirrors,
             mirror_diagnostics,
