@@ -153,6 +153,8 @@ impl Agent {
                     family: key.family.name().to_owned(),
                 })
                 .collect();
+            // Kept until the ids change again; the filter leaves collect without an exact size.
+            self.state.services.shrink_to_fit();
         }
         if diagnostics {
             self.state.diagnostics = translation

@@ -1326,7 +1326,7 @@ fn slice_facts(
             None
         }
     };
-    let mut ports = Vec::new();
+    let mut ports = Vec::with_capacity(slice.ports.as_ref().map_or(0, Vec::len));
     for (j, port) in slice.ports.iter().flatten().enumerate() {
         let number = match port.port {
             Some(n) => match u16::try_from(n) {
@@ -1347,7 +1347,7 @@ fn slice_facts(
             number,
         ));
     }
-    let mut endpoints = Vec::new();
+    let mut endpoints = Vec::with_capacity(slice.endpoints.len());
     if let Some(family) = family {
         for (k, endpoint) in slice.endpoints.iter().enumerate() {
             // kube-proxy uses the first address only; the API says they are all the same.
@@ -1392,6 +1392,9 @@ fn slice_facts(
             ));
         }
     }
+    // Facts live as long as the slice: drop the growth slack.
+    ports.shrink_to_fit();
+    endpoints.shrink_to_fit();
     SliceFacts {
         family,
         ports,
