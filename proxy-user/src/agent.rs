@@ -146,9 +146,9 @@ impl Agent {
                 .filter(|(key, _)| desired.services.contains_key(*key))
                 .map(|(key, id)| ServiceName {
                     id,
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
-                    port_name: key.port_name.clone(),
+                    namespace: key.namespace.to_string(),
+                    name: key.name.to_string(),
+                    port_name: key.port_name.to_string(),
                     protocol: key.protocol.name().to_owned(),
                     family: key.family.name().to_owned(),
                 })

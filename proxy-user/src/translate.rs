@@ -212,9 +212,11 @@ impl Protocol {
 /// families, so a dual-stack Service port is two).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortKey {
-    pub namespace: String,
-    pub name: String,
-    pub port_name: String,
+    /// Shared, not copied: the translation, the translator's bookkeeping and the reconciler
+    /// each keep every key, and at 10k Services the copies of these short strings added up.
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub port_name: Arc<str>,
     pub protocol: Protocol,
     pub family: IpFamily,
 }
@@ -545,13 +547,15 @@ impl Translator<'_> {
                 ));
             }
         }
+        let namespace: Arc<str> = key.namespace.as_str().into();
+        let name: Arc<str> = key.name.as_str().into();
         for port in &ports {
             self.check_port_matches(port, slices, site);
             for &family in &facts.families {
                 let port_key = ServicePortKey {
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
-                    port_name: port.name.clone(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    port_name: port.name.as_str().into(),
                     protocol: port.protocol,
                     family,
                 };

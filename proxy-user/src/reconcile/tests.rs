@@ -18,7 +18,7 @@ fn key(name: &str) -> ServicePortKey {
     ServicePortKey {
         namespace: "default".into(),
         name: name.into(),
-        port_name: String::new(),
+        port_name: "".into(),
         protocol: Protocol::Tcp,
         family: IpFamily::V4,
     }
