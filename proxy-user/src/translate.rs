@@ -47,15 +47,16 @@ const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    /// Shared, not copied: the translator files every key under several indexes.
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
         ObjectKey {
-            namespace: namespace.into(),
-            name: name.into(),
+            namespace: namespace.as_ref().into(),
+            name: name.as_ref().into(),
         }
     }
 }
@@ -547,8 +548,8 @@ impl Translator<'_> {
                 ));
             }
         }
-        let namespace: Arc<str> = key.namespace.as_str().into();
-        let name: Arc<str> = key.name.as_str().into();
+        let namespace = key.namespace.clone();
+        let name = key.name.clone();
         for port in &ports {
             self.check_port_matches(port, slices, site);
             for &family in &facts.families {

@@ -178,7 +178,7 @@ impl Publisher {
         let object = K8sEvent {
             metadata: ObjectMeta {
                 name: Some(name),
-                namespace: Some(event.service.namespace.clone()),
+                namespace: Some(event.service.namespace.to_string()),
                 ..ObjectMeta::default()
             },
             event_time: Some(MicroTime(Timestamp::now())),

@@ -387,7 +387,12 @@ subsets:
                     (e.addresses[0].clone(), ready)
                 })
                 .collect();
-            (k.name.clone(), slice.address_type.clone(), ports, endpoints)
+            (
+                k.name.to_string(),
+                slice.address_type.clone(),
+                ports,
+                endpoints,
+            )
         })
         .collect();
     let pg_m = vec![

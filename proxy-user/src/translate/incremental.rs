@@ -123,7 +123,7 @@ impl SliceEntry {
     fn site(&self, key: &ObjectKey) -> Site {
         let reported = match &self.mirrored_from {
             Some(endpoints) => (**endpoints).clone(),
-            None => ObjectRef::new("EndpointSlice", &key.namespace, &key.name),
+            None => ObjectRef::new("EndpointSlice", &*key.namespace, &*key.name),
         };
         Site::new(self.origin.clone(), reported)
     }
@@ -442,12 +442,15 @@ impl Incremental {
         let reported = slice
             .mirrored_from
             .clone()
-            .unwrap_or_else(|| ObjectRef::new("EndpointSlice", &key.namespace, &key.name));
+            .unwrap_or_else(|| ObjectRef::new("EndpointSlice", &*key.namespace, &*key.name));
         let site = Site::new(slice.origin.clone(), reported);
         let label = slice.object.metadata.labels.get(SERVICE_NAME_LABEL);
         let mut diagnostics = Vec::new();
         let labelled = label.map(|name| {
-            let service = ObjectKey::new(&key.namespace, name);
+            let service = ObjectKey {
+                namespace: key.namespace.clone(),
+                name: name.into(),
+            };
             let facts = slice_facts(&slice.object, &site, &mut diagnostics);
             (service, facts)
         });
@@ -622,7 +625,7 @@ impl Incremental {
             .collect();
         let site = Site::new(
             source.origin.clone(),
-            ObjectRef::new("Service", &key.namespace, &key.name),
+            ObjectRef::new("Service", &*key.namespace, &*key.name),
         );
         let mut t = Translator {
             settings: &self.settings,
