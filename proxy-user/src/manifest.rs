@@ -75,20 +75,57 @@ struct ParsedFile {
     diagnostics: Vec<Diagnostic>,
 }
 
+/// One object of a file. Its origin is kept without the file's path, which the file's entry
+/// has: 10k copies of the path were a good part of the parsed manifests.
 #[derive(Clone, Debug)]
 struct ParsedObject {
-    origin: Origin,
+    line: Option<usize>,
+    document: Option<usize>,
     reference: Arc<ObjectRef>,
     object: KnownObject,
-    /// For Endpoints: the EndpointSlices it mirrors to (by name), and the problems mirroring
-    /// found.
-    mirrors: Vec<(String, Arc<SliceObject>)>,
-    mirror_diagnostics: Vec<Diagnostic>,
 }
 
 impl ParsedObject {
-    fn site(&self) -> Site {
-        Site::new(self.origin.clone(), (*self.reference).clone())
+    fn new(origin: Origin, reference: ObjectRef, object: KnownObject) -> Self {
+        let (line, document) = match origin {
+            Origin::Manifest { line, document, .. } => (line, document),
+            Origin::Cluster => (None, None),
+        };
+        ParsedObject {
+            line,
+            document,
+            reference: Arc::new(reference),
+            object,
+        }
+    }
+
+    /// Where the object is, `file` being the path of the file it was read from.
+    fn origin(&self, file: &Path) -> Origin {
+        Origin::Manifest {
+            file: file.to_owned(),
+            line: self.line,
+            document: self.document,
+        }
+    }
+
+    fn site(&self, file: &Path) -> Site {
+        Site::new(self.origin(file), (*self.reference).clone())
+    }
+
+    /// For Endpoints: the EndpointSlices it mirrors to (by name).
+    fn mirrors(&self) -> &[(String, Arc<SliceObject>)] {
+        match &self.object {
+            KnownObject::Endpoints(mirrored) => &mirrored.slices,
+            _ => &[],
+        }
+    }
+
+    /// For Endpoints: the problems mirroring found.
+    fn mirror_diagnostics(&self) -> &[Diagnostic] {
+        match &self.object {
+            KnownObject::Endpoints(mirrored) => &mirrored.diagnostics,
+            _ => &[],
+        }
     }
 }
 
@@ -96,8 +133,14 @@ impl ParsedObject {
 enum KnownObject {
     Service(Arc<ServiceObject>),
     EndpointSlice(Arc<SliceObject>),
-    /// Only its mirrors are used.
-    Endpoints,
+    /// Only its mirrors are used. Boxed: Services and slices, the many, have none.
+    Endpoints(Box<Mirrored>),
+}
+
+#[derive(Clone, Debug)]
+struct Mirrored {
+    slices: Vec<(String, Arc<SliceObject>)>,
+    diagnostics: Vec<Diagnostic>,
 }
 
 /// Files parsed per thread when reading a whole directory: parsing dominates a cold start.
@@ -208,7 +251,7 @@ impl ManifestSet {
                 .or_insert_with(|| Vec::with_capacity(1));
             // With more than one definition, "defined twice" comes or goes.
             let others = definitions.len() - usize::from(!add);
-            self.diagnostics_dirty |= others > 0 || !parsed.mirror_diagnostics.is_empty();
+            self.diagnostics_dirty |= others > 0 || !parsed.mirror_diagnostics().is_empty();
             let at = definitions.binary_search_by(|(p, at)| (&**p, *at).cmp(&(&**path, i)));
             if add {
                 if let Err(at) = at {
@@ -227,9 +270,9 @@ impl ManifestSet {
     }
 
     /// The definition in force of `reference`.
-    fn winner(&self, reference: &ObjectRef) -> Option<&ParsedObject> {
+    fn winner(&self, reference: &ObjectRef) -> Option<(&Path, &ParsedObject)> {
         let (path, i) = self.definitions.get(reference)?.first()?;
-        self.files.get(&**path)?.objects.get(*i)
+        Some((path, self.files.get(&**path)?.objects.get(*i)?))
     }
 
     /// Hands `translator` every object whose definition in force changed since the last call,
@@ -238,8 +281,8 @@ impl ManifestSet {
         for reference in std::mem::take(&mut self.touched) {
             let winner = self.winner(&reference);
             let key = ObjectKey::new(&reference.namespace, &reference.name);
-            let origin = || winner.map(|w| w.origin.clone());
-            match (reference.kind.as_str(), winner.map(|w| &w.object)) {
+            let origin = || winner.map(|(path, w)| w.origin(path));
+            match (reference.kind.as_str(), winner.map(|(_, w)| &w.object)) {
                 ("Service", Some(KnownObject::Service(service))) => {
                     translator.set_service(key, origin().map(|o| Sourced::new(service.clone(), o)));
                 }
@@ -253,18 +296,18 @@ impl ManifestSet {
                     for old in previous.unwrap_or_default() {
                         translator.set_slice(old, None);
                     }
-                    let Some(winner) = winner else {
+                    let Some((path, winner)) = winner else {
                         self.mirrors_fed.remove(&reference);
                         continue;
                     };
                     let mut fed = Vec::new();
-                    for (name, slice) in &winner.mirrors {
+                    for (name, slice) in winner.mirrors() {
                         let key = ObjectKey::new(&reference.namespace, name);
                         translator.set_slice(
                             key.clone(),
                             Some(Sourced {
                                 object: slice.clone(),
-                                origin: winner.origin.clone(),
+                                origin: winner.origin(path),
                                 mirrored_from: Some((*reference).clone()),
                             }),
                         );
@@ -284,11 +327,11 @@ impl ManifestSet {
     pub fn inventory(&self) -> (Inventory, Vec<Diagnostic>) {
         let mut inventory = Inventory::default();
         for reference in self.definitions.keys() {
-            let Some(winner) = self.winner(reference) else {
+            let Some((path, winner)) = self.winner(reference) else {
                 continue;
             };
             let key = ObjectKey::new(&reference.namespace, &reference.name);
-            let origin = winner.origin.clone();
+            let origin = winner.origin(path);
             match &winner.object {
                 KnownObject::Service(service) => {
                     inventory
@@ -300,8 +343,8 @@ impl ManifestSet {
                         .slices
                         .insert(key, Sourced::new(slice.clone(), origin));
                 }
-                KnownObject::Endpoints => {
-                    for (name, slice) in &winner.mirrors {
+                KnownObject::Endpoints(_) => {
+                    for (name, slice) in winner.mirrors() {
                         inventory.slices.insert(
                             ObjectKey::new(&reference.namespace, name),
                             Sourced {
@@ -330,17 +373,17 @@ impl ManifestSet {
                     .get(&parsed.reference)
                     .and_then(|d| d.first())
                     .filter(|(p, at)| (p, *at) != (path, i))
-                    .and_then(|(p, at)| self.files.get(&**p)?.objects.get(*at));
+                    .and_then(|(p, at)| Some((p, self.files.get(&**p)?.objects.get(*at)?)));
                 match first {
-                    Some(first) => diagnostics.push(parsed.site().diagnostic(
+                    Some((first_path, first)) => diagnostics.push(parsed.site(path).diagnostic(
                         Severity::Error,
                         None,
                         format!(
                             "defined twice: this definition is ignored, the first one ({}) is used",
-                            first.origin
+                            first.origin(first_path)
                         ),
                     )),
-                    None => diagnostics.extend(parsed.mirror_diagnostics.iter().cloned()),
+                    None => diagnostics.extend(parsed.mirror_diagnostics().iter().cloned()),
                 }
             }
         }
@@ -894,8 +937,6 @@ fn parse_object(
         ));
         return;
     }
-    let mut mirror_diagnostics = Vec::new();
-    let mut mirrors = Vec::new();
     let object = match kind.as_str() {
         "Service" => doc.deserialize::<ServiceObject>().map(|mut s| {
             s.shrink_to_fit();
@@ -906,24 +947,24 @@ fn parse_object(
             KnownObject::EndpointSlice(Arc::new(s))
         }),
         _ => doc.deserialize::<EndpointsObject>().map(|endpoints| {
-            mirrors = mirror_endpoints(&endpoints, &site, &mut mirror_diagnostics)
+            let mut diagnostics = Vec::new();
+            let slices = mirror_endpoints(&endpoints, &site, &mut diagnostics)
                 .into_iter()
                 .map(|(name, mut slice)| {
                     slice.shrink_to_fit();
                     (name, Arc::new(slice))
                 })
                 .collect();
-            KnownObject::Endpoints
+            KnownObject::Endpoints(Box::new(Mirrored {
+                slices,
+                diagnostics,
+            }))
         }),
     };
     match object {
-        Ok(object) => out.objects.push(ParsedObject {
-            origin: site.origin,
-            reference: Arc::new(site.object),
-            object,
-            mirrors,
-            mirror_diagnostics,
-        }),
+        Ok(object) => out
+            .objects
+            .push(ParsedObject::new(site.origin, site.object, object)),
         Err((field, message)) => out
             .diagnostics
             .push(field_error(&field, format!("{message}; object ignored"))),
