@@ -146,11 +146,11 @@ impl Agent {
                 .filter(|(key, _)| desired.services.contains_key(*key))
                 .map(|(key, id)| ServiceName {
                     id,
-                    namespace: key.namespace.to_string(),
-                    name: key.name.to_string(),
-                    port_name: key.port_name.to_string(),
-                    protocol: key.protocol.name().to_owned(),
-                    family: key.family.name().to_owned(),
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    port_name: key.port_name.clone(),
+                    protocol: key.protocol.name().into(),
+                    family: key.family.name().into(),
                 })
                 .collect();
             // Kept until the ids change again; the filter leaves collect without an exact size.
