@@ -4,7 +4,8 @@
 //! diagnostic is plain data: comparable in tests and serializable.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +36,8 @@ pub enum Origin {
     /// parser reported); `document` is the 0-based index of the YAML document in the file.
     /// Both are absent for problems with the whole file or directory.
     Manifest {
-        file: PathBuf,
+        /// Shared (Arc): every object of a file and everything made from them name it.
+        file: Arc<Path>,
         line: Option<usize>,
         document: Option<usize>,
     },
@@ -46,7 +48,7 @@ pub enum Origin {
 impl Origin {
     pub fn file(file: impl Into<PathBuf>) -> Self {
         Origin::Manifest {
-            file: file.into(),
+            file: Arc::from(file.into()),
             line: None,
             document: None,
         }
@@ -54,7 +56,7 @@ impl Origin {
 
     pub fn document(file: impl Into<PathBuf>, line: usize, document: usize) -> Self {
         Origin::Manifest {
-            file: file.into(),
+            file: Arc::from(file.into()),
             line: Some(line),
             document: Some(document),
         }

@@ -100,15 +100,15 @@ impl ParsedObject {
     }
 
     /// Where the object is, `file` being the path of the file it was read from.
-    fn origin(&self, file: &Path) -> Origin {
+    fn origin(&self, file: &Arc<Path>) -> Origin {
         Origin::Manifest {
-            file: file.to_owned(),
+            file: file.clone(),
             line: self.line,
             document: self.document,
         }
     }
 
-    fn site(&self, file: &Path) -> Site {
+    fn site(&self, file: &Arc<Path>) -> Site {
         Site::new(self.origin(file), (*self.reference).clone())
     }
 
@@ -270,7 +270,7 @@ impl ManifestSet {
     }
 
     /// The definition in force of `reference`.
-    fn winner(&self, reference: &ObjectRef) -> Option<(&Path, &ParsedObject)> {
+    fn winner(&self, reference: &ObjectRef) -> Option<(&Arc<Path>, &ParsedObject)> {
         let (path, i) = self.definitions.get(reference)?.first()?;
         Some((path, self.files.get(&**path)?.objects.get(*i)?))
     }
