@@ -35,23 +35,24 @@ const KEPT_KEYS: [&str; 6] = [
     LEGACY_SOURCE_RANGES_ANNOTATION,
 ];
 
-/// The labels (or annotations) of an object that extproxy reads, in key order.
+/// The labels (or annotations) of an object that extproxy reads, in key order. Keys are the
+/// static [`KEPT_KEYS`], not copies: nearly every EndpointSlice has one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Kept(Vec<(Box<str>, Box<str>)>);
+pub struct Kept(Vec<(&'static str, Box<str>)>);
 
 impl Kept {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| &**k == key).map(|(_, v)| &**v)
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| &**v)
     }
 
     /// Sets `key` if extproxy reads it (and ignores it otherwise).
     pub fn insert(&mut self, key: &str, value: &str) {
-        if !KEPT_KEYS.contains(&key) {
+        let Some(&key) = KEPT_KEYS.iter().find(|k| **k == key) else {
             return;
-        }
-        match self.0.binary_search_by(|(k, _)| (**k).cmp(key)) {
+        };
+        match self.0.binary_search_by(|(k, _)| (*k).cmp(key)) {
             Ok(at) => self.0[at].1 = value.into(),
-            Err(at) => self.0.insert(at, (key.into(), value.into())),
+            Err(at) => self.0.insert(at, (key, value.into())),
         }
     }
 
@@ -60,7 +61,7 @@ impl Kept {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (&**k, &**v))
+        self.0.iter().map(|(k, v)| (*k, &**v))
     }
 }
 
