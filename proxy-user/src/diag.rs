@@ -3,6 +3,7 @@
 //! The same words end up in logs (manifest mode) and in Kubernetes Events (kube mode), so a
 //! diagnostic is plain data: comparable in tests and serializable.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -83,21 +84,22 @@ impl fmt::Display for Origin {
 /// kinds.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObjectRef {
-    pub kind: String,
-    pub namespace: String,
-    pub name: String,
+    /// Static for the kinds extproxy reads; the names are shared with the keys made from them.
+    pub kind: Cow<'static, str>,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectRef {
     pub fn new(
-        kind: impl Into<String>,
-        namespace: impl Into<String>,
-        name: impl Into<String>,
+        kind: impl Into<Cow<'static, str>>,
+        namespace: impl AsRef<str>,
+        name: impl AsRef<str>,
     ) -> Self {
         ObjectRef {
             kind: kind.into(),
-            namespace: namespace.into(),
-            name: name.into(),
+            namespace: namespace.as_ref().into(),
+            name: name.as_ref().into(),
         }
     }
 }

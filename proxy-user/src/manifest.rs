@@ -4,6 +4,7 @@
 //! Every problem becomes a [`Diagnostic`] and the rest is still served: a malformed document does
 //! not hide the documents around it, and an invalid address does not hide the valid ones.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::IpAddr;
@@ -280,9 +281,12 @@ impl ManifestSet {
     pub fn feed(&mut self, translator: &mut Incremental) {
         for reference in std::mem::take(&mut self.touched) {
             let winner = self.winner(&reference);
-            let key = ObjectKey::new(&reference.namespace, &reference.name);
+            let key = ObjectKey {
+                namespace: reference.namespace.clone(),
+                name: reference.name.clone(),
+            };
             let origin = || winner.map(|(path, w)| w.origin(path));
-            match (reference.kind.as_str(), winner.map(|(_, w)| &w.object)) {
+            match (&*reference.kind, winner.map(|(_, w)| &w.object)) {
                 ("Service", Some(KnownObject::Service(service))) => {
                     translator.set_service(key, origin().map(|o| Sourced::new(service.clone(), o)));
                 }
@@ -330,7 +334,10 @@ impl ManifestSet {
             let Some((path, winner)) = self.winner(reference) else {
                 continue;
             };
-            let key = ObjectKey::new(&reference.namespace, &reference.name);
+            let key = ObjectKey {
+                namespace: reference.namespace.clone(),
+                name: reference.name.clone(),
+            };
             let origin = winner.origin(path);
             match &winner.object {
                 KnownObject::Service(service) => {
@@ -390,6 +397,16 @@ impl ManifestSet {
         // By place, so a file's problems read top to bottom.
         diagnostics.sort_by(|a, b| a.origin.cmp(&b.origin));
         diagnostics
+    }
+}
+
+/// The kinds parsed into objects, as static strings: every parsed object names its kind.
+fn static_kind(kind: &str) -> Cow<'static, str> {
+    match kind {
+        "Service" => Cow::Borrowed("Service"),
+        "EndpointSlice" => Cow::Borrowed("EndpointSlice"),
+        "Endpoints" => Cow::Borrowed("Endpoints"),
+        other => Cow::Owned(other.to_owned()),
     }
 }
 
@@ -906,7 +923,7 @@ fn parse_object(
     let namespace = namespace.unwrap_or_else(|| "default".to_owned());
     let site = Site::new(
         origin.clone(),
-        ObjectRef::new(kind.clone(), namespace, name),
+        ObjectRef::new(static_kind(&kind), namespace, name),
     );
     let field_error = |field: &str, message: String| {
         site.diagnostic(Severity::Error, Some(&join_field(prefix, field)), message)
