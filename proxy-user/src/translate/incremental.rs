@@ -94,6 +94,9 @@ impl Reserved {
                 reserved.node_ports.push(n);
             }
         }
+        // Kept with the Service: drop the growth slack.
+        reserved.ips.shrink_to_fit();
+        reserved.node_ports.shrink_to_fit();
         reserved
     }
 }
