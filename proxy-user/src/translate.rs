@@ -24,9 +24,11 @@ mod alloc;
 mod incremental;
 #[cfg(test)]
 mod tests;
+mod vecmap;
 
 pub use incremental::Incremental;
 use incremental::{Allocation, ServiceOut, World};
+pub use vecmap::VecMap;
 
 /// Label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -254,8 +256,8 @@ pub enum BackendRole {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredService {
-    pub frontends: BTreeMap<FrontendKey, FrontendSpec>,
-    pub backends: BTreeMap<(IpAddr, u16), BackendRole>,
+    pub frontends: VecMap<FrontendKey, FrontendSpec>,
+    pub backends: VecMap<(IpAddr, u16), BackendRole>,
     /// sessionAffinity ClientIP timeout in seconds; 0 = none.
     pub affinity_timeout: u32,
     /// SNAT address; None programs the service to reject (no egress for this family).
@@ -1142,7 +1144,7 @@ impl Translator<'_> {
         let in_family = |ip: &IpAddr| IpFamily::of(ip) == family;
         let cluster_ip = facts.cluster_ips.iter().copied().find(in_family);
         let mut desired = DesiredService {
-            frontends: BTreeMap::new(),
+            frontends: VecMap::new(),
             backends: self.backends(port, family, slices),
             affinity_timeout: facts.affinity_timeout,
             egress: family_egress(facts, family),
@@ -1261,6 +1263,7 @@ impl Translator<'_> {
                 ));
             }
         }
+        desired.frontends.shrink_to_fit();
         desired
     }
 
@@ -1269,7 +1272,7 @@ impl Translator<'_> {
         port: &PortSpec,
         family: IpFamily,
         slices: &[&SliceFacts],
-    ) -> BTreeMap<(IpAddr, u16), BackendRole> {
+    ) -> VecMap<(IpAddr, u16), BackendRole> {
         let proto = port.protocol.name();
         let mut merged: BTreeMap<(IpAddr, u16), Conditions> = BTreeMap::new();
         for slice in slices.iter().filter(|s| s.family == Some(family)) {
