@@ -312,7 +312,7 @@ impl ManifestSet {
                             Some(Sourced {
                                 object: slice.clone(),
                                 origin: winner.origin(path),
-                                mirrored_from: Some((*reference).clone()),
+                                mirrored_from: Some(reference.clone()),
                             }),
                         );
                         fed.push(key);
@@ -357,7 +357,7 @@ impl ManifestSet {
                             Sourced {
                                 object: slice.clone(),
                                 origin: origin.clone(),
-                                mirrored_from: Some((**reference).clone()),
+                                mirrored_from: Some(reference.clone()),
                             },
                         );
                     }

@@ -76,7 +76,8 @@ pub struct Sourced<T> {
     pub object: Arc<T>,
     pub origin: Origin,
     /// For slices made from legacy Endpoints: the Endpoints object, which diagnostics name.
-    pub mirrored_from: Option<ObjectRef>,
+    /// Shared with the source's own reference (Arc): kept with every translated object.
+    pub mirrored_from: Option<Arc<ObjectRef>>,
 }
 
 impl<T> Sourced<T> {

@@ -277,7 +277,11 @@ impl World {
             if old_first.iter().any(|(f, _)| f == frontend) {
                 continue;
             }
-            let claimants = self.claims.entry(*frontend).or_default();
+            // Almost every frontend has one claimant.
+            let claimants = self
+                .claims
+                .entry(*frontend)
+                .or_insert_with(|| Vec::with_capacity(1));
             if let Err(at) = claimants.binary_search(key) {
                 claimants.insert(at, key.clone());
             }
@@ -444,7 +448,8 @@ impl Incremental {
         let Some(slice) = slice else { return };
         let reported = slice
             .mirrored_from
-            .clone()
+            .as_deref()
+            .cloned()
             .unwrap_or_else(|| ObjectRef::new("EndpointSlice", &*key.namespace, &*key.name));
         let site = Site::new(slice.origin.clone(), reported);
         let label = slice.object.metadata.labels.get(SERVICE_NAME_LABEL);
