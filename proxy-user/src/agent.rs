@@ -149,10 +149,12 @@ impl Agent {
                     namespace: key.namespace.clone(),
                     name: key.name.clone(),
                     port_name: key.port_name.clone(),
-                    protocol: key.protocol.name().to_owned(),
-                    family: key.family.name().to_owned(),
+                    protocol: key.protocol.name().into(),
+                    family: key.family.name().into(),
                 })
                 .collect();
+            // Kept until the ids change again; the filter leaves collect without an exact size.
+            self.state.services.shrink_to_fit();
         }
         if diagnostics {
             self.state.diagnostics = translation

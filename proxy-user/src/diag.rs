@@ -3,8 +3,10 @@
 //! The same words end up in logs (manifest mode) and in Kubernetes Events (kube mode), so a
 //! diagnostic is plain data: comparable in tests and serializable.
 
+use std::borrow::Cow;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +37,8 @@ pub enum Origin {
     /// parser reported); `document` is the 0-based index of the YAML document in the file.
     /// Both are absent for problems with the whole file or directory.
     Manifest {
-        file: PathBuf,
+        /// Shared (Arc): every object of a file and everything made from them name it.
+        file: Arc<Path>,
         line: Option<usize>,
         document: Option<usize>,
     },
@@ -46,7 +49,7 @@ pub enum Origin {
 impl Origin {
     pub fn file(file: impl Into<PathBuf>) -> Self {
         Origin::Manifest {
-            file: file.into(),
+            file: Arc::from(file.into()),
             line: None,
             document: None,
         }
@@ -54,7 +57,7 @@ impl Origin {
 
     pub fn document(file: impl Into<PathBuf>, line: usize, document: usize) -> Self {
         Origin::Manifest {
-            file: file.into(),
+            file: Arc::from(file.into()),
             line: Some(line),
             document: Some(document),
         }
@@ -81,21 +84,22 @@ impl fmt::Display for Origin {
 /// kinds.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObjectRef {
-    pub kind: String,
-    pub namespace: String,
-    pub name: String,
+    /// Static for the kinds extproxy reads; the names are shared with the keys made from them.
+    pub kind: Cow<'static, str>,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectRef {
     pub fn new(
-        kind: impl Into<String>,
-        namespace: impl Into<String>,
-        name: impl Into<String>,
+        kind: impl Into<Cow<'static, str>>,
+        namespace: impl AsRef<str>,
+        name: impl AsRef<str>,
     ) -> Self {
         ObjectRef {
             kind: kind.into(),
-            namespace: namespace.into(),
-            name: name.into(),
+            namespace: namespace.as_ref().into(),
+            name: name.as_ref().into(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! Every problem becomes a [`Diagnostic`] and the rest is still served: a malformed document does
 //! not hide the documents around it, and an invalid address does not hide the valid ones.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::IpAddr;
@@ -54,15 +55,19 @@ pub fn load_dir(dir: &Path) -> (Inventory, Vec<Diagnostic>) {
 /// object is in force (the first by file path and document order).
 #[derive(Clone, Debug, Default)]
 pub struct ManifestSet {
-    files: BTreeMap<PathBuf, ParsedFile>,
-    /// Where each object is defined: (file, index among the file's objects), in order.
-    definitions: HashMap<ObjectRef, BTreeSet<(PathBuf, usize)>>,
+    /// Paths and object references are shared (Arc) between this map, `definitions` and the
+    /// parsed objects: at 10k Services their copies were a good part of the agent's memory.
+    files: BTreeMap<Arc<Path>, ParsedFile>,
+    /// Where each object is defined: (file, index among the file's objects), in order. A sorted
+    /// Vec, not a BTreeSet: almost every object has one definition, and a B-tree leaf per object
+    /// cost more than all the rest of this map at 10k Services.
+    definitions: HashMap<Arc<ObjectRef>, Vec<(Arc<Path>, usize)>>,
     /// Objects whose definitions changed since the last [`ManifestSet::feed`].
-    touched: BTreeSet<ObjectRef>,
+    touched: BTreeSet<Arc<ObjectRef>>,
     /// The diagnostics may have changed since the last [`ManifestSet::feed`].
     diagnostics_dirty: bool,
     /// The slices each Endpoints object was last fed as, to take them back when it changes.
-    mirrors_fed: HashMap<ObjectRef, Vec<ObjectKey>>,
+    mirrors_fed: HashMap<Arc<ObjectRef>, Vec<ObjectKey>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -71,22 +76,72 @@ struct ParsedFile {
     diagnostics: Vec<Diagnostic>,
 }
 
+/// One object of a file. Its origin is kept without the file's path, which the file's entry
+/// has: 10k copies of the path were a good part of the parsed manifests.
 #[derive(Clone, Debug)]
 struct ParsedObject {
-    site: Site,
+    line: Option<usize>,
+    document: Option<usize>,
+    reference: Arc<ObjectRef>,
     object: KnownObject,
-    /// For Endpoints: the EndpointSlices it mirrors to (by name), and the problems mirroring
-    /// found.
-    mirrors: Vec<(String, Arc<SliceObject>)>,
-    mirror_diagnostics: Vec<Diagnostic>,
+}
+
+impl ParsedObject {
+    fn new(origin: Origin, reference: ObjectRef, object: KnownObject) -> Self {
+        let (line, document) = match origin {
+            Origin::Manifest { line, document, .. } => (line, document),
+            Origin::Cluster => (None, None),
+        };
+        ParsedObject {
+            line,
+            document,
+            reference: Arc::new(reference),
+            object,
+        }
+    }
+
+    /// Where the object is, `file` being the path of the file it was read from.
+    fn origin(&self, file: &Arc<Path>) -> Origin {
+        Origin::Manifest {
+            file: file.clone(),
+            line: self.line,
+            document: self.document,
+        }
+    }
+
+    fn site(&self, file: &Arc<Path>) -> Site {
+        Site::new(self.origin(file), (*self.reference).clone())
+    }
+
+    /// For Endpoints: the EndpointSlices it mirrors to (by name).
+    fn mirrors(&self) -> &[(String, Arc<SliceObject>)] {
+        match &self.object {
+            KnownObject::Endpoints(mirrored) => &mirrored.slices,
+            _ => &[],
+        }
+    }
+
+    /// For Endpoints: the problems mirroring found.
+    fn mirror_diagnostics(&self) -> &[Diagnostic] {
+        match &self.object {
+            KnownObject::Endpoints(mirrored) => &mirrored.diagnostics,
+            _ => &[],
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
 enum KnownObject {
     Service(Arc<ServiceObject>),
     EndpointSlice(Arc<SliceObject>),
-    /// Only its mirrors are used.
-    Endpoints,
+    /// Only its mirrors are used. Boxed: Services and slices, the many, have none.
+    Endpoints(Box<Mirrored>),
+}
+
+#[derive(Clone, Debug)]
+struct Mirrored {
+    slices: Vec<(String, Arc<SliceObject>)>,
+    diagnostics: Vec<Diagnostic>,
 }
 
 /// Files parsed per thread when reading a whole directory: parsing dominates a cold start.
@@ -171,35 +226,44 @@ impl ManifestSet {
     }
 
     pub fn files(&self) -> impl Iterator<Item = &Path> {
-        self.files.keys().map(PathBuf::as_path)
+        self.files.keys().map(|p| &**p)
     }
 
     /// Replaces (Some) or forgets (None) what `path` defines.
     fn set_file(&mut self, path: &Path, file: Option<ParsedFile>) {
-        if let Some(old) = self.files.remove(path) {
-            self.note_file(path, &old, false);
+        if let Some((old_path, old)) = self.files.remove_entry(path) {
+            self.note_file(&old_path, &old, false);
         }
         if let Some(new) = file {
-            self.note_file(path, &new, true);
-            self.files.insert(path.to_owned(), new);
+            let path: Arc<Path> = Arc::from(path);
+            self.note_file(&path, &new, true);
+            self.files.insert(path, new);
         }
     }
 
     /// Adds or removes the definitions of `file`, noting what they touch.
-    fn note_file(&mut self, path: &Path, file: &ParsedFile, add: bool) {
+    fn note_file(&mut self, path: &Arc<Path>, file: &ParsedFile, add: bool) {
         self.diagnostics_dirty |= !file.diagnostics.is_empty();
         for (i, parsed) in file.objects.iter().enumerate() {
-            let reference = &parsed.site.object;
-            let definitions = self.definitions.entry(reference.clone()).or_default();
+            let reference = &parsed.reference;
+            let definitions = self
+                .definitions
+                .entry(reference.clone())
+                .or_insert_with(|| Vec::with_capacity(1));
             // With more than one definition, "defined twice" comes or goes.
             let others = definitions.len() - usize::from(!add);
-            self.diagnostics_dirty |= others > 0 || !parsed.mirror_diagnostics.is_empty();
+            self.diagnostics_dirty |= others > 0 || !parsed.mirror_diagnostics().is_empty();
+            let at = definitions.binary_search_by(|(p, at)| (&**p, *at).cmp(&(&**path, i)));
             if add {
-                definitions.insert((path.to_owned(), i));
+                if let Err(at) = at {
+                    definitions.insert(at, (path.clone(), i));
+                }
             } else {
-                definitions.remove(&(path.to_owned(), i));
+                if let Ok(at) = at {
+                    definitions.remove(at);
+                }
                 if definitions.is_empty() {
-                    self.definitions.remove(reference);
+                    self.definitions.remove(&**reference);
                 }
             }
             self.touched.insert(reference.clone());
@@ -207,9 +271,9 @@ impl ManifestSet {
     }
 
     /// The definition in force of `reference`.
-    fn winner(&self, reference: &ObjectRef) -> Option<&ParsedObject> {
+    fn winner(&self, reference: &ObjectRef) -> Option<(&Arc<Path>, &ParsedObject)> {
         let (path, i) = self.definitions.get(reference)?.first()?;
-        self.files.get(path)?.objects.get(*i)
+        Some((path, self.files.get(&**path)?.objects.get(*i)?))
     }
 
     /// Hands `translator` every object whose definition in force changed since the last call,
@@ -217,9 +281,12 @@ impl ManifestSet {
     pub fn feed(&mut self, translator: &mut Incremental) {
         for reference in std::mem::take(&mut self.touched) {
             let winner = self.winner(&reference);
-            let key = ObjectKey::new(&reference.namespace, &reference.name);
-            let origin = || winner.map(|w| w.site.origin.clone());
-            match (reference.kind.as_str(), winner.map(|w| &w.object)) {
+            let key = ObjectKey {
+                namespace: reference.namespace.clone(),
+                name: reference.name.clone(),
+            };
+            let origin = || winner.map(|(path, w)| w.origin(path));
+            match (&*reference.kind, winner.map(|(_, w)| &w.object)) {
                 ("Service", Some(KnownObject::Service(service))) => {
                     translator.set_service(key, origin().map(|o| Sourced::new(service.clone(), o)));
                 }
@@ -233,18 +300,18 @@ impl ManifestSet {
                     for old in previous.unwrap_or_default() {
                         translator.set_slice(old, None);
                     }
-                    let Some(winner) = winner else {
+                    let Some((path, winner)) = winner else {
                         self.mirrors_fed.remove(&reference);
                         continue;
                     };
                     let mut fed = Vec::new();
-                    for (name, slice) in &winner.mirrors {
+                    for (name, slice) in winner.mirrors() {
                         let key = ObjectKey::new(&reference.namespace, name);
                         translator.set_slice(
                             key.clone(),
                             Some(Sourced {
                                 object: slice.clone(),
-                                origin: winner.site.origin.clone(),
+                                origin: winner.origin(path),
                                 mirrored_from: Some(reference.clone()),
                             }),
                         );
@@ -264,11 +331,14 @@ impl ManifestSet {
     pub fn inventory(&self) -> (Inventory, Vec<Diagnostic>) {
         let mut inventory = Inventory::default();
         for reference in self.definitions.keys() {
-            let Some(winner) = self.winner(reference) else {
+            let Some((path, winner)) = self.winner(reference) else {
                 continue;
             };
-            let key = ObjectKey::new(&reference.namespace, &reference.name);
-            let origin = winner.site.origin.clone();
+            let key = ObjectKey {
+                namespace: reference.namespace.clone(),
+                name: reference.name.clone(),
+            };
+            let origin = winner.origin(path);
             match &winner.object {
                 KnownObject::Service(service) => {
                     inventory
@@ -280,8 +350,8 @@ impl ManifestSet {
                         .slices
                         .insert(key, Sourced::new(slice.clone(), origin));
                 }
-                KnownObject::Endpoints => {
-                    for (name, slice) in &winner.mirrors {
+                KnownObject::Endpoints(_) => {
+                    for (name, slice) in winner.mirrors() {
                         inventory.slices.insert(
                             ObjectKey::new(&reference.namespace, name),
                             Sourced {
@@ -307,26 +377,36 @@ impl ManifestSet {
             for (i, parsed) in file.objects.iter().enumerate() {
                 let first = self
                     .definitions
-                    .get(&parsed.site.object)
+                    .get(&parsed.reference)
                     .and_then(|d| d.first())
                     .filter(|(p, at)| (p, *at) != (path, i))
-                    .and_then(|(p, at)| self.files.get(p)?.objects.get(*at));
+                    .and_then(|(p, at)| Some((p, self.files.get(&**p)?.objects.get(*at)?)));
                 match first {
-                    Some(first) => diagnostics.push(parsed.site.diagnostic(
+                    Some((first_path, first)) => diagnostics.push(parsed.site(path).diagnostic(
                         Severity::Error,
                         None,
                         format!(
                             "defined twice: this definition is ignored, the first one ({}) is used",
-                            first.site.origin
+                            first.origin(first_path)
                         ),
                     )),
-                    None => diagnostics.extend(parsed.mirror_diagnostics.iter().cloned()),
+                    None => diagnostics.extend(parsed.mirror_diagnostics().iter().cloned()),
                 }
             }
         }
         // By place, so a file's problems read top to bottom.
         diagnostics.sort_by(|a, b| a.origin.cmp(&b.origin));
         diagnostics
+    }
+}
+
+/// The kinds parsed into objects, as static strings: every parsed object names its kind.
+fn static_kind(kind: &str) -> Cow<'static, str> {
+    match kind {
+        "Service" => Cow::Borrowed("Service"),
+        "EndpointSlice" => Cow::Borrowed("EndpointSlice"),
+        "Endpoints" => Cow::Borrowed("Endpoints"),
+        other => Cow::Owned(other.to_owned()),
     }
 }
 
@@ -353,6 +433,14 @@ fn read_file(path: &Path) -> Option<ParsedFile> {
 // ---------------------------------------------------------------------------------------------
 
 fn parse_file(path: &Path, text: &str) -> ParsedFile {
+    let mut parsed = parse_documents(path, text);
+    // Kept until the file changes: without this, growth slack is a third of a small file's size.
+    parsed.objects.shrink_to_fit();
+    parsed.diagnostics.shrink_to_fit();
+    parsed
+}
+
+fn parse_documents(path: &Path, text: &str) -> ParsedFile {
     let mut parsed = ParsedFile::default();
     let is_json = path
         .extension()
@@ -835,7 +923,7 @@ fn parse_object(
     let namespace = namespace.unwrap_or_else(|| "default".to_owned());
     let site = Site::new(
         origin.clone(),
-        ObjectRef::new(kind.clone(), namespace, name),
+        ObjectRef::new(static_kind(&kind), namespace, name),
     );
     let field_error = |field: &str, message: String| {
         site.diagnostic(Severity::Error, Some(&join_field(prefix, field)), message)
@@ -866,30 +954,34 @@ fn parse_object(
         ));
         return;
     }
-    let mut mirror_diagnostics = Vec::new();
-    let mut mirrors = Vec::new();
     let object = match kind.as_str() {
-        "Service" => doc
-            .deserialize::<ServiceObject>()
-            .map(|s| KnownObject::Service(Arc::new(s))),
-        "EndpointSlice" => doc
-            .deserialize::<SliceObject>()
-            .map(|s| KnownObject::EndpointSlice(Arc::new(s))),
+        "Service" => doc.deserialize::<ServiceObject>().map(|mut s| {
+            s.shrink_to_fit();
+            KnownObject::Service(Arc::new(s))
+        }),
+        "EndpointSlice" => doc.deserialize::<SliceObject>().map(|mut s| {
+            s.shrink_to_fit();
+            KnownObject::EndpointSlice(Arc::new(s))
+        }),
         _ => doc.deserialize::<EndpointsObject>().map(|endpoints| {
-            mirrors = mirror_endpoints(&endpoints, &site, &mut mirror_diagnostics)
+            let mut diagnostics = Vec::new();
+            let slices = mirror_endpoints(&endpoints, &site, &mut diagnostics)
                 .into_iter()
-                .map(|(name, slice)| (name, Arc::new(slice)))
+                .map(|(name, mut slice)| {
+                    slice.shrink_to_fit();
+                    (name, Arc::new(slice))
+                })
                 .collect();
-            KnownObject::Endpoints
+            KnownObject::Endpoints(Box::new(Mirrored {
+                slices,
+                diagnostics,
+            }))
         }),
     };
     match object {
-        Ok(object) => out.objects.push(ParsedObject {
-            site,
-            object,
-            mirrors,
-            mirror_diagnostics,
-        }),
+        Ok(object) => out
+            .objects
+            .push(ParsedObject::new(site.origin, site.object, object)),
         Err((field, message)) => out
             .diagnostics
             .push(field_error(&field, format!("{message}; object ignored"))),

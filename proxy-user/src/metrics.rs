@@ -587,9 +587,9 @@ impl DatapathStats {
                     out.sample(
                         metric,
                         &[
-                            ("namespace", &key.namespace),
-                            ("service", &key.name),
-                            ("port", &key.port_name),
+                            ("namespace", &*key.namespace),
+                            ("service", &*key.name),
+                            ("port", &*key.port_name),
                             ("protocol", key.protocol.name()),
                             ("family", key.family.name()),
                             ("direction", direction),

@@ -35,23 +35,24 @@ const KEPT_KEYS: [&str; 6] = [
     LEGACY_SOURCE_RANGES_ANNOTATION,
 ];
 
-/// The labels (or annotations) of an object that extproxy reads, in key order.
+/// The labels (or annotations) of an object that extproxy reads, in key order. Keys are the
+/// static [`KEPT_KEYS`], not copies: nearly every EndpointSlice has one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Kept(Vec<(Box<str>, Box<str>)>);
+pub struct Kept(Vec<(&'static str, Box<str>)>);
 
 impl Kept {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, _)| &**k == key).map(|(_, v)| &**v)
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| &**v)
     }
 
     /// Sets `key` if extproxy reads it (and ignores it otherwise).
     pub fn insert(&mut self, key: &str, value: &str) {
-        if !KEPT_KEYS.contains(&key) {
+        let Some(&key) = KEPT_KEYS.iter().find(|k| **k == key) else {
             return;
-        }
-        match self.0.binary_search_by(|(k, _)| (**k).cmp(key)) {
+        };
+        match self.0.binary_search_by(|(k, _)| (*k).cmp(key)) {
             Ok(at) => self.0[at].1 = value.into(),
-            Err(at) => self.0.insert(at, (key.into(), value.into())),
+            Err(at) => self.0.insert(at, (key, value.into())),
         }
     }
 
@@ -60,7 +61,7 @@ impl Kept {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (&**k, &**v))
+        self.0.iter().map(|(k, v)| (*k, &**v))
     }
 }
 
@@ -70,6 +71,7 @@ impl<'a, I: IntoIterator<Item = (&'a String, &'a String)>> From<I> for Kept {
         for (k, v) in map {
             kept.insert(k, v);
         }
+        kept.0.shrink_to_fit();
         kept
     }
 }
@@ -89,6 +91,8 @@ impl<'de> de::Deserialize<'de> for Kept {
                     let value = map.next_value::<Text<'de>>()?;
                     kept.insert(key.as_str(), value.as_str());
                 }
+                // Kept for the object's lifetime: growth slack would be most of it.
+                kept.0.shrink_to_fit();
                 Ok(kept)
             }
         }
@@ -286,6 +290,26 @@ object! {
     }
 }
 
+impl ServiceObject {
+    /// Drops the slack serde leaves in lists (it grows them without a length hint): a parsed
+    /// object lives as long as its manifest, so at 10k Services the slack adds up.
+    pub fn shrink_to_fit(&mut self) {
+        let Some(spec) = &mut self.spec else { return };
+        let lists = [
+            &mut spec.cluster_ips,
+            &mut spec.external_ips,
+            &mut spec.ip_families,
+            &mut spec.load_balancer_source_ranges,
+        ];
+        for list in lists.into_iter().flatten() {
+            list.shrink_to_fit();
+        }
+        if let Some(ports) = &mut spec.ports {
+            ports.shrink_to_fit();
+        }
+    }
+}
+
 /// Whether a Service's selector selects anything: all extproxy needs to know of it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Selector {
@@ -389,6 +413,19 @@ object! {
         "nodeName": String,
         "targetRef": k8s_openapi::api::core::v1::ObjectReference,
         "zone": String,
+    }
+}
+
+impl SliceObject {
+    /// As [`ServiceObject::shrink_to_fit`].
+    pub fn shrink_to_fit(&mut self) {
+        self.endpoints.shrink_to_fit();
+        for endpoint in &mut self.endpoints {
+            endpoint.addresses.shrink_to_fit();
+        }
+        if let Some(ports) = &mut self.ports {
+            ports.shrink_to_fit();
+        }
     }
 }
 

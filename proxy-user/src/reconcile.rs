@@ -230,7 +230,9 @@ impl MapWriter for MapState {
 #[derive(Clone, Debug, Default)]
 struct Model {
     state: MapState,
-    frontends_by_service: HashMap<u32, BTreeSet<FrontendKey>>,
+    /// Sorted Vecs, not BTreeSets: a service has a frontend or two, and a B-tree leaf each was
+    /// 3 MB at 10k services.
+    frontends_by_service: HashMap<u32, Vec<FrontendKey>>,
     /// Entries naming each service id (its service value, frontends, slots, source ranges).
     service_refs: HashMap<u32, u32>,
     /// Slots naming each backend id.
@@ -276,23 +278,30 @@ impl Model {
                 if let Some(old) = state.frontends.get(&key) {
                     count_down(&mut self.service_refs, old.service_id);
                     if let Some(set) = self.frontends_by_service.get_mut(&old.service_id) {
-                        set.remove(&key);
+                        if let Ok(at) = set.binary_search(&key) {
+                            set.remove(at);
+                        }
                         if set.is_empty() {
                             self.frontends_by_service.remove(&old.service_id);
                         }
                     }
                 }
                 count_up(&mut self.service_refs, value.service_id);
-                self.frontends_by_service
+                let set = self
+                    .frontends_by_service
                     .entry(value.service_id)
-                    .or_default()
-                    .insert(key);
+                    .or_insert_with(|| Vec::with_capacity(1));
+                if let Err(at) = set.binary_search(&key) {
+                    set.insert(at, key);
+                }
             }
             MapOp::DeleteFrontend(key) => {
                 if let Some(old) = state.frontends.get(&key) {
                     count_down(&mut self.service_refs, old.service_id);
                     if let Some(set) = self.frontends_by_service.get_mut(&old.service_id) {
-                        set.remove(&key);
+                        if let Ok(at) = set.binary_search(&key) {
+                            set.remove(at);
+                        }
                         if set.is_empty() {
                             self.frontends_by_service.remove(&old.service_id);
                         }

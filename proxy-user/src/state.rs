@@ -4,8 +4,10 @@
 //! Written atomically (temp file + rename) after a change that touches it, at most once a second.
 
 use std::{
+    borrow::Cow,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -25,14 +27,16 @@ pub struct AgentState {
     pub diagnostics: Vec<String>,
 }
 
+/// The agent keeps one for each of its Service ports between writes of the state file: the
+/// strings are shared with the reconciler's keys, or static, rather than copies.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServiceName {
     pub id: u32,
-    pub namespace: String,
-    pub name: String,
-    pub port_name: String,
-    pub protocol: String,
-    pub family: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub port_name: Arc<str>,
+    pub protocol: Cow<'static, str>,
+    pub family: Cow<'static, str>,
 }
 
 impl ServiceName {

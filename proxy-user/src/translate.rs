@@ -24,9 +24,11 @@ mod alloc;
 mod incremental;
 #[cfg(test)]
 mod tests;
+mod vecmap;
 
 pub use incremental::Incremental;
 use incremental::{Allocation, ServiceOut, World};
+pub use vecmap::VecMap;
 
 /// Label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -47,15 +49,16 @@ const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    /// Shared, not copied: the translator files every key under several indexes.
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
         ObjectKey {
-            namespace: namespace.into(),
-            name: name.into(),
+            namespace: namespace.as_ref().into(),
+            name: name.as_ref().into(),
         }
     }
 }
@@ -73,7 +76,8 @@ pub struct Sourced<T> {
     pub object: Arc<T>,
     pub origin: Origin,
     /// For slices made from legacy Endpoints: the Endpoints object, which diagnostics name.
-    pub mirrored_from: Option<ObjectRef>,
+    /// Shared with the source's own reference (Arc): kept with every translated object.
+    pub mirrored_from: Option<Arc<ObjectRef>>,
 }
 
 impl<T> Sourced<T> {
@@ -212,9 +216,11 @@ impl Protocol {
 /// families, so a dual-stack Service port is two).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortKey {
-    pub namespace: String,
-    pub name: String,
-    pub port_name: String,
+    /// Shared, not copied: the translation, the translator's bookkeeping and the reconciler
+    /// each keep every key, and at 10k Services the copies of these short strings added up.
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub port_name: Arc<str>,
     pub protocol: Protocol,
     pub family: IpFamily,
 }
@@ -251,8 +257,8 @@ pub enum BackendRole {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredService {
-    pub frontends: BTreeMap<FrontendKey, FrontendSpec>,
-    pub backends: BTreeMap<(IpAddr, u16), BackendRole>,
+    pub frontends: VecMap<FrontendKey, FrontendSpec>,
+    pub backends: VecMap<(IpAddr, u16), BackendRole>,
     /// sessionAffinity ClientIP timeout in seconds; 0 = none.
     pub affinity_timeout: u32,
     /// SNAT address; None programs the service to reject (no egress for this family).
@@ -545,13 +551,15 @@ impl Translator<'_> {
                 ));
             }
         }
+        let namespace = key.namespace.clone();
+        let name = key.name.clone();
         for port in &ports {
             self.check_port_matches(port, slices, site);
             for &family in &facts.families {
                 let port_key = ServicePortKey {
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
-                    port_name: port.name.clone(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    port_name: port.name.as_str().into(),
                     protocol: port.protocol,
                     family,
                 };
@@ -1137,7 +1145,7 @@ impl Translator<'_> {
         let in_family = |ip: &IpAddr| IpFamily::of(ip) == family;
         let cluster_ip = facts.cluster_ips.iter().copied().find(in_family);
         let mut desired = DesiredService {
-            frontends: BTreeMap::new(),
+            frontends: VecMap::new(),
             backends: self.backends(port, family, slices),
             affinity_timeout: facts.affinity_timeout,
             egress: family_egress(facts, family),
@@ -1256,6 +1264,7 @@ impl Translator<'_> {
                 ));
             }
         }
+        desired.frontends.shrink_to_fit();
         desired
     }
 
@@ -1264,7 +1273,7 @@ impl Translator<'_> {
         port: &PortSpec,
         family: IpFamily,
         slices: &[&SliceFacts],
-    ) -> BTreeMap<(IpAddr, u16), BackendRole> {
+    ) -> VecMap<(IpAddr, u16), BackendRole> {
         let proto = port.protocol.name();
         let mut merged: BTreeMap<(IpAddr, u16), Conditions> = BTreeMap::new();
         for slice in slices.iter().filter(|s| s.family == Some(family)) {
@@ -1326,7 +1335,7 @@ fn slice_facts(
             None
         }
     };
-    let mut ports = Vec::new();
+    let mut ports = Vec::with_capacity(slice.ports.as_ref().map_or(0, Vec::len));
     for (j, port) in slice.ports.iter().flatten().enumerate() {
         let number = match port.port {
             Some(n) => match u16::try_from(n) {
@@ -1347,7 +1356,7 @@ fn slice_facts(
             number,
         ));
     }
-    let mut endpoints = Vec::new();
+    let mut endpoints = Vec::with_capacity(slice.endpoints.len());
     if let Some(family) = family {
         for (k, endpoint) in slice.endpoints.iter().enumerate() {
             // kube-proxy uses the first address only; the API says they are all the same.
@@ -1392,6 +1401,9 @@ fn slice_facts(
             ));
         }
     }
+    // Facts live as long as the slice: drop the growth slack.
+    ports.shrink_to_fit();
+    endpoints.shrink_to_fit();
     SliceFacts {
         family,
         ports,

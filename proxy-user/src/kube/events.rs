@@ -38,7 +38,7 @@ pub struct ProblemEvent {
 /// are named by the kind of object they are in.
 pub fn reason(d: &Diagnostic) -> &'static str {
     let field = d.field.as_deref().unwrap_or("");
-    let kind = d.object.as_ref().map_or("", |o| o.kind.as_str());
+    let kind = d.object.as_ref().map_or("", |o| &*o.kind);
     if d.message.starts_with("no endpoints") {
         "NoEndpoints"
     } else if field.starts_with("spec.ports[") && d.message.contains("matches no endpoint port") {
@@ -75,7 +75,7 @@ impl EventTracker {
             }
             let Some(object) = &d.object else { continue };
             let key = ObjectKey::new(&object.namespace, &object.name);
-            let (service, slice) = match object.kind.as_str() {
+            let (service, slice) = match &*object.kind {
                 "Service" => (key, None),
                 "EndpointSlice" => {
                     let Some(name) = cluster
@@ -178,7 +178,7 @@ impl Publisher {
         let object = K8sEvent {
             metadata: ObjectMeta {
                 name: Some(name),
-                namespace: Some(event.service.namespace.clone()),
+                namespace: Some(event.service.namespace.to_string()),
                 ..ObjectMeta::default()
             },
             event_time: Some(MicroTime(Timestamp::now())),

@@ -77,8 +77,8 @@ fn seed_000_mirrors_the_endpoints_with_an_unnamed_port() {
     );
     let mirrored = &inventory.slices[&key("proxy-test", "proxy-service/mirror-0-ipv4")];
     assert_eq!(
-        mirrored.mirrored_from,
-        Some(ObjectRef::new("Endpoints", "proxy-test", "proxy-service"))
+        mirrored.mirrored_from.as_deref(),
+        Some(&ObjectRef::new("Endpoints", "proxy-test", "proxy-service"))
     );
     assert_eq!(
         mirrored.origin,
@@ -387,7 +387,12 @@ subsets:
                     (e.addresses[0].clone(), ready)
                 })
                 .collect();
-            (k.name.clone(), slice.address_type.clone(), ports, endpoints)
+            (
+                k.name.to_string(),
+                slice.address_type.clone(),
+                ports,
+                endpoints,
+            )
         })
         .collect();
     let pg_m = vec![

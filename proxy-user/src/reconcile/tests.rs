@@ -18,7 +18,7 @@ fn key(name: &str) -> ServicePortKey {
     ServicePortKey {
         namespace: "default".into(),
         name: name.into(),
-        port_name: String::new(),
+        port_name: "".into(),
         protocol: Protocol::Tcp,
         family: IpFamily::V4,
     }
@@ -588,7 +588,7 @@ fn ids_are_reused_oldest_first_with_a_new_generation() {
     let mut kernel = CheckingKernel::default();
     let ids = |r: &Reconciler| {
         r.service_ids()
-            .map(|(k, id)| (k.name.clone(), id))
+            .map(|(k, id)| (k.name.to_string(), id))
             .collect::<Vec<_>>()
     };
     sync(&mut r, &mut kernel, &d(&["a"], &[]));

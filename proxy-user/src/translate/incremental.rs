@@ -23,7 +23,7 @@ use super::{
     ServicePortKey, Settings, SliceFacts, Sourced, Translation, Translator, alloc,
     explicit_cluster_ips, slice_facts, spec_of,
 };
-use crate::diag::{Diagnostic, ObjectRef, Site};
+use crate::diag::{Diagnostic, ObjectRef, Origin, Site};
 use crate::objects::{ServiceObject as Service, SliceObject as EndpointSlice};
 
 /// One value filling handed out (or could not), with what it was asked with: replaying the
@@ -50,6 +50,15 @@ pub(super) struct ServiceOut {
 }
 
 impl ServiceOut {
+    /// Kept until the Service changes again: drop the growth slack.
+    fn shrink_to_fit(&mut self) {
+        self.diagnostics.shrink_to_fit();
+        self.filled.shrink_to_fit();
+        self.port_keys.shrink_to_fit();
+        self.wanted.shrink_to_fit();
+        self.allocations.shrink_to_fit();
+    }
+
     /// The first port (by key) wanting each frontend.
     fn first_claims(&self) -> Vec<(FrontendKey, &ServicePortKey)> {
         let mut first: Vec<(FrontendKey, &ServicePortKey)> = Vec::new();
@@ -85,6 +94,9 @@ impl Reserved {
                 reserved.node_ports.push(n);
             }
         }
+        // Kept with the Service: drop the growth slack.
+        reserved.ips.shrink_to_fit();
+        reserved.node_ports.shrink_to_fit();
         reserved
     }
 }
@@ -99,16 +111,33 @@ struct ServiceEntry {
 
 #[derive(Debug)]
 struct SliceEntry {
-    site: Site,
+    /// Where the slice was read, and the Endpoints it was mirrored from: the slice's [`Site`]
+    /// is made from these and its key when a diagnostic needs it, rather than kept for each of
+    /// 10k slices.
+    origin: Origin,
+    mirrored_from: Option<Box<ObjectRef>>,
     /// The Service its label names, with the slice validated; None without the label.
     labelled: Option<(ObjectKey, SliceFacts)>,
     diagnostics: Vec<Diagnostic>,
 }
 
+impl SliceEntry {
+    /// What diagnostics name the slice by: the Endpoints it mirrors, else itself.
+    fn site(&self, key: &ObjectKey) -> Site {
+        let reported = match &self.mirrored_from {
+            Some(endpoints) => (**endpoints).clone(),
+            None => ObjectRef::new("EndpointSlice", &*key.namespace, &*key.name),
+        };
+        Site::new(self.origin.clone(), reported)
+    }
+}
+
 /// What every Service's translation may ask about the others.
 #[derive(Debug, Default)]
 pub(super) struct World {
-    services: BTreeMap<Arc<ObjectKey>, ServiceEntry>,
+    /// Boxed: an entry is a few hundred bytes, and B-tree nodes are mostly slack for values
+    /// that large.
+    services: BTreeMap<Arc<ObjectKey>, Box<ServiceEntry>>,
     /// The Services wanting each frontend, in namespace/name order: the first one keeps it.
     claims: HashMap<FrontendKey, Vec<Arc<ObjectKey>>>,
     /// Explicit values, counted per Service that names them.
@@ -248,7 +277,11 @@ impl World {
             if old_first.iter().any(|(f, _)| f == frontend) {
                 continue;
             }
-            let claimants = self.claims.entry(*frontend).or_default();
+            // Almost every frontend has one claimant.
+            let claimants = self
+                .claims
+                .entry(*frontend)
+                .or_insert_with(|| Vec::with_capacity(1));
             if let Err(at) = claimants.binary_search(key) {
                 claimants.insert(at, key.clone());
             }
@@ -308,9 +341,12 @@ pub struct Incremental {
     node: NodeInfo,
     settings: Settings,
     world: World,
-    slices: BTreeMap<ObjectKey, SliceEntry>,
+    /// Boxed, as [`World::services`].
+    slices: BTreeMap<ObjectKey, Box<SliceEntry>>,
     /// Slices by the Service their label names.
-    slices_by_service: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Sorted Vecs, not BTreeSets: a Service has a slice or two, and a B-tree leaf for each of
+    /// 10k Services was 5 MB.
+    slices_by_service: BTreeMap<ObjectKey, Vec<ObjectKey>>,
     /// Services to translate again (their object or their slices changed).
     dirty: BTreeSet<ObjectKey>,
     /// The next update translates everything (the first one, new node facts or settings).
@@ -377,11 +413,11 @@ impl Incremental {
             None => {
                 self.world.services.insert(
                     Arc::new(key.clone()),
-                    ServiceEntry {
+                    Box::new(ServiceEntry {
                         source: service,
                         reserved: Reserved::default(),
                         out: ServiceOut::default(),
-                    },
+                    }),
                 );
                 true
             }
@@ -399,7 +435,9 @@ impl Incremental {
             self.note_slice(&old);
             if let Some((service, _)) = old.labelled {
                 if let Some(keys) = self.slices_by_service.get_mut(&service) {
-                    keys.remove(&key);
+                    if let Ok(at) = keys.binary_search(&key) {
+                        keys.remove(at);
+                    }
                     if keys.is_empty() {
                         self.slices_by_service.remove(&service);
                     }
@@ -410,30 +448,39 @@ impl Incremental {
         let Some(slice) = slice else { return };
         let reported = slice
             .mirrored_from
-            .clone()
-            .unwrap_or_else(|| ObjectRef::new("EndpointSlice", &key.namespace, &key.name));
+            .as_deref()
+            .cloned()
+            .unwrap_or_else(|| ObjectRef::new("EndpointSlice", &*key.namespace, &*key.name));
         let site = Site::new(slice.origin.clone(), reported);
         let label = slice.object.metadata.labels.get(SERVICE_NAME_LABEL);
         let mut diagnostics = Vec::new();
         let labelled = label.map(|name| {
-            let service = ObjectKey::new(&key.namespace, name);
+            let service = ObjectKey {
+                namespace: key.namespace.clone(),
+                name: name.into(),
+            };
             let facts = slice_facts(&slice.object, &site, &mut diagnostics);
             (service, facts)
         });
+        let Site { origin, object } = site;
         let entry = SliceEntry {
-            site,
+            origin,
+            mirrored_from: slice.mirrored_from.is_some().then(|| Box::new(object)),
             labelled,
             diagnostics,
         };
         self.note_slice(&entry);
         if let Some((service, _)) = &entry.labelled {
-            self.slices_by_service
+            let keys = self
+                .slices_by_service
                 .entry(service.clone())
-                .or_default()
-                .insert(key.clone());
+                .or_insert_with(|| Vec::with_capacity(1));
+            if let Err(at) = keys.binary_search(&key) {
+                keys.insert(at, key.clone());
+            }
             self.dirty.insert(service.clone());
         }
-        self.slices.insert(key, entry);
+        self.slices.insert(key, Box::new(entry));
     }
 
     /// Marks the diagnostics dirty if `slice` contributes any.
@@ -586,7 +633,7 @@ impl Incremental {
             .collect();
         let site = Site::new(
             source.origin.clone(),
-            ObjectRef::new("Service", &key.namespace, &key.name),
+            ObjectRef::new("Service", &*key.namespace, &*key.name),
         );
         let mut t = Translator {
             settings: &self.settings,
@@ -614,6 +661,7 @@ impl Incremental {
                 desired.insert(port, service);
             }
         }
+        new.shrink_to_fit();
         self.world.services.get_mut(&**key).unwrap().out = new;
         refill
     }
@@ -634,13 +682,14 @@ impl Incremental {
     /// by namespace/name.
     fn collect_diagnostics(&self) -> Vec<Diagnostic> {
         let mut all = self.source_diagnostics.clone();
-        for slice in self.slices.values() {
+        for (key, slice) in &self.slices {
+            let site = || slice.site(key);
             match &slice.labelled {
-                None => all.push(slice.site.info(
+                None => all.push(site().info(
                     "metadata.labels",
                     format!("no {SERVICE_NAME_LABEL} label: these endpoints belong to no Service"),
                 )),
-                Some((service, _)) if !self.service_exists(service) => all.push(slice.site.info(
+                Some((service, _)) if !self.service_exists(service) => all.push(site().info(
                     &format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
                     format!("there is no Service {service}: these endpoints are not used"),
                 )),

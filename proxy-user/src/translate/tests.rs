@@ -385,7 +385,7 @@ fn services_not_claimed_say_why() {
     assert_eq!(
         t.claimed
             .iter()
-            .map(|c| c.service.name.as_str())
+            .map(|c| &*c.service.name)
             .collect::<Vec<_>>(),
         ["empty-selector", "other"]
     );
@@ -404,7 +404,7 @@ fn services_not_claimed_say_why() {
     assert_eq!(
         t.claimed
             .iter()
-            .map(|c| c.service.name.as_str())
+            .map(|c| &*c.service.name)
             .collect::<Vec<_>>(),
         ["empty-selector"]
     );

@@ -264,7 +264,7 @@ fn an_unrelated_change_translates_one_service() {
         changes
             .services
             .iter()
-            .map(|k| k.name.as_str())
+            .map(|k| &*k.name)
             .collect::<Vec<_>>(),
         ["s7"]
     );
