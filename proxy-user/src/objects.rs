@@ -258,7 +258,8 @@ object! {
     pub struct ServiceObject as "Service" {
         "metadata" => metadata: Meta [req],
         "spec" => spec: Option<ServiceSpecObject> [opt],
-        "status" => status: Option<ServiceStatus> [opt],
+        // Boxed: few Services have a status, and every parsed Service is kept.
+        "status" => status: Option<Box<ServiceStatus>> [opt],
     }
     check {}
 }
@@ -382,9 +383,11 @@ impl From<&k8s_openapi::api::core::v1::Service> for ServiceObject {
                 type_: spec.type_.clone(),
             }),
             // Conditions are never read.
-            status: service.status.as_ref().map(|status| ServiceStatus {
-                conditions: None,
-                load_balancer: status.load_balancer.clone(),
+            status: service.status.as_ref().map(|status| {
+                Box::new(ServiceStatus {
+                    conditions: None,
+                    load_balancer: status.load_balancer.clone(),
+                })
             }),
         }
     }

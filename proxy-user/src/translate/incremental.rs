@@ -588,6 +588,8 @@ impl Incremental {
 
         if changes.diagnostics {
             self.translation.diagnostics = self.collect_diagnostics();
+            // These lists are kept until the next change: drop the growth slack.
+            self.translation.diagnostics.shrink_to_fit();
         }
         if changes.claims {
             let services = &self.world.services;
@@ -604,6 +606,8 @@ impl Incremental {
                 .values()
                 .flat_map(|e| e.out.filled.iter().cloned())
                 .collect();
+            self.translation.claimed.shrink_to_fit();
+            self.translation.filled.shrink_to_fit();
         }
         self.translation.changes = (!full).then_some(changes);
         &self.translation
