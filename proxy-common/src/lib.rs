@@ -222,6 +222,31 @@ impl Config {
         flags: CFG_F_XDP_TX,
         reserved: [0; 8],
     };
+
+    /// How long a flow in state `flags` (`CT_F_*`) may stay idle. The one definition for the
+    /// data path, which ages flows on lookup, and the agent's sweep and `inspect`.
+    #[inline(always)]
+    pub const fn ct_timeout(&self, proto: u8, flags: u8) -> u32 {
+        if proto == PROTO_TCP {
+            if ct_closed(flags) {
+                self.tcp_closing_timeout
+            } else if flags & CT_F_SEEN_REPLY == 0 {
+                self.tcp_syn_timeout
+            } else {
+                self.tcp_established_timeout
+            }
+        } else if flags & CT_F_SEEN_REPLY != 0 {
+            self.udp_stream_timeout
+        } else {
+            self.udp_timeout
+        }
+    }
+
+    /// Whether `ct` has been idle past its timeout at `now` (seconds of CLOCK_MONOTONIC).
+    #[inline(always)]
+    pub const fn ct_expired(&self, proto: u8, ct: &CtValue, now: u32) -> bool {
+        now.wrapping_sub(ct.last_seen) > self.ct_timeout(proto, ct.flags)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -339,6 +364,13 @@ pub const CT_F_BACKEND_FIN: u8 = 2;
 pub const CT_F_RST: u8 = 4;
 /// The backend has answered at least once.
 pub const CT_F_SEEN_REPLY: u8 = 8;
+
+/// A TCP flow both sides have finished, or that was reset.
+#[inline(always)]
+pub const fn ct_closed(flags: u8) -> bool {
+    flags & CT_F_RST != 0
+        || flags & (CT_F_CLIENT_FIN | CT_F_BACKEND_FIN) == (CT_F_CLIENT_FIN | CT_F_BACKEND_FIN)
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -14,43 +14,18 @@ pub fn now_secs() -> u32 {
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
-#[inline(always)]
-pub fn is_closed(flags: u8) -> bool {
-    flags & CT_F_RST != 0
-        || flags & (CT_F_CLIENT_FIN | CT_F_BACKEND_FIN) == (CT_F_CLIENT_FIN | CT_F_BACKEND_FIN)
-}
-
-#[inline(always)]
-pub fn timeout(cfg: &Config, proto: u8, flags: u8) -> u32 {
-    if proto == PROTO_TCP {
-        if is_closed(flags) {
-            cfg.tcp_closing_timeout
-        } else if flags & CT_F_SEEN_REPLY == 0 {
-            cfg.tcp_syn_timeout
-        } else {
-            cfg.tcp_established_timeout
-        }
-    } else if flags & CT_F_SEEN_REPLY != 0 {
-        cfg.udp_stream_timeout
-    } else {
-        cfg.udp_timeout
-    }
-}
-
-#[inline(always)]
-pub fn is_expired(cfg: &Config, proto: u8, ct: &CtValue, now: u32) -> bool {
-    now.wrapping_sub(ct.last_seen) > timeout(cfg, proto, ct.flags)
-}
-
 /// A SYN without ACK on a closed flow's tuple is a new connection: it chooses again.
 #[inline(always)]
 pub fn is_reopen(proto: u8, tcp_flags: u8, ct: &CtValue) -> bool {
-    proto == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && is_closed(ct.flags)
+    proto == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && ct_closed(ct.flags)
 }
 
-/// CT flag bits a TCP segment sets.
+/// CT flag bits a packet of `proto` with `tcp_flags` sets (none but for TCP).
 #[inline(always)]
-pub fn tcp_ct_flags(tcp_flags: u8, from_backend: bool) -> u8 {
+pub fn ct_flags(proto: u8, tcp_flags: u8, from_backend: bool) -> u8 {
+    if proto != PROTO_TCP {
+        return 0;
+    }
     let mut f = 0;
     if tcp_flags & TCP_RST != 0 {
         f |= CT_F_RST;

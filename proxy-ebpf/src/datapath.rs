@@ -4,12 +4,12 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::*;
 
 use crate::{
-    conntrack::{delete_flow, is_expired, is_reopen, now_secs, tcp_ct_flags, touch},
+    conntrack::{ct_flags, delete_flow, is_reopen, now_secs, touch},
     ctx::{Ctx, Hook},
     fwd::{Route, remember, route, route_cached},
     lb::{self, Chosen},
     maps::{BACKENDS, CONFIG, CT, FRAGS, REVNAT, SCRATCH, Scratch},
-    nat::{in_snat_range, set_macs, snat_alloc, xlate, xlate_icmp_error_reply},
+    nat::{icmp_error_source, in_snat_range, set_macs, snat_alloc, xlate, xlate_icmp_error_reply},
     parse::{Frag, PULL_LEN, Parsed, Pkt, TCP_ACK, TCP_SYN, parse, parse_inner},
     reject,
     stats::{count, count_service},
@@ -206,13 +206,13 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, fe: &FrontendValue) -
     let now = now_secs();
     if let Some(ct) = CT.get_ptr_mut(&s.ct_key) {
         let ct = unsafe { &mut *ct };
-        if is_expired(cfg, pkt.proto, ct, now) {
+        if cfg.ct_expired(pkt.proto, ct, now) {
             delete_flow(&s.ct_key, ct);
         } else if is_reopen(pkt.proto, pkt.tcp_flags, ct) {
             count(Counter::CtReopened);
             delete_flow(&s.ct_key, ct);
         } else if backend_alive(ct) {
-            return established(ctx, cfg, s, ct, now);
+            return established(ctx, s, ct, now);
         } else if pkt.proto == PROTO_TCP {
             // Its endpoint was removed: end the connection now rather than let it hang.
             delete_flow(&s.ct_key, ct);
@@ -226,7 +226,7 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, fe: &FrontendValue) -
     match new_flow(ctx, cfg, s, fe, now) {
         Action::REJECT => answer(ctx, &s.pkt),
         Action::RACED => match CT.get_ptr_mut(&s.ct_key) {
-            Some(ct) => established(ctx, cfg, s, unsafe { &mut *ct }, now),
+            Some(ct) => established(ctx, s, unsafe { &mut *ct }, now),
             None => drop(Counter::DropMapUpdate),
         },
         action => action,
@@ -242,13 +242,7 @@ fn backend_alive(ct: &CtValue) -> bool {
 }
 
 #[inline(never)]
-fn established<C: Ctx>(
-    ctx: &C,
-    cfg: &Config,
-    s: &mut Scratch,
-    ct: &mut CtValue,
-    now: u32,
-) -> Action {
+fn established<C: Ctx>(ctx: &C, s: &mut Scratch, ct: &mut CtValue, now: u32) -> Action {
     let r = route_cached(
         ctx,
         &mut s.fib,
@@ -258,24 +252,19 @@ fn established<C: Ctx>(
         &ct.snat,
         &ct.backend,
     );
-    if C::HOOK == Hook::Xdp && !xdp_can_send(ctx, cfg, s, r) {
+    if C::HOOK == Hook::Xdp && !xdp_can_send(ctx, s, r) {
         count(Counter::XdpPassToTc);
         return Action::PASS;
     }
-    let flags = if s.pkt.proto == PROTO_TCP {
-        tcp_ct_flags(s.pkt.tcp_flags, false)
-    } else {
-        0
-    };
-    touch(ct, now, flags);
+    touch(ct, now, ct_flags(s.pkt.proto, s.pkt.tcp_flags, false));
     send_to_endpoint(ctx, s, r, ct)
 }
 
-/// XDP sends a packet itself only back out of the device it came in on, and only where the
-/// agent allows XDP_TX (on a veth, frames sent back stall unless the peer runs XDP too).
+/// XDP sends a packet itself only back out of the device it came in on. Whether the agent
+/// allows XDP_TX at all was settled before `forward` (`xdp_tx_allowed`).
 #[inline(always)]
-fn xdp_can_send<C: Ctx>(ctx: &C, cfg: &Config, s: &Scratch, r: Route) -> bool {
-    cfg.flags & CFG_F_XDP_TX != 0 && r == Route::Out && s.fib.ifindex == ctx.ifindex()
+fn xdp_can_send<C: Ctx>(ctx: &C, s: &Scratch, r: Route) -> bool {
+    r == Route::Out && s.fib.ifindex == ctx.ifindex()
 }
 
 #[inline(always)]
@@ -315,7 +304,7 @@ fn new_flow<C: Ctx>(
         return Action::REJECT;
     };
     let r = route(ctx, &mut s.fib, pkt.v6, &svc.egress, &chosen.addr);
-    if C::HOOK == Hook::Xdp && !xdp_can_send(ctx, cfg, s, r) {
+    if C::HOOK == Hook::Xdp && !xdp_can_send(ctx, s, r) {
         // Nothing is allocated yet: the TC program starts this flow from scratch.
         count(Counter::XdpPassToTc);
         return Action::PASS;
@@ -340,11 +329,6 @@ fn new_flow<C: Ctx>(
     if !snat_alloc(cfg, now, &mut s.rn_key, &s.rn, &mut s.old_key, hash) {
         return drop(Counter::DropSnatExhausted);
     }
-    let flags = if pkt.proto == PROTO_TCP {
-        tcp_ct_flags(pkt.tcp_flags, false)
-    } else {
-        0
-    };
     s.ct = CtValue {
         backend: chosen.addr,
         snat: svc.egress,
@@ -355,7 +339,7 @@ fn new_flow<C: Ctx>(
         last_seen: now,
         backend_port: chosen.port,
         snat_port: s.rn_key.snat_port,
-        flags,
+        flags: ct_flags(pkt.proto, pkt.tcp_flags, false),
         kind: fe.kind,
         pad: [0; 2],
         reserved: 0,
@@ -452,13 +436,11 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &RevNatValue) -> Ac
     track_fragment(&s.pkt, &mut s.frag_key);
     let pkt = &s.pkt;
     match ct {
-        Some(ct) => {
-            let mut flags = CT_F_SEEN_REPLY;
-            if pkt.proto == PROTO_TCP {
-                flags |= tcp_ct_flags(pkt.tcp_flags, true);
-            }
-            touch(unsafe { &mut *ct }, now, flags);
-        }
+        Some(ct) => touch(
+            unsafe { &mut *ct },
+            now,
+            CT_F_SEEN_REPLY | ct_flags(pkt.proto, pkt.tcp_flags, true),
+        ),
         None => count(Counter::CtMissReply),
     }
     if xlate(
@@ -525,17 +507,13 @@ fn icmp_error<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     let Some(rn) = (unsafe { REVNAT.get(&s.rn_key) }) else {
         return Action::PASS;
     };
-    let new_src = if s.pkt.src == inner.dst {
-        rn.frontend
-    } else {
-        s.pkt.src
-    };
+    let new_src = icmp_error_source(&s.pkt, inner, rn);
     let r = route(ctx, &mut s.fib, s.pkt.v6, &new_src, &rn.client);
     if C::HOOK == Hook::Xdp && needs_tx(ctx, s, r) && !xdp_tx_allowed(cfg) {
         count(Counter::XdpPassToTc);
         return Action::PASS;
     }
-    if xlate_icmp_error_reply(ctx, &s.pkt, &s.inner, rn).is_err() {
+    if xlate_icmp_error_reply(ctx, &s.pkt, &s.inner, rn, &new_src).is_err() {
         return drop(Counter::DropMalformed);
     }
     count(Counter::IcmpErrorTranslated);

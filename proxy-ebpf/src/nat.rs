@@ -4,7 +4,7 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::*;
 
 use crate::{
-    conntrack::{is_expired, revnat_key},
+    conntrack::revnat_key,
     csum,
     ctx::{Ctx, load, ptr_at, store},
     maps::{CT, REVNAT},
@@ -56,7 +56,7 @@ pub fn snat_alloc(
                 None => (true, false),
                 Some(ct) => {
                     let owned = revnat_key(ct, proto) == *rn_key;
-                    (!owned || is_expired(cfg, proto, ct, now), owned)
+                    (!owned || cfg.ct_expired(proto, ct, now), owned)
                 }
             };
             if stale {
@@ -74,13 +74,13 @@ pub fn snat_alloc(
     false
 }
 
-/// Offsets of the address fields in the IP header.
+/// Offsets of the source and destination address fields of the IP header at `l3_off`.
 #[inline(always)]
-fn addr_offsets(v6: bool) -> (usize, usize) {
+fn addr_offsets(v6: bool, l3_off: usize) -> (usize, usize) {
     if v6 {
-        (ETH_HLEN + 8, ETH_HLEN + 24)
+        (l3_off + 8, l3_off + 24)
     } else {
-        (ETH_HLEN + 12, ETH_HLEN + 16)
+        (l3_off + 12, l3_off + 16)
     }
 }
 
@@ -105,9 +105,10 @@ fn store_addr<C: Ctx>(ctx: &C, v6: bool, off: usize, a: &Addr) -> Result<(), ()>
     }
 }
 
+/// Offset of the checksum of the TCP or UDP header at `l4_off`.
 #[inline(always)]
-fn l4_csum_off(pkt: &Pkt) -> usize {
-    pkt.l4_off + if pkt.proto == PROTO_TCP { 16 } else { 6 }
+fn l4_csum_off(proto: u8, l4_off: usize) -> usize {
+    l4_off + if proto == PROTO_TCP { 16 } else { 6 }
 }
 
 /// Rewrites addresses and ports and fixes every checksum they are part of. Later fragments only
@@ -121,7 +122,7 @@ pub fn xlate<C: Ctx>(
     dst: &Addr,
     dport: u16,
 ) -> Result<(), ()> {
-    let (src_off, dst_off) = addr_offsets(pkt.v6);
+    let (src_off, dst_off) = addr_offsets(pkt.v6, ETH_HLEN);
     store_addr(ctx, pkt.v6, src_off, src)?;
     store_addr(ctx, pkt.v6, dst_off, dst)?;
     let addr_delta = csum::add(
@@ -138,7 +139,7 @@ pub fn xlate<C: Ctx>(
             csum::diff16(pkt.dport, dport),
         );
         let udp = pkt.proto == PROTO_UDP;
-        let off = l4_csum_off(pkt);
+        let off = l4_csum_off(pkt.proto, pkt.l4_off);
         ctx.csum_l4(off, addr_delta, true, udp)?;
         ctx.csum_l4(off, port_delta, false, udp)?;
     }
@@ -171,22 +172,31 @@ fn fix_quoted_csum<C: Ctx>(ctx: &C, off: usize, delta: u32, udp: bool) -> u32 {
     csum::diff16(old, new)
 }
 
+/// The source an ICMP error about `inner` gets toward the client: the frontend if the endpoint
+/// itself complained; a router on the way keeps its own address.
+#[inline(always)]
+pub fn icmp_error_source(pkt: &Pkt, inner: &Inner, rn: &RevNatValue) -> Addr {
+    if pkt.src == inner.dst {
+        rn.frontend
+    } else {
+        pkt.src
+    }
+}
+
 /// Translates an ICMP error about a flow we SNATed (quoted packet: egress -> endpoint) into one
-/// the client understands (quoted packet: client -> frontend), outer header included.
+/// the client understands (quoted packet: client -> frontend), outer header included: from
+/// `new_src` ([`icmp_error_source`]) to the client.
 #[inline(always)]
 pub fn xlate_icmp_error_reply<C: Ctx>(
     ctx: &C,
     pkt: &Pkt,
     inner: &Inner,
     rn: &RevNatValue,
+    new_src: &Addr,
 ) -> Result<(), ()> {
     let v6 = pkt.v6;
     // Quoted packet: src egress:snat_port -> client:client_port, dst endpoint -> frontend.
-    let (isrc_off, idst_off) = if v6 {
-        (inner.l3_off + 8, inner.l3_off + 24)
-    } else {
-        (inner.l3_off + 12, inner.l3_off + 16)
-    };
+    let (isrc_off, idst_off) = addr_offsets(v6, inner.l3_off);
     store_addr(ctx, v6, isrc_off, &rn.client)?;
     store_addr(ctx, v6, idst_off, &rn.frontend)?;
     store(ctx, inner.l4_off, [rn.client_port, rn.frontend_port])?;
@@ -198,33 +208,29 @@ pub fn xlate_icmp_error_reply<C: Ctx>(
         csum::diff16(inner.sport, rn.client_port),
         csum::diff16(inner.dport, rn.frontend_port),
     );
-    let mut icmp_delta = csum::add(inner_addr_delta, inner_port_delta);
+    // The quoted transport checksum covers the quoted addresses and ports; the ICMP checksum
+    // covers all of the quote, that checksum field included.
+    let quoted_delta = csum::add(inner_addr_delta, inner_port_delta);
+    let mut icmp_delta = quoted_delta;
     if !v6 {
         icmp_delta = csum::add(
             icmp_delta,
             fix_quoted_csum(ctx, inner.l3_off + 10, inner_addr_delta, false),
         );
     }
-    let quoted_l4_delta = csum::add(inner_addr_delta, inner_port_delta);
-    let quoted_l4_csum = if inner.proto == PROTO_TCP {
-        fix_quoted_csum(ctx, inner.l4_off + 16, quoted_l4_delta, false)
-    } else {
-        fix_quoted_csum(ctx, inner.l4_off + 6, quoted_l4_delta, true)
-    };
+    let quoted_l4_csum = fix_quoted_csum(
+        ctx,
+        l4_csum_off(inner.proto, inner.l4_off),
+        quoted_delta,
+        inner.proto == PROTO_UDP,
+    );
     icmp_delta = csum::add(icmp_delta, quoted_l4_csum);
 
-    // Outer header: to the client; from the frontend if the endpoint itself complained (a router
-    // on the way keeps its own address).
-    let (src_off, dst_off) = addr_offsets(v6);
-    let new_src = if pkt.src == inner.dst {
-        rn.frontend
-    } else {
-        pkt.src
-    };
-    store_addr(ctx, v6, src_off, &new_src)?;
+    let (src_off, dst_off) = addr_offsets(v6, ETH_HLEN);
+    store_addr(ctx, v6, src_off, new_src)?;
     store_addr(ctx, v6, dst_off, &rn.client)?;
     let outer_delta = csum::add(
-        csum::diff_addr_family(v6, &pkt.src, &new_src),
+        csum::diff_addr_family(v6, &pkt.src, new_src),
         csum::diff_addr_family(v6, &pkt.dst, &rn.client),
     );
     let icmp_csum_off = pkt.l4_off + 2;

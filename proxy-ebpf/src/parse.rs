@@ -168,10 +168,7 @@ fn parse_v6<C: Ctx>(ctx: &C, out: &mut Pkt) -> Parsed {
     let mut frag = Frag::None;
     let mut frag_id = 0u32;
     for _ in 0..IPV6_MAX_EXT {
-        if !matches!(
-            next,
-            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT
-        ) {
+        if !is_ipv6_ext(next) {
             break;
         }
         let Some(ext) = ptr_at::<C, Ipv6Ext>(ctx, off) else {
@@ -196,10 +193,8 @@ fn parse_v6<C: Ctx>(ctx: &C, out: &mut Pkt) -> Parsed {
         }
         next = get!(ext, next);
     }
-    if matches!(
-        next,
-        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT
-    ) {
+    // Still an extension header after IPV6_MAX_EXT of them: the transport header is too deep.
+    if is_ipv6_ext(next) {
         return Parsed::Unparsed;
     }
     *out = Pkt {
@@ -218,6 +213,14 @@ fn parse_v6<C: Ctx>(ctx: &C, out: &mut Pkt) -> Parsed {
         icmp_error: false,
     };
     parse_l4(ctx, out)
+}
+
+#[inline(always)]
+fn is_ipv6_ext(next: u8) -> bool {
+    matches!(
+        next,
+        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT
+    )
 }
 
 #[inline(always)]

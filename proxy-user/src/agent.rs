@@ -94,10 +94,9 @@ impl Agent {
     pub fn apply(&mut self, translation: &Translation) -> Applied {
         let start = Instant::now();
         let changes = translation.changes.as_ref();
-        let diagnostics_changed = changes.is_none_or(|c| c.diagnostics);
-        if diagnostics_changed {
-            self.report_diagnostics(&translation.diagnostics);
-        }
+        let diagnostics = changes
+            .is_none_or(|c| c.diagnostics)
+            .then(|| self.report_diagnostics(&translation.diagnostics));
         let report = match changes {
             Some(c) => {
                 self.reconciler
@@ -107,7 +106,7 @@ impl Agent {
         };
         let errors = log_sync_report(&report);
         let names_changed = self.published_ids != Some(self.reconciler.ids_version());
-        self.publish(translation, names_changed, diagnostics_changed);
+        self.publish(translation, names_changed, diagnostics);
         Applied {
             services: translation.desired.services.len(),
             ops: report.apply.applied,
@@ -117,11 +116,11 @@ impl Agent {
         }
     }
 
-    fn report_diagnostics(&mut self, diagnostics: &[Diagnostic]) {
-        let now: BTreeSet<String> = diagnostics.iter().map(|d| d.to_string()).collect();
-        for d in diagnostics {
-            let text = d.to_string();
-            if self.reported.contains(&text) {
+    /// Logs the diagnostics not logged before and those resolved since; returns their texts.
+    fn report_diagnostics(&mut self, diagnostics: &[Diagnostic]) -> Vec<String> {
+        let texts: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
+        for (d, text) in diagnostics.iter().zip(&texts) {
+            if self.reported.contains(text) {
                 continue;
             }
             match d.severity {
@@ -130,13 +129,21 @@ impl Agent {
                 Severity::Info => tracing::info!("{text}"),
             }
         }
+        let now: BTreeSet<String> = texts.iter().cloned().collect();
         for gone in self.reported.difference(&now) {
             tracing::info!("resolved: {gone}");
         }
         self.reported = now;
+        texts
     }
 
-    fn publish(&mut self, translation: &Translation, names: bool, diagnostics: bool) {
+    /// Updates the state file's names (when the ids changed) and diagnostics (when given).
+    fn publish(
+        &mut self,
+        translation: &Translation,
+        names: bool,
+        diagnostics: Option<Vec<String>>,
+    ) {
         let desired = &translation.desired;
         if names {
             self.published_ids = Some(self.reconciler.ids_version());
@@ -156,14 +163,11 @@ impl Agent {
             // Kept until the ids change again; the filter leaves collect without an exact size.
             self.state.services.shrink_to_fit();
         }
-        if diagnostics {
-            self.state.diagnostics = translation
-                .diagnostics
-                .iter()
-                .map(|d| d.to_string())
-                .collect();
+        let diagnostics_changed = diagnostics.is_some();
+        if let Some(texts) = diagnostics {
+            self.state.diagnostics = texts;
         }
-        self.state_dirty |= names || diagnostics;
+        self.state_dirty |= names || diagnostics_changed;
         self.flush_state();
     }
 

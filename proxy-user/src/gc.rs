@@ -8,29 +8,6 @@ use proxy_common::*;
 
 use crate::maps::{DatapathMaps, MapsError};
 
-/// Mirrors the data path's `conntrack::timeout`.
-pub fn timeout(cfg: &Config, proto: u8, flags: u8) -> u32 {
-    let closed = flags & CT_F_RST != 0
-        || flags & (CT_F_CLIENT_FIN | CT_F_BACKEND_FIN) == (CT_F_CLIENT_FIN | CT_F_BACKEND_FIN);
-    if proto == PROTO_TCP {
-        if closed {
-            cfg.tcp_closing_timeout
-        } else if flags & CT_F_SEEN_REPLY == 0 {
-            cfg.tcp_syn_timeout
-        } else {
-            cfg.tcp_established_timeout
-        }
-    } else if flags & CT_F_SEEN_REPLY != 0 {
-        cfg.udp_stream_timeout
-    } else {
-        cfg.udp_timeout
-    }
-}
-
-pub fn is_expired(cfg: &Config, key: &CtKey, ct: &CtValue, now: u32) -> bool {
-    now.wrapping_sub(ct.last_seen) > timeout(cfg, key.proto, ct.flags)
-}
-
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct GcReport {
     pub ct_entries: usize,
@@ -60,7 +37,7 @@ impl Collector {
         // Live flow -> the SNAT address and port it holds.
         let mut live = HashMap::with_capacity(ct.len());
         for (key, value) in &ct {
-            if is_expired(cfg, key, value, now) {
+            if cfg.ct_expired(key.proto, value, now) {
                 maps.remove_ct(key)?;
                 report.ct_expired += 1;
             } else {

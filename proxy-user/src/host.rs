@@ -145,6 +145,18 @@ fn covers(reserved: &str, range: &RangeInclusive<u16>) -> bool {
     })
 }
 
+/// Addresses for people: `separator` between them, `if_empty` when there are none.
+pub fn join_addrs(addrs: &[IpAddr], separator: &str, if_empty: &str) -> String {
+    if addrs.is_empty() {
+        return if_empty.to_owned();
+    }
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(separator)
+}
+
 /// Hands memory freed after a burst of work (the initial parse and translation) back to the
 /// kernel: glibc keeps freed heap pages otherwise, and they count as the agent's RSS.
 pub fn release_free_memory() {

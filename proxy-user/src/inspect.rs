@@ -6,7 +6,7 @@ use proxy_common::{user::*, *};
 use serde::Serialize;
 
 use crate::{
-    gc,
+    host::join_addrs,
     maps::{DatapathMaps, MapsError},
     state::{self, AgentState},
 };
@@ -202,7 +202,7 @@ pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
             state: flow_state(k.proto, v.flags),
             age_secs: now.wrapping_sub(v.created),
             idle_secs: now.wrapping_sub(v.last_seen),
-            expires_in_secs: gc::timeout(&cfg, k.proto, v.flags) as i64
+            expires_in_secs: cfg.ct_timeout(k.proto, v.flags) as i64
                 - now.wrapping_sub(v.last_seen) as i64,
         })
         .collect();
@@ -214,37 +214,25 @@ pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
         target.insert(c.name().to_owned(), n);
     }
     let revnat = maps.reverse_nat()?.len();
-    let fill = vec![
-        FillView {
-            map: MAP_CT,
-            entries: ct.len(),
-            max_entries: maps.max_entries(MAP_CT),
-        },
-        FillView {
-            map: MAP_REVNAT,
-            entries: revnat,
-            max_entries: maps.max_entries(MAP_REVNAT),
-        },
-        FillView {
-            map: MAP_SERVICES,
-            entries: snap.services.len(),
-            max_entries: maps.max_entries(MAP_SERVICES),
-        },
-        FillView {
-            map: MAP_FRONTENDS,
-            entries: snap.frontends.len(),
-            max_entries: maps.max_entries(MAP_FRONTENDS),
-        },
-        FillView {
-            map: MAP_BACKENDS,
-            entries: snap
-                .backends
-                .iter()
-                .filter(|(_, b)| b.state != BackendState::Free as u8)
-                .count(),
-            max_entries: maps.max_entries(MAP_BACKENDS),
-        },
-    ];
+    let live_backends = snap
+        .backends
+        .iter()
+        .filter(|(_, b)| b.state != BackendState::Free as u8)
+        .count();
+    let fill = [
+        (MAP_CT, ct.len()),
+        (MAP_REVNAT, revnat),
+        (MAP_SERVICES, snap.services.len()),
+        (MAP_FRONTENDS, snap.frontends.len()),
+        (MAP_BACKENDS, live_backends),
+    ]
+    .into_iter()
+    .map(|(map, entries)| FillView {
+        map,
+        entries,
+        max_entries: maps.max_entries(map),
+    })
+    .collect();
     Ok(Report {
         agent,
         config: ConfigView {
@@ -300,8 +288,8 @@ pub fn render(report: &Report) -> String {
             a.pid,
             a.source,
             a.interfaces.join(","),
-            join(&a.egress),
-            join(&a.node_addresses)
+            join_addrs(&a.egress, ",", "-"),
+            join_addrs(&a.node_addresses, ",", "-")
         );
     } else {
         let _ = writeln!(
@@ -402,21 +390,17 @@ pub fn render(report: &Report) -> String {
         ],
         &rows,
     );
+    let counts = |counts: &BTreeMap<String, u64>, keep_zero: bool| -> Vec<Vec<String>> {
+        counts
+            .iter()
+            .filter(|(_, v)| keep_zero || **v > 0)
+            .map(|(k, v)| vec![k.clone(), v.to_string()])
+            .collect()
+    };
     let _ = writeln!(out, "\nDROPS");
-    let rows: Vec<Vec<String>> = report
-        .drops
-        .iter()
-        .map(|(k, v)| vec![k.clone(), v.to_string()])
-        .collect();
-    out += &table(&["REASON", "PACKETS"], &rows);
+    out += &table(&["REASON", "PACKETS"], &counts(&report.drops, true));
     let _ = writeln!(out, "\nEVENTS");
-    let rows: Vec<Vec<String>> = report
-        .events
-        .iter()
-        .filter(|(_, v)| **v > 0)
-        .map(|(k, v)| vec![k.clone(), v.to_string()])
-        .collect();
-    out += &table(&["EVENT", "COUNT"], &rows);
+    out += &table(&["EVENT", "COUNT"], &counts(&report.events, false));
     let _ = writeln!(out, "\nMAP FILL");
     let rows: Vec<Vec<String>> = report
         .fill
@@ -438,15 +422,4 @@ pub fn render(report: &Report) -> String {
         }
     }
     out
-}
-
-fn join(addrs: &[IpAddr]) -> String {
-    if addrs.is_empty() {
-        return "-".into();
-    }
-    addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
 }

@@ -183,7 +183,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
 }
 
 fn load_one((name, program): (&'static str, &mut Program)) -> Result<(), LoadError> {
-    let err = |source| LoadError::Program { name, source };
+    let err = program_error(name);
     match program {
         Program::Xdp(p) => p.load().map_err(err),
         Program::SchedClassifier(p) => p.load().map_err(err),
@@ -191,21 +191,31 @@ fn load_one((name, program): (&'static str, &mut Program)) -> Result<(), LoadErr
     }
 }
 
-pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoadError> {
+/// `LoadError::Program` for the program `name`, as a `map_err` argument.
+fn program_error(name: &'static str) -> impl Fn(ProgramError) -> LoadError {
+    move |source| LoadError::Program { name, source }
+}
+
+/// The program `name` as its type (`Xdp`, `SchedClassifier`).
+fn program_as<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, LoadError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(LoadError::MissingProgram(name))?
         .try_into()
-        .map_err(|source| LoadError::Program { name, source })
+        .map_err(program_error(name))
+}
+
+pub fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoadError> {
+    program_as(ebpf, name)
 }
 
 pub fn tc_program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, LoadError> {
-    ebpf.program_mut(name)
-        .ok_or(LoadError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| LoadError::Program { name, source })
+    program_as(ebpf, name)
 }
 
 /// Writes the node-wide settings the data path reads on every packet. Until this is written the
@@ -246,6 +256,33 @@ pub struct Attached {
     pins: Vec<PathBuf>,
 }
 
+/// Creates the folder the links are pinned in.
+fn links_dir(pin_dir: &Path) -> Result<(), LoadError> {
+    let links = pin_dir.join("links");
+    std::fs::create_dir_all(&links).map_err(|source| LoadError::Bpffs {
+        path: links,
+        source,
+    })
+}
+
+/// Pins `link` at `path`, keeping its type: the caller gives it back to its program.
+fn pin_link<L>(link: L, hook: &'static str, path: &Path) -> Result<L, LoadError>
+where
+    FdLink: TryFrom<L, Error: std::fmt::Display>,
+    L: TryFrom<FdLink, Error: std::fmt::Display>,
+{
+    let pin_err = |reason: String| LoadError::PinLink {
+        hook,
+        path: path.to_owned(),
+        reason,
+    };
+    let pinned = FdLink::try_from(link)
+        .map_err(|e| pin_err(e.to_string()))?
+        .pin(path)
+        .map_err(|e| pin_err(e.to_string()))?;
+    L::try_from(FdLink::from(pinned)).map_err(|e| pin_err(e.to_string()))
+}
+
 fn link_pin(dir: &Path, hook: &str, iface: &str) -> PathBuf {
     dir.join("links")
         .join(format!("{hook}-{}", pin_name(iface)))
@@ -278,11 +315,7 @@ pub fn attach(
 ) -> Result<Attached, LoadError> {
     let pins: Vec<PathBuf> = match pin_dir {
         Some(dir) => {
-            let links = dir.join("links");
-            std::fs::create_dir_all(&links).map_err(|source| LoadError::Bpffs {
-                path: links,
-                source,
-            })?;
+            links_dir(dir)?;
             ["xdp", "tc-ingress", "tc-egress"]
                 .iter()
                 .map(|h| link_pin(dir, h, iface))
@@ -351,7 +384,6 @@ fn attach_tc(
     path: Option<&Path>,
 ) -> Result<(SchedClassifierLinkId, bool), LoadError> {
     let prog = tc_program(ebpf, name)?;
-    let err = |source| LoadError::Program { name, source };
     let taken = path
         .and_then(pinned_fd_link)
         .and_then(|l| SchedClassifierLink::try_from(l).ok());
@@ -368,7 +400,7 @@ fn attach_tc(
             }
         }
     }
-    let id = prog.attach(iface, kind).map_err(err)?;
+    let id = prog.attach(iface, kind).map_err(program_error(name))?;
     match path {
         Some(p) => Ok((pin_tc(prog, name, id, p)?, false)),
         None => Ok((id, false)),
@@ -382,20 +414,9 @@ fn pin_tc(
     id: SchedClassifierLinkId,
     path: &Path,
 ) -> Result<SchedClassifierLinkId, LoadError> {
-    let err = |source| LoadError::Program { name, source };
-    let pin_err = |reason: String| LoadError::PinLink {
-        hook: name,
-        path: path.to_owned(),
-        reason,
-    };
-    let link = prog.take_link(id).map_err(err)?;
-    let pinned = FdLink::try_from(link)
-        .map_err(|e| pin_err(e.to_string()))?
-        .pin(path)
-        .map_err(|e| pin_err(e.to_string()))?;
-    let link =
-        SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(e.to_string()))?;
-    prog.attach_to_link(link).map_err(err)
+    let link = prog.take_link(id).map_err(program_error(name))?;
+    let link = pin_link(link, name, path)?;
+    prog.attach_to_link(link).map_err(program_error(name))
 }
 
 /// Where a fresh pod link is pinned before it replaces the old pin (not "tc-pod-", so that it never
@@ -433,11 +454,7 @@ pub fn attach_pod(
             pin: None,
         });
     };
-    let links = dir.join("links");
-    std::fs::create_dir_all(&links).map_err(|source| LoadError::Bpffs {
-        path: links,
-        source,
-    })?;
+    links_dir(dir)?;
     let path = link_pin(dir, "tc-pod", iface);
     let fresh = link_pin(dir, POD_PIN_STAGING, iface);
     let _ = std::fs::remove_file(&fresh);
@@ -465,10 +482,7 @@ pub fn detach_pod(ebpf: &mut Ebpf, attached: PodAttached) -> Result<(), LoadErro
     }
     tc_program(ebpf, PROG_TC_POD)?
         .detach(attached.link)
-        .map_err(|source| LoadError::Program {
-            name: PROG_TC_POD,
-            source,
-        })
+        .map_err(program_error(PROG_TC_POD))
 }
 
 /// Removes pins of pod links whose interface no longer exists (the pod went away while no agent
@@ -504,10 +518,7 @@ fn attach_xdp_mode(
     let try_mode = |prog: &mut Xdp, m: XdpMode| {
         prog.attach(iface, m)
             .map(|id| (id, m))
-            .map_err(|source| LoadError::Program {
-                name: PROG_XDP,
-                source,
-            })
+            .map_err(program_error(PROG_XDP))
     };
     match mode {
         XdpAttach::Driver => try_mode(prog, XdpMode::Driver),
@@ -526,22 +537,9 @@ fn attach_xdp_mode(
 
 /// Pins an XDP link and hands it back to the program's ownership.
 fn repin(prog: &mut Xdp, id: XdpLinkId, path: &Path) -> Result<XdpLinkId, LoadError> {
-    let err = |source| LoadError::Program {
-        name: PROG_XDP,
-        source,
-    };
-    let other = |e: &dyn std::fmt::Display| LoadError::PinLink {
-        hook: PROG_XDP,
-        path: path.to_owned(),
-        reason: e.to_string(),
-    };
-    let link = prog.take_link(id).map_err(err)?;
-    let pinned = FdLink::try_from(link)
-        .map_err(|e| other(&e))?
-        .pin(path)
-        .map_err(|e| other(&e))?;
-    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| other(&e))?;
-    prog.attach_to_link(link).map_err(err)
+    let link = prog.take_link(id).map_err(program_error(PROG_XDP))?;
+    let link = pin_link(link, PROG_XDP, path)?;
+    prog.attach_to_link(link).map_err(program_error(PROG_XDP))
 }
 
 /// Detaches what `attach` attached (removing the pins that kept the links alive).
@@ -551,23 +549,14 @@ pub fn detach(ebpf: &mut Ebpf, attached: Attached) -> Result<(), LoadError> {
     }
     tc_program(ebpf, PROG_TC_EGRESS)?
         .detach(attached.tc_egress)
-        .map_err(|source| LoadError::Program {
-            name: PROG_TC_EGRESS,
-            source,
-        })?;
+        .map_err(program_error(PROG_TC_EGRESS))?;
     tc_program(ebpf, PROG_TC_INGRESS)?
         .detach(attached.tc_ingress)
-        .map_err(|source| LoadError::Program {
-            name: PROG_TC_INGRESS,
-            source,
-        })?;
+        .map_err(program_error(PROG_TC_INGRESS))?;
     if let Some(id) = attached.xdp_link {
         xdp_program(ebpf, PROG_XDP)?
             .detach(id)
-            .map_err(|source| LoadError::Program {
-                name: PROG_XDP,
-                source,
-            })?;
+            .map_err(program_error(PROG_XDP))?;
     }
     Ok(())
 }
@@ -617,23 +606,13 @@ pub fn attach_xdp_pass(iface: &str, pin: &Path) -> Result<(), LoadError> {
     }
     let mut ebpf = Ebpf::load(XDP_PASS_OBJECT)?;
     let prog = xdp_program(&mut ebpf, "xdp_pass")?;
-    let err = |source| LoadError::Program {
-        name: "xdp_pass",
-        source,
-    };
-    prog.load().map_err(err)?;
-    let id = prog.attach(iface, XdpMode::Driver).map_err(err)?;
-    let link = prog.take_link(id).map_err(err)?;
-    let pin_err = |e: &dyn std::fmt::Display| LoadError::PinLink {
-        hook: "xdp_pass",
-        path: pin.to_owned(),
-        reason: e.to_string(),
-    };
+    let err = program_error("xdp_pass");
+    prog.load().map_err(&err)?;
+    let id = prog.attach(iface, XdpMode::Driver).map_err(&err)?;
+    // Taken from the program, the link outlives it through the pin alone.
+    let link = prog.take_link(id).map_err(&err)?;
     let _ = std::fs::remove_file(pin);
-    FdLink::try_from(link)
-        .map_err(|e| pin_err(&e))?
-        .pin(pin)
-        .map_err(|e| pin_err(&e))?;
+    pin_link(link, "xdp_pass", pin)?;
     Ok(())
 }
 

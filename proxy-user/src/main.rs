@@ -20,7 +20,7 @@ use extproxy::{
     maps::DatapathMaps,
     metrics::{self, DatapathReader, Telemetry},
     pins::{self, Pinned},
-    podlinks::{Patterns, PodLinks},
+    podlinks::{LinkEvent, Patterns, PodLinks},
     reconcile::{self, Reconciler},
     state::{AgentState, DEFAULT_STATE_DIR},
     translate::{self, ClaimPolicy, Incremental, NodeInfo, Settings, Translation},
@@ -419,6 +419,55 @@ struct Running {
     pods: PodLinks,
 }
 
+impl Running {
+    /// Attaches to the uplinks and, per `--pod-ifaces` (default `pod_default`), the pods'
+    /// interfaces.
+    fn attach(
+        mut ebpf: Ebpf,
+        agent: Agent,
+        ifaces: &[String],
+        dp: &DatapathArgs,
+        pod_default: &str,
+        telemetry: &Telemetry,
+    ) -> anyhow::Result<Running> {
+        let attached = attach_all(&mut ebpf, ifaces, dp)?;
+        let pods = attach_pods(&mut ebpf, ifaces, dp, pod_default)?;
+        telemetry.set_pod_interfaces(pods.count());
+        Ok(Running {
+            ebpf,
+            agent,
+            attached,
+            pods,
+        })
+    }
+
+    fn pod_events(&mut self, events: Vec<LinkEvent>, telemetry: &Telemetry) {
+        self.pods.handle(&mut self.ebpf, events);
+        telemetry.set_pod_interfaces(self.pods.count());
+    }
+}
+
+/// What both modes' control loops wait on besides their source of changes.
+struct Housekeeping {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+    /// Conntrack sweep (and the health heartbeat).
+    gc: tokio::time::Interval,
+    /// Publishing the state file for `inspect`.
+    flush: tokio::time::Interval,
+}
+
+impl Housekeeping {
+    fn new(dp: &DatapathArgs) -> anyhow::Result<Self> {
+        Ok(Housekeeping {
+            sigint: signal(SignalKind::interrupt())?,
+            sigterm: signal(SignalKind::terminate())?,
+            gc: tokio::time::interval(Duration::from_secs(dp.gc_interval.max(1))),
+            flush: tokio::time::interval(Duration::from_secs(1)),
+        })
+    }
+}
+
 /// The data path's programs, being verified on other threads; the maps are usable meanwhile.
 struct Verifying {
     thread: std::thread::JoinHandle<Result<Ebpf, loader::LoadError>>,
@@ -485,9 +534,12 @@ fn start(
         Toggle::On => true,
         Toggle::Off => false,
         Toggle::Auto => {
-            let veths: Vec<&String> = ifaces.iter().filter(|i| is_veth(i)).collect();
-            // With `--xdp auto` a veth has no XDP at all (see attach_all): nothing to say.
-            if !veths.is_empty() && !matches!(dp.xdp, XdpArg::Auto | XdpArg::Off) {
+            // Only where XDP runs on a veth could XDP_TX stall.
+            let veths: Vec<&String> = ifaces
+                .iter()
+                .filter(|i| xdp_attach(dp.xdp, i).0 != XdpAttach::Off && is_veth(i))
+                .collect();
+            if !veths.is_empty() {
                 tracing::info!(
                     "{} is a veth: XDP hands packets it would send back out to TC (--xdp-tx on \
                      overrides; then the veth's peer must run an XDP program)",
@@ -707,8 +759,8 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
     }
     tracing::info!(
         "egress (SNAT) address(es): {}; NodePort addresses: {}",
-        list(&egress),
-        list(&node_addresses)
+        host::join_addrs(&egress, ", ", "none"),
+        host::join_addrs(&node_addresses, ", ", "none")
     );
     for w in host::check_sysctls(true, egress.iter().any(IpAddr::is_ipv6), &dp.snat_ports) {
         tracing::warn!("{w}");
@@ -760,24 +812,19 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
     host::release_free_memory();
 
     // Attached only now: the programs must find the maps programmed.
-    let (mut ebpf, verified) = verifying.wait()?;
+    let (ebpf, verified) = verifying.wait()?;
     tracing::info!(
         "start-up: programs verified in {:.0} ms (beside the above)",
         verified.as_secs_f64() * 1e3
     );
-    let attached = attach_all(&mut ebpf, ifaces, dp)?;
-    let mut pods = attach_pods(&mut ebpf, ifaces, dp, "none")?;
-    telemetry.set_pod_interfaces(pods.count());
+    let mut running = Running::attach(ebpf, agent, ifaces, dp, "none", &telemetry)?;
     tracing::info!("extproxy is running; watching {}", manifests.display());
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut gc = tokio::time::interval(Duration::from_secs(dp.gc_interval.max(1)));
-    let mut flush = tokio::time::interval(Duration::from_secs(1));
+    let mut hk = Housekeeping::new(dp)?;
     loop {
         tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = hk.sigint.recv() => break,
+            _ = hk.sigterm.recv() => break,
             changes = watcher.next() => {
                 for path in &changes.removed {
                     set.remove_file(path);
@@ -787,8 +834,8 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
                 }
                 set.feed(&mut translator);
                 let t = translator.update();
-                let applied = agent.apply(t);
-                let names = applied.names_changed.then(|| service_names(&agent));
+                let applied = running.agent.apply(t);
+                let names = applied.names_changed.then(|| service_names(&running.agent));
                 telemetry.record_apply(t, &applied, names);
                 tracing::info!(
                     "manifests changed ({} file(s)): {} map updates in {:.2} ms",
@@ -797,21 +844,12 @@ async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow:
                     applied.elapsed.as_secs_f64() * 1e3
                 );
             }
-            events = pods.next() => {
-                pods.handle(&mut ebpf, events);
-                telemetry.set_pod_interfaces(pods.count());
-            }
-            _ = gc.tick() => sweep(&mut agent, &telemetry),
-            _ = flush.tick() => agent.flush_state(),
+            events = running.pods.next() => running.pod_events(events, &telemetry),
+            _ = hk.gc.tick() => sweep(&mut running.agent, &telemetry),
+            _ = hk.flush.tick() => running.agent.flush_state(),
         }
     }
-    agent.flush_state_now();
-    let running = Running {
-        ebpf,
-        agent,
-        attached,
-        pods,
-    };
+    running.agent.flush_state_now();
     finish(running, dp, dp.keep_on_exit)
 }
 
@@ -881,18 +919,10 @@ async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
         ..AgentState::default()
     };
     let (verifying, agent) = start(dp, ifaces, state)?;
-    let (mut ebpf, _) = verifying.wait()?;
+    let (ebpf, _) = verifying.wait()?;
     // Attach before the first sync: a previous agent's links are taken over at once (its maps
     // keep forwarding until the cluster is known again); fresh maps pass everything meanwhile.
-    let attached = attach_all(&mut ebpf, ifaces, dp)?;
-    let pods = attach_pods(&mut ebpf, ifaces, dp, "auto")?;
-    telemetry.set_pod_interfaces(pods.count());
-    let mut running = Running {
-        ebpf,
-        agent,
-        attached,
-        pods,
-    };
+    let mut running = Running::attach(ebpf, agent, ifaces, dp, "auto", &telemetry)?;
     let default_listen: SocketAddr = metrics::DEFAULT_METRICS_ADDRESS.parse()?;
     start_metrics(
         args.kube.metrics_address,
@@ -916,15 +946,12 @@ async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
         "extproxy is running on node {node_name}; watching Services, EndpointSlices and Node \
          {node_name}"
     );
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut gc = tokio::time::interval(Duration::from_secs(dp.gc_interval.max(1)));
-    let mut flush = tokio::time::interval(Duration::from_secs(1));
+    let mut hk = Housekeeping::new(dp)?;
     let mut trimmed = false;
     loop {
         tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = hk.sigint.recv() => break,
+            _ = hk.sigterm.recv() => break,
             batch = source.next() => {
                 source.apply(batch, &mut running.agent);
                 if !trimmed {
@@ -933,12 +960,9 @@ async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
                     trimmed = true;
                 }
             }
-            events = running.pods.next() => {
-                running.pods.handle(&mut running.ebpf, events);
-                telemetry.set_pod_interfaces(running.pods.count());
-            }
-            _ = gc.tick() => sweep(&mut running.agent, &telemetry),
-            _ = flush.tick() => running.agent.flush_state(),
+            events = running.pods.next() => running.pod_events(events, &telemetry),
+            _ = hk.gc.tick() => sweep(&mut running.agent, &telemetry),
+            _ = hk.flush.tick() => running.agent.flush_state(),
         }
     }
     running.agent.flush_state_now();
@@ -961,15 +985,4 @@ fn cleanup(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn list(addrs: &[IpAddr]) -> String {
-    if addrs.is_empty() {
-        return "none".into();
-    }
-    addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
 }

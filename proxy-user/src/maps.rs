@@ -61,7 +61,20 @@ pub struct DatapathMaps {
 }
 
 fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T, MapsError> {
-    T::try_from(map).map_err(|source| MapsError::Map { name, source })
+    T::try_from(map).map_err(in_map(name))
+}
+
+/// Names the map an error came from.
+fn in_map(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// Every entry of a map, or the first error reading it.
+fn entries<T>(
+    name: &'static str,
+    iter: impl Iterator<Item = Result<T, MapError>>,
+) -> Result<Vec<T>, MapsError> {
+    iter.collect::<Result<_, _>>().map_err(in_map(name))
 }
 
 impl DatapathMaps {
@@ -157,52 +170,30 @@ impl DatapathMaps {
     }
 
     pub fn config(&self) -> Result<Config, MapsError> {
-        self.config.get(&0, 0).map_err(|source| MapsError::Map {
-            name: MAP_CONFIG,
-            source,
-        })
+        self.config.get(&0, 0).map_err(in_map(MAP_CONFIG))
     }
 
     pub fn set_config(&mut self, config: &Config) -> Result<(), MapsError> {
-        self.config
-            .set(0, config, 0)
-            .map_err(|source| MapsError::Map {
-                name: MAP_CONFIG,
-                source,
-            })
+        self.config.set(0, config, 0).map_err(in_map(MAP_CONFIG))
     }
 
     /// What the reconciler needs to adopt the maps.
     pub fn snapshot(&self) -> Result<MapSnapshot, MapsError> {
-        let err = |name| move |source| MapsError::Map { name, source };
         let mut backends = Vec::new();
         for id in 0..self.backends.len() {
-            let value = self.backends.get(&id, 0).map_err(err(MAP_BACKENDS))?;
+            let value = self.backends.get(&id, 0).map_err(in_map(MAP_BACKENDS))?;
             if value != BackendValue::default() {
                 backends.push((id, value));
             }
         }
         Ok(MapSnapshot {
-            frontends: self
-                .frontends
-                .iter()
-                .collect::<Result<_, _>>()
-                .map_err(err(MAP_FRONTENDS))?,
-            services: self
-                .services
-                .iter()
-                .collect::<Result<_, _>>()
-                .map_err(err(MAP_SERVICES))?,
-            slots: self
-                .slots
-                .iter()
-                .collect::<Result<_, _>>()
-                .map_err(err(MAP_SLOTS))?,
+            frontends: entries(MAP_FRONTENDS, self.frontends.iter())?,
+            services: entries(MAP_SERVICES, self.services.iter())?,
+            slots: entries(MAP_SLOTS, self.slots.iter())?,
             backends,
-            src_ranges: self
-                .src_ranges
-                .iter()
-                .map(|entry| {
+            src_ranges: entries(
+                MAP_SRC_RANGES,
+                self.src_ranges.iter().map(|entry| {
                     entry.map(|(key, _)| {
                         let data = key.data();
                         SrcRange {
@@ -211,55 +202,30 @@ impl DatapathMaps {
                             prefix_len: key.prefix_len(),
                         }
                     })
-                })
-                .collect::<Result<_, _>>()
-                .map_err(err(MAP_SRC_RANGES))?,
+                }),
+            )?,
         })
     }
 
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, MapsError> {
-        self.ct
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|source| MapsError::Map {
-                name: MAP_CT,
-                source,
-            })
+        entries(MAP_CT, self.ct.iter())
     }
 
     /// Deletes a conntrack entry (already gone is fine: the data path may have beaten us).
     pub fn remove_ct(&mut self, key: &CtKey) -> Result<(), MapsError> {
-        ignore_missing(self.ct.remove(key)).map_err(|source| MapsError::Map {
-            name: MAP_CT,
-            source,
-        })
+        ignore_missing(self.ct.remove(key)).map_err(in_map(MAP_CT))
     }
 
     pub fn remove_revnat(&mut self, key: &RevNatKey) -> Result<(), MapsError> {
-        ignore_missing(self.revnat.remove(key)).map_err(|source| MapsError::Map {
-            name: MAP_REVNAT,
-            source,
-        })
+        ignore_missing(self.revnat.remove(key)).map_err(in_map(MAP_REVNAT))
     }
 
     pub fn reverse_nat(&self) -> Result<Vec<(RevNatKey, RevNatValue)>, MapsError> {
-        self.revnat
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|source| MapsError::Map {
-                name: MAP_REVNAT,
-                source,
-            })
+        entries(MAP_REVNAT, self.revnat.iter())
     }
 
     pub fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
-        self.affinity
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|source| MapsError::Map {
-                name: MAP_AFFINITY,
-                source,
-            })
+        entries(MAP_AFFINITY, self.affinity.iter())
     }
 
     /// Every counter, summed over CPUs.
@@ -267,13 +233,10 @@ impl DatapathMaps {
         Counter::ALL
             .iter()
             .map(|counter| {
-                let values =
-                    self.counters
-                        .get(&(*counter as u32), 0)
-                        .map_err(|source| MapsError::Map {
-                            name: MAP_COUNTERS,
-                            source,
-                        })?;
+                let values = self
+                    .counters
+                    .get(&(*counter as u32), 0)
+                    .map_err(in_map(MAP_COUNTERS))?;
                 Ok((
                     *counter,
                     values.iter().fold(0u64, |sum, v| sum.wrapping_add(*v)),
@@ -290,10 +253,7 @@ impl DatapathMaps {
         service_ids
             .iter()
             .map(|id| {
-                let values = self.svc_stats.get(id, 0).map_err(|source| MapsError::Map {
-                    name: MAP_SVC_STATS,
-                    source,
-                })?;
+                let values = self.svc_stats.get(id, 0).map_err(in_map(MAP_SVC_STATS))?;
                 let sum = values
                     .iter()
                     .fold(ServiceStats::default(), |sum, v| ServiceStats {

@@ -337,28 +337,27 @@ impl Telemetry {
         let mut out = Exposition::default();
         out.family("extproxy_ready", "gauge", "1 when /readyz answers 200.");
         out.sample("extproxy_ready", &[], u8::from(ready));
-        out.family(
+        out.labelled(
             "extproxy_api_connected",
             "gauge",
             "1 while the last request for the resource was answered by the API server.",
+            "resource",
+            inner.api.iter().map(|(resource, state)| {
+                (resource, u8::from(matches!(state, ApiState::Connected)))
+            }),
         );
-        for (resource, state) in &inner.api {
-            let up = matches!(state, ApiState::Connected);
-            out.sample(
-                "extproxy_api_connected",
-                &[("resource", resource)],
-                u8::from(up),
-            );
-        }
-        out.family(
+        out.labelled(
             "extproxy_api_errors_total",
             "counter",
             "Failed requests and broken watches per resource.",
+            "resource",
+            inner.api.keys().map(|resource| {
+                (
+                    resource,
+                    inner.api_errors.get(resource).copied().unwrap_or(0),
+                )
+            }),
         );
-        for resource in inner.api.keys() {
-            let n = inner.api_errors.get(resource).copied().unwrap_or(0);
-            out.sample("extproxy_api_errors_total", &[("resource", resource)], n);
-        }
         if let Some(n) = inner.pod_interfaces {
             out.family(
                 "extproxy_pod_interfaces",
@@ -367,28 +366,22 @@ impl Telemetry {
             );
             out.sample("extproxy_pod_interfaces", &[], n);
         }
-        out.family(
+        out.labelled(
             "extproxy_objects",
             "gauge",
             "Objects the agent sees, by kind.",
+            "kind",
+            &inner.objects,
         );
-        for (kind, n) in &inner.objects {
-            out.sample("extproxy_objects", &[("kind", kind)], n);
-        }
-        out.family(
+        out.labelled(
             "extproxy_services_claimed",
             "gauge",
             "Services extproxy proxies, by why it claims them.",
-        );
-        out.sample(
-            "extproxy_services_claimed",
-            &[("reason", "label")],
-            inner.claimed_by_label,
-        );
-        out.sample(
-            "extproxy_services_claimed",
-            &[("reason", "selectorless")],
-            inner.claimed_selectorless,
+            "reason",
+            [
+                ("label", inner.claimed_by_label),
+                ("selectorless", inner.claimed_selectorless),
+            ],
         );
         out.family(
             "extproxy_service_ports",
@@ -396,19 +389,16 @@ impl Telemetry {
             "Service ports (per IP family) programmed into the data path.",
         );
         out.sample("extproxy_service_ports", &[], inner.service_ports);
-        out.family(
+        out.labelled(
             "extproxy_diagnostics",
             "gauge",
             "Open problems with the Services and endpoints, by severity (see the log).",
+            "severity",
+            [Severity::Error, Severity::Warning, Severity::Info].map(|severity| {
+                let n = inner.diagnostics.get(&severity).copied().unwrap_or(0);
+                (severity.to_string(), n)
+            }),
         );
-        for severity in [Severity::Error, Severity::Warning, Severity::Info] {
-            let n = inner.diagnostics.get(&severity).copied().unwrap_or(0);
-            out.sample(
-                "extproxy_diagnostics",
-                &[("severity", &severity.to_string())],
-                n,
-            );
-        }
         out.histogram(
             "extproxy_network_programming_duration_seconds",
             "From a change (the EndpointSlice's endpoints.kubernetes.io/last-change-trigger-time, \
@@ -431,14 +421,13 @@ impl Telemetry {
             "Map updates that failed (map full, kernel error); see the log.",
             inner.map_errors,
         );
-        out.family(
+        out.labelled(
             "extproxy_kube_events_total",
             "counter",
             "Kubernetes Events published on claimed Services, by reason.",
+            "reason",
+            &inner.events,
         );
-        for (reason, n) in &inner.events {
-            out.sample("extproxy_kube_events_total", &[("reason", reason)], n);
-        }
         out.counter(
             "extproxy_kube_event_errors_total",
             "Kubernetes Events the API server did not accept.",
@@ -505,6 +494,21 @@ impl Exposition {
             self.text.push('}');
         }
         let _ = writeln!(self.text, " {value}");
+    }
+
+    /// A family with one sample per value of a single label.
+    fn labelled<L: AsRef<str>, V: fmt::Display>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        label: &str,
+        samples: impl IntoIterator<Item = (L, V)>,
+    ) {
+        self.family(name, kind, help);
+        for (value, n) in samples {
+            self.sample(name, &[(label, value.as_ref())], n);
+        }
     }
 
     fn counter(&mut self, name: &str, help: &str, value: u64) {
@@ -599,26 +603,26 @@ impl DatapathStats {
                 }
             }
         }
-        out.family(
+        let counters = |drops: bool| {
+            self.counters
+                .iter()
+                .filter(move |(c, _)| c.is_drop() == drops)
+                .map(|(c, value)| (c.name(), value))
+        };
+        out.labelled(
             "extproxy_drops_total",
             "counter",
             "Packets the data path did not deliver, by reason.",
+            "reason",
+            counters(true),
         );
-        for (counter, value) in self.counters.iter().filter(|(c, _)| c.is_drop()) {
-            out.sample("extproxy_drops_total", &[("reason", counter.name())], value);
-        }
-        out.family(
+        out.labelled(
             "extproxy_datapath_events_total",
             "counter",
             "Other data path events (new flows, SNAT collisions, XDP to TC hand-offs, ...).",
+            "event",
+            counters(false),
         );
-        for (counter, value) in self.counters.iter().filter(|(c, _)| !c.is_drop()) {
-            out.sample(
-                "extproxy_datapath_events_total",
-                &[("event", counter.name())],
-                value,
-            );
-        }
         out.gauge(
             "extproxy_conntrack_entries",
             "Tracked flows.",

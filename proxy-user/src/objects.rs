@@ -79,25 +79,34 @@ impl<'a, I: IntoIterator<Item = (&'a String, &'a String)>> From<I> for Kept {
 /// Reads a string map as k8s-openapi's `BTreeMap<String, String>` does, keeping [`KEPT_KEYS`].
 impl<'de> de::Deserialize<'de> for Kept {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeptVisitor;
-        impl<'de> Visitor<'de> for KeptVisitor {
-            type Value = Kept;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a map")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Kept, A::Error> {
-                let mut kept = Kept::default();
-                while let Some(key) = map.next_key::<Text<'de>>()? {
-                    let value = map.next_value::<Text<'de>>()?;
-                    kept.insert(key.as_str(), value.as_str());
-                }
-                // Kept for the object's lifetime: growth slack would be most of it.
-                kept.0.shrink_to_fit();
-                Ok(kept)
-            }
-        }
-        deserializer.deserialize_map(KeptVisitor)
+        let mut kept = Kept::default();
+        visit_string_map(deserializer, |key, value| kept.insert(key, value))?;
+        // Kept for the object's lifetime: growth slack would be most of it.
+        kept.0.shrink_to_fit();
+        Ok(kept)
     }
+}
+
+/// Reads a string map without copying its strings, handing each entry to `entry`.
+fn visit_string_map<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    entry: impl FnMut(&str, &str),
+) -> Result<(), D::Error> {
+    struct StringMap<F>(F);
+    impl<'de, F: FnMut(&str, &str)> Visitor<'de> for StringMap<F> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<Text<'de>>()? {
+                let value = map.next_value::<Text<'de>>()?;
+                (self.0)(key.as_str(), value.as_str());
+            }
+            Ok(())
+        }
+    }
+    deserializer.deserialize_map(StringMap(entry))
 }
 
 /// A string read without copying it when the input allows (a `String` to serde's eyes).
@@ -319,22 +328,9 @@ pub struct Selector {
 
 impl<'de> de::Deserialize<'de> for Selector {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct SelectorVisitor;
-        impl<'de> Visitor<'de> for SelectorVisitor {
-            type Value = Selector;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a map")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Selector, A::Error> {
-                let mut empty = true;
-                while map.next_key::<Text<'de>>()?.is_some() {
-                    map.next_value::<Text<'de>>()?;
-                    empty = false;
-                }
-                Ok(Selector { empty })
-            }
-        }
-        deserializer.deserialize_map(SelectorVisitor)
+        let mut empty = true;
+        visit_string_map(deserializer, |_, _| empty = false)?;
+        Ok(Selector { empty })
     }
 }
 

@@ -132,14 +132,6 @@ impl PodLinks {
         Ok(links)
     }
 
-    pub fn len(&self) -> usize {
-        self.attached.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.attached.is_empty()
-    }
-
     /// How many interfaces carry the pod program; None when `--pod-ifaces` is off.
     pub fn count(&self) -> Option<usize> {
         self.watch.as_ref().map(|_| self.attached.len())

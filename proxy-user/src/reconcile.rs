@@ -169,25 +169,14 @@ impl MapState {
 
     /// Slots of a service in slot order: (slot, backend id).
     pub fn slots_of(&self, service_id: u32) -> impl Iterator<Item = (u32, u32)> + '_ {
-        let from = SlotKey {
-            service_id,
-            slot: 0,
-        };
-        let to = SlotKey {
-            service_id,
-            slot: u32::MAX,
-        };
-        self.slots.range(from..=to).map(|(k, v)| (k.slot, *v))
+        self.slots
+            .range(slot_keys(service_id))
+            .map(|(k, v)| (k.slot, *v))
     }
 
     pub fn src_ranges_of(&self, service_id: u32) -> impl Iterator<Item = &SrcRange> + '_ {
-        let from = SrcRange {
-            service_id,
-            addr: Addr::ZERO,
-            prefix_len: 0,
-        };
         self.src_ranges
-            .range(from..)
+            .range(first_src_range(service_id)..)
             .take_while(move |r| r.service_id == service_id)
     }
 
@@ -214,6 +203,21 @@ impl MapState {
             .collect();
         ids.extend(self.slots.values().copied());
         ids
+    }
+}
+
+/// Every slot key of a service, in order.
+fn slot_keys(service_id: u32) -> std::ops::RangeInclusive<SlotKey> {
+    let key = |slot| SlotKey { service_id, slot };
+    key(0)..=key(u32::MAX)
+}
+
+/// The least source range of a service: those of the service follow it.
+fn first_src_range(service_id: u32) -> SrcRange {
+    SrcRange {
+        service_id,
+        addr: Addr::ZERO,
+        prefix_len: 0,
     }
 }
 
@@ -271,21 +275,26 @@ impl Model {
         model
     }
 
+    /// Drops the model's frontend `key` (if any) from the indexes, ahead of its put or delete.
+    fn unindex_frontend(&mut self, key: &FrontendKey) {
+        let Some(old) = self.state.frontends.get(key) else {
+            return;
+        };
+        count_down(&mut self.service_refs, old.service_id);
+        if let Some(set) = self.frontends_by_service.get_mut(&old.service_id) {
+            if let Ok(at) = set.binary_search(key) {
+                set.remove(at);
+            }
+            if set.is_empty() {
+                self.frontends_by_service.remove(&old.service_id);
+            }
+        }
+    }
+
     fn record(&mut self, op: &MapOp) {
-        let state = &self.state;
         match *op {
             MapOp::PutFrontend(key, value) => {
-                if let Some(old) = state.frontends.get(&key) {
-                    count_down(&mut self.service_refs, old.service_id);
-                    if let Some(set) = self.frontends_by_service.get_mut(&old.service_id) {
-                        if let Ok(at) = set.binary_search(&key) {
-                            set.remove(at);
-                        }
-                        if set.is_empty() {
-                            self.frontends_by_service.remove(&old.service_id);
-                        }
-                    }
-                }
+                self.unindex_frontend(&key);
                 count_up(&mut self.service_refs, value.service_id);
                 let set = self
                     .frontends_by_service
@@ -295,42 +304,30 @@ impl Model {
                     set.insert(at, key);
                 }
             }
-            MapOp::DeleteFrontend(key) => {
-                if let Some(old) = state.frontends.get(&key) {
-                    count_down(&mut self.service_refs, old.service_id);
-                    if let Some(set) = self.frontends_by_service.get_mut(&old.service_id) {
-                        if let Ok(at) = set.binary_search(&key) {
-                            set.remove(at);
-                        }
-                        if set.is_empty() {
-                            self.frontends_by_service.remove(&old.service_id);
-                        }
-                    }
-                }
-            }
-            MapOp::PutService(id, _) if !state.services.contains_key(&id) => {
+            MapOp::DeleteFrontend(key) => self.unindex_frontend(&key),
+            MapOp::PutService(id, _) if !self.state.services.contains_key(&id) => {
                 count_up(&mut self.service_refs, id);
             }
-            MapOp::DeleteService(id) if state.services.contains_key(&id) => {
+            MapOp::DeleteService(id) if self.state.services.contains_key(&id) => {
                 count_down(&mut self.service_refs, id);
             }
             MapOp::PutSlot(key, backend) => {
-                match state.slots.get(&key) {
+                match self.state.slots.get(&key) {
                     Some(old) => count_down(&mut self.slot_refs, *old),
                     None => count_up(&mut self.service_refs, key.service_id),
                 }
                 count_up(&mut self.slot_refs, backend);
             }
             MapOp::DeleteSlot(key) => {
-                if let Some(old) = state.slots.get(&key) {
+                if let Some(old) = self.state.slots.get(&key) {
                     count_down(&mut self.slot_refs, *old);
                     count_down(&mut self.service_refs, key.service_id);
                 }
             }
-            MapOp::PutSrcRange(range) if !state.src_ranges.contains(&range) => {
+            MapOp::PutSrcRange(range) if !self.state.src_ranges.contains(&range) => {
                 count_up(&mut self.service_refs, range.service_id);
             }
-            MapOp::DeleteSrcRange(range) if state.src_ranges.contains(&range) => {
+            MapOp::DeleteSrcRange(range) if self.state.src_ranges.contains(&range) => {
                 count_down(&mut self.service_refs, range.service_id);
             }
             _ => {}
@@ -443,6 +440,17 @@ struct IdPool {
 }
 
 impl IdPool {
+    /// Ids below `next_fresh` were handed out before; those not `in_use` count as released.
+    fn resume(max: u32, next_fresh: u32, in_use: &BTreeSet<u32>) -> Self {
+        IdPool {
+            max,
+            next_fresh,
+            released: (0..next_fresh.min(max))
+                .filter(|id| !in_use.contains(id))
+                .collect(),
+        }
+    }
+
     fn available(&self) -> usize {
         self.max.saturating_sub(self.next_fresh) as usize + self.released.len()
     }
@@ -502,20 +510,8 @@ impl Reconciler {
             .copied()
             .max(state.backends.keys().last().copied())
             .map_or(0, |id| id + 1);
-        let service_pool = IdPool {
-            max: limits.max_services,
-            next_fresh: next_service,
-            released: (0..next_service.min(limits.max_services))
-                .filter(|id| !services.contains(id))
-                .collect(),
-        };
-        let backend_pool = IdPool {
-            max: limits.max_backends,
-            next_fresh: next_backend,
-            released: (0..next_backend.min(limits.max_backends))
-                .filter(|id| !backends.contains(id))
-                .collect(),
-        };
+        let service_pool = IdPool::resume(limits.max_services, next_service, &services);
+        let backend_pool = IdPool::resume(limits.max_backends, next_backend, &backends);
         Reconciler {
             limits,
             limbo_backends: backends.iter().map(|id| (*id, None)).collect(),
@@ -554,11 +550,7 @@ impl Reconciler {
     /// Plans and applies in one go.
     pub fn sync(&mut self, desired: &Desired, writer: &mut impl MapWriter) -> SyncReport {
         let plan = self.plan(desired);
-        let capacity_errors = plan.errors.clone();
-        SyncReport {
-            capacity_errors,
-            apply: self.apply(plan, writer),
-        }
+        self.apply_with_errors(plan, writer)
     }
 
     /// Plans and applies only what `changed` names (see [`Reconciler::plan_changes`]).
@@ -569,9 +561,12 @@ impl Reconciler {
         writer: &mut impl MapWriter,
     ) -> SyncReport {
         let plan = self.plan_changes(desired, changed);
-        let capacity_errors = plan.errors.clone();
+        self.apply_with_errors(plan, writer)
+    }
+
+    fn apply_with_errors(&mut self, mut plan: Plan, writer: &mut impl MapWriter) -> SyncReport {
         SyncReport {
-            capacity_errors,
+            capacity_errors: std::mem::take(&mut plan.errors),
             apply: self.apply(plan, writer),
         }
     }
@@ -1173,15 +1168,7 @@ impl<'a> Projection<'a> {
     /// Slots of a service: slot -> backend id.
     fn slots_of(&self, service_id: u32) -> BTreeMap<u32, u32> {
         let mut slots: BTreeMap<u32, u32> = self.base.state.slots_of(service_id).collect();
-        let from = SlotKey {
-            service_id,
-            slot: 0,
-        };
-        let to = SlotKey {
-            service_id,
-            slot: u32::MAX,
-        };
-        for (key, written) in self.slots.range(from..=to) {
+        for (key, written) in self.slots.range(slot_keys(service_id)) {
             match written {
                 Some(backend) => slots.insert(key.slot, *backend),
                 None => slots.remove(&key.slot),
@@ -1193,14 +1180,9 @@ impl<'a> Projection<'a> {
     fn src_ranges_of(&self, service_id: u32) -> BTreeSet<SrcRange> {
         let mut ranges: BTreeSet<SrcRange> =
             self.base.state.src_ranges_of(service_id).copied().collect();
-        let from = SrcRange {
-            service_id,
-            addr: Addr::ZERO,
-            prefix_len: 0,
-        };
         for (range, present) in self
             .src_ranges
-            .range(from..)
+            .range(first_src_range(service_id)..)
             .take_while(|(r, _)| r.service_id == service_id)
         {
             if *present {

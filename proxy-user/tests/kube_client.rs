@@ -6,19 +6,19 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use extproxy::kube::{KubeSource, NodeOverrides, SourceConfig};
+use extproxy::kube::{NodeOverrides, SourceConfig};
 use extproxy::metrics::Telemetry;
 use extproxy::reconcile::{MapOp, MapSnapshot, MapState, MapWriter, Reconciler};
 use extproxy::translate::{IpFamily, Protocol, ServicePortKey};
 use proxy_common::user::port_host;
 use proxy_common::{BackendState, FE_F_SOURCE_RANGES, FrontendKind};
 use serde_json::json;
-use support::{FakeApi, LIMITS, Model, drive_for, drive_until, metric_lines};
-
-const WAIT: Duration = Duration::from_secs(30);
+use support::{
+    FakeApi, LIMITS, Model, WAIT, drive_for, drive_until, drive_until_programmed, metric_lines,
+    node_a, start_source,
+};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -48,21 +48,6 @@ fn legacy_pg() -> ServicePortKey {
 
 fn legacy_metrics() -> ServicePortKey {
     key("shop", "legacy-db", "metrics", Protocol::Udp)
-}
-
-fn start_source(api: &FakeApi, telemetry: &Arc<Telemetry>, config: SourceConfig) -> KubeSource {
-    let kube_config = kube::Config::new(api.url().parse().unwrap());
-    let client = extproxy::kube::client::client(kube_config, telemetry.clone()).unwrap();
-    KubeSource::new(client, config, telemetry.clone())
-}
-
-fn node_a() -> SourceConfig {
-    SourceConfig {
-        node_name: "node-a".into(),
-        claim_all_selectorless: false,
-        overrides: NodeOverrides::default(),
-        streaming_lists: false,
-    }
 }
 
 /// Live endpoints of a Service port as the maps hold them.
@@ -181,15 +166,7 @@ async fn recorded_lists_and_watch_events_program_the_maps() {
     let mut source = start_source(&api, &telemetry, node_a());
     let mut m = Model::new();
 
-    drive_until(
-        &mut source,
-        &mut m,
-        &telemetry,
-        WAIT,
-        "the initial sync",
-        |m, _| !m.rounds.is_empty(),
-    )
-    .await;
+    drive_until_programmed(&mut source, &mut m, &telemetry, "the initial sync").await;
     assert_eq!(telemetry.readiness(), Ok(()));
     let facts = m.node.clone().unwrap();
     assert_eq!(
@@ -256,14 +233,9 @@ async fn recorded_lists_and_watch_events_program_the_maps() {
     let proxy_id = m.reconciler.service_id(&proxy_service()).unwrap();
     let before = m.rounds.len();
     let before_state = m.state().clone();
-    drive_until(
-        &mut source,
-        &mut m,
-        &telemetry,
-        WAIT,
-        "10.240.0.132",
-        |m, _| endpoints(m, &proxy_service()).contains_key(&(ip("10.240.0.132"), 80)),
-    )
+    drive_until(&mut source, &mut m, &telemetry, "10.240.0.132", |m, _| {
+        endpoints(m, &proxy_service()).contains_key(&(ip("10.240.0.132"), 80))
+    })
     .await;
     let touched = ids_touched(&m.rounds[before..], &before_state);
     assert_eq!(
@@ -279,7 +251,6 @@ async fn recorded_lists_and_watch_events_program_the_maps() {
         &mut source,
         &mut m,
         &telemetry,
-        WAIT,
         "the new source range",
         |m, _| source_ranges(m, &myapp()).len() == 2,
     )
@@ -296,7 +267,7 @@ async fn recorded_lists_and_watch_events_program_the_maps() {
 
     // 3. The legacy Endpoints object gets a second address; it arrives as the mirrored slice.
     api.release_through(249);
-    drive_until(&mut source, &mut m, &telemetry, WAIT, "2.3.4.6", |m, _| {
+    drive_until(&mut source, &mut m, &telemetry, "2.3.4.6", |m, _| {
         endpoints(m, &myapp()).len() == 2
     })
     .await;
@@ -311,7 +282,6 @@ async fn recorded_lists_and_watch_events_program_the_maps() {
         &mut source,
         &mut m,
         &telemetry,
-        WAIT,
         "legacy-db claimed",
         |m, _| m.reconciler.service_id(&legacy_pg()).is_some(),
     )
@@ -336,26 +306,16 @@ async fn recorded_lists_and_watch_events_program_the_maps() {
 
     // 5. Slice proxy-service-abc12 is deleted: its endpoints go, def34's stay.
     api.release_through(251);
-    drive_until(
-        &mut source,
-        &mut m,
-        &telemetry,
-        WAIT,
-        "abc12 gone",
-        |m, _| endpoints(m, &proxy_service()).len() == 2,
-    )
+    drive_until(&mut source, &mut m, &telemetry, "abc12 gone", |m, _| {
+        endpoints(m, &proxy_service()).len() == 2
+    })
     .await;
 
     // 6. Service legacy-db is deleted, then a bookmark.
     api.release_through(252);
-    drive_until(
-        &mut source,
-        &mut m,
-        &telemetry,
-        WAIT,
-        "legacy-db gone",
-        |m, _| final_state_reached(m),
-    )
+    drive_until(&mut source, &mut m, &telemetry, "legacy-db gone", |m, _| {
+        final_state_reached(m)
+    })
     .await;
     assert_eq!(m.reconciler.service_id(&legacy_metrics()), None);
 
@@ -369,7 +329,6 @@ async fn recorded_lists_and_watch_events_program_the_maps() {
         &mut source,
         &mut m,
         &telemetry,
-        WAIT,
         "the new InternalIP",
         |m, _| {
             m.node
@@ -436,15 +395,7 @@ async fn a_streaming_list_ends_at_the_initial_events_bookmark() {
         },
     );
     let mut m = Model::new();
-    drive_until(
-        &mut source,
-        &mut m,
-        &telemetry,
-        WAIT,
-        "the initial sync",
-        |m, _| !m.rounds.is_empty(),
-    )
-    .await;
+    drive_until_programmed(&mut source, &mut m, &telemetry, "the initial sync").await;
     assert!(final_state_reached(&m), "{:?}", m.state());
     assert_eq!(
         source_ranges(&m, &myapp()),
@@ -479,7 +430,6 @@ async fn an_api_outage_keeps_the_maps_then_converges() {
         &mut source,
         &mut m,
         &telemetry,
-        WAIT,
         "the final state",
         |m, t| final_state_reached(m) && t.readiness().is_ok(),
     )
@@ -492,7 +442,6 @@ async fn an_api_outage_keeps_the_maps_then_converges() {
         &mut source,
         &mut m,
         &telemetry,
-        WAIT,
         "readiness to fail",
         |_, t| t.readiness().is_err(),
     )
@@ -542,7 +491,6 @@ async fn an_api_outage_keeps_the_maps_then_converges() {
         &mut source,
         &mut m,
         &telemetry,
-        WAIT,
         "reconnect and converge",
         |m, t| t.readiness().is_ok() && endpoints(m, &proxy_service()).is_empty(),
     )
@@ -606,7 +554,6 @@ async fn an_api_outage_keeps_the_maps_then_converges() {
         &mut second,
         &mut m2,
         &other,
-        WAIT,
         "the second agent's Event",
         |_, _| api.event_attempts() > attempts,
     )
@@ -637,7 +584,6 @@ async fn a_restarted_agent_waits_for_every_list_and_rewrites_nothing() {
             &mut source,
             &mut m,
             &telemetry,
-            WAIT,
             "the first agent",
             |m, _| final_state_reached(m),
         )
@@ -661,15 +607,7 @@ async fn a_restarted_agent_waits_for_every_list_and_rewrites_nothing() {
         Err("waiting for the initial list of endpointslices".to_owned())
     );
     api.hold_lists("endpointslices", false);
-    drive_until(
-        &mut source,
-        &mut m,
-        &telemetry,
-        WAIT,
-        "the first sync",
-        |m, _| !m.rounds.is_empty(),
-    )
-    .await;
+    drive_until_programmed(&mut source, &mut m, &telemetry, "the first sync").await;
     assert_eq!(
         m.rounds,
         vec![Vec::<MapOp>::new()],
@@ -698,15 +636,7 @@ async fn a_missing_node_is_reported_and_the_uplink_stands_in() {
         },
     );
     let mut m = Model::new();
-    drive_until(
-        &mut source,
-        &mut m,
-        &telemetry,
-        WAIT,
-        "the initial sync",
-        |m, _| !m.rounds.is_empty(),
-    )
-    .await;
+    drive_until_programmed(&mut source, &mut m, &telemetry, "the initial sync").await;
     assert_eq!(
         telemetry.readiness(),
         Err(

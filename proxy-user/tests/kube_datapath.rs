@@ -7,16 +7,13 @@ mod support;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use extproxy::kube::{KubeSource, NodeOverrides, SourceConfig};
 use extproxy::loader::{self, Limits};
 use extproxy::maps::DatapathMaps;
 use extproxy::metrics::{DatapathReader, Telemetry};
 use extproxy::pins::{self, Pinned};
 use extproxy::reconcile::{self, MapState, Reconciler};
 use proxy_common::Config;
-use support::{FakeApi, Model, drive_until};
-
-const WAIT: Duration = Duration::from_secs(30);
+use support::{FakeApi, Model, drive_until_programmed, node_a, start_source};
 
 /// Removes the test's pins however the test ends.
 struct PinDir(PathBuf);
@@ -44,24 +41,6 @@ fn rlimits() -> reconcile::Limits {
         max_services: 256,
         max_backends: 1024,
     }
-}
-
-fn config() -> SourceConfig {
-    SourceConfig {
-        node_name: "node-a".into(),
-        claim_all_selectorless: false,
-        overrides: NodeOverrides::default(),
-        streaming_lists: false,
-    }
-}
-
-fn source(api: &FakeApi, telemetry: &std::sync::Arc<Telemetry>) -> KubeSource {
-    let client = extproxy::kube::client::client(
-        kube::Config::new(api.url().parse().unwrap()),
-        telemetry.clone(),
-    )
-    .unwrap();
-    KubeSource::new(client, config(), telemetry.clone())
 }
 
 fn load(pin_dir: &std::path::Path) -> DatapathMaps {
@@ -99,17 +78,9 @@ async fn recorded_cluster_into_kernel_maps_and_adopted_after_restart() {
     // First agent: program the cluster into fresh maps.
     let first_state = {
         let telemetry = Telemetry::new(Duration::from_secs(60));
-        let mut source = source(&api, &telemetry);
+        let mut source = start_source(&api, &telemetry, node_a());
         let mut m = Model::with_writer(Reconciler::new(rlimits()), load(&pin_dir.0));
-        drive_until(
-            &mut source,
-            &mut m,
-            &telemetry,
-            WAIT,
-            "the initial sync",
-            |m, _| !m.rounds.is_empty(),
-        )
-        .await;
+        drive_until_programmed(&mut source, &mut m, &telemetry, "the initial sync").await;
         let kernel = MapState::from_snapshot(m.writer.snapshot().unwrap());
         assert_eq!(
             &kernel,
@@ -161,21 +132,13 @@ async fn recorded_cluster_into_kernel_maps_and_adopted_after_restart() {
     let maps = load(&pin_dir.0);
     let reconciler = Reconciler::from_snapshot(maps.snapshot().unwrap(), rlimits());
     let mut m = Model::with_writer(reconciler, maps);
-    let mut source = source(&api, &telemetry);
+    let mut source = start_source(&api, &telemetry, node_a());
     assert_eq!(
         support::drive_for(&mut source, &mut m, Duration::from_millis(1000)).await,
         0
     );
     api.hold_lists("endpointslices", false);
-    drive_until(
-        &mut source,
-        &mut m,
-        &telemetry,
-        WAIT,
-        "the first sync",
-        |m, _| !m.rounds.is_empty(),
-    )
-    .await;
+    drive_until_programmed(&mut source, &mut m, &telemetry, "the first sync").await;
     assert_eq!(m.rounds, vec![Vec::new()], "adopted maps are not rewritten");
     assert_eq!(
         MapState::from_snapshot(m.writer.snapshot().unwrap()),

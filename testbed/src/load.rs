@@ -539,6 +539,21 @@ struct Attempt {
     received: usize,
 }
 
+/// Waits for events, at most [`POLL_TICK`] and not past `deadline`: `None` once the deadline
+/// has passed, `Some(false)` when the wait was interrupted (`events` is then stale), `Some(true)`
+/// otherwise.
+fn poll_until(poll: &mut Poll, events: &mut Events, deadline: Instant) -> io::Result<Option<bool>> {
+    let now = Instant::now();
+    if now >= deadline {
+        return Ok(None);
+    }
+    match poll.poll(events, Some((deadline - now).min(POLL_TICK))) {
+        Ok(()) => Ok(Some(true)),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Some(false)),
+        Err(e) => Err(e),
+    }
+}
+
 fn connection_loop(
     targets: &[SocketAddr],
     workers: usize,
@@ -562,16 +577,9 @@ fn connection_loop(
     for (i, slot) in slots.iter_mut().enumerate() {
         *slot = open(&poll, i, &mut stats);
     }
-    loop {
-        let now = Instant::now();
-        if now >= deadline {
-            break;
-        }
-        if let Err(e) = poll.poll(&mut events, Some((deadline - now).min(POLL_TICK))) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+    while let Some(polled) = poll_until(&mut poll, &mut events, deadline)? {
+        if !polled {
+            continue;
         }
         for event in events.iter() {
             let i = event.token().0;
@@ -718,16 +726,12 @@ fn request_loop(conns: Vec<std::net::TcpStream>, deadline: Instant) -> io::Resul
             received: 0,
         }));
     }
-    loop {
-        let now = Instant::now();
-        if now >= deadline || slots.iter().all(Option::is_none) {
+    while !slots.iter().all(Option::is_none) {
+        let Some(polled) = poll_until(&mut poll, &mut events, deadline)? else {
             break;
-        }
-        if let Err(e) = poll.poll(&mut events, Some((deadline - now).min(POLL_TICK))) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        };
+        if !polled {
+            continue;
         }
         for event in events.iter() {
             let i = event.token().0;

@@ -167,7 +167,7 @@ impl Bench {
         &mut self,
         prog: &str,
         runs: usize,
-        mut pkt: impl FnMut(usize) -> Vec<u8>,
+        pkt: impl FnMut(usize) -> Vec<u8>,
         expect: u32,
     ) -> Vec<u64> {
         let ifindex = self.node.uplink;
@@ -181,13 +181,9 @@ impl Bench {
                 .unwrap(),
             name => self.dp.ebpf.program_mut(name).unwrap().try_into().unwrap(),
         };
-        let mut v = Vec::with_capacity(runs);
-        for i in 0..runs {
-            let input = pkt(i);
-            let (ret, ns) = time_xdp(p, ifindex, &input, &mut out);
-            assert_eq!(ret, expect, "{prog}: unexpected verdict on run {i}");
-            v.push(ns);
-        }
+        let v = sample(runs, pkt, expect, prog, |input| {
+            time_xdp(p, ifindex, input, &mut out)
+        });
         self.out = out;
         v
     }
@@ -195,7 +191,7 @@ impl Bench {
     fn samples_tc(
         &mut self,
         runs: usize,
-        mut pkt: impl FnMut(usize) -> Vec<u8>,
+        pkt: impl FnMut(usize) -> Vec<u8>,
         expect: u32,
     ) -> Vec<u64> {
         let ifindex = self.node.uplink;
@@ -207,16 +203,30 @@ impl Bench {
             .try_into()
             .unwrap();
         let mut out = std::mem::take(&mut self.out);
-        let mut v = Vec::with_capacity(runs);
-        for i in 0..runs {
-            let input = pkt(i);
-            let (ret, ns) = time_tc(p, ifindex, &input, &mut out);
-            assert_eq!(ret, expect, "tc egress: unexpected verdict on run {i}");
-            v.push(ns);
-        }
+        let v = sample(runs, pkt, expect, "tc egress", |input| {
+            time_tc(p, ifindex, input, &mut out)
+        });
         self.out = out;
         v
     }
+}
+
+/// `runs` kernel-timed runs (ns), each on a fresh packet from `pkt` and expected to return
+/// `expect`.
+fn sample(
+    runs: usize,
+    mut pkt: impl FnMut(usize) -> Vec<u8>,
+    expect: u32,
+    what: &str,
+    mut time: impl FnMut(&[u8]) -> (u32, u64),
+) -> Vec<u64> {
+    (0..runs)
+        .map(|i| {
+            let (ret, ns) = time(&pkt(i));
+            assert_eq!(ret, expect, "{what}: unexpected verdict on run {i}");
+            ns
+        })
+        .collect()
 }
 
 fn emit(metric: &str, services: u32, round: usize, samples: &[u64]) {

@@ -320,32 +320,19 @@ impl Datapath {
     }
 
     pub fn tc_ingress(&mut self, ifindex: u32, pkt: &[u8]) -> Run {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(PROG_TC_INGRESS)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        run_tc(prog, ifindex, pkt)
+        self.tc(PROG_TC_INGRESS, ifindex, pkt)
     }
 
     pub fn tc_pod(&mut self, ifindex: u32, pkt: &[u8]) -> Run {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(PROG_TC_POD)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        run_tc(prog, ifindex, pkt)
+        self.tc(PROG_TC_POD, ifindex, pkt)
     }
 
     pub fn tc_egress(&mut self, ifindex: u32, pkt: &[u8]) -> Run {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(PROG_TC_EGRESS)
-            .unwrap()
-            .try_into()
-            .unwrap();
+        self.tc(PROG_TC_EGRESS, ifindex, pkt)
+    }
+
+    fn tc(&mut self, name: &str, ifindex: u32, pkt: &[u8]) -> Run {
+        let prog: &mut SchedClassifier = self.ebpf.program_mut(name).unwrap().try_into().unwrap();
         run_tc(prog, ifindex, pkt)
     }
 }

@@ -39,7 +39,8 @@ pub fn csum(data: &[u8]) -> u16 {
     !fold(sum16(data, 0))
 }
 
-fn pseudo(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
+/// RFC 1071 sum of the transport pseudo-header, not complemented.
+pub fn pseudo(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
     let mut acc = 0;
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
@@ -274,13 +275,11 @@ pub fn decode(f: &[u8]) -> Decoded {
     if later {
         proto = 0;
     }
+    // Folded sum over the segment and its pseudo-header: 0xffff when the checksum is right.
+    let l4_sum = |proto| fold(sum16(&l4, pseudo(src, dst, proto, l4.len())));
     match proto {
         TCP => {
-            assert_eq!(
-                fold(sum16(&l4, pseudo(src, dst, TCP, l4.len()))),
-                0xffff,
-                "bad TCP checksum"
-            );
+            assert_eq!(l4_sum(TCP), 0xffff, "bad TCP checksum");
             d.sport = u16::from_be_bytes([l4[0], l4[1]]);
             d.dport = u16::from_be_bytes([l4[2], l4[3]]);
             d.seq = u32::from_be_bytes(l4[4..8].try_into().unwrap());
@@ -289,21 +288,13 @@ pub fn decode(f: &[u8]) -> Decoded {
         }
         UDP => {
             if !(src.is_ipv4() && l4[6] == 0 && l4[7] == 0) {
-                assert_eq!(
-                    fold(sum16(&l4, pseudo(src, dst, UDP, l4.len()))),
-                    0xffff,
-                    "bad UDP checksum"
-                );
+                assert_eq!(l4_sum(UDP), 0xffff, "bad UDP checksum");
             }
             d.sport = u16::from_be_bytes([l4[0], l4[1]]);
             d.dport = u16::from_be_bytes([l4[2], l4[3]]);
         }
         ICMP => assert_eq!(csum(&l4), 0, "bad ICMP checksum"),
-        ICMPV6 => assert_eq!(
-            fold(sum16(&l4, pseudo(src, dst, ICMPV6, l4.len()))),
-            0xffff,
-            "bad ICMPv6 checksum"
-        ),
+        ICMPV6 => assert_eq!(l4_sum(ICMPV6), 0xffff, "bad ICMPv6 checksum"),
         _ => {}
     }
     d

@@ -37,17 +37,46 @@ fn tcp_service(dp: &mut Datapath) {
     ));
 }
 
+/// The test node with the data path loaded and `tcp_service` programmed.
+fn with_tcp_service() -> (TestNode, Datapath) {
+    let node = TestNode::new();
+    let mut dp = Datapath::load();
+    tcp_service(&mut dp);
+    (node, dp)
+}
+
+/// A packet leaving by the uplink, as the TC egress program sees it.
+fn outbound(src: &str, dst: &str, seg: Vec<u8>, proto: u8) -> Vec<u8> {
+    frame(
+        UPLINK_MAC,
+        GW_MAC,
+        &Ip::new(src, dst, proto).wrap(seg, false),
+    )
+}
+
 /// A SYN from a pod to the ClusterIP, as the TC egress program sees it on the uplink.
 fn pod_syn(sport: u16) -> Vec<u8> {
-    let ip = Ip::new(POD_V4, CLUSTER_IP, TCP).wrap(tcp_seg(sport, 80, 1000, 0, SYN, &[]), false);
-    frame(UPLINK_MAC, GW_MAC, &ip)
+    outbound(
+        POD_V4,
+        CLUSTER_IP,
+        tcp_seg(sport, 80, 1000, 0, SYN, &[]),
+        TCP,
+    )
+}
+
+/// The endpoint's SYN-ACK to the node for the translated SYN `out`.
+fn endpoint_synack(out: &Decoded, seq: u32, ack: u32) -> Vec<u8> {
+    from_outside(
+        &out.dst.to_string(),
+        NODE_V4,
+        tcp_seg(8080, out.sport, seq, ack, SYN | ACK, &[]),
+        TCP,
+    )
 }
 
 #[test]
 fn pod_to_cluster_ip_is_dnated_and_snated_at_tc_egress() {
-    let node = TestNode::new();
-    let mut dp = Datapath::load();
-    tcp_service(&mut dp);
+    let (node, mut dp) = with_tcp_service();
 
     let run = dp.tc_egress(node.uplink, &pod_syn(40000));
     // The endpoint is out of the uplink, the device the packet is already leaving by.
@@ -103,14 +132,10 @@ fn port_host(p: u16) -> u16 {
 
 #[test]
 fn endpoint_reply_is_reverse_translated_and_passed_to_the_pod() {
-    let node = TestNode::new();
-    let mut dp = Datapath::load();
-    tcp_service(&mut dp);
+    let (node, mut dp) = with_tcp_service();
     let out = decode(&dp.tc_egress(node.uplink, &pod_syn(40001)).out);
 
-    let synack = Ip::new(&out.dst.to_string(), NODE_V4, TCP)
-        .wrap(tcp_seg(8080, out.sport, 5000, 1001, SYN | ACK, &[]), false);
-    let run = dp.xdp(node.uplink, &frame(GW_MAC, UPLINK_MAC, &synack));
+    let run = dp.xdp(node.uplink, &endpoint_synack(&out, 5000, 1001));
     // The pod is behind pod0, not the uplink: the kernel forwards the translated reply.
     assert_eq!(run.verdict, XDP_PASS);
     let d = decode(&run.out);
@@ -124,40 +149,27 @@ fn endpoint_reply_is_reverse_translated_and_passed_to_the_pod() {
 
 #[test]
 fn traffic_that_is_not_ours_passes_byte_for_byte() {
-    let node = TestNode::new();
-    let mut dp = Datapath::load();
-    tcp_service(&mut dp);
+    let (node, mut dp) = with_tcp_service();
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "other host",
-            frame(
-                GW_MAC,
-                UPLINK_MAC,
-                &Ip::new(CLIENT_EXT, "10.0.0.77", TCP).wrap(tcp_seg(1, 80, 0, 0, SYN, &[]), false),
-            ),
+            from_outside(CLIENT_EXT, "10.0.0.77", tcp_seg(1, 80, 0, 0, SYN, &[]), TCP),
         ),
         (
             "cluster IP, other port",
-            frame(
-                GW_MAC,
-                UPLINK_MAC,
-                &Ip::new(CLIENT_EXT, CLUSTER_IP, TCP).wrap(tcp_seg(1, 81, 0, 0, SYN, &[]), false),
-            ),
+            from_outside(CLIENT_EXT, CLUSTER_IP, tcp_seg(1, 81, 0, 0, SYN, &[]), TCP),
         ),
         (
             "cluster IP, UDP",
-            frame(
-                GW_MAC,
-                UPLINK_MAC,
-                &Ip::new(CLIENT_EXT, CLUSTER_IP, UDP).wrap(udp_dgram(1, 80, b"x"), false),
-            ),
+            from_outside(CLIENT_EXT, CLUSTER_IP, udp_dgram(1, 80, b"x"), UDP),
         ),
         (
             "node IP, unknown SNAT-range port",
-            frame(
-                GW_MAC,
-                UPLINK_MAC,
-                &Ip::new(EP1, NODE_V4, TCP).wrap(tcp_seg(8080, 62000, 0, 0, SYN | ACK, &[]), false),
+            from_outside(
+                EP1,
+                NODE_V4,
+                tcp_seg(8080, 62000, 0, 0, SYN | ACK, &[]),
+                TCP,
             ),
         ),
         ("ARP", {
@@ -185,13 +197,12 @@ fn traffic_that_is_not_ours_passes_byte_for_byte() {
 
 #[test]
 fn nodeport_from_outside_hairpins_at_xdp_both_ways() {
-    let node = TestNode::new();
-    let mut dp = Datapath::load();
-    tcp_service(&mut dp);
-    let syn = frame(
-        GW_MAC,
-        UPLINK_MAC,
-        &Ip::new(CLIENT_EXT, NODE_V4, TCP).wrap(tcp_seg(5555, 30080, 1, 0, SYN, &[]), false),
+    let (node, mut dp) = with_tcp_service();
+    let syn = from_outside(
+        CLIENT_EXT,
+        NODE_V4,
+        tcp_seg(5555, 30080, 1, 0, SYN, &[]),
+        TCP,
     );
     let run = dp.xdp(node.uplink, &syn);
     assert_eq!(run.verdict, XDP_TX);
@@ -200,13 +211,7 @@ fn nodeport_from_outside_hairpins_at_xdp_both_ways() {
     assert!(in_snat_range(out.sport));
     assert_eq!((out.smac, out.dmac), (UPLINK_MAC, GW_MAC));
 
-    let synack = frame(
-        GW_MAC,
-        UPLINK_MAC,
-        &Ip::new(&out.dst.to_string(), NODE_V4, TCP)
-            .wrap(tcp_seg(8080, out.sport, 9, 2, SYN | ACK, &[]), false),
-    );
-    let run = dp.xdp(node.uplink, &synack);
+    let run = dp.xdp(node.uplink, &endpoint_synack(&out, 9, 2));
     assert_eq!(
         run.verdict, XDP_TX,
         "the client is outside: straight back out"
@@ -229,9 +234,7 @@ fn from_outside(src: &str, dst: &str, seg: Vec<u8>, proto: u8) -> Vec<u8> {
 
 #[test]
 fn every_frontend_kind_reaches_an_endpoint() {
-    let node = TestNode::new();
-    let mut dp = Datapath::load();
-    tcp_service(&mut dp);
+    let (node, mut dp) = with_tcp_service();
     // (frontend address, port, kind recorded in conntrack)
     let cases = [
         (CLUSTER_IP, 80, FrontendKind::ClusterIp),
@@ -262,16 +265,16 @@ fn load_balancer_source_ranges_admit_listed_clients_only() {
     let node = TestNode::new();
     let mut dp = Datapath::load();
     dp.program(&Svc {
-        id: 3,
-        frontends: &[
-            (FrontendKind::LoadBalancer, LB_IP, 80),
-            (FrontendKind::NodePort, NODE_V4, 30081),
-        ],
-        proto: PROTO_TCP,
-        backends: &[(5, EP1, 8080, BackendState::Active)],
-        egress: NODE_V4,
-        affinity_timeout: 0,
         source_ranges: &["1.2.3.4/32", "5.6.7.0/24"],
+        ..Svc::new(
+            3,
+            PROTO_TCP,
+            &[
+                (FrontendKind::LoadBalancer, LB_IP, 80),
+                (FrontendKind::NodePort, NODE_V4, 30081),
+            ],
+            &[(5, EP1, 8080, BackendState::Active)],
+        )
     });
     for (client, admitted) in [
         ("1.2.3.4", true),
@@ -313,11 +316,7 @@ fn udp_flows_are_translated_both_ways() {
         ],
         &[(6, EP1, 5353, BackendState::Active)],
     ));
-    let q = frame(
-        UPLINK_MAC,
-        GW_MAC,
-        &Ip::new(POD_V4, CLUSTER_IP, UDP).wrap(udp_dgram(33333, 53, b"query"), false),
-    );
+    let q = outbound(POD_V4, CLUSTER_IP, udp_dgram(33333, 53, b"query"), UDP);
     let run = dp.tc_egress(node.uplink, &q);
     assert_eq!(run.verdict, TC_ACT_OK);
     let out = decode(&run.out);
@@ -345,21 +344,22 @@ fn ipv6_cluster_ip_and_nodeport() {
     let node = TestNode::new();
     let mut dp = Datapath::load();
     dp.program(&Svc {
-        id: 7,
-        frontends: &[
-            (FrontendKind::ClusterIp, CLUSTER_IP6, 443),
-            (FrontendKind::NodePort, NODE_V6, 30443),
-        ],
-        proto: PROTO_TCP,
-        backends: &[(9, EP1_6, 8443, BackendState::Active)],
         egress: NODE_V6,
-        affinity_timeout: 0,
-        source_ranges: &[],
+        ..Svc::new(
+            7,
+            PROTO_TCP,
+            &[
+                (FrontendKind::ClusterIp, CLUSTER_IP6, 443),
+                (FrontendKind::NodePort, NODE_V6, 30443),
+            ],
+            &[(9, EP1_6, 8443, BackendState::Active)],
+        )
     });
-    let syn = frame(
-        UPLINK_MAC,
-        GW_MAC,
-        &Ip::new(POD_V6, CLUSTER_IP6, TCP).wrap(tcp_seg(40000, 443, 7, 0, SYN, &[]), false),
+    let syn = outbound(
+        POD_V6,
+        CLUSTER_IP6,
+        tcp_seg(40000, 443, 7, 0, SYN, &[]),
+        TCP,
     );
     let run = dp.tc_egress(node.uplink, &syn);
     assert_eq!(run.verdict, TC_ACT_OK);
@@ -407,11 +407,7 @@ fn a_service_family_without_egress_address_is_refused_with_its_reason() {
         &[(FrontendKind::ClusterIp, CLUSTER_IP6, 80)],
         &[(10, EP1_6, 80, BackendState::Active)],
     ));
-    let syn = frame(
-        UPLINK_MAC,
-        GW_MAC,
-        &Ip::new(POD_V6, CLUSTER_IP6, TCP).wrap(tcp_seg(1, 80, 1, 0, SYN, &[]), false),
-    );
+    let syn = outbound(POD_V6, CLUSTER_IP6, tcp_seg(1, 80, 1, 0, SYN, &[]), TCP);
     let run = dp.tc_egress(node.uplink, &syn);
     // Refused, not leaked out with the pod's own address and not black-holed.
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
@@ -425,19 +421,16 @@ fn a_service_family_without_egress_address_is_refused_with_its_reason() {
 // ------------------------------------------------------------------------------------------------
 
 fn empty_service(dp: &mut Datapath, proto: u8) {
-    dp.program(&Svc {
-        id: 11,
-        frontends: &[
+    dp.program(&Svc::new(
+        11,
+        proto,
+        &[
             (FrontendKind::ClusterIp, CLUSTER_IP, 80),
             (FrontendKind::NodePort, NODE_V4, 30090),
             (FrontendKind::ClusterIp, CLUSTER_IP6, 80),
         ],
-        proto,
-        backends: &[],
-        egress: NODE_V4,
-        affinity_timeout: 0,
-        source_ranges: &[],
-    });
+        &[],
+    ));
 }
 
 #[test]
@@ -475,21 +468,17 @@ fn tcp_to_a_service_without_endpoints_gets_a_reset() {
     assert_eq!((d.tcp_flags, d.ack), (RST | ACK, 1001));
 
     // A segment with ACK and payload: the RST takes its sequence number from the ACK.
-    let data = frame(
-        UPLINK_MAC,
-        GW_MAC,
-        &Ip::new(POD_V4, CLUSTER_IP, TCP)
-            .wrap(tcp_seg(40000, 80, 50, 777, ACK | PSH, b"hello"), false),
+    let data = outbound(
+        POD_V4,
+        CLUSTER_IP,
+        tcp_seg(40000, 80, 50, 777, ACK | PSH, b"hello"),
+        TCP,
     );
     let d = decode(&dp.tc_egress(node.uplink, &data).out);
     assert_eq!((d.tcp_flags, d.seq), (RST, 777));
 
     // IPv6.
-    let syn6 = frame(
-        UPLINK_MAC,
-        GW_MAC,
-        &Ip::new(POD_V6, CLUSTER_IP6, TCP).wrap(tcp_seg(40000, 80, 9, 0, SYN, &[]), false),
-    );
+    let syn6 = outbound(POD_V6, CLUSTER_IP6, tcp_seg(40000, 80, 9, 0, SYN, &[]), TCP);
     let d = decode(&dp.tc_egress(node.uplink, &syn6).out);
     assert_eq!(
         (d.src, d.dst, d.tcp_flags, d.ack),
@@ -563,11 +552,7 @@ fn icmp_errors_about_a_translated_flow_reach_the_client_translated() {
         &[(FrontendKind::ClusterIp, CLUSTER_IP, 53)],
         &[(12, EP1, 5353, BackendState::Active)],
     ));
-    let q = frame(
-        UPLINK_MAC,
-        GW_MAC,
-        &Ip::new(POD_V4, CLUSTER_IP, UDP).wrap(udp_dgram(33333, 53, b"query"), false),
-    );
+    let q = outbound(POD_V4, CLUSTER_IP, udp_dgram(33333, 53, b"query"), UDP);
     let sent = dp.tc_egress(node.uplink, &q).out;
     let quoted = sent[14..14 + 28].to_vec();
 
@@ -629,18 +614,19 @@ fn icmpv6_packet_too_big_is_translated() {
     let node = TestNode::new();
     let mut dp = Datapath::load();
     dp.program(&Svc {
-        id: 13,
-        frontends: &[(FrontendKind::ClusterIp, CLUSTER_IP6, 443)],
-        proto: PROTO_TCP,
-        backends: &[(13, EP1_6, 8443, BackendState::Active)],
         egress: NODE_V6,
-        affinity_timeout: 0,
-        source_ranges: &[],
+        ..Svc::new(
+            13,
+            PROTO_TCP,
+            &[(FrontendKind::ClusterIp, CLUSTER_IP6, 443)],
+            &[(13, EP1_6, 8443, BackendState::Active)],
+        )
     });
-    let syn = frame(
-        UPLINK_MAC,
-        GW_MAC,
-        &Ip::new(POD_V6, CLUSTER_IP6, TCP).wrap(tcp_seg(40000, 443, 7, 0, SYN, &[]), false),
+    let syn = outbound(
+        POD_V6,
+        CLUSTER_IP6,
+        tcp_seg(40000, 443, 7, 0, SYN, &[]),
+        TCP,
     );
     let sent = dp.tc_egress(node.uplink, &syn).out;
     // The router quotes our whole 60-byte segment (IPv6 header + TCP header).
@@ -687,11 +673,38 @@ fn outside_ack(sport: u16) -> Vec<u8> {
     )
 }
 
+/// Service 1: NodePort 30080 to one active endpoint `ep`:8080.
+fn nodeport_service(dp: &mut Datapath, ep: &str) {
+    dp.program(&Svc::new(
+        1,
+        PROTO_TCP,
+        &[(FrontendKind::NodePort, NODE_V4, 30080)],
+        &[(1, ep, 8080, BackendState::Active)],
+    ));
+}
+
+/// Opens flows from the ports of `sports` until one lands on EP1; returns its port.
+fn flow_on_ep1(dp: &mut Datapath, node: &TestNode, sports: std::ops::Range<u16>) -> u16 {
+    sports
+        .into_iter()
+        .find(|p| decode(&dp.xdp(node.uplink, &outside_syn(*p)).out).dst == ip(EP1))
+        .unwrap()
+}
+
+/// EP1 leaves `tcp_service` in `state` with `generation`: out of the slots, EP2 alone in them.
+fn ep1_leaves(dp: &mut Datapath, state: BackendState, generation: u32) {
+    dp.put_backend(1, EP1, 8080, state, generation);
+    dp.program(&Svc::new(
+        1,
+        PROTO_TCP,
+        &[],
+        &[(2, EP2, 8080, BackendState::Active)],
+    ));
+}
+
 #[test]
 fn new_flows_spread_over_active_endpoints() {
-    let node = TestNode::new();
-    let mut dp = Datapath::load();
-    tcp_service(&mut dp);
+    let (node, mut dp) = with_tcp_service();
     let mut seen = std::collections::HashMap::new();
     for sport in 20000..20064 {
         let d = decode(&dp.xdp(node.uplink, &outside_syn(sport)).out);
@@ -706,16 +719,16 @@ fn session_affinity_keeps_a_client_on_one_endpoint() {
     let node = TestNode::new();
     let mut dp = Datapath::load();
     dp.program(&Svc {
-        id: 1,
-        frontends: &[(FrontendKind::NodePort, NODE_V4, 30080)],
-        proto: PROTO_TCP,
-        backends: &[
-            (1, EP1, 8080, BackendState::Active),
-            (2, EP2, 8080, BackendState::Active),
-        ],
-        egress: NODE_V4,
         affinity_timeout: 10800,
-        source_ranges: &[],
+        ..Svc::new(
+            1,
+            PROTO_TCP,
+            &[(FrontendKind::NodePort, NODE_V4, 30080)],
+            &[
+                (1, EP1, 8080, BackendState::Active),
+                (2, EP2, 8080, BackendState::Active),
+            ],
+        )
     });
     let first = decode(&dp.xdp(node.uplink, &outside_syn(21000)).out).dst;
     for sport in 21001..21020 {
@@ -738,21 +751,10 @@ fn session_affinity_keeps_a_client_on_one_endpoint() {
 
 #[test]
 fn draining_endpoints_keep_their_flows_but_get_no_new_ones() {
-    let node = TestNode::new();
-    let mut dp = Datapath::load();
-    tcp_service(&mut dp);
-    // Open flows until one lands on EP1.
-    let sport = (22000..22100)
-        .find(|p| decode(&dp.xdp(node.uplink, &outside_syn(*p)).out).dst == ip(EP1))
-        .unwrap();
+    let (node, mut dp) = with_tcp_service();
+    let sport = flow_on_ep1(&mut dp, &node, 22000..22100);
     // EP1 starts terminating: out of the slots, still in BACKENDS as Draining.
-    dp.put_backend(1, EP1, 8080, BackendState::Draining, 1);
-    dp.program(&Svc::new(
-        1,
-        PROTO_TCP,
-        &[],
-        &[(2, EP2, 8080, BackendState::Active)],
-    ));
+    ep1_leaves(&mut dp, BackendState::Draining, 1);
     let d = decode(&dp.xdp(node.uplink, &outside_ack(sport)).out);
     assert_eq!(d.dst, ip(EP1), "the established flow stays");
     for p in 23000..23020 {
@@ -765,20 +767,10 @@ fn draining_endpoints_keep_their_flows_but_get_no_new_ones() {
 
 #[test]
 fn removed_endpoints_reset_tcp_and_rebalance_udp() {
-    let node = TestNode::new();
-    let mut dp = Datapath::load();
-    tcp_service(&mut dp);
-    let sport = (24000..24100)
-        .find(|p| decode(&dp.xdp(node.uplink, &outside_syn(*p)).out).dst == ip(EP1))
-        .unwrap();
+    let (node, mut dp) = with_tcp_service();
+    let sport = flow_on_ep1(&mut dp, &node, 24000..24100);
     // EP1 removed: the agent frees the id (generation bump) and shrinks the slots.
-    dp.put_backend(1, EP1, 8080, BackendState::Free, 2);
-    dp.program(&Svc::new(
-        1,
-        PROTO_TCP,
-        &[],
-        &[(2, EP2, 8080, BackendState::Active)],
-    ));
+    ep1_leaves(&mut dp, BackendState::Free, 2);
     let run = dp.xdp(node.uplink, &outside_ack(sport));
     assert_eq!(run.verdict, XDP_TX);
     let d = decode(&run.out);
@@ -791,13 +783,13 @@ fn removed_endpoints_reset_tcp_and_rebalance_udp() {
     assert!(
         dp.ct_entries()
             .iter()
-            .all(|(k, _)| u16::from_be(k.sport) != sport),
+            .all(|(k, _)| port_host(k.sport) != sport),
         "flow removed"
     );
     assert!(
         dp.revnat_entries()
             .iter()
-            .all(|(_, v)| u16::from_be(v.client_port) != sport)
+            .all(|(_, v)| port_host(v.client_port) != sport)
     );
 
     // UDP: the flow moves to a remaining endpoint instead of black-holing.
@@ -828,9 +820,7 @@ fn removed_endpoints_reset_tcp_and_rebalance_udp() {
 
 #[test]
 fn a_syn_reusing_a_closed_tuple_chooses_again_and_midstream_misses_are_counted() {
-    let node = TestNode::new();
-    let mut dp = Datapath::load();
-    tcp_service(&mut dp);
+    let (node, mut dp) = with_tcp_service();
     dp.xdp(node.uplink, &outside_syn(26000));
     let rst = from_outside(
         CLIENT_EXT,
@@ -856,12 +846,7 @@ fn snat_port_exhaustion_is_a_counted_drop() {
         snat_port_max: 61001,
         ..Config::DEFAULT
     });
-    dp.program(&Svc::new(
-        1,
-        PROTO_TCP,
-        &[(FrontendKind::NodePort, NODE_V4, 30080)],
-        &[(1, EP1, 8080, BackendState::Active)],
-    ));
+    nodeport_service(&mut dp, EP1);
     let mut ports = std::collections::HashSet::new();
     for sport in [27000, 27001] {
         let run = dp.xdp(node.uplink, &outside_syn(sport));
@@ -882,12 +867,7 @@ fn expired_flows_release_their_snat_port() {
         tcp_syn_timeout: 1,
         ..Config::DEFAULT
     });
-    dp.program(&Svc::new(
-        1,
-        PROTO_TCP,
-        &[(FrontendKind::NodePort, NODE_V4, 30080)],
-        &[(1, EP1, 8080, BackendState::Active)],
-    ));
+    nodeport_service(&mut dp, EP1);
     assert_eq!(dp.xdp(node.uplink, &outside_syn(28000)).verdict, XDP_TX);
     assert_eq!(
         dp.xdp(node.uplink, &outside_syn(28001)).verdict,
@@ -908,12 +888,7 @@ fn xdp_hands_flows_it_cannot_forward_to_tc_which_redirects_them() {
     let node = TestNode::new();
     let mut dp = Datapath::load();
     // The endpoint is on the pod network: reachable through pod0, not the uplink.
-    dp.program(&Svc::new(
-        1,
-        PROTO_TCP,
-        &[(FrontendKind::NodePort, NODE_V4, 30080)],
-        &[(1, POD_V4, 8080, BackendState::Active)],
-    ));
+    nodeport_service(&mut dp, POD_V4);
     let syn = outside_syn(29000);
     let run = dp.xdp(node.uplink, &syn);
     assert_eq!(
@@ -936,9 +911,7 @@ fn xdp_hands_flows_it_cannot_forward_to_tc_which_redirects_them() {
 
 #[test]
 fn ipv4_options_are_kept_and_the_transport_header_found_behind_them() {
-    let node = TestNode::new();
-    let mut dp = Datapath::load();
-    tcp_service(&mut dp);
+    let (node, mut dp) = with_tcp_service();
     let mut ip4 = Ip::new(CLIENT_EXT, NODE_V4, TCP);
     ip4.options = vec![0x94, 0x04, 0, 0, 1, 1, 1, 0]; // router alert, NOPs, end of list
     let pkt = frame(
@@ -958,9 +931,7 @@ fn ipv4_options_are_kept_and_the_transport_header_found_behind_them() {
 
 #[test]
 fn lying_lengths_to_a_frontend_are_dropped_and_cut_headers_passed() {
-    let node = TestNode::new();
-    let mut dp = Datapath::load();
-    tcp_service(&mut dp);
+    let (node, mut dp) = with_tcp_service();
     // Total length claims 200 bytes; the frame has 40.
     let mut ip4 = Ip::new(CLIENT_EXT, NODE_V4, TCP);
     ip4.tot_len = Some(200);
@@ -981,10 +952,11 @@ fn lying_lengths_to_a_frontend_are_dropped_and_cut_headers_passed() {
     assert_eq!(dp.tc_ingress(node.uplink, &pkt).verdict, TC_ACT_SHOT);
     assert_eq!(dp.counter(Counter::DropMalformed), 2);
     // TCP header cut after the ports: cannot be translated safely, handed to the kernel as is.
-    let full = frame(
-        GW_MAC,
-        UPLINK_MAC,
-        &Ip::new(CLIENT_EXT, NODE_V4, TCP).wrap(tcp_seg(31002, 30080, 1, 0, SYN, &[]), false),
+    let full = from_outside(
+        CLIENT_EXT,
+        NODE_V4,
+        tcp_seg(31002, 30080, 1, 0, SYN, &[]),
+        TCP,
     );
     let cut = full[..14 + 20 + 10].to_vec();
     let run = dp.xdp(node.uplink, &cut);
@@ -1059,14 +1031,10 @@ fn fragments_follow_their_first_fragment() {
     assert_eq!(
         fold(sum16(
             &whole,
-            pseudo_v4([10, 0, 0, 1], [203, 0, 113, 7], UDP, whole.len())
+            pseudo(ip(NODE_V4), ip(EP1), UDP, whole.len())
         )),
         0xffff
     );
-}
-
-fn pseudo_v4(s: [u8; 4], d: [u8; 4], proto: u8, len: usize) -> u32 {
-    sum16(&s, sum16(&d, proto as u32 + len as u32))
 }
 
 #[test]
@@ -1087,12 +1055,7 @@ fn without_xdp_tx_xdp_leaves_sending_back_out_to_tc() {
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     let out = decode(&run.out);
     // The endpoint's answer to an outside client: XDP passes it, TC sends it back out.
-    let synack = from_outside(
-        &out.dst.to_string(),
-        NODE_V4,
-        tcp_seg(8080, out.sport, 9, 2, SYN | ACK, &[]),
-        TCP,
-    );
+    let synack = endpoint_synack(&out, 9, 2);
     let run = dp.xdp(node.uplink, &synack);
     assert_eq!((run.verdict, run.out == synack), (XDP_PASS, true));
     let run = dp.tc_ingress(node.uplink, &synack);
@@ -1100,21 +1063,14 @@ fn without_xdp_tx_xdp_leaves_sending_back_out_to_tc() {
     assert_eq!(decode(&run.out).dst, ip(CLIENT_EXT));
     // A reply to a pod needs no XDP_TX: XDP still translates it.
     let out = decode(&dp.tc_egress(node.uplink, &pod_syn(40005)).out);
-    let synack = from_outside(
-        &out.dst.to_string(),
-        NODE_V4,
-        tcp_seg(8080, out.sport, 9, 2, SYN | ACK, &[]),
-        TCP,
-    );
+    let synack = endpoint_synack(&out, 9, 2);
     let d = decode(&dp.xdp(node.uplink, &synack).out);
     assert_eq!(d.dst, ip(POD_V4));
 }
 
 #[test]
 fn established_flows_cache_their_next_hop_for_a_second() {
-    let node = TestNode::new();
-    let mut dp = Datapath::load();
-    tcp_service(&mut dp);
+    let (node, mut dp) = with_tcp_service();
     let first = decode(&dp.xdp(node.uplink, &outside_syn(33000)).out);
     assert_eq!(first.dmac, GW_MAC);
     // The gateway moves to another MAC address.
@@ -1143,17 +1099,19 @@ fn established_flows_cache_their_next_hop_for_a_second() {
     );
 }
 
-#[test]
-fn pod_traffic_is_translated_at_the_pod_veth_before_netfilter() {
-    let node = TestNode::new();
-    let mut dp = Datapath::load();
-    tcp_service(&mut dp);
-    // As the pod sends it: from the pod's MAC to the node's pod-side MAC.
-    let syn = frame(
+/// A SYN to `dst`:80 as the pod sends it: from the pod's MAC to the node's pod-side MAC.
+fn from_pod(dst: &str, sport: u16) -> Vec<u8> {
+    frame(
         POD_MAC,
         [0x02, 0, 0, 0, 0x01, 0x01],
-        &Ip::new(POD_V4, CLUSTER_IP, TCP).wrap(tcp_seg(40100, 80, 1, 0, SYN, &[]), false),
-    );
+        &Ip::new(POD_V4, dst, TCP).wrap(tcp_seg(sport, 80, 1, 0, SYN, &[]), false),
+    )
+}
+
+#[test]
+fn pod_traffic_is_translated_at_the_pod_veth_before_netfilter() {
+    let (node, mut dp) = with_tcp_service();
+    let syn = from_pod(CLUSTER_IP, 40100);
     let run = dp.tc_pod(node.pod_if, &syn);
     // Straight to the uplink: passing a packet from the egress IP up the stack would be a martian.
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
@@ -1164,32 +1122,18 @@ fn pod_traffic_is_translated_at_the_pod_veth_before_netfilter() {
     );
     assert!(d.dst == ip(EP1) || d.dst == ip(EP2));
     // The reply comes back through the uplink as usual.
-    let synack = from_outside(
-        &d.dst.to_string(),
-        NODE_V4,
-        tcp_seg(8080, d.sport, 9, 2, SYN | ACK, &[]),
-        TCP,
-    );
-    let back = decode(&dp.xdp(node.uplink, &synack).out);
+    let back = decode(&dp.xdp(node.uplink, &endpoint_synack(&d, 9, 2)).out);
     assert_eq!(
         (back.src, back.sport, back.dst, back.dport),
         (ip(CLUSTER_IP), 80, ip(POD_V4), 40100)
     );
     // Anything else from the pod is not ours.
-    let other = frame(
-        POD_MAC,
-        [0x02, 0, 0, 0, 0x01, 0x01],
-        &Ip::new(POD_V4, "192.0.2.99", TCP).wrap(tcp_seg(1, 80, 1, 0, SYN, &[]), false),
-    );
+    let other = from_pod("192.0.2.99", 1);
     let run = dp.tc_pod(node.pod_if, &other);
     assert_eq!((run.verdict, run.out == other), (TC_ACT_OK, true));
     // A Service without endpoints answers the pod directly (a new flow: a new source port).
     empty_service(&mut dp, PROTO_TCP);
-    let syn = frame(
-        POD_MAC,
-        [0x02, 0, 0, 0, 0x01, 0x01],
-        &Ip::new(POD_V4, CLUSTER_IP, TCP).wrap(tcp_seg(40101, 80, 1, 0, SYN, &[]), false),
-    );
+    let syn = from_pod(CLUSTER_IP, 40101);
     let run = dp.tc_pod(node.pod_if, &syn);
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
     let d = decode(&run.out);

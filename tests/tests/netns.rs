@@ -70,6 +70,13 @@ fn assert_snat(seen: &Seen, ep: &str) {
     assert_eq!(seen.endpoint, ip(ep));
 }
 
+/// One TCP connection from the pod to the ClusterIP; the endpoint that answered.
+fn pod_to_cluster_ip(t: &Topology) -> std::net::IpAddr {
+    tcp_once(&t.pod.name, None, "10.96.0.10", 80)
+        .unwrap()
+        .endpoint
+}
+
 #[test]
 fn every_frontend_kind_over_tcp_and_udp() {
     let t = Topology::new("kinds");
@@ -169,13 +176,7 @@ fn endpoint_changes_keep_a_long_connection_up() {
         &service_yaml("churn", "", &(ready(EP1) + &ready(EP2))),
     );
     changed(1);
-    let seen: std::collections::HashSet<_> = (0..24)
-        .map(|_| {
-            tcp_once(&t.pod.name, None, "10.96.0.10", 80)
-                .unwrap()
-                .endpoint
-        })
-        .collect();
+    let seen: std::collections::HashSet<_> = (0..24).map(|_| pod_to_cluster_ip(&t)).collect();
     assert_eq!(seen, [ip(EP1), ip(EP2)].into_iter().collect());
     assert_eq!(long.exchange("2").unwrap().endpoint, ip(EP1));
 
@@ -190,12 +191,7 @@ fn endpoint_changes_keep_a_long_connection_up() {
     );
     changed(2);
     for _ in 0..12 {
-        assert_eq!(
-            tcp_once(&t.pod.name, None, "10.96.0.10", 80)
-                .unwrap()
-                .endpoint,
-            ip(EP2)
-        );
+        assert_eq!(pod_to_cluster_ip(&t), ip(EP2));
     }
     assert_eq!(long.exchange("3").unwrap().endpoint, ip(EP1));
 
@@ -352,13 +348,7 @@ fn a_restarted_agent_keeps_established_connections() {
         ip(EP1),
         "the connection survived"
     );
-    let seen: std::collections::HashSet<_> = (0..24)
-        .map(|_| {
-            tcp_once(&t.pod.name, None, "10.96.0.10", 80)
-                .unwrap()
-                .endpoint
-        })
-        .collect();
+    let seen: std::collections::HashSet<_> = (0..24).map(|_| pod_to_cluster_ip(&t)).collect();
     assert!(
         seen.contains(&ip(EP2)),
         "the endpoint added while down is used"

@@ -64,15 +64,7 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
         "bench needs root: run `sudo -E cargo xtask bench`"
     );
     let started = Instant::now();
-    crate::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "proxy-user",
-        "--bin",
-        "extproxy",
-    ])?;
-    let bin = workspace_root().join("target/release/extproxy");
+    let bin = crate::build_agent(true)?;
     let mut records: Vec<Value> = Vec::new();
     let want = |s: &str| opts.suites.iter().any(|x| x == s);
     if want("per-packet") {
@@ -228,13 +220,9 @@ fn proc_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// utime + stime in clock ticks.
+/// utime + stime in clock ticks; 0 once the process is gone.
 fn proc_cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    crate::bench::cpu::process_ticks(&pid.to_string()).unwrap_or(0)
 }
 
 fn ticks_per_sec() -> f64 {
@@ -394,11 +382,10 @@ fn kube_proxy_apply(n: usize, quick: bool) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
     // iptables-nft-restore of kube-proxy's 10k-Service ruleset took 13.5 minutes here and nft -f
     // 81 s: measured above 1k only in the full run (nft) or not at all (iptables-nft).
-    let contenders: Vec<(&str, iptables::Backend)> = vec![
+    for (name, backend) in [
         ("iptables-legacy", iptables::Backend::Legacy),
         ("iptables-nft", iptables::Backend::Nft),
-    ];
-    for (name, backend) in contenders {
+    ] {
         if backend == iptables::Backend::Nft && n > 1_000 {
             continue;
         }
@@ -407,51 +394,49 @@ fn kube_proxy_apply(n: usize, quick: bool) -> anyhow::Result<Vec<Value>> {
             let _ = ns.command(backend.iptables()).args(&cmd.args).output();
         }
         let input = iptables::iptables_restore(&services, &node);
-        let t = Instant::now();
-        let mut child = ns
-            .command(backend.restore())
-            .args(iptables::RESTORE_ARGS)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()?;
-        std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes())?;
-        drop(child.stdin.take());
-        ensure!(child.wait()?.success(), "{name} restore failed");
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        println!("  kube-proxy {name}: full sync {ms:.0} ms");
-        out.push(record(
-            "control-plane",
-            "kube_proxy_sync_ms",
+        let mut cmd = ns.command(backend.restore());
+        cmd.args(iptables::RESTORE_ARGS).stdout(Stdio::null());
+        out.push(full_sync(
+            cmd,
+            &input,
             name,
             n,
-            ms,
-            "ms",
-        ));
+            &format!("{name} restore failed"),
+        )?);
     }
     if n <= 1_000 || !quick {
         let ns = testbed::netns::NamedNetns::new("xbapply");
         let script = nftables::nft_script(&services, &node);
-        let t = Instant::now();
-        let mut child = ns
-            .command("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .spawn()?;
-        std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes())?;
-        drop(child.stdin.take());
-        ensure!(child.wait()?.success(), "nft -f failed");
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        println!("  kube-proxy nftables: full sync {ms:.0} ms");
-        out.push(record(
-            "control-plane",
-            "kube_proxy_sync_ms",
-            "nftables",
-            n,
-            ms,
-            "ms",
-        ));
+        let mut cmd = ns.command("nft");
+        cmd.args(["-f", "-"]);
+        out.push(full_sync(cmd, &script, "nftables", n, "nft -f failed")?);
     }
     Ok(out)
+}
+
+/// Times one kube-proxy full sync: `cmd` fed `input` on its stdin.
+fn full_sync(
+    mut cmd: Command,
+    input: &str,
+    contender: &str,
+    n: usize,
+    failed: &str,
+) -> anyhow::Result<Value> {
+    let t = Instant::now();
+    let mut child = cmd.stdin(Stdio::piped()).spawn()?;
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes())?;
+    drop(child.stdin.take());
+    ensure!(child.wait()?.success(), "{failed}");
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    println!("  kube-proxy {contender}: full sync {ms:.0} ms");
+    Ok(record(
+        "control-plane",
+        "kube_proxy_sync_ms",
+        contender,
+        n,
+        ms,
+        "ms",
+    ))
 }
 
 // -------------------------------------------------------------------------------------------------

@@ -86,10 +86,17 @@ fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
     }
     cargo(&args)?;
     let profile = if release { "release" } else { "debug" };
-    Ok(workspace_root()
-        .join("target")
-        .join(profile)
-        .join("extproxy"))
+    Ok(target_dir().join(profile).join("extproxy"))
+}
+
+/// Where cargo puts its output: `$CARGO_TARGET_DIR` when set (relative to the workspace root,
+/// where [`cargo`] runs), `target/` otherwise.
+fn target_dir() -> PathBuf {
+    let root = workspace_root();
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
 }
 
 fn run(args: &[String]) -> anyhow::Result<()> {

@@ -7,6 +7,8 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::Node;
 
+use crate::host::join_addrs;
+
 /// What the operator fixed on the command line, and what the uplink has.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeOverrides {
@@ -32,21 +34,10 @@ impl fmt::Display for NodeFacts {
         write!(
             f,
             "egress (SNAT) {}; NodePorts on {}",
-            join(&self.egress),
-            join(&self.node_ports)
+            join_addrs(&self.egress, ", ", "none"),
+            join_addrs(&self.node_ports, ", ", "none")
         )
     }
-}
-
-fn join(addrs: &[IpAddr]) -> String {
-    if addrs.is_empty() {
-        return "none".to_owned();
-    }
-    addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// The Node's addresses of one type ("InternalIP", "ExternalIP"), in the Node's order.

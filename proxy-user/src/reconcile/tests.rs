@@ -70,6 +70,17 @@ fn desired(services: &[(&str, DesiredService)]) -> Desired {
 
 use BackendRole::{Active, Draining};
 
+/// Adds LoadBalancer frontend 20.0.0.1:80, which consults the service's source ranges.
+fn add_ranged_lb(s: &mut DesiredService) {
+    s.frontends.insert(
+        fe("20.0.0.1", 80),
+        FrontendSpec {
+            kind: FrontendKind::LoadBalancer,
+            flags: FE_F_SOURCE_RANGES,
+        },
+    );
+}
+
 fn backend(addr: &str, state: BackendState, generation: u32) -> BackendValue {
     BackendValue {
         addr: Addr::from(ip(addr)),
@@ -194,13 +205,7 @@ fn a_new_service_is_written_backends_first_frontends_last() {
             ("10.1.0.3", Draining),
         ],
     );
-    s.frontends.insert(
-        fe("20.0.0.1", 80),
-        FrontendSpec {
-            kind: FrontendKind::LoadBalancer,
-            flags: FE_F_SOURCE_RANGES,
-        },
-    );
+    add_ranged_lb(&mut s);
     s.source_ranges = vec!["1.2.3.4/32".parse().unwrap()];
     s.affinity_timeout = 600;
     let mut ops = sync(&mut r, &mut kernel, &desired(&[("a", s)]));
@@ -421,13 +426,7 @@ fn source_ranges_are_written_only_where_consulted() {
         !ops.iter().any(|op| matches!(op, MapOp::PutSrcRange(_))),
         "{ops:?}"
     );
-    s.frontends.insert(
-        fe("20.0.0.1", 80),
-        FrontendSpec {
-            kind: FrontendKind::LoadBalancer,
-            flags: FE_F_SOURCE_RANGES,
-        },
-    );
+    add_ranged_lb(&mut s);
     sync(&mut r, &mut kernel, &desired(&[("a", s.clone())]));
     assert_eq!(kernel.maps.src_ranges.len(), 2);
     s.source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
@@ -463,13 +462,7 @@ fn a_removed_service_goes_frontends_first_backends_last() {
         &[("10.96.0.1", 80)],
         &[("10.1.0.1", Active), ("10.1.0.2", Draining)],
     );
-    a.frontends.insert(
-        fe("20.0.0.1", 80),
-        FrontendSpec {
-            kind: FrontendKind::LoadBalancer,
-            flags: FE_F_SOURCE_RANGES,
-        },
-    );
+    add_ranged_lb(&mut a);
     a.source_ranges = vec!["1.2.3.0/24".parse().unwrap()];
     let b = service(&[("10.96.0.2", 80)], &[("10.1.0.1", Active)]);
     sync(&mut r, &mut kernel, &desired(&[("a", a), ("b", b.clone())]));
@@ -726,13 +719,7 @@ fn a_restarted_agent_adopts_the_maps_without_a_single_write() {
             ("10.1.0.3", Draining),
         ],
     );
-    a.frontends.insert(
-        fe("20.0.0.1", 80),
-        FrontendSpec {
-            kind: FrontendKind::LoadBalancer,
-            flags: FE_F_SOURCE_RANGES,
-        },
-    );
+    add_ranged_lb(&mut a);
     a.source_ranges = vec!["1.2.3.0/24".parse().unwrap()];
     let b = service(
         &[("10.96.0.2", 80)],

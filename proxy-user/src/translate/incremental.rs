@@ -124,12 +124,16 @@ struct SliceEntry {
 impl SliceEntry {
     /// What diagnostics name the slice by: the Endpoints it mirrors, else itself.
     fn site(&self, key: &ObjectKey) -> Site {
-        let reported = match &self.mirrored_from {
-            Some(endpoints) => (**endpoints).clone(),
-            None => ObjectRef::new("EndpointSlice", &*key.namespace, &*key.name),
-        };
-        Site::new(self.origin.clone(), reported)
+        slice_site(&self.origin, self.mirrored_from.as_deref(), key)
     }
+}
+
+/// Where diagnostics about the slice `key` point: the Endpoints it mirrors, else itself.
+fn slice_site(origin: &Origin, mirrored_from: Option<&ObjectRef>, key: &ObjectKey) -> Site {
+    let reported = mirrored_from
+        .cloned()
+        .unwrap_or_else(|| ObjectRef::new("EndpointSlice", &*key.namespace, &*key.name));
+    Site::new(origin.clone(), reported)
 }
 
 /// What every Service's translation may ask about the others.
@@ -446,12 +450,7 @@ impl Incremental {
             }
         }
         let Some(slice) = slice else { return };
-        let reported = slice
-            .mirrored_from
-            .as_deref()
-            .cloned()
-            .unwrap_or_else(|| ObjectRef::new("EndpointSlice", &*key.namespace, &*key.name));
-        let site = Site::new(slice.origin.clone(), reported);
+        let site = slice_site(&slice.origin, slice.mirrored_from.as_deref(), &key);
         let label = slice.object.metadata.labels.get(SERVICE_NAME_LABEL);
         let mut diagnostics = Vec::new();
         let labelled = label.map(|name| {
@@ -624,7 +623,7 @@ impl Incremental {
             .world
             .services
             .get(&**key)
-            .and_then(|e| e.source.clone())
+            .and_then(|e| e.source.as_ref())
         else {
             return false;
         };

@@ -44,11 +44,16 @@ fn node() -> NodeInfo {
 }
 
 fn run(yaml: &str) -> Translation {
-    translate(
-        &inventory(&[("m.yaml", yaml)]),
-        &node(),
-        &manifest_settings(),
-    )
+    run_with(yaml, &manifest_settings())
+}
+
+fn run_with(yaml: &str, settings: &Settings) -> Translation {
+    translate(&inventory(&[("m.yaml", yaml)]), &node(), settings)
+}
+
+/// The Service ports the translation programs, in order.
+fn service_keys(t: &Translation) -> Vec<ServicePortKey> {
+    t.desired.services.keys().cloned().collect()
 }
 
 fn spk(
@@ -236,7 +241,7 @@ fn objects_fixture_in_manifest_mode() {
         ]
     );
     assert_eq!(
-        t.desired.services.keys().cloned().collect::<Vec<_>>(),
+        service_keys(&t),
         [
             v4("default", "myapp-proxy", ""),
             v4("proxy-test", "proxy-service", "http"),
@@ -576,7 +581,7 @@ fn port_problems() {
         ]
     );
     assert_eq!(
-        t.desired.services.keys().cloned().collect::<Vec<_>>(),
+        service_keys(&t),
         [
             v4("default", "s", ""),
             spk("default", "s", "d", Protocol::Udp, IpFamily::V4)
@@ -903,7 +908,7 @@ fn missing_egress_is_an_error_but_the_service_is_still_programmed() {
         "s",
         "  clusterIPs: [10.96.0.9, 'fd00:96::9']\n  ipFamilyPolicy: RequireDualStack\n  ports: [{port: 80}]",
     );
-    let t = translate(&inventory(&[("m.yaml", &yaml)]), &node(), &settings);
+    let t = run_with(&yaml, &settings);
     assert_eq!(
         messages(&t),
         [
@@ -1005,7 +1010,7 @@ fn filling_needs_a_service_cidr_of_the_family() {
         ),
     ]
     .join("---\n");
-    let t = translate(&inventory(&[("m.yaml", &yaml)]), &node(), &settings);
+    let t = run_with(&yaml, &settings);
     assert_eq!(
         messages(&t),
         [
@@ -1016,7 +1021,7 @@ fn filling_needs_a_service_cidr_of_the_family() {
     );
     // PreferDualStack without an IPv6 range: IPv4 only, no complaint.
     assert_eq!(
-        t.desired.services.keys().cloned().collect::<Vec<_>>(),
+        service_keys(&t),
         [
             v4("default", "prefer", ""),
             spk("default", "six", "", Protocol::Tcp, IpFamily::V6)
@@ -1035,13 +1040,9 @@ fn filling_needs_a_service_cidr_of_the_family() {
         service_cidrs: vec!["fd00:96::/112".parse().unwrap()],
         ..manifest_settings()
     };
-    let t = translate(
-        &inventory(&[("m.yaml", &service_yaml("x", "  ports: [{port: 80}]"))]),
-        &node(),
-        &settings,
-    );
+    let t = run_with(&service_yaml("x", "  ports: [{port: 80}]"), &settings);
     assert_eq!(
-        t.desired.services.keys().cloned().collect::<Vec<_>>(),
+        service_keys(&t),
         [spk("default", "x", "", Protocol::Tcp, IpFamily::V6)]
     );
 }
@@ -1052,12 +1053,8 @@ fn kube_mode_never_fills() {
         fill_missing: false,
         ..manifest_settings()
     };
-    let t = translate(
-        &inventory(&[(
-            "m.yaml",
-            &service_yaml("x", "  type: NodePort\n  ports: [{port: 80}]"),
-        )]),
-        &node(),
+    let t = run_with(
+        &service_yaml("x", "  type: NodePort\n  ports: [{port: 80}]"),
         &settings,
     );
     assert!(t.filled.is_empty());

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use extproxy::agent::Applied;
-use extproxy::kube::{KubeSource, NodeFacts, Programmer};
+use extproxy::kube::{KubeSource, NodeFacts, NodeOverrides, Programmer, SourceConfig};
 use extproxy::metrics::Telemetry;
 use extproxy::reconcile::{Limits, MapOp, MapState, MapWriter, Reconciler};
 use extproxy::translate::{ServicePortKey, Translation};
@@ -628,22 +628,41 @@ impl<W: MapWriter> Programmer for Model<W> {
     }
 }
 
+/// How long a test waits for the source to do something.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The agent of node `node-a`, without overrides or streaming lists.
+pub fn node_a() -> SourceConfig {
+    SourceConfig {
+        node_name: "node-a".into(),
+        claim_all_selectorless: false,
+        overrides: NodeOverrides::default(),
+        streaming_lists: false,
+    }
+}
+
+/// A Kubernetes source talking to `api`.
+pub fn start_source(api: &FakeApi, telemetry: &Arc<Telemetry>, config: SourceConfig) -> KubeSource {
+    let kube_config = kube::Config::new(api.url().parse().unwrap());
+    let client = extproxy::kube::client::client(kube_config, telemetry.clone()).unwrap();
+    KubeSource::new(client, config, telemetry.clone())
+}
+
 /// Drives the source (receive, translate, program) until `done` holds, or panics after
-/// `timeout` with `what`.
+/// [`WAIT`] with `what`.
 pub async fn drive_until<W: MapWriter>(
     source: &mut KubeSource,
     model: &mut Model<W>,
     telemetry: &Telemetry,
-    timeout: Duration,
     what: &str,
     mut done: impl FnMut(&Model<W>, &Telemetry) -> bool,
 ) {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + WAIT;
     while !done(model, telemetry) {
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(
             !left.is_zero(),
-            "timed out after {timeout:?} waiting for {what}; readiness: {:?}",
+            "timed out after {WAIT:?} waiting for {what}; readiness: {:?}",
             telemetry.readiness()
         );
         tokio::select! {
@@ -654,6 +673,16 @@ pub async fn drive_until<W: MapWriter>(
             _ = tokio::time::sleep(Duration::from_millis(50).min(left)) => {}
         }
     }
+}
+
+/// Drives the source until it has programmed once (`what`: which sync that is).
+pub async fn drive_until_programmed<W: MapWriter>(
+    source: &mut KubeSource,
+    model: &mut Model<W>,
+    telemetry: &Telemetry,
+    what: &str,
+) {
+    drive_until(source, model, telemetry, what, |m, _| !m.rounds.is_empty()).await;
 }
 
 /// Runs the source for `period` and returns how many syncs it produced.

@@ -43,7 +43,7 @@ fn sample(pids: &[u32]) -> Result<Ticks> {
 }
 
 /// utime + stime of a whole process (live and exited threads).
-fn process_ticks(pid: &str) -> Option<u64> {
+pub fn process_ticks(pid: &str) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces; the fields after it are plain.
     let after_name = &stat[stat.rfind(')')? + 2..];

@@ -51,9 +51,6 @@ pub const WAIT_ARGS: [&str; 4] = ["-w", "5", "-W", "100000"];
 /// `iptables-wrapper` picks the backend that already holds kubelet's rules).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
-    /// `iptables` / `iptables-restore` / `iptables-save` (host default; on this
-    /// box that is iptables-nft 1.8.9).
-    System,
     /// `iptables-nft*`: xtables rules in nf_tables (`table ip nat` etc.).
     Nft,
     /// `iptables-legacy*`: the classic x_tables blob.
@@ -63,7 +60,6 @@ pub enum Backend {
 impl Backend {
     pub fn iptables(self) -> &'static str {
         match self {
-            Backend::System => "iptables",
             Backend::Nft => "iptables-nft",
             Backend::Legacy => "iptables-legacy",
         }
@@ -71,7 +67,6 @@ impl Backend {
 
     pub fn restore(self) -> &'static str {
         match self {
-            Backend::System => "iptables-restore",
             Backend::Nft => "iptables-nft-restore",
             Backend::Legacy => "iptables-legacy-restore",
         }
@@ -79,7 +74,6 @@ impl Backend {
 
     pub fn save(self) -> &'static str {
         match self {
-            Backend::System => "iptables-save",
             Backend::Nft => "iptables-nft-save",
             Backend::Legacy => "iptables-legacy-save",
         }
@@ -540,28 +534,12 @@ pub fn iptables_restore(services: &[BenchService], node: &NodeConfig) -> String 
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
-    use std::time::Instant;
 
     use super::*;
-    use crate::bench::kubeproxy::{Ipv4Cidr, Protocol, SyntheticSpec, synthetic_services};
-
-    fn four_endpoint_service() -> BenchService {
-        BenchService {
-            namespace: "bench".into(),
-            name: "api".into(),
-            port_name: "https".into(),
-            protocol: Protocol::Tcp,
-            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
-            port: 443,
-            node_port: None,
-            endpoints: vec![
-                (Ipv4Addr::new(203, 0, 113, 14), 8443),
-                (Ipv4Addr::new(203, 0, 113, 11), 8443),
-                (Ipv4Addr::new(203, 0, 113, 13), 8443),
-                (Ipv4Addr::new(203, 0, 113, 12), 8443),
-            ],
-        }
-    }
+    use crate::bench::kubeproxy::Ipv4Cidr;
+    use crate::bench::testdata::{
+        assert_10k_generation_fast, four_endpoint_service, https_services, upstream_service,
+    };
 
     fn sep(ep: &str) -> String {
         iptables_sep_chain("bench/api:https", "tcp", ep)
@@ -635,28 +613,16 @@ COMMIT
         let mut node = NodeConfig::new(Ipv4Addr::new(192, 168, 0, 2));
         node.masquerade = Masquerade::ClusterCidr(Ipv4Cidr::new(Ipv4Addr::new(10, 0, 0, 0), 8));
         node.iptables_random_fully = false;
-        let mk = |ns: &str, name: &str, ip: [u8; 4], node_port: Option<u16>, eps: &[[u8; 4]]| {
-            BenchService {
-                namespace: ns.into(),
-                name: name.into(),
-                port_name: "p80".into(),
-                protocol: Protocol::Tcp,
-                cluster_ip: Ipv4Addr::from(ip),
-                port: 80,
-                node_port,
-                endpoints: eps.iter().map(|e| (Ipv4Addr::from(*e), 80)).collect(),
-            }
-        };
         let services = [
-            mk("ns1", "svc1", [172, 30, 0, 41], None, &[[10, 180, 0, 1]]),
-            mk(
+            upstream_service("ns1", "svc1", [172, 30, 0, 41], None, &[[10, 180, 0, 1]]),
+            upstream_service(
                 "ns3",
                 "svc3",
                 [172, 30, 0, 43],
                 Some(3003),
                 &[[10, 180, 0, 3]],
             ),
-            mk(
+            upstream_service(
                 "ns4",
                 "svc4",
                 [172, 30, 0, 44],
@@ -721,20 +687,7 @@ COMMIT
 
     #[test]
     fn large_cluster_mode_drops_endpoint_comments() {
-        let spec = SyntheticSpec {
-            count: 251, // 1004 endpoints > 1000
-            namespace: "bench".into(),
-            first_cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
-            port: 443,
-            port_name: "https".into(),
-            protocol: Protocol::Tcp,
-            endpoints_per_service: 4,
-            endpoint_pool: (1..=8)
-                .map(|i| (Ipv4Addr::new(203, 0, 113, i), 8443))
-                .collect(),
-            first_node_port: None,
-        };
-        let services = synthetic_services(&spec);
+        let services = https_services(251, 1..=8, None); // 1004 endpoints > 1000
         let node = NodeConfig::new(Ipv4Addr::new(192, 168, 0, 2));
         let got = iptables_restore(&services, &node);
         assert!(!got.contains("-> 203.0.113."));
@@ -780,33 +733,6 @@ COMMIT
     /// 10k services must generate well under a second (release build).
     #[test]
     fn generation_10k_is_fast() {
-        let spec = SyntheticSpec {
-            count: 10_000,
-            namespace: "bench".into(),
-            first_cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
-            port: 443,
-            port_name: "https".into(),
-            protocol: Protocol::Tcp,
-            endpoints_per_service: 4,
-            endpoint_pool: (1..=64)
-                .map(|i| (Ipv4Addr::new(203, 0, 113, i), 8443))
-                .collect(),
-            first_node_port: None,
-        };
-        let services = synthetic_services(&spec);
-        let node = NodeConfig::new(Ipv4Addr::new(192, 168, 0, 2));
-        let t = Instant::now();
-        let out = iptables_restore(&services, &node);
-        let dt = t.elapsed();
-        assert_eq!(out.matches("-j DNAT").count(), 40_000);
-        // Release builds take ~0.1 s; unoptimised test builds (the default
-        // `cargo test`) are ~5x slower, more on a loaded machine, so there we
-        // only guard against accidental super-linear behaviour.
-        let limit = if cfg!(debug_assertions) { 5.0 } else { 1.0 };
-        println!("10k iptables generation: {dt:?}");
-        assert!(
-            dt.as_secs_f64() < limit,
-            "10k iptables generation took {dt:?}"
-        );
+        assert_10k_generation_fast("iptables", iptables_restore, "-j DNAT");
     }
 }

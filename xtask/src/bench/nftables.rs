@@ -93,7 +93,15 @@ fn nodeport_ips(node: &NodeConfig) -> Option<Vec<std::net::Ipv4Addr>> {
 fn setup(out: &mut String, node: &NodeConfig) {
     let mark = node.masquerade_mark();
     let np_ips = nodeport_ips(node);
-    let no_localhost = "ip daddr != 127.0.0.0/8";
+    // Where NodePorts answer: the nodeport-ips set, or (MatchAll) any address but loopback,
+    // local ones only in `services`.
+    let (nodeport_daddr, nodeport_local_daddr) = match np_ips {
+        Some(_) => ("ip daddr @nodeport-ips", "ip daddr @nodeport-ips"),
+        None => (
+            "ip daddr != 127.0.0.0/8",
+            "fib daddr type local ip daddr != 127.0.0.0/8",
+        ),
+    };
 
     let _ = writeln!(
         out,
@@ -187,20 +195,10 @@ fn setup(out: &mut String, node: &NodeConfig) {
         out,
         "add rule {T} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services"
     );
-    match &np_ips {
-        None => {
-            let _ = writeln!(
-                out,
-                "add rule {T} nodeport-endpoints-check {no_localhost} meta l4proto . th dport vmap @no-endpoint-nodeports"
-            );
-        }
-        Some(_) => {
-            let _ = writeln!(
-                out,
-                "add rule {T} nodeport-endpoints-check ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports"
-            );
-        }
-    }
+    let _ = writeln!(
+        out,
+        "add rule {T} nodeport-endpoints-check {nodeport_daddr} meta l4proto . th dport vmap @no-endpoint-nodeports"
+    );
 
     let _ = writeln!(
         out,
@@ -224,20 +222,10 @@ fn setup(out: &mut String, node: &NodeConfig) {
         out,
         "add rule {T} services ip daddr . meta l4proto . th dport vmap @service-ips"
     );
-    match &np_ips {
-        None => {
-            let _ = writeln!(
-                out,
-                "add rule {T} services fib daddr type local {no_localhost} meta l4proto . th dport vmap @service-nodeports"
-            );
-        }
-        Some(_) => {
-            let _ = writeln!(
-                out,
-                "add rule {T} services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports"
-            );
-        }
-    }
+    let _ = writeln!(
+        out,
+        "add rule {T} services {nodeport_local_daddr} meta l4proto . th dport vmap @service-nodeports"
+    );
 
     // nftElementStorage.reset() for the six containers.
     let _ = writeln!(out, "flush set {T} cluster-ips");
@@ -373,28 +361,12 @@ pub fn nft_cleanup_args() -> [&'static str; 4] {
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
-    use std::time::Instant;
 
     use super::*;
-    use crate::bench::kubeproxy::{Ipv4Cidr, Protocol, SyntheticSpec, synthetic_services};
-
-    fn four_endpoint_service() -> BenchService {
-        BenchService {
-            namespace: "bench".into(),
-            name: "api".into(),
-            port_name: "https".into(),
-            protocol: Protocol::Tcp,
-            cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
-            port: 443,
-            node_port: None,
-            endpoints: vec![
-                (Ipv4Addr::new(203, 0, 113, 14), 8443),
-                (Ipv4Addr::new(203, 0, 113, 11), 8443),
-                (Ipv4Addr::new(203, 0, 113, 13), 8443),
-                (Ipv4Addr::new(203, 0, 113, 12), 8443),
-            ],
-        }
-    }
+    use crate::bench::kubeproxy::Ipv4Cidr;
+    use crate::bench::testdata::{
+        assert_10k_generation_fast, four_endpoint_service, upstream_service,
+    };
 
     /// The service part of the script for one Service with four endpoints.
     #[test]
@@ -453,28 +425,16 @@ add rule ip kube-proxy {e3} meta l4proto tcp dnat to 203.0.113.14:8443
         node.masquerade = Masquerade::ClusterCidr(Ipv4Cidr::new(Ipv4Addr::new(10, 0, 0, 0), 8));
         node.service_cidrs = vec![Ipv4Cidr::new(Ipv4Addr::new(172, 30, 0, 0), 16)];
         node.nodeport_addresses = NodePortAddresses::Ips(vec![Ipv4Addr::new(192, 168, 0, 2)]);
-        let mk = |ns: &str, name: &str, ip: [u8; 4], node_port: Option<u16>, eps: &[[u8; 4]]| {
-            BenchService {
-                namespace: ns.into(),
-                name: name.into(),
-                port_name: "p80".into(),
-                protocol: Protocol::Tcp,
-                cluster_ip: Ipv4Addr::from(ip),
-                port: 80,
-                node_port,
-                endpoints: eps.iter().map(|e| (Ipv4Addr::from(*e), 80)).collect(),
-            }
-        };
         let services = [
-            mk("ns1", "svc1", [172, 30, 0, 41], None, &[[10, 180, 0, 1]]),
-            mk(
+            upstream_service("ns1", "svc1", [172, 30, 0, 41], None, &[[10, 180, 0, 1]]),
+            upstream_service(
                 "ns3",
                 "svc3",
                 [172, 30, 0, 43],
                 Some(3003),
                 &[[10, 180, 0, 3]],
             ),
-            mk("ns6", "svc6", [172, 30, 0, 46], None, &[]),
+            upstream_service("ns6", "svc6", [172, 30, 0, 46], None, &[]),
         ];
         let got = nft_script(&services, &node).replace("0x00004000", "0x4000");
         let upstream = r#"
@@ -611,30 +571,6 @@ add element ip kube-proxy no-endpoint-services { 172.30.0.46 . tcp . 80 comment 
 
     #[test]
     fn generation_10k_is_fast() {
-        let spec = SyntheticSpec {
-            count: 10_000,
-            namespace: "bench".into(),
-            first_cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
-            port: 443,
-            port_name: "https".into(),
-            protocol: Protocol::Tcp,
-            endpoints_per_service: 4,
-            endpoint_pool: (1..=64)
-                .map(|i| (Ipv4Addr::new(203, 0, 113, i), 8443))
-                .collect(),
-            first_node_port: None,
-        };
-        let services = synthetic_services(&spec);
-        let node = NodeConfig::new(Ipv4Addr::new(192, 168, 0, 2));
-        let t = Instant::now();
-        let out = nft_script(&services, &node);
-        let dt = t.elapsed();
-        assert_eq!(out.matches(" dnat to ").count(), 40_000);
-        // Release builds take ~0.1 s; unoptimised test builds (the default
-        // `cargo test`) are ~5x slower, more on a loaded machine, so there we
-        // only guard against accidental super-linear behaviour.
-        let limit = if cfg!(debug_assertions) { 5.0 } else { 1.0 };
-        println!("10k nft generation: {dt:?}");
-        assert!(dt.as_secs_f64() < limit, "10k nft generation took {dt:?}");
+        assert_10k_generation_fast("nft", nft_script, " dnat to ");
     }
 }

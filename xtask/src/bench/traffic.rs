@@ -143,11 +143,6 @@ impl Measure {
             Measure::ConnectionLatency | Measure::RequestLatency => "us (p99)",
         }
     }
-
-    /// Rates are; the latency measures report their p99 as `value`, where lower is better.
-    pub fn higher_is_better(self) -> bool {
-        !matches!(self, Measure::ConnectionLatency | Measure::RequestLatency)
-    }
 }
 
 impl fmt::Display for Measure {
@@ -166,8 +161,8 @@ pub struct Record {
     pub services: usize,
     /// 0-based.
     pub round: usize,
-    /// In `unit`; higher is better except for the latency measures
-    /// ([`Measure::higher_is_better`]), whose value is their p99 in microseconds.
+    /// In `unit`; higher is better except for the latency measures (`connection_latency`,
+    /// `request_latency`), whose value is their p99 in microseconds.
     pub value: f64,
     pub unit: &'static str,
     /// Per-operation latency (connection: connect to the server's close; request: request to
@@ -991,16 +986,21 @@ mod tests {
         assert_eq!(slice["endpoints"].as_array().unwrap().len(), 4);
     }
 
+    /// `$EXTPROXY_BIN`, or the release agent built now.
+    fn agent_bin() -> Result<PathBuf> {
+        match std::env::var_os("EXTPROXY_BIN") {
+            Some(p) => Ok(PathBuf::from(p)),
+            None => crate::build_agent(true),
+        }
+    }
+
     /// A tiny end-to-end run: every contender, one Service, every measure for half a second.
     /// `cargo test -p xtask -- --ignored traffic_smoke --nocapture` (as root; uses
     /// $EXTPROXY_BIN or builds the release agent).
     #[test]
     #[ignore = "needs root; creates network namespaces and runs the agent"]
     fn traffic_smoke() -> Result<()> {
-        let agent_bin = match std::env::var_os("EXTPROXY_BIN") {
-            Some(p) => PathBuf::from(p),
-            None => crate::build_agent(true)?,
-        };
+        let agent_bin = agent_bin()?;
         let half = Duration::from_millis(500);
         let opts = TrafficOpts {
             sizes: vec![1],
@@ -1027,10 +1027,7 @@ mod tests {
     #[test]
     #[ignore = "needs root; about three minutes"]
     fn traffic_quick() -> Result<()> {
-        let agent_bin = match std::env::var_os("EXTPROXY_BIN") {
-            Some(p) => PathBuf::from(p),
-            None => crate::build_agent(true)?,
-        };
+        let agent_bin = agent_bin()?;
         let mut opts = if std::env::var_os("XP_TRAFFIC_FULL").is_some() {
             TrafficOpts::full(agent_bin)
         } else {

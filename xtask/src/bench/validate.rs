@@ -13,11 +13,12 @@ use anyhow::{Context as _, Result, ensure};
 
 use super::iptables::{self, Backend};
 use super::kubeproxy::{
-    BenchService, Ipv4Cidr, Masquerade, NodeConfig, NodePortAddresses, Protocol, ProxyMode,
-    SyntheticSpec, kube_proxy_sysctls, nft_service_chain_base, synthetic_services,
+    BenchService, Ipv4Cidr, Masquerade, NodeConfig, NodePortAddresses, ProxyMode,
+    kube_proxy_sysctls, nft_service_chain_base,
 };
 use super::netns::Netns;
 use super::nftables;
+use super::testdata::https_services;
 
 fn ns_name(tag: &str) -> String {
     format!("xk-test-{}-{tag}", std::process::id())
@@ -36,19 +37,7 @@ fn services(count: usize) -> Vec<BenchService> {
 
 /// Like [`services`], optionally with NodePorts 30000.. (count <= 35535).
 fn services_np(count: usize, node_ports: bool) -> Vec<BenchService> {
-    synthetic_services(&SyntheticSpec {
-        count,
-        namespace: "bench".into(),
-        first_cluster_ip: Ipv4Addr::new(10, 96, 0, 10),
-        port: 443,
-        port_name: "https".into(),
-        protocol: Protocol::Tcp,
-        endpoints_per_service: 4,
-        endpoint_pool: (11..=14)
-            .map(|i| (Ipv4Addr::new(203, 0, 113, i), 8443))
-            .collect(),
-        first_node_port: node_ports.then_some(30000),
-    })
+    https_services(count, 11..=14, node_ports.then_some(30000))
 }
 
 /// The node config a load test uses for `n` services: the alternative
