@@ -18,7 +18,7 @@ extern crate std;
 pub mod user;
 
 /// Version of the layouts in this crate. Stored in [`Config::abi_version`].
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Map names (the ELF symbol names; the kernel keeps the first 15 bytes).
@@ -36,9 +36,10 @@ pub const MAP_SRC_RANGES: &str = "SRC_RANGES";
 pub const MAP_FRAGS: &str = "FRAGS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_SVC_STATS: &str = "SVC_STATS";
+pub const MAP_FE_FILTER: &str = "FE_FILTER";
 
 /// Every map the data path defines, in the order the agent pins and checks them.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     MAP_CONFIG,
     MAP_FRONTENDS,
     MAP_SERVICES,
@@ -51,6 +52,7 @@ pub const ALL_MAPS: [&str; 12] = [
     MAP_FRAGS,
     MAP_COUNTERS,
     MAP_SVC_STATS,
+    MAP_FE_FILTER,
 ];
 
 /// Program names (the Rust function names of the entry points).
@@ -200,7 +202,12 @@ pub struct Config {
     pub udp_stream_timeout: u32,
     /// `CFG_F_*` bits.
     pub flags: u32,
-    pub reserved: [u32; 8],
+    /// The data path's clock: seconds = ((jiffies64 * clock_mult) >> 32) - clock_offset, which
+    /// tracks CLOCK_MONOTONIC (see [`Config::clock_secs`]). jiffies are read inline, where the
+    /// coarse ktime helper costs ~30 ns a packet. 0: use bpf_ktime_get_coarse_ns.
+    pub clock_mult: u32,
+    pub clock_offset: u32,
+    pub reserved: [u32; 6],
 }
 
 /// XDP may transmit translated packets back out of the interface they came in on (XDP_TX).
@@ -220,8 +227,18 @@ impl Config {
         udp_timeout: 30,
         udp_stream_timeout: 120,
         flags: CFG_F_XDP_TX,
-        reserved: [0; 8],
+        clock_mult: 0,
+        clock_offset: 0,
+        reserved: [0; 6],
     };
+
+    /// Seconds of CLOCK_MONOTONIC (to within a second or so) from the kernel's jiffies, with
+    /// the factors the agent derived from the tick length ([`Config::clock_mult`]).
+    #[inline(always)]
+    pub const fn clock_secs(&self, jiffies: u64) -> u32 {
+        ((jiffies.wrapping_mul(self.clock_mult as u64) >> 32) as u32)
+            .wrapping_sub(self.clock_offset)
+    }
 
     /// How long a flow in state `flags` (`CT_F_*`) may stay idle. The one definition for the
     /// data path, which ages flows on lookup, and the agent's sweep and `inspect`.
@@ -263,6 +280,36 @@ pub struct FrontendKey {
     /// IP protocol number ([`PROTO_TCP`], [`PROTO_UDP`]).
     pub proto: u8,
     pub pad: u8,
+}
+
+impl FrontendKey {
+    #[inline(always)]
+    pub const fn filter_bit(&self) -> u32 {
+        frontend_filter_bit(&self.addr, self.port, self.proto)
+    }
+}
+
+/// Bits in FE_FILTER, the data path's first question about a packet: could its destination be
+/// a frontend? A clear bit answers "no" with one array read, so traffic that is not for a Service
+/// skips the conntrack and FRONTENDS hash lookups; a set bit may be a false positive (~4% at 10k
+/// frontends), which costs only those lookups. The agent sets the bit of every frontend it
+/// programs and rebuilds the filter after removals.
+pub const FE_FILTER_BITS: u32 = 1 << 18;
+/// FE_FILTER entries: u64 words, bit `b` in word `b / 64` at `1 << (b % 64)`.
+pub const FE_FILTER_WORDS: u32 = FE_FILTER_BITS / 64;
+
+/// The FE_FILTER bit of a frontend. One definition for both sides: the agent sets the bit the
+/// data path tests. Address words and port are mixed raw (as in memory), as both sides see them.
+#[inline(always)]
+pub const fn frontend_filter_bit(addr: &Addr, port: u16, proto: u8) -> u32 {
+    let w = &addr.words;
+    // The address words in memory order put an IPv4 address's last byte (the one that differs
+    // between ClusterIPs) in the top bits; the multiplications carry every bit into the top bits
+    // taken below (Fibonacci hashing), the port through its own odd factor.
+    let a = w[3] ^ (w[0] ^ w[1] ^ w[2]).rotate_left(16);
+    let h = (a.rotate_left(8) ^ ((port as u32) << 8 | proto as u32).wrapping_mul(0x85eb_ca6b))
+        .wrapping_mul(0x9e37_79b1);
+    h >> (32 - FE_FILTER_BITS.trailing_zeros())
 }
 
 #[repr(C)]

@@ -1,6 +1,6 @@
 //! Connection tracking: timeouts by protocol and TCP state, flow teardown.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use proxy_common::*;
 
 use crate::{
@@ -8,10 +8,14 @@ use crate::{
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// Seconds of CLOCK_MONOTONIC, the clock the agent uses to age entries too.
+/// Seconds of CLOCK_MONOTONIC, the clock the agent uses to age entries too. From jiffies, which
+/// the verifier inlines into a load, where the coarse ktime helper costs as much as a hash lookup.
 #[inline(always)]
-pub fn now_secs() -> u32 {
-    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+pub fn now_secs(cfg: &Config) -> u32 {
+    if cfg.clock_mult == 0 {
+        return (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    }
+    cfg.clock_secs(unsafe { bpf_jiffies64() })
 }
 
 /// A SYN without ACK on a closed flow's tuple is a new connection: it chooses again.

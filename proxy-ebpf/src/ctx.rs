@@ -57,6 +57,13 @@ pub trait Ctx {
     /// fields (addresses), which matters for offloaded checksums. `udp`: a zero field means "no
     /// checksum" and must stay zero; a computed zero is written as 0xffff.
     fn csum_l4(&self, off: usize, delta: u32, pseudo: bool, udp: bool) -> Result<(), ()>;
+    /// [`Ctx::csum_l4`] for a pseudo-header delta and a plain one. Raw frames take their sum in
+    /// one update; skbs need the two kinds apart.
+    #[inline(always)]
+    fn csum_l4_both(&self, off: usize, pseudo_delta: u32, delta: u32, udp: bool) -> Result<(), ()> {
+        self.csum_l4(off, pseudo_delta, true, udp)?;
+        self.csum_l4(off, delta, false, udp)
+    }
     /// Opens `by` bytes of room in front of the IP header. The Ethernet header is left in an
     /// unspecified state (XDP moves the frame start), so callers rewrite it completely.
     fn make_room_before_ip(&self, by: u32) -> Result<(), ()>;
@@ -147,6 +154,10 @@ impl Ctx for XdpContext {
     #[inline(always)]
     fn csum_l4(&self, off: usize, delta: u32, _pseudo: bool, udp: bool) -> Result<(), ()> {
         csum_fix_in_place(self, off, delta, udp)
+    }
+    #[inline(always)]
+    fn csum_l4_both(&self, off: usize, pseudo_delta: u32, delta: u32, udp: bool) -> Result<(), ()> {
+        csum_fix_in_place(self, off, csum::add(pseudo_delta, delta), udp)
     }
     #[inline(always)]
     fn make_room_before_ip(&self, by: u32) -> Result<(), ()> {

@@ -45,6 +45,8 @@ impl Action {
     const REJECT: Action = Action(6);
     /// Internal: another CPU created the flow first; follow its conntrack entry.
     const RACED: Action = Action(7);
+    /// Internal: neither a tracked flow nor a frontend (the filter's false positive).
+    const NOT_OURS: Action = Action(8);
 
     #[inline(always)]
     pub const fn redirect(ifindex: u32) -> Action {
@@ -116,8 +118,8 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
         s.frag_key = frag_key(&s.pkt);
         match unsafe { FRAGS.get(&s.frag_key) } {
             Some(ports) => {
-                s.pkt.sport = ports.sport;
-                s.pkt.dport = ports.dport;
+                s.pkt.tuple.sport = ports.sport;
+                s.pkt.tuple.dport = ports.dport;
             }
             None => {
                 count(Counter::FragmentUntracked);
@@ -126,22 +128,21 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
         }
     }
     let pkt = &s.pkt;
-    if let Some(fe) = lb::lookup_frontend(&pkt.dst, pkt.dport, pkt.proto) {
-        // Without XDP_TX, XDP could not send any of these (nor their rejects): TC does it all.
-        if C::HOOK == Hook::Xdp && !xdp_tx_allowed(cfg) {
-            count(Counter::XdpPassToTc);
-            return Action::PASS;
+    if lb::maybe_frontend(&pkt.tuple.dst, pkt.tuple.dport, pkt.tuple.proto) {
+        let action = forward(ctx, cfg, s);
+        if action != Action::NOT_OURS {
+            return action;
         }
-        return forward(ctx, cfg, s, fe);
     }
+    let pkt = &s.pkt;
     // Replies arrive through the uplink; only ports we hand out can be ours.
-    if C::HOOK.sees_replies() && in_snat_range(cfg, pkt.dport) {
+    if C::HOOK.sees_replies() && in_snat_range(cfg, pkt.tuple.dport) {
         s.rn_key = RevNatKey {
-            backend: pkt.src,
-            snat: pkt.dst,
-            backend_port: pkt.sport,
-            snat_port: pkt.dport,
-            proto: pkt.proto,
+            backend: pkt.tuple.src,
+            snat: pkt.tuple.dst,
+            backend_port: pkt.tuple.sport,
+            snat_port: pkt.tuple.dport,
+            proto: pkt.tuple.proto,
             pad: 0,
             pad16: 0,
         };
@@ -155,10 +156,10 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
 #[inline(always)]
 fn frag_key(pkt: &Pkt) -> FragKey {
     FragKey {
-        src: pkt.src,
-        dst: pkt.dst,
+        src: pkt.tuple.src,
+        dst: pkt.tuple.dst,
         id: pkt.frag_id,
-        proto: pkt.proto,
+        proto: pkt.tuple.proto,
         pad: 0,
         pad16: 0,
     }
@@ -175,8 +176,8 @@ fn parse_packet<C: Ctx>(ctx: &C, pkt: &mut Pkt) -> Parsed {
 fn track_fragment(pkt: &Pkt, key: &mut FragKey) {
     if pkt.frag == Frag::First {
         let ports = FragValue {
-            sport: pkt.sport,
-            dport: pkt.dport,
+            sport: pkt.tuple.sport,
+            dport: pkt.tuple.dport,
         };
         *key = frag_key(pkt);
         let _ = FRAGS.insert(&*key, &ports, 0);
@@ -185,35 +186,51 @@ fn track_fragment(pkt: &Pkt, key: &mut FragKey) {
     }
 }
 
-/// Client to frontend.
-#[inline(never)]
-fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, fe: &FrontendValue) -> Action {
+/// Client to frontend. A tracked flow goes on straight from conntrack, without the FRONTENDS
+/// lookup (one hash lookup less per packet; like netfilter's conntrack, a flow outlives a removed
+/// frontend while its endpoint lives). Anything else starts a flow if it is for a frontend.
+#[inline(always)]
+fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     let pkt = &s.pkt;
+    // Without XDP_TX, XDP could not send any of these (nor their rejects): TC does it all.
+    let xdp_defers = C::HOOK == Hook::Xdp && !xdp_tx_allowed(cfg);
+    let now = now_secs(cfg);
+    let mut tracked = None;
+    if !xdp_defers
+        && !pkt.bad_len
+        && let Some(ct) = CT.get_ptr_mut(&pkt.tuple)
+    {
+        let c = unsafe { &mut *ct };
+        if !cfg.ct_expired(pkt.tuple.proto, c, now)
+            && !is_reopen(pkt.tuple.proto, pkt.tcp_flags, c)
+            && backend_alive(c)
+        {
+            track_fragment(pkt, &mut s.frag_key);
+            return established(ctx, s, c, now);
+        }
+        tracked = Some(ct);
+    }
+    let Some(fe) = lb::lookup_frontend(&pkt.tuple.dst, pkt.tuple.dport, pkt.tuple.proto) else {
+        return Action::NOT_OURS;
+    };
+    if xdp_defers {
+        count(Counter::XdpPassToTc);
+        return Action::PASS;
+    }
     if pkt.bad_len {
         return drop(Counter::DropMalformed);
     }
     track_fragment(pkt, &mut s.frag_key);
+    s.ct_key = s.pkt.tuple;
     let pkt = &s.pkt;
-    s.ct_key = CtKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        pad: 0,
-        pad16: 0,
-    };
-    let now = now_secs();
-    if let Some(ct) = CT.get_ptr_mut(&s.ct_key) {
-        let ct = unsafe { &mut *ct };
-        if cfg.ct_expired(pkt.proto, ct, now) {
+    if let Some(ct) = tracked {
+        let ct = unsafe { &*ct };
+        if cfg.ct_expired(pkt.tuple.proto, ct, now) {
             delete_flow(&s.ct_key, ct);
-        } else if is_reopen(pkt.proto, pkt.tcp_flags, ct) {
+        } else if is_reopen(pkt.tuple.proto, pkt.tcp_flags, ct) {
             count(Counter::CtReopened);
             delete_flow(&s.ct_key, ct);
-        } else if backend_alive(ct) {
-            return established(ctx, s, ct, now);
-        } else if pkt.proto == PROTO_TCP {
+        } else if pkt.tuple.proto == PROTO_TCP {
             // Its endpoint was removed: end the connection now rather than let it hang.
             delete_flow(&s.ct_key, ct);
             count(Counter::DropEndpointRemoved);
@@ -241,7 +258,7 @@ fn backend_alive(ct: &CtValue) -> bool {
     }
 }
 
-#[inline(never)]
+#[inline(always)]
 fn established<C: Ctx>(ctx: &C, s: &mut Scratch, ct: &mut CtValue, now: u32) -> Action {
     let r = route_cached(
         ctx,
@@ -256,7 +273,7 @@ fn established<C: Ctx>(ctx: &C, s: &mut Scratch, ct: &mut CtValue, now: u32) -> 
         count(Counter::XdpPassToTc);
         return Action::PASS;
     }
-    touch(ct, now, ct_flags(s.pkt.proto, s.pkt.tcp_flags, false));
+    touch(ct, now, ct_flags(s.pkt.tuple.proto, s.pkt.tcp_flags, false));
     send_to_endpoint(ctx, s, r, ct)
 }
 
@@ -281,13 +298,13 @@ fn new_flow<C: Ctx>(
     now: u32,
 ) -> Action {
     let pkt = &s.pkt;
-    if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+    if pkt.tuple.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         count(Counter::CtMissMidstream);
     }
     let Some(svc) = lb::lookup_service(fe.service_id) else {
         return drop(Counter::DropNoService);
     };
-    if fe.flags & FE_F_SOURCE_RANGES != 0 && !lb::source_allowed(fe.service_id, &pkt.src) {
+    if fe.flags & FE_F_SOURCE_RANGES != 0 && !lb::source_allowed(fe.service_id, &pkt.tuple.src) {
         return drop(Counter::DropSourceRange);
     }
     if svc.backend_count == 0 {
@@ -310,10 +327,10 @@ fn new_flow<C: Ctx>(
         return Action::PASS;
     }
     s.rn = RevNatValue {
-        client: pkt.src,
-        frontend: pkt.dst,
-        client_port: pkt.sport,
-        frontend_port: pkt.dport,
+        client: pkt.tuple.src,
+        frontend: pkt.tuple.dst,
+        client_port: pkt.tuple.sport,
+        frontend_port: pkt.tuple.dport,
         service_id: fe.service_id,
     };
     s.rn_key = RevNatKey {
@@ -321,7 +338,7 @@ fn new_flow<C: Ctx>(
         snat: svc.egress,
         backend_port: chosen.port,
         snat_port: 0,
-        proto: pkt.proto,
+        proto: pkt.tuple.proto,
         pad: 0,
         pad16: 0,
     };
@@ -339,7 +356,7 @@ fn new_flow<C: Ctx>(
         last_seen: now,
         backend_port: chosen.port,
         snat_port: s.rn_key.snat_port,
-        flags: ct_flags(pkt.proto, pkt.tcp_flags, false),
+        flags: ct_flags(pkt.tuple.proto, pkt.tcp_flags, false),
         kind: fe.kind,
         pad: [0; 2],
         reserved: 0,
@@ -353,7 +370,7 @@ fn new_flow<C: Ctx>(
         return Action::RACED;
     }
     if svc.affinity_timeout != 0 {
-        lb::affinity_record(fe.service_id, &s.pkt.src, &chosen, now);
+        lb::affinity_record(fe.service_id, &s.pkt.tuple.src, &chosen, now);
     }
     count(Counter::CtCreated);
     send_to_endpoint(ctx, s, r, &s.ct)
@@ -411,8 +428,8 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &RevNatValue) -> Ac
     if s.pkt.bad_len {
         return drop(Counter::DropMalformed);
     }
-    s.ct_key = rn.ct_key(s.pkt.proto);
-    let now = now_secs();
+    s.ct_key = rn.ct_key(s.pkt.tuple.proto);
+    let now = now_secs(cfg);
     let ct = CT.get_ptr_mut(&s.ct_key);
     let r = match ct {
         Some(ct) => {
@@ -439,7 +456,7 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &RevNatValue) -> Ac
         Some(ct) => touch(
             unsafe { &mut *ct },
             now,
-            CT_F_SEEN_REPLY | ct_flags(pkt.proto, pkt.tcp_flags, true),
+            CT_F_SEEN_REPLY | ct_flags(pkt.tuple.proto, pkt.tcp_flags, true),
         ),
         None => count(Counter::CtMissReply),
     }
@@ -527,7 +544,7 @@ fn answer<C: Ctx>(ctx: &C, pkt: &Pkt) -> Action {
     if !pkt.has_l4() {
         return Action::DROP;
     }
-    let built = if pkt.proto == PROTO_TCP {
+    let built = if pkt.tuple.proto == PROTO_TCP {
         reject::tcp_reset(ctx, pkt)
     } else {
         reject::icmp_unreachable(ctx, pkt)

@@ -3,7 +3,17 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::*;
 
-use crate::maps::{AFFINITY, BACKENDS, FRONTENDS, SERVICES, SLOTS, SRC_RANGES};
+use crate::maps::{AFFINITY, BACKENDS, FE_FILTER, FRONTENDS, SERVICES, SLOTS, SRC_RANGES};
+
+/// False: certainly not a frontend. True: maybe (look it up).
+#[inline(always)]
+pub fn maybe_frontend(addr: &Addr, port: u16, proto: u8) -> bool {
+    let bit = frontend_filter_bit(addr, port, proto);
+    match FE_FILTER.get(bit / 64) {
+        Some(word) => *word & (1u64 << (bit % 64)) != 0,
+        None => false,
+    }
+}
 
 #[inline(always)]
 pub fn lookup_frontend(addr: &Addr, port: u16, proto: u8) -> Option<&'static FrontendValue> {

@@ -109,7 +109,7 @@ mod entry {
         let pkt = unsafe { &mut (*s).pkt };
         match parse(&ctx, pkt) {
             // Keeps the parse from being optimised away; port 0 never occurs in our tests.
-            Parsed::Pkt if pkt.dport == 0 && pkt.sport == 0 => xdp_action::XDP_DROP,
+            Parsed::Pkt if pkt.tuple.dport == 0 && pkt.tuple.sport == 0 => xdp_action::XDP_DROP,
             _ => xdp_action::XDP_PASS,
         }
     }

@@ -19,6 +19,10 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 pub static FRONTENDS: HashMap<FrontendKey, FrontendValue> =
     HashMap::with_max_entries(DEFAULT_MAX_FRONTENDS, 0);
 
+/// Which (address, port, protocol) may be frontends: see `proxy_common::FE_FILTER_BITS`.
+#[map]
+pub static FE_FILTER: Array<u64> = Array::with_max_entries(FE_FILTER_WORDS, 0);
+
 #[map]
 pub static SERVICES: HashMap<u32, ServiceValue> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);

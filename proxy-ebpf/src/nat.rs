@@ -126,8 +126,8 @@ pub fn xlate<C: Ctx>(
     store_addr(ctx, pkt.v6, src_off, src)?;
     store_addr(ctx, pkt.v6, dst_off, dst)?;
     let addr_delta = csum::add(
-        csum::diff_addr_family(pkt.v6, &pkt.src, src),
-        csum::diff_addr_family(pkt.v6, &pkt.dst, dst),
+        csum::diff_addr_family(pkt.v6, &pkt.tuple.src, src),
+        csum::diff_addr_family(pkt.v6, &pkt.tuple.dst, dst),
     );
     if !pkt.v6 {
         ctx.csum_l3(ETH_HLEN + 10, addr_delta)?;
@@ -135,13 +135,12 @@ pub fn xlate<C: Ctx>(
     if pkt.has_l4() {
         store(ctx, pkt.l4_off, [sport, dport])?;
         let port_delta = csum::add(
-            csum::diff16(pkt.sport, sport),
-            csum::diff16(pkt.dport, dport),
+            csum::diff16(pkt.tuple.sport, sport),
+            csum::diff16(pkt.tuple.dport, dport),
         );
-        let udp = pkt.proto == PROTO_UDP;
-        let off = l4_csum_off(pkt.proto, pkt.l4_off);
-        ctx.csum_l4(off, addr_delta, true, udp)?;
-        ctx.csum_l4(off, port_delta, false, udp)?;
+        let udp = pkt.tuple.proto == PROTO_UDP;
+        let off = l4_csum_off(pkt.tuple.proto, pkt.l4_off);
+        ctx.csum_l4_both(off, addr_delta, port_delta, udp)?;
     }
     Ok(())
 }
@@ -176,10 +175,10 @@ fn fix_quoted_csum<C: Ctx>(ctx: &C, off: usize, delta: u32, udp: bool) -> u32 {
 /// itself complained; a router on the way keeps its own address.
 #[inline(always)]
 pub fn icmp_error_source(pkt: &Pkt, inner: &Inner, rn: &RevNatValue) -> Addr {
-    if pkt.src == inner.dst {
+    if pkt.tuple.src == inner.dst {
         rn.frontend
     } else {
-        pkt.src
+        pkt.tuple.src
     }
 }
 
@@ -230,8 +229,8 @@ pub fn xlate_icmp_error_reply<C: Ctx>(
     store_addr(ctx, v6, src_off, new_src)?;
     store_addr(ctx, v6, dst_off, &rn.client)?;
     let outer_delta = csum::add(
-        csum::diff_addr_family(v6, &pkt.src, new_src),
-        csum::diff_addr_family(v6, &pkt.dst, &rn.client),
+        csum::diff_addr_family(v6, &pkt.tuple.src, new_src),
+        csum::diff_addr_family(v6, &pkt.tuple.dst, &rn.client),
     );
     let icmp_csum_off = pkt.l4_off + 2;
     if v6 {

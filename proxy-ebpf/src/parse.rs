@@ -2,7 +2,7 @@
 //! ICMP errors. Parsing never writes; what it cannot read it reports, and the caller passes such
 //! packets on untouched.
 
-use proxy_common::{Addr, PROTO_TCP, PROTO_UDP};
+use proxy_common::{Addr, CtKey, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     ctx::{Ctx, load, ptr_at},
@@ -54,15 +54,12 @@ pub enum Frag {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Pkt {
+    /// Addresses, ports (net order; zero until known for later fragments) and protocol, laid
+    /// out as the conntrack key of a client's flow: the data path looks flows up with it as is.
+    pub tuple: CtKey,
     pub v6: bool,
     /// Offset of the transport header (IPv4 options and IPv6 extension headers skipped).
     pub l4_off: usize,
-    pub proto: u8,
-    pub src: Addr,
-    pub dst: Addr,
-    /// net order; zero until known for later fragments.
-    pub sport: u16,
-    pub dport: u16,
     pub tcp_flags: u8,
     /// IP datagram length from the IP header (IPv4 total length, IPv6 40 + payload length).
     pub l3_len: u32,
@@ -127,13 +124,17 @@ fn parse_v4<C: Ctx>(ctx: &C, out: &mut Pkt) -> Parsed {
         Frag::None
     };
     *out = Pkt {
+        tuple: CtKey {
+            src: Addr::from_v4_raw(get!(ip, src)),
+            dst: Addr::from_v4_raw(get!(ip, dst)),
+            sport: 0,
+            dport: 0,
+            proto: get!(ip, proto),
+            pad: 0,
+            pad16: 0,
+        },
         v6: false,
         l4_off: ETH_HLEN + ihl,
-        proto: get!(ip, proto),
-        src: Addr::from_v4_raw(get!(ip, src)),
-        dst: Addr::from_v4_raw(get!(ip, dst)),
-        sport: 0,
-        dport: 0,
         tcp_flags: 0,
         l3_len: tot_len,
         frag,
@@ -198,13 +199,17 @@ fn parse_v6<C: Ctx>(ctx: &C, out: &mut Pkt) -> Parsed {
         return Parsed::Unparsed;
     }
     *out = Pkt {
+        tuple: CtKey {
+            src,
+            dst,
+            sport: 0,
+            dport: 0,
+            proto: next,
+            pad: 0,
+            pad16: 0,
+        },
         v6: true,
         l4_off: off,
-        proto: next,
-        src,
-        dst,
-        sport: 0,
-        dport: 0,
         tcp_flags: 0,
         l3_len,
         frag,
@@ -225,7 +230,7 @@ fn is_ipv6_ext(next: u8) -> bool {
 
 #[inline(always)]
 fn parse_l4<C: Ctx>(ctx: &C, pkt: &mut Pkt) -> Parsed {
-    match pkt.proto {
+    match pkt.tuple.proto {
         PROTO_TCP => {
             if !pkt.has_l4() {
                 return Parsed::Pkt;
@@ -234,8 +239,8 @@ fn parse_l4<C: Ctx>(ctx: &C, pkt: &mut Pkt) -> Parsed {
             let Some(tcp) = ptr_at::<C, TcpHdr>(ctx, pkt.l4_off) else {
                 return Parsed::Unparsed;
             };
-            pkt.sport = get!(tcp, sport);
-            pkt.dport = get!(tcp, dport);
+            pkt.tuple.sport = get!(tcp, sport);
+            pkt.tuple.dport = get!(tcp, dport);
             pkt.tcp_flags = get!(tcp, flags);
             Parsed::Pkt
         }
@@ -246,12 +251,12 @@ fn parse_l4<C: Ctx>(ctx: &C, pkt: &mut Pkt) -> Parsed {
             let Some(udp) = ptr_at::<C, UdpHdr>(ctx, pkt.l4_off) else {
                 return Parsed::Unparsed;
             };
-            pkt.sport = get!(udp, sport);
-            pkt.dport = get!(udp, dport);
+            pkt.tuple.sport = get!(udp, sport);
+            pkt.tuple.dport = get!(udp, dport);
             Parsed::Pkt
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
-            if !pkt.has_l4() || (pkt.proto == PROTO_ICMPV6) != pkt.v6 {
+            if !pkt.has_l4() || (pkt.tuple.proto == PROTO_ICMPV6) != pkt.v6 {
                 return Parsed::Other;
             }
             let Some(icmp) = ptr_at::<C, IcmpHdr>(ctx, pkt.l4_off) else {

@@ -120,10 +120,17 @@ pub fn tcp_reset<C: Ctx>(ctx: &C, pkt: &Pkt) -> Result<(), ()> {
         ctx.truncate(new_len)?;
     }
     swap_macs(ctx, &macs)?;
-    write_ip(ctx, pkt.v6, &pkt.dst, &pkt.src, PROTO_TCP, TCP_HLEN as u16)?;
+    write_ip(
+        ctx,
+        pkt.v6,
+        &pkt.tuple.dst,
+        &pkt.tuple.src,
+        PROTO_TCP,
+        TCP_HLEN as u16,
+    )?;
     let mut tcp = TcpHdr {
-        sport: pkt.dport,
-        dport: pkt.sport,
+        sport: pkt.tuple.dport,
+        dport: pkt.tuple.sport,
         seq: rst_seq,
         ack: rst_ack,
         doff: (5 << 4) as u8,
@@ -133,7 +140,13 @@ pub fn tcp_reset<C: Ctx>(ctx: &C, pkt: &Pkt) -> Result<(), ()> {
         urg: 0,
     };
     let sum = csum::add(
-        pseudo_sum(pkt.v6, &pkt.dst, &pkt.src, PROTO_TCP, TCP_HLEN as u16),
+        pseudo_sum(
+            pkt.v6,
+            &pkt.tuple.dst,
+            &pkt.tuple.src,
+            PROTO_TCP,
+            TCP_HLEN as u16,
+        ),
         csum::sum_words(words::<_, 5>(&tcp)),
     );
     tcp.csum = !csum::fold(sum);
@@ -184,7 +197,7 @@ pub fn icmp_unreachable<C: Ctx>(ctx: &C, pkt: &Pkt) -> Result<(), ()> {
         (PROTO_ICMP, 3u8, 3u8)
     };
     let icmp_len = (ICMP_HLEN + quoted) as u16;
-    write_ip(ctx, pkt.v6, &pkt.dst, &pkt.src, proto, icmp_len)?;
+    write_ip(ctx, pkt.v6, &pkt.tuple.dst, &pkt.tuple.src, proto, icmp_len)?;
     let mut icmp = IcmpHdr {
         ty,
         code,
@@ -196,7 +209,7 @@ pub fn icmp_unreachable<C: Ctx>(ctx: &C, pkt: &Pkt) -> Result<(), ()> {
     if pkt.v6 {
         sum = csum::add(
             sum,
-            pseudo_sum(true, &pkt.dst, &pkt.src, PROTO_ICMPV6, icmp_len),
+            pseudo_sum(true, &pkt.tuple.dst, &pkt.tuple.src, PROTO_ICMPV6, icmp_len),
         );
     }
     icmp.csum = !csum::fold(sum);

@@ -198,8 +198,12 @@ impl Agent {
 
     /// Sweeps expired flows and warns when conntrack is close to full.
     pub fn sweep(&mut self) -> Option<GcReport> {
-        let now = crate::host::monotonic_secs();
-        match self.collector.sweep(&mut self.maps, &self.config, now) {
+        let now = crate::host::datapath_secs();
+        let frontends = &self.reconciler.state().frontends;
+        match self
+            .collector
+            .sweep(&mut self.maps, &self.config, now, frontends)
+        {
             Ok(report) => {
                 tracing::debug!(?report, "conntrack sweep");
                 let fill = report.ct_entries as f64 / self.ct_max.max(1) as f64;

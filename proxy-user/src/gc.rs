@@ -2,7 +2,7 @@
 //! LRU, but idle expired entries would still hold SNAT ports and map slots until something
 //! evicts them; the agent sweeps them and reports how full the tables are.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use proxy_common::*;
 
@@ -12,6 +12,8 @@ use crate::maps::{DatapathMaps, MapsError};
 pub struct GcReport {
     pub ct_entries: usize,
     pub ct_expired: usize,
+    /// Flows whose frontend no longer exists (see [`Collector::sweep`]).
+    pub ct_frontend_removed: usize,
     pub revnat_entries: usize,
     pub revnat_orphans: usize,
 }
@@ -25,11 +27,20 @@ pub struct Collector {
 }
 
 impl Collector {
+    /// Removes expired flows, flows whose frontend is not among `frontends` (what FRONTENDS
+    /// holds), and reverse NAT entries left without a flow.
+    ///
+    /// The data path follows a tracked flow without looking its frontend up, and only asks
+    /// conntrack about packets whose FE_FILTER bit is set. When a frontend goes, its bit is
+    /// usually cleared at once and its flows stop; a bit shared with another frontend would keep
+    /// them going. Removing them here makes "a removed frontend ends its flows" hold every time,
+    /// at the latest one sweep later.
     pub fn sweep(
         &mut self,
         maps: &mut DatapathMaps,
         cfg: &Config,
         now: u32,
+        frontends: &BTreeMap<FrontendKey, FrontendValue>,
     ) -> Result<GcReport, MapsError> {
         let mut report = GcReport::default();
         let ct = maps.conntrack()?;
@@ -37,9 +48,18 @@ impl Collector {
         // Live flow -> the SNAT address and port it holds.
         let mut live = HashMap::with_capacity(ct.len());
         for (key, value) in &ct {
+            let frontend = FrontendKey {
+                addr: key.dst,
+                port: key.dport,
+                proto: key.proto,
+                pad: 0,
+            };
             if cfg.ct_expired(key.proto, value, now) {
                 maps.remove_ct(key)?;
                 report.ct_expired += 1;
+            } else if !frontends.contains_key(&frontend) {
+                maps.remove_ct(key)?;
+                report.ct_frontend_removed += 1;
             } else {
                 live.insert(*key, (value.snat, value.snat_port));
             }

@@ -6,6 +6,8 @@ use std::{
     ops::RangeInclusive,
 };
 
+use proxy_common::Config;
+
 /// Global unicast addresses of an interface, IPv4 first, in the kernel's order.
 pub fn interface_addresses(iface: &str) -> std::io::Result<Vec<IpAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -167,8 +169,80 @@ pub fn release_free_memory() {
     }
 }
 
-/// Seconds of CLOCK_MONOTONIC_COARSE: the clock behind bpf_ktime_get_coarse_ns, which stamps
-/// conntrack entries.
+/// Factors for [`Config::clock_secs`], the data path's clock: (clock_mult, clock_offset), or
+/// zeros (the data path then reads the coarse ktime helper) if the tick length is implausible.
+///
+/// The data path counts jiffies; the agent reads CLOCK_MONOTONIC_COARSE. Both advance once per
+/// tick: the coarse clock's resolution is the tick length (TICK_NSEC), and jiffies start at
+/// INITIAL_JIFFIES (-300 s worth of ticks, as a u32) when the monotonic clock starts at zero.
+/// The two agree to within a second (the ticks before timekeeping starts).
+pub fn jiffies_clock() -> (u32, u32) {
+    let mut res: libc::timespec = unsafe { std::mem::zeroed() };
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
+        return (0, 0);
+    }
+    let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
+    // HZ is 24..=1200 in every kernel configuration.
+    if !(100_000..=50_000_000).contains(&tick_ns) {
+        return (0, 0);
+    }
+    jiffies_factors(tick_ns)
+}
+
+fn jiffies_factors(tick_ns: u64) -> (u32, u32) {
+    let mult = (((tick_ns as u128) << 32) + 500_000_000) / 1_000_000_000;
+    let hz = (1_000_000_000 + tick_ns / 2) / tick_ns;
+    let initial_jiffies = (1u64 << 32) - 300 * hz;
+    let offset = ((initial_jiffies as u128 * mult) >> 32) as u32;
+    (mult as u32, offset)
+}
+
+/// `config` with the data path's clock factors filled in, unless it has its own.
+pub fn with_clock(config: &Config) -> Config {
+    if config.clock_mult != 0 {
+        return *config;
+    }
+    let (clock_mult, clock_offset) = jiffies_clock();
+    Config {
+        clock_mult,
+        clock_offset,
+        ..*config
+    }
+}
+
+/// Now, by the data path's clock: the seconds its conntrack, affinity and next-hop stamps use.
+/// The agent ages flows with this, so both apply the same timeouts to the same stamps.
+///
+/// times(2) returns jiffies in USER_HZ units: computed from them with the same factors, the
+/// agent's "now" and the data path's differ by at most a tick, however the factors round.
+pub fn datapath_secs() -> u32 {
+    let (clock_mult, clock_offset) = jiffies_clock();
+    let user_hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let mut tms: libc::tms = unsafe { std::mem::zeroed() };
+    let ticks = unsafe { libc::times(&mut tms) };
+    if clock_mult == 0 || user_hz <= 0 || ticks == -1 as libc::clock_t {
+        return monotonic_secs();
+    }
+    let jiffies = (ticks as u64 as u128 * tick_hz() as u128 / user_hz as u128) as u64;
+    let cfg = Config {
+        clock_mult,
+        clock_offset,
+        ..Config::DEFAULT
+    };
+    cfg.clock_secs(jiffies)
+}
+
+/// The kernel's HZ, from the tick length (0 if implausible).
+fn tick_hz() -> u64 {
+    let mut res: libc::timespec = unsafe { std::mem::zeroed() };
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
+        return 0;
+    }
+    let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
+    (1_000_000_000 + tick_ns / 2) / tick_ns.max(1)
+}
+
+/// Seconds of CLOCK_MONOTONIC_COARSE.
 pub fn monotonic_secs() -> u32 {
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
@@ -178,6 +252,44 @@ pub fn monotonic_secs() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jiffies_seconds_track_the_monotonic_clock() {
+        // (HZ, uptime in seconds): every common tick rate, early and after a long uptime.
+        for hz in [100u64, 250, 300, 1000] {
+            let tick_ns = (1_000_000_000 + hz / 2) / hz;
+            let (clock_mult, clock_offset) = jiffies_factors(tick_ns);
+            let cfg = Config {
+                clock_mult,
+                clock_offset,
+                ..Config::DEFAULT
+            };
+            // Exact enough to be seconds (the agent computes "now" with the same rounding, see
+            // datapath_secs): a second off after a day, 1e-6 relative after 400 days.
+            for uptime in [1u64, 3_600, 86_400, 86_400 * 400] {
+                let jiffies = (1u64 << 32) - 300 * hz + uptime * 1_000_000_000 / tick_ns;
+                let secs = cfg.clock_secs(jiffies) as u64;
+                assert!(
+                    secs.abs_diff(uptime) <= 1 + uptime / 1_000_000,
+                    "HZ {hz}, uptime {uptime}: data path says {secs}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn this_kernel_has_a_plausible_tick_and_jiffies_seconds_agree_with_monotonic_ones() {
+        let (mult, _) = jiffies_clock();
+        assert_ne!(
+            mult, 0,
+            "CLOCK_MONOTONIC_COARSE resolution is not a tick length"
+        );
+        let (dp, mono) = (datapath_secs(), monotonic_secs());
+        assert!(
+            dp.abs_diff(mono) <= 2,
+            "data path clock {dp} s, CLOCK_MONOTONIC {mono} s"
+        );
+    }
 
     #[test]
     fn reserved_port_lists_cover_ranges() {

@@ -188,7 +188,7 @@ pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
         .collect();
     frontends.sort_by(|a, b| (a.service_id, &a.address).cmp(&(b.service_id, &b.address)));
 
-    let now = crate::host::monotonic_secs();
+    let now = crate::host::datapath_secs();
     let ct = maps.conntrack()?;
     let conntrack = ct
         .iter()

@@ -225,7 +225,7 @@ pub fn write_config(ebpf: &mut Ebpf, cfg: &Config) -> Result<(), LoadError> {
         .map_mut(MAP_CONFIG)
         .ok_or(LoadError::MissingMap(MAP_CONFIG))?;
     let mut array: aya::maps::Array<_, Config> = aya::maps::Array::try_from(map)?;
-    array.set(0, *cfg, 0)?;
+    array.set(0, crate::host::with_clock(cfg), 0)?;
     Ok(())
 }
 

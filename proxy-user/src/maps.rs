@@ -12,13 +12,14 @@ use aya::maps::{
 use aya::sys::SyscallError;
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, Config, Counter, CtKey, CtValue,
-    FrontendKey, FrontendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_CT,
-    MAP_FRONTENDS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES, MAP_SVC_STATS, RevNatKey,
-    RevNatValue, ServiceStats, ServiceValue, SlotKey, SrcRangeKey,
+    FE_FILTER_WORDS, FrontendKey, FrontendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
+    MAP_COUNTERS, MAP_CT, MAP_FE_FILTER, MAP_FRONTENDS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS,
+    MAP_SRC_RANGES, MAP_SVC_STATS, RevNatKey, RevNatValue, ServiceStats, ServiceValue, SlotKey,
+    SrcRangeKey,
 };
 use thiserror::Error;
 
-use crate::reconcile::{MapOp, MapSnapshot, MapWriteError, MapWriter, SrcRange};
+use crate::reconcile::{MapOp, MapSnapshot, MapState, MapWriteError, MapWriter, SrcRange};
 
 #[derive(Debug, Error)]
 pub enum MapsError {
@@ -58,6 +59,33 @@ pub struct DatapathMaps {
     src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
     counters: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, ServiceStats>,
+    fe_filter: Array<MapData, u64>,
+    filter: FilterWords,
+}
+
+/// FE_FILTER as the agent wants it and as it last wrote it. Bits are set as frontends are put;
+/// removals only mark the filter for a rebuild from all frontends: a stale bit costs a lookup,
+/// never a wrong answer, so the order against the FRONTENDS writes does not matter.
+struct FilterWords {
+    want: Vec<u64>,
+    /// None until written once: pinned maps may hold anything.
+    written: Option<Vec<u64>>,
+    rebuild: bool,
+}
+
+impl FilterWords {
+    fn new() -> Self {
+        FilterWords {
+            want: vec![0; FE_FILTER_WORDS as usize],
+            written: None,
+            rebuild: true,
+        }
+    }
+
+    fn set(&mut self, key: &FrontendKey) {
+        let bit = key.filter_bit() as usize;
+        self.want[bit / 64] |= 1 << (bit % 64);
+    }
 }
 
 fn typed<T: TryFrom<Map, Error = MapError>>(name: &'static str, map: Map) -> Result<T, MapsError> {
@@ -108,6 +136,8 @@ impl DatapathMaps {
             src_ranges: typed(MAP_SRC_RANGES, get(MAP_SRC_RANGES)?)?,
             counters: typed(MAP_COUNTERS, get(MAP_COUNTERS)?)?,
             svc_stats: typed(MAP_SVC_STATS, get(MAP_SVC_STATS)?)?,
+            fe_filter: typed(MAP_FE_FILTER, get(MAP_FE_FILTER)?)?,
+            filter: FilterWords::new(),
         })
     }
 
@@ -124,6 +154,7 @@ impl DatapathMaps {
             MAP_SRC_RANGES => IterableMap::map(&self.src_ranges),
             MAP_COUNTERS => IterableMap::map(&self.counters),
             MAP_SVC_STATS => IterableMap::map(&self.svc_stats),
+            MAP_FE_FILTER => IterableMap::map(&self.fe_filter),
             _ => return None,
         })
     }
@@ -173,8 +204,19 @@ impl DatapathMaps {
         self.config.get(&0, 0).map_err(in_map(MAP_CONFIG))
     }
 
+    /// Writes `config`, with the data path's clock factors filled in where it has none.
     pub fn set_config(&mut self, config: &Config) -> Result<(), MapsError> {
-        self.config.set(0, config, 0).map_err(in_map(MAP_CONFIG))
+        self.config
+            .set(0, crate::host::with_clock(config), 0)
+            .map_err(in_map(MAP_CONFIG))
+    }
+
+    /// How many FE_FILTER bits are set (of [`proxy_common::FE_FILTER_BITS`]), as last written.
+    pub fn frontend_filter_bits(&self) -> u32 {
+        self.filter
+            .written
+            .as_ref()
+            .map_or(0, |w| w.iter().map(|word| word.count_ones()).sum())
     }
 
     /// What the reconciler needs to adopt the maps.
@@ -298,8 +340,14 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 impl MapWriter for DatapathMaps {
     fn apply(&mut self, op: &MapOp) -> Result<(), MapWriteError> {
         let result = match *op {
-            MapOp::PutFrontend(key, value) => self.frontends.insert(key, value, 0),
-            MapOp::DeleteFrontend(key) => ignore_missing(self.frontends.remove(&key)),
+            MapOp::PutFrontend(key, value) => {
+                self.filter.set(&key);
+                self.frontends.insert(key, value, 0)
+            }
+            MapOp::DeleteFrontend(key) => {
+                self.filter.rebuild = true;
+                ignore_missing(self.frontends.remove(&key))
+            }
             MapOp::PutService(id, value) => self.services.insert(id, value, 0),
             MapOp::DeleteService(id) => {
                 ignore_missing(self.services.remove(&id)).and_then(|()| self.zero_service_stats(id))
@@ -317,5 +365,35 @@ impl MapWriter for DatapathMaps {
             ),
         };
         result.map_err(|err| self.write_error(op.map_name(), err))
+    }
+
+    fn finish(&mut self, state: &MapState) {
+        let filter = &mut self.filter;
+        if filter.rebuild {
+            filter.want.fill(0);
+            for key in state.frontends.keys() {
+                filter.set(key);
+            }
+            filter.rebuild = false;
+        }
+        if filter.written.as_ref() == Some(&filter.want) {
+            return;
+        }
+        for (i, want) in filter.want.iter().enumerate() {
+            if filter.written.as_ref().is_some_and(|w| w[i] == *want) {
+                continue;
+            }
+            if let Err(err) = self.fe_filter.set(i as u32, *want, 0) {
+                // Frontends whose bit is not written stay invisible to the data path: say so,
+                // and write every word again after the next plan.
+                tracing::warn!("writing {MAP_FE_FILTER} word {i}: {err}");
+                filter.written = None;
+                return;
+            }
+        }
+        match &mut filter.written {
+            Some(written) => written.copy_from_slice(&filter.want),
+            None => filter.written = Some(filter.want.clone()),
+        }
     }
 }

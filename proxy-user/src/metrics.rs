@@ -122,6 +122,7 @@ struct Inner {
     events: BTreeMap<String, u64>,
     event_errors: u64,
     ct_expired: u64,
+    ct_frontend_removed: u64,
     nat_orphans: u64,
     /// None outside of `--pod-ifaces` (the gauge is not shown then).
     pod_interfaces: Option<usize>,
@@ -162,6 +163,7 @@ impl Telemetry {
                 events: BTreeMap::new(),
                 event_errors: 0,
                 ct_expired: 0,
+                ct_frontend_removed: 0,
                 nat_orphans: 0,
                 pod_interfaces: None,
                 service_names: Vec::new(),
@@ -310,6 +312,7 @@ impl Telemetry {
     pub fn record_gc(&self, report: &GcReport) {
         let mut inner = self.lock();
         inner.ct_expired += report.ct_expired as u64;
+        inner.ct_frontend_removed += report.ct_frontend_removed as u64;
         inner.nat_orphans += report.revnat_orphans as u64;
     }
 
@@ -437,6 +440,11 @@ impl Telemetry {
             "extproxy_conntrack_expired_total",
             "Idle flows removed by the conntrack sweep.",
             inner.ct_expired,
+        );
+        out.counter(
+            "extproxy_conntrack_frontend_removed_total",
+            "Flows removed by the sweep because their frontend was removed.",
+            inner.ct_frontend_removed,
         );
         out.counter(
             "extproxy_nat_orphans_removed_total",

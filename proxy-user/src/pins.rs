@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, Map, MapData};
 use proxy_common::{
-    ABI_VERSION, ALL_MAPS, COUNTER_SLOTS, Config, MAP_CONFIG, MAP_COUNTERS, user::map_layout,
+    ABI_VERSION, ALL_MAPS, COUNTER_SLOTS, Config, FE_FILTER_WORDS, MAP_CONFIG, MAP_COUNTERS,
+    MAP_FE_FILTER, user::map_layout,
 };
 
 use crate::loader::Limits;
@@ -32,7 +33,11 @@ pub fn check(dir: &Path, limits: &Limits) -> Pinned {
     let sizes: Vec<(&str, u32)> = limits
         .max_entries()
         .into_iter()
-        .chain([(MAP_CONFIG, 1), (MAP_COUNTERS, COUNTER_SLOTS)])
+        .chain([
+            (MAP_CONFIG, 1),
+            (MAP_COUNTERS, COUNTER_SLOTS),
+            (MAP_FE_FILTER, FE_FILTER_WORDS),
+        ])
         .collect();
     for name in ALL_MAPS {
         let path = dir.join(name);

@@ -97,6 +97,10 @@ pub enum MapWriteError {
 /// Applies operations to maps (the kernel's in [`crate::maps`]; [`MapState`] in memory).
 pub trait MapWriter {
     fn apply(&mut self, op: &MapOp) -> Result<(), MapWriteError>;
+
+    /// After every plan, with the model of what the maps now hold: writers that keep state
+    /// derived from several entries (the kernel's frontend filter) bring it up to date.
+    fn finish(&mut self, _state: &MapState) {}
 }
 
 /// Map contents as read from pinned maps. BACKENDS lists only entries that are not all zero.
@@ -701,6 +705,7 @@ impl Reconciler {
                 }
             }
         }
+        writer.finish(&self.model.state);
         self.release_unreferenced();
         report
     }

@@ -45,6 +45,7 @@ fn args() -> Args {
                     .map(|s| s.parse().unwrap())
                     .collect()
             }
+            "--only" => a.only = it.next(),
             // cargo bench passes --bench; ignore what we do not know.
             _ => {}
         }
@@ -132,6 +133,14 @@ fn program(dp: &mut Datapath, from: u32, to: u32) {
             pad: [0; 2],
         };
         fes.insert(key, value, 0).unwrap();
+    }
+    for i in from..to {
+        dp.mark_frontend(&FrontendKey {
+            addr: addr(&cluster_ip(i)),
+            port: 80u16.to_be(),
+            proto: PROTO_TCP,
+            pad: 0,
+        });
     }
 }
 

@@ -249,6 +249,38 @@ impl Datapath {
             };
             fes.insert(key, value, 0).unwrap();
         }
+        for (_, a, port) in s.frontends {
+            self.mark_frontend(&FrontendKey {
+                addr: addr(a),
+                port: port.to_be(),
+                proto: s.proto,
+                pad: 0,
+            });
+        }
+    }
+
+    pub fn remove_frontend(&mut self, key: &FrontendKey) {
+        let mut fes: HashMap<_, FrontendKey, FrontendValue> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_FRONTENDS).unwrap()).unwrap();
+        fes.remove(key).unwrap();
+    }
+
+    /// Clears every FE_FILTER bit.
+    pub fn clear_frontend_filter(&mut self) {
+        let mut filter: Array<_, u64> =
+            Array::try_from(self.ebpf.map_mut(MAP_FE_FILTER).unwrap()).unwrap();
+        for i in 0..FE_FILTER_WORDS {
+            filter.set(i, 0, 0).unwrap();
+        }
+    }
+
+    /// Sets a frontend's FE_FILTER bit, as the agent does for every frontend it programs.
+    pub fn mark_frontend(&mut self, key: &FrontendKey) {
+        let mut filter: Array<_, u64> =
+            Array::try_from(self.ebpf.map_mut(MAP_FE_FILTER).unwrap()).unwrap();
+        let bit = key.filter_bit();
+        let word = filter.get(&(bit / 64), 0).unwrap();
+        filter.set(bit / 64, word | 1 << (bit % 64), 0).unwrap();
     }
 
     pub fn put_backend(

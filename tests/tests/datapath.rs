@@ -131,6 +131,67 @@ fn port_host(p: u16) -> u16 {
 }
 
 #[test]
+fn conntrack_is_stamped_with_the_agents_clock() {
+    let (node, mut dp) = with_tcp_service();
+    let before = extproxy::host::datapath_secs();
+    dp.tc_egress(node.uplink, &pod_syn(40000));
+    let after = extproxy::host::datapath_secs();
+    let (_, v) = dp.ct_entries()[0];
+    // The data path counts jiffies, the agent's sweep computes the same clock from times(2): they
+    // must agree, or the sweep would end live flows early (or keep dead ones).
+    assert!(
+        v.created + 2 >= before && v.created <= after + 2,
+        "flow created at {} by the data path's clock, the agent's says {before}..{after}",
+        v.created
+    );
+    assert_eq!(v.last_seen, v.created);
+}
+
+#[test]
+fn tracked_flows_skip_the_frontend_lookup_and_the_filter_gates_both() {
+    let (node, mut dp) = with_tcp_service();
+    let first = decode(&dp.tc_egress(node.uplink, &pod_syn(40000)).out);
+    let next = || {
+        outbound(
+            POD_V4,
+            CLUSTER_IP,
+            tcp_seg(40000, 80, 1001, 5, ACK, b"x"),
+            TCP,
+        )
+    };
+    let frontend = FrontendKey {
+        addr: addr(CLUSTER_IP),
+        port: 80u16.to_be(),
+        proto: PROTO_TCP,
+        pad: 0,
+    };
+    dp.remove_frontend(&frontend);
+    // The flow goes on from conntrack (the agent's sweep ends it once the frontend is gone).
+    let run = dp.tc_egress(node.uplink, &next());
+    let d = decode(&run.out);
+    assert_eq!(
+        (d.src, d.sport, d.dst, d.dport),
+        (first.src, first.sport, first.dst, first.dport),
+        "translated like the flow's first packet"
+    );
+    // A clear filter bit: not a frontend, so not looked up at all, tracked or not.
+    dp.clear_frontend_filter();
+    let pkt = next();
+    let run = dp.tc_egress(node.uplink, &pkt);
+    assert_eq!((run.verdict, run.out), (TC_ACT_OK, pkt), "passed untouched");
+    tcp_service(&mut dp);
+    dp.clear_frontend_filter();
+    let syn = pod_syn(40001);
+    let run = dp.tc_egress(node.uplink, &syn);
+    assert_eq!(
+        (run.verdict, run.out),
+        (TC_ACT_OK, syn),
+        "a frontend without its bit is invisible: the agent must set it"
+    );
+    assert_eq!(dp.counter(Counter::CtCreated), 1);
+}
+
+#[test]
 fn endpoint_reply_is_reverse_translated_and_passed_to_the_pod() {
     let (node, mut dp) = with_tcp_service();
     let out = decode(&dp.tc_egress(node.uplink, &pod_syn(40001)).out);
