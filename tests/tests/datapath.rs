@@ -1203,3 +1203,104 @@ fn pod_traffic_is_translated_at_the_pod_veth_before_netfilter() {
         (ip(CLUSTER_IP), ip(POD_V4), RST | ACK, POD_MAC)
     );
 }
+
+// ------------------------------------------------------------------------------------------------
+// SNAT port allocation under load
+// ------------------------------------------------------------------------------------------------
+
+/// Opens new flows from one client to one endpoint through a SNAT range of `ports` ports. Up to
+/// `fill_pct` percent of the range in use no flow may be refused; every port handed out is
+/// distinct and in the range; the last free ports are still found; a full range refuses new flows
+/// as counted drops and leaves every live flow its port.
+fn snat_range_fills_up(ports: u16, fill_pct: usize) {
+    let node = TestNode::new();
+    let (min, max) = (61000, 61000 + (ports - 1));
+    // Conntrack and reverse NAT (LRU maps) far larger than the range: no eviction frees a port.
+    let limits = extproxy::loader::Limits {
+        ct_max: 8 * ports as u32,
+        ..test_limits()
+    };
+    let mut dp = Datapath::load_sized(
+        Config {
+            snat_port_min: min,
+            snat_port_max: max,
+            ..Config::DEFAULT
+        },
+        &limits,
+    );
+    nodeport_service(&mut dp, EP1);
+    let n = ports as usize;
+    let mut used = std::collections::HashSet::new();
+    let mut sports = 1024u16..;
+    // A SYN from a client port not used before: true if it was translated, false if dropped.
+    let mut new_flow = |dp: &mut Datapath, used: &mut std::collections::HashSet<u16>| {
+        let run = dp.xdp(node.uplink, &outside_syn(sports.next().unwrap()));
+        if run.verdict != XDP_TX {
+            assert_eq!(run.verdict, XDP_DROP);
+            return false;
+        }
+        let port = decode(&run.out).sport;
+        assert!(
+            (min..=max).contains(&port),
+            "port {port} outside {min}-{max}"
+        );
+        assert!(used.insert(port), "port {port} handed out twice");
+        true
+    };
+
+    for in_use in 0..n * fill_pct / 100 {
+        assert!(
+            new_flow(&mut dp, &mut used),
+            "{ports} ports: a new flow was refused with {in_use} in use ({:.1}% of the range)",
+            in_use as f64 * 100.0 / n as f64
+        );
+    }
+    assert_eq!(dp.counter(Counter::DropSnatExhausted), 0);
+
+    // The last free ports: refusals are allowed now (and counted), but the range fills up.
+    let mut refused = 0;
+    for _ in 0..8 * n {
+        if used.len() == n {
+            break;
+        }
+        if !new_flow(&mut dp, &mut used) {
+            refused += 1;
+        }
+    }
+    assert_eq!(used.len(), n, "{ports} ports: the range never filled up");
+    assert_eq!(dp.counter(Counter::DropSnatExhausted), refused);
+
+    let by_port = |dp: &Datapath| {
+        let mut rn = dp.revnat_entries();
+        rn.sort_by_key(|(k, _)| port_host(k.snat_port));
+        rn
+    };
+    let before = by_port(&dp);
+    assert_eq!(before.len(), n);
+    assert!(
+        !new_flow(&mut dp, &mut used),
+        "{ports} ports: a new flow got a port of a full range"
+    );
+    assert_eq!(dp.counter(Counter::DropSnatExhausted), refused + 1);
+    assert!(
+        by_port(&dp) == before,
+        "{ports} ports: a refused flow changed the reverse NAT entries"
+    );
+    assert_eq!(dp.ct_entries().len(), n);
+}
+
+#[test]
+fn snat_ports_are_handed_out_until_the_range_is_nearly_full() {
+    // (ports, percent in use before the first refusal is allowed). Consecutive candidates (linear
+    // probing) first refused a flow at 85.9%, 68.1% and 67.5% in use of the first three.
+    for (ports, fill_pct) in [
+        (256, 90),
+        (1000, 90),
+        // Config::DEFAULT's range.
+        (4536, 90),
+        // No larger than the tries: walked port by port, so nothing is refused before it is full.
+        (20, 100),
+    ] {
+        snat_range_fills_up(ports, fill_pct);
+    }
+}
