@@ -14,12 +14,11 @@ use crate::{
 
 /// Ports tried before a new flow is dropped as `snat_ports_exhausted`. The candidates are
 /// independent, so with a fraction f of the range in use a new flow is refused with probability
-/// about f^SNAT_TRIES: with 64, 0.1% at f = 0.9 and 3.7% at 0.95; filling a range of 64,512 ports
-/// flow by flow, the first refusal is expected at about 90% in use (with 32: 3.4% refused at 0.9,
-/// first refusal at about 80%). Flows pay one try while the range is mostly free; all 64 are only
-/// spent when it is (nearly) full. The bound is the verifier's cost: it walks every iteration,
-/// about 1k instructions each (the largest program: ~100k of the 1M limit at 64, ~60k at 32).
-const SNAT_TRIES: u32 = 64;
+/// about f^SNAT_TRIES: 0.08% at f = 0.8, 3.4% at 0.9 (consecutive candidates refused flows from
+/// 50-70% in use). Flows pay one try while the range is mostly free. The bound is the verifier's
+/// cost: it walks every iteration; 64 tries took program verification from ~210 to ~370 ms,
+/// which a cold start at 10k Services cannot afford.
+const SNAT_TRIES: u32 = 32;
 
 #[inline(always)]
 pub fn in_snat_range(cfg: &Config, port_net: u16) -> bool {
@@ -70,26 +69,33 @@ pub fn snat_alloc(
     for _ in 0..SNAT_TRIES {
         let port = (min + off) as u16;
         rn_key.snat_port = port.to_be();
-        if REVNAT.insert(&*rn_key, rn, BPF_NOEXIST as u64).is_ok() {
-            return true;
-        }
-        if let Some(existing) = unsafe { REVNAT.get(&*rn_key) } {
-            *old_key = existing.ct_key(proto);
-            // Stale: its flow is gone, expired, or already moved to another port.
-            let (stale, owned) = match unsafe { CT.get(&*old_key) } {
-                None => (true, false),
-                Some(ct) => {
-                    let owned = revnat_key(ct, proto) == *rn_key;
-                    (!owned || cfg.ct_expired(proto, ct, now), owned)
-                }
-            };
-            if stale {
-                if owned {
-                    let _ = CT.remove(&*old_key);
-                }
-                if REVNAT.insert(&*rn_key, rn, 0).is_ok() {
-                    count(Counter::CtStaleReplaced);
+        // Look before inserting: an LRU map takes a free node (evicting the oldest entry when
+        // none is left) before it finds out the key exists, so probing taken ports with
+        // inserts would push out live flows' entries once the map is full.
+        match unsafe { REVNAT.get(&*rn_key) } {
+            None => {
+                if REVNAT.insert(&*rn_key, rn, BPF_NOEXIST as u64).is_ok() {
                     return true;
+                }
+            }
+            Some(existing) => {
+                *old_key = existing.ct_key(proto);
+                // Stale: its flow is gone, expired, or already moved to another port.
+                let (stale, owned) = match unsafe { CT.get(&*old_key) } {
+                    None => (true, false),
+                    Some(ct) => {
+                        let owned = revnat_key(ct, proto) == *rn_key;
+                        (!owned || cfg.ct_expired(proto, ct, now), owned)
+                    }
+                };
+                if stale {
+                    if owned {
+                        let _ = CT.remove(&*old_key);
+                    }
+                    if REVNAT.insert(&*rn_key, rn, 0).is_ok() {
+                        count(Counter::CtStaleReplaced);
+                        return true;
+                    }
                 }
             }
         }
