@@ -284,8 +284,26 @@ pub struct FrontendKey {
 
 impl FrontendKey {
     #[inline(always)]
-    pub const fn filter_bit(&self) -> u32 {
-        frontend_filter_bit(&self.addr, self.port, self.proto)
+    pub const fn filter_slot(&self) -> FilterSlot {
+        FilterSlot::of(&self.addr, self.port, self.proto)
+    }
+}
+
+/// Where a frontend's FE_FILTER bit lives: the word to read and the bit within it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FilterSlot {
+    pub word: u32,
+    pub mask: u64,
+}
+
+impl FilterSlot {
+    #[inline(always)]
+    pub const fn of(addr: &Addr, port: u16, proto: u8) -> FilterSlot {
+        let bit = frontend_filter_bit(addr, port, proto);
+        FilterSlot {
+            word: bit / 64,
+            mask: 1 << (bit % 64),
+        }
     }
 }
 
@@ -295,7 +313,7 @@ impl FrontendKey {
 /// frontends), which costs only those lookups. The agent sets the bit of every frontend it
 /// programs and rebuilds the filter after removals.
 pub const FE_FILTER_BITS: u32 = 1 << 18;
-/// FE_FILTER entries: u64 words, bit `b` in word `b / 64` at `1 << (b % 64)`.
+/// FE_FILTER entries: u64 words, bit `b` in word `b / 64` at `1 << (b % 64)` ([`FilterSlot`]).
 pub const FE_FILTER_WORDS: u32 = FE_FILTER_BITS / 64;
 
 /// The FE_FILTER bit of a frontend. One definition for both sides: the agent sets the bit the

@@ -201,14 +201,13 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
         && let Some(ct) = CT.get_ptr_mut(&pkt.tuple)
     {
         let c = unsafe { &mut *ct };
-        if !cfg.ct_expired(pkt.tuple.proto, c, now)
-            && !is_reopen(pkt.tuple.proto, pkt.tcp_flags, c)
-            && backend_alive(c)
-        {
-            track_fragment(pkt, &mut s.frag_key);
-            return established(ctx, s, c, now);
+        match ended(cfg, pkt, c, now) {
+            None => {
+                track_fragment(pkt, &mut s.frag_key);
+                return established(ctx, s, c, now);
+            }
+            Some(why) => tracked = Some((ct, why)),
         }
-        tracked = Some(ct);
     }
     let Some(fe) = lb::lookup_frontend(&pkt.tuple.dst, pkt.tuple.dport, pkt.tuple.proto) else {
         return Action::NOT_OURS;
@@ -222,22 +221,17 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     }
     track_fragment(pkt, &mut s.frag_key);
     s.ct_key = s.pkt.tuple;
-    let pkt = &s.pkt;
-    if let Some(ct) = tracked {
-        let ct = unsafe { &*ct };
-        if cfg.ct_expired(pkt.tuple.proto, ct, now) {
-            delete_flow(&s.ct_key, ct);
-        } else if is_reopen(pkt.tuple.proto, pkt.tcp_flags, ct) {
-            count(Counter::CtReopened);
-            delete_flow(&s.ct_key, ct);
-        } else if pkt.tuple.proto == PROTO_TCP {
+    if let Some((ct, why)) = tracked {
+        delete_flow(&s.ct_key, unsafe { &*ct });
+        match why {
+            FlowEnd::Expired => {}
+            FlowEnd::Reopened => count(Counter::CtReopened),
             // Its endpoint was removed: end the connection now rather than let it hang.
-            delete_flow(&s.ct_key, ct);
-            count(Counter::DropEndpointRemoved);
-            return answer(ctx, &s.pkt);
-        } else {
-            count(Counter::UdpRebalanced);
-            delete_flow(&s.ct_key, ct);
+            FlowEnd::EndpointGone if s.pkt.tuple.proto == PROTO_TCP => {
+                count(Counter::DropEndpointRemoved);
+                return answer(ctx, &s.pkt);
+            }
+            FlowEnd::EndpointGone => count(Counter::UdpRebalanced),
         }
     }
     match new_flow(ctx, cfg, s, fe, now) {
@@ -247,6 +241,30 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
             None => drop(Counter::DropMapUpdate),
         },
         action => action,
+    }
+}
+
+/// Why a tracked flow does not go on as it is.
+#[derive(Clone, Copy)]
+enum FlowEnd {
+    Expired,
+    /// A SYN on a closed flow's tuple: a new connection.
+    Reopened,
+    /// Its endpoint was removed (or replaced).
+    EndpointGone,
+}
+
+/// None while the flow `ct` goes on; else why it ends.
+#[inline(always)]
+fn ended(cfg: &Config, pkt: &Pkt, ct: &CtValue, now: u32) -> Option<FlowEnd> {
+    if cfg.ct_expired(pkt.tuple.proto, ct, now) {
+        Some(FlowEnd::Expired)
+    } else if is_reopen(pkt.tuple.proto, pkt.tcp_flags, ct) {
+        Some(FlowEnd::Reopened)
+    } else if !backend_alive(ct) {
+        Some(FlowEnd::EndpointGone)
+    } else {
+        None
     }
 }
 

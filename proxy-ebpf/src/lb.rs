@@ -8,9 +8,9 @@ use crate::maps::{AFFINITY, BACKENDS, FE_FILTER, FRONTENDS, SERVICES, SLOTS, SRC
 /// False: certainly not a frontend. True: maybe (look it up).
 #[inline(always)]
 pub fn maybe_frontend(addr: &Addr, port: u16, proto: u8) -> bool {
-    let bit = frontend_filter_bit(addr, port, proto);
-    match FE_FILTER.get(bit / 64) {
-        Some(word) => *word & (1u64 << (bit % 64)) != 0,
+    let slot = FilterSlot::of(addr, port, proto);
+    match FE_FILTER.get(slot.word) {
+        Some(word) => *word & slot.mask != 0,
         None => false,
     }
 }
@@ -146,6 +146,12 @@ pub fn flow_hash(key: &CtKey, seed: u32) -> u32 {
         h ^= k;
         h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
     }
+    fmix32(h)
+}
+
+/// murmur3's finaliser: every input bit moves every output bit.
+#[inline(always)]
+pub fn fmix32(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

@@ -7,6 +7,7 @@ use crate::{
     conntrack::revnat_key,
     csum,
     ctx::{Ctx, load, ptr_at, store},
+    lb,
     maps::{CT, REVNAT},
     parse::{ETH_HLEN, Inner, Pkt},
     stats::count,
@@ -30,12 +31,7 @@ pub fn in_snat_range(cfg: &Config, port_net: u16) -> bool {
 /// lands anywhere in the range independently of the last one.
 #[inline(always)]
 fn next_candidate(x: u32) -> u32 {
-    let mut h = x.wrapping_add(0x9e37_79b9);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+    lb::fmix32(x.wrapping_add(0x9e37_79b9))
 }
 
 /// Reserves a source port on `rn_key.snat` for a flow to `rn_key.backend:backend_port` by
@@ -61,7 +57,6 @@ pub fn snat_alloc(
     if max < min {
         return false;
     }
-    let proto = rn_key.proto;
     let range = max - min + 1;
     let scatter = if range > SNAT_TRIES { u32::MAX } else { 0 };
     let mut x = hash;
@@ -72,32 +67,12 @@ pub fn snat_alloc(
         // Look before inserting: an LRU map takes a free node (evicting the oldest entry when
         // none is left) before it finds out the key exists, so probing taken ports with
         // inserts would push out live flows' entries once the map is full.
-        match unsafe { REVNAT.get(&*rn_key) } {
-            None => {
-                if REVNAT.insert(&*rn_key, rn, BPF_NOEXIST as u64).is_ok() {
-                    return true;
-                }
-            }
-            Some(existing) => {
-                *old_key = existing.ct_key(proto);
-                // Stale: its flow is gone, expired, or already moved to another port.
-                let (stale, owned) = match unsafe { CT.get(&*old_key) } {
-                    None => (true, false),
-                    Some(ct) => {
-                        let owned = revnat_key(ct, proto) == *rn_key;
-                        (!owned || cfg.ct_expired(proto, ct, now), owned)
-                    }
-                };
-                if stale {
-                    if owned {
-                        let _ = CT.remove(&*old_key);
-                    }
-                    if REVNAT.insert(&*rn_key, rn, 0).is_ok() {
-                        count(Counter::CtStaleReplaced);
-                        return true;
-                    }
-                }
-            }
+        let reserved = match unsafe { REVNAT.get(&*rn_key) } {
+            None => REVNAT.insert(&*rn_key, rn, BPF_NOEXIST as u64).is_ok(),
+            Some(existing) => take_if_stale(cfg, now, rn_key, rn, existing, old_key),
+        };
+        if reserved {
+            return true;
         }
         count(Counter::SnatCollision);
         // The next port at random (off + 1 + a random offset), or, for small ranges, the next
@@ -107,6 +82,39 @@ pub fn snat_alloc(
         off = (off + 1 + ((x % range) & scatter)) % range;
     }
     false
+}
+
+/// Takes over the port of `rn_key` from `existing` if that flow is gone, expired, or already
+/// moved to another port (its conntrack entry, `old_key`, goes with it if it still owns the port).
+#[inline(always)]
+fn take_if_stale(
+    cfg: &Config,
+    now: u32,
+    rn_key: &RevNatKey,
+    rn: &RevNatValue,
+    existing: &RevNatValue,
+    old_key: &mut CtKey,
+) -> bool {
+    let proto = rn_key.proto;
+    *old_key = existing.ct_key(proto);
+    let (stale, owned) = match unsafe { CT.get(&*old_key) } {
+        None => (true, false),
+        Some(ct) => {
+            let owned = revnat_key(ct, proto) == *rn_key;
+            (!owned || cfg.ct_expired(proto, ct, now), owned)
+        }
+    };
+    if !stale {
+        return false;
+    }
+    if owned {
+        let _ = CT.remove(&*old_key);
+    }
+    if REVNAT.insert(rn_key, rn, 0).is_err() {
+        return false;
+    }
+    count(Counter::CtStaleReplaced);
+    true
 }
 
 /// Offsets of the source and destination address fields of the IP header at `l3_off`.

@@ -169,30 +169,35 @@ pub fn release_free_memory() {
     }
 }
 
+/// The kernel's tick length in ns: the resolution of CLOCK_MONOTONIC_COARSE (TICK_NSEC), which
+/// advances once per tick like jiffies. None if implausible (HZ is 24..=1200 in every kernel
+/// configuration).
+fn tick_ns() -> Option<u64> {
+    let mut res: libc::timespec = unsafe { std::mem::zeroed() };
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
+        return None;
+    }
+    let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
+    (100_000..=50_000_000).contains(&tick_ns).then_some(tick_ns)
+}
+
+fn hz(tick_ns: u64) -> u64 {
+    (1_000_000_000 + tick_ns / 2) / tick_ns
+}
+
 /// Factors for [`Config::clock_secs`], the data path's clock: (clock_mult, clock_offset), or
 /// zeros (the data path then reads the coarse ktime helper) if the tick length is implausible.
 ///
-/// The data path counts jiffies; the agent reads CLOCK_MONOTONIC_COARSE. Both advance once per
-/// tick: the coarse clock's resolution is the tick length (TICK_NSEC), and jiffies start at
-/// INITIAL_JIFFIES (-300 s worth of ticks, as a u32) when the monotonic clock starts at zero.
-/// The two agree to within a second (the ticks before timekeeping starts).
+/// The data path counts jiffies, which start at INITIAL_JIFFIES (-300 s worth of ticks, as a
+/// u32) when the monotonic clock starts at zero: the two agree to within a second (the ticks
+/// before timekeeping starts).
 pub fn jiffies_clock() -> (u32, u32) {
-    let mut res: libc::timespec = unsafe { std::mem::zeroed() };
-    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
-        return (0, 0);
-    }
-    let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
-    // HZ is 24..=1200 in every kernel configuration.
-    if !(100_000..=50_000_000).contains(&tick_ns) {
-        return (0, 0);
-    }
-    jiffies_factors(tick_ns)
+    tick_ns().map_or((0, 0), jiffies_factors)
 }
 
 fn jiffies_factors(tick_ns: u64) -> (u32, u32) {
     let mult = (((tick_ns as u128) << 32) + 500_000_000) / 1_000_000_000;
-    let hz = (1_000_000_000 + tick_ns / 2) / tick_ns;
-    let initial_jiffies = (1u64 << 32) - 300 * hz;
+    let initial_jiffies = (1u64 << 32) - 300 * hz(tick_ns);
     let offset = ((initial_jiffies as u128 * mult) >> 32) as u32;
     (mult as u32, offset)
 }
@@ -216,30 +221,23 @@ pub fn with_clock(config: &Config) -> Config {
 /// times(2) returns jiffies in USER_HZ units: computed from them with the same factors, the
 /// agent's "now" and the data path's differ by at most a tick, however the factors round.
 pub fn datapath_secs() -> u32 {
-    let (clock_mult, clock_offset) = jiffies_clock();
     let user_hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let mut tms: libc::tms = unsafe { std::mem::zeroed() };
     let ticks = unsafe { libc::times(&mut tms) };
-    if clock_mult == 0 || user_hz <= 0 || ticks == -1 as libc::clock_t {
+    let Some(tick_ns) = tick_ns() else {
+        return monotonic_secs();
+    };
+    if user_hz <= 0 || ticks == -1 as libc::clock_t {
         return monotonic_secs();
     }
-    let jiffies = (ticks as u64 as u128 * tick_hz() as u128 / user_hz as u128) as u64;
+    let jiffies = (ticks as u64 as u128 * hz(tick_ns) as u128 / user_hz as u128) as u64;
+    let (clock_mult, clock_offset) = jiffies_factors(tick_ns);
     let cfg = Config {
         clock_mult,
         clock_offset,
         ..Config::DEFAULT
     };
     cfg.clock_secs(jiffies)
-}
-
-/// The kernel's HZ, from the tick length (0 if implausible).
-fn tick_hz() -> u64 {
-    let mut res: libc::timespec = unsafe { std::mem::zeroed() };
-    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
-        return 0;
-    }
-    let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
-    (1_000_000_000 + tick_ns / 2) / tick_ns.max(1)
 }
 
 /// Seconds of CLOCK_MONOTONIC_COARSE.

@@ -537,7 +537,7 @@ fn start(
             // Only where XDP runs on a veth could XDP_TX stall.
             let veths: Vec<&String> = ifaces
                 .iter()
-                .filter(|i| xdp_attach(dp.xdp, i).0 != XdpAttach::Off && is_veth(i))
+                .filter(|i| is_veth(i) && xdp_attach(dp.xdp, true).0 != XdpAttach::Off)
                 .collect();
             if !veths.is_empty() {
                 tracing::info!(
@@ -592,7 +592,7 @@ fn attach_all(
 ) -> anyhow::Result<Vec<Attached>> {
     let mut attached = Vec::new();
     for iface in ifaces {
-        let (xdp, why_off) = xdp_attach(dp.xdp, iface);
+        let (xdp, why_off) = xdp_attach(dp.xdp, is_veth(iface));
         let a = loader::attach(ebpf, iface, xdp, Some(&dp.pin_dir))
             .with_context(|| format!("attaching to {iface}"))?;
         tracing::info!(
@@ -616,14 +616,15 @@ fn is_veth(iface: &str) -> bool {
     host::driver(iface).as_deref() == Some("veth")
 }
 
-/// How XDP goes on `iface`, and why it is off when `auto` turns it off. A veth's XDP receive
+/// How XDP goes on an interface (`veth`: whether it is one), and why it is off when `auto` turns
+/// it off. A veth's XDP receive
 /// path copies every frame into a page of its own before the program runs (and the frames it
 /// passes are rebuilt as skbs), which costs more than the program saves: TC ingress, which runs
 /// the same code on the skb the kernel has anyway, is 10-35% faster there in new connections per
 /// second (xtask/src/bench/TRAFFIC.md). Physical and virtio NICs keep XDP.
-fn xdp_attach(arg: XdpArg, iface: &str) -> (XdpAttach, &'static str) {
+fn xdp_attach(arg: XdpArg, veth: bool) -> (XdpAttach, &'static str) {
     match arg {
-        XdpArg::Auto if is_veth(iface) => (
+        XdpArg::Auto if veth => (
             XdpAttach::Off,
             " (a veth: TC ingress is faster there; --xdp driver overrides)",
         ),

@@ -83,8 +83,8 @@ impl FilterWords {
     }
 
     fn set(&mut self, key: &FrontendKey) {
-        let bit = key.filter_bit() as usize;
-        self.want[bit / 64] |= 1 << (bit % 64);
+        let slot = key.filter_slot();
+        self.want[slot.word as usize] |= slot.mask;
     }
 }
 
@@ -202,13 +202,6 @@ impl DatapathMaps {
 
     pub fn config(&self) -> Result<Config, MapsError> {
         self.config.get(&0, 0).map_err(in_map(MAP_CONFIG))
-    }
-
-    /// Writes `config`, with the data path's clock factors filled in where it has none.
-    pub fn set_config(&mut self, config: &Config) -> Result<(), MapsError> {
-        self.config
-            .set(0, crate::host::with_clock(config), 0)
-            .map_err(in_map(MAP_CONFIG))
     }
 
     /// How many FE_FILTER bits are set (of [`proxy_common::FE_FILTER_BITS`]), as last written.

@@ -115,8 +115,8 @@ fn filter_words(pin_dir: &PinDir) -> Vec<u64> {
 fn expected_words(keys: impl Iterator<Item = FrontendKey>) -> Vec<u64> {
     let mut words = vec![0u64; FE_FILTER_WORDS as usize];
     for key in keys {
-        let bit = key.filter_bit();
-        words[bit as usize / 64] |= 1 << (bit % 64);
+        let slot = key.filter_slot();
+        words[slot.word as usize] |= slot.mask;
     }
     words
 }

@@ -117,8 +117,6 @@ fn program(dp: &mut Datapath, from: u32, to: u32) {
             svcs.insert(i, v, 0).unwrap();
         }
     }
-    let mut fes: HashMap<_, FrontendKey, FrontendValue> =
-        HashMap::try_from(dp.ebpf.map_mut(MAP_FRONTENDS).unwrap()).unwrap();
     for i in from..to {
         let key = FrontendKey {
             addr: addr(&cluster_ip(i)),
@@ -132,15 +130,7 @@ fn program(dp: &mut Datapath, from: u32, to: u32) {
             flags: 0,
             pad: [0; 2],
         };
-        fes.insert(key, value, 0).unwrap();
-    }
-    for i in from..to {
-        dp.mark_frontend(&FrontendKey {
-            addr: addr(&cluster_ip(i)),
-            port: 80u16.to_be(),
-            proto: PROTO_TCP,
-            pad: 0,
-        });
+        dp.put_frontend(key, value);
     }
 }
 

@@ -227,8 +227,6 @@ impl Datapath {
                 ranges.insert(&key, 1, 0).unwrap();
             }
         }
-        let mut fes: HashMap<_, FrontendKey, FrontendValue> =
-            HashMap::try_from(self.ebpf.map_mut(MAP_FRONTENDS).unwrap()).unwrap();
         for (kind, a, port) in s.frontends {
             let flags = if *kind == FrontendKind::LoadBalancer && !s.source_ranges.is_empty() {
                 FE_F_SOURCE_RANGES
@@ -247,16 +245,16 @@ impl Datapath {
                 flags,
                 pad: [0; 2],
             };
-            fes.insert(key, value, 0).unwrap();
+            self.put_frontend(key, value);
         }
-        for (_, a, port) in s.frontends {
-            self.mark_frontend(&FrontendKey {
-                addr: addr(a),
-                port: port.to_be(),
-                proto: s.proto,
-                pad: 0,
-            });
-        }
+    }
+
+    /// Writes a frontend and sets its FE_FILTER bit, as the agent does.
+    pub fn put_frontend(&mut self, key: FrontendKey, value: FrontendValue) {
+        let mut fes: HashMap<_, FrontendKey, FrontendValue> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_FRONTENDS).unwrap()).unwrap();
+        fes.insert(key, value, 0).unwrap();
+        self.mark_frontend(&key);
     }
 
     pub fn remove_frontend(&mut self, key: &FrontendKey) {
@@ -274,13 +272,12 @@ impl Datapath {
         }
     }
 
-    /// Sets a frontend's FE_FILTER bit, as the agent does for every frontend it programs.
-    pub fn mark_frontend(&mut self, key: &FrontendKey) {
+    fn mark_frontend(&mut self, key: &FrontendKey) {
         let mut filter: Array<_, u64> =
             Array::try_from(self.ebpf.map_mut(MAP_FE_FILTER).unwrap()).unwrap();
-        let bit = key.filter_bit();
-        let word = filter.get(&(bit / 64), 0).unwrap();
-        filter.set(bit / 64, word | 1 << (bit % 64), 0).unwrap();
+        let slot = key.filter_slot();
+        let word = filter.get(&slot.word, 0).unwrap();
+        filter.set(slot.word, word | slot.mask, 0).unwrap();
     }
 
     pub fn put_backend(

@@ -64,6 +64,16 @@ fn pod_syn(sport: u16) -> Vec<u8> {
     )
 }
 
+/// A SYN from a pod to the IPv6 ClusterIP's port 443, as the TC egress program sees it.
+fn pod_syn6() -> Vec<u8> {
+    outbound(
+        POD_V6,
+        CLUSTER_IP6,
+        tcp_seg(40000, 443, 7, 0, SYN, &[]),
+        TCP,
+    )
+}
+
 /// The endpoint's SYN-ACK to the node for the translated SYN `out`.
 fn endpoint_synack(out: &Decoded, seq: u32, ack: u32) -> Vec<u8> {
     from_outside(
@@ -416,12 +426,7 @@ fn ipv6_cluster_ip_and_nodeport() {
             &[(9, EP1_6, 8443, BackendState::Active)],
         )
     });
-    let syn = outbound(
-        POD_V6,
-        CLUSTER_IP6,
-        tcp_seg(40000, 443, 7, 0, SYN, &[]),
-        TCP,
-    );
+    let syn = pod_syn6();
     let run = dp.tc_egress(node.uplink, &syn);
     assert_eq!(run.verdict, TC_ACT_OK);
     let out = decode(&run.out);
@@ -683,12 +688,7 @@ fn icmpv6_packet_too_big_is_translated() {
             &[(13, EP1_6, 8443, BackendState::Active)],
         )
     });
-    let syn = outbound(
-        POD_V6,
-        CLUSTER_IP6,
-        tcp_seg(40000, 443, 7, 0, SYN, &[]),
-        TCP,
-    );
+    let syn = pod_syn6();
     let sent = dp.tc_egress(node.uplink, &syn).out;
     // The router quotes our whole 60-byte segment (IPv6 header + TCP header).
     let err = from_outside(GW_V6, NODE_V6, icmp_error(2, 0, 1280, &sent[14..]), ICMPV6);
