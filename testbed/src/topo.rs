@@ -41,12 +41,42 @@ pub const CLIENT6: &str = "2001:db8:c::9";
 /// Namespace tests share the machine's CPUs and bpffs: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// One topology on the machine at a time, across processes too: two checkouts testing at once
+/// would otherwise build namespaces and pins of the same names.
+pub struct MachineLock {
+    _file: File,
+}
+
+impl MachineLock {
+    pub const PATH: &'static str = "/run/lock/extproxy-netns.lock";
+
+    /// Blocks until no other process holds the lock; released when dropped (or the process dies).
+    pub fn acquire() -> Self {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(Self::PATH)
+            .unwrap_or_else(|e| panic!("{}: {e}", Self::PATH));
+        let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(
+            ret,
+            0,
+            "flock {}: {}",
+            Self::PATH,
+            std::io::Error::last_os_error()
+        );
+        MachineLock { _file: file }
+    }
+}
+
 pub struct Topology {
     pub prefix: String,
     pub pod: NamedNetns,
     pub node: NamedNetns,
     pub ext: NamedNetns,
     pub dir: PathBuf,
+    _machine: MachineLock,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -55,6 +85,7 @@ impl Topology {
     pub fn new(name: &str) -> Self {
         require_root();
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let machine = MachineLock::acquire();
         let prefix = format!("xp{}", name);
         let pod = NamedNetns::new(&format!("{prefix}-pod"));
         let node = NamedNetns::new(&format!("{prefix}-node"));
@@ -99,6 +130,7 @@ impl Topology {
             node,
             ext,
             dir,
+            _machine: machine,
             _serial: serial,
         }
     }
