@@ -1,0 +1,244 @@
+//! The command line: every clap type and value parser of `extproxy`.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    ops::RangeInclusive,
+    path::PathBuf,
+};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use extproxy::{loader::DEFAULT_PIN_DIR, state::DEFAULT_STATE_DIR};
+use ipnet::IpNet;
+use proxy_common::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "extproxy",
+    version,
+    about = "eBPF proxy for Kubernetes Services whose endpoints live outside the cluster"
+)]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax): error, warn, info, debug, or per module. kube's
+    /// per-request error lines are off by default: extproxy logs API trouble itself, once.
+    #[arg(
+        long,
+        global = true,
+        env = "EXTPROXY_LOG",
+        default_value = "info,kube_client::client::builder=off"
+    )]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Load and attach the data path, then keep it programmed from the Kubernetes API server
+    /// (default) or from a folder of manifests (--manifests).
+    Run(Box<RunArgs>),
+    /// Show what the data path holds: services, frontends, endpoints, flows, drops.
+    Inspect(InspectArgs),
+    /// Detach the programs and remove every pin and state file extproxy created.
+    Cleanup(CleanupArgs),
+    /// Read and translate manifests without touching the kernel; exit 1 if any is in error.
+    Validate(ValidateArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Manifest mode: a folder of Service, EndpointSlice and Endpoints manifests (YAML or JSON),
+    /// watched for changes. Without it, extproxy runs in Kubernetes mode.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kubeconfig", "claim_all_selectorless", "streaming_lists"])]
+    pub manifests: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[command(flatten)]
+    pub services: ServiceArgs,
+    #[command(flatten)]
+    pub datapath: DatapathArgs,
+}
+
+#[derive(Args)]
+pub struct KubeArgs {
+    /// Kubernetes mode: the kubeconfig to use (its current context). Default: the pod's service
+    /// account (in-cluster configuration).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: this node's name, to read its addresses from its Node object.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Kubernetes mode: also proxy every Service without a selector, labelled or not. Only for
+    /// clusters without kube-proxy (it would proxy them too).
+    #[arg(long)]
+    pub claim_all_selectorless: bool,
+    /// Kubernetes mode: receive initial lists as watch streams (WatchList; API server 1.27+ with
+    /// the feature enabled). Lighter on the API server.
+    #[arg(long)]
+    pub streaming_lists: bool,
+    /// Serve /healthz, /readyz and /metrics here; `off` for none. Default: 0.0.0.0:9464 in
+    /// Kubernetes mode, off in manifest mode.
+    #[arg(long, value_name = "ADDR|off", value_parser = parse_listen)]
+    pub metrics_address: Option<Listen>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Listen {
+    Off,
+    At(SocketAddr),
+}
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen::Off);
+    }
+    s.parse()
+        .map(Listen::At)
+        .map_err(|e| format!("{s}: {e} (expected IP:PORT or off)"))
+}
+
+#[derive(Args)]
+pub struct NodeArgs {
+    /// Uplink interface(s): XDP and TC ingress for traffic from outside, TC egress for pods
+    /// and host processes. Repeat for several uplinks. `auto`: the interface(s) of the default
+    /// route.
+    #[arg(long = "iface", value_name = "IFACE", required = true)]
+    pub ifaces: Vec<String>,
+    /// Source address the external endpoints see (one per IP family). Default: the Node's
+    /// InternalIP (Kubernetes mode) or the uplink's first address of each family.
+    #[arg(long = "egress-ip", value_name = "IP")]
+    pub egress_ips: Vec<IpAddr>,
+    /// Addresses NodePorts listen on. Default: the Node's InternalIP and ExternalIP addresses
+    /// (Kubernetes mode) or every address of the uplink(s).
+    #[arg(long = "node-ip", value_name = "IP")]
+    pub node_ips: Vec<IpAddr>,
+}
+
+/// Manifest mode only: in Kubernetes mode the API server allocates these.
+#[derive(Args)]
+pub struct ServiceArgs {
+    /// Manifest mode: where Services without spec.clusterIP get one (first CIDR of each family).
+    #[arg(long = "service-cidr", value_name = "CIDR", default_values = ["10.96.0.0/12", "fd00:10:96::/112"])]
+    pub service_cidrs: Vec<IpNet>,
+    /// Manifest mode: where NodePorts without a number get one.
+    #[arg(long, value_name = "FROM-TO", default_value = "30000-32767", value_parser = parse_range)]
+    pub node_port_range: RangeInclusive<u16>,
+}
+
+#[derive(Args)]
+pub struct DatapathArgs {
+    /// Source ports for SNAT. Keep them outside net.ipv4.ip_local_port_range (or reserve them).
+    #[arg(long, value_name = "FROM-TO", default_value = "61000-65535", value_parser = parse_range)]
+    pub snat_ports: RangeInclusive<u16>,
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value_t = XdpArg::Auto)]
+    pub xdp: XdpArg,
+    /// Let XDP send packets back out of the uplink itself (XDP_TX). `auto`: on, except on veth
+    /// uplinks (containers, kind), whose peer would hold such frames; TC redirects them there.
+    #[arg(long, value_enum, default_value_t = Toggle::Auto)]
+    pub xdp_tx: Toggle,
+    /// Pods' host-side interfaces to translate on as packets leave the pod, before netfilter
+    /// (needed beside kube-proxy in nftables mode, which drops ClusterIPs it does not serve):
+    /// comma-separated names or globs (`veth*`), `auto` for the usual CNI prefixes (veth, cali,
+    /// lxc, eni, azv, gke) or `none`. Interfaces appearing later are picked up. Default: `auto` in
+    /// Kubernetes mode, `none` in manifest mode.
+    #[arg(long, value_name = "PATTERNS")]
+    pub pod_ifaces: Option<String>,
+    /// bpffs directory for the maps (mounted at /sys/fs/bpf if needed).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Where the agent publishes service names and diagnostics for `extproxy inspect`.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Leave programs and maps in place on exit so a restarted agent adopts them (always so in
+    /// Kubernetes mode unless --detach-on-exit).
+    #[arg(long)]
+    pub keep_on_exit: bool,
+    /// Kubernetes mode: detach and remove the maps on exit (tracked flows are dropped) instead of
+    /// leaving them for the next agent.
+    #[arg(long, conflicts_with = "keep_on_exit")]
+    pub detach_on_exit: bool,
+    /// Pinned maps with another layout or size: replace them (drops tracked flows) instead of
+    /// refusing to start.
+    #[arg(long)]
+    pub replace_incompatible_pins: bool,
+    /// Tracked connections (and reverse NAT entries).
+    #[arg(long, default_value_t = proxy_common::DEFAULT_CT_MAX)]
+    pub ct_max: u32,
+    /// Service ports.
+    #[arg(long, default_value_t = proxy_common::DEFAULT_MAX_SERVICES)]
+    pub max_services: u32,
+    /// Endpoints over all service ports.
+    #[arg(long, default_value_t = proxy_common::DEFAULT_MAX_BACKENDS)]
+    pub max_backends: u32,
+    /// Frontend addresses over all service ports.
+    #[arg(long, default_value_t = proxy_common::DEFAULT_MAX_FRONTENDS)]
+    pub max_frontends: u32,
+    /// TCP idle timeout of established connections, seconds (kube-proxy's conntrack setting: 24h).
+    #[arg(long, default_value_t = Config::DEFAULT.tcp_established_timeout)]
+    pub tcp_established_timeout: u32,
+    /// UDP idle timeout once the endpoint has answered, seconds.
+    #[arg(long, default_value_t = Config::DEFAULT.udp_stream_timeout)]
+    pub udp_timeout: u32,
+    /// How often expired flows are swept, seconds.
+    #[arg(long, default_value_t = 10)]
+    pub gc_interval: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum XdpArg {
+    /// Native XDP, generic XDP if the driver has none; off on veth uplinks, where XDP copies
+    /// every packet it sees and TC ingress alone is faster (measured: `cargo xtask bench`).
+    Auto,
+    Driver,
+    Generic,
+    /// No XDP: TC ingress does all the ingress work.
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Toggle {
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct CleanupArgs {
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ValidateArgs {
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+    #[command(flatten)]
+    pub services: ServiceArgs,
+}
+
+fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or("expected FROM-TO, e.g. 61000-65535")?;
+    let a: u16 = a.trim().parse().map_err(|e| format!("{a}: {e}"))?;
+    let b: u16 = b.trim().parse().map_err(|e| format!("{b}: {e}"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s}: need 1 <= FROM <= TO"));
+    }
+    Ok(a..=b)
+}

@@ -1,0 +1,124 @@
+//! Kubernetes mode: Services, EndpointSlices and this node's Node object from the API server.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{Context as _, bail};
+use extproxy::{
+    host,
+    kube::{self as kubemode, KubeSource, NodeOverrides, SourceConfig},
+    metrics::{self, Telemetry},
+    state::AgentState,
+};
+
+use super::{
+    Housekeeping,
+    datapath::{Running, finish, start},
+    iface_addresses, stall_after, start_metrics, sweep,
+};
+use crate::cli::RunArgs;
+
+pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
+    let dp = &args.datapath;
+    let Some(node_name) = args.kube.node_name.clone().filter(|n| !n.is_empty()) else {
+        bail!(
+            "Kubernetes mode needs this node's name: pass --node-name NAME or set NODE_NAME \
+             (the DaemonSet in deploy/ sets it from spec.nodeName); or pass --manifests DIR for \
+             manifest mode"
+        );
+    };
+    let iface_addrs = iface_addresses(ifaces)?;
+    if iface_addrs.is_empty() {
+        tracing::warn!(
+            "{} has no addresses: egress and NodePort addresses come from Node {node_name} only",
+            ifaces.join(", ")
+        );
+    }
+    let overrides = NodeOverrides {
+        egress_ips: args.node.egress_ips.clone(),
+        node_ips: args.node.node_ips.clone(),
+        iface_addrs,
+    };
+    let v6 = overrides
+        .egress_ips
+        .iter()
+        .chain(&overrides.iface_addrs)
+        .any(IpAddr::is_ipv6);
+    for w in host::check_sysctls(true, v6, &dp.snat_ports) {
+        tracing::warn!("{w}");
+    }
+
+    let telemetry = Telemetry::new(stall_after(dp.gc_interval));
+    let config = kubemode::load_config(args.kube.kubeconfig.as_deref())
+        .await
+        .context("Kubernetes client configuration")?;
+    let api_url = config.cluster_url.to_string();
+    let client = kubemode::client::client(config, telemetry.clone())
+        .context("building the Kubernetes client")?;
+    {
+        // Only for the log: the watchers do the real connecting (and retrying).
+        let client = client.clone();
+        tokio::spawn(async move {
+            match client.apiserver_version().await {
+                Ok(v) => tracing::info!("API server {api_url}: Kubernetes {}", v.git_version),
+                Err(err) => tracing::warn!("API server {api_url} does not answer yet: {err}"),
+            }
+        });
+    }
+
+    let state = AgentState {
+        pid: std::process::id(),
+        source: format!("kubernetes:{node_name}"),
+        interfaces: ifaces.to_vec(),
+        ..AgentState::default()
+    };
+    let (verifying, agent) = start(dp, ifaces, state)?;
+    let (ebpf, _) = verifying.wait()?;
+    // Attach before the first sync: a previous agent's links are taken over at once (its maps
+    // keep forwarding until the cluster is known again); fresh maps pass everything meanwhile.
+    let mut running = Running::attach(ebpf, agent, ifaces, dp, "auto", &telemetry)?;
+    let default_listen: SocketAddr = metrics::DEFAULT_METRICS_ADDRESS.parse()?;
+    start_metrics(
+        args.kube.metrics_address,
+        Some(default_listen),
+        &telemetry,
+        &dp.pin_dir,
+    )
+    .await?;
+
+    let mut source = KubeSource::new(
+        client,
+        SourceConfig {
+            node_name: node_name.clone(),
+            claim_all_selectorless: args.kube.claim_all_selectorless,
+            overrides,
+            streaming_lists: args.kube.streaming_lists,
+        },
+        telemetry.clone(),
+    );
+    tracing::info!(
+        "extproxy is running on node {node_name}; watching Services, EndpointSlices and Node \
+         {node_name}"
+    );
+    let mut hk = Housekeeping::new(dp)?;
+    let mut trimmed = false;
+    loop {
+        tokio::select! {
+            _ = hk.sigint.recv() => break,
+            _ = hk.sigterm.recv() => break,
+            batch = source.next() => {
+                source.apply(batch, &mut running.agent);
+                if !trimmed {
+                    // The initial lists and the first translation leave much freed memory.
+                    host::release_free_memory();
+                    trimmed = true;
+                }
+            }
+            events = running.pods.next() => running.pod_events(events, &telemetry),
+            _ = hk.gc.tick() => sweep(&mut running.agent, &telemetry),
+            _ = hk.flush.tick() => running.agent.flush_state(),
+        }
+    }
+    running.agent.flush_state_now();
+    // A DaemonSet rollout restarts the agent: flows must survive it, so keeping is the default.
+    finish(running, dp, !dp.detach_on_exit)
+}
