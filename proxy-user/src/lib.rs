@@ -10,6 +10,7 @@ pub mod loader;
 pub mod manifest;
 pub mod maps;
 pub mod metrics;
+pub mod names;
 pub mod objects;
 pub mod pins;
 pub mod podlinks;

@@ -18,14 +18,9 @@ use serde_json::value::RawValue;
 use thiserror::Error;
 
 use crate::diag::{Diagnostic, ObjectRef, Origin, Severity, Site};
+use crate::names::{MANAGED_BY_LABEL, MIRRORING_CONTROLLER, SERVICE_NAME_LABEL, SKIP_MIRROR_LABEL};
 use crate::objects::{EndpointObject, EndpointsObject, Kept, Meta, ServiceObject, SliceObject};
-use crate::translate::{Incremental, Inventory, ObjectKey, SERVICE_NAME_LABEL, Sourced};
-
-pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
-/// The value the control plane's mirroring controller puts in [`MANAGED_BY_LABEL`].
-pub const MIRRORING_CONTROLLER: &str = "endpointslicemirroring-controller.k8s.io";
-/// Endpoints labelled `true` are not mirrored by the control plane, so not by us either.
-pub(crate) const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
+use crate::translate::{Incremental, Inventory, ObjectKey, Sourced};
 
 #[derive(Debug, Error)]
 pub enum ManifestError {

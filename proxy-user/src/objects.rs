@@ -19,10 +19,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
-use crate::manifest::{MANAGED_BY_LABEL, SKIP_MIRROR_LABEL};
-use crate::translate::{
-    EGRESS_IP_ANNOTATION, LEGACY_SOURCE_RANGES_ANNOTATION, SERVICE_NAME_LABEL,
-    SERVICE_PROXY_NAME_LABEL,
+use crate::names::{
+    EGRESS_IP_ANNOTATION, LEGACY_SOURCE_RANGES_ANNOTATION, MANAGED_BY_LABEL, SERVICE_NAME_LABEL,
+    SERVICE_PROXY_NAME_LABEL, SKIP_MIRROR_LABEL,
 };
 
 /// Labels and annotations extproxy reads; every other one is dropped on reading.

@@ -19,6 +19,9 @@ use proxy_common::user::port_net;
 use proxy_common::{Addr, FE_F_SOURCE_RANGES, FrontendKey, FrontendKind, PROTO_TCP, PROTO_UDP};
 
 use crate::diag::{Diagnostic, ObjectRef, Origin, Severity, Site};
+use crate::names::{
+    EGRESS_IP_ANNOTATION, LEGACY_SOURCE_RANGES_ANNOTATION, PROXY_NAME, SERVICE_PROXY_NAME_LABEL,
+};
 
 mod alloc;
 mod incremental;
@@ -30,16 +33,6 @@ pub use incremental::Incremental;
 use incremental::{Allocation, ServiceOut, World};
 pub use vecmap::VecMap;
 
-/// Label linking an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// Label naming the proxy that owns a Service (kube-proxy skips Services that carry it).
-pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-pub const PROXY_NAME: &str = "extproxy";
-/// Per-Service egress override: comma-separated, at most one address per family.
-pub const EGRESS_IP_ANNOTATION: &str = "extproxy.io/egress-ip";
-/// Deprecated spelling of loadBalancerSourceRanges, still honoured by kube-proxy.
-pub(crate) const LEGACY_SOURCE_RANGES_ANNOTATION: &str =
-    "service.beta.kubernetes.io/load-balancer-source-ranges";
 const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 

@@ -14,7 +14,8 @@ use kube::{Api, Client, Resource};
 use super::cluster::ClusterState;
 use crate::diag::{Diagnostic, Severity};
 use crate::metrics::Telemetry;
-use crate::translate::{ObjectKey, SERVICE_NAME_LABEL, Translation};
+use crate::names::SERVICE_NAME_LABEL;
+use crate::translate::{ObjectKey, Translation};
 
 /// The Events API caps notes at 1 kB.
 const MAX_NOTE: usize = 1024;

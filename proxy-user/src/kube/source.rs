@@ -21,17 +21,15 @@ use super::events::{EventTracker, Publisher};
 use super::node::{self, NodeFacts, NodeOverrides};
 use crate::agent::Applied;
 use crate::diag::Origin;
+use crate::names::{
+    LAST_APPLIED_ANNOTATION, PROXY_NAME, SERVICE_PROXY_NAME_LABEL, TRIGGER_TIME_ANNOTATION,
+};
 use crate::objects::{ServiceObject, SliceObject};
 use crate::translate::{
     self, ClaimPolicy, ClaimReason, Incremental, NodeInfo, ObjectKey, Settings, Sourced,
     Translation,
 };
 
-/// Set by the EndpointSlice controller to when the change that produced the slice happened;
-/// kube-proxy measures its network programming latency from it.
-const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
-/// kubectl's copy of the applied object: often the largest part of an object, never read.
-const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// Server-side watch timeout. The client gives up on a silent connection 5 s after it, so this
 /// bounds how long a dead connection (no RST, e.g. a partition) goes unnoticed.
 const WATCH_TIMEOUT_SECS: u32 = 120;
@@ -469,11 +467,9 @@ fn log_claims(claimed: &mut BTreeMap<ObjectKey, ClaimReason>, translation: &Tran
     for (key, reason) in &now {
         if claimed.get(key) != Some(reason) {
             let why = match reason {
-                ClaimReason::Label => format!(
-                    "labelled {}={}",
-                    translate::SERVICE_PROXY_NAME_LABEL,
-                    translate::PROXY_NAME
-                ),
+                ClaimReason::Label => {
+                    format!("labelled {SERVICE_PROXY_NAME_LABEL}={PROXY_NAME}")
+                }
                 ClaimReason::SelectorLess => "no selector, and --claim-all-selectorless".to_owned(),
             };
             tracing::info!("claiming Service {key}: {why}");

@@ -15,11 +15,9 @@ use super::cluster::ClusterState;
 use super::events::EventTracker;
 use super::node::{self, NodeOverrides};
 use super::source::{SourceConfig, translate_cluster};
+use crate::names::{SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 use crate::reconcile::{Limits, MapOp, MapState, Reconciler};
-use crate::translate::{
-    ClaimReason, IpFamily, ObjectKey, Protocol, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL,
-    ServicePortKey, Translation,
-};
+use crate::translate::{ClaimReason, IpFamily, ObjectKey, Protocol, ServicePortKey, Translation};
 
 const LIMITS: Limits = Limits {
     max_services: 64,

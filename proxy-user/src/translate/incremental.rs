@@ -19,11 +19,12 @@ use ipnet::IpNet;
 use proxy_common::FrontendKey;
 
 use super::{
-    Changes, ClaimReason, Claimed, DesiredService, Filled, NodeInfo, ObjectKey, SERVICE_NAME_LABEL,
-    ServicePortKey, Settings, SliceFacts, Sourced, Translation, Translator, alloc,
-    explicit_cluster_ips, slice_facts, spec_of,
+    Changes, ClaimReason, Claimed, DesiredService, Filled, NodeInfo, ObjectKey, ServicePortKey,
+    Settings, SliceFacts, Sourced, Translation, Translator, alloc, explicit_cluster_ips,
+    slice_facts, spec_of,
 };
 use crate::diag::{Diagnostic, ObjectRef, Origin, Site};
+use crate::names::SERVICE_NAME_LABEL;
 use crate::objects::{ServiceObject as Service, SliceObject as EndpointSlice};
 
 /// One value filling handed out (or could not), with what it was asked with: replaying the
