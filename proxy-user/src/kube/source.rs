@@ -211,6 +211,12 @@ impl KubeSource {
         }
     }
 
+    /// How far apart two reports of one problem must be to count as two episodes in its Event
+    /// (default [`super::events::EPISODE_GAP`]; tests shorten it).
+    pub fn set_event_episode_gap(&mut self, gap: std::time::Duration) {
+        self.publisher.set_episode_gap(gap);
+    }
+
     /// The translation of the last batch.
     pub fn translation(&self) -> Option<&Translation> {
         self.translator.as_ref().map(Incremental::translation)
@@ -450,7 +456,7 @@ impl KubeSource {
         }
         if problems_changed {
             for event in self.tracker.plan(translation, &self.cluster) {
-                self.publisher.publish(event, &self.cluster);
+                self.publisher.publish(event, &self.cluster, !batch.initial);
             }
         }
         self.programmed = true;
