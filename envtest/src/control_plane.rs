@@ -243,6 +243,8 @@ impl Shared {
             ),
             "--service-cluster-ip-range=10.96.0.0/12".to_owned(),
             "--authorization-mode=RBAC".to_owned(),
+            // As kubeadm and every managed cluster set it: node agents need privileged pods.
+            "--allow-privileged=true".to_owned(),
         ];
         if let Some(log) = audit_log {
             args.push(format!(

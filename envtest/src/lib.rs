@@ -153,7 +153,11 @@ pub fn binaries_or_skip(test: &str) -> Option<Binaries> {
                 "{test}: {REQUIRED_ENV}=1 but {BIN_ENV} is not set: run the tests with \
                  `cargo xtask test`, which unpacks the binaries from ../shared/k8s"
             );
-            eprintln!(
+            // Straight to stderr: the test harness captures eprintln! of passing tests, and a
+            // skip must be seen.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIP {test}: no Kubernetes binaries ({BIN_ENV} is not set; `cargo xtask test` \
                  sets it when ../shared/k8s exists, or point it at a directory with etcd and \
                  kube-apiserver)"
