@@ -15,8 +15,8 @@ use proxy_common::FrontendKind;
 use serde_json::json;
 use support::view::{endpoints, eps, frontends, ids_touched, ip, key, snapshot_of, source_ranges};
 use support::{
-    FakeApi, LIMITS, Model, WAIT, drive_for, drive_until, drive_until_programmed, metric_lines,
-    node_a, start_source,
+    FakeApi, LIMITS, Model, drive_for, drive_until, drive_until_programmed, metric_lines, node_a,
+    start_source,
 };
 
 fn proxy_service() -> ServicePortKey {
@@ -397,22 +397,18 @@ async fn an_api_outage_keeps_the_maps_then_converges() {
         "the watch first tried to resume"
     );
 
-    // The problem a user must fix is an Event on the Service, in the log's words.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let event = loop {
-        if let Some(e) = api
-            .events_posted()
+    // The problem a user must fix is an Event on the Service, in the log's words, once it has
+    // lasted the settle time (the agent publishes it while it runs).
+    let no_endpoints_posted = || {
+        api.events_posted()
             .into_iter()
             .find(|e| e["reason"] == "NoEndpoints")
-        {
-            break e;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no Event was posted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    drive_until(&mut source, &mut m, &telemetry, "the Event", |_, _| {
+        no_endpoints_posted().is_some()
+    })
+    .await;
+    let event = no_endpoints_posted().unwrap();
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["regarding"]["kind"], "Service");
     assert_eq!(event["regarding"]["namespace"], "proxy-test");

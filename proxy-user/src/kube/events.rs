@@ -58,7 +58,8 @@ pub fn reason(d: &Diagnostic) -> &'static str {
 }
 
 /// Decides which diagnostics become Events: errors and warnings about claimed Services (or
-/// their slices), each once for as long as it stays open.
+/// their slices), each once for as long as it stays open. Notes are kept as published
+/// (truncated), which is how an Event is recognised later.
 #[derive(Default)]
 pub struct EventTracker {
     open: BTreeSet<String>,
@@ -92,14 +93,14 @@ impl EventTracker {
             if !claimed.contains(&service) {
                 continue;
             }
-            let note = d.to_string();
+            let note = truncate(&d.to_string(), MAX_NOTE);
             if !self.open.contains(&note) {
                 events.push(ProblemEvent {
                     service,
                     slice,
                     reason: reason(d),
                     field: d.field.clone(),
-                    note: truncate(&note, MAX_NOTE),
+                    note: note.clone(),
                 });
             }
             open.insert(note);
@@ -107,7 +108,18 @@ impl EventTracker {
         self.open = open;
         events
     }
+
+    /// The problem is still open (as of the last [`EventTracker::plan`]).
+    pub fn is_open(&self, event: &ProblemEvent) -> bool {
+        self.open.contains(&event.note)
+    }
 }
+
+/// How long a problem must stay open before it becomes an Event. The watches are independent
+/// streams: a Service created just before its EndpointSlice, or the Services relisted a moment
+/// before the EndpointSlices after an outage, show "no endpoints" for a moment, and such a
+/// passing state must not leave a Warning on the Service for an hour.
+pub const EVENT_SETTLE: Duration = Duration::from_secs(5);
 
 fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt as _, StreamExt as _};
@@ -17,7 +17,7 @@ use kube::{Api, Client, Resource, ResourceExt as _};
 
 use super::Programmer;
 use super::cluster::ClusterState;
-use super::events::{EventTracker, Publisher};
+use super::events::{EVENT_SETTLE, EventTracker, ProblemEvent, Publisher};
 use super::node::{self, NodeFacts, NodeOverrides};
 use crate::agent::Applied;
 use crate::diag::Origin;
@@ -86,6 +86,24 @@ pub struct KubeSource {
     /// Objects named by events since the last translation.
     changed_services: BTreeSet<ObjectKey>,
     changed_slices: BTreeSet<ObjectKey>,
+    /// New problems waiting out [`EVENT_SETTLE`] before they become Events.
+    pending_events: Vec<PendingEvent>,
+    event_settle: Duration,
+}
+
+struct PendingEvent {
+    due: Instant,
+    event: ProblemEvent,
+    /// Seen to begin while the agent watched (see [`Publisher::publish`]).
+    live: bool,
+}
+
+/// Sleeps until `due`, or forever without one.
+async fn until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due.into()).await,
+        None => futures::future::pending().await,
+    }
 }
 
 /// Drops what the agent never reads, so a big cluster's stores stay small.
@@ -105,11 +123,42 @@ fn watch<K>(
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    watcher(api, config)
-        .default_backoff()
+    with_backoff(watcher(api, config).boxed())
         .modify(strip::<K>)
         .map(wrap)
         .boxed()
+}
+
+/// kube-rs's back-off between failed attempts (0.8 s doubling to 30 s, jittered, reset by any
+/// success), except after 410 Gone: the API server answered, and the watcher relists after the
+/// first step of the back-off, not after the step an outage had worked it up to. With kube-rs's
+/// own `default_backoff` the relist that follows an outage of a minute waited up to a minute
+/// more, the agent stale all along.
+fn with_backoff<K: Send + 'static>(
+    stream: BoxStream<'static, watcher::Result<watcher::Event<K>>>,
+) -> impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send {
+    use kube::runtime::utils::Backoff as _;
+    futures::stream::unfold(
+        (stream, watcher::DefaultBackoff::default(), None::<Duration>),
+        |(mut stream, mut backoff, pause)| async move {
+            if let Some(pause) = pause {
+                tokio::time::sleep(pause).await;
+            }
+            let item = stream.next().await?;
+            let pause = match &item {
+                Ok(_) => {
+                    backoff.reset();
+                    None
+                }
+                Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                    backoff.reset();
+                    backoff.next()
+                }
+                Err(_) => backoff.next(),
+            };
+            Some((item, (stream, backoff, pause)))
+        },
+    )
 }
 
 /// An event about one object (not part of a list).
@@ -208,13 +257,21 @@ impl KubeSource {
             translator: None,
             changed_services: BTreeSet::new(),
             changed_slices: BTreeSet::new(),
+            pending_events: Vec::new(),
+            event_settle: EVENT_SETTLE,
         }
     }
 
     /// How far apart two reports of one problem must be to count as two episodes in its Event
     /// (default [`super::events::EPISODE_GAP`]; tests shorten it).
-    pub fn set_event_episode_gap(&mut self, gap: std::time::Duration) {
+    pub fn set_event_episode_gap(&mut self, gap: Duration) {
         self.publisher.set_episode_gap(gap);
+    }
+
+    /// How long a problem must last to become an Event (default [`EVENT_SETTLE`]; tests
+    /// shorten it).
+    pub fn set_event_settle(&mut self, settle: Duration) {
+        self.event_settle = settle;
     }
 
     /// The translation of the last batch.
@@ -229,7 +286,15 @@ impl KubeSource {
             if let Some(batch) = self.take_batch() {
                 return batch;
             }
-            let Some(update) = self.updates.next().await else {
+            let due = self.pending_events.iter().map(|p| p.due).min();
+            let update = tokio::select! {
+                update = self.updates.next() => update,
+                () = until(due) => {
+                    self.publish_due_events();
+                    continue;
+                }
+            };
+            let Some(update) = update else {
                 // Watchers never end; if they did, there is nothing more to wait for.
                 futures::future::pending::<()>().await;
                 continue;
@@ -239,6 +304,27 @@ impl KubeSource {
             // the agent programs fewer, bigger diffs instead of falling behind.
             while let Some(Some(update)) = self.updates.next().now_or_never() {
                 self.handle(update);
+            }
+        }
+    }
+
+    /// Publishes the problems that stayed open for [`EVENT_SETTLE`]. While a watch is down or
+    /// reconnecting the stores may be half old, half new: wait for all of them.
+    fn publish_due_events(&mut self) {
+        let now = Instant::now();
+        if !self.telemetry.api_connected() {
+            for p in &mut self.pending_events {
+                p.due = p.due.max(now + self.event_settle);
+            }
+            return;
+        }
+        let (due, waiting) = std::mem::take(&mut self.pending_events)
+            .into_iter()
+            .partition(|p| p.due <= now);
+        self.pending_events = waiting;
+        for p in due {
+            if self.tracker.is_open(&p.event) {
+                self.publisher.publish(p.event, &self.cluster, p.live);
             }
         }
     }
@@ -455,8 +541,16 @@ impl KubeSource {
             tracing::debug!("resync: the maps already match ({ms:.2} ms)");
         }
         if problems_changed {
+            let due = Instant::now() + self.event_settle;
             for event in self.tracker.plan(translation, &self.cluster) {
-                self.publisher.publish(event, &self.cluster, !batch.initial);
+                // A problem that closed and opened again while waiting is still one.
+                if !self.pending_events.iter().any(|p| p.event == event) {
+                    self.pending_events.push(PendingEvent {
+                        due,
+                        event,
+                        live: !batch.initial,
+                    });
+                }
             }
         }
         self.programmed = true;
