@@ -440,6 +440,8 @@ async fn an_expired_watch_relists_and_writes_only_what_changed() {
     }
     let telemetry = Telemetry::new(Duration::from_secs(60));
     let mut source = source_from_kubeconfig(&cp.kubeconfig_for(AGENT), &telemetry, node_a()).await;
+    let settle = Duration::from_secs(1);
+    source.set_event_settle(settle);
     let mut m = Model::new();
     drive_until(
         &mut source,
@@ -526,6 +528,14 @@ async fn an_expired_watch_relists_and_writes_only_what_changed() {
             "svc-{i}"
         );
     }
+    // The Services were relisted before the EndpointSlices: for a moment svc-12 had no
+    // endpoints. That passing state must not become a Warning Event on it.
+    support::drive_for(&mut source, &mut m, settle * 3).await;
+    assert_eq!(
+        event_requests(&cp, AGENT, "create"),
+        Vec::<u16>::new(),
+        "no Event for a problem that lasted less than the settle time"
+    );
     // The watches could not resume: every resource was listed again.
     for resource in ["services", "endpointslices", "nodes"] {
         assert_eq!(
@@ -641,6 +651,7 @@ async fn deploy_rbac_suffices_and_events_count_episodes_not_nodes() {
         )
         .await;
         source.set_event_episode_gap(gap);
+        source.set_event_settle(Duration::from_millis(500));
         Background::start(source, telemetry)
     };
     let a = start_agent("node-a").await;
