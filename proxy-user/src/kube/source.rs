@@ -88,6 +88,8 @@ pub struct KubeSource {
     changed_slices: BTreeSet<ObjectKey>,
     /// New problems waiting out [`EVENT_SETTLE`] before they become Events.
     pending_events: Vec<PendingEvent>,
+    /// Resources being listed, or about to be after 410 Gone: their stores are not current.
+    listing: BTreeSet<&'static str>,
     event_settle: Duration,
 }
 
@@ -159,6 +161,23 @@ fn with_backoff<K: Send + 'static>(
             Some((item, (stream, backoff, pause)))
         },
     )
+}
+
+/// Keeps `listing` up to date: a list starts with `Init` and ends with `InitDone`.
+fn track_listing<K>(
+    listing: &mut BTreeSet<&'static str>,
+    resource: &'static str,
+    event: &watcher::Event<K>,
+) {
+    match event {
+        watcher::Event::Init => {
+            listing.insert(resource);
+        }
+        watcher::Event::InitDone => {
+            listing.remove(resource);
+        }
+        _ => {}
+    }
 }
 
 /// An event about one object (not part of a list).
@@ -258,6 +277,7 @@ impl KubeSource {
             changed_services: BTreeSet::new(),
             changed_slices: BTreeSet::new(),
             pending_events: Vec::new(),
+            listing: BTreeSet::new(),
             event_settle: EVENT_SETTLE,
         }
     }
@@ -308,11 +328,11 @@ impl KubeSource {
         }
     }
 
-    /// Publishes the problems that stayed open for [`EVENT_SETTLE`]. While a watch is down or
-    /// reconnecting the stores may be half old, half new: wait for all of them.
+    /// Publishes the problems that stayed open for [`EVENT_SETTLE`]. While a watch is down,
+    /// reconnecting or relisting, the stores may be half old, half new: wait for all of them.
     fn publish_due_events(&mut self) {
         let now = Instant::now();
-        if !self.telemetry.api_connected() {
+        if !self.listing.is_empty() || !self.telemetry.api_connected() {
             for p in &mut self.pending_events {
                 p.due = p.due.max(now + self.event_settle);
             }
@@ -336,6 +356,7 @@ impl KubeSource {
         let (changed, trigger) = match update {
             Update::Service(result) => match *result {
                 Ok(e) => {
+                    track_listing(&mut self.listing, "services", &e);
                     match &e {
                         watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
                             self.changed_services.insert(key_of(s));
@@ -350,6 +371,7 @@ impl KubeSource {
             },
             Update::Slice(result) => match *result {
                 Ok(e) => {
+                    track_listing(&mut self.listing, "endpointslices", &e);
                     match &e {
                         watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
                             self.changed_slices.insert(key_of(s));
@@ -367,6 +389,7 @@ impl KubeSource {
             },
             Update::Node(result) => match *result {
                 Ok(e) => {
+                    track_listing(&mut self.listing, "nodes", &e);
                     let changed = self.cluster.apply_node(&e);
                     // The kubelet rewrites its Node's status every few minutes; only a change
                     // of the addresses extproxy uses is worth a translation.
@@ -390,6 +413,7 @@ impl KubeSource {
             // The resourceVersion was compacted away: the watcher relists, which is routine.
             watcher::Error::WatchError(status) if status.code == 410 => {
                 tracing::info!("{resource}: {}; relisting", status.message);
+                self.listing.insert(resource);
             }
             _ => self.telemetry.api_failed(resource, error_chain(&error)),
         }
