@@ -20,8 +20,9 @@ pkgs=(
   llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   # build basics
   build-essential pkg-config git ca-certificates curl
-  # tests and the demo: namespaces, veths, offload switches, traffic
-  iproute2 ethtool socat
+  # tests and the demo: namespaces, veths, offload switches, traffic; xz unpacks the
+  # Kubernetes binaries the API server tests run (../shared/k8s)
+  iproute2 ethtool socat xz-utils
   # benchmarks: the contenders and the load generators
   iptables nftables iperf3 wrk sockperf linux-perf
 )

@@ -19,12 +19,13 @@ use proxy_common::Config;
 )]
 pub struct Cli {
     /// Log filter (tracing EnvFilter syntax): error, warn, info, debug, or per module. kube's
-    /// per-request error lines are off by default: extproxy logs API trouble itself, once.
+    /// per-request error lines and its warning per broken watch are off by default: extproxy
+    /// logs API trouble itself, once.
     #[arg(
         long,
         global = true,
         env = "EXTPROXY_LOG",
-        default_value = "info,kube_client::client::builder=off"
+        default_value = "info,kube_client::client=error,kube_client::client::builder=off"
     )]
     pub log: String,
     #[command(subcommand)]

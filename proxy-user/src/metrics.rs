@@ -223,6 +223,15 @@ impl Telemetry {
         inner.api.insert(resource, ApiState::Failed(error));
     }
 
+    /// The last request for every watched resource was answered: no outage, no reconnect in
+    /// progress.
+    pub fn api_connected(&self) -> bool {
+        self.lock()
+            .api
+            .values()
+            .all(|s| matches!(s, ApiState::Connected))
+    }
+
     /// Why the agent cannot program yet; None once it can.
     pub fn set_waiting(&self, reason: Option<String>) {
         self.lock().waiting = reason;

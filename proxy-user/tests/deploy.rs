@@ -98,6 +98,8 @@ fn rbac_grants_what_the_agent_requests_and_no_more() {
             "discovery.k8s.io/endpointslices:list",
             "discovery.k8s.io/endpointslices:watch",
             "events.k8s.io/events:create",
+            "events.k8s.io/events:get",
+            "events.k8s.io/events:update",
         ]
     );
 }

@@ -4,35 +4,20 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use extproxy::kube::{NodeOverrides, SourceConfig};
 use extproxy::metrics::Telemetry;
-use extproxy::reconcile::{MapOp, MapSnapshot, MapState, MapWriter, Reconciler};
-use extproxy::translate::{IpFamily, Protocol, ServicePortKey};
-use proxy_common::user::port_host;
-use proxy_common::{BackendState, FE_F_SOURCE_RANGES, FrontendKind};
+use extproxy::reconcile::{MapOp, MapWriter, Reconciler};
+use extproxy::translate::{Protocol, ServicePortKey};
+use proxy_common::FrontendKind;
 use serde_json::json;
+use support::view::{endpoints, eps, frontends, ids_touched, ip, key, snapshot_of, source_ranges};
 use support::{
-    FakeApi, LIMITS, Model, WAIT, drive_for, drive_until, drive_until_programmed, metric_lines,
-    node_a, start_source,
+    FakeApi, LIMITS, Model, drive_for, drive_until, drive_until_programmed, metric_lines, node_a,
+    start_source,
 };
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn key(namespace: &str, name: &str, port: &str, protocol: Protocol) -> ServicePortKey {
-    ServicePortKey {
-        namespace: namespace.into(),
-        name: name.into(),
-        port_name: port.into(),
-        protocol,
-        family: IpFamily::V4,
-    }
-}
 
 fn proxy_service() -> ServicePortKey {
     key("proxy-test", "proxy-service", "http", Protocol::Tcp)
@@ -48,104 +33,6 @@ fn legacy_pg() -> ServicePortKey {
 
 fn legacy_metrics() -> ServicePortKey {
     key("shop", "legacy-db", "metrics", Protocol::Udp)
-}
-
-/// Live endpoints of a Service port as the maps hold them.
-fn endpoints<W: MapWriter>(
-    m: &Model<W>,
-    k: &ServicePortKey,
-) -> BTreeMap<(IpAddr, u16), &'static str> {
-    let Some(id) = m.reconciler.service_id(k) else {
-        return BTreeMap::new();
-    };
-    m.state()
-        .backends
-        .values()
-        .filter(|b| b.service_id == id && b.state != BackendState::Free as u8)
-        .map(|b| {
-            let state = if b.state == BackendState::Active as u8 {
-                "active"
-            } else {
-                "draining"
-            };
-            ((b.addr.to_ip(), port_host(b.port)), state)
-        })
-        .collect()
-}
-
-fn eps(list: &[(&str, u16, &'static str)]) -> BTreeMap<(IpAddr, u16), &'static str> {
-    list.iter().map(|(a, p, s)| ((ip(a), *p), *s)).collect()
-}
-
-/// Frontends of a Service port: (address, port, kind, source ranges checked), sorted.
-fn frontends<W: MapWriter>(
-    m: &Model<W>,
-    k: &ServicePortKey,
-) -> Vec<(IpAddr, u16, FrontendKind, bool)> {
-    let Some(id) = m.reconciler.service_id(k) else {
-        return Vec::new();
-    };
-    let mut out: Vec<_> = m
-        .state()
-        .frontends
-        .iter()
-        .filter(|(_, v)| v.service_id == id)
-        .map(|(fk, v)| {
-            (
-                fk.addr.to_ip(),
-                port_host(fk.port),
-                FrontendKind::from_u8(v.kind).unwrap(),
-                v.flags & FE_F_SOURCE_RANGES != 0,
-            )
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-fn source_ranges<W: MapWriter>(m: &Model<W>, k: &ServicePortKey) -> Vec<String> {
-    let Some(id) = m.reconciler.service_id(k) else {
-        return Vec::new();
-    };
-    m.state()
-        .src_ranges_of(id)
-        .map(|r| {
-            let bits = r.prefix_len - 32 - if r.addr.to_ip().is_ipv4() { 96 } else { 0 };
-            format!("{}/{bits}", r.addr.to_ip())
-        })
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect()
-}
-
-/// Service ids the ops of `rounds` write to; deleted frontends and freed backends carry no id,
-/// so they are attributed through the maps as they were `before`.
-fn ids_touched(rounds: &[Vec<MapOp>], before: &MapState) -> BTreeSet<u32> {
-    rounds
-        .iter()
-        .flatten()
-        .filter_map(|op| match op {
-            MapOp::PutFrontend(_, v) => Some(v.service_id),
-            MapOp::DeleteFrontend(k) => before.frontends.get(k).map(|v| v.service_id),
-            MapOp::PutService(id, _) | MapOp::DeleteService(id) => Some(*id),
-            MapOp::PutSlot(k, _) | MapOp::DeleteSlot(k) => Some(k.service_id),
-            MapOp::PutBackend(id, b) if b.state == BackendState::Free as u8 => {
-                before.backends.get(id).map(|old| old.service_id)
-            }
-            MapOp::PutBackend(_, b) => Some(b.service_id),
-            MapOp::PutSrcRange(r) | MapOp::DeleteSrcRange(r) => Some(r.service_id),
-        })
-        .collect()
-}
-
-fn snapshot_of(state: &MapState) -> MapSnapshot {
-    MapSnapshot {
-        frontends: state.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
-        services: state.services.iter().map(|(k, v)| (*k, *v)).collect(),
-        slots: state.slots.iter().map(|(k, v)| (*k, *v)).collect(),
-        backends: state.backends.iter().map(|(k, v)| (*k, *v)).collect(),
-        src_ranges: state.src_ranges.iter().copied().collect(),
-    }
 }
 
 fn final_state_reached<W: MapWriter>(m: &Model<W>) -> bool {
@@ -510,22 +397,18 @@ async fn an_api_outage_keeps_the_maps_then_converges() {
         "the watch first tried to resume"
     );
 
-    // The problem a user must fix is an Event on the Service, in the log's words.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let event = loop {
-        if let Some(e) = api
-            .events_posted()
+    // The problem a user must fix is an Event on the Service, in the log's words, once it has
+    // lasted the settle time (the agent publishes it while it runs).
+    let no_endpoints_posted = || {
+        api.events_posted()
             .into_iter()
             .find(|e| e["reason"] == "NoEndpoints")
-        {
-            break e;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no Event was posted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    drive_until(&mut source, &mut m, &telemetry, "the Event", |_, _| {
+        no_endpoints_posted().is_some()
+    })
+    .await;
+    let event = no_endpoints_posted().unwrap();
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["regarding"]["kind"], "Service");
     assert_eq!(event["regarding"]["namespace"], "proxy-test");

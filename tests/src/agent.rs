@@ -58,14 +58,49 @@ pub struct Agent {
 
 impl Agent {
     fn start(topo: &Topology, extra: &[&str]) -> Agent {
+        let manifests = topo.manifests();
+        Agent::spawn(
+            topo,
+            &["--manifests".as_ref(), manifests.as_os_str()],
+            extra,
+            Some("info"),
+        )
+    }
+
+    /// Kubernetes mode: the agent of Node `node_name`, reading the API server of `kubeconfig`.
+    pub fn start_kube(
+        topo: &Topology,
+        kubeconfig: &Path,
+        node_name: &str,
+        extra: &[&str],
+    ) -> Agent {
+        Agent::spawn(
+            topo,
+            &[
+                "--kubeconfig".as_ref(),
+                kubeconfig.as_os_str(),
+                "--node-name".as_ref(),
+                node_name.as_ref(),
+            ],
+            extra,
+            // The agent's own default: the log as operators see it.
+            None,
+        )
+    }
+
+    fn spawn(
+        topo: &Topology,
+        source: &[&std::ffi::OsStr],
+        extra: &[&str],
+        log_filter: Option<&str>,
+    ) -> Agent {
         let log = topo.dir.join("agent.log");
         let state_dir = topo.dir.join("state");
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/var/run/netns/{}", topo.node.name))
             .arg(extproxy_bin())
             .args(["run", "--iface", "up0", "--gc-interval", "1"])
-            .arg("--manifests")
-            .arg(topo.manifests())
+            .args(source)
             .arg("--pin-dir")
             .arg(topo.pin_dir())
             .arg("--state-dir")
@@ -76,8 +111,11 @@ impl Agent {
         if !extra.contains(&"--xdp") {
             cmd.args(["--xdp", "driver"]);
         }
-        cmd.env("EXTPROXY_LOG", "info")
-            .env("NO_COLOR", "1")
+        match log_filter {
+            Some(filter) => cmd.env("EXTPROXY_LOG", filter),
+            None => cmd.env_remove("EXTPROXY_LOG"),
+        };
+        cmd.env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(
                 File::options()

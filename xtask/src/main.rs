@@ -2,6 +2,7 @@
 
 mod bench;
 mod benchmark;
+mod k8s;
 mod plot;
 mod report;
 
@@ -24,12 +25,16 @@ usage: cargo xtask <task> [options]
       --kubeconfig PATH run the agent on this host against a cluster instead
       --iface IFACE     with --kubeconfig: the uplink (default: the default route's interface)
       -- ARGS           extra arguments for `extproxy run`
-  test                  build everything and run all tests (unit, BPF_PROG_TEST_RUN, namespaces)
+  test                  build everything and run all tests (unit, BPF_PROG_TEST_RUN, namespaces,
+                        a real API server: the binaries come from ../shared/k8s, unpacked once
+                        into ~/.cache/extproxy, or from $EXTPROXY_K8S_BIN)
   lint                  rustfmt check and clippy -D warnings, the eBPF crate included
   bench [--quick]       benchmarks against kube-proxy's iptables and nftables data paths;
       --only SUITES     per-packet, control-plane, traffic (comma-separated)
       --report          re-render BENCHMARKS.md from bench-results/bench.json
   kind                  Kubernetes-in-Docker tests (skipped with a message without docker/kind)
+  k8s-bin               unpack the Kubernetes binaries (once) and print their directory, e.g.
+                        `export EXTPROXY_K8S_BIN=$(cargo xtask k8s-bin)` before `cargo test`
 ";
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +50,12 @@ fn main() -> anyhow::Result<()> {
         "lint" => lint(),
         "bench" => benchmark::main(rest),
         "kind" => kind(),
+        "k8s-bin" => {
+            let dir = k8s::binaries(&workspace_root())?
+                .context("no Kubernetes binaries: ../shared/k8s does not exist")?;
+            println!("{}", dir.display());
+            Ok(())
+        }
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())
@@ -61,8 +72,13 @@ fn workspace_root() -> PathBuf {
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    cargo_with_env(args, &[])
+}
+
+fn cargo_with_env(args: &[&str], env: &[(&str, &Path)]) -> anyhow::Result<()> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(workspace_root())
         .status()
         .with_context(|| format!("cargo {}", args.join(" ")))?;
@@ -287,9 +303,15 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     require_root("test")?;
     // The namespace tests run the real binary: build it (and the eBPF object) first.
     build_agent(false)?;
+    // The tests against a real API server find etcd and kube-apiserver through this.
+    let k8s_bin = k8s::binaries(&workspace_root())?;
     let mut cargo_args = vec!["test", "--workspace"];
     cargo_args.extend(args.iter().map(String::as_str));
-    cargo(&cargo_args)
+    let env: Vec<(&str, &Path)> = k8s_bin
+        .iter()
+        .map(|dir| (k8s::BIN_ENV, dir.as_path()))
+        .collect();
+    cargo_with_env(&cargo_args, &env)
 }
 
 fn lint() -> anyhow::Result<()> {

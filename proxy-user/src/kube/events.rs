@@ -3,11 +3,12 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::api::events::v1::Event as K8sEvent;
+use k8s_openapi::api::events::v1::{Event as K8sEvent, EventSeries};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{self, Timestamp};
 use kube::api::PostParams;
 use kube::{Api, Client, Resource};
 
@@ -58,7 +59,8 @@ pub fn reason(d: &Diagnostic) -> &'static str {
 }
 
 /// Decides which diagnostics become Events: errors and warnings about claimed Services (or
-/// their slices), each once for as long as it stays open.
+/// their slices), each once for as long as it stays open. Notes are kept as published
+/// (truncated), which is how an Event is recognised later.
 #[derive(Default)]
 pub struct EventTracker {
     open: BTreeSet<String>,
@@ -92,14 +94,14 @@ impl EventTracker {
             if !claimed.contains(&service) {
                 continue;
             }
-            let note = d.to_string();
+            let note = truncate(&d.to_string(), MAX_NOTE);
             if !self.open.contains(&note) {
                 events.push(ProblemEvent {
                     service,
                     slice,
                     reason: reason(d),
                     field: d.field.clone(),
-                    note: truncate(&note, MAX_NOTE),
+                    note: note.clone(),
                 });
             }
             open.insert(note);
@@ -107,7 +109,18 @@ impl EventTracker {
         self.open = open;
         events
     }
+
+    /// The problem is still open (as of the last [`EventTracker::plan`]).
+    pub fn is_open(&self, event: &ProblemEvent) -> bool {
+        self.open.contains(&event.note)
+    }
 }
+
+/// How long a problem must stay open before it becomes an Event. The watches are independent
+/// streams: a Service created just before its EndpointSlice, or the Services relisted a moment
+/// before the EndpointSlices after an outage, show "no endpoints" for a moment, and such a
+/// passing state must not leave a Warning on the Service for an hour.
+pub const EVENT_SETTLE: Duration = Duration::from_secs(5);
 
 fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {
@@ -136,11 +149,94 @@ fn fnv1a(parts: &[&str]) -> u64 {
 /// and a restarted agent sees them again; with one name per problem only the first create
 /// succeeds (the rest get 409 AlreadyExists), so a Service gets one Event per problem, not one
 /// per node and restart. kube-rs's `Recorder` names Events by time and dedupes only within
-/// one process, which on a DaemonSet means N copies.
+/// one process, which on a DaemonSet means N copies. Repeated episodes of the problem are
+/// counted in that Event's `series` (see [`Publisher::publish`]).
 pub fn event_name(service_name: &str, uid: &str, event: &ProblemEvent) -> String {
     let field = event.field.as_deref().unwrap_or("");
     let hash = fnv1a(&[uid, event.reason, field, &event.note]);
     format!("{service_name}.extproxy-{hash:016x}")
+}
+
+/// Reports of one problem closer together than this are one episode. Every node sees a
+/// problem begin within moments of the others (they watch the same API server), so the first
+/// report creates or counts the Event and the others find it fresh and leave it. It also
+/// bounds how often a flapping problem updates its Event: at most once per gap, cluster-wide.
+pub const EPISODE_GAP: Duration = Duration::from_secs(60);
+
+/// When an Event was last seen to happen: its series' last observation, else its creation.
+fn last_observed(event: &K8sEvent) -> Option<Timestamp> {
+    event
+        .series
+        .as_ref()
+        .map(|s| s.last_observed_time.0)
+        .or(event.event_time.as_ref().map(|t| t.0))
+}
+
+/// The existing Event counting one more episode seen at `now`, or None when it was observed
+/// less than `gap` ago (the same episode, reported by another node first).
+fn next_episode(existing: &K8sEvent, now: Timestamp, gap: Duration) -> Option<K8sEvent> {
+    let gap = jiff::SignedDuration::try_from(gap).unwrap_or(jiff::SignedDuration::MAX);
+    if let Some(last) = last_observed(existing)
+        && now.duration_since(last) < gap
+    {
+        return None;
+    }
+    let mut updated = existing.clone();
+    updated.series = Some(EventSeries {
+        // The first occurrence is the Event itself; a series starts at 2.
+        count: existing.series.as_ref().map_or(1, |s| s.count) + 1,
+        last_observed_time: MicroTime(now),
+    });
+    Some(updated)
+}
+
+/// What became of one report.
+#[derive(Debug, PartialEq, Eq)]
+enum Delivery {
+    Created,
+    /// An existing Event counts this episode: its series count now.
+    Counted(i32),
+    /// Already reported: by another node for this episode, or before this agent started.
+    AlreadyThere,
+}
+
+/// Creates the Event, or when it exists and `count_episode`, counts a new episode in it.
+/// Concurrent reporters are ordered by the API server: a create loses with 409 AlreadyExists,
+/// an update of a stale copy with 409 Conflict; the loser looks again and finds the episode
+/// counted.
+async fn deliver(
+    api: &Api<K8sEvent>,
+    event: &K8sEvent,
+    count_episode: bool,
+    gap: Duration,
+) -> Result<Delivery, kube::Error> {
+    let name = event.metadata.name.as_deref().unwrap_or_default();
+    // Each round ends in a decision unless another writer got in between; three rounds cover
+    // a create and an update racing this one.
+    for _ in 0..3 {
+        match api.create(&PostParams::default(), event).await {
+            Ok(_) => return Ok(Delivery::Created),
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(err) => return Err(err),
+        }
+        if !count_episode {
+            return Ok(Delivery::AlreadyThere);
+        }
+        // Expired (--event-ttl) since the create: create it again.
+        let Some(existing) = api.get_opt(name).await? else {
+            continue;
+        };
+        let Some(updated) = next_episode(&existing, Timestamp::now(), gap) else {
+            return Ok(Delivery::AlreadyThere);
+        };
+        let count = updated.series.as_ref().map_or(0, |s| s.count);
+        match api.replace(name, &PostParams::default(), &updated).await {
+            Ok(_) => return Ok(Delivery::Counted(count)),
+            Err(kube::Error::Api(status)) if matches!(status.code, 404 | 409) => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(Delivery::AlreadyThere)
 }
 
 /// Publishes Events (events.k8s.io/v1) off the control loop.
@@ -148,6 +244,7 @@ pub struct Publisher {
     client: Client,
     instance: String,
     telemetry: Arc<Telemetry>,
+    episode_gap: Duration,
 }
 
 impl Publisher {
@@ -156,12 +253,24 @@ impl Publisher {
             client,
             instance: format!("extproxy-{node_name}"),
             telemetry,
+            episode_gap: EPISODE_GAP,
         }
+    }
+
+    /// Replaces [`EPISODE_GAP`] (tests).
+    pub fn set_episode_gap(&mut self, gap: Duration) {
+        self.episode_gap = gap;
     }
 
     /// Sends `event` in the background; a failure is logged and counted, never retried (the
     /// log line already said it).
-    pub fn publish(&self, event: ProblemEvent, cluster: &ClusterState) {
+    ///
+    /// `live`: the problem began while this agent watched (not at its start). Then an existing
+    /// Event of the same name is an earlier episode (or this one, reported by another node
+    /// first): if it was last observed more than [`EPISODE_GAP`] ago, its `series` counts one
+    /// more episode. At start-up an agent only creates what is missing: it cannot tell an
+    /// episode it did not see begin from one already counted.
+    pub fn publish(&self, event: ProblemEvent, cluster: &ClusterState, live: bool) {
         let Some(service) = cluster.service(&event.service) else {
             return;
         };
@@ -199,10 +308,19 @@ impl Publisher {
         };
         let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), &event.service.namespace);
         let telemetry = self.telemetry.clone();
+        let gap = self.episode_gap;
         tokio::spawn(async move {
-            match api.create(&PostParams::default(), &object).await {
-                Ok(_) => telemetry.record_event(event.reason, true),
-                Err(kube::Error::Api(status)) if status.code == 409 => {
+            match deliver(&api, &object, live, gap).await {
+                Ok(Delivery::Created) => telemetry.record_event(event.reason, true),
+                Ok(Delivery::Counted(count)) => {
+                    tracing::debug!(
+                        "the {} Event on Service {} counts episode {count}",
+                        event.reason,
+                        event.service
+                    );
+                    telemetry.record_event(event.reason, true);
+                }
+                Ok(Delivery::AlreadyThere) => {
                     tracing::debug!(
                         "the {} Event on Service {} is already there (another node or an earlier run)",
                         event.reason,
@@ -261,5 +379,35 @@ mod tests {
             ..event.clone()
         };
         assert_ne!(name, event_name("db", "uid-1", &other));
+    }
+
+    #[test]
+    fn episodes_count_in_the_series_once_per_gap() {
+        let t0: Timestamp = "2026-12-07T10:00:00Z".parse().unwrap();
+        let at = |secs: i64| t0 + jiff::SignedDuration::from_secs(secs);
+        let gap = Duration::from_secs(60);
+        let created = K8sEvent {
+            event_time: Some(MicroTime(t0)),
+            note: Some("the note".into()),
+            ..K8sEvent::default()
+        };
+        assert_eq!(
+            next_episode(&created, at(5), gap),
+            None,
+            "another node reporting the same episode"
+        );
+        let second = next_episode(&created, at(90), gap).expect("a new episode");
+        let series = second.series.clone().unwrap();
+        assert_eq!(series.count, 2, "the Event itself was the first");
+        assert_eq!(series.last_observed_time.0, at(90));
+        assert_eq!(second.note, created.note, "only the series changes");
+        assert_eq!(second.event_time, created.event_time);
+        assert_eq!(
+            next_episode(&second, at(120), gap),
+            None,
+            "measured from the last observation, not the first"
+        );
+        let third = next_episode(&second, at(151), gap).unwrap();
+        assert_eq!(third.series.unwrap().count, 3);
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt as _, StreamExt as _};
@@ -17,7 +17,7 @@ use kube::{Api, Client, Resource, ResourceExt as _};
 
 use super::Programmer;
 use super::cluster::ClusterState;
-use super::events::{EventTracker, Publisher};
+use super::events::{EVENT_SETTLE, EventTracker, ProblemEvent, Publisher};
 use super::node::{self, NodeFacts, NodeOverrides};
 use crate::agent::Applied;
 use crate::diag::Origin;
@@ -84,6 +84,26 @@ pub struct KubeSource {
     /// Objects named by events since the last translation.
     changed_services: BTreeSet<ObjectKey>,
     changed_slices: BTreeSet<ObjectKey>,
+    /// New problems waiting out [`EVENT_SETTLE`] before they become Events.
+    pending_events: Vec<PendingEvent>,
+    /// Resources being listed, or about to be after 410 Gone: their stores are not current.
+    listing: BTreeSet<&'static str>,
+    event_settle: Duration,
+}
+
+struct PendingEvent {
+    due: Instant,
+    event: ProblemEvent,
+    /// Seen to begin while the agent watched (see [`Publisher::publish`]).
+    live: bool,
+}
+
+/// Sleeps until `due`, or forever without one.
+async fn until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due.into()).await,
+        None => futures::future::pending().await,
+    }
 }
 
 /// Drops what the agent never reads, so a big cluster's stores stay small.
@@ -103,11 +123,59 @@ fn watch<K>(
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    watcher(api, config)
-        .default_backoff()
+    with_backoff(watcher(api, config).boxed())
         .modify(strip::<K>)
         .map(wrap)
         .boxed()
+}
+
+/// kube-rs's back-off between failed attempts (0.8 s doubling to 30 s, jittered, reset by any
+/// success), except after 410 Gone: the API server answered, and the watcher relists after the
+/// first step of the back-off, not after the step an outage had worked it up to. With kube-rs's
+/// own `default_backoff` the relist that follows an outage of a minute waited up to a minute
+/// more, the agent stale all along.
+fn with_backoff<K: Send + 'static>(
+    stream: BoxStream<'static, watcher::Result<watcher::Event<K>>>,
+) -> impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send {
+    use kube::runtime::utils::Backoff as _;
+    futures::stream::unfold(
+        (stream, watcher::DefaultBackoff::default(), None::<Duration>),
+        |(mut stream, mut backoff, pause)| async move {
+            if let Some(pause) = pause {
+                tokio::time::sleep(pause).await;
+            }
+            let item = stream.next().await?;
+            let pause = match &item {
+                Ok(_) => {
+                    backoff.reset();
+                    None
+                }
+                Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                    backoff.reset();
+                    backoff.next()
+                }
+                Err(_) => backoff.next(),
+            };
+            Some((item, (stream, backoff, pause)))
+        },
+    )
+}
+
+/// Keeps `listing` up to date: a list starts with `Init` and ends with `InitDone`.
+fn track_listing<K>(
+    listing: &mut BTreeSet<&'static str>,
+    resource: &'static str,
+    event: &watcher::Event<K>,
+) {
+    match event {
+        watcher::Event::Init => {
+            listing.insert(resource);
+        }
+        watcher::Event::InitDone => {
+            listing.remove(resource);
+        }
+        _ => {}
+    }
 }
 
 /// An event about one object (not part of a list).
@@ -206,7 +274,22 @@ impl KubeSource {
             translator: None,
             changed_services: BTreeSet::new(),
             changed_slices: BTreeSet::new(),
+            pending_events: Vec::new(),
+            listing: BTreeSet::new(),
+            event_settle: EVENT_SETTLE,
         }
+    }
+
+    /// How far apart two reports of one problem must be to count as two episodes in its Event
+    /// (default [`super::events::EPISODE_GAP`]; tests shorten it).
+    pub fn set_event_episode_gap(&mut self, gap: Duration) {
+        self.publisher.set_episode_gap(gap);
+    }
+
+    /// How long a problem must last to become an Event (default [`EVENT_SETTLE`]; tests
+    /// shorten it).
+    pub fn set_event_settle(&mut self, settle: Duration) {
+        self.event_settle = settle;
     }
 
     /// The translation of the last batch.
@@ -221,7 +304,15 @@ impl KubeSource {
             if let Some(batch) = self.take_batch() {
                 return batch;
             }
-            let Some(update) = self.updates.next().await else {
+            let due = self.pending_events.iter().map(|p| p.due).min();
+            let update = tokio::select! {
+                update = self.updates.next() => update,
+                () = until(due) => {
+                    self.publish_due_events();
+                    continue;
+                }
+            };
+            let Some(update) = update else {
                 // Watchers never end; if they did, there is nothing more to wait for.
                 futures::future::pending::<()>().await;
                 continue;
@@ -235,6 +326,27 @@ impl KubeSource {
         }
     }
 
+    /// Publishes the problems that stayed open for [`EVENT_SETTLE`]. While a watch is down,
+    /// reconnecting or relisting, the stores may be half old, half new: wait for all of them.
+    fn publish_due_events(&mut self) {
+        let now = Instant::now();
+        if !self.listing.is_empty() || !self.telemetry.api_connected() {
+            for p in &mut self.pending_events {
+                p.due = p.due.max(now + self.event_settle);
+            }
+            return;
+        }
+        let (due, waiting) = std::mem::take(&mut self.pending_events)
+            .into_iter()
+            .partition(|p| p.due <= now);
+        self.pending_events = waiting;
+        for p in due {
+            if self.tracker.is_open(&p.event) {
+                self.publisher.publish(p.event, &self.cluster, p.live);
+            }
+        }
+    }
+
     fn handle(&mut self, update: Update) {
         let now = SystemTime::now();
         // Changes during a relist have no known time; only live events are measured.
@@ -242,6 +354,7 @@ impl KubeSource {
         let (changed, trigger) = match update {
             Update::Service(result) => match *result {
                 Ok(e) => {
+                    track_listing(&mut self.listing, "services", &e);
                     match &e {
                         watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
                             self.changed_services.insert(key_of(s));
@@ -256,6 +369,7 @@ impl KubeSource {
             },
             Update::Slice(result) => match *result {
                 Ok(e) => {
+                    track_listing(&mut self.listing, "endpointslices", &e);
                     match &e {
                         watcher::Event::Apply(s) | watcher::Event::Delete(s) => {
                             self.changed_slices.insert(key_of(s));
@@ -273,6 +387,7 @@ impl KubeSource {
             },
             Update::Node(result) => match *result {
                 Ok(e) => {
+                    track_listing(&mut self.listing, "nodes", &e);
                     let changed = self.cluster.apply_node(&e);
                     // The kubelet rewrites its Node's status every few minutes; only a change
                     // of the addresses extproxy uses is worth a translation.
@@ -296,6 +411,7 @@ impl KubeSource {
             // The resourceVersion was compacted away: the watcher relists, which is routine.
             watcher::Error::WatchError(status) if status.code == 410 => {
                 tracing::info!("{resource}: {}; relisting", status.message);
+                self.listing.insert(resource);
             }
             _ => self.telemetry.api_failed(resource, error_chain(&error)),
         }
@@ -447,8 +563,16 @@ impl KubeSource {
             tracing::debug!("resync: the maps already match ({ms:.2} ms)");
         }
         if problems_changed {
+            let due = Instant::now() + self.event_settle;
             for event in self.tracker.plan(translation, &self.cluster) {
-                self.publisher.publish(event, &self.cluster);
+                // A problem that closed and opened again while waiting is still one.
+                if !self.pending_events.iter().any(|p| p.event == event) {
+                    self.pending_events.push(PendingEvent {
+                        due,
+                        event,
+                        live: !batch.initial,
+                    });
+                }
             }
         }
         self.programmed = true;

@@ -8,6 +8,9 @@
 //! selectors on Nodes, Events being created, and outages (connections refused and cut).
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod cluster;
+pub mod view;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -712,4 +715,53 @@ pub fn metric_lines(telemetry: &Telemetry, prefix: &str) -> Vec<String> {
         .filter(|l| l.starts_with(prefix))
         .map(str::to_owned)
         .collect()
+}
+
+/// A Kubernetes source driving its own model in a task of its own, as a second agent on
+/// another node does. Stopped on drop.
+pub struct Background {
+    task: tokio::task::JoinHandle<()>,
+    pub telemetry: Arc<Telemetry>,
+    pub model: Arc<Mutex<Model<MapState>>>,
+}
+
+impl Background {
+    pub fn start(mut source: KubeSource, telemetry: Arc<Telemetry>) -> Self {
+        let model = Arc::new(Mutex::new(Model::new()));
+        let m = model.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let batch = source.next().await;
+                source.apply(batch, &mut *m.lock().unwrap());
+            }
+        });
+        Background {
+            task,
+            telemetry,
+            model,
+        }
+    }
+
+    /// Waits until `done` holds for the model and telemetry, or panics after [`WAIT`].
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        mut done: impl FnMut(&Model<MapState>, &Telemetry) -> bool,
+    ) {
+        let deadline = Instant::now() + WAIT;
+        while !done(&self.model.lock().unwrap(), &self.telemetry) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {WAIT:?} waiting for {what}; readiness: {:?}",
+                self.telemetry.readiness()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

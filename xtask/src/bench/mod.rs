@@ -19,7 +19,7 @@ pub mod iptables;
 pub mod kubeproxy;
 pub mod netns;
 pub mod nftables;
-mod sha256;
+pub mod sha256;
 pub mod traffic;
 #[cfg(test)]
 mod validate;
