@@ -147,6 +147,15 @@ struct Mirrored {
 /// Files parsed per thread when reading a whole directory: parsing dominates a cold start.
 const PARSE_THREADS: usize = 2;
 
+/// What one file may cost to parse is bounded by these, each named in the error that refuses a
+/// file or document: the largest file parses in about a second, a document's parse tree stays
+/// under about 100 MB, and no nesting makes the YAML parser slow (its time grows with the square
+/// of the nesting depth). Kubernetes objects need a fraction of each.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+pub const MAX_DOCUMENTS: usize = 5_000;
+pub const MAX_NESTING: usize = 64;
+
 impl ManifestSet {
     pub fn read_dir(dir: &Path) -> Result<Self, ManifestError> {
         let read_err = |source| ManifestError::ReadDir {
@@ -156,7 +165,8 @@ impl ManifestSet {
         let mut paths = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(read_err)? {
             let path = entry.map_err(read_err)?.path();
-            if Self::is_manifest_path(&path) && path.is_file() {
+            // A symlink loop is read too, to be reported rather than skipped unnoticed.
+            if Self::is_manifest_path(&path) && (path.is_file() || is_symlink_loop(&path)) {
                 paths.push(path);
             }
         }
@@ -412,19 +422,78 @@ fn static_kind(kind: &str) -> Cow<'static, str> {
 
 /// Reads and parses one file; None if it does not exist (any more).
 fn read_file(path: &Path) -> Option<ParsedFile> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => Some(parse_file(path, &text)),
+    match read_limited(path) {
+        Ok(Ok(text)) => Some(parse_file(path, &text)),
+        Ok(Err(size)) => Some(file_problem(path, too_big(size))),
         Err(err) if err.kind() == io::ErrorKind::NotFound => None,
-        Err(err) => Some(ParsedFile {
-            objects: Vec::new(),
-            diagnostics: vec![Diagnostic::new(
-                Severity::Error,
-                Origin::file(path),
-                None,
-                None,
-                format!("cannot read file: {err}"),
-            )],
-        }),
+        Err(err) if err.raw_os_error() == Some(libc::ELOOP) => Some(file_problem(
+            path,
+            format!(
+                "a symbolic link that leads back to itself ({}); file ignored",
+                link_chain(path)
+            ),
+        )),
+        Err(err) => Some(file_problem(path, format!("cannot read file: {err}"))),
+    }
+}
+
+/// Whether `path` is a symbolic link that cannot be followed because it leads back to itself.
+pub fn is_symlink_loop(path: &Path) -> bool {
+    std::fs::metadata(path).is_err_and(|err| err.raw_os_error() == Some(libc::ELOOP))
+}
+
+/// `a.yaml -> b.yaml -> a.yaml`: the links followed from `path` until one comes back.
+fn link_chain(path: &Path) -> String {
+    let mut names = vec![path.display().to_string()];
+    let mut visited = vec![path.to_path_buf()];
+    while let Ok(target) = std::fs::read_link(&visited[visited.len() - 1]) {
+        names.push(target.display().to_string());
+        let next = match visited[visited.len() - 1].parent() {
+            Some(dir) if target.is_relative() => dir.join(&target),
+            _ => target,
+        };
+        if visited.contains(&next) || visited.len() > 8 {
+            break;
+        }
+        visited.push(next);
+    }
+    names.join(" -> ")
+}
+
+/// The file's text, or its size without reading it when that is more than [`MAX_FILE_BYTES`]
+/// (a file growing meanwhile is cut short there, and refused by [`parse_file`]).
+fn read_limited(path: &Path) -> io::Result<Result<String, u64>> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    if size > MAX_FILE_BYTES {
+        return Ok(Err(size));
+    }
+    let mut text = String::with_capacity(size as usize);
+    file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
+    Ok(Ok(text))
+}
+
+fn too_big(size: u64) -> String {
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    format!(
+        "the file is {:.1} MiB, more than the {} MiB extproxy reads of one manifest file; file ignored (split it into several files)",
+        mib(size),
+        MAX_FILE_BYTES >> 20
+    )
+}
+
+/// A file that yields nothing but one problem with the whole file.
+fn file_problem(path: &Path, message: String) -> ParsedFile {
+    ParsedFile {
+        objects: Vec::new(),
+        diagnostics: vec![Diagnostic::new(
+            Severity::Error,
+            Origin::file(path),
+            None,
+            None,
+            message,
+        )],
     }
 }
 
@@ -433,6 +502,11 @@ fn read_file(path: &Path) -> Option<ParsedFile> {
 // ---------------------------------------------------------------------------------------------
 
 fn parse_file(path: &Path, text: &str) -> ParsedFile {
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return file_problem(path, too_big(text.len() as u64));
+    }
+    // Editors on Windows start UTF-8 files with a byte order mark; neither parser skips it.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut parsed = parse_documents(path, text);
     // Kept until the file changes: without this, growth slack is a third of a small file's size.
     parsed.objects.shrink_to_fit();
@@ -468,8 +542,36 @@ fn parse_documents(path: &Path, text: &str) -> ParsedFile {
         }
         return parsed;
     }
-    for document in split_documents(text) {
+    for document in split_documents(text, MAX_DOCUMENTS + 1) {
         let origin = Origin::document(path, document.content_line, document.index);
+        let refuse =
+            |message: String| Diagnostic::new(Severity::Error, origin.clone(), None, None, message);
+        if document.index == MAX_DOCUMENTS {
+            parsed.diagnostics.push(refuse(format!(
+                "more than {MAX_DOCUMENTS} documents, the most extproxy reads of one file; this one and the rest of the file are ignored (split it into several files)"
+            )));
+            break;
+        }
+        if document.text.len() > MAX_DOCUMENT_BYTES {
+            parsed.diagnostics.push(refuse(format!(
+                "the document is {} KiB, more than the {} KiB extproxy reads of one YAML document; document ignored (split a long list into several documents)",
+                document.text.len() >> 10,
+                MAX_DOCUMENT_BYTES >> 10
+            )));
+            continue;
+        }
+        if let Some(line) = nesting::too_deep(&document.text, MAX_NESTING) {
+            parsed.diagnostics.push(Diagnostic::new(
+                Severity::Error,
+                Origin::document(path, document.first_line + line - 1, document.index),
+                None,
+                None,
+                format!(
+                    "nested more than {MAX_NESTING} levels deep, the most extproxy reads (Kubernetes objects need far fewer); document ignored"
+                ),
+            ));
+            continue;
+        }
         let yaml = match serde_yaml::from_str::<serde_yaml::Value>(&document.text) {
             Ok(yaml) => yaml,
             Err(err) => {
@@ -532,12 +634,15 @@ fn push_document(chunk: &mut Vec<&str>, first_line: usize, documents: &mut Vec<D
 }
 
 /// Splits on `---` lines ourselves, instead of letting the YAML parser do it, so one broken
-/// document cannot stop the parsing of the next ones.
-fn split_documents(text: &str) -> Vec<Document> {
+/// document cannot stop the parsing of the next ones. Stops after `at_most` documents.
+fn split_documents(text: &str, at_most: usize) -> Vec<Document> {
     let mut documents = Vec::new();
     let mut chunk: Vec<&str> = Vec::new();
     let mut chunk_first_line = 1;
     for (i, line) in text.lines().enumerate() {
+        if documents.len() == at_most {
+            return documents;
+        }
         if is_document_separator(line) {
             push_document(&mut chunk, chunk_first_line, &mut documents);
             chunk_first_line = i + 2;
@@ -1097,5 +1202,6 @@ fn mirror_endpoints(
     slices
 }
 
+mod nesting;
 #[cfg(test)]
 mod tests;

@@ -604,3 +604,136 @@ fn feeding_changes_equals_translating_the_whole_set() {
         );
     }
 }
+
+/// `'a: ' + '[' * 200000` stalled the agent for 72 s: the YAML parser's time grows with the
+/// square of the nesting. The pre-scan refuses it first, naming the limit and the line.
+#[test]
+fn deep_nesting_is_refused_before_parsing() {
+    let deep = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: a}}\n---\nb: 1\na: {}{}\n",
+        "[".repeat(200_000),
+        "]".repeat(200_000)
+    );
+    let (inventory, diagnostics) = load(&[("m/x.yaml", &deep)]);
+    assert_eq!(
+        rendered(&diagnostics),
+        [format!(
+            "error: m/x.yaml:6: nested more than {MAX_NESTING} levels deep, the most extproxy reads (Kubernetes objects need far fewer); document ignored"
+        )]
+    );
+    // The other document of the file is served.
+    assert_eq!(inventory.services.len(), 1);
+    let fine = format!("a: {}{}\n", "[".repeat(40), "]".repeat(40));
+    assert!(
+        !rendered(&load(&[("m/y.yaml", &fine)]).1)[0].contains("levels deep"),
+        "40 levels are read"
+    );
+}
+
+#[test]
+fn file_document_and_count_limits_are_named() {
+    let service =
+        |name: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n");
+    // A document over MAX_DOCUMENT_BYTES is refused; the file's other documents are not.
+    let big = format!(
+        "{}---\nkind: Service\nmetadata:\n  annotations:\n    x: \"{}\"\n",
+        service("a"),
+        "x".repeat(MAX_DOCUMENT_BYTES)
+    );
+    let (inventory, diagnostics) = load(&[("m/big.yaml", &big)]);
+    assert_eq!(
+        rendered(&diagnostics),
+        [
+            "error: m/big.yaml:5: the document is 1024 KiB, more than the 1024 KiB extproxy reads of one YAML document; document ignored (split a long list into several documents)"
+        ]
+    );
+    assert_eq!(inventory.services.len(), 1);
+
+    // Documents after the MAX_DOCUMENTS-th are not read.
+    let many: String = (0..MAX_DOCUMENTS + 10)
+        .map(|i| format!("{}---\n", service(&format!("s{i}"))))
+        .collect();
+    let (inventory, diagnostics) = load(&[("m/many.yaml", &many)]);
+    assert_eq!(inventory.services.len(), MAX_DOCUMENTS);
+    assert_eq!(
+        rendered(&diagnostics),
+        [format!(
+            "error: m/many.yaml:{}: more than {MAX_DOCUMENTS} documents, the most extproxy reads of one file; this one and the rest of the file are ignored (split it into several files)",
+            4 * MAX_DOCUMENTS + 1
+        )]
+    );
+
+    // A file over MAX_FILE_BYTES is not even read.
+    let dir = std::env::temp_dir().join(format!("extproxy-big-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = std::fs::File::create(dir.join("huge.yaml")).expect("create");
+    file.set_len(MAX_FILE_BYTES + 1).expect("grow");
+    std::fs::write(dir.join("ok.yaml"), service("ok")).expect("write");
+    let (inventory, diagnostics) = load_dir(&dir);
+    assert_eq!(
+        rendered(&diagnostics),
+        [format!(
+            "error: {}: the file is 4.0 MiB, more than the 4 MiB extproxy reads of one manifest file; file ignored (split it into several files)",
+            dir.join("huge.yaml").display()
+        )]
+    );
+    assert_eq!(inventory.services.len(), 1);
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+/// Editors on Windows save UTF-8 with a byte order mark; the first document failed with "more
+/// than one document is not supported".
+#[test]
+fn a_byte_order_mark_is_skipped() {
+    let text = "\u{feff}apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b}\n";
+    let (inventory, diagnostics) = load(&[("m/bom.yaml", text)]);
+    assert!(diagnostics.is_empty(), "{:?}", rendered(&diagnostics));
+    assert_eq!(inventory.services.len(), 2);
+    let json =
+        "\u{feff}{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {\"name\": \"c\"}}";
+    let (inventory, diagnostics) = load(&[("m/bom.json", json)]);
+    assert!(diagnostics.is_empty(), "{:?}", rendered(&diagnostics));
+    assert_eq!(inventory.services.len(), 1);
+}
+
+/// A symlink loop in the folder was skipped without a word by `run` and `validate`.
+#[test]
+fn symlink_loops_are_reported() {
+    use std::os::unix::fs::symlink;
+    let dir = std::env::temp_dir().join(format!("extproxy-loops-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    symlink("b.yaml", dir.join("a.yaml")).expect("link");
+    symlink("a.yaml", dir.join("b.yaml")).expect("link");
+    symlink("self.yaml", dir.join("self.yaml")).expect("link");
+    std::fs::write(
+        dir.join("ok.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ok}\n",
+    )
+    .expect("write");
+    let (inventory, diagnostics) = load_dir(&dir);
+    let at = |name: &str| dir.join(name).display().to_string();
+    assert_eq!(
+        rendered(&diagnostics),
+        [
+            format!(
+                "error: {}: a symbolic link that leads back to itself ({} -> b.yaml -> a.yaml); file ignored",
+                at("a.yaml"),
+                at("a.yaml")
+            ),
+            format!(
+                "error: {}: a symbolic link that leads back to itself ({} -> a.yaml -> b.yaml); file ignored",
+                at("b.yaml"),
+                at("b.yaml")
+            ),
+            format!(
+                "error: {}: a symbolic link that leads back to itself ({} -> self.yaml); file ignored",
+                at("self.yaml"),
+                at("self.yaml")
+            ),
+        ]
+    );
+    assert_eq!(inventory.services.len(), 1);
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
