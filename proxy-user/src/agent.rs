@@ -2,13 +2,13 @@
 //! program the difference, say what happened, keep conntrack swept.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use proxy_common::{Config, Counter};
+use proxy_common::{Config, Counter, FrontendKey};
 
 use crate::{
     diag::{Diagnostic, Severity},
@@ -16,7 +16,7 @@ use crate::{
     maps::DatapathMaps,
     reconcile::{Reconciler, SyncReport},
     state::{self, AgentState, ServiceName},
-    translate::Translation,
+    translate::{ObjectKey, Translation},
 };
 
 pub struct Agent {
@@ -34,6 +34,9 @@ pub struct Agent {
     /// `state` differs from the file.
     state_dirty: bool,
     last_write: Option<Instant>,
+    /// The Service each service id of adopted maps was, by the previous agent's state file;
+    /// until the first apply gives the ids names of their own.
+    adopted_names: HashMap<u32, ObjectKey>,
 }
 
 /// The state file is rewritten at most this often: with 10k Services it is a megabyte of JSON,
@@ -60,6 +63,11 @@ impl Agent {
         state: AgentState,
     ) -> Self {
         let ct_max = maps.max_entries(proxy_common::MAP_CT);
+        let adopted_names = if reconciler.state().frontends.is_empty() {
+            HashMap::new()
+        } else {
+            previous_names(&state_dir)
+        };
         Agent {
             maps,
             reconciler,
@@ -72,7 +80,14 @@ impl Agent {
             published_ids: None,
             state_dirty: true,
             last_write: None,
+            adopted_names,
         }
+    }
+
+    /// The Service serving each frontend in the maps. A frontend stays with it, whoever else
+    /// comes to want it: see [`crate::translate::Incremental::set_incumbents`].
+    pub fn incumbents(&self) -> Vec<(FrontendKey, ObjectKey)> {
+        serving(&self.reconciler, &self.adopted_names)
     }
 
     pub fn reconciler(&self) -> &Reconciler {
@@ -105,6 +120,8 @@ impl Agent {
             None => self.reconciler.sync(&translation.desired, &mut self.maps),
         };
         let errors = log_sync_report(&report);
+        // The ids have names of their own now.
+        self.adopted_names = HashMap::new();
         let names_changed = self.published_ids != Some(self.reconciler.ids_version());
         self.publish(translation, names_changed, diagnostics);
         Applied {
@@ -230,6 +247,54 @@ impl Agent {
     }
 }
 
+/// The Service serving each frontend in the maps `reconciler` programs: by its own ids, or
+/// before it has given any, by `adopted` (the names of the ids of maps a previous agent left).
+fn serving(
+    reconciler: &Reconciler,
+    adopted: &HashMap<u32, ObjectKey>,
+) -> Vec<(FrontendKey, ObjectKey)> {
+    let own: HashMap<u32, ObjectKey>;
+    let names = if adopted.is_empty() {
+        own = reconciler
+            .service_ids()
+            .map(|(key, id)| {
+                let service = ObjectKey {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                };
+                (id, service)
+            })
+            .collect();
+        &own
+    } else {
+        adopted
+    };
+    reconciler
+        .state()
+        .frontends
+        .iter()
+        .filter_map(|(frontend, value)| Some((*frontend, names.get(&value.service_id)?.clone())))
+        .collect()
+}
+
+/// Which Service each service id was, by the state file of the agent that left the maps.
+fn previous_names(state_dir: &std::path::Path) -> HashMap<u32, ObjectKey> {
+    let Ok(previous) = state::read(state_dir) else {
+        return HashMap::new();
+    };
+    previous
+        .services
+        .into_iter()
+        .map(|s| {
+            let service = ObjectKey {
+                namespace: s.namespace,
+                name: s.name,
+            };
+            (s.id, service)
+        })
+        .collect()
+}
+
 fn log_sync_report(report: &SyncReport) -> usize {
     for err in &report.capacity_errors {
         tracing::error!("{err}");
@@ -238,4 +303,103 @@ fn log_sync_report(report: &SyncReport) -> usize {
         tracing::error!("{failure}");
     }
     report.capacity_errors.len() + report.apply.failures.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::{Addr, FrontendKind, FrontendValue, PROTO_TCP, user::port_net};
+
+    use super::*;
+    use crate::reconcile::{Limits, MapSnapshot, MapState};
+    use crate::translate::{
+        Desired, DesiredService, FrontendSpec, IpFamily, Protocol, ServicePortKey, VecMap,
+    };
+
+    const LIMITS: Limits = Limits {
+        max_services: 8,
+        max_backends: 8,
+    };
+
+    fn frontend(ip: &str, port: u16) -> FrontendKey {
+        FrontendKey {
+            addr: Addr::from(ip.parse::<IpAddr>().unwrap()),
+            port: port_net(port),
+            proto: PROTO_TCP,
+            pad: 0,
+        }
+    }
+
+    /// What the translator is told is served comes from the maps: the reconciler's own ids, or
+    /// after a restart the names the previous agent published for the ids it left.
+    #[test]
+    fn incumbents_are_read_from_the_maps_and_the_previous_agents_names() {
+        let f = frontend("10.96.0.50", 80);
+        let mut frontends = VecMap::new();
+        frontends.insert(
+            f,
+            FrontendSpec {
+                kind: FrontendKind::ClusterIp,
+                flags: 0,
+            },
+        );
+        let port = ServicePortKey {
+            namespace: "z".into(),
+            name: "serving".into(),
+            port_name: "".into(),
+            protocol: Protocol::Tcp,
+            family: IpFamily::V4,
+        };
+        let mut desired = Desired::default();
+        desired.services.insert(
+            port,
+            DesiredService {
+                frontends,
+                backends: VecMap::new(),
+                affinity_timeout: 0,
+                egress: None,
+                source_ranges: Vec::new(),
+                port: 80,
+                cluster_ip: None,
+                node_port: None,
+            },
+        );
+        let mut reconciler = Reconciler::new(LIMITS);
+        let mut maps = MapState::default();
+        reconciler.sync(&desired, &mut maps);
+        let serving_key = ObjectKey::new("z", "serving");
+        assert_eq!(
+            serving(&reconciler, &HashMap::new()),
+            [(f, serving_key.clone())]
+        );
+
+        // Adopted maps: the ids are the previous agent's, and so are their names.
+        let value = FrontendValue {
+            service_id: 5,
+            kind: FrontendKind::ClusterIp as u8,
+            flags: 0,
+            pad: [0; 2],
+        };
+        let snapshot = MapSnapshot {
+            frontends: vec![(f, value)],
+            ..MapSnapshot::default()
+        };
+        let adopted = Reconciler::from_snapshot(snapshot, LIMITS);
+        assert!(serving(&adopted, &HashMap::new()).is_empty());
+        let dir = std::env::temp_dir().join(format!("extproxy-agent-{}", std::process::id()));
+        let previous = AgentState {
+            services: vec![ServiceName {
+                id: 5,
+                namespace: "z".into(),
+                name: "serving".into(),
+                port_name: "".into(),
+                protocol: "TCP".into(),
+                family: "IPv4".into(),
+            }],
+            ..AgentState::default()
+        };
+        state::write(&dir, &previous).unwrap();
+        let names = previous_names(&dir);
+        assert_eq!(serving(&adopted, &names), [(f, serving_key)]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

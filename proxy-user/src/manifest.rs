@@ -10,6 +10,7 @@ use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort as SlicePort};
 use serde::de::{DeserializeOwned, IgnoredAny, MapAccess, Visitor};
@@ -19,7 +20,7 @@ use thiserror::Error;
 
 use crate::diag::{Diagnostic, ObjectRef, Origin, Severity, Site};
 use crate::objects::{EndpointObject, EndpointsObject, Kept, Meta, ServiceObject, SliceObject};
-use crate::translate::{Incremental, Inventory, ObjectKey, SERVICE_NAME_LABEL, Sourced};
+use crate::translate::{Incremental, Inventory, ObjectKey, SERVICE_NAME_LABEL, Seniority, Sourced};
 
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 /// The value the control plane's mirroring controller puts in [`MANAGED_BY_LABEL`].
@@ -74,6 +75,17 @@ pub struct ManifestSet {
 struct ParsedFile {
     objects: Vec<ParsedObject>,
     diagnostics: Vec<Diagnostic>,
+    /// When the file was last written: its Services' age (see [`Seniority`]).
+    modified: Option<SystemTime>,
+}
+
+impl ParsedFile {
+    fn seniority(&self) -> Seniority {
+        Seniority {
+            since: self.modified,
+            uid: None,
+        }
+    }
 }
 
 /// One object of a file. Its origin is kept without the file's path, which the file's entry
@@ -286,6 +298,14 @@ impl ManifestSet {
         Some((path, self.files.get(&**path)?.objects.get(*i)?))
     }
 
+    /// How old the objects of `path` are.
+    fn seniority(&self, path: &Path) -> Seniority {
+        self.files
+            .get(path)
+            .map(ParsedFile::seniority)
+            .unwrap_or_default()
+    }
+
     /// Hands `translator` every object whose definition in force changed since the last call,
     /// and the diagnostics if they may have changed.
     pub fn feed(&mut self, translator: &mut Incremental) {
@@ -298,7 +318,11 @@ impl ManifestSet {
             let origin = || winner.map(|(path, w)| w.origin(path));
             match (&*reference.kind, winner.map(|(_, w)| &w.object)) {
                 ("Service", Some(KnownObject::Service(service))) => {
-                    translator.set_service(key, origin().map(|o| Sourced::new(service.clone(), o)));
+                    let source = winner.map(|(path, w)| {
+                        Sourced::new(service.clone(), w.origin(path))
+                            .with_seniority(self.seniority(path))
+                    });
+                    translator.set_service(key, source);
                 }
                 ("Service", _) => translator.set_service(key, None),
                 ("EndpointSlice", Some(KnownObject::EndpointSlice(slice))) => {
@@ -323,6 +347,7 @@ impl ManifestSet {
                                 object: slice.clone(),
                                 origin: winner.origin(path),
                                 mirrored_from: Some(reference.clone()),
+                                seniority: Seniority::default(),
                             }),
                         );
                         fed.push(key);
@@ -351,9 +376,9 @@ impl ManifestSet {
             let origin = winner.origin(path);
             match &winner.object {
                 KnownObject::Service(service) => {
-                    inventory
-                        .services
-                        .insert(key, Sourced::new(service.clone(), origin));
+                    let source =
+                        Sourced::new(service.clone(), origin).with_seniority(self.seniority(path));
+                    inventory.services.insert(key, source);
                 }
                 KnownObject::EndpointSlice(slice) => {
                     inventory
@@ -368,6 +393,7 @@ impl ManifestSet {
                                 object: slice.clone(),
                                 origin: origin.clone(),
                                 mirrored_from: Some(reference.clone()),
+                                seniority: Seniority::default(),
                             },
                         );
                     }
@@ -423,7 +449,10 @@ fn static_kind(kind: &str) -> Cow<'static, str> {
 /// Reads and parses one file; None if it does not exist (any more).
 fn read_file(path: &Path) -> Option<ParsedFile> {
     match read_limited(path) {
-        Ok(Ok(text)) => Some(parse_file(path, &text)),
+        Ok(Ok((text, modified))) => Some(ParsedFile {
+            modified,
+            ..parse_file(path, &text)
+        }),
         Ok(Err(size)) => Some(file_problem(path, too_big(size))),
         Err(err) if err.kind() == io::ErrorKind::NotFound => None,
         Err(err) if err.raw_os_error() == Some(libc::ELOOP) => Some(file_problem(
@@ -462,16 +491,16 @@ fn link_chain(path: &Path) -> String {
 
 /// The file's text, or its size without reading it when that is more than [`MAX_FILE_BYTES`]
 /// (a file growing meanwhile is cut short there, and refused by [`parse_file`]).
-fn read_limited(path: &Path) -> io::Result<Result<String, u64>> {
+fn read_limited(path: &Path) -> io::Result<Result<(String, Option<SystemTime>), u64>> {
     use std::io::Read as _;
     let file = std::fs::File::open(path)?;
-    let size = file.metadata()?.len();
-    if size > MAX_FILE_BYTES {
-        return Ok(Err(size));
+    let meta = file.metadata()?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Ok(Err(meta.len()));
     }
-    let mut text = String::with_capacity(size as usize);
+    let mut text = String::with_capacity(meta.len() as usize);
     file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
-    Ok(Ok(text))
+    Ok(Ok((text, meta.modified().ok())))
 }
 
 fn too_big(size: u64) -> String {
@@ -486,6 +515,7 @@ fn too_big(size: u64) -> String {
 /// A file that yields nothing but one problem with the whole file.
 fn file_problem(path: &Path, message: String) -> ParsedFile {
     ParsedFile {
+        modified: None,
         objects: Vec::new(),
         diagnostics: vec![Diagnostic::new(
             Severity::Error,
