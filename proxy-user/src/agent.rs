@@ -2,9 +2,10 @@
 //! program the difference, say what happened, keep conntrack swept.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -27,7 +28,7 @@ pub struct Agent {
     state_dir: PathBuf,
     state: AgentState,
     /// Diagnostics already logged, so a re-translation repeats none of them.
-    reported: BTreeSet<String>,
+    reported: Reported,
     ct_max: u32,
     /// The reconciler's ids as last published.
     published_ids: Option<u64>,
@@ -75,7 +76,7 @@ impl Agent {
             collector: Collector::default(),
             state_dir,
             state,
-            reported: BTreeSet::new(),
+            reported: Reported::default(),
             ct_max,
             published_ids: None,
             state_dirty: true,
@@ -135,22 +136,14 @@ impl Agent {
 
     /// Logs the diagnostics not logged before and those resolved since; returns their texts.
     fn report_diagnostics(&mut self, diagnostics: &[Diagnostic]) -> Vec<String> {
-        let texts: Vec<String> = diagnostics.iter().map(|d| d.to_string()).collect();
-        for (d, text) in diagnostics.iter().zip(&texts) {
-            if self.reported.contains(text) {
-                continue;
-            }
-            match d.severity {
-                Severity::Error => tracing::error!("{text}"),
-                Severity::Warning => tracing::warn!("{text}"),
-                Severity::Info => tracing::info!("{text}"),
+        let (lines, texts) = self.reported.update(diagnostics);
+        for (severity, line) in lines {
+            match severity {
+                Severity::Error => tracing::error!("{line}"),
+                Severity::Warning => tracing::warn!("{line}"),
+                Severity::Info => tracing::info!("{line}"),
             }
         }
-        let now: BTreeSet<String> = texts.iter().cloned().collect();
-        for gone in self.reported.difference(&now) {
-            tracing::info!("resolved: {gone}");
-        }
-        self.reported = now;
         texts
     }
 
@@ -247,6 +240,97 @@ impl Agent {
     }
 }
 
+/// Alike diagnostics (the same problem of different objects) logged one by one in one go; the
+/// rest are counted in one more line. 20,000 Services without endpoints made 20,000 lines.
+const ALIKE_LOGGED: usize = 5;
+
+/// The diagnostics logged so far: a re-translation repeats none of them, and a crowd of alike
+/// ones is said in a few lines (`extproxy inspect` lists them all).
+#[derive(Debug, Default)]
+struct Reported {
+    /// Each text logged, with its gist: what it says, without where and of which object
+    /// (shared by the alike ones).
+    texts: BTreeMap<String, Arc<str>>,
+}
+
+impl Reported {
+    /// The lines to log for the diagnostics in force now: the new ones, then those resolved.
+    /// Also returns every diagnostic's text.
+    fn update(&mut self, diagnostics: &[Diagnostic]) -> (Vec<(Severity, String)>, Vec<String>) {
+        let mut gists: HashMap<String, Arc<str>> = HashMap::new();
+        let mut now: BTreeMap<String, Arc<str>> = BTreeMap::new();
+        let mut texts = Vec::with_capacity(diagnostics.len());
+        let mut new: Vec<(Severity, Arc<str>, String)> = Vec::new();
+        for d in diagnostics {
+            let text = d.to_string();
+            let gist = match self.texts.get(&text) {
+                Some(gist) => gist.clone(),
+                None => {
+                    let said = match &d.field {
+                        Some(field) => format!("{field}: {}", d.message),
+                        None => d.message.clone(),
+                    };
+                    let gist = gists
+                        .entry(said)
+                        .or_insert_with_key(|s| Arc::from(s.as_str()))
+                        .clone();
+                    new.push((d.severity, gist.clone(), text.clone()));
+                    gist
+                }
+            };
+            now.insert(text.clone(), gist);
+            texts.push(text);
+        }
+        let mut lines = summarized(
+            new.into_iter(),
+            |text| text,
+            |n, gist| {
+                format!("{n} more with the same problem: {gist} (extproxy inspect lists them all)")
+            },
+        );
+        let gone = self
+            .texts
+            .iter()
+            .filter(|(text, _)| !now.contains_key(*text))
+            .map(|(text, gist)| (Severity::Info, gist.clone(), text.clone()));
+        lines.extend(summarized(
+            gone,
+            |text| format!("resolved: {text}"),
+            |n, gist| format!("resolved for {n} more: {gist}"),
+        ));
+        self.texts = now;
+        (lines, texts)
+    }
+}
+
+/// `items` (severity, gist, text) as lines: the first few of each gist as `one(text)`, the
+/// rest counted in one `more(count, gist)` after them.
+fn summarized(
+    items: impl Iterator<Item = (Severity, Arc<str>, String)>,
+    one: impl Fn(String) -> String,
+    more: impl Fn(usize, &str) -> String,
+) -> Vec<(Severity, String)> {
+    let mut lines = Vec::new();
+    // Per gist, in order of first appearance: severity and how many were left out.
+    let mut left_out: Vec<(Arc<str>, Severity, usize)> = Vec::new();
+    let mut seen: HashMap<Arc<str>, usize> = HashMap::new();
+    for (severity, gist, text) in items {
+        let n = seen.entry(gist.clone()).or_default();
+        *n += 1;
+        if *n <= ALIKE_LOGGED {
+            lines.push((severity, one(text)));
+        } else if *n == ALIKE_LOGGED + 1 {
+            left_out.push((gist, severity, 1));
+        } else if let Some(entry) = left_out.iter_mut().find(|(g, _, _)| *g == gist) {
+            entry.2 += 1;
+        }
+    }
+    for (gist, severity, n) in left_out {
+        lines.push((severity, more(n, &gist)));
+    }
+    lines
+}
+
 /// The Service serving each frontend in the maps `reconciler` programs: by its own ids, or
 /// before it has given any, by `adopted` (the names of the ids of maps a previous agent left).
 fn serving(
@@ -327,6 +411,57 @@ mod tests {
             proto: PROTO_TCP,
             pad: 0,
         }
+    }
+
+    /// 20,000 Services without endpoints gave 20,000 WARN lines at start, and as many
+    /// "resolved" lines once they got endpoints.
+    #[test]
+    fn alike_diagnostics_are_summed_up() {
+        use crate::diag::{ObjectRef, Origin, Site};
+        let no_endpoints = |i: usize| {
+            Site::new(
+                Origin::Cluster,
+                ObjectRef::new("Service", "default", format!("s{i}")),
+            )
+            .diagnostic(
+                Severity::Warning,
+                None,
+                "no endpoints: connections will be refused",
+            )
+        };
+        let mut all: Vec<Diagnostic> = (0..20_000).map(no_endpoints).collect();
+        all.push(
+            Site::new(Origin::Cluster, ObjectRef::new("Service", "default", "x"))
+                .error("spec.type", "unknown type \"Foo\": treated as ClusterIP"),
+        );
+        let mut reported = Reported::default();
+        let (lines, texts) = reported.update(&all);
+        assert_eq!(texts.len(), 20_001);
+        let rendered: Vec<String> = lines.iter().map(|(s, l)| format!("{s}: {l}")).collect();
+        assert_eq!(
+            rendered,
+            [
+                "warning: Service default/s0: no endpoints: connections will be refused",
+                "warning: Service default/s1: no endpoints: connections will be refused",
+                "warning: Service default/s2: no endpoints: connections will be refused",
+                "warning: Service default/s3: no endpoints: connections will be refused",
+                "warning: Service default/s4: no endpoints: connections will be refused",
+                "error: Service default/x: spec.type: unknown type \"Foo\": treated as ClusterIP",
+                "warning: 19995 more with the same problem: no endpoints: connections will be refused (extproxy inspect lists them all)",
+            ]
+        );
+        // Nothing new: nothing said.
+        assert!(reported.update(&all).0.is_empty());
+        // One more: said alone.
+        all.push(no_endpoints(20_000));
+        assert_eq!(reported.update(&all).0.len(), 1);
+        // All resolved but the error: five lines and a count.
+        let (lines, _) = reported.update(&all[20_000..20_001]);
+        assert_eq!(lines.len(), ALIKE_LOGGED + 1);
+        assert_eq!(
+            lines[ALIKE_LOGGED].1,
+            "resolved for 19996 more: no endpoints: connections will be refused"
+        );
     }
 
     /// What the translator is told is served comes from the maps: the reconciler's own ids, or

@@ -1044,7 +1044,13 @@ fn parse_object(
         "Service" | "Endpoints" => "v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
         _ => {
-            let reference = ObjectRef::new(kind.clone(), namespace.unwrap_or_default(), name);
+            // Nothing of it is validated: what is said of it is kept short.
+            let kind = shorten(&kind);
+            let reference = ObjectRef::new(
+                kind.clone(),
+                shorten(namespace.as_deref().unwrap_or_default()),
+                shorten(&name),
+            );
             out.diagnostics.push(Diagnostic::new(
                 Severity::Info,
                 origin.clone(),
@@ -1089,14 +1095,42 @@ fn parse_object(
         ));
         return;
     }
+    if let Some((field, problem)) = invalid_name(&kind, &site.object) {
+        // Said with the names cut short: a name of 100,000 characters was repeated in every
+        // line about the object.
+        let short = ObjectRef::new(
+            site.object.kind.clone(),
+            shorten(&site.object.namespace),
+            shorten(&site.object.name),
+        );
+        out.diagnostics.push(Diagnostic::new(
+            Severity::Error,
+            site.origin.clone(),
+            Some(short),
+            Some(join_field(prefix, field)),
+            format!("{problem} (the API server refuses it too); object ignored"),
+        ));
+        return;
+    }
     let object = match kind.as_str() {
         "Service" => doc.deserialize::<ServiceObject>().map(|mut s| {
             s.shrink_to_fit();
             KnownObject::Service(Arc::new(s))
         }),
-        "EndpointSlice" => doc.deserialize::<SliceObject>().map(|mut s| {
+        "EndpointSlice" => doc.deserialize::<SliceObject>().and_then(|mut s| {
+            if let Some(service) = s.metadata.labels.get(SERVICE_NAME_LABEL)
+                && !is_dns_label(service, true)
+            {
+                return Err((
+                    format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                    format!(
+                        "{:?} cannot be the name of a Service (at most 63 characters, lower case letters, digits and '-', starting with a letter and ending with a letter or digit)",
+                        shorten(service)
+                    ),
+                ));
+            }
             s.shrink_to_fit();
-            KnownObject::EndpointSlice(Arc::new(s))
+            Ok(KnownObject::EndpointSlice(Arc::new(s)))
         }),
         _ => doc.deserialize::<EndpointsObject>().map(|endpoints| {
             let mut diagnostics = Vec::new();
@@ -1121,6 +1155,91 @@ fn parse_object(
             .diagnostics
             .push(field_error(&field, format!("{message}; object ignored"))),
     }
+}
+
+/// Names longer than this are cut short where a message repeats them.
+const SHORT_NAME: usize = 63;
+
+/// `text`, or its beginning and its length when it is longer than names may be.
+fn shorten(text: &str) -> String {
+    let chars = text.chars().count();
+    if chars <= SHORT_NAME {
+        return text.to_owned();
+    }
+    let start: String = text.chars().take(SHORT_NAME - 20).collect();
+    format!("{start}...({chars} characters)")
+}
+
+/// A DNS label (RFC 1123): 1-63 lower case letters, digits and '-', starting and ending with a
+/// letter or digit; `letter_first` (RFC 1035) also wants a letter first.
+fn is_dns_label(text: &str, letter_first: bool) -> bool {
+    let bytes = text.as_bytes();
+    let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && *first != b'-'
+        && *last != b'-'
+        && (!letter_first || first.is_ascii_lowercase())
+}
+
+/// A DNS subdomain (RFC 1123): at most 253 characters, DNS labels joined by '.'.
+fn is_dns_subdomain(text: &str) -> bool {
+    text.len() <= 253 && text.split('.').all(|label| is_dns_label(label, false))
+}
+
+/// The field and the problem, when the object's namespace or name is one the API server
+/// refuses: a Service's name is an RFC 1035 label, an EndpointSlice's or Endpoints' an RFC
+/// 1123 subdomain, a namespace an RFC 1123 label. A slice's `kubernetes.io/service-name` label
+/// must be able to name a Service.
+fn invalid_name(kind: &str, object: &ObjectRef) -> Option<(&'static str, String)> {
+    if !is_dns_label(&object.namespace, false) {
+        let chars = object.namespace.chars().count();
+        let long = if chars > 63 {
+            format!(", not {chars}")
+        } else {
+            String::new()
+        };
+        return Some((
+            "metadata.namespace",
+            format!(
+                "{:?} is not a valid namespace: at most 63 characters{long}, lower case letters, digits and '-', starting and ending with a letter or digit",
+                shorten(&object.namespace)
+            ),
+        ));
+    }
+    let name = &*object.name;
+    let (valid, limit, rule) = match kind {
+        "Service" => (
+            is_dns_label(name, true),
+            63,
+            "lower case letters, digits and '-', starting with a letter and ending with a letter or digit",
+        ),
+        _ => (
+            is_dns_subdomain(name),
+            253,
+            "lower case letters, digits, '-' and '.', each part between dots starting and ending with a letter or digit",
+        ),
+    };
+    if valid {
+        return None;
+    }
+    let chars = name.chars().count();
+    let long = if chars > limit {
+        format!(", not {chars}")
+    } else {
+        String::new()
+    };
+    Some((
+        "metadata.name",
+        format!(
+            "{:?} is not a valid {kind} name: at most {limit} characters{long}, {rule}",
+            shorten(name)
+        ),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------

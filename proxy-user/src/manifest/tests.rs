@@ -737,3 +737,49 @@ fn symlink_loops_are_reported() {
     assert_eq!(inventory.services.len(), 1);
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+/// A name of 100,000 characters was accepted (the API server caps names at 63 or 253) and
+/// repeated in every line about the object. Names are validated as the API server does, and a
+/// refused one is said cut short.
+#[test]
+fn names_are_validated_like_the_api_server_does() {
+    let long = "a".repeat(100_000);
+    let object = |kind: &str, api: &str, namespace: &str, name: &str| {
+        format!(
+            "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {name}, namespace: {namespace}}}\n"
+        )
+    };
+    let files = [
+        object("Service", "v1", "default", &long),
+        object("Service", "v1", "default", "9lives"),
+        object("Service", "v1", "Default", "ok"),
+        object("EndpointSlice", "discovery.k8s.io/v1", "default", "web-1.x"),
+        object("Endpoints", "v1", "default", "Web_1"),
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: labelled\n  labels: {{kubernetes.io/service-name: {long}}}\naddressType: IPv4\nendpoints: []\n"
+        ),
+        object("Service", "v1", "default", "fine-1"),
+    ]
+    .join("---\n");
+    let (inventory, diagnostics) = load(&[("m.yaml", &files)]);
+    let short = format!("{}...(100000 characters)", "a".repeat(43));
+    assert_eq!(
+        rendered(&diagnostics),
+        [
+            format!("error: m.yaml:1: Service default/{short}: metadata.name: \"{short}\" is not a valid Service name: at most 63 characters, not 100000, lower case letters, digits and '-', starting with a letter and ending with a letter or digit (the API server refuses it too); object ignored"),
+            "error: m.yaml:5: Service default/9lives: metadata.name: \"9lives\" is not a valid Service name: at most 63 characters, lower case letters, digits and '-', starting with a letter and ending with a letter or digit (the API server refuses it too); object ignored".to_owned(),
+            "error: m.yaml:9: Service Default/ok: metadata.namespace: \"Default\" is not a valid namespace: at most 63 characters, lower case letters, digits and '-', starting and ending with a letter or digit (the API server refuses it too); object ignored".to_owned(),
+            "error: m.yaml:17: Endpoints default/Web_1: metadata.name: \"Web_1\" is not a valid Endpoints name: at most 253 characters, lower case letters, digits, '-' and '.', each part between dots starting and ending with a letter or digit (the API server refuses it too); object ignored".to_owned(),
+            format!("error: m.yaml:21: EndpointSlice default/labelled: metadata.labels[kubernetes.io/service-name]: \"{short}\" cannot be the name of a Service (at most 63 characters, lower case letters, digits and '-', starting with a letter and ending with a letter or digit); object ignored"),
+        ]
+    );
+    assert!(diagnostics.iter().all(|d| d.to_string().len() < 600));
+    assert_eq!(
+        inventory.services.keys().cloned().collect::<Vec<_>>(),
+        [key("default", "fine-1")]
+    );
+    assert_eq!(
+        inventory.slices.keys().cloned().collect::<Vec<_>>(),
+        [key("default", "web-1.x")]
+    );
+}
