@@ -265,14 +265,15 @@ pub(super) struct World {
 
 impl World {
     fn rank<'a>(&'a self, key: &'a ObjectKey, holder: Option<&ObjectKey>) -> Rank<'a> {
-        let source = self.services.get(key).and_then(|e| e.source.as_ref());
+        let basis = self
+            .services
+            .get(key)
+            .and_then(|e| e.source.as_ref())
+            .map(rank_basis);
         Rank {
             newcomer: holder != Some(key),
-            age: source.map_or((true, None, None), |s| s.seniority.order()),
-            file: match source.map(|s| &s.origin) {
-                Some(Origin::Manifest { file, .. }) => Some(&**file),
-                _ => None,
-            },
+            age: basis.map_or((true, None, None), |(seniority, _)| seniority.order()),
+            file: basis.and_then(|(_, file)| file),
             key,
         }
     }
@@ -294,14 +295,13 @@ impl World {
     ) -> Option<(ServicePortKey, Precedence)> {
         let claim = self.claims.get(frontend)?;
         let holder = claim.holder.as_deref();
-        let mine = self.rank(key, holder);
         let (first, rank) = claim
             .claimants
             .iter()
             .filter(|c| ***c != *key)
             .map(|c| (c, self.rank(c, holder)))
             .min_by(|a, b| a.1.cmp(&b.1))?;
-        if rank > mine {
+        if rank > self.rank(key, holder) {
             return None;
         }
         // The reason given is the one that would decide without the serving Service too, so
