@@ -1425,7 +1425,8 @@ impl Translator<'_> {
                             Some(Precedence::OlderFile) => "its manifest file is older",
                             Some(Precedence::Older) => "it was created first",
                             Some(Precedence::File) => "its manifest file comes first by name",
-                            Some(Precedence::Name) | None => "first by namespace/name",
+                            Some(Precedence::Name) => "first by namespace/name",
+                            None => "it comes first among the Service's ports",
                         };
                         format!(
                             "{what} is already used by Service {}/{} port {:?}, which keeps it ({why}); not programmed here",
