@@ -214,6 +214,47 @@ fn endpoint_changes_keep_a_long_connection_up() {
     assert!(agent.counter("endpoint_removed") >= 1);
 }
 
+/// A new Service with a serving Service's clusterIP took it over (conflicts were decided by
+/// namespace/name) and the serving Service's clients reached the newcomer's endpoint, or timed
+/// out, from then on. The newcomer's manifest here is even older (moved in with its old
+/// modification time): the Service serving the address keeps it all the same.
+#[test]
+fn a_newcomer_cannot_take_a_serving_services_address() {
+    let t = Topology::new("taken");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080), (EP2, 8080)]);
+    let in_namespace = |name: &str, ns: &str, ep: &str| {
+        service_yaml(name, "", &ready(ep)).replace("namespace: demo", &format!("namespace: {ns}"))
+    };
+    t.write_manifest("z.yaml", &in_namespace("serving", "zz", EP1));
+    let agent = t.start_agent(&[]);
+    assert_eq!(pod_to_cluster_ip(&t), ip(EP1));
+
+    let old = t.dir.join("a.yaml");
+    std::fs::write(&old, in_namespace("newcomer", "aa", EP2)).unwrap();
+    let year_2020 = std::time::UNIX_EPOCH + Duration::from_secs(1_577_836_800);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(year_2020)
+        .unwrap();
+    std::fs::rename(&old, t.manifests().join("a.yaml")).unwrap();
+    agent.wait_for_log_count("manifests changed", 1, SETTLE);
+    for _ in 0..8 {
+        assert_eq!(
+            pod_to_cluster_ip(&t),
+            ip(EP1),
+            "the serving Service keeps its address"
+        );
+    }
+    let log = agent.log_text();
+    assert!(
+        log.contains("a.yaml:1: Service aa/newcomer: spec.clusterIP: 10.96.0.10:80/TCP (ClusterIP) is already used by Service zz/serving port \"http\", which keeps it (it serves it already); not programmed here"),
+        "{log}"
+    );
+    assert!(!log.contains("z.yaml:1: Service zz/serving: spec"), "{log}");
+}
+
 #[test]
 fn no_endpoints_is_refused_not_black_holed() {
     let t = Topology::new("empty");

@@ -79,6 +79,8 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
     let read = started.elapsed();
     let mut watcher = DirWatcher::new(&manifests).context("watching the manifests")?;
     let mut translator = Incremental::new(node, settings);
+    // Frontends the (adopted) maps serve stay with their Service, whatever a newer file says.
+    translator.set_incumbents(agent.incumbents());
     set.feed(&mut translator);
     let t = translator.update();
     tracing::info!(
