@@ -4,12 +4,18 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::*;
 
 use crate::{
-    conntrack::{ct_flags, delete_flow, is_reopen, now_secs, touch},
+    conntrack::{
+        Table, completes, ct_flags, ct_lookup, delete_flow, hold_port, hold_port_of, is_reopen,
+        now_secs, now_ticks, promote, touch,
+    },
     ctx::{Ctx, Hook},
     fwd::{Route, remember, route, route_cached},
     lb::{self, Chosen},
-    maps::{BACKENDS, CONFIG, CT, FRAGS, REVNAT, SCRATCH, Scratch},
-    nat::{icmp_error_source, in_snat_range, set_macs, snat_alloc, xlate, xlate_icmp_error_reply},
+    maps::{BACKENDS, CONFIG, CT_NEW, EVENT_LIMIT, EVENTS, FRAGS, REVNAT, SCRATCH, Scratch},
+    nat::{
+        AllocError, icmp_error_source, in_snat_range, set_macs, snat_alloc, xlate,
+        xlate_icmp_error_reply,
+    },
     parse::{Frag, PULL_LEN, Parsed, Pkt, TCP_ACK, TCP_SYN, parse, parse_inner},
     reject,
     stats::{count, count_service},
@@ -146,8 +152,8 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
             pad: 0,
             pad16: 0,
         };
-        if let Some(rn) = unsafe { REVNAT.get(&s.rn_key) } {
-            return reply(ctx, cfg, s, rn);
+        if let Some(rn) = REVNAT.get_ptr_mut(&s.rn_key) {
+            return reply(ctx, cfg, s, unsafe { &mut *rn });
         }
     }
     Action::PASS
@@ -198,15 +204,15 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     let mut tracked = None;
     if !xdp_defers
         && !pkt.bad_len
-        && let Some(ct) = CT.get_ptr_mut(&pkt.tuple)
+        && let Some((ct, table)) = ct_lookup(&pkt.tuple)
     {
         let c = unsafe { &mut *ct };
         match ended(cfg, pkt, c, now) {
             None => {
                 track_fragment(pkt, &mut s.frag_key);
-                return established(ctx, s, c, now);
+                return established(ctx, cfg, s, c, table, now);
             }
-            Some(why) => tracked = Some((ct, why)),
+            Some(why) => tracked = Some((ct, table, why)),
         }
     }
     let Some(fe) = lb::lookup_frontend(&pkt.tuple.dst, pkt.tuple.dport, pkt.tuple.proto) else {
@@ -221,8 +227,8 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     }
     track_fragment(pkt, &mut s.frag_key);
     s.ct_key = s.pkt.tuple;
-    if let Some((ct, why)) = tracked {
-        delete_flow(&s.ct_key, unsafe { &*ct });
+    if let Some((ct, table, why)) = tracked {
+        delete_flow(&s.ct_key, unsafe { &*ct }, table, now_ticks(cfg));
         match why {
             FlowEnd::Expired => {}
             FlowEnd::Reopened => count(Counter::CtReopened),
@@ -236,8 +242,8 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     }
     match new_flow(ctx, cfg, s, fe, now) {
         Action::REJECT => answer(ctx, &s.pkt),
-        Action::RACED => match CT.get_ptr_mut(&s.ct_key) {
-            Some(ct) => established(ctx, s, unsafe { &mut *ct }, now),
+        Action::RACED => match ct_lookup(&s.ct_key) {
+            Some((ct, table)) => established(ctx, cfg, s, unsafe { &mut *ct }, table, now),
             None => drop(Counter::DropMapUpdate),
         },
         action => action,
@@ -277,7 +283,18 @@ fn backend_alive(ct: &CtValue) -> bool {
 }
 
 #[inline(always)]
-fn established<C: Ctx>(ctx: &C, s: &mut Scratch, ct: &mut CtValue, now: u32) -> Action {
+fn established<C: Ctx>(
+    ctx: &C,
+    cfg: &Config,
+    s: &mut Scratch,
+    ct: &mut CtValue,
+    table: Table,
+    now: u32,
+) -> Action {
+    let flags = ct_flags(s.pkt.tuple.proto, s.pkt.tcp_flags, false);
+    if table == Table::New && completes(s.pkt.tuple.proto, s.pkt.tcp_flags, ct) {
+        return complete(ctx, cfg, s, ct, now);
+    }
     let r = route_cached(
         ctx,
         &mut s.fib,
@@ -291,8 +308,40 @@ fn established<C: Ctx>(ctx: &C, s: &mut Scratch, ct: &mut CtValue, now: u32) -> 
         count(Counter::XdpPassToTc);
         return Action::PASS;
     }
-    touch(ct, now, ct_flags(s.pkt.tuple.proto, s.pkt.tcp_flags, false));
+    if let Some(how) = touch(ct, now, flags) {
+        hold_port_of(&s.pkt.tuple, ct, now_ticks(cfg), how);
+    }
     send_to_endpoint(ctx, s, r, ct)
+}
+
+/// The client's packet that completes a new flow: it moves to the established table, which a
+/// flood of new flows cannot evict it from.
+#[inline(never)]
+fn complete<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, ct: &CtValue, now: u32) -> Action {
+    s.ct = *ct;
+    let flags = ct_flags(s.pkt.tuple.proto, s.pkt.tcp_flags, false);
+    let r = route_cached(
+        ctx,
+        &mut s.fib,
+        &mut s.ct.to_backend,
+        now,
+        s.pkt.v6,
+        &s.ct.snat,
+        &s.ct.backend,
+    );
+    if C::HOOK == Hook::Xdp && !xdp_can_send(ctx, s, r) {
+        count(Counter::XdpPassToTc);
+        return Action::PASS;
+    }
+    if let Some(how) = touch(&mut s.ct, now, flags) {
+        hold_port_of(&s.pkt.tuple, &s.ct, now_ticks(cfg), how);
+    }
+    s.ct_key = s.pkt.tuple;
+    if !promote(&s.ct_key, &mut s.ct) {
+        // No room in CT: the flow goes on from CT_NEW.
+        let _ = CT_NEW.insert(&s.ct_key, &s.ct, 0);
+    }
+    send_to_endpoint(ctx, s, r, &s.ct)
 }
 
 /// XDP sends a packet itself only back out of the device it came in on. Whether the agent
@@ -350,6 +399,10 @@ fn new_flow<C: Ctx>(
         client_port: pkt.tuple.sport,
         frontend_port: pkt.tuple.dport,
         service_id: fe.service_id,
+        closed_at: 0,
+        flags: 0,
+        pad: 0,
+        pad16: 0,
     };
     s.rn_key = RevNatKey {
         backend: chosen.addr,
@@ -360,9 +413,27 @@ fn new_flow<C: Ctx>(
         pad: 0,
         pad16: 0,
     };
-    let hash = lb::flow_hash(&s.ct_key, SEED_SNAT);
-    if !snat_alloc(cfg, now, &mut s.rn_key, &s.rn, &mut s.old_key, hash) {
-        return drop(Counter::DropSnatExhausted);
+    let flow = lb::flow_hash(&s.ct_key, SEED_SNAT);
+    let client = lb::client_hash(&pkt.tuple.src, &pkt.tuple.dst, &chosen.addr, chosen.port);
+    let ticks = now_ticks(cfg);
+    if let Err(e) = snat_alloc(
+        cfg,
+        now,
+        ticks,
+        &mut s.rn_key,
+        &s.rn,
+        &mut s.old_key,
+        flow,
+        client,
+    ) {
+        let (counter, kind) = match e {
+            AllocError::Exhausted => (Counter::DropSnatExhausted, EV_SNAT_EXHAUSTED),
+            AllocError::TableFull => (Counter::DropNatTableFull, EV_NAT_TABLE_FULL),
+        };
+        count(counter);
+        report(cfg, s, kind, fe.service_id, &chosen, ticks);
+        // Refused at once: the client must not wait for its SYN to time out.
+        return Action::REJECT;
     }
     s.ct = CtValue {
         backend: chosen.addr,
@@ -382,7 +453,7 @@ fn new_flow<C: Ctx>(
         to_client: NextHop::default(),
     };
     remember(&mut s.ct.to_backend, r, now, &s.fib);
-    if CT.insert(&s.ct_key, &s.ct, BPF_NOEXIST as u64).is_err() {
+    if CT_NEW.insert(&s.ct_key, &s.ct, BPF_NOEXIST as u64).is_err() {
         // Another CPU created this flow first: give our port back and follow its choice.
         let _ = REVNAT.remove(&s.rn_key);
         return Action::RACED;
@@ -440,17 +511,18 @@ fn send_to_endpoint<C: Ctx>(ctx: &C, s: &Scratch, r: Route, ct: &CtValue) -> Act
     action
 }
 
-/// Endpoint to client (through its SNAT port).
+/// Endpoint to client (through its SNAT port). `rn` may belong to a flow that has closed: late
+/// packets of a closed flow still reach its client while the port is held for it.
 #[inline(never)]
-fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &RevNatValue) -> Action {
+fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &mut RevNatValue) -> Action {
     if s.pkt.bad_len {
         return drop(Counter::DropMalformed);
     }
     s.ct_key = rn.ct_key(s.pkt.tuple.proto);
     let now = now_secs(cfg);
-    let ct = CT.get_ptr_mut(&s.ct_key);
+    let ct = ct_lookup(&s.ct_key);
     let r = match ct {
-        Some(ct) => {
+        Some((ct, _)) => {
             let ct = unsafe { &mut *ct };
             route_cached(
                 ctx,
@@ -471,11 +543,14 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &RevNatValue) -> Ac
     track_fragment(&s.pkt, &mut s.frag_key);
     let pkt = &s.pkt;
     match ct {
-        Some(ct) => touch(
-            unsafe { &mut *ct },
-            now,
-            CT_F_SEEN_REPLY | ct_flags(pkt.tuple.proto, pkt.tcp_flags, true),
-        ),
+        Some((ct, _)) => {
+            let flags = CT_F_SEEN_REPLY | ct_flags(pkt.tuple.proto, pkt.tcp_flags, true);
+            if let Some(how) = touch(unsafe { &mut *ct }, now, flags)
+                && !rn.is_closed()
+            {
+                hold_port(rn, now_ticks(cfg), how);
+            }
+        }
         None => count(Counter::CtMissReply),
     }
     if xlate(
@@ -576,4 +651,37 @@ fn answer<C: Ctx>(ctx: &C, pkt: &Pkt) -> Action {
         Hook::TcIngress | Hook::PodIngress => Action::redirect(ctx.ifindex()),
         Hook::TcEgress => Action::redirect_ingress(ctx.ifindex()),
     }
+}
+
+/// Tells the agent about a refused flow: at most once a second per CPU and backend bucket, with
+/// the count of those it stood for.
+#[inline(always)]
+fn report(cfg: &Config, s: &mut Scratch, kind: u32, service_id: u32, chosen: &Chosen, ticks: u32) {
+    let Some(limit) = EVENT_LIMIT.get_ptr_mut(chosen.id % EVENT_LIMIT_SLOTS) else {
+        return;
+    };
+    let limit = unsafe { &mut *limit };
+    if limit.last != 0 && ticks.wrapping_sub(limit.last) < cfg.hz {
+        limit.suppressed += 1;
+        return;
+    }
+    s.event = Event {
+        kind,
+        count: limit.suppressed + 1,
+        service_id,
+        backend_id: chosen.id,
+        egress: s.rn_key.snat,
+        backend: chosen.addr,
+        backend_port: chosen.port,
+        proto: s.pkt.tuple.proto,
+        pad: 0,
+        reserved: 0,
+    };
+    if EVENTS.output::<Event>(&s.event, 0).is_err() {
+        count(Counter::EventsLost);
+        limit.suppressed += 1;
+        return;
+    }
+    limit.last = ticks;
+    limit.suppressed = 0;
 }

@@ -4,27 +4,28 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::*;
 
 use crate::{
-    conntrack::revnat_key,
+    conntrack::{ct_get, revnat_key},
     csum,
     ctx::{Ctx, load, ptr_at, store},
     lb,
-    maps::{CT, REVNAT},
+    maps::{CT, CT_NEW, REVNAT},
     parse::{ETH_HLEN, Inner, Pkt},
     stats::count,
 };
 
-/// Ports tried before a new flow is dropped as `snat_ports_exhausted`. The candidates are
-/// independent, so with a fraction f of the range in use a new flow is refused with probability
-/// about f^SNAT_TRIES: 0.08% at f = 0.8, 3.4% at 0.9 (consecutive candidates refused flows from
-/// 50-70% in use). Flows pay one try while the range is mostly free. The bound is the verifier's
-/// cost: it walks every iteration; 64 tries took program verification from ~210 to ~370 ms,
-/// which a cold start at 10k Services cannot afford.
+/// Ports tried before a new flow is refused as `snat_ports_exhausted`. The candidates are
+/// independent, so with a fraction f of the range unusable a new flow is refused with probability
+/// about f^SNAT_TRIES: 0.08% at f = 0.8, 3.4% at 0.9. Flows pay one try while the range is mostly
+/// usable. The bound is the verifier's cost: it walks every iteration.
 const SNAT_TRIES: u32 = 32;
+
+/// Tries 1..=CLIENT_TRIES follow the client's own sequence of ports (a hash of its address,
+/// the frontend and the endpoint): ports it closed itself, which it may take again at once.
+const CLIENT_TRIES: u32 = 4;
 
 #[inline(always)]
 pub fn in_snat_range(cfg: &Config, port_net: u16) -> bool {
-    let p = u16::from_be(port_net);
-    p >= cfg.snat_port_min && p <= cfg.snat_port_max
+    cfg.is_snat_port(u16::from_be(port_net))
 }
 
 /// The next candidate of a probe sequence: murmur3's finalizer over a Weyl step, so every try
@@ -34,70 +35,118 @@ fn next_candidate(x: u32) -> u32 {
     lb::fmix32(x.wrapping_add(0x9e37_79b9))
 }
 
+/// Why no port was reserved.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum AllocError {
+    /// Every candidate was in use or held for its client.
+    Exhausted,
+    /// The reverse NAT table had no room for a new entry.
+    TableFull,
+}
+
 /// Reserves a source port on `rn_key.snat` for a flow to `rn_key.backend:backend_port` by
-/// inserting its reverse NAT entry `rn`. On success `rn_key.snat_port` holds the port.
+/// writing its reverse NAT entry `rn`. On success `rn_key.snat_port` holds the port.
 ///
-/// The first candidate comes from the flow hash, so a flow recreated after losing its conntrack
-/// entry usually gets the same port again. The others are re-hashes of it scattered over the
-/// whole range: consecutive ports would pile flows up behind each other (primary clustering),
-/// and then the tries of a new flow all fall in one taken run while half of the range is still
-/// free. Ranges no larger than the tries are walked port by port instead, so a refusal there
-/// always means that every port is in use. A taken port whose flow has expired is reused.
+/// Candidates, in order: one from the flow hash `flow`, so a flow recreated after losing its
+/// conntrack entry usually gets its port again; then [`CLIENT_TRIES`] from the client's own
+/// sequence `client` (address, frontend, endpoint), where its recently closed ports are; then
+/// more from the flow hash. Scattered over the whole range: consecutive ports pile flows up
+/// behind each other. Ranges no larger than the tries are walked port by port instead, so a
+/// refusal there always means that no port is usable.
+///
+/// A port is usable when no flow has it; when its flow is gone or expired; or when its flow
+/// closed and the hold is over for this client: at once (after a few milliseconds) for the
+/// client that closed it, whose TCP timestamps are newer than the ones the endpoint saw last on
+/// that port; after the endpoint's TIME_WAIT for any other client (see DESIGN.md, "SNAT ports").
 #[inline(always)]
 pub fn snat_alloc(
     cfg: &Config,
     now: u32,
+    ticks: u32,
     rn_key: &mut RevNatKey,
     rn: &RevNatValue,
     old_key: &mut CtKey,
-    hash: u32,
-) -> bool {
-    let min = cfg.snat_port_min as u32;
-    let max = cfg.snat_port_max as u32;
-    if max < min {
-        return false;
+    flow: u32,
+    client: u32,
+) -> Result<(), AllocError> {
+    let range = cfg.snat_ports;
+    if range == 0 {
+        return Err(AllocError::Exhausted);
     }
-    let range = max - min + 1;
-    let scatter = if range > SNAT_TRIES { u32::MAX } else { 0 };
-    let mut x = hash;
-    let mut off = hash % range;
-    for _ in 0..SNAT_TRIES {
-        let port = (min + off) as u16;
-        rn_key.snat_port = port.to_be();
-        // Look before inserting: an LRU map takes a free node (evicting the oldest entry when
-        // none is left) before it finds out the key exists, so probing taken ports with
-        // inserts would push out live flows' entries once the map is full.
-        let reserved = match unsafe { REVNAT.get(&*rn_key) } {
-            None => REVNAT.insert(&*rn_key, rn, BPF_NOEXIST as u64).is_ok(),
-            Some(existing) => take_if_stale(cfg, now, rn_key, rn, existing, old_key),
-        };
-        if reserved {
-            return true;
+    // All-ones for ranges larger than the tries; branch-free on purpose: a branch on the range
+    // makes LLVM duplicate the loop, one copy per case, and the verifier then walks both.
+    let scatter = 0u32.wrapping_sub((range > SNAT_TRIES) as u32);
+    let start = flow % range;
+    let mut x = flow;
+    let mut full = false;
+    for k in 0..SNAT_TRIES {
+        let own = 0u32.wrapping_sub((k.wrapping_sub(1) < CLIENT_TRIES) as u32);
+        let h = (lb::fmix32(client.wrapping_add(k.wrapping_mul(0x9e37_79b9))) & own) | (x & !own);
+        let idx = ((h % range) & scatter) | ((start + k) % range & !scatter);
+        rn_key.snat_port = cfg.snat_port_at(idx).to_be();
+        // Look before inserting: an insert that finds the key taken still costs a lookup, and
+        // taken ports are the common case once a busy range has filled with held ports.
+        match REVNAT.get_ptr_mut(&*rn_key) {
+            None => match REVNAT.insert(&*rn_key, rn, BPF_NOEXIST as u64) {
+                Ok(()) => return Ok(()),
+                // Taken meanwhile by another CPU: try the next one.
+                Err(e) if e == -EEXIST => {}
+                Err(_) => full = true,
+            },
+            Some(existing) => {
+                if take(cfg, now, ticks, rn_key, rn, unsafe { &mut *existing }, old_key) {
+                    return Ok(());
+                }
+            }
         }
         count(Counter::SnatCollision);
-        // The next port at random (off + 1 + a random offset), or, for small ranges, the next
-        // port. Branch-free on purpose: a branch on the range makes LLVM duplicate the loop, one
-        // copy per case, and the verifier then walks both (+50% instructions at 32 tries).
         x = next_candidate(x);
-        off = (off + 1 + ((x % range) & scatter)) % range;
     }
-    false
+    Err(if full {
+        AllocError::TableFull
+    } else {
+        AllocError::Exhausted
+    })
 }
 
-/// Takes over the port of `rn_key` from `existing` if that flow is gone, expired, or already
-/// moved to another port (its conntrack entry, `old_key`, goes with it if it still owns the port).
+const EEXIST: i32 = 17;
+
+/// Takes the port of `existing` (the entry of `rn_key`) for `rn` if its hold allows. The entry is
+/// claimed with one compare-and-swap of `closed_at`, so two CPUs never take the same port; a
+/// taken-over open flow's conntrack entry (`old_key`) goes with it.
 #[inline(always)]
-fn take_if_stale(
+fn take(
     cfg: &Config,
     now: u32,
+    ticks: u32,
     rn_key: &RevNatKey,
     rn: &RevNatValue,
-    existing: &RevNatValue,
+    existing: &mut RevNatValue,
     old_key: &mut CtKey,
 ) -> bool {
+    let closed_at = existing.closed_at;
+    if closed_at != 0 {
+        let age = ticks.wrapping_sub(closed_at);
+        if existing.client == rn.client && existing.frontend == rn.frontend {
+            if age < cfg.snat_reuse_gap_ticks {
+                return false;
+            }
+            if !claim(existing, closed_at, rn) {
+                return false;
+            }
+            count(Counter::SnatReusedByClient);
+            return true;
+        }
+        if age < cfg.snat_hold_ticks(existing.flags) {
+            count(Counter::SnatTimeWaitSkipped);
+            return false;
+        }
+        return claim(existing, closed_at, rn);
+    }
+    // An open flow's port: free only if the flow is gone, expired, or moved to another port.
     let proto = rn_key.proto;
     *old_key = existing.ct_key(proto);
-    let (stale, owned) = match unsafe { CT.get(&*old_key) } {
+    let (stale, owned) = match ct_get(&*old_key) {
         None => (true, false),
         Some(ct) => {
             let owned = revnat_key(ct, proto) == *rn_key;
@@ -107,13 +156,50 @@ fn take_if_stale(
     if !stale {
         return false;
     }
-    if owned {
-        let _ = CT.remove(&*old_key);
-    }
-    if REVNAT.insert(rn_key, rn, 0).is_err() {
+    // Rare (flows that ended without closing): replaced through the map, so that of two CPUs
+    // taking the same port, one insert fails.
+    let _ = REVNAT.remove(rn_key);
+    if REVNAT.insert(rn_key, rn, BPF_NOEXIST as u64).is_err() {
         return false;
     }
+    if owned {
+        let _ = CT.remove(&*old_key);
+        let _ = CT_NEW.remove(&*old_key);
+    }
     count(Counter::CtStaleReplaced);
+    true
+}
+
+/// Writes `rn` over the closed flow's entry `existing` if its `closed_at` is still `seen`: one
+/// compare-and-swap to 0 (open), which only one CPU can win. Nothing else reads the entry's other
+/// fields meanwhile but replies of the closed flow, which may as well be lost.
+#[inline(always)]
+fn claim(existing: &mut RevNatValue, seen: u32, rn: &RevNatValue) -> bool {
+    // BPF has 64-bit atomics only: `closed_at` and the flags after it, one aligned word (map
+    // values are 8-byte aligned and `closed_at` sits at offset 40).
+    const _: () = assert!(core::mem::offset_of!(RevNatValue, closed_at) % 8 == 0);
+    let word = &mut existing.closed_at as *mut u32 as *mut u64;
+    let current = unsafe { core::ptr::read_volatile(word) };
+    if current as u32 != seen {
+        return false;
+    }
+    // core's Atomic types offer no compare-and-swap on the BPF target, but the instruction
+    // exists (BPF_CMPXCHG, kernel 5.12).
+    let (_, swapped) = unsafe {
+        core::intrinsics::atomic_cxchg::<
+            u64,
+            { core::intrinsics::AtomicOrdering::SeqCst },
+            { core::intrinsics::AtomicOrdering::SeqCst },
+        >(word, current, 0)
+    };
+    if !swapped {
+        return false;
+    }
+    existing.client = rn.client;
+    existing.frontend = rn.frontend;
+    existing.client_port = rn.client_port;
+    existing.frontend_port = rn.frontend_port;
+    existing.service_id = rn.service_id;
     true
 }
 

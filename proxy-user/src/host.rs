@@ -208,11 +208,17 @@ pub fn with_clock(config: &Config) -> Config {
         return *config;
     }
     let (clock_mult, clock_offset) = jiffies_clock();
+    let hz = match tick_ns() {
+        Some(tick) if clock_mult != 0 => hz(tick) as u32,
+        // The data path's fine clock is then milliseconds of ktime.
+        _ => 1000,
+    };
     Config {
         clock_mult,
         clock_offset,
         ..*config
     }
+    .with_hz(hz)
 }
 
 /// Now, by the data path's clock: the seconds its conntrack, affinity and next-hop stamps use.
@@ -238,6 +244,27 @@ pub fn datapath_secs() -> u32 {
         ..Config::DEFAULT
     };
     cfg.clock_secs(jiffies)
+}
+
+/// Now, by the data path's fine clock (`Config::hz` ticks a second; SNAT port holds): jiffies
+/// (their low 32 bits) when `config` has the jiffies factors, else milliseconds of
+/// CLOCK_MONOTONIC_COARSE, as the data path does.
+pub fn datapath_ticks(config: &Config) -> u32 {
+    let fallback = || {
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+        (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000) as u32
+    };
+    if config.clock_mult == 0 {
+        return fallback();
+    }
+    let user_hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let mut tms: libc::tms = unsafe { std::mem::zeroed() };
+    let ticks = unsafe { libc::times(&mut tms) };
+    if user_hz <= 0 || ticks == -1 as libc::clock_t {
+        return fallback();
+    }
+    (ticks as u64 as u128 * config.hz as u128 / user_hz as u128) as u32
 }
 
 /// Seconds of CLOCK_MONOTONIC_COARSE.

@@ -13,7 +13,7 @@ use aya::sys::SyscallError;
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, Config, Counter, CtKey, CtValue,
     FE_FILTER_WORDS, FrontendKey, FrontendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_COUNTERS, MAP_CT, MAP_FE_FILTER, MAP_FRONTENDS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS,
+    MAP_COUNTERS, MAP_CT, MAP_CT_NEW, MAP_FE_FILTER, MAP_FRONTENDS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS,
     MAP_SRC_RANGES, MAP_SVC_STATS, RevNatKey, RevNatValue, ServiceStats, ServiceValue, SlotKey,
     SrcRangeKey,
 };
@@ -54,6 +54,7 @@ pub struct DatapathMaps {
     slots: HashMap<MapData, SlotKey, u32>,
     backends: Array<MapData, BackendValue>,
     ct: HashMap<MapData, CtKey, CtValue>,
+    ct_new: HashMap<MapData, CtKey, CtValue>,
     revnat: HashMap<MapData, RevNatKey, RevNatValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
@@ -131,6 +132,7 @@ impl DatapathMaps {
             slots: typed(MAP_SLOTS, get(MAP_SLOTS)?)?,
             backends: typed(MAP_BACKENDS, get(MAP_BACKENDS)?)?,
             ct: typed(MAP_CT, get(MAP_CT)?)?,
+            ct_new: typed(MAP_CT_NEW, get(MAP_CT_NEW)?)?,
             revnat: typed(MAP_REVNAT, get(MAP_REVNAT)?)?,
             affinity: typed(MAP_AFFINITY, get(MAP_AFFINITY)?)?,
             src_ranges: typed(MAP_SRC_RANGES, get(MAP_SRC_RANGES)?)?,
@@ -149,6 +151,7 @@ impl DatapathMaps {
             MAP_SLOTS => IterableMap::map(&self.slots),
             MAP_BACKENDS => IterableMap::map(&self.backends),
             MAP_CT => IterableMap::map(&self.ct),
+            MAP_CT_NEW => IterableMap::map(&self.ct_new),
             MAP_REVNAT => IterableMap::map(&self.revnat),
             MAP_AFFINITY => IterableMap::map(&self.affinity),
             MAP_SRC_RANGES => IterableMap::map(&self.src_ranges),
@@ -242,13 +245,23 @@ impl DatapathMaps {
         })
     }
 
+    /// Every tracked flow: established ones (CT), then those not established yet (CT_NEW).
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, MapsError> {
-        entries(MAP_CT, self.ct.iter())
+        let mut flows = entries(MAP_CT, self.ct.iter())?;
+        flows.extend(entries(MAP_CT_NEW, self.ct_new.iter())?);
+        Ok(flows)
     }
 
-    /// Deletes a conntrack entry (already gone is fine: the data path may have beaten us).
+    /// How many flows each table holds: (established, not established yet).
+    pub fn conntrack_counts(&self) -> (usize, usize) {
+        (self.ct.keys().count(), self.ct_new.keys().count())
+    }
+
+    /// Deletes a flow from whichever table holds it (already gone is fine: the data path may
+    /// have beaten us).
     pub fn remove_ct(&mut self, key: &CtKey) -> Result<(), MapsError> {
-        ignore_missing(self.ct.remove(key)).map_err(in_map(MAP_CT))
+        ignore_missing(self.ct.remove(key)).map_err(in_map(MAP_CT))?;
+        ignore_missing(self.ct_new.remove(key)).map_err(in_map(MAP_CT_NEW))
     }
 
     pub fn remove_revnat(&mut self, key: &RevNatKey) -> Result<(), MapsError> {
