@@ -53,6 +53,11 @@ impl Action {
     const RACED: Action = Action(7);
     /// Internal: neither a tracked flow nor a frontend (the filter's false positive).
     const NOT_OURS: Action = Action(8);
+    /// Internal: a new flow is set up in `Scratch::ct`, its route in `Scratch::route`; translate
+    /// and send it (outside `new_flow`, whose stack frame is at its deepest).
+    const SEND: Action = Action(9);
+    /// Internal: `new_flow` chose an endpoint and a route; `open_flow` goes on.
+    const OPEN: Action = Action(10);
 
     #[inline(always)]
     pub const fn redirect(ifindex: u32) -> Action {
@@ -201,7 +206,12 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     // Without XDP_TX, XDP could not send any of these (nor their rejects): TC does it all.
     let xdp_defers = C::HOOK == Hook::Xdp && !xdp_tx_allowed(cfg);
     let now = now_secs(cfg);
-    let mut tracked = None;
+    // A flow that ended, to tear down once the packet is known to start a new one. Plain
+    // initialised values, not an Option of them: LLVM spills the parts of a None it never
+    // wrote, and the verifier refuses to read uninitialised registers.
+    let mut tracked: *mut CtValue = core::ptr::null_mut();
+    let mut tracked_in = Table::New;
+    let mut why = FlowEnd::Expired;
     if !xdp_defers
         && !pkt.bad_len
         && let Some((ct, table)) = ct_lookup(&pkt.tuple)
@@ -212,7 +222,11 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
                 track_fragment(pkt, &mut s.frag_key);
                 return established(ctx, cfg, s, c, table, now);
             }
-            Some(why) => tracked = Some((ct, table, why)),
+            Some(end) => {
+                tracked = ct;
+                tracked_in = table;
+                why = end;
+            }
         }
     }
     let Some(fe) = lb::lookup_frontend(&pkt.tuple.dst, pkt.tuple.dport, pkt.tuple.proto) else {
@@ -227,8 +241,8 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     }
     track_fragment(pkt, &mut s.frag_key);
     s.ct_key = s.pkt.tuple;
-    if let Some((ct, table, why)) = tracked {
-        delete_flow(&s.ct_key, unsafe { &*ct }, table, now_ticks(cfg));
+    if !tracked.is_null() {
+        delete_flow(&s.ct_key, unsafe { &*tracked }, tracked_in, now_ticks(cfg));
         match why {
             FlowEnd::Expired => {}
             FlowEnd::Reopened => count(Counter::CtReopened),
@@ -240,7 +254,12 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
             FlowEnd::EndpointGone => count(Counter::UdpRebalanced),
         }
     }
-    match new_flow(ctx, cfg, s, fe, now) {
+    let action = match new_flow(ctx, s, fe, now) {
+        Action::OPEN => open_flow(cfg, s, now),
+        action => action,
+    };
+    match action {
+        Action::SEND => send_to_endpoint(ctx, s, s.route, &s.ct),
         Action::REJECT => answer(ctx, &s.pkt),
         Action::RACED => match ct_lookup(&s.ct_key) {
             Some((ct, table)) => established(ctx, cfg, s, unsafe { &mut *ct }, table, now),
@@ -356,14 +375,11 @@ fn xdp_tx_allowed(cfg: &Config) -> bool {
     cfg.flags & CFG_F_XDP_TX != 0
 }
 
+/// A new flow, first half: the Service, its checks, the endpoint and the route. Leaves them in
+/// the scratch for [`open_flow`] (Action::OPEN). Two sibling subprograms rather than one: the
+/// call chain has 512 bytes of stack, and the port allocation's tries run one level deeper.
 #[inline(never)]
-fn new_flow<C: Ctx>(
-    ctx: &C,
-    cfg: &Config,
-    s: &mut Scratch,
-    fe: &FrontendValue,
-    now: u32,
-) -> Action {
+fn new_flow<C: Ctx>(ctx: &C, s: &mut Scratch, fe: &FrontendValue, now: u32) -> Action {
     let pkt = &s.pkt;
     if pkt.tuple.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         count(Counter::CtMissMidstream);
@@ -393,76 +409,82 @@ fn new_flow<C: Ctx>(
         count(Counter::XdpPassToTc);
         return Action::PASS;
     }
-    s.rn = RevNatValue {
-        client: pkt.tuple.src,
-        frontend: pkt.tuple.dst,
-        client_port: pkt.tuple.sport,
-        frontend_port: pkt.tuple.dport,
-        service_id: fe.service_id,
-        closed_at: 0,
-        flags: 0,
-        pad: 0,
-        pad16: 0,
-    };
-    s.rn_key = RevNatKey {
-        backend: chosen.addr,
-        snat: svc.egress,
-        backend_port: chosen.port,
-        snat_port: 0,
-        proto: pkt.tuple.proto,
-        pad: 0,
-        pad16: 0,
-    };
+    s.route = r;
+    s.chosen = chosen;
+    s.fe = *fe;
+    s.affinity_timeout = svc.affinity_timeout;
+    s.egress = svc.egress;
+    Action::OPEN
+}
+
+/// A new flow, second half: its SNAT port and conntrack entry (Action::SEND), from what
+/// [`new_flow`] left in the scratch.
+#[inline(never)]
+fn open_flow(cfg: &Config, s: &mut Scratch, now: u32) -> Action {
+    let pkt = &s.pkt;
+    let chosen = &s.chosen;
+    // Field by field: whole-struct literals are built on the stack first, and the call chain
+    // has 512 bytes of it in all.
+    let rn = &mut s.rn;
+    rn.client = pkt.tuple.src;
+    rn.frontend = pkt.tuple.dst;
+    rn.client_port = pkt.tuple.sport;
+    rn.frontend_port = pkt.tuple.dport;
+    rn.service_id = s.fe.service_id;
+    rn.closed_at = 0;
+    rn.flags = 0;
+    rn.pad = 0;
+    rn.pad16 = 0;
+    let rk = &mut s.rn_key;
+    rk.backend = chosen.addr;
+    rk.snat = s.egress;
+    rk.backend_port = chosen.port;
+    rk.snat_port = 0;
+    rk.proto = pkt.tuple.proto;
+    rk.pad = 0;
+    rk.pad16 = 0;
     let flow = lb::flow_hash(&s.ct_key, SEED_SNAT);
     let client = lb::client_hash(&pkt.tuple.src, &pkt.tuple.dst, &chosen.addr, chosen.port);
     let ticks = now_ticks(cfg);
-    if let Err(e) = snat_alloc(
-        cfg,
-        now,
-        ticks,
-        &mut s.rn_key,
-        &s.rn,
-        &mut s.old_key,
-        flow,
-        client,
-    ) {
+    if let Err(e) = snat_alloc(cfg, now, ticks, flow, client) {
         let (counter, kind) = match e {
             AllocError::Exhausted => (Counter::DropSnatExhausted, EV_SNAT_EXHAUSTED),
             AllocError::TableFull => (Counter::DropNatTableFull, EV_NAT_TABLE_FULL),
         };
         count(counter);
-        report(cfg, s, kind, fe.service_id, &chosen, ticks);
+        report(s, kind);
         // Refused at once: the client must not wait for its SYN to time out.
         return Action::REJECT;
     }
-    s.ct = CtValue {
-        backend: chosen.addr,
-        snat: svc.egress,
-        backend_id: chosen.id,
-        backend_generation: chosen.generation,
-        service_id: fe.service_id,
-        created: now,
-        last_seen: now,
-        backend_port: chosen.port,
-        snat_port: s.rn_key.snat_port,
-        flags: ct_flags(pkt.tuple.proto, pkt.tcp_flags, false),
-        kind: fe.kind,
-        pad: [0; 2],
-        reserved: 0,
-        to_backend: NextHop::default(),
-        to_client: NextHop::default(),
-    };
-    remember(&mut s.ct.to_backend, r, now, &s.fib);
+    let pkt = &s.pkt;
+    let chosen = &s.chosen;
+    let ct = &mut s.ct;
+    ct.backend = chosen.addr;
+    ct.snat = s.egress;
+    ct.backend_id = chosen.id;
+    ct.backend_generation = chosen.generation;
+    ct.service_id = s.fe.service_id;
+    ct.created = now;
+    ct.last_seen = now;
+    ct.backend_port = chosen.port;
+    ct.snat_port = s.rn_key.snat_port;
+    ct.flags = ct_flags(pkt.tuple.proto, pkt.tcp_flags, false);
+    ct.kind = s.fe.kind;
+    ct.pad = [0; 2];
+    ct.reserved = 0;
+    ct.to_backend = NextHop::default();
+    ct.to_client = NextHop::default();
+    remember(&mut s.ct.to_backend, s.route, now, &s.fib);
     if CT_NEW.insert(&s.ct_key, &s.ct, BPF_NOEXIST as u64).is_err() {
         // Another CPU created this flow first: give our port back and follow its choice.
         let _ = REVNAT.remove(&s.rn_key);
         return Action::RACED;
     }
-    if svc.affinity_timeout != 0 {
-        lb::affinity_record(fe.service_id, &s.pkt.tuple.src, &chosen, now);
+    if s.affinity_timeout != 0 {
+        lb::affinity_record(s.fe.service_id, &s.pkt.tuple.src, &s.chosen, now);
     }
     count(Counter::CtCreated);
-    send_to_endpoint(ctx, s, r, &s.ct)
+    Action::SEND
 }
 
 #[inline(always)]
@@ -653,13 +675,18 @@ fn answer<C: Ctx>(ctx: &C, pkt: &Pkt) -> Action {
     }
 }
 
-/// Tells the agent about a refused flow: at most once a second per CPU and backend bucket, with
-/// the count of those it stood for.
+/// Tells the agent about a refused new flow (`Scratch::chosen`, `fe`, `rn_key`): at most once a
+/// second per CPU and backend bucket, with the count of those it stood for.
 #[inline(always)]
-fn report(cfg: &Config, s: &mut Scratch, kind: u32, service_id: u32, chosen: &Chosen, ticks: u32) {
-    let Some(limit) = EVENT_LIMIT.get_ptr_mut(chosen.id % EVENT_LIMIT_SLOTS) else {
+fn report(s: &mut Scratch, kind: u32) {
+    let chosen = &s.chosen;
+    let (Some(cfg), Some(limit)) = (
+        CONFIG.get(0),
+        EVENT_LIMIT.get_ptr_mut(chosen.id % EVENT_LIMIT_SLOTS),
+    ) else {
         return;
     };
+    let ticks = now_ticks(cfg);
     let limit = unsafe { &mut *limit };
     if limit.last != 0 && ticks.wrapping_sub(limit.last) < cfg.hz {
         limit.suppressed += 1;
@@ -668,7 +695,7 @@ fn report(cfg: &Config, s: &mut Scratch, kind: u32, service_id: u32, chosen: &Ch
     s.event = Event {
         kind,
         count: limit.suppressed + 1,
-        service_id,
+        service_id: s.fe.service_id,
         backend_id: chosen.id,
         egress: s.rn_key.snat,
         backend: chosen.addr,

@@ -8,7 +8,9 @@ use aya_ebpf::{
 use proxy_common::*;
 
 use crate::{
-    fwd::FibParams,
+    fwd::{FibParams, Route},
+    lb::Chosen,
+    nat::AllocLoop,
     parse::{Inner, Pkt},
 };
 
@@ -92,6 +94,14 @@ pub struct Scratch {
     pub old_key: CtKey,
     /// The event being reported.
     pub event: Event,
+    /// SNAT port allocation's tries (bpf_loop).
+    pub alloc: AllocLoop,
+    /// A new flow's choices, from `new_flow` to `open_flow` and where it is sent.
+    pub route: Route,
+    pub chosen: Chosen,
+    pub fe: FrontendValue,
+    pub egress: Addr,
+    pub affinity_timeout: u32,
     pub frag_key: FragKey,
     pub fib: FibParams,
 }

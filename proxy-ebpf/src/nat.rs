@@ -1,6 +1,6 @@
 //! Address translation: SNAT port allocation, header rewriting, ICMP error translation.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, cty::c_void, helpers::bpf_loop};
 use proxy_common::*;
 
 use crate::{
@@ -8,7 +8,7 @@ use crate::{
     csum,
     ctx::{Ctx, load, ptr_at, store},
     lb,
-    maps::{CT, CT_NEW, REVNAT},
+    maps::{CONFIG, CT, CT_NEW, REVNAT, SCRATCH},
     parse::{ETH_HLEN, Inner, Pkt},
     stats::count,
 };
@@ -19,8 +19,10 @@ use crate::{
 /// usable. The bound is the verifier's cost: it walks every iteration.
 const SNAT_TRIES: u32 = 32;
 
-/// Tries 1..=CLIENT_TRIES follow the client's own sequence of ports (a hash of its address,
-/// the frontend and the endpoint): ports it closed itself, which it may take again at once.
+/// After a candidate turned out held for another client (the range is crowded with recently
+/// closed flows of other clients), this many tries follow the client's own sequence of ports (a
+/// hash of its address, the frontend and the endpoint): the ports it closed itself are there, and
+/// it may take them again at once.
 const CLIENT_TRIES: u32 = 4;
 
 #[inline(always)]
@@ -44,28 +46,29 @@ pub enum AllocError {
     TableFull,
 }
 
-/// Reserves a source port on `rn_key.snat` for a flow to `rn_key.backend:backend_port` by
-/// writing its reverse NAT entry `rn`. On success `rn_key.snat_port` holds the port.
+/// Reserves a source port on `s.rn_key.snat` for a flow to `s.rn_key.backend:backend_port` by
+/// writing its reverse NAT entry `s.rn`. On success `s.rn_key.snat_port` holds the port.
 ///
-/// Candidates, in order: one from the flow hash `flow`, so a flow recreated after losing its
-/// conntrack entry usually gets its port again; then [`CLIENT_TRIES`] from the client's own
-/// sequence `client` (address, frontend, endpoint), where its recently closed ports are; then
-/// more from the flow hash. Scattered over the whole range: consecutive ports pile flows up
-/// behind each other. Ranges no larger than the tries are walked port by port instead, so a
-/// refusal there always means that no port is usable.
+/// Candidates come from the flow hash `flow`, so a flow recreated after losing its conntrack
+/// entry usually gets its port again, scattered over the whole range: consecutive ports pile
+/// flows up behind each other. Once a candidate turns out held for another client, the next
+/// [`CLIENT_TRIES`] follow the client's own sequence `client`, where the ports it closed itself
+/// are. Ranges no larger than the tries are walked port by port instead, so a refusal there
+/// always means that no port is usable.
 ///
 /// A port is usable when no flow has it; when its flow is gone or expired; or when its flow
-/// closed and the hold is over for this client: at once (after a few milliseconds) for the
-/// client that closed it, whose TCP timestamps are newer than the ones the endpoint saw last on
-/// that port; after the endpoint's TIME_WAIT for any other client (see DESIGN.md, "SNAT ports").
+/// closed and the hold is over for this client: after a few milliseconds for the client that
+/// closed it, whose TCP timestamps are newer than the ones the endpoint saw last on that port;
+/// after the endpoint's TIME_WAIT for any other client (see DESIGN.md, "SNAT ports").
+///
+/// The tries run under bpf_loop: the verifier checks one try, not every one of them, so the
+/// number of tries costs no verification time (unrolled, 32 tries with this much logic each
+/// did not verify in minutes).
 #[inline(always)]
 pub fn snat_alloc(
     cfg: &Config,
     now: u32,
     ticks: u32,
-    rn_key: &mut RevNatKey,
-    rn: &RevNatValue,
-    old_key: &mut CtKey,
     flow: u32,
     client: u32,
 ) -> Result<(), AllocError> {
@@ -73,46 +76,129 @@ pub fn snat_alloc(
     if range == 0 {
         return Err(AllocError::Exhausted);
     }
-    // All-ones for ranges larger than the tries; branch-free on purpose: a branch on the range
-    // makes LLVM duplicate the loop, one copy per case, and the verifier then walks both.
-    let scatter = 0u32.wrapping_sub((range > SNAT_TRIES) as u32);
-    let start = flow % range;
-    let mut x = flow;
-    let mut full = false;
-    for k in 0..SNAT_TRIES {
-        let own = 0u32.wrapping_sub((k.wrapping_sub(1) < CLIENT_TRIES) as u32);
-        let h = (lb::fmix32(client.wrapping_add(k.wrapping_mul(0x9e37_79b9))) & own) | (x & !own);
-        let idx = ((h % range) & scatter) | ((start + k) % range & !scatter);
-        rn_key.snat_port = cfg.snat_port_at(idx).to_be();
-        // Look before inserting: an insert that finds the key taken still costs a lookup, and
-        // taken ports are the common case once a busy range has filled with held ports.
-        match REVNAT.get_ptr_mut(&*rn_key) {
-            None => match REVNAT.insert(&*rn_key, rn, BPF_NOEXIST as u64) {
-                Ok(()) => return Ok(()),
-                // Taken meanwhile by another CPU: try the next one.
-                Err(e) if e == -EEXIST => {}
-                Err(_) => full = true,
-            },
-            Some(existing) => {
-                if take(cfg, now, ticks, rn_key, rn, unsafe { &mut *existing }, old_key) {
-                    return Ok(());
-                }
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return Err(AllocError::Exhausted);
+    };
+    let s = unsafe { &mut *s };
+    s.alloc = AllocLoop {
+        now,
+        ticks,
+        client,
+        x: flow,
+        start: flow % range,
+        own_from: u32::MAX,
+        taken: 0,
+        full: 0,
+    };
+    unsafe {
+        bpf_loop(
+            SNAT_TRIES,
+            alloc_try as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    if s.alloc.taken != 0 {
+        Ok(())
+    } else if s.alloc.full != 0 {
+        Err(AllocError::TableFull)
+    } else {
+        Err(AllocError::Exhausted)
+    }
+}
+
+/// The state of [`snat_alloc`]'s tries. In the per-CPU scratch, not on the stack (where
+/// bpf_loop contexts usually live): the call chain's 512 bytes of stack have no room left.
+#[repr(C)]
+pub struct AllocLoop {
+    now: u32,
+    ticks: u32,
+    client: u32,
+    /// The flow's probe sequence: the next random candidate.
+    x: u32,
+    /// First candidate, for ranges walked port by port.
+    start: u32,
+    /// The try at which the client's own sequence starts (never, until a held port is met).
+    own_from: u32,
+    taken: u32,
+    full: u32,
+}
+
+/// One try of [`snat_alloc`]: 1 (stop) once a port is taken or nothing can go on, else 0.
+#[inline(never)]
+extern "C" fn alloc_try(k: u64, _ctx: *mut c_void) -> i64 {
+    let (Some(cfg), Some(s)) = (CONFIG.get(0), SCRATCH.get_ptr_mut(0)) else {
+        return 1;
+    };
+    let s = unsafe { &mut *s };
+    let st = &mut s.alloc;
+    let range = cfg.snat_ports;
+    if range == 0 {
+        return 1;
+    }
+    let k = k as u32;
+    let j = k.wrapping_sub(st.own_from);
+    let idx = if range <= SNAT_TRIES {
+        (st.start + k) % range
+    } else if j < CLIENT_TRIES {
+        lb::fmix32(st.client.wrapping_add(j.wrapping_mul(0x9e37_79b9))) % range
+    } else {
+        st.x % range
+    };
+    st.x = next_candidate(st.x);
+    s.rn_key.snat_port = cfg.snat_port_at(idx).to_be();
+    // Look before inserting: an insert that finds the key taken still costs a lookup, and
+    // taken ports are the common case once a busy range has filled with held ports.
+    let outcome = match REVNAT.get_ptr_mut(&s.rn_key) {
+        None => match REVNAT.insert(&s.rn_key, &s.rn, BPF_NOEXIST as u64) {
+            Ok(()) => Take::Taken,
+            // Taken meanwhile by another CPU.
+            Err(e) if e == -EEXIST => Take::Busy,
+            Err(_) => {
+                s.alloc.full = 1;
+                Take::Busy
+            }
+        },
+        Some(existing) => take(
+            cfg,
+            s.alloc.now,
+            s.alloc.ticks,
+            &s.rn_key,
+            &s.rn,
+            unsafe { &mut *existing },
+            &mut s.old_key,
+        ),
+    };
+    match outcome {
+        Take::Taken => {
+            s.alloc.taken = 1;
+            return 1;
+        }
+        Take::Busy => {}
+        Take::HeldForOther => {
+            if s.alloc.own_from == u32::MAX {
+                s.alloc.own_from = k + 1;
             }
         }
-        count(Counter::SnatCollision);
-        x = next_candidate(x);
     }
-    Err(if full {
-        AllocError::TableFull
-    } else {
-        AllocError::Exhausted
-    })
+    count(Counter::SnatCollision);
+    0
+}
+
+/// What a candidate port turned out to be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Take {
+    Taken,
+    /// In use, or held for this client but too briefly closed.
+    Busy,
+    /// Held for another client (the endpoint may still be in TIME_WAIT for it).
+    HeldForOther,
 }
 
 const EEXIST: i32 = 17;
 
-/// Takes the port of `existing` (the entry of `rn_key`) for `rn` if its hold allows. The entry is
-/// claimed with one compare-and-swap of `closed_at`, so two CPUs never take the same port; a
+/// Takes the port of `existing` (the entry of `rn_key`) for `rn` if its hold allows. A closed
+/// flow's entry is claimed with one compare-and-swap, so two CPUs never take the same port; a
 /// taken-over open flow's conntrack entry (`old_key`) goes with it.
 #[inline(always)]
 fn take(
@@ -123,25 +209,26 @@ fn take(
     rn: &RevNatValue,
     existing: &mut RevNatValue,
     old_key: &mut CtKey,
-) -> bool {
+) -> Take {
     let closed_at = existing.closed_at;
     if closed_at != 0 {
         let age = ticks.wrapping_sub(closed_at);
         if existing.client == rn.client && existing.frontend == rn.frontend {
-            if age < cfg.snat_reuse_gap_ticks {
-                return false;
-            }
-            if !claim(existing, closed_at, rn) {
-                return false;
+            if age < cfg.snat_reuse_gap_ticks || !claim(existing, closed_at, rn) {
+                return Take::Busy;
             }
             count(Counter::SnatReusedByClient);
-            return true;
+            return Take::Taken;
         }
         if age < cfg.snat_hold_ticks(existing.flags) {
             count(Counter::SnatTimeWaitSkipped);
-            return false;
+            return Take::HeldForOther;
         }
-        return claim(existing, closed_at, rn);
+        return if claim(existing, closed_at, rn) {
+            Take::Taken
+        } else {
+            Take::Busy
+        };
     }
     // An open flow's port: free only if the flow is gone, expired, or moved to another port.
     let proto = rn_key.proto;
@@ -154,20 +241,20 @@ fn take(
         }
     };
     if !stale {
-        return false;
+        return Take::Busy;
     }
     // Rare (flows that ended without closing): replaced through the map, so that of two CPUs
     // taking the same port, one insert fails.
     let _ = REVNAT.remove(rn_key);
     if REVNAT.insert(rn_key, rn, BPF_NOEXIST as u64).is_err() {
-        return false;
+        return Take::Busy;
     }
     if owned {
         let _ = CT.remove(&*old_key);
         let _ = CT_NEW.remove(&*old_key);
     }
     count(Counter::CtStaleReplaced);
-    true
+    Take::Taken
 }
 
 /// Writes `rn` over the closed flow's entry `existing` if its `closed_at` is still `seen`: one

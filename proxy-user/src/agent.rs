@@ -209,10 +209,11 @@ impl Agent {
     /// Sweeps expired flows and warns when conntrack is close to full.
     pub fn sweep(&mut self) -> Option<GcReport> {
         let now = crate::host::datapath_secs();
+        let now_ticks = crate::host::datapath_ticks(&self.config);
         let frontends = &self.reconciler.state().frontends;
         match self
             .collector
-            .sweep(&mut self.maps, &self.config, now, frontends)
+            .sweep(&mut self.maps, &self.config, now, now_ticks, frontends)
         {
             Ok(report) => {
                 tracing::debug!(?report, "conntrack sweep");

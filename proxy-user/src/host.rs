@@ -99,7 +99,7 @@ fn read_sysctl(path: &str) -> Option<String> {
 }
 
 /// Problems with the node's settings that would make the data path fail, each with its fix.
-pub fn check_sysctls(v4: bool, v6: bool, snat: &RangeInclusive<u16>) -> Vec<String> {
+pub fn check_sysctls(v4: bool, v6: bool, snat: &[RangeInclusive<u16>]) -> Vec<String> {
     let mut warnings = Vec::new();
     // The FIB lookups the programs do refuse to route when forwarding is off.
     if v4 && read_sysctl("/proc/sys/net/ipv4/ip_forward").as_deref() == Some("0") {
@@ -112,22 +112,24 @@ pub fn check_sysctls(v4: bool, v6: bool, snat: &RangeInclusive<u16>) -> Vec<Stri
             "net.ipv6.conf.all.forwarding is 0: IPv6 Services cannot be forwarded (fix: sysctl -w net.ipv6.conf.all.forwarding=1)".to_owned(),
         );
     }
-    if let Some(range) = read_sysctl("/proc/sys/net/ipv4/ip_local_port_range") {
-        let mut parts = range
-            .split_whitespace()
-            .filter_map(|p| p.parse::<u16>().ok());
-        if let (Some(lo), Some(hi)) = (parts.next(), parts.next()) {
-            let reserved =
-                read_sysctl("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default();
-            if lo <= *snat.end() && *snat.start() <= hi && !covers(&reserved, snat) {
+    if let Some(ephemeral) = crate::snat::ephemeral_range() {
+        let reserved =
+            read_sysctl("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default();
+        for range in snat {
+            if ephemeral.start() <= range.end()
+                && range.start() <= ephemeral.end()
+                && !covers(&reserved, range)
+            {
                 warnings.push(format!(
-                    "SNAT ports {}-{} overlap the node's ephemeral ports ({lo}-{hi}): a local socket \
-                     could pick a port extproxy uses and lose its replies (fix: --snat-ports above {hi}, \
+                    "SNAT ports {}-{} overlap the node's ephemeral ports ({}-{}): a local socket \
+                     could pick a port extproxy uses and lose its replies (fix: --snat-ports auto, \
                      or sysctl -w net.ipv4.ip_local_reserved_ports={}-{})",
-                    snat.start(),
-                    snat.end(),
-                    snat.start(),
-                    snat.end()
+                    range.start(),
+                    range.end(),
+                    ephemeral.start(),
+                    ephemeral.end(),
+                    range.start(),
+                    range.end()
                 ));
             }
         }

@@ -237,7 +237,13 @@ pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
         agent,
         config: ConfigView {
             abi_version: cfg.abi_version,
-            snat_ports: format!("{}-{}", cfg.snat_port_min, cfg.snat_port_max),
+            snat_ports: cfg
+                .snat_ranges
+                .iter()
+                .filter(|r| !r.is_empty())
+                .map(|r| format!("{}-{}", r.min, r.max))
+                .collect::<Vec<_>>()
+                .join(","),
             timeouts: BTreeMap::from([
                 ("tcp_syn", cfg.tcp_syn_timeout),
                 ("tcp_established", cfg.tcp_established_timeout),

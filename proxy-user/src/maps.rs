@@ -13,9 +13,9 @@ use aya::sys::SyscallError;
 use proxy_common::{
     ALL_MAPS, AffinityKey, AffinityValue, BackendValue, Config, Counter, CtKey, CtValue,
     FE_FILTER_WORDS, FrontendKey, FrontendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_COUNTERS, MAP_CT, MAP_CT_NEW, MAP_FE_FILTER, MAP_FRONTENDS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS,
-    MAP_SRC_RANGES, MAP_SVC_STATS, RevNatKey, RevNatValue, ServiceStats, ServiceValue, SlotKey,
-    SrcRangeKey,
+    MAP_COUNTERS, MAP_CT, MAP_CT_NEW, MAP_FE_FILTER, MAP_FRONTENDS, MAP_REVNAT, MAP_SERVICES,
+    MAP_SLOTS, MAP_SRC_RANGES, MAP_SVC_STATS, RevNatKey, RevNatValue, ServiceStats, ServiceValue,
+    SlotKey, SrcRangeKey,
 };
 use thiserror::Error;
 

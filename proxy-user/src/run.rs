@@ -17,6 +17,7 @@ use extproxy::{
     agent::Agent,
     host, kube as kubemode, loader,
     metrics::{self, DatapathReader, Telemetry},
+    snat::{self, SnatPorts},
     translate,
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -30,6 +31,36 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(dir) => manifest_mode::run_manifests(&args, dir, &ifaces).await,
         None => kube_mode::run_kube(&args, &ifaces).await,
     }
+}
+
+/// The SNAT port ranges `--snat-ports` asks for (`auto`: from the node's settings), logged with
+/// what they sustain and a warning when that is too little.
+fn snat_ranges(args: &RunArgs) -> Vec<std::ops::RangeInclusive<u16>> {
+    let ranges = match &args.datapath.snat_ports {
+        SnatPorts::Ranges(r) => r.clone(),
+        SnatPorts::Auto => {
+            let ephemeral = snat::ephemeral_range();
+            if ephemeral.is_none() {
+                tracing::warn!(
+                    "net.ipv4.ip_local_port_range is unreadable: --snat-ports auto leaves out only \
+                     the NodePort range; local sockets may collide with SNAT ports"
+                );
+            }
+            snat::auto_ranges(ephemeral, &args.services.node_port_range)
+        }
+    };
+    let described = snat::describe(&ranges);
+    let ports: u32 = ranges.iter().map(|r| r.len() as u32).sum();
+    let capacity = snat::Capacity::of(
+        ports,
+        proxy_common::Config::DEFAULT.tcp_closing_timeout,
+        snat::ENDPOINT_TIME_WAIT_SECS,
+    );
+    tracing::info!("SNAT ports {described}: {capacity}");
+    if let Some(w) = capacity.warning(&described) {
+        tracing::warn!("{w}");
+    }
+    ranges
 }
 
 /// `--iface auto` stands for the interface(s) of the default route: the uplink name differs

@@ -258,11 +258,10 @@ fn main() {
         ..Limits::default()
     };
     // A wide SNAT range: every first-packet sample is a new flow to one of four endpoints.
-    let cfg = Config {
-        snat_port_min: 1024,
-        snat_port_max: 65535,
-        ..Config::DEFAULT
-    };
+    let cfg = Config::DEFAULT.with_snat_ranges(&[PortRange {
+        min: 1024,
+        max: 65535,
+    }]);
     let dp = Datapath::load_sized(cfg, &limits);
     let mut empty = aya::Ebpf::load(loader::XDP_PASS_OBJECT).unwrap();
     {

@@ -13,6 +13,7 @@ use extproxy::{
     pins::{self, Pinned},
     podlinks::{LinkEvent, Patterns, PodLinks},
     reconcile::{self, Reconciler},
+    snat,
     state::AgentState,
 };
 use proxy_common::Config;
@@ -79,6 +80,7 @@ pub fn start(
     dp: &DatapathArgs,
     ifaces: &[String],
     state: AgentState,
+    snat_ports: &[std::ops::RangeInclusive<u16>],
 ) -> anyhow::Result<(Verifying, Agent)> {
     let limits = Limits {
         max_services: dp.max_services,
@@ -141,8 +143,6 @@ pub fn start(
         }
     };
     let config = Config {
-        snat_port_min: *dp.snat_ports.start(),
-        snat_port_max: *dp.snat_ports.end(),
         tcp_established_timeout: dp.tcp_established_timeout,
         udp_stream_timeout: dp.udp_timeout,
         flags: if xdp_tx {
@@ -151,7 +151,10 @@ pub fn start(
             0
         },
         ..Config::DEFAULT
-    };
+    }
+    .with_snat_ranges(&snat::port_ranges(snat_ports));
+    // The agent ages flows and held ports with the same clock factors the data path gets.
+    let config = host::with_clock(&config);
     loader::write_config(&mut ebpf, &config)?;
     let maps = DatapathMaps::take_from(&mut ebpf)?;
     let rlimits = reconcile::Limits {

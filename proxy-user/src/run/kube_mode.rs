@@ -13,7 +13,7 @@ use extproxy::{
 use super::{
     Housekeeping,
     datapath::{Running, finish, start},
-    iface_addresses, stall_after, start_metrics, sweep,
+    iface_addresses, snat_ranges, stall_after, start_metrics, sweep,
 };
 use crate::cli::RunArgs;
 
@@ -43,7 +43,8 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
         .iter()
         .chain(&overrides.iface_addrs)
         .any(IpAddr::is_ipv6);
-    for w in host::check_sysctls(true, v6, &dp.snat_ports) {
+    let snat = snat_ranges(args);
+    for w in host::check_sysctls(true, v6, &snat) {
         tracing::warn!("{w}");
     }
 
@@ -71,7 +72,7 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
         interfaces: ifaces.to_vec(),
         ..AgentState::default()
     };
-    let (verifying, agent) = start(dp, ifaces, state)?;
+    let (verifying, agent) = start(dp, ifaces, state, &snat)?;
     let (ebpf, _) = verifying.wait()?;
     // Attach before the first sync: a previous agent's links are taken over at once (its maps
     // keep forwarding until the cluster is known again); fresh maps pass everything meanwhile.
