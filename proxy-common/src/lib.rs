@@ -595,6 +595,8 @@ pub const CT_F_SEEN_REPLY: u8 = 8;
 /// The client spoke after the backend answered (TCP: the handshake completed): the flow moved
 /// from CT_NEW to CT.
 pub const CT_F_ESTABLISHED: u8 = 16;
+/// The flow's TCP timestamps are shifted by `ts_offset`.
+pub const CT_F_TS_OFFSET: u8 = 32;
 
 /// A TCP flow both sides have finished, or that was reset.
 #[inline(always)]
@@ -628,7 +630,10 @@ pub struct CtValue {
     /// [`FrontendKind`] of the frontend the flow came in on.
     pub kind: u8,
     pub pad: [u8; 2],
-    pub reserved: u32,
+    /// With [`CT_F_TS_OFFSET`]: added to the client's TCP TSvals toward the endpoint (and taken
+    /// from the endpoint's TSecrs), so that they continue after those of the SNAT port's previous
+    /// flow (host order).
+    pub ts_offset: u32,
     /// Where packets of this flow go next, so established packets skip the FIB lookup.
     pub to_backend: NextHop,
     pub to_client: NextHop,
@@ -684,19 +689,26 @@ pub struct RevNatValue {
     /// host order
     pub service_id: u32,
     /// 0 while the flow is open. Once it closed (FINs both ways, a RST, or its entry ended):
-    /// when, in ticks of the data path's fine clock ([`Config::hz`]; never 0). The port stays with its client (address
-    /// and frontend) until [`Config::snat_hold_ticks`] have passed: the same client may take it
-    /// again at once (its TCP timestamps are newer than the old flow's), another client only
-    /// after the endpoint's TIME_WAIT is over.
+    /// when, in ticks of the data path's fine clock ([`Config::hz`]; never 0). The port then
+    /// stays held for a while (see [`Config::snat_hold_ticks`]) unless a new flow can take it
+    /// safely: one from the same client address and port (its sequence numbers and timestamps
+    /// continue the old ones), or one with TCP timestamps when the closed flow had them (the new
+    /// flow's timestamps are shifted to continue after `ts_last`).
     pub closed_at: u32,
+    /// The last TSval the endpoint saw on the closed flow (host order), if `RN_F_TIMESTAMPS`.
+    /// Claimed together with `closed_at` (one 8-byte compare-and-swap).
+    pub ts_last: u32,
     /// `RN_F_*` bits.
     pub flags: u8,
     pub pad: u8,
     pub pad16: u16,
+    pub reserved: u32,
 }
 
 /// The endpoint sent its FIN first: it holds the old connection in TIME_WAIT.
 pub const RN_F_ENDPOINT_TIME_WAIT: u8 = 1;
+/// The closed flow carried TCP timestamps (and `ts_last` holds the last one).
+pub const RN_F_TIMESTAMPS: u8 = 2;
 
 impl RevNatValue {
     /// Whether the port's flow has closed (the entry only holds the port for its client).
@@ -927,10 +939,11 @@ counters! {
     UnparsedPassed = 43, "unparsed_passed", false;
     /// A TCP SYN reused the 5-tuple of a closed flow: it got a new endpoint choice.
     CtReopened = 44, "ct_reopened", false;
-    /// A new flow took a port its own client (address and frontend) had just closed.
-    SnatReusedByClient = 45, "snat_reused_by_client", false;
-    /// SNAT port candidates skipped because another client's closed flow on them may still be
-    /// in the endpoint's TIME_WAIT.
+    /// A new flow took the port of a closed flow (its TCP timestamps shifted to continue the old
+    /// flow's where that was needed).
+    SnatClosedPortReused = 45, "snat_closed_port_reused", false;
+    /// SNAT port candidates skipped because the endpoint may still hold a closed flow on them
+    /// in TIME_WAIT and the new flow could not be made to pass it (no TCP timestamps).
     SnatTimeWaitSkipped = 46, "snat_time_wait_skipped", false;
     /// Flows that completed their handshake and moved from CT_NEW to CT.
     CtEstablished = 47, "ct_established", false;
@@ -988,7 +1001,9 @@ const _: () = {
     assert!(core::mem::size_of::<CtKey>() == 40);
     assert!(core::mem::size_of::<CtValue>() == 104);
     assert!(core::mem::size_of::<RevNatKey>() == 40);
-    assert!(core::mem::size_of::<RevNatValue>() == 48);
+    assert!(core::mem::size_of::<RevNatValue>() == 56);
+    // Claimed with one 8-byte compare-and-swap: closed_at and ts_last share an aligned word.
+    assert!(core::mem::offset_of!(RevNatValue, closed_at) == 40);
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SrcRangeKey>() == 20);

@@ -155,21 +155,24 @@ pub fn owns(rn: &RevNatValue, key: &CtKey) -> bool {
         && rn.frontend_port == key.dport
 }
 
-/// Marks the SNAT port of a flow that just closed (`rn_flags`: how) as held for its client.
+/// Marks the SNAT port of a flow that just closed (`rn_flags`: how; `ts_last`: the last TCP
+/// timestamp the endpoint saw, with `RN_F_TIMESTAMPS`) as held. `closed_at` last: the allocator
+/// claims closed entries by it.
 #[inline(always)]
-pub fn hold_port(rn: &mut RevNatValue, ticks: u32, rn_flags: u8) {
-    rn.closed_at = ticks;
+pub fn hold_port(rn: &mut RevNatValue, ticks: u32, rn_flags: u8, ts_last: u32) {
     rn.flags = rn_flags;
+    rn.ts_last = ts_last;
+    rn.closed_at = ticks;
 }
 
 /// Marks the port of the closed flow `key` as held, if that port is still the flow's.
 #[inline(always)]
-pub fn hold_port_of(key: &CtKey, ct: &CtValue, ticks: u32, rn_flags: u8) {
+pub fn hold_port_of(key: &CtKey, ct: &CtValue, ticks: u32, rn_flags: u8, ts_last: u32) {
     let rk = revnat_key(ct, key.proto);
     if let Some(rn) = REVNAT.get_ptr_mut(&rk) {
         let rn = unsafe { &mut *rn };
         if owns(rn, key) && !rn.is_closed() {
-            hold_port(rn, ticks, rn_flags);
+            hold_port(rn, ticks, rn_flags, ts_last);
         }
     }
 }
@@ -184,7 +187,7 @@ pub fn delete_flow(key: &CtKey, ct: &CtValue, table: Table, ticks: u32) {
         if owns(rn, key) {
             if key.proto == PROTO_TCP {
                 if !rn.is_closed() {
-                    hold_port(rn, ticks, 0);
+                    hold_port(rn, ticks, 0, 0);
                 }
             } else {
                 let _ = REVNAT.remove(&rk);

@@ -19,6 +19,7 @@ use crate::{
     parse::{Frag, PULL_LEN, Parsed, Pkt, TCP_ACK, TCP_SYN, parse, parse_inner},
     reject,
     stats::{count, count_service},
+    tcpts,
 };
 
 /// What to do with the packet; each hook maps it to its own return codes and helpers.
@@ -328,7 +329,7 @@ fn established<C: Ctx>(
         return Action::PASS;
     }
     if let Some(how) = touch(ct, now, flags) {
-        hold_port_of(&s.pkt.tuple, ct, now_ticks(cfg), how);
+        closed_by_client(ctx, cfg, s, ct, how);
     }
     send_to_endpoint(ctx, s, r, ct)
 }
@@ -353,7 +354,7 @@ fn complete<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, ct: &CtValue, now: u
         return Action::PASS;
     }
     if let Some(how) = touch(&mut s.ct, now, flags) {
-        hold_port_of(&s.pkt.tuple, &s.ct, now_ticks(cfg), how);
+        closed_by_client(ctx, cfg, s, &s.ct, how);
     }
     s.ct_key = s.pkt.tuple;
     if !promote(&s.ct_key, &mut s.ct) {
@@ -409,6 +410,15 @@ fn new_flow<C: Ctx>(ctx: &C, s: &mut Scratch, fe: &FrontendValue, now: u32) -> A
         count(Counter::XdpPassToTc);
         return Action::PASS;
     }
+    // The SYN's timestamp: a closed flow's port can go to it at once (see nat::judge).
+    s.syn_has_ts = false;
+    if pkt.tuple.proto == PROTO_TCP
+        && let Some(off) = tcpts::find(ctx, pkt)
+        && let Some(ts) = tcpts::tsval(ctx, off)
+    {
+        s.syn_ts = ts;
+        s.syn_has_ts = true;
+    }
     s.route = r;
     s.chosen = chosen;
     s.fe = *fe;
@@ -444,18 +454,21 @@ fn open_flow(cfg: &Config, s: &mut Scratch, now: u32) -> Action {
     rk.pad = 0;
     rk.pad16 = 0;
     let flow = lb::flow_hash(&s.ct_key, SEED_SNAT);
-    let client = lb::client_hash(&pkt.tuple.src, &pkt.tuple.dst, &chosen.addr, chosen.port);
     let ticks = now_ticks(cfg);
-    if let Err(e) = snat_alloc(cfg, now, ticks, flow, client) {
-        let (counter, kind) = match e {
-            AllocError::Exhausted => (Counter::DropSnatExhausted, EV_SNAT_EXHAUSTED),
-            AllocError::TableFull => (Counter::DropNatTableFull, EV_NAT_TABLE_FULL),
-        };
-        count(counter);
-        report(s, kind);
-        // Refused at once: the client must not wait for its SYN to time out.
-        return Action::REJECT;
-    }
+    let syn_ts = s.syn_has_ts.then_some(s.syn_ts);
+    let ts_offset = match snat_alloc(cfg, now, ticks, flow, syn_ts) {
+        Ok(offset) => offset,
+        Err(e) => {
+            let (counter, kind) = match e {
+                AllocError::Exhausted => (Counter::DropSnatExhausted, EV_SNAT_EXHAUSTED),
+                AllocError::TableFull => (Counter::DropNatTableFull, EV_NAT_TABLE_FULL),
+            };
+            count(counter);
+            report(s, kind);
+            // Refused at once: the client must not wait for its SYN to time out.
+            return Action::REJECT;
+        }
+    };
     let pkt = &s.pkt;
     let chosen = &s.chosen;
     let ct = &mut s.ct;
@@ -469,9 +482,12 @@ fn open_flow(cfg: &Config, s: &mut Scratch, now: u32) -> Action {
     ct.backend_port = chosen.port;
     ct.snat_port = s.rn_key.snat_port;
     ct.flags = ct_flags(pkt.tuple.proto, pkt.tcp_flags, false);
+    if ts_offset != 0 {
+        ct.flags |= CT_F_TS_OFFSET;
+    }
     ct.kind = s.fe.kind;
     ct.pad = [0; 2];
-    ct.reserved = 0;
+    ct.ts_offset = ts_offset;
     ct.to_backend = NextHop::default();
     ct.to_client = NextHop::default();
     remember(&mut s.ct.to_backend, s.route, now, &s.fib);
@@ -529,8 +545,35 @@ fn send_to_endpoint<C: Ctx>(ctx: &C, s: &Scratch, r: Route, ct: &CtValue) -> Act
     if r == Route::Out && set_macs(ctx, &s.fib.smac, &s.fib.dmac).is_err() {
         return drop(Counter::DropMalformed);
     }
+    // A flow on a reused port: its timestamps continue after the previous flow's.
+    if ct.flags & CT_F_TS_OFFSET != 0
+        && let Some(off) = tcpts::find(ctx, &s.pkt)
+        && tcpts::shift(ctx, s.pkt.l4_off, off, ct.ts_offset).is_err()
+    {
+        return drop(Counter::DropMalformed);
+    }
     count_service(ct.service_id, s.pkt.l3_len, false);
     action
+}
+
+/// How the flow `ct` closed with the client's packet `s.pkt` (`how`, from `touch`), with the
+/// timestamp the endpoint saw last, for the SNAT port's next flow (see nat::judge).
+#[inline(always)]
+fn closed_by_client<C: Ctx>(ctx: &C, cfg: &Config, s: &Scratch, ct: &CtValue, how: u8) {
+    let mut how = how;
+    let mut ts_last = 0;
+    if let Some(off) = tcpts::find(ctx, &s.pkt)
+        && let Some(ts) = tcpts::tsval(ctx, off)
+    {
+        // As the endpoint sees it: shifted where the flow's timestamps are.
+        ts_last = if ct.flags & CT_F_TS_OFFSET != 0 {
+            ts.wrapping_add(ct.ts_offset)
+        } else {
+            ts
+        };
+        how |= RN_F_TIMESTAMPS;
+    }
+    hold_port_of(&s.pkt.tuple, ct, now_ticks(cfg), how, ts_last);
 }
 
 /// Endpoint to client (through its SNAT port). `rn` may belong to a flow that has closed: late
@@ -564,13 +607,34 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &mut RevNatValue) -
     }
     track_fragment(&s.pkt, &mut s.frag_key);
     let pkt = &s.pkt;
+    // Offsets and values as plain integers (0: none), not Options: LLVM spills the payload of a
+    // None it never wrote, and the verifier refuses to read uninitialised registers.
+    let ts = if pkt.tuple.proto == PROTO_TCP {
+        tcpts::find(ctx, pkt).unwrap_or(0)
+    } else {
+        0
+    };
+    let mut ts_offset = 0;
     match ct {
         Some((ct, _)) => {
+            let ct = unsafe { &mut *ct };
             let flags = CT_F_SEEN_REPLY | ct_flags(pkt.tuple.proto, pkt.tcp_flags, true);
-            if let Some(how) = touch(unsafe { &mut *ct }, now, flags)
+            if let Some(how) = touch(ct, now, flags)
                 && !rn.is_closed()
             {
-                hold_port(rn, now_ticks(cfg), how);
+                // The endpoint's TSecr echoes the last timestamp it took from the client.
+                let mut how = how;
+                let mut ts_last = 0;
+                if ts != 0
+                    && let Some(t) = tcpts::tsval(ctx, ts + 4)
+                {
+                    how |= RN_F_TIMESTAMPS;
+                    ts_last = t;
+                }
+                hold_port(rn, now_ticks(cfg), how, ts_last);
+            }
+            if ct.flags & CT_F_TS_OFFSET != 0 {
+                ts_offset = ct.ts_offset;
             }
         }
         None => count(Counter::CtMissReply),
@@ -584,6 +648,13 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &mut RevNatValue) -
         rn.client_port,
     )
     .is_err()
+    {
+        return drop(Counter::DropMalformed);
+    }
+    // The client gets its own timestamps echoed, not the shifted ones.
+    if ts_offset != 0
+        && ts != 0
+        && tcpts::shift(ctx, s.pkt.l4_off, ts + 4, ts_offset.wrapping_neg()).is_err()
     {
         return drop(Counter::DropMalformed);
     }

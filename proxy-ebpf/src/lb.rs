@@ -149,29 +149,6 @@ pub fn flow_hash(key: &CtKey, seed: u32) -> u32 {
     fmix32(h)
 }
 
-/// The client's own SNAT port sequence for an endpoint: its address, the frontend (a client's
-/// TCP timestamp offset is per address pair) and the endpoint.
-#[inline(always)]
-pub fn client_hash(client: &Addr, frontend: &Addr, backend: &Addr, backend_port: u16) -> u32 {
-    let mut h = 0x5eed_0003u32;
-    let words = [
-        client.words[0],
-        client.words[1],
-        client.words[2],
-        client.words[3],
-        frontend.words[3] ^ frontend.words[0],
-        backend.words[3] ^ backend.words[0],
-        backend_port as u32,
-    ];
-    for w in words {
-        let mut k = w.wrapping_mul(0xcc9e_2d51);
-        k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
-        h ^= k;
-        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
-    }
-    fmix32(h)
-}
-
 /// murmur3's finaliser: every input bit moves every output bit.
 #[inline(always)]
 pub fn fmix32(mut h: u32) -> u32 {

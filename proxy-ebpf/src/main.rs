@@ -35,6 +35,8 @@ mod parse;
 mod reject;
 #[cfg(target_arch = "bpf")]
 mod stats;
+#[cfg(target_arch = "bpf")]
+mod tcpts;
 
 #[cfg(target_arch = "bpf")]
 mod entry {

@@ -102,6 +102,9 @@ pub struct Scratch {
     pub fe: FrontendValue,
     pub egress: Addr,
     pub affinity_timeout: u32,
+    /// The new flow's SYN carries a TCP timestamp, this one.
+    pub syn_ts: u32,
+    pub syn_has_ts: bool,
     pub frag_key: FragKey,
     pub fib: FibParams,
 }

@@ -469,6 +469,26 @@ impl OpStats {
         self.ops += 1;
         self.latencies_ns.push(started.elapsed().as_nanos() as u64);
     }
+
+    /// Operations that took longer than `limit`: for new connections, those whose SYN went
+    /// unanswered at first (Linux resends it after 1 s).
+    pub fn slower_than(&self, limit: Duration) -> u64 {
+        let limit = limit.as_nanos() as u64;
+        self.latencies_ns.iter().filter(|l| **l > limit).count() as u64
+    }
+}
+
+/// How [`connections`] opens them.
+#[derive(Clone, Debug)]
+pub struct ConnectOpts {
+    /// Connections in flight at once.
+    pub workers: usize,
+    pub threads: usize,
+    /// Local addresses to connect from, in turn (each must be an address of the namespace).
+    /// Empty: the kernel's choice.
+    pub sources: Vec<IpAddr>,
+    /// New connections a second over all workers; None: as fast as they go.
+    pub rate: Option<f64>,
 }
 
 /// Runs `f(thread index)` on `threads` threads inside namespace `ns`, all at once.
@@ -523,11 +543,39 @@ pub fn connection_rate(
     threads: usize,
     duration: Duration,
 ) -> io::Result<OpStats> {
-    let threads = threads.clamp(1, workers.max(1));
+    let opts = ConnectOpts {
+        workers,
+        threads,
+        sources: Vec::new(),
+        rate: None,
+    };
+    connections(ns, targets, &opts, duration)
+}
+
+/// New connections as [`connection_rate`] opens them, from the given source addresses and at
+/// the given rate.
+pub fn connections(
+    ns: &str,
+    targets: &[SocketAddr],
+    opts: &ConnectOpts,
+    duration: Duration,
+) -> io::Result<OpStats> {
+    let threads = opts.threads.clamp(1, opts.workers.max(1));
     let start = Instant::now();
     let deadline = start + duration;
     let parts = on_threads(ns, threads, |t| {
-        connection_loop(targets, share(workers, threads, t), t, deadline)
+        let pace = opts
+            .rate
+            .map(|r| Duration::from_secs_f64(threads as f64 / r.max(1e-3)));
+        connection_loop(
+            targets,
+            &opts.sources,
+            share(opts.workers, threads, t),
+            t,
+            threads,
+            pace,
+            deadline,
+        )
     })?;
     Ok(OpStats::merge(parts, start.elapsed().min(duration)))
 }
@@ -556,48 +604,80 @@ fn poll_until(poll: &mut Poll, events: &mut Events, deadline: Instant) -> io::Re
 
 fn connection_loop(
     targets: &[SocketAddr],
+    sources: &[IpAddr],
     workers: usize,
     thread: usize,
+    threads: usize,
+    pace: Option<Duration>,
     deadline: Instant,
 ) -> io::Result<OpStats> {
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(256);
     let mut stats = OpStats::default();
     let mut next_target = thread;
+    // Threads take sources in turn, interleaved, so that all of them are used at any rate.
+    let mut next_source = thread;
     let mut buf = [0u8; 512];
     let mut slots: Vec<Option<Attempt>> = (0..workers).map(|_| None).collect();
+    let mut next_start = Instant::now();
 
-    let mut open = |poll: &Poll, slot: usize, stats: &mut OpStats| {
+    let mut open = |poll: &Poll, slot: usize, stats: &mut OpStats, next_start: &mut Instant| {
+        if let Some(pace) = pace {
+            if Instant::now() < *next_start {
+                return None;
+            }
+            *next_start += pace;
+        }
         let target = targets[next_target % targets.len()];
         next_target += 1;
-        let attempt = Attempt::open(poll, slot, target);
+        let source = (!sources.is_empty()).then(|| {
+            let s = sources[next_source % sources.len()];
+            next_source += threads;
+            s
+        });
+        let attempt = Attempt::open(poll, slot, target, source);
         stats.errors += u64::from(attempt.is_none());
         attempt
     };
     for (i, slot) in slots.iter_mut().enumerate() {
-        *slot = open(&poll, i, &mut stats);
+        *slot = open(&poll, i, &mut stats, &mut next_start);
     }
-    while let Some(polled) = poll_until(&mut poll, &mut events, deadline)? {
-        if !polled {
-            continue;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
         }
-        for event in events.iter() {
-            let i = event.token().0;
-            let Some(attempt) = slots[i].as_mut() else {
-                continue;
-            };
-            let outcome = attempt.advance(&mut buf);
-            match outcome {
-                Progress::Waiting => continue,
-                Progress::Answered => stats.record(attempt.started),
-                Progress::Failed => stats.errors += 1,
+        // Paced: wake up in time for the next start (at once when behind, but always looking at
+        // the connections in flight: they are what frees the workers).
+        let wake = match pace {
+            Some(_) => next_start.clamp(now, deadline),
+            None => deadline,
+        };
+        let polled = match poll.poll(&mut events, Some((wake - now).min(POLL_TICK))) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
+            Err(e) => return Err(e),
+        };
+        if polled {
+            for event in events.iter() {
+                let i = event.token().0;
+                let Some(attempt) = slots[i].as_mut() else {
+                    continue;
+                };
+                let outcome = attempt.advance(&mut buf);
+                match outcome {
+                    Progress::Waiting => continue,
+                    Progress::Answered => stats.record(attempt.started),
+                    Progress::Failed => stats.errors += 1,
+                }
+                slots[i] = open(&poll, i, &mut stats, &mut next_start);
             }
-            slots[i] = open(&poll, i, &mut stats);
         }
-        // A worker whose connect failed at once (e.g. no local port free) tries again here.
+        // A worker whose connect failed at once (e.g. no local port free), or that waits for its
+        // turn under a pace, starts here.
         for (i, slot) in slots.iter_mut().enumerate() {
             if slot.is_none() && Instant::now() < deadline {
-                *slot = open(&poll, i, &mut stats);
+                *slot = open(&poll, i, &mut stats, &mut next_start);
             }
         }
     }
@@ -611,10 +691,33 @@ enum Progress {
 }
 
 impl Attempt {
-    /// A non-blocking connect; `None` if it failed at once.
-    fn open(poll: &Poll, slot: usize, target: SocketAddr) -> Option<Attempt> {
+    /// A non-blocking connect (from `source` if given); `None` if it failed at once.
+    fn open(
+        poll: &Poll,
+        slot: usize,
+        target: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> Option<Attempt> {
         let started = Instant::now();
-        let mut stream = TcpStream::connect(target).ok()?;
+        let mut stream = match source {
+            None => TcpStream::connect(target).ok()?,
+            Some(source) => {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(target),
+                    socket2::Type::STREAM,
+                    None,
+                )
+                .ok()?;
+                socket.set_nonblocking(true).ok()?;
+                socket.bind(&SocketAddr::new(source, 0).into()).ok()?;
+                match socket.connect(&target.into()) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                    Err(_) => return None,
+                }
+                TcpStream::from_std(socket.into())
+            }
+        };
         poll.registry()
             .register(
                 &mut stream,

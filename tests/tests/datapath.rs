@@ -1405,7 +1405,7 @@ fn refused(dp: &mut Datapath, node: &TestNode, client: &str, sport: u16) -> bool
 }
 
 #[test]
-fn a_closed_flows_port_is_its_clients_at_once_and_anothers_after_the_endpoints_time_wait() {
+fn without_timestamps_a_closed_flows_port_waits_out_the_endpoints_time_wait() {
     let node = TestNode::new();
     // One port, so every flow must reuse it; short holds so the test does not wait a minute.
     let mut dp = Datapath::load_with(Config {
@@ -1416,38 +1416,41 @@ fn a_closed_flows_port_is_its_clients_at_once_and_anothers_after_the_endpoints_t
     nodeport_service(&mut dp, EP1);
 
     // The endpoint closes first (as an HTTP server with Connection: close does): it holds the
-    // old connection in TIME_WAIT.
+    // old connection in TIME_WAIT and would refuse about half of the SYNs of another connection
+    // on the same port, those whose sequence number is not newer.
     let port = connect(&mut dp, &node, CLIENT_EXT, 40000);
     assert_eq!(port, 61000);
     close(&mut dp, &node, CLIENT_EXT, 40000, port, true);
     let rn = held(&dp, port);
     assert!(
         rn.is_closed(),
-        "closed flows keep their port for their client"
+        "a closed flow's entry stays, holding the port"
     );
-    assert_eq!(rn.flags, RN_F_ENDPOINT_TIME_WAIT);
-    assert_eq!(addr(CLIENT_EXT), rn.client);
+    assert_eq!(rn.flags, RN_F_ENDPOINT_TIME_WAIT, "no timestamps seen");
 
-    // Another client would be refused by the endpoint's TIME_WAIT about half the time: it is
-    // refused here instead, at once and counted, while the hold lasts.
-    assert!(refused(&mut dp, &node, CLIENT_EXT2, 50000));
-    assert!(dp.counter(Counter::SnatTimeWaitSkipped) >= 1);
-    // The same client may take it again (its TCP timestamps are newer), after a few ms.
+    // Another connection, even from the same address, is refused at once (counted) while the
+    // hold lasts, rather than left to the endpoint.
     std::thread::sleep(std::time::Duration::from_millis(50));
-    assert_eq!(connect(&mut dp, &node, CLIENT_EXT, 40002), 61000);
-    assert_eq!(dp.counter(Counter::SnatReusedByClient), 1);
+    assert!(refused(&mut dp, &node, CLIENT_EXT2, 50000));
+    assert!(refused(&mut dp, &node, CLIENT_EXT, 40001));
+    assert!(dp.counter(Counter::SnatTimeWaitSkipped) >= 2);
+    // The same client address and port reconnecting continues its sequence numbers: at once.
+    assert_eq!(connect(&mut dp, &node, CLIENT_EXT, 40000), 61000);
+    assert_eq!(dp.counter(Counter::SnatClosedPortReused), 1);
 
     // This time the client closes first: the endpoint keeps no TIME_WAIT, and the port goes to
     // anyone after the closing timeout (1 s here).
-    close(&mut dp, &node, CLIENT_EXT, 40002, 61000, false);
+    close(&mut dp, &node, CLIENT_EXT, 40000, 61000, false);
     assert_eq!(held(&dp, 61000).flags, 0);
+    std::thread::sleep(std::time::Duration::from_millis(50));
     assert!(refused(&mut dp, &node, CLIENT_EXT2, 50001));
     std::thread::sleep(std::time::Duration::from_millis(1100));
     assert_eq!(connect(&mut dp, &node, CLIENT_EXT2, 50002), 61000);
     assert_eq!(held(&dp, 61000).client, addr(CLIENT_EXT2));
 
-    // Endpoint first again, by the new client: the first client waits out the (2 s) hold.
+    // Endpoint first again: another client waits out the (2 s) hold.
     close(&mut dp, &node, CLIENT_EXT2, 50002, 61000, true);
+    std::thread::sleep(std::time::Duration::from_millis(50));
     assert!(refused(&mut dp, &node, CLIENT_EXT, 40004));
     std::thread::sleep(std::time::Duration::from_millis(1100));
     assert!(
@@ -1456,6 +1459,110 @@ fn a_closed_flows_port_is_its_clients_at_once_and_anothers_after_the_endpoints_t
     );
     std::thread::sleep(std::time::Duration::from_millis(1100));
     assert_eq!(connect(&mut dp, &node, CLIENT_EXT, 40006), 61000);
+}
+
+/// A segment from `client`:`sport` to NodePort 30080 with a timestamp option.
+fn client_seg_ts(client: &str, sport: u16, flags: u8, tsval: u32, tsecr: u32) -> Vec<u8> {
+    let opts = ts_opts(flags & SYN != 0, tsval, tsecr);
+    from_outside(
+        client,
+        NODE_V4,
+        tcp_seg_opts(sport, 30080, 1, 1, flags, &opts, &[]),
+        TCP,
+    )
+}
+
+/// A segment from EP1:8080 to SNAT port `snat_port` with a timestamp option.
+fn endpoint_seg_ts(snat_port: u16, flags: u8, tsval: u32, tsecr: u32) -> Vec<u8> {
+    let opts = ts_opts(flags & SYN != 0, tsval, tsecr);
+    from_outside(
+        EP1,
+        NODE_V4,
+        tcp_seg_opts(8080, snat_port, 1, 1, flags, &opts, &[]),
+        TCP,
+    )
+}
+
+#[test]
+fn with_timestamps_a_closed_flows_port_is_reused_at_once_with_its_timestamps_continued() {
+    let node = TestNode::new();
+    let mut dp = Datapath::load_with(snat_ports(61000, 61000));
+    nodeport_service(&mut dp, EP1);
+    let xdp = |dp: &mut Datapath, pkt: Vec<u8>| {
+        let run = dp.xdp(node.uplink, &pkt);
+        assert_eq!(run.verdict, XDP_TX);
+        decode(&run.out)
+    };
+
+    // Flow A: client timestamps around 3,000,000; the endpoint's around 50.
+    let syn = xdp(&mut dp, client_seg_ts(CLIENT_EXT, 40000, SYN, 3_000_000, 0));
+    assert_eq!(
+        syn.timestamps(),
+        Some((3_000_000, 0)),
+        "the first flow on a port is untouched"
+    );
+    xdp(&mut dp, endpoint_seg_ts(61000, SYN | ACK, 50, 3_000_000));
+    xdp(
+        &mut dp,
+        client_seg_ts(CLIENT_EXT, 40000, ACK, 3_000_001, 50),
+    );
+    // The endpoint closes first: its FIN, then the client's FIN+ACK closes the flow.
+    xdp(&mut dp, endpoint_seg_ts(61000, FIN | ACK, 51, 3_000_001));
+    xdp(
+        &mut dp,
+        client_seg_ts(CLIENT_EXT, 40000, FIN | ACK, 3_000_002, 51),
+    );
+    let rn = held(&dp, 61000);
+    assert_eq!(rn.flags, RN_F_ENDPOINT_TIME_WAIT | RN_F_TIMESTAMPS);
+    assert_eq!(rn.ts_last, 3_000_002);
+
+    // Flow B from another client, whose clock starts far below A's: the endpoint's TIME_WAIT
+    // would refuse its SYN. It gets the port at once, its timestamps shifted past A's.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let syn = xdp(&mut dp, client_seg_ts(CLIENT_EXT2, 50000, SYN, 1_000, 0));
+    assert_eq!((syn.dst, syn.sport, syn.tcp_flags), (ip(EP1), 61000, SYN));
+    let (tsval, _) = syn.timestamps().unwrap();
+    assert_eq!(
+        tsval, 3_000_003,
+        "continues right after the last TSval the endpoint saw"
+    );
+    let offset = tsval.wrapping_sub(1_000);
+    let ct = dp
+        .ct_entries()
+        .into_iter()
+        .find(|(k, _)| port_host(k.sport) == 50000)
+        .unwrap()
+        .1;
+    assert_eq!(
+        (ct.flags & CT_F_TS_OFFSET, ct.ts_offset),
+        (CT_F_TS_OFFSET, offset)
+    );
+    // The endpoint echoes the shifted value; the client gets its own back.
+    let synack = xdp(&mut dp, endpoint_seg_ts(61000, SYN | ACK, 80, tsval));
+    assert_eq!(
+        (synack.dst, synack.dport, synack.timestamps()),
+        (ip(CLIENT_EXT2), 50000, Some((80, 1_000)))
+    );
+    let ack = xdp(&mut dp, client_seg_ts(CLIENT_EXT2, 50000, ACK, 1_005, 80));
+    assert_eq!(ack.timestamps(), Some((1_005u32.wrapping_add(offset), 80)));
+    // Segments without the option pass as they are (and the checksums, verified by decode,
+    // stay right both ways).
+    xdp(&mut dp, client_seg(CLIENT_EXT2, 50000, ACK));
+    assert_eq!(dp.counter(Counter::SnatClosedPortReused), 1);
+    assert_eq!(dp.counter(Counter::SnatTimeWaitSkipped), 0);
+
+    // A client whose clock is already past the last TSval needs no shift.
+    xdp(
+        &mut dp,
+        endpoint_seg_ts(61000, FIN | ACK, 81, 1_005u32.wrapping_add(offset)),
+    );
+    xdp(
+        &mut dp,
+        client_seg_ts(CLIENT_EXT2, 50000, FIN | ACK, 1_006, 81),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let syn = xdp(&mut dp, client_seg_ts(CLIENT_EXT, 40001, SYN, 9_000_000, 0));
+    assert_eq!((syn.sport, syn.timestamps()), (61000, Some((9_000_000, 0))));
 }
 
 #[test]

@@ -62,8 +62,10 @@ fn assert_snat(seen: &Seen, ep: &str) {
         ip(NODE),
         "the endpoint must see the node's egress IP"
     );
+    // `--snat-ports auto` on a node with Linux's default ephemeral range (32768-60999) and the
+    // default NodePort range.
     assert!(
-        (61000..=65535).contains(&seen.peer_port),
+        (1024..=29_999).contains(&seen.peer_port) || (61_000..=65_535).contains(&seen.peer_port),
         "SNAT port {}",
         seen.peer_port
     );
@@ -548,4 +550,67 @@ fn pods_reach_services_beside_kube_proxy_in_nftables_mode() {
     let log = agent.stop();
     assert!(log.contains("detached and cleaned up"), "{log}");
     assert!(pod_links(&t).is_empty());
+}
+
+/// 200 pods behind the node's one egress address call one endpoint that closes first, at 1,000
+/// new connections a second, through a range of 2,000 SNAT ports: every port is reused within
+/// seconds. The endpoint's kernel keeps each closed connection in TIME_WAIT for 60 s and refuses
+/// about half of the SYNs that reuse its {address, port} from another client (their timestamps
+/// are not newer): a connection refused so stalls for a second until the client resends its SYN.
+/// None may fail or stall: a port goes back to the client that closed it, or waits out the
+/// TIME_WAIT.
+#[test]
+fn many_clients_behind_one_egress_address_never_meet_the_endpoints_time_wait() {
+    let t = Topology::new("manycli");
+    let clients: Vec<std::net::IpAddr> = (1..=200)
+        .map(|i| format!("10.244.1.{i}").parse().unwrap())
+        .collect();
+    let mut cmds = String::new();
+    for c in &clients {
+        cmds.push_str(&format!("ip addr add {c}/32 dev eth0\n"));
+    }
+    t.pod.sh(&cmds);
+    t.node.sh("ip route add 10.244.1.0/24 dev pod0");
+    let server = testbed::load::LoadServer::start(&t.ext.name, 8080, &[], 1).expect("load server");
+    t.write_manifest("svc.yaml", &service_yaml("web", "", &ready(EP1)));
+    let agent = t.start_agent(&["--snat-ports", "61000-62999", "--xdp", "off"]);
+    let opts = testbed::load::ConnectOpts {
+        workers: 32,
+        threads: 2,
+        sources: clients.clone(),
+        rate: Some(1000.0),
+    };
+    let target: std::net::SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let stats = testbed::load::connections(&t.pod.name, &[target], &opts, Duration::from_secs(8))
+        .expect("load");
+    let stalled = stats.slower_than(Duration::from_millis(900));
+    eprintln!(
+        "{} connections, {} failed, {stalled} stalled, p50 {:?} us, p99 {:?} us; agent: {}",
+        stats.ops,
+        stats.errors,
+        stats.latency_us(0.5),
+        stats.latency_us(0.99),
+        agent.inspect()["events"]
+    );
+    assert!(
+        stats.ops > 6_000,
+        "offered 1,000/s for 8 s, completed {}",
+        stats.ops
+    );
+    assert_eq!(stats.errors, 0, "failed connections");
+    assert_eq!(
+        stats.slower_than(Duration::from_millis(900)),
+        0,
+        "connections that waited for a resent SYN"
+    );
+    // Every port was used several times, and only ever by the node's address.
+    assert!(stats.ops > 3 * 2_000);
+    let tally = server.tcp_tally();
+    assert!(
+        tally.by_source.keys().all(|peer| *peer == ip(NODE)),
+        "{tally:?}"
+    );
+    assert_eq!(agent.counter("snat_ports_exhausted"), 0);
+    assert!(agent.counter("snat_closed_port_reused") > 0);
+    agent.stop();
 }
