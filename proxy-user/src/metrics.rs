@@ -30,6 +30,7 @@ use crate::agent::Applied;
 use crate::diag::Severity;
 use crate::gc::GcReport;
 use crate::maps::{DatapathMaps, MapsError};
+use crate::refusals::RefusalKey;
 use crate::translate::{ClaimReason, ServicePortKey, Translation};
 
 /// Where `extproxy run` serves health and metrics in Kubernetes mode unless told otherwise.
@@ -128,6 +129,8 @@ struct Inner {
     pod_interfaces: Option<usize>,
     /// Which Service port each service id is, to name the per-service rows.
     service_names: Vec<(u32, ServicePortKey)>,
+    /// New flows the data path refused for want of room, by problem (see `refusals`).
+    refused: Vec<(RefusalKey, u64)>,
 }
 
 /// Shared record of the agent's state for probes and metrics.
@@ -167,6 +170,7 @@ impl Telemetry {
                 nat_orphans: 0,
                 pod_interfaces: None,
                 service_names: Vec::new(),
+                refused: Vec::new(),
             }),
             stall_after,
         })
@@ -325,6 +329,11 @@ impl Telemetry {
         inner.nat_orphans += report.revnat_orphans as u64;
     }
 
+    /// The totals of refused flows, by problem.
+    pub fn set_refused<'a>(&self, totals: impl Iterator<Item = (&'a RefusalKey, u64)>) {
+        self.lock().refused = totals.map(|(k, n)| (k.clone(), n)).collect();
+    }
+
     pub fn record_event(&self, reason: &str, published: bool) {
         let mut inner = self.lock();
         if published {
@@ -440,6 +449,28 @@ impl Telemetry {
             "reason",
             &inner.events,
         );
+        out.family(
+            "extproxy_refused_flows_total",
+            "counter",
+            "New flows the data path refused at once (TCP RST, ICMP unreachable) for want of room, \
+             by Service port, egress address, endpoint and reason (SnatPortsExhausted, \
+             NatTableFull).",
+        );
+        for (key, n) in &inner.refused {
+            out.sample(
+                "extproxy_refused_flows_total",
+                &[
+                    ("namespace", &*key.service.namespace),
+                    ("service", &*key.service.name),
+                    ("port", &*key.service.port_name),
+                    ("protocol", proto_name(key.protocol)),
+                    ("egress_ip", &key.egress.to_string()),
+                    ("destination", &key.endpoint.to_string()),
+                    ("reason", key.reason.name()),
+                ],
+                n,
+            );
+        }
         out.counter(
             "extproxy_kube_event_errors_total",
             "Kubernetes Events the API server did not accept.",

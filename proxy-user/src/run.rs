@@ -17,6 +17,7 @@ use extproxy::{
     agent::Agent,
     host, kube as kubemode, loader,
     metrics::{self, DatapathReader, Telemetry},
+    refusals::{self, Refusals},
     snat::{self, SnatPorts},
     translate,
 };
@@ -147,6 +148,28 @@ fn stall_after(gc_interval: u64) -> Duration {
 
 fn service_names(agent: &Agent) -> Vec<(u32, translate::ServicePortKey)> {
     kubemode::Programmer::service_names(agent)
+}
+
+/// New flows the data path refused: counted, logged per problem at most every
+/// [`refusals::LOG_INTERVAL`], exported; returns what is to be reported (Kubernetes mode turns it
+/// into Events).
+fn refused(
+    events: &[proxy_common::Event],
+    refusals: &mut Refusals,
+    agent: &Agent,
+    telemetry: &Telemetry,
+) -> Vec<refusals::Report> {
+    if !events.is_empty() {
+        let names: std::collections::HashMap<u32, translate::ServicePortKey> =
+            service_names(agent).into_iter().collect();
+        refusals.record(events, |id| names.get(&id).cloned());
+    }
+    let reports = refusals.due(std::time::Instant::now());
+    for r in &reports {
+        tracing::warn!("{}", r.log_line());
+    }
+    telemetry.set_refused(refusals.totals());
+    reports
 }
 
 fn sweep(agent: &mut Agent, telemetry: &Telemetry) {

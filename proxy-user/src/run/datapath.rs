@@ -13,6 +13,7 @@ use extproxy::{
     pins::{self, Pinned},
     podlinks::{LinkEvent, Patterns, PodLinks},
     reconcile::{self, Reconciler},
+    refusals::EventStream,
     snat,
     state::AgentState,
 };
@@ -81,7 +82,7 @@ pub fn start(
     ifaces: &[String],
     state: AgentState,
     snat_ports: &[std::ops::RangeInclusive<u16>],
-) -> anyhow::Result<(Verifying, Agent)> {
+) -> anyhow::Result<(Verifying, Agent, EventStream)> {
     let limits = Limits {
         max_services: dp.max_services,
         max_frontends: dp.max_frontends,
@@ -157,6 +158,11 @@ pub fn start(
     let config = host::with_clock(&config);
     loader::write_config(&mut ebpf, &config)?;
     let maps = DatapathMaps::take_from(&mut ebpf)?;
+    let events = ebpf
+        .take_map(proxy_common::MAP_EVENTS)
+        .context("the data path has no event ring")?;
+    let events = EventStream::new(aya::maps::RingBuf::try_from(events)?)
+        .context("reading the data path's events")?;
     let rlimits = reconcile::Limits {
         max_services: limits.max_services,
         max_backends: limits.max_backends,
@@ -172,7 +178,7 @@ pub fn start(
         .name("verifier".into())
         .spawn(move || loader::load_programs(&mut ebpf).map(|()| ebpf))
         .context("starting the program loader")?;
-    Ok((Verifying { thread, started }, agent))
+    Ok((Verifying { thread, started }, agent, events))
 }
 
 fn attach_all(

@@ -15,7 +15,7 @@ use extproxy::{
 use super::{
     Housekeeping,
     datapath::{Running, finish, start},
-    iface_addresses, service_names, snat_ranges, stall_after, start_metrics, sweep,
+    iface_addresses, refused, service_names, snat_ranges, stall_after, start_metrics, sweep,
 };
 use crate::cli::{RunArgs, ServiceArgs};
 
@@ -65,7 +65,8 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
         ..AgentState::default()
     };
     let started = Instant::now();
-    let (verifying, mut agent) = start(dp, ifaces, state, &snat)?;
+    let (verifying, mut agent, mut dp_events) = start(dp, ifaces, state, &snat)?;
+    let mut refusals = extproxy::refusals::Refusals::default();
     let loaded = started.elapsed();
     let telemetry = Telemetry::new(stall_after(dp.gc_interval));
     start_metrics(args.kube.metrics_address, None, &telemetry, &dp.pin_dir).await?;
@@ -137,7 +138,13 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
                 );
             }
             events = running.pods.next() => running.pod_events(events, &telemetry),
-            _ = hk.gc.tick() => sweep(&mut running.agent, &telemetry),
+            events = dp_events.next() => {
+                refused(&events, &mut refusals, &running.agent, &telemetry);
+            }
+            _ = hk.gc.tick() => {
+                sweep(&mut running.agent, &telemetry);
+                refused(&[], &mut refusals, &running.agent, &telemetry);
+            }
             _ = hk.flush.tick() => running.agent.flush_state(),
         }
     }
