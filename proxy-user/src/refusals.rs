@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, RingBuf};
@@ -198,11 +197,10 @@ pub struct EventStream {
 
 impl EventStream {
     pub fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
-        // The ring's fd polls readable when records are waiting.
-        let _ = ring.as_raw_fd();
-        Ok(EventStream {
-            ring: AsyncFd::new(ring)?,
-        })
+        // SAFETY: the ring owns its file descriptor and keeps it open as long as it lives, and
+        // the AsyncFd owns the ring: the fd stays valid while registered.
+        let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)?;
+        Ok(EventStream { ring })
     }
 
     /// The events waiting, once there are some.

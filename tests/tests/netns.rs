@@ -614,3 +614,101 @@ fn many_clients_behind_one_egress_address_never_meet_the_endpoints_time_wait() {
     assert!(agent.counter("snat_closed_port_reused") > 0);
     agent.stop();
 }
+
+/// Clients without TCP timestamps (Windows' default) cannot take a port the endpoint may still
+/// hold in TIME_WAIT: with 100 ports and the endpoint closing first, the 101st connection within
+/// a minute has no port. It is refused at once (a RST, no SYN left to time out), counted, and
+/// logged naming the Service, the endpoint and the egress address.
+#[test]
+fn exhausted_snat_ports_refuse_at_once_and_say_where() {
+    let t = Topology::new("exhaust");
+    t.pod.sh("sysctl -qw net.ipv4.tcp_timestamps=0");
+    let _server =
+        testbed::load::LoadServer::start(&t.ext.name, 8080, &[], 1).expect("load server");
+    t.write_manifest("svc.yaml", &service_yaml("web", "", &ready(EP1)));
+    let agent = t.start_agent(&["--snat-ports", "61000-61099", "--xdp", "off"]);
+    assert!(
+        agent.log_text().contains("sustain about 10 new connections/s"),
+        "the start-up warning about a small range: {}",
+        agent.log_text()
+    );
+    let opts = testbed::load::ConnectOpts {
+        workers: 8,
+        threads: 1,
+        sources: Vec::new(),
+        rate: Some(200.0),
+    };
+    let target: std::net::SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let stats = testbed::load::connections(&t.pod.name, &[target], &opts, Duration::from_secs(3))
+        .expect("load");
+    eprintln!("{} completed, {} refused", stats.ops, stats.errors);
+    assert!(stats.ops >= 100 && stats.ops < 200, "completed {}", stats.ops);
+    assert!(stats.errors > 300, "refused {}", stats.errors);
+    // Refused at once: the paced attempts all ended, none waited for a resent SYN.
+    assert!(stats.ops + stats.errors > 500);
+    assert_eq!(stats.slower_than(Duration::from_millis(900)), 0);
+    assert!(agent.counter("snat_ports_exhausted") >= stats.errors);
+    agent.wait_for_log("are refused", Duration::from_secs(5));
+    let log = agent.log_text();
+    let line = log.lines().find(|l| l.contains("are refused")).unwrap();
+    for part in ["demo/web", "203.0.113.7:8080", "10.0.0.1", "--snat-ports"] {
+        assert!(line.contains(part), "{line}");
+    }
+    agent.stop();
+}
+
+/// The TCP `InCsumErrors` counter of a namespace's kernel.
+fn tcp_csum_errors(ns: &testbed::netns::NamedNetns) -> u64 {
+    let snmp = ns.sh("cat /proc/net/snmp");
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "InCsumErrors")
+        .unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// As from a pod on a real NIC: the pod hands the node 64 KB segments (GSO/TSO) whose checksum
+/// is left for the hardware (CHECKSUM_PARTIAL). The node translates them at TC egress; its uplink
+/// then has no offloads, so the kernel segments and checksums them in software after the
+/// translation, and the endpoint's kernel checks every checksum. Any error in how the
+/// translation adjusted the partial checksum (its pseudo-header part) shows as InCsumErrors and
+/// as a transfer that stalls.
+#[test]
+fn offloaded_segments_are_translated_with_their_checksums_right() {
+    let t = Topology::new("gso");
+    // Offloads back on between the pod and the node (testbed turns them off everywhere).
+    t.pod.sh("ethtool -K eth0 tx on tso on gso on >/dev/null");
+    t.node.sh("ethtool -K pod0 tx on tso on gso on gro on >/dev/null");
+    let server =
+        testbed::load::LoadServer::start(&t.ext.name, 8080, &[], 1).expect("load server");
+    t.write_manifest("svc.yaml", &service_yaml("web", "", &ready(EP1)));
+    let agent = t.start_agent(&["--xdp", "off"]);
+    let errors_before = tcp_csum_errors(&t.ext);
+    let target: std::net::SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let (bytes, elapsed) =
+        testbed::load::tcp_stream(&t.pod.name, target, Duration::from_secs(2)).expect("stream");
+    eprintln!(
+        "{} MB in {:.1} s ({:.2} Gbit/s)",
+        bytes >> 20,
+        elapsed.as_secs_f64(),
+        bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9
+    );
+    assert!(bytes > 50 << 20, "{bytes} bytes");
+    assert_eq!(tcp_csum_errors(&t.ext) - errors_before, 0, "checksum errors at the endpoint");
+    let tally = server.tcp_tally();
+    assert!(tally.by_source.keys().all(|peer| *peer == ip(NODE)), "{tally:?}");
+    // The segments really were large on their way through the translation.
+    let stats = agent.inspect();
+    let svc = &stats["services"][0];
+    let (pkts, fwd_bytes) = (
+        svc["fwd_packets"].as_u64().unwrap(),
+        svc["fwd_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        fwd_bytes / pkts.max(1) > 3000,
+        "{fwd_bytes} bytes in {pkts} packets: no segmentation offload reached the node"
+    );
+    agent.stop();
+}

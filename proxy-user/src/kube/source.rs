@@ -283,6 +283,26 @@ impl KubeSource {
         }
     }
 
+    /// An Event on a claimed Service for a problem the data path found (not from translation):
+    /// published at once, counted as an episode of the same Event when it repeats after
+    /// [`super::events::EPISODE_GAP`]. `field` keeps different problems of one Service apart.
+    pub fn report_problem(
+        &self,
+        service: ObjectKey,
+        reason: &'static str,
+        field: String,
+        note: String,
+    ) {
+        let event = ProblemEvent {
+            service,
+            slice: None,
+            reason,
+            field: Some(field),
+            note,
+        };
+        self.publisher.publish(event, &self.cluster, true);
+    }
+
     /// How far apart two reports of one problem must be to count as two episodes in its Event
     /// (default [`super::events::EPISODE_GAP`]; tests shorten it).
     pub fn set_event_episode_gap(&mut self, gap: Duration) {
