@@ -40,9 +40,10 @@ pub const MAP_SVC_STATS: &str = "SVC_STATS";
 pub const MAP_FE_FILTER: &str = "FE_FILTER";
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_EVENT_LIMIT: &str = "EVENT_LIMIT";
+pub const MAP_BACKEND_HEALTH: &str = "BACKEND_HEALTH";
 
 /// Every map the data path defines, in the order the agent pins and checks them.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 17] = [
     MAP_CONFIG,
     MAP_FRONTENDS,
     MAP_SERVICES,
@@ -59,6 +60,7 @@ pub const ALL_MAPS: [&str; 16] = [
     MAP_FE_FILTER,
     MAP_EVENTS,
     MAP_EVENT_LIMIT,
+    MAP_BACKEND_HEALTH,
 ];
 
 /// Program names (the Rust function names of the entry points).
@@ -276,7 +278,10 @@ pub struct Config {
     /// different client sends from that port. When the client closed first (or either side
     /// reset), the endpoint holds no TIME_WAIT and `tcp_closing_timeout` applies instead.
     pub snat_timewait_hold: u32,
-    pub reserved: [u32; 13],
+    /// A new TCP flow whose SYN is resent this many seconds after the first, unanswered, counts
+    /// as a failure of its endpoint ([`BackendHealth`]); 0: never.
+    pub health_syn_timeout: u32,
+    pub reserved: [u32; 12],
 }
 
 /// XDP may transmit translated packets back out of the interface they came in on (XDP_TX).
@@ -317,7 +322,9 @@ impl Config {
         snat_reuse_gap_ms: 10,
         snat_reuse_gap_ticks: 10,
         snat_timewait_hold: 60,
-        reserved: [0; 13],
+        // Linux resends an unanswered SYN after one second.
+        health_syn_timeout: 1,
+        reserved: [0; 12],
     };
 
     /// This configuration with SNAT ports from `ranges` (at most [`SNAT_RANGES`]; extra ones
@@ -597,6 +604,8 @@ pub const CT_F_SEEN_REPLY: u8 = 8;
 pub const CT_F_ESTABLISHED: u8 = 16;
 /// The flow's TCP timestamps are shifted by `ts_offset`.
 pub const CT_F_TS_OFFSET: u8 = 32;
+/// The flow's failure to reach its endpoint has been counted ([`BackendHealth`]).
+pub const CT_F_FAIL_COUNTED: u8 = 64;
 
 /// A TCP flow both sides have finished, or that was reset.
 #[inline(always)]
@@ -839,6 +848,35 @@ pub struct EventLimit {
 }
 
 // ---------------------------------------------------------------------------------------------
+// BACKEND_HEALTH: ARRAY[backend_id] of BackendHealth   (passive health: what new flows saw)
+// ---------------------------------------------------------------------------------------------
+
+/// How new flows to one endpoint fared, as the data path saw them; the agent's outlier detection
+/// reads it (passive health checking). Updated with atomic adds: one entry for all CPUs. The
+/// agent zeroes an entry when it gives the backend id to another endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendHealth {
+    /// New flows the endpoint answered (its first reply was not a reset).
+    pub answered: u64,
+    /// New flows it failed: reset, ICMP unreachable, or SYN unanswered.
+    pub failed: u64,
+    /// Failures since the last answer (an answer sets it back to 0).
+    pub consecutive: u32,
+    /// The last failure: its kind (`HF_*`) and when (ticks of the fine clock, [`Config::hz`]).
+    pub last_kind: u32,
+    pub last_at: u32,
+    pub reserved: u32,
+}
+
+/// The endpoint answered a new flow's SYN with a RST: nothing listens.
+pub const HF_REFUSED: u32 = 1;
+/// An ICMP destination unreachable came back for a new flow.
+pub const HF_UNREACHABLE: u32 = 2;
+/// A new flow's SYN went unanswered for [`Config::health_syn_timeout`].
+pub const HF_TIMEOUT: u32 = 3;
+
+// ---------------------------------------------------------------------------------------------
 // SVC_STATS: PERCPU_ARRAY[service_id] of ServiceStats
 // ---------------------------------------------------------------------------------------------
 
@@ -985,7 +1023,8 @@ mod pod {
         ServiceStats,
         PortRange,
         Event,
-        EventLimit
+        EventLimit,
+        BackendHealth
     );
 }
 
@@ -1012,4 +1051,5 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceStats>() == 32);
     assert!(core::mem::size_of::<Event>() == 56);
     assert!(core::mem::size_of::<EventLimit>() == 8);
+    assert!(core::mem::size_of::<BackendHealth>() == 32);
 };

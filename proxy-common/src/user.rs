@@ -109,6 +109,7 @@ pub fn map_layout(name: &str) -> Option<(usize, usize)> {
         // A ring buffer has neither keys nor values.
         MAP_EVENTS => (0, 0),
         MAP_EVENT_LIMIT => (4, size_of::<EventLimit>()),
+        MAP_BACKEND_HEALTH => (4, size_of::<BackendHealth>()),
         _ => return None,
     })
 }

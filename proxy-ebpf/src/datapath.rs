@@ -8,15 +8,17 @@ use crate::{
         Table, completes, ct_flags, ct_lookup, delete_flow, hold_port, hold_port_of, is_reopen,
         now_secs, now_ticks, promote, touch,
     },
-    ctx::{Ctx, Hook},
+    ctx::{Ctx, Hook, ptr_at},
     fwd::{Route, remember, route, route_cached},
+    hdr::{IcmpHdr, get},
+    health,
     lb::{self, Chosen},
     maps::{BACKENDS, CONFIG, CT_NEW, EVENT_LIMIT, EVENTS, FRAGS, REVNAT, SCRATCH, Scratch},
     nat::{
         AllocError, icmp_error_source, in_snat_range, set_macs, snat_alloc, xlate,
         xlate_icmp_error_reply,
     },
-    parse::{Frag, PULL_LEN, Parsed, Pkt, TCP_ACK, TCP_SYN, parse, parse_inner},
+    parse::{Frag, PULL_LEN, Parsed, Pkt, TCP_ACK, TCP_RST, TCP_SYN, parse, parse_inner},
     reject,
     stats::{count, count_service},
     tcpts,
@@ -312,8 +314,17 @@ fn established<C: Ctx>(
     now: u32,
 ) -> Action {
     let flags = ct_flags(s.pkt.tuple.proto, s.pkt.tcp_flags, false);
-    if table == Table::New && completes(s.pkt.tuple.proto, s.pkt.tcp_flags, ct) {
-        return complete(ctx, cfg, s, ct, now);
+    if table == Table::New {
+        if completes(s.pkt.tuple.proto, s.pkt.tcp_flags, ct) {
+            return complete(ctx, cfg, s, ct, now);
+        }
+        // The client resends its SYN: the endpoint did not answer the first one in time.
+        if s.pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+            && cfg.health_syn_timeout != 0
+            && now.wrapping_sub(ct.created) >= cfg.health_syn_timeout
+        {
+            health::failed(ct, HF_TIMEOUT, now_ticks(cfg));
+        }
     }
     let r = route_cached(
         ctx,
@@ -618,6 +629,14 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &mut RevNatValue) -
     match ct {
         Some((ct, _)) => {
             let ct = unsafe { &mut *ct };
+            // A new flow's first answer: the endpoint's health (see `health`).
+            if ct.flags & CT_F_SEEN_REPLY == 0 {
+                if pkt.tuple.proto == PROTO_TCP && pkt.tcp_flags & TCP_RST != 0 {
+                    health::failed(ct, HF_REFUSED, now_ticks(cfg));
+                } else {
+                    health::answered(ct);
+                }
+            }
             let flags = CT_F_SEEN_REPLY | ct_flags(pkt.tuple.proto, pkt.tcp_flags, true);
             if let Some(how) = touch(ct, now, flags)
                 && !rn.is_closed()
@@ -710,6 +729,21 @@ fn icmp_error<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     let Some(rn) = (unsafe { REVNAT.get(&s.rn_key) }) else {
         return Action::PASS;
     };
+    // The endpoint (or a router) says it cannot be reached: a failure of a flow it never
+    // answered. Packet-too-big and fragmentation-needed are not.
+    if let Some(icmp) = ptr_at::<C, IcmpHdr>(ctx, s.pkt.l4_off) {
+        let (ty, code) = (get!(icmp, ty), get!(icmp, code));
+        let unreachable = if s.pkt.v6 {
+            ty == 1
+        } else {
+            ty == 3 && code != 4
+        };
+        s.ct_key = rn.ct_key(inner.proto);
+        if unreachable && let Some((ct, _)) = ct_lookup(&s.ct_key) {
+            health::failed(unsafe { &mut *ct }, HF_UNREACHABLE, now_ticks(cfg));
+        }
+    }
+    let inner = &s.inner;
     let new_src = icmp_error_source(&s.pkt, inner, rn);
     let r = route(ctx, &mut s.fib, s.pkt.v6, &new_src, &rn.client);
     if C::HOOK == Hook::Xdp && needs_tx(ctx, s, r) && !xdp_tx_allowed(cfg) {

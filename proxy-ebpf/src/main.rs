@@ -24,6 +24,8 @@ mod fwd;
 #[cfg(target_arch = "bpf")]
 mod hdr;
 #[cfg(target_arch = "bpf")]
+mod health;
+#[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;

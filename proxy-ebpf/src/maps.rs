@@ -56,6 +56,10 @@ pub static REVNAT: HashMap<RevNatKey, RevNatValue> =
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
+/// How new flows to each endpoint fared (passive health checking; see `health`).
+#[map]
+pub static BACKEND_HEALTH: Array<BackendHealth> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
 #[map]
 pub static EVENT_LIMIT: PerCpuArray<EventLimit> =
     PerCpuArray::with_max_entries(EVENT_LIMIT_SLOTS, 0);

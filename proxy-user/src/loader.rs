@@ -101,13 +101,14 @@ impl Limits {
     }
 
     /// max_entries per map name, as the loader applies them.
-    pub fn max_entries(&self) -> [(&'static str, u32); 11] {
+    pub fn max_entries(&self) -> [(&'static str, u32); 12] {
         [
             (MAP_FRONTENDS, self.max_frontends),
             (MAP_SERVICES, self.max_services),
             (MAP_SVC_STATS, self.max_services),
             (MAP_SLOTS, self.max_slots),
             (MAP_BACKENDS, self.max_backends),
+            (MAP_BACKEND_HEALTH, self.max_backends),
             (MAP_CT, self.ct_max),
             (MAP_CT_NEW, self.ct_new_max()),
             (MAP_REVNAT, self.revnat_max()),

@@ -11,11 +11,11 @@ use aya::maps::{
 };
 use aya::sys::SyscallError;
 use proxy_common::{
-    ALL_MAPS, AffinityKey, AffinityValue, BackendValue, Config, Counter, CtKey, CtValue,
-    FE_FILTER_WORDS, FrontendKey, FrontendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_COUNTERS, MAP_CT, MAP_CT_NEW, MAP_FE_FILTER, MAP_FRONTENDS, MAP_REVNAT, MAP_SERVICES,
-    MAP_SLOTS, MAP_SRC_RANGES, MAP_SVC_STATS, RevNatKey, RevNatValue, ServiceStats, ServiceValue,
-    SlotKey, SrcRangeKey,
+    ALL_MAPS, AffinityKey, AffinityValue, BackendHealth, BackendValue, Config, Counter, CtKey,
+    CtValue, FE_FILTER_WORDS, FrontendKey, FrontendValue, MAP_AFFINITY, MAP_BACKEND_HEALTH,
+    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_CT, MAP_CT_NEW, MAP_FE_FILTER, MAP_FRONTENDS,
+    MAP_REVNAT, MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES, MAP_SVC_STATS, RevNatKey, RevNatValue,
+    ServiceStats, ServiceValue, SlotKey, SrcRangeKey,
 };
 use thiserror::Error;
 
@@ -53,6 +53,7 @@ pub struct DatapathMaps {
     services: HashMap<MapData, u32, ServiceValue>,
     slots: HashMap<MapData, SlotKey, u32>,
     backends: Array<MapData, BackendValue>,
+    backend_health: Array<MapData, BackendHealth>,
     ct: HashMap<MapData, CtKey, CtValue>,
     ct_new: HashMap<MapData, CtKey, CtValue>,
     revnat: HashMap<MapData, RevNatKey, RevNatValue>,
@@ -131,6 +132,7 @@ impl DatapathMaps {
             services: typed(MAP_SERVICES, get(MAP_SERVICES)?)?,
             slots: typed(MAP_SLOTS, get(MAP_SLOTS)?)?,
             backends: typed(MAP_BACKENDS, get(MAP_BACKENDS)?)?,
+            backend_health: typed(MAP_BACKEND_HEALTH, get(MAP_BACKEND_HEALTH)?)?,
             ct: typed(MAP_CT, get(MAP_CT)?)?,
             ct_new: typed(MAP_CT_NEW, get(MAP_CT_NEW)?)?,
             revnat: typed(MAP_REVNAT, get(MAP_REVNAT)?)?,
@@ -150,6 +152,7 @@ impl DatapathMaps {
             MAP_SERVICES => IterableMap::map(&self.services),
             MAP_SLOTS => IterableMap::map(&self.slots),
             MAP_BACKENDS => IterableMap::map(&self.backends),
+            MAP_BACKEND_HEALTH => IterableMap::map(&self.backend_health),
             MAP_CT => IterableMap::map(&self.ct),
             MAP_CT_NEW => IterableMap::map(&self.ct_new),
             MAP_REVNAT => IterableMap::map(&self.revnat),
@@ -272,6 +275,13 @@ impl DatapathMaps {
         entries(MAP_REVNAT, self.revnat.iter())
     }
 
+    /// How new flows to backend `id` fared (passive health checking).
+    pub fn backend_health(&self, id: u32) -> Result<BackendHealth, MapsError> {
+        self.backend_health
+            .get(&id, 0)
+            .map_err(in_map(MAP_BACKEND_HEALTH))
+    }
+
     pub fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
         entries(MAP_AFFINITY, self.affinity.iter())
     }
@@ -317,6 +327,16 @@ impl DatapathMaps {
 }
 
 impl DatapathMaps {
+    /// Writes a backend. A new generation is another endpoint (or the same one again, after it
+    /// left): it starts with a clean health record.
+    fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<(), MapError> {
+        let previous = self.backends.get(&id, 0)?;
+        if previous.generation != value.generation {
+            self.backend_health.set(id, BackendHealth::default(), 0)?;
+        }
+        self.backends.set(id, value, 0)
+    }
+
     /// Service ids are reused: a new Service must not inherit the counters of the one before.
     fn zero_service_stats(&mut self, id: u32) -> Result<(), MapError> {
         let cpus = aya::util::nr_cpus().map_err(|(_, io_error)| {
@@ -360,7 +380,7 @@ impl MapWriter for DatapathMaps {
             }
             MapOp::PutSlot(key, backend_id) => self.slots.insert(key, backend_id, 0),
             MapOp::DeleteSlot(key) => ignore_missing(self.slots.remove(&key)),
-            MapOp::PutBackend(id, value) => self.backends.set(id, value, 0),
+            MapOp::PutBackend(id, value) => self.put_backend(id, value),
             MapOp::PutSrcRange(range) => {
                 self.src_ranges
                     .insert(&Key::new(range.prefix_len, range.key()), 1, 0)

@@ -133,11 +133,7 @@ pub struct Refusals {
 
 impl Refusals {
     /// Counts `events`; `name` turns a service id into its Service port.
-    pub fn record(
-        &mut self,
-        events: &[Event],
-        name: impl Fn(u32) -> Option<ServicePortKey>,
-    ) {
+    pub fn record(&mut self, events: &[Event], name: impl Fn(u32) -> Option<ServicePortKey>) {
         for e in events {
             let (Some(reason), Some(service)) = (Reason::of(e.kind), name(e.service_id)) else {
                 self.unattributed += u64::from(e.count);
@@ -285,14 +281,20 @@ mod tests {
         r.record(&[event(5), event(2)], names);
         assert!(r.due(t0 + Duration::from_secs(3)).is_empty());
         let later = r.due(t0 + LOG_INTERVAL);
-        assert_eq!((later.len(), later[0].refused, later[0].first), (1, 7, false));
+        assert_eq!(
+            (later.len(), later[0].refused, later[0].first),
+            (1, 7, false)
+        );
         assert!(r.due(t0 + 3 * LOG_INTERVAL).is_empty(), "nothing new");
         assert_eq!(r.totals().map(|(_, n)| n).sum::<u64>(), 8);
         // A Service the agent no longer knows.
-        r.record(&[Event {
-            service_id: 9,
-            ..event(4)
-        }], names);
+        r.record(
+            &[Event {
+                service_id: 9,
+                ..event(4)
+            }],
+            names,
+        );
         assert_eq!(r.unattributed, 4);
     }
 }

@@ -269,7 +269,9 @@ fn main() {
     if let Some(path) = &a.object {
         let _node = TestNode::new();
         let bytes = std::fs::read(path).expect("read the object");
-        let mut ebpf = aya::EbpfLoader::new().load(&bytes).expect("load the object");
+        let mut ebpf = aya::EbpfLoader::new()
+            .load(&bytes)
+            .expect("load the object");
         for (name, program) in ebpf.programs_mut() {
             match program {
                 aya::programs::Program::Xdp(p) => p.load().unwrap(),
@@ -308,7 +310,9 @@ fn main() {
         eprintln!("  verifier: {name:<22} {insns:>8} instructions processed");
         println!("{{\"metric\":\"verified_insns\",\"program\":\"{name}\",\"value\":{insns}}}");
     }
-    eprintln!("  verifier: all programs     {total:>8} instructions processed ({load_ms:.0} ms to load)");
+    eprintln!(
+        "  verifier: all programs     {total:>8} instructions processed ({load_ms:.0} ms to load)"
+    );
     if a.only.as_deref() == Some("verifier") {
         return;
     }

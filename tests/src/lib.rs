@@ -345,6 +345,13 @@ impl Datapath {
         map.iter().map(|r| r.unwrap()).collect()
     }
 
+    /// How new flows to backend `id` fared (passive health).
+    pub fn backend_health(&self, id: u32) -> BackendHealth {
+        let map: Array<&MapData, BackendHealth> =
+            Array::try_from(self.ebpf.map(MAP_BACKEND_HEALTH).unwrap()).unwrap();
+        map.get(&id, 0).unwrap()
+    }
+
     /// The events the data path has reported since the last call.
     pub fn events(&mut self) -> Vec<Event> {
         let mut ring =

@@ -1649,3 +1649,56 @@ fn snat_ports_come_from_every_range_and_only_from_them() {
     let run = dp.xdp(node.uplink, &stray);
     assert_eq!((run.verdict, run.out), (XDP_PASS, stray));
 }
+
+#[test]
+fn new_flows_tell_how_their_endpoint_answers() {
+    let node = TestNode::new();
+    let mut dp = Datapath::load();
+    nodeport_service(&mut dp, EP1);
+    let xdp = |dp: &mut Datapath, pkt: Vec<u8>| {
+        let run = dp.xdp(node.uplink, &pkt);
+        assert_eq!(run.verdict, XDP_TX);
+        decode(&run.out)
+    };
+    // Refused: the endpoint resets the SYN (nothing listens).
+    let syn = xdp(&mut dp, client_seg(CLIENT_EXT, 44000, SYN));
+    xdp(&mut dp, endpoint_seg(syn.sport, RST | ACK));
+    let h = dp.backend_health(1);
+    assert_eq!(
+        (h.answered, h.failed, h.consecutive, h.last_kind),
+        (0, 1, 1, HF_REFUSED)
+    );
+    // Answered: the count of failures in a row starts again.
+    let port = connect(&mut dp, &node, CLIENT_EXT, 44001);
+    let h = dp.backend_health(1);
+    assert_eq!((h.answered, h.failed, h.consecutive), (1, 1, 0));
+    // Later packets of an answered flow, and its end, count for nothing more.
+    xdp(&mut dp, endpoint_seg(port, RST | ACK));
+    assert_eq!(dp.backend_health(1), h);
+
+    // Unreachable: an ICMP error about a new flow.
+    let syn_frame = client_seg(CLIENT_EXT, 44002, SYN);
+    let sent = dp.xdp(node.uplink, &syn_frame).out;
+    let quoted = sent[14..14 + 28].to_vec();
+    let err = from_outside(GW_V4, NODE_V4, icmp_error(3, 1, 0, &quoted), ICMP);
+    dp.xdp(node.uplink, &err);
+    let h = dp.backend_health(1);
+    assert_eq!(
+        (h.failed, h.consecutive, h.last_kind),
+        (2, 1, HF_UNREACHABLE)
+    );
+
+    // No answer: the client resends its SYN a second later. Counted once per flow.
+    xdp(&mut dp, client_seg(CLIENT_EXT, 44003, SYN));
+    xdp(&mut dp, client_seg(CLIENT_EXT, 44003, SYN));
+    assert_eq!(
+        dp.backend_health(1).failed,
+        2,
+        "resent at once: not a timeout yet"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    xdp(&mut dp, client_seg(CLIENT_EXT, 44003, SYN));
+    xdp(&mut dp, client_seg(CLIENT_EXT, 44003, SYN));
+    let h = dp.backend_health(1);
+    assert_eq!((h.failed, h.consecutive, h.last_kind), (3, 2, HF_TIMEOUT));
+}
