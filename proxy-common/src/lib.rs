@@ -987,6 +987,12 @@ counters! {
     CtEstablished = 47, "ct_established", false;
     /// Events the agent's ring buffer had no room for (its reader is behind).
     EventsLost = 48, "events_lost", false;
+    /// A TCP segment whose data offset is under 5 words or reaches past the IP datagram:
+    /// passed to the kernel untouched, never translated.
+    MalformedTcpHeader = 49, "malformed_tcp_header", false;
+    /// A UDP datagram whose length field is under 8 or longer than the IP payload (first
+    /// fragments and IPv6 jumbograms excepted): passed to the kernel untouched.
+    MalformedUdpLength = 50, "malformed_udp_length", false;
 }
 
 /// Size of the COUNTERS array: room for the indices above and future ones.

@@ -120,6 +120,10 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
             count(Counter::UnparsedPassed);
             return Action::PASS;
         }
+        Parsed::Malformed(why) => {
+            count(why);
+            return Action::PASS;
+        }
     }
     if s.pkt.icmp_error {
         // Errors about our flows come from the endpoint side, i.e. in through the uplink.

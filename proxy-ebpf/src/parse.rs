@@ -5,7 +5,7 @@
 use proxy_common::{Addr, CtKey, PROTO_TCP, PROTO_UDP};
 
 use crate::{
-    ctx::{Ctx, load, ptr_at},
+    ctx::{Ctx, Hook, load, ptr_at},
     hdr::{IcmpHdr, Ipv4Hdr, Ipv6Ext, Ipv6Hdr, TcpHdr, UdpHdr, get},
 };
 
@@ -89,6 +89,9 @@ pub enum Parsed {
     Other,
     /// IP, but the transport header could not be found.
     Unparsed,
+    /// A transport header that contradicts the IP header (the counter says how): passed on
+    /// untouched, never translated.
+    Malformed(proxy_common::Counter),
 }
 
 /// Parses the packet at the start of `ctx` into `pkt`.
@@ -116,7 +119,12 @@ fn parse_v4<C: Ctx>(ctx: &C, out: &mut Pkt) -> Parsed {
     if vihl >> 4 != 4 || ihl < IPV4_HLEN {
         return Parsed::Unparsed;
     }
-    let tot_len = u16::from_be(get!(ip, tot_len)) as u32;
+    let mut tot_len = u16::from_be(get!(ip, tot_len)) as u32;
+    // IPv4 BIG TCP: an skb over 64 KB carries total length 0 (never seen on a wire, so not at
+    // XDP); its length is the skb's.
+    if tot_len == 0 && C::HOOK != Hook::Xdp {
+        tot_len = ctx.len().saturating_sub(ETH_HLEN as u32);
+    }
     let frag_field = u16::from_be(get!(ip, frag));
     let frag = if frag_field & 0x1fff != 0 {
         Frag::Later
@@ -160,7 +168,13 @@ fn parse_v6<C: Ctx>(ctx: &C, out: &mut Pkt) -> Parsed {
     if get!(ip, vtcfl).to_ne_bytes()[0] >> 4 != 6 {
         return Parsed::Unparsed;
     }
-    let l3_len = IPV6_HLEN as u32 + u16::from_be(get!(ip, payload_len)) as u32;
+    let payload_len = u16::from_be(get!(ip, payload_len)) as u32;
+    // Payload length 0: a jumbogram (RFC 2675) or IPv6 BIG TCP; the length is the packet's.
+    let l3_len = if payload_len == 0 {
+        ctx.len().saturating_sub(ETH_HLEN as u32)
+    } else {
+        IPV6_HLEN as u32 + payload_len
+    };
     let src = Addr {
         words: get!(ip, src),
     };
@@ -247,6 +261,15 @@ fn parse_l4<C: Ctx>(ctx: &C, pkt: &mut Pkt) -> Parsed {
             pkt.tuple.dport = get!(tcp, dport);
             pkt.tcp_flags = get!(tcp, flags);
             pkt.tcp_hlen = (get!(tcp, doff) >> 4) << 2;
+            // Checked against the IP header's length, not the linear data a TC skb happens to
+            // have: the header must lie within the datagram.
+            // An IP header that lies about the length is the data path's to drop (bad_len).
+            if !pkt.bad_len
+                && ((pkt.tcp_hlen as usize) < TCP_HLEN
+                    || (pkt.l4_off - ETH_HLEN) as u32 + pkt.tcp_hlen as u32 > pkt.l3_len)
+            {
+                return Parsed::Malformed(proxy_common::Counter::MalformedTcpHeader);
+            }
             Parsed::Pkt
         }
         PROTO_UDP => {
@@ -258,6 +281,17 @@ fn parse_l4<C: Ctx>(ctx: &C, pkt: &mut Pkt) -> Parsed {
             };
             pkt.tuple.sport = get!(udp, sport);
             pkt.tuple.dport = get!(udp, dport);
+            let len = u16::from_be(get!(udp, len)) as u32;
+            let payload = pkt.l3_len.saturating_sub((pkt.l4_off - ETH_HLEN) as u32);
+            // A jumbogram's UDP length is 0 (RFC 2675); a first fragment's covers the whole
+            // datagram, beyond this fragment.
+            let jumbo = pkt.v6 && len == 0 && payload > 0xffff;
+            if !pkt.bad_len
+                && !jumbo
+                && (len < UDP_HLEN as u32 || (len > payload && pkt.frag != Frag::First))
+            {
+                return Parsed::Malformed(proxy_common::Counter::MalformedUdpLength);
+            }
             Parsed::Pkt
         }
         PROTO_ICMP | PROTO_ICMPV6 => {

@@ -1702,3 +1702,100 @@ fn new_flows_tell_how_their_endpoint_answers() {
     let h = dp.backend_health(1);
     assert_eq!((h.failed, h.consecutive, h.last_kind), (3, 2, HF_TIMEOUT));
 }
+
+/// A segment `seg` (checksummed as is) from the outside client to the NodePort: `tot_len`
+/// overrides the IPv4 total length.
+fn raw_from_outside(seg: Vec<u8>, proto: u8, tot_len: Option<u16>) -> Vec<u8> {
+    let mut ip = Ip::new(CLIENT_EXT, NODE_V4, proto);
+    ip.tot_len = tot_len;
+    frame(GW_MAC, UPLINK_MAC, &ip.wrap(seg, false))
+}
+
+#[test]
+fn transport_headers_that_contradict_the_ip_header_pass_untouched_and_counted() {
+    let (node, mut dp) = with_tcp_service();
+    dp.program(&Svc::new(
+        2,
+        PROTO_UDP,
+        &[(FrontendKind::NodePort, NODE_V4, 30053)],
+        &[(3, EP1, 53, BackendState::Active)],
+    ));
+    let tcp = |doff: u8, payload: &[u8]| {
+        let mut s = tcp_seg(32000, 30080, 1, 0, SYN, payload);
+        s[12] = doff << 4;
+        s
+    };
+    let udp = |len: u16, payload: &[u8]| {
+        let mut s = udp_dgram(32001, 30053, payload);
+        s[4..6].copy_from_slice(&len.to_be_bytes());
+        s
+    };
+    // (what, frame, counter it must show in)
+    let cases = [
+        (
+            "TCP data offset 4 (under the base header)",
+            raw_from_outside(tcp(4, &[]), TCP, None),
+            Counter::MalformedTcpHeader,
+        ),
+        (
+            "TCP data offset 15 on a 20-byte segment",
+            raw_from_outside(tcp(15, &[]), TCP, None),
+            Counter::MalformedTcpHeader,
+        ),
+        (
+            // The frame has 60 bytes of TCP, but the IP header says the datagram ends at 28.
+            "TCP header past the IP total length",
+            raw_from_outside(tcp(10, &[0; 40]), TCP, Some(20 + 28)),
+            Counter::MalformedTcpHeader,
+        ),
+        (
+            "UDP length 0",
+            raw_from_outside(udp(0, b"query"), UDP, None),
+            Counter::MalformedUdpLength,
+        ),
+        (
+            "UDP length 7",
+            raw_from_outside(udp(7, b"query"), UDP, None),
+            Counter::MalformedUdpLength,
+        ),
+        (
+            "UDP length longer than the IP payload",
+            raw_from_outside(udp(200, b"query"), UDP, None),
+            Counter::MalformedUdpLength,
+        ),
+    ];
+    for (what, frame, counter) in cases {
+        let before = dp.counter(counter);
+        for (hook, run) in [
+            ("xdp", dp.xdp(node.uplink, &frame)),
+            ("tc", dp.tc_ingress(node.uplink, &frame)),
+        ] {
+            let pass = if hook == "xdp" { XDP_PASS } else { TC_ACT_OK };
+            assert_eq!(run.verdict, pass, "{what} at {hook}");
+            assert!(run.out == frame, "{what} at {hook}: rewritten");
+        }
+        assert_eq!(dp.counter(counter), before + 2, "{what}: counted");
+    }
+    assert!(dp.ct_entries().is_empty(), "no flow for a malformed packet");
+    assert_eq!(dp.counter(Counter::DropMalformed), 0);
+
+    // What is legitimate stays so: a first fragment's UDP length covers the whole datagram.
+    let mut first = Ip::new(CLIENT_EXT, NODE_V4, UDP);
+    first.frag = Some((0, true));
+    let seg = udp(8 + 1000, &[7; 64]);
+    let run = dp.xdp(
+        node.uplink,
+        &frame(GW_MAC, UPLINK_MAC, &first.wrap(seg, true)),
+    );
+    assert_eq!(run.verdict, XDP_TX, "a first fragment is translated");
+    // IPv4 BIG TCP: total length 0 on an skb (the length is the skb's), at TC.
+    let big = raw_from_outside(tcp(5, &[0; 100]), TCP, Some(0));
+    let run = dp.tc_ingress(node.uplink, &big);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "BIG TCP is translated at TC");
+    assert!(
+        [[203, 0, 113, 7], [203, 0, 113, 8]].contains(&run.out[30..34].try_into().unwrap()),
+        "to an endpoint: {:?}",
+        &run.out[30..34]
+    );
+    assert_eq!(&run.out[16..18], &[0, 0], "total length left 0");
+}
