@@ -38,6 +38,7 @@ mod control_plane;
 mod http;
 mod pki;
 mod process;
+mod writer;
 
 use std::path::{Path, PathBuf};
 
@@ -45,6 +46,7 @@ use thiserror::Error;
 
 pub use audit::{AuditEvent, AuditObject, AuditUser};
 pub use control_plane::{ADMIN, ApiServer, ControlPlane, Options, StartupTimes, StaticUser};
+pub use writer::{ApiConnection, ApiResponse, ApiWrite};
 
 /// The directory holding `etcd`, `kube-apiserver` and `kube-proxy`.
 pub const BIN_ENV: &str = "EXTPROXY_K8S_BIN";
@@ -87,6 +89,12 @@ pub enum Error {
     Audit(String),
     #[error("kube client: {0}")]
     Kube(#[from] kube::Error),
+    #[error("{request}: {status} {body}")]
+    Api {
+        request: String,
+        status: u16,
+        body: String,
+    },
 }
 
 pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {

@@ -8,7 +8,9 @@
 //!   the TIME_WAIT, as nginx does with `Connection: close`;
 //! - [`KEEPALIVE_REQUEST`] (`GET / HTTP/1.1`): one answer per request on a kept-alive connection;
 //! - [`SINK_HELLO`]: everything after it is counted and dropped; at EOF the server answers with
-//!   the count (8 bytes, little endian) and closes.
+//!   the count (8 bytes, little endian) and closes;
+//! - [`WHO_REQUEST`] (`GET /who HTTP/1.0`): the answer's body is the address that answered, then
+//!   the server closes: a client learns which endpoint a Service sent it to.
 //!
 //! The same port over UDP counts datagrams. The server records the source address of every
 //! connection and datagram and the local address that answered, so a benchmark can prove that
@@ -44,6 +46,8 @@ pub const KEEPALIVE_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 pub const KEEPALIVE_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
 /// Opens a bulk transfer: the server discards what follows and reports the byte count at EOF.
 pub const SINK_HELLO: &[u8] = b"SINK\n";
+/// Asks which address answered: the body is that address and a newline; the server closes.
+pub const WHO_REQUEST: &[u8] = b"GET /who HTTP/1.0\r\nHost: bench\r\n\r\n";
 
 /// How long a poll waits before the loops look at their stop flag or deadline.
 const POLL_TICK: Duration = Duration::from_millis(50);
@@ -263,6 +267,7 @@ fn accept_all(
                 }
                 conns[slot] = Some(ServerConn {
                     stream,
+                    local,
                     inbuf: Vec::new(),
                     mode: Mode::Start,
                     out: Vec::new(),
@@ -294,6 +299,8 @@ enum Next {
 
 struct ServerConn {
     stream: TcpStream,
+    /// The address the client reached (the endpoint), for [`WHO_REQUEST`].
+    local: IpAddr,
     inbuf: Vec<u8>,
     mode: Mode,
     /// Answer bytes the socket did not take yet.
@@ -362,9 +369,17 @@ impl ServerConn {
         }
         while let Some(end) = find(&self.inbuf, b"\r\n\r\n") {
             let close = find(&self.inbuf[..end], b"HTTP/1.0").is_some();
+            let who = self.inbuf.starts_with(b"GET /who ");
             self.inbuf.drain(..end + 4);
             if close {
-                self.out.extend_from_slice(CLOSE_RESPONSE);
+                if who {
+                    let body = format!("{}\n", self.local);
+                    let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                    self.out.extend_from_slice(head.as_bytes());
+                    self.out.extend_from_slice(body.as_bytes());
+                } else {
+                    self.out.extend_from_slice(CLOSE_RESPONSE);
+                }
                 self.close_after_write = true;
                 return;
             }
@@ -469,6 +484,26 @@ impl OpStats {
         self.ops += 1;
         self.latencies_ns.push(started.elapsed().as_nanos() as u64);
     }
+
+    /// Operations that took longer than `limit`: for new connections, those whose SYN went
+    /// unanswered at first (Linux resends it after 1 s).
+    pub fn slower_than(&self, limit: Duration) -> u64 {
+        let limit = limit.as_nanos() as u64;
+        self.latencies_ns.iter().filter(|l| **l > limit).count() as u64
+    }
+}
+
+/// How [`connections`] opens them.
+#[derive(Clone, Debug)]
+pub struct ConnectOpts {
+    /// Connections in flight at once.
+    pub workers: usize,
+    pub threads: usize,
+    /// Local addresses to connect from, in turn (each must be an address of the namespace).
+    /// Empty: the kernel's choice.
+    pub sources: Vec<IpAddr>,
+    /// New connections a second over all workers; None: as fast as they go.
+    pub rate: Option<f64>,
 }
 
 /// Runs `f(thread index)` on `threads` threads inside namespace `ns`, all at once.
@@ -523,11 +558,39 @@ pub fn connection_rate(
     threads: usize,
     duration: Duration,
 ) -> io::Result<OpStats> {
-    let threads = threads.clamp(1, workers.max(1));
+    let opts = ConnectOpts {
+        workers,
+        threads,
+        sources: Vec::new(),
+        rate: None,
+    };
+    connections(ns, targets, &opts, duration)
+}
+
+/// New connections as [`connection_rate`] opens them, from the given source addresses and at
+/// the given rate.
+pub fn connections(
+    ns: &str,
+    targets: &[SocketAddr],
+    opts: &ConnectOpts,
+    duration: Duration,
+) -> io::Result<OpStats> {
+    let threads = opts.threads.clamp(1, opts.workers.max(1));
     let start = Instant::now();
     let deadline = start + duration;
     let parts = on_threads(ns, threads, |t| {
-        connection_loop(targets, share(workers, threads, t), t, deadline)
+        let pace = opts
+            .rate
+            .map(|r| Duration::from_secs_f64(threads as f64 / r.max(1e-3)));
+        connection_loop(
+            targets,
+            &opts.sources,
+            share(opts.workers, threads, t),
+            t,
+            threads,
+            pace,
+            deadline,
+        )
     })?;
     Ok(OpStats::merge(parts, start.elapsed().min(duration)))
 }
@@ -556,48 +619,80 @@ fn poll_until(poll: &mut Poll, events: &mut Events, deadline: Instant) -> io::Re
 
 fn connection_loop(
     targets: &[SocketAddr],
+    sources: &[IpAddr],
     workers: usize,
     thread: usize,
+    threads: usize,
+    pace: Option<Duration>,
     deadline: Instant,
 ) -> io::Result<OpStats> {
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(256);
     let mut stats = OpStats::default();
     let mut next_target = thread;
+    // Threads take sources in turn, interleaved, so that all of them are used at any rate.
+    let mut next_source = thread;
     let mut buf = [0u8; 512];
     let mut slots: Vec<Option<Attempt>> = (0..workers).map(|_| None).collect();
+    let mut next_start = Instant::now();
 
-    let mut open = |poll: &Poll, slot: usize, stats: &mut OpStats| {
+    let mut open = |poll: &Poll, slot: usize, stats: &mut OpStats, next_start: &mut Instant| {
+        if let Some(pace) = pace {
+            if Instant::now() < *next_start {
+                return None;
+            }
+            *next_start += pace;
+        }
         let target = targets[next_target % targets.len()];
         next_target += 1;
-        let attempt = Attempt::open(poll, slot, target);
+        let source = (!sources.is_empty()).then(|| {
+            let s = sources[next_source % sources.len()];
+            next_source += threads;
+            s
+        });
+        let attempt = Attempt::open(poll, slot, target, source);
         stats.errors += u64::from(attempt.is_none());
         attempt
     };
     for (i, slot) in slots.iter_mut().enumerate() {
-        *slot = open(&poll, i, &mut stats);
+        *slot = open(&poll, i, &mut stats, &mut next_start);
     }
-    while let Some(polled) = poll_until(&mut poll, &mut events, deadline)? {
-        if !polled {
-            continue;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
         }
-        for event in events.iter() {
-            let i = event.token().0;
-            let Some(attempt) = slots[i].as_mut() else {
-                continue;
-            };
-            let outcome = attempt.advance(&mut buf);
-            match outcome {
-                Progress::Waiting => continue,
-                Progress::Answered => stats.record(attempt.started),
-                Progress::Failed => stats.errors += 1,
+        // Paced: wake up in time for the next start (at once when behind, but always looking at
+        // the connections in flight: they are what frees the workers).
+        let wake = match pace {
+            Some(_) => next_start.clamp(now, deadline),
+            None => deadline,
+        };
+        let polled = match poll.poll(&mut events, Some((wake - now).min(POLL_TICK))) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
+            Err(e) => return Err(e),
+        };
+        if polled {
+            for event in events.iter() {
+                let i = event.token().0;
+                let Some(attempt) = slots[i].as_mut() else {
+                    continue;
+                };
+                let outcome = attempt.advance(&mut buf);
+                match outcome {
+                    Progress::Waiting => continue,
+                    Progress::Answered => stats.record(attempt.started),
+                    Progress::Failed => stats.errors += 1,
+                }
+                slots[i] = open(&poll, i, &mut stats, &mut next_start);
             }
-            slots[i] = open(&poll, i, &mut stats);
         }
-        // A worker whose connect failed at once (e.g. no local port free) tries again here.
+        // A worker whose connect failed at once (e.g. no local port free), or that waits for its
+        // turn under a pace, starts here.
         for (i, slot) in slots.iter_mut().enumerate() {
             if slot.is_none() && Instant::now() < deadline {
-                *slot = open(&poll, i, &mut stats);
+                *slot = open(&poll, i, &mut stats, &mut next_start);
             }
         }
     }
@@ -611,10 +706,33 @@ enum Progress {
 }
 
 impl Attempt {
-    /// A non-blocking connect; `None` if it failed at once.
-    fn open(poll: &Poll, slot: usize, target: SocketAddr) -> Option<Attempt> {
+    /// A non-blocking connect (from `source` if given); `None` if it failed at once.
+    fn open(
+        poll: &Poll,
+        slot: usize,
+        target: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> Option<Attempt> {
         let started = Instant::now();
-        let mut stream = TcpStream::connect(target).ok()?;
+        let mut stream = match source {
+            None => TcpStream::connect(target).ok()?,
+            Some(source) => {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(target),
+                    socket2::Type::STREAM,
+                    None,
+                )
+                .ok()?;
+                socket.set_nonblocking(true).ok()?;
+                socket.bind(&SocketAddr::new(source, 0).into()).ok()?;
+                match socket.connect(&target.into()) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                    Err(_) => return None,
+                }
+                TcpStream::from_std(socket.into())
+            }
+        };
         poll.registry()
             .register(
                 &mut stream,
@@ -819,4 +937,187 @@ pub fn udp_flood(ns: &str, target: SocketAddr, duration: Duration) -> io::Result
         }
         Ok(sent)
     })
+}
+
+// -------------------------------------------------------------------------------------------------
+// Which endpoint answers: programming seen from outside
+// -------------------------------------------------------------------------------------------------
+
+/// The outcome of one [`WHO_REQUEST`] connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    /// When its SYN was sent: a change of the path that was in effect by then decided it.
+    pub started: Instant,
+    pub finished: Instant,
+    /// The endpoint that answered; `None` when the connection failed (refused, reset,
+    /// unreachable) or gave up.
+    pub endpoint: Option<IpAddr>,
+}
+
+/// Asks `target` which endpoint answers, from namespace `ns`: a new connection every `interval`,
+/// several in flight when the path is slow or drops SYNs (each gives up after `give_up`), so a
+/// dropped or rejected attempt never delays the next by more than `interval`. Every outcome goes
+/// to `on_probe`, in the order they finish, until it returns false.
+pub fn probe_endpoints(
+    ns: &str,
+    target: SocketAddr,
+    interval: Duration,
+    give_up: Duration,
+    mut on_probe: impl FnMut(Probe) -> bool + Send,
+) -> io::Result<()> {
+    crate::topo::in_netns(ns, move || {
+        let mut poll = Poll::new()?;
+        let mut events = Events::with_capacity(64);
+        let mut slots: Vec<Option<WhoAttempt>> = Vec::new();
+        let mut next_start = Instant::now();
+        let mut buf = [0u8; 256];
+        loop {
+            let now = Instant::now();
+            if now >= next_start {
+                next_start = now + interval;
+                let slot = slots.iter().position(Option::is_none).unwrap_or_else(|| {
+                    slots.push(None);
+                    slots.len() - 1
+                });
+                match WhoAttempt::open(&poll, slot, target) {
+                    Ok(attempt) => slots[slot] = Some(attempt),
+                    Err(_) => {
+                        let probe = Probe {
+                            started: now,
+                            finished: Instant::now(),
+                            endpoint: None,
+                        };
+                        if !on_probe(probe) {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            let wait = next_start.saturating_duration_since(Instant::now());
+            match poll.poll(&mut events, Some(wait)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let mut done: Vec<(usize, Option<IpAddr>)> = Vec::new();
+            for event in events.iter() {
+                let slot = event.token().0;
+                if let Some(attempt) = slots.get_mut(slot).and_then(Option::as_mut) {
+                    match attempt.advance(&mut buf) {
+                        WhoProgress::Waiting => {}
+                        WhoProgress::Answered(ip) => done.push((slot, Some(ip))),
+                        WhoProgress::Failed => done.push((slot, None)),
+                    }
+                }
+            }
+            let now = Instant::now();
+            for (slot, attempt) in slots.iter().enumerate() {
+                if let Some(a) = attempt
+                    && now - a.started > give_up
+                    && !done.iter().any(|(s, _)| *s == slot)
+                {
+                    done.push((slot, None));
+                }
+            }
+            for (slot, endpoint) in done {
+                let Some(mut attempt) = slots[slot].take() else {
+                    continue;
+                };
+                let _ = poll.registry().deregister(&mut attempt.stream);
+                let probe = Probe {
+                    started: attempt.started,
+                    finished: now,
+                    endpoint,
+                };
+                if !on_probe(probe) {
+                    return Ok(());
+                }
+            }
+        }
+    })
+}
+
+/// The first answer through `target`, asking every `interval` while `keep_going` says so: when
+/// it came and which endpoint gave it; `None` if nothing answered before `keep_going` said no.
+pub fn first_answer(
+    ns: &str,
+    target: SocketAddr,
+    interval: Duration,
+    keep_going: impl Fn() -> bool + Send + Sync,
+) -> io::Result<Option<Probe>> {
+    let mut answer = None;
+    probe_endpoints(ns, target, interval, Duration::from_millis(200), |probe| {
+        if probe.endpoint.is_some() {
+            answer = Some(probe);
+            return false;
+        }
+        keep_going()
+    })?;
+    Ok(answer)
+}
+
+struct WhoAttempt {
+    stream: TcpStream,
+    started: Instant,
+    sent: bool,
+    answer: Vec<u8>,
+}
+
+enum WhoProgress {
+    Waiting,
+    Answered(IpAddr),
+    Failed,
+}
+
+impl WhoAttempt {
+    fn open(poll: &Poll, slot: usize, target: SocketAddr) -> io::Result<WhoAttempt> {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(target)?;
+        poll.registry().register(
+            &mut stream,
+            Token(slot),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        Ok(WhoAttempt {
+            stream,
+            started,
+            sent: false,
+            answer: Vec::new(),
+        })
+    }
+
+    fn advance(&mut self, buf: &mut [u8]) -> WhoProgress {
+        if !self.sent {
+            if let Ok(Some(_)) | Err(_) = self.stream.take_error() {
+                return WhoProgress::Failed;
+            }
+            match self.stream.peer_addr() {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return WhoProgress::Waiting,
+                Err(_) => return WhoProgress::Failed,
+            }
+            match self.stream.write(WHO_REQUEST) {
+                Ok(n) if n == WHO_REQUEST.len() => self.sent = true,
+                _ => return WhoProgress::Failed,
+            }
+        }
+        loop {
+            match self.stream.read(buf) {
+                Ok(0) => {
+                    let text = String::from_utf8_lossy(&self.answer);
+                    return match text
+                        .split_once("\r\n\r\n")
+                        .and_then(|(_, body)| body.trim().parse().ok())
+                    {
+                        Some(ip) => WhoProgress::Answered(ip),
+                        None => WhoProgress::Failed,
+                    };
+                }
+                Ok(n) => self.answer.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return WhoProgress::Waiting,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return WhoProgress::Failed,
+            }
+        }
+    }
 }
