@@ -450,6 +450,8 @@ pub struct OpStats {
     pub errors: u64,
     pub elapsed: Duration,
     latencies_ns: Vec<u64>,
+    /// How long the connections still in flight at the end had waited (new connections only).
+    unfinished_ns: Vec<u64>,
 }
 
 impl OpStats {
@@ -475,6 +477,7 @@ impl OpStats {
             all.ops += p.ops;
             all.errors += p.errors;
             all.latencies_ns.extend(p.latencies_ns);
+            all.unfinished_ns.extend(p.unfinished_ns);
         }
         all.latencies_ns.sort_unstable();
         all
@@ -486,10 +489,16 @@ impl OpStats {
     }
 
     /// Operations that took longer than `limit`: for new connections, those whose SYN went
-    /// unanswered at first (Linux resends it after 1 s).
+    /// unanswered at first (Linux resends it after 1 s), including those still waiting at the
+    /// end after as long.
     pub fn slower_than(&self, limit: Duration) -> u64 {
         let limit = limit.as_nanos() as u64;
-        self.latencies_ns.iter().filter(|l| **l > limit).count() as u64
+        // One still waiting at the end that had waited longer is as slow.
+        self.latencies_ns
+            .iter()
+            .chain(&self.unfinished_ns)
+            .filter(|l| **l > limit)
+            .count() as u64
     }
 }
 
@@ -695,6 +704,11 @@ fn connection_loop(
                 *slot = open(&poll, i, &mut stats, &mut next_start);
             }
         }
+    }
+    for attempt in slots.iter().flatten() {
+        stats
+            .unfinished_ns
+            .push(attempt.started.elapsed().as_nanos() as u64);
     }
     Ok(stats)
 }

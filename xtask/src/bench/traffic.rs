@@ -239,19 +239,22 @@ pub enum Measure {
 }
 
 impl Measure {
+    /// In the order a run measures them: the one-endpoint measures come late because they use
+    /// up the most SNAT ports and conntrack entries (what they leave behind must not weigh on
+    /// the others), the programming latency last because it moves the endpoint.
     pub const ALL: [Measure; 12] = [
         Measure::FirstAnswer,
         Measure::NewConnections,
-        Measure::NewConnectionsOneEndpoint,
-        Measure::ManyClients,
-        Measure::ManyClientsMax,
         Measure::Requests,
         Measure::TcpThroughput,
-        Measure::TcpThroughputOffload,
         Measure::UdpPackets,
         Measure::ConnectionLatency,
         Measure::RequestLatency,
+        Measure::NewConnectionsOneEndpoint,
+        Measure::ManyClients,
+        Measure::ManyClientsMax,
         Measure::ProgrammingLatency,
+        Measure::TcpThroughputOffload,
     ];
 
     pub fn name(self) -> &'static str {
@@ -349,6 +352,9 @@ pub struct Record {
     pub note: Option<String>,
     /// Set when the contender was not run at this size: why. `value` is NaN then.
     pub not_run: Option<String>,
+    /// Set when the measure failed (e.g. connections that never completed): the error. `value`
+    /// is NaN then.
+    pub failed: Option<String>,
 }
 
 impl Record {
@@ -373,6 +379,7 @@ impl Record {
             detail: String::new(),
             note: None,
             not_run: None,
+            failed: None,
         }
     }
 
@@ -889,10 +896,29 @@ fn run_one(
         Vec::new()
     };
     let routes = Routes::new(contender, &plan.layout);
-    let mut started = start(opts, plan, contender, &topo, &routes)?;
+    let flags = contender.flags(opts);
+    // A contender that does not start or carry traffic is a result too: every measure of the
+    // run is reported as failed, with why.
+    let failed_run = |e: anyhow::Error| -> Vec<Record> {
+        let why = format!("{e:#}");
+        if opts.verbose {
+            eprintln!("[traffic] round {round}, {n} Services, {contender}: FAILED: {why}");
+        }
+        measures
+            .iter()
+            .map(|&m| Record {
+                failed: Some(why.clone()),
+                flags: flags.clone(),
+                ..Record::blank(contender, m, n, round)
+            })
+            .collect()
+    };
+    let mut started = match start(opts, plan, contender, &topo, &routes) {
+        Ok(started) => started,
+        Err(e) => return Ok(failed_run(e)),
+    };
     let mut our_pids: Vec<u32> = started.process.iter().map(Process::pid).collect();
     our_pids.extend(plan.clusters.iter().flat_map(Cluster::pids));
-    let flags = contender.flags(opts);
     let detail = format!(
         "{}; CPU {:.0} % busy before the run",
         started.detail,
@@ -910,8 +936,11 @@ fn run_one(
     }
     let pod = &topo.pod.name;
     let pod_ip: IpAddr = POD.parse()?;
-    measures::warm_up(pod, &routes, &server, &[pod_ip])
-        .with_context(|| format!("no working path through {contender} ({detail})"))?;
+    if let Err(e) = measures::warm_up(pod, &routes, &server, &[pod_ip]) {
+        return Ok(failed_run(
+            e.context(format!("no working path through {contender} ({detail})")),
+        ));
+    }
 
     let mut records = Vec::new();
     let base = |measure: Measure| Record {
@@ -940,25 +969,30 @@ fn run_one(
                     ..base(measure)
                 }
             }
-            Measure::ProgrammingLatency => {
-                let cluster = plan.cluster(contender.cluster().context("no API server")?)?;
-                let meter = cpu::CpuMeter::start(&our_pids)?;
-                let mut record = measures::programming_latency(
-                    &ctx,
-                    cluster,
-                    &plan.layout,
-                    started.first_answer,
-                    base(measure),
-                )
-                .context("measuring programming latency")?;
-                record.note = measures::own_programming_metric(&topo, contender);
-                record.others_cpu = meter.others_share()?;
-                record
-            }
             _ => {
                 let meter = cpu::CpuMeter::start(&our_pids)?;
-                let record = measures::measure_one(&ctx, measure, base(measure))
-                    .with_context(|| format!("measuring {measure}"))?;
+                let result = if measure == Measure::ProgrammingLatency {
+                    let cluster = plan.cluster(contender.cluster().context("no API server")?)?;
+                    measures::programming_latency(
+                        &ctx,
+                        cluster,
+                        &plan.layout,
+                        started.first_answer,
+                        base(measure),
+                    )
+                    .map(|r| Record {
+                        note: measures::own_programming_metric(&topo, contender),
+                        ..r
+                    })
+                } else {
+                    measures::measure_one(&ctx, measure, base(measure))
+                };
+                // A measure the contender cannot complete is a result (reported as failed, with
+                // why), not the end of a benchmark that may have run for hours.
+                let record = result.unwrap_or_else(|e| Record {
+                    failed: Some(format!("{e:#}")),
+                    ..base(measure)
+                });
                 Record {
                     others_cpu: meter.others_share()?,
                     ..record
@@ -1199,6 +1233,9 @@ fn wait_for_quiet(patience: Duration) -> Result<f64> {
 const QUIET_BUSY: f64 = 0.15;
 
 fn summary(r: &Record) -> String {
+    if let Some(why) = &r.failed {
+        return format!("{:<28} FAILED: {why}", r.measure.name());
+    }
     let mut s = format!("{:<28} {:>10.2} {}", r.measure.name(), r.value, r.unit);
     if let (Some(p50), Some(p99)) = (r.p50_us, r.p99_us) {
         s += &format!("  p50 {p50:.0} us  p99 {p99:.0} us");
@@ -1343,6 +1380,7 @@ mod tests {
             println!("{}", r.to_json());
         }
         for r in results.records.iter().filter(|r| r.not_run.is_none()) {
+            assert!(r.failed.is_none(), "{} {}", r.contender, summary(r));
             assert!(r.value.is_finite() && r.value > 0.0, "{}", summary(r));
         }
         for c in &opts.contenders {
