@@ -963,9 +963,16 @@ pub struct Probe {
     /// When its SYN was sent: a change of the path that was in effect by then decided it.
     pub started: Instant,
     pub finished: Instant,
-    /// The endpoint that answered; `None` when the connection failed (refused, reset,
-    /// unreachable) or gave up.
-    pub endpoint: Option<IpAddr>,
+    /// The endpoint that answered, or why the connection failed (refused, reset, unreachable;
+    /// `TimedOut` when it gave up).
+    pub outcome: Result<IpAddr, io::ErrorKind>,
+}
+
+impl Probe {
+    /// The endpoint that answered.
+    pub fn endpoint(&self) -> Option<IpAddr> {
+        self.outcome.ok()
+    }
 }
 
 /// Asks `target` which endpoint answers, from namespace `ns`: a new connection every `interval`,
@@ -995,11 +1002,11 @@ pub fn probe_endpoints(
                 });
                 match WhoAttempt::open(&poll, slot, target) {
                     Ok(attempt) => slots[slot] = Some(attempt),
-                    Err(_) => {
+                    Err(e) => {
                         let probe = Probe {
                             started: now,
                             finished: Instant::now(),
-                            endpoint: None,
+                            outcome: Err(e.kind()),
                         };
                         if !on_probe(probe) {
                             return Ok(());
@@ -1013,14 +1020,14 @@ pub fn probe_endpoints(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
-            let mut done: Vec<(usize, Option<IpAddr>)> = Vec::new();
+            let mut done: Vec<(usize, Result<IpAddr, io::ErrorKind>)> = Vec::new();
             for event in events.iter() {
                 let slot = event.token().0;
                 if let Some(attempt) = slots.get_mut(slot).and_then(Option::as_mut) {
                     match attempt.advance(&mut buf) {
                         WhoProgress::Waiting => {}
-                        WhoProgress::Answered(ip) => done.push((slot, Some(ip))),
-                        WhoProgress::Failed => done.push((slot, None)),
+                        WhoProgress::Answered(ip) => done.push((slot, Ok(ip))),
+                        WhoProgress::Failed(kind) => done.push((slot, Err(kind))),
                     }
                 }
             }
@@ -1030,10 +1037,10 @@ pub fn probe_endpoints(
                     && now - a.started > give_up
                     && !done.iter().any(|(s, _)| *s == slot)
                 {
-                    done.push((slot, None));
+                    done.push((slot, Err(io::ErrorKind::TimedOut)));
                 }
             }
-            for (slot, endpoint) in done {
+            for (slot, outcome) in done {
                 let Some(mut attempt) = slots[slot].take() else {
                     continue;
                 };
@@ -1041,7 +1048,7 @@ pub fn probe_endpoints(
                 let probe = Probe {
                     started: attempt.started,
                     finished: now,
-                    endpoint,
+                    outcome,
                 };
                 if !on_probe(probe) {
                     return Ok(());
@@ -1061,7 +1068,7 @@ pub fn first_answer(
 ) -> io::Result<Option<Probe>> {
     let mut answer = None;
     probe_endpoints(ns, target, interval, Duration::from_millis(200), |probe| {
-        if probe.endpoint.is_some() {
+        if probe.outcome.is_ok() {
             answer = Some(probe);
             return false;
         }
@@ -1080,7 +1087,7 @@ struct WhoAttempt {
 enum WhoProgress {
     Waiting,
     Answered(IpAddr),
-    Failed,
+    Failed(io::ErrorKind),
 }
 
 impl WhoAttempt {
@@ -1102,17 +1109,19 @@ impl WhoAttempt {
 
     fn advance(&mut self, buf: &mut [u8]) -> WhoProgress {
         if !self.sent {
-            if let Ok(Some(_)) | Err(_) = self.stream.take_error() {
-                return WhoProgress::Failed;
+            match self.stream.take_error() {
+                Ok(None) => {}
+                Ok(Some(e)) | Err(e) => return WhoProgress::Failed(e.kind()),
             }
             match self.stream.peer_addr() {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => return WhoProgress::Waiting,
-                Err(_) => return WhoProgress::Failed,
+                Err(e) => return WhoProgress::Failed(e.kind()),
             }
             match self.stream.write(WHO_REQUEST) {
                 Ok(n) if n == WHO_REQUEST.len() => self.sent = true,
-                _ => return WhoProgress::Failed,
+                Ok(_) => return WhoProgress::Failed(io::ErrorKind::WriteZero),
+                Err(e) => return WhoProgress::Failed(e.kind()),
             }
         }
         loop {
@@ -1124,13 +1133,13 @@ impl WhoAttempt {
                         .and_then(|(_, body)| body.trim().parse().ok())
                     {
                         Some(ip) => WhoProgress::Answered(ip),
-                        None => WhoProgress::Failed,
+                        None => WhoProgress::Failed(io::ErrorKind::UnexpectedEof),
                     };
                 }
                 Ok(n) => self.answer.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return WhoProgress::Waiting,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return WhoProgress::Failed,
+                Err(e) => return WhoProgress::Failed(e.kind()),
             }
         }
     }

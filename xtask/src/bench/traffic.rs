@@ -433,8 +433,8 @@ pub struct TrafficOpts {
     pub udp_time: Duration,
     /// Each of the two latency measures.
     pub latency_time: Duration,
-    /// Client addresses of the many-clients measures, and their offered rate (conn/s, all
-    /// together) and time.
+    /// Client addresses of the many-clients measures, and the paced one's offered rate
+    /// (conn/s, all together) and time (the unpaced one takes `connection_time`).
     pub many_clients: usize,
     pub many_clients_rate: f64,
     pub many_clients_time: Duration,
@@ -513,8 +513,10 @@ impl TrafficOpts {
             stream_time: Duration::from_secs(5),
             udp_time: Duration::from_secs(5),
             latency_time: Duration::from_secs(5),
-            many_clients_time: Duration::from_secs(20),
-            programming_samples: 20,
+            // Longer than the endpoint's TIME_WAIT (60 s), and at 1,000/s more connections than
+            // the default SNAT range has ports: every port is reused, by other clients too.
+            many_clients_time: Duration::from_secs(75),
+            programming_samples: 10,
             kube_proxy_max_services: usize::MAX,
             nftables_max_services: usize::MAX,
             quiet_wait: Duration::from_secs(30),
@@ -634,7 +636,8 @@ impl TrafficOpts {
         match measure {
             Measure::NewConnections => self.connection_time,
             Measure::NewConnectionsOneEndpoint => self.sustain_time,
-            Measure::ManyClients | Measure::ManyClientsMax => self.many_clients_time,
+            Measure::ManyClients => self.many_clients_time,
+            Measure::ManyClientsMax => self.connection_time,
             Measure::Requests => self.request_time,
             Measure::TcpThroughput | Measure::TcpThroughputOffload => self.stream_time,
             Measure::UdpPackets => self.udp_time,
@@ -1248,6 +1251,11 @@ fn summary(r: &Record) -> String {
     }
     if r.errors > 0 {
         s += &format!("  errors {}", r.errors);
+        if r.measure == Measure::ProgrammingLatency
+            && let Some((_, how)) = r.detail.split_once("failed during the switches: ")
+        {
+            s += &format!(" ({how})");
+        }
     }
     if let Some(stalled) = r.stalled.filter(|s| *s > 0) {
         s += &format!("  stalled {stalled}");

@@ -347,7 +347,7 @@ pub fn programming_latency(
     let probes: Mutex<Vec<Probe>> = Mutex::new(Vec::new());
     let stop = AtomicBool::new(false);
     let started = Instant::now();
-    let (latencies, failed) = std::thread::scope(|s| -> Result<(Vec<Duration>, u64)> {
+    let (latencies, failed) = std::thread::scope(|s| -> Result<(Vec<Duration>, Vec<String>)> {
         let prober = s.spawn(|| {
             load::probe_endpoints(
                 ctx.pod,
@@ -362,7 +362,7 @@ pub fn programming_latency(
         });
         let result = cluster.with_connection(|conn| {
             let mut latencies = Vec::with_capacity(samples);
-            let mut failed = 0;
+            let mut failed = Vec::new();
             let mut at = layout::ONE_ENDPOINT;
             let mut jitter = Jitter::new();
             // An even number of moves: the Service ends where it started.
@@ -381,7 +381,7 @@ pub fn programming_latency(
                 at = to;
                 if k < samples {
                     latencies.push(latency);
-                    failed += errors;
+                    failed.extend(errors);
                 }
             }
             Ok((latencies, failed))
@@ -394,39 +394,57 @@ pub fn programming_latency(
     sorted.sort_unstable();
     let pct = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
     let us = |d: Duration| d.as_secs_f64() * 1e6;
+    // Connections refused or lost while the proxy switched: what a client would have seen.
+    let mut kinds: std::collections::BTreeMap<&str, usize> = Default::default();
+    for f in &failed {
+        *kinds.entry(f.as_str()).or_default() += 1;
+    }
+    let detail = if failed.is_empty() {
+        base.detail.clone()
+    } else {
+        let list: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        format!(
+            "{}; connections that failed during the switches: {}",
+            base.detail,
+            list.join(", ")
+        )
+    };
     Ok(Record {
         value: pct(0.99).as_secs_f64() * 1e3,
         p50_us: Some(us(pct(0.50))),
         p99_us: Some(us(pct(0.99))),
         count: latencies.len() as u64,
-        errors: failed,
+        errors: failed.len() as u64,
         seconds: started.elapsed().as_secs_f64(),
+        detail,
         ..base
     })
 }
 
 /// Waits until a connection started after `sent` was answered by `to`: the latency (from `sent`
-/// to that connection's SYN) and how many connections started meanwhile failed.
+/// to that connection's SYN) and how the connections started meanwhile that failed failed.
 fn wait_for_switch(
     probes: &Mutex<Vec<Probe>>,
     sent: Instant,
     to: Ipv4Addr,
     timeout: Duration,
-) -> Result<(Duration, u64)> {
+) -> Result<(Duration, Vec<String>)> {
     let to = IpAddr::V4(to);
     loop {
         {
             let mut probes = probes.lock().expect("probes");
             if let Some(switched) = probes
                 .iter()
-                .filter(|p| p.started >= sent && p.endpoint == Some(to))
+                .filter(|p| p.started >= sent && p.endpoint() == Some(to))
                 .map(|p| p.started)
                 .min()
             {
                 let failed = probes
                     .iter()
-                    .filter(|p| p.started >= sent && p.started < switched && p.endpoint.is_none())
-                    .count() as u64;
+                    .filter(|p| p.started >= sent && p.started < switched)
+                    .filter_map(|p| p.outcome.err())
+                    .map(|kind| kind.to_string())
+                    .collect();
                 // What came before is no longer needed (the prober keeps appending).
                 probes.retain(|p| p.started >= switched);
                 return Ok((switched - sent, failed));
@@ -570,7 +588,9 @@ mod tests {
         let probe = |started: Instant, ep: Option<Ipv4Addr>| Probe {
             started,
             finished: started + Duration::from_micros(300),
-            endpoint: ep.map(IpAddr::V4),
+            outcome: ep
+                .map(IpAddr::V4)
+                .ok_or(std::io::ErrorKind::ConnectionRefused),
         };
         let old = layout::ONE_ENDPOINT;
         let new = layout::ALTERNATE_ENDPOINT;
@@ -584,7 +604,7 @@ mod tests {
         ]);
         let (latency, failed) = wait_for_switch(&probes, sent, new, Duration::from_secs(1)).unwrap();
         assert_eq!(latency, Duration::from_millis(4));
-        assert_eq!(failed, 1);
+        assert_eq!(failed, vec!["connection refused"]);
         assert_eq!(probes.lock().unwrap().len(), 2);
         let err = wait_for_switch(&probes, at(100), old, Duration::from_millis(5)).unwrap_err();
         assert!(err.to_string().contains("did not move"), "{err}");
