@@ -975,13 +975,20 @@ impl Probe {
     }
 }
 
-/// Asks `target` which endpoint answers, from namespace `ns`: a new connection every `interval`,
-/// several in flight when the path is slow or drops SYNs (each gives up after `give_up`), so a
-/// dropped or rejected attempt never delays the next by more than `interval`. Every outcome goes
-/// to `on_probe`, in the order they finish, until it returns false.
+/// Asks `target` which endpoint answers, from namespace `ns` (from `source` when given): a new
+/// connection every `interval`, several in flight when the path is slow or drops SYNs (each
+/// gives up after `give_up`), so a dropped or rejected attempt never delays the next by more than
+/// `interval`. Every outcome goes to `on_probe`, in the order they finish, until it returns
+/// false.
+///
+/// Probes sent before a path exists leave conntrack entries without NAT behind in a node that
+/// runs netfilter (unanswered SYNs are remembered for two minutes, and every retransmission
+/// through them renews them): a later connection that happens to reuse such a source port
+/// follows the stale entry into the void. Probe from an address of its own.
 pub fn probe_endpoints(
     ns: &str,
     target: SocketAddr,
+    source: Option<IpAddr>,
     interval: Duration,
     give_up: Duration,
     mut on_probe: impl FnMut(Probe) -> bool + Send,
@@ -1000,7 +1007,7 @@ pub fn probe_endpoints(
                     slots.push(None);
                     slots.len() - 1
                 });
-                match WhoAttempt::open(&poll, slot, target) {
+                match WhoAttempt::open(&poll, slot, target, source) {
                     Ok(attempt) => slots[slot] = Some(attempt),
                     Err(e) => {
                         let probe = Probe {
@@ -1063,11 +1070,12 @@ pub fn probe_endpoints(
 pub fn first_answer(
     ns: &str,
     target: SocketAddr,
+    source: Option<IpAddr>,
     interval: Duration,
     keep_going: impl Fn() -> bool + Send + Sync,
 ) -> io::Result<Option<Probe>> {
     let mut answer = None;
-    probe_endpoints(ns, target, interval, Duration::from_millis(200), |probe| {
+    probe_endpoints(ns, target, source, interval, Duration::from_millis(200), |probe| {
         if probe.outcome.is_ok() {
             answer = Some(probe);
             return false;
@@ -1091,9 +1099,31 @@ enum WhoProgress {
 }
 
 impl WhoAttempt {
-    fn open(poll: &Poll, slot: usize, target: SocketAddr) -> io::Result<WhoAttempt> {
+    fn open(
+        poll: &Poll,
+        slot: usize,
+        target: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> io::Result<WhoAttempt> {
         let started = Instant::now();
-        let mut stream = TcpStream::connect(target)?;
+        let mut stream = match source {
+            None => TcpStream::connect(target)?,
+            Some(source) => {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(target),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                socket.set_nonblocking(true)?;
+                socket.bind(&SocketAddr::new(source, 0).into())?;
+                match socket.connect(&target.into()) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                    Err(e) => return Err(e),
+                }
+                TcpStream::from_std(socket.into())
+            }
+        };
         poll.registry().register(
             &mut stream,
             Token(slot),

@@ -412,6 +412,12 @@ pub struct Results {
 /// A connection slower than this waited for a resent SYN (Linux resends after 1 s).
 pub const STALL: Duration = Duration::from_millis(900);
 
+/// The pod's address for probes (first answer, programming latency), apart from the load's:
+/// probes sent before a contender has programmed a Service leave netfilter conntrack entries
+/// without NAT behind (see [`load::probe_endpoints`]), which a load connection reusing the same
+/// source port would otherwise run into.
+pub const PROBER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 200);
+
 #[derive(Clone, Debug)]
 pub struct TrafficOpts {
     /// The release `extproxy` binary.
@@ -422,6 +428,8 @@ pub struct TrafficOpts {
     pub sizes: Vec<usize>,
     pub rounds: usize,
     pub contenders: Vec<Contender>,
+    /// The contenders were chosen by hand (XP_TRAFFIC_CONTENDERS), not by the mode.
+    pub contenders_chosen: bool,
     pub measures: Vec<Measure>,
     /// The quick mode (named in the reasons a contender was not run).
     pub quick: bool,
@@ -474,6 +482,7 @@ impl TrafficOpts {
             sizes: vec![1, 1_000, 10_000],
             rounds: 1,
             contenders: Contender::QUICK.to_vec(),
+            contenders_chosen: false,
             measures: Measure::ALL.to_vec(),
             quick: true,
             connection_time: Duration::from_secs(3),
@@ -551,6 +560,7 @@ impl TrafficOpts {
                     })
                 })
                 .collect::<Result<_>>()?;
+            self.contenders_chosen = true;
         }
         if let Some(names) = list("XP_TRAFFIC_MEASURES") {
             self.measures = names
@@ -606,7 +616,7 @@ impl TrafficOpts {
     pub fn not_run(&self, contender: Contender, services: usize) -> Option<String> {
         let mode = if self.quick { "quick mode" } else { "this run" };
         if !self.contenders.contains(&contender) {
-            return Some(if self.quick {
+            return Some(if self.quick && !self.contenders_chosen {
                 "not run in quick mode (`cargo xtask bench` runs it)".into()
             } else {
                 "not selected (XP_TRAFFIC_CONTENDERS)".into()
@@ -887,6 +897,8 @@ fn run_one(
         "ip addr add {}/32 dev lo; ip route add 10.244.0.0/16 via {NODE}",
         ENDPOINTS[3]
     ));
+    topo.pod
+        .sh(&format!("ip addr add {PROBER}/24 dev eth0"));
     let endpoint_ips: Vec<IpAddr> = ENDPOINTS.iter().map(|ip| IpAddr::V4(*ip)).collect();
     let server = LoadServer::start(&topo.ext.name, ENDPOINT_PORT, &endpoint_ips, opts.threads)
         .context("starting the load server in the outside namespace")?;
@@ -1180,7 +1192,7 @@ fn probe_until(
     let gave_up = AtomicBool::new(false);
     std::thread::scope(|s| {
         let prober = s.spawn(|| {
-            load::first_answer(pod, target, Duration::from_millis(2), || {
+            load::first_answer(pod, target, Some(PROBER.into()), Duration::from_millis(2), || {
                 !gave_up.load(Ordering::Relaxed) && Instant::now() < deadline
             })
         });

@@ -352,6 +352,7 @@ pub fn programming_latency(
             load::probe_endpoints(
                 ctx.pod,
                 ctx.routes.one,
+                Some(super::PROBER.into()),
                 Duration::from_millis(1),
                 Duration::from_secs(1),
                 |probe| {
