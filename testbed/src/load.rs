@@ -1075,13 +1075,20 @@ pub fn first_answer(
     keep_going: impl Fn() -> bool + Send + Sync,
 ) -> io::Result<Option<Probe>> {
     let mut answer = None;
-    probe_endpoints(ns, target, source, interval, Duration::from_millis(200), |probe| {
-        if probe.outcome.is_ok() {
-            answer = Some(probe);
-            return false;
-        }
-        keep_going()
-    })?;
+    probe_endpoints(
+        ns,
+        target,
+        source,
+        interval,
+        Duration::from_millis(200),
+        |probe| {
+            if probe.outcome.is_ok() {
+                answer = Some(probe);
+                return false;
+            }
+            keep_going()
+        },
+    )?;
     Ok(answer)
 }
 

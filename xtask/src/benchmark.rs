@@ -1,6 +1,6 @@
-//! `cargo xtask bench`: extproxy measured against kube-proxy's iptables and nftables layouts and
-//! against no proxy at all, in one run on one machine. Writes results/bench.json, SVG plots and
-//! BENCHMARKS.md.
+//! `cargo xtask bench`: extproxy measured against the real kube-proxy (iptables and nftables
+//! modes, programmed from a real API server) and against no proxy at all, in one run on one
+//! machine. Writes bench-results/bench.json, SVG plots and BENCHMARKS.md.
 
 use std::{
     io::{BufRead, BufReader},

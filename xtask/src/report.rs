@@ -83,10 +83,7 @@ pub fn cells(records: &[Value]) -> BTreeMap<Key, Cell> {
             let p50: Vec<f64> = valid.iter().filter_map(|r| r["p50_us"].as_f64()).collect();
             let p99: Vec<f64> = valid.iter().filter_map(|r| r["p99_us"].as_f64()).collect();
             let stalled: Vec<u64> = valid.iter().filter_map(|r| r["stalled"].as_u64()).collect();
-            let first = |field: &str| {
-                rs.iter()
-                    .find_map(|r| r[field].as_str().map(str::to_owned))
-            };
+            let first = |field: &str| rs.iter().find_map(|r| r[field].as_str().map(str::to_owned));
             let cell = Cell {
                 median: median(vals.clone()),
                 min: vals.iter().cloned().fold(f64::INFINITY, f64::min),
@@ -160,7 +157,6 @@ fn with_spread(c: &Cell) -> String {
 }
 
 fn machine() -> String {
-
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -327,14 +323,23 @@ impl Footnotes {
 }
 
 /// A cell's text: its value, or why there is none.
-fn cell_text(cell: Option<&Cell>, notes: &mut Footnotes, value: &dyn Fn(&Cell) -> String) -> String {
+fn cell_text(
+    cell: Option<&Cell>,
+    notes: &mut Footnotes,
+    value: &dyn Fn(&Cell) -> String,
+) -> String {
     match cell {
         None => "-".into(),
         Some(c) if c.has_value() => {
             let mut text = value(c);
             if !c.failed.is_empty() {
                 let n = notes.cite(&c.failed[0]);
-                let _ = write!(text, " ({} of {} rounds failed [{n}])", c.failed.len(), c.failed.len() + c.rounds);
+                let _ = write!(
+                    text,
+                    " ({} of {} rounds failed [{n}])",
+                    c.failed.len(),
+                    c.failed.len() + c.rounds
+                );
             }
             text
         }
@@ -369,7 +374,11 @@ fn contender_table(
 ) -> bool {
     let rows: Vec<&str> = traffic_contenders(c)
         .into_iter()
-        .filter(|w| sizes.iter().any(|n| get(c, "traffic", measure, w, *n).is_some()))
+        .filter(|w| {
+            sizes
+                .iter()
+                .any(|n| get(c, "traffic", measure, w, *n).is_some())
+        })
         .collect();
     if rows.is_empty() {
         return false;
@@ -463,7 +472,12 @@ fn tr(c: &BTreeMap<Key, Cell>, measure: &str, who: &str, n: u64) -> Option<f64> 
 
 /// Issue 9's bar for a connection rate: at least 0.9x no proxy and above every kube-proxy mode
 /// that ran, at every size.
-fn rate_target(c: &BTreeMap<Key, Cell>, measure: &str, what: &str, sizes: &[u64]) -> Option<Target> {
+fn rate_target(
+    c: &BTreeMap<Key, Cell>,
+    measure: &str,
+    what: &str,
+    sizes: &[u64],
+) -> Option<Target> {
     let mut parts = Vec::new();
     let mut met = true;
     let mut any = false;
@@ -583,7 +597,9 @@ fn render(
         let mut parts = Vec::new();
         let mut clean = true;
         for &n in &t_sizes {
-            if let Some(x) = get(&c, "traffic", "many_clients", "extproxy", n).filter(|x| x.has_value()) {
+            if let Some(x) =
+                get(&c, "traffic", "many_clients", "extproxy", n).filter(|x| x.has_value())
+            {
                 let stalled = x.stalled.unwrap_or(0);
                 let offered = x.offered.unwrap_or(f64::NAN);
                 clean &= x.errors == 0 && stalled == 0 && x.median >= 0.99 * offered;
@@ -612,8 +628,18 @@ fn render(
         }
     }
     if let (Some(e), Some(d)) = (
-        tr(&c, "tcp_throughput_offload", "extproxy", t_sizes.first().copied().unwrap_or(1)),
-        tr(&c, "tcp_throughput_offload", "direct", t_sizes.first().copied().unwrap_or(1)),
+        tr(
+            &c,
+            "tcp_throughput_offload",
+            "extproxy",
+            t_sizes.first().copied().unwrap_or(1),
+        ),
+        tr(
+            &c,
+            "tcp_throughput_offload",
+            "direct",
+            t_sizes.first().copied().unwrap_or(1),
+        ),
     ) {
         targets.push(Target::new(
             "Single-stream throughput within 10% of no proxy with NIC offloads (TSO/GSO, GRO, \
@@ -630,7 +656,9 @@ fn render(
     {
         let parts: Vec<String> = t_sizes
             .iter()
-            .filter_map(|n| tr(&c, "first_answer", "extproxy", *n).map(|v| format!("{n}: {} ms", num(v))))
+            .filter_map(|n| {
+                tr(&c, "first_answer", "extproxy", *n).map(|v| format!("{n}: {} ms", num(v)))
+            })
             .collect();
         if !parts.is_empty() {
             let met = t_sizes
@@ -649,7 +677,9 @@ fn render(
         for &n in &t_sizes {
             let mut who = Vec::new();
             for w in ["extproxy", "kube-proxy-iptables", "kube-proxy-nftables"] {
-                if let Some(x) = get(&c, "traffic", "programming_latency", w, n).filter(|x| x.has_value()) {
+                if let Some(x) =
+                    get(&c, "traffic", "programming_latency", w, n).filter(|x| x.has_value())
+                {
                     who.push(format!(
                         "{w} {} / {} ms",
                         num(x.p50_us.unwrap_or(f64::NAN) / 1e3),
@@ -671,7 +701,10 @@ fn render(
             });
         }
     }
-    if let (Some(e), Some(d)) = (tr(&c, "udp_packets", "extproxy", 1), tr(&c, "udp_packets", "direct", 1)) {
+    if let (Some(e), Some(d)) = (
+        tr(&c, "udp_packets", "extproxy", 1),
+        tr(&c, "udp_packets", "direct", 1),
+    ) {
         targets.push(Target::new(
             "UDP small-packet rate within 10% of direct (not a stated target; shown for reference)",
             format!("{} vs {} direct ({:.0}%)", num(e), num(d), e / d * 100.0),
@@ -859,7 +892,10 @@ fn render(
 
 /// README's headline, from this run's numbers (only those it has).
 fn headline(c: &BTreeMap<Key, Cell>, sizes: &[u64]) -> Option<String> {
-    let top = *sizes.iter().rev().find(|n| tr(c, "new_connections_one_endpoint", "extproxy", **n).is_some())?;
+    let top = *sizes
+        .iter()
+        .rev()
+        .find(|n| tr(c, "new_connections_one_endpoint", "extproxy", **n).is_some())?;
     let mut s = format!(
         "extproxy with its defaults, in Kubernetes mode against a real API server, beside the \
          real kube-proxy v1.36.2 on the same 2-core VM: at {top} Services, {} new TCP \
@@ -889,7 +925,9 @@ fn headline(c: &BTreeMap<Key, Cell>, sizes: &[u64]) -> Option<String> {
             }
         }
     }
-    if let Some(x) = get(c, "traffic", "programming_latency", "extproxy", top).filter(|x| x.has_value()) {
+    if let Some(x) =
+        get(c, "traffic", "programming_latency", "extproxy", top).filter(|x| x.has_value())
+    {
         let _ = write!(
             s,
             "; an endpoint change through the API in effect after {} ms p50, {} ms p99",
@@ -899,10 +937,13 @@ fn headline(c: &BTreeMap<Key, Cell>, sizes: &[u64]) -> Option<String> {
         let kp: Vec<String> = ["kube-proxy-iptables", "kube-proxy-nftables"]
             .iter()
             .filter_map(|w| {
-                let (n, x) = sizes
-                    .iter()
-                    .rev()
-                    .find_map(|n| Some((*n, get(c, "traffic", "programming_latency", w, *n).filter(|x| x.has_value())?)))?;
+                let (n, x) = sizes.iter().rev().find_map(|n| {
+                    Some((
+                        *n,
+                        get(c, "traffic", "programming_latency", w, *n)
+                            .filter(|x| x.has_value())?,
+                    ))
+                })?;
                 Some(format!(
                     "{w} {} / {} ms at {n}",
                     num(x.p50_us.unwrap_or(f64::NAN) / 1e3),
@@ -955,7 +996,10 @@ fn traffic_section(
          Interleaved contenders, median of rounds (range). A contender that was not run says why. \
          Methodology: [xtask/src/bench/TRAFFIC.md](xtask/src/bench/TRAFFIC.md).\n"
     );
-    let _ = writeln!(md, "| contender | what | flags beyond its defaults |\n|---|---|---|");
+    let _ = writeln!(
+        md,
+        "| contender | what | flags beyond its defaults |\n|---|---|---|"
+    );
     for w in traffic_contenders(c) {
         let what = CONTENDERS
             .iter()
@@ -967,7 +1011,11 @@ fn traffic_section(
             .find(|(k, _)| k.0 == "traffic" && k.2 == w)
             .map(|(_, x)| x.flags.join(" "))
             .unwrap_or_default();
-        let flags = if flags.is_empty() { "none".into() } else { format!("`{flags}`") };
+        let flags = if flags.is_empty() {
+            "none".into()
+        } else {
+            format!("`{flags}`")
+        };
         let _ = writeln!(md, "| {w} | {what} | {flags} |");
     }
     let _ = writeln!(md);
@@ -1021,7 +1069,13 @@ fn traffic_section(
          resent SYN) connections beside the rate. One client's sustainable rate.\n",
         seconds("new_connections_one_endpoint")
     );
-    contender_table(md, c, "new_connections_one_endpoint", sizes, &rate_with_trouble);
+    contender_table(
+        md,
+        c,
+        "new_connections_one_endpoint",
+        sizes,
+        &rate_with_trouble,
+    );
     ratio_table(md, c, "new_connections_one_endpoint", sizes);
 
     let _ = writeln!(
@@ -1032,7 +1086,15 @@ fn traffic_section(
     contender_table(md, c, "new_connections", sizes, &rate_with_trouble);
     ratio_table(md, c, "new_connections", sizes);
     latency_table(md, c, "new_connections", sizes);
-    charts(md, c, "new_connections", "New TCP connections", "conn/s", sizes, docs)?;
+    charts(
+        md,
+        c,
+        "new_connections",
+        "New TCP connections",
+        "conn/s",
+        sizes,
+        docs,
+    )?;
 
     let _ = writeln!(
         md,
@@ -1111,7 +1173,15 @@ fn traffic_section(
     contender_table(md, c, "requests", sizes, &plain);
     ratio_table(md, c, "requests", sizes);
     latency_table(md, c, "requests", sizes);
-    charts(md, c, "requests", "Requests on kept-alive connections", "req/s", sizes, docs)?;
+    charts(
+        md,
+        c,
+        "requests",
+        "Requests on kept-alive connections",
+        "req/s",
+        sizes,
+        docs,
+    )?;
 
     let _ = writeln!(
         md,
@@ -1141,11 +1211,17 @@ fn traffic_section(
     contender_table(md, c, "tcp_throughput", sizes, &plain);
     ratio_table(md, c, "tcp_throughput", sizes);
 
-    let _ = writeln!(md, "### One UDP flow of small datagrams (packets/s received)\n");
+    let _ = writeln!(
+        md,
+        "### One UDP flow of small datagrams (packets/s received)\n"
+    );
     contender_table(md, c, "udp_packets", sizes, &plain);
     ratio_table(md, c, "udp_packets", sizes);
 
-    let _ = writeln!(md, "### One new connection at a time (p99 µs, lower is better)\n");
+    let _ = writeln!(
+        md,
+        "### One new connection at a time (p99 µs, lower is better)\n"
+    );
     contender_table(md, c, "connection_latency", sizes, &plain);
     let _ = writeln!(
         md,
@@ -1267,25 +1343,69 @@ mod tests {
     #[test]
     fn contenders_not_run_or_failed_say_why_and_targets_follow_the_issue() {
         let mut records = vec![
-            rec("new_connections_one_endpoint", "extproxy", 1, Some(15_000.0)),
+            rec(
+                "new_connections_one_endpoint",
+                "extproxy",
+                1,
+                Some(15_000.0),
+            ),
             rec("new_connections_one_endpoint", "direct", 1, Some(16_000.0)),
-            rec("new_connections_one_endpoint", "kube-proxy-iptables", 1, Some(12_000.0)),
-            rec("new_connections_one_endpoint", "kube-proxy-nftables", 1, Some(13_000.0)),
-            rec("new_connections_one_endpoint", "extproxy", 10_000, Some(14_000.0)),
-            rec("new_connections_one_endpoint", "direct", 10_000, Some(16_000.0)),
+            rec(
+                "new_connections_one_endpoint",
+                "kube-proxy-iptables",
+                1,
+                Some(12_000.0),
+            ),
+            rec(
+                "new_connections_one_endpoint",
+                "kube-proxy-nftables",
+                1,
+                Some(13_000.0),
+            ),
+            rec(
+                "new_connections_one_endpoint",
+                "extproxy",
+                10_000,
+                Some(14_000.0),
+            ),
+            rec(
+                "new_connections_one_endpoint",
+                "direct",
+                10_000,
+                Some(16_000.0),
+            ),
         ];
-        let mut not_run = rec("new_connections_one_endpoint", "kube-proxy-iptables", 10_000, None);
+        let mut not_run = rec(
+            "new_connections_one_endpoint",
+            "kube-proxy-iptables",
+            10_000,
+            None,
+        );
         not_run["not_run"] = json!("not run in quick mode: takes minutes");
         records.push(not_run);
-        let mut failed = rec("new_connections_one_endpoint", "kube-proxy-nftables", 10_000, None);
+        let mut failed = rec(
+            "new_connections_one_endpoint",
+            "kube-proxy-nftables",
+            10_000,
+            None,
+        );
         failed["failed"] = json!("connection timed out");
         records.push(failed);
         let docs = std::env::temp_dir().join(format!("xp-report-{}", std::process::id()));
         let md = render(&records, true, Duration::ZERO, &docs).unwrap();
         let _ = std::fs::remove_dir_all(&docs);
-        assert!(md.contains("| kube-proxy-iptables | 12000 | not run [1] |"), "{md}");
-        assert!(md.contains("[1] not run in quick mode: takes minutes"), "{md}");
-        assert!(md.contains("| kube-proxy-nftables | 13000 | **failed** [2] |"), "{md}");
+        assert!(
+            md.contains("| kube-proxy-iptables | 12000 | not run [1] |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("[1] not run in quick mode: takes minutes"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| kube-proxy-nftables | 13000 | **failed** [2] |"),
+            "{md}"
+        );
         assert!(md.contains("[2] connection timed out"), "{md}");
         // 14000 < 0.9 x 16000 at 10k: missed, and the kube-proxy rows that did not run are named.
         let target = md
@@ -1293,7 +1413,10 @@ mod tests {
             .find(|l| l.starts_with("| New TCP connections/s through a Service with one endpoint"))
             .unwrap();
         assert!(target.ends_with("| **missed** |"), "{target}");
-        assert!(target.contains("10000: 14000 = 0.88x direct, kube-proxy-iptables not run"), "{target}");
+        assert!(
+            target.contains("10000: 14000 = 0.88x direct, kube-proxy-iptables not run"),
+            "{target}"
+        );
         assert!(md.contains("| direct | 0.94x | 0.88x |"), "{md}");
         assert!(md.contains("## Headline"), "{md}");
     }

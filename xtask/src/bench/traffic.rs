@@ -165,7 +165,7 @@ impl Contender {
 
     /// Whether it is a process whose start is timed (first answer) and whose programming from
     /// the API is measured.
-    fn from_api(self) -> bool {
+    fn reads_the_api(self) -> bool {
         self.cluster().is_some()
     }
 
@@ -298,7 +298,7 @@ impl Measure {
     fn applies(self, contender: Contender) -> bool {
         match self {
             Measure::FirstAnswer => contender.is_extproxy() || contender.is_kube_proxy(),
-            Measure::ProgrammingLatency => contender.from_api(),
+            Measure::ProgrammingLatency => contender.reads_the_api(),
             _ => true,
         }
     }
@@ -622,7 +622,7 @@ impl TrafficOpts {
                 "not selected (XP_TRAFFIC_CONTENDERS)".into()
             });
         }
-        if contender.from_api() && self.k8s_bin.is_none() {
+        if contender.reads_the_api() && self.k8s_bin.is_none() {
             return Some(
                 "not run: no Kubernetes binaries (../shared/k8s or $EXTPROXY_K8S_BIN)".into(),
             );
@@ -696,7 +696,7 @@ pub fn run(opts: &TrafficOpts) -> Result<Results> {
         .context("the Kubernetes binaries")?;
     let mut results = Results::default();
     let api_netns = match &bins {
-        Some(_) if opts.contenders.iter().any(|c| c.from_api()) => Some(ApiNetns::new()?),
+        Some(_) if opts.contenders.iter().any(|c| c.reads_the_api()) => Some(ApiNetns::new()?),
         _ => None,
     };
     // Declared after the namespace: stopped before it is deleted.
@@ -766,7 +766,7 @@ pub fn run(opts: &TrafficOpts) -> Result<Results> {
                 services: n,
                 objects,
                 seconds: took.as_secs_f64(),
-                startup_seconds: fresh.then(|| cluster.startup.as_secs_f64()),
+                startup_seconds: fresh.then_some(cluster.startup.as_secs_f64()),
             });
         }
         let manifests = if running.contains(&Contender::ExtproxyManifests) {
@@ -897,8 +897,7 @@ fn run_one(
         "ip addr add {}/32 dev lo; ip route add 10.244.0.0/16 via {NODE}",
         ENDPOINTS[3]
     ));
-    topo.pod
-        .sh(&format!("ip addr add {PROBER}/24 dev eth0"));
+    topo.pod.sh(&format!("ip addr add {PROBER}/24 dev eth0"));
     let endpoint_ips: Vec<IpAddr> = ENDPOINTS.iter().map(|ip| IpAddr::V4(*ip)).collect();
     let server = LoadServer::start(&topo.ext.name, ENDPOINT_PORT, &endpoint_ips, opts.threads)
         .context("starting the load server in the outside namespace")?;
@@ -952,9 +951,9 @@ fn run_one(
     let pod = &topo.pod.name;
     let pod_ip: IpAddr = POD.parse()?;
     if let Err(e) = measures::warm_up(pod, &routes, &server, &[pod_ip]) {
-        return Ok(failed_run(
-            e.context(format!("no working path through {contender} ({detail})")),
-        ));
+        return Ok(failed_run(e.context(format!(
+            "no working path through {contender} ({detail})"
+        ))));
     }
 
     let mut records = Vec::new();
@@ -1033,7 +1032,14 @@ fn run_one(
 fn add_clients(topo: &Topology, count: usize) -> Result<Vec<IpAddr>> {
     ensure!(count <= 250 * 256, "too many client addresses");
     let clients: Vec<IpAddr> = (0..count)
-        .map(|i| IpAddr::V4(Ipv4Addr::new(10, 244, 1 + (i / 250) as u8, 1 + (i % 250) as u8)))
+        .map(|i| {
+            IpAddr::V4(Ipv4Addr::new(
+                10,
+                244,
+                1 + (i / 250) as u8,
+                1 + (i % 250) as u8,
+            ))
+        })
         .collect();
     let batch: String = clients
         .iter()
@@ -1048,7 +1054,8 @@ fn add_clients(topo: &Topology, count: usize) -> Result<Vec<IpAddr>> {
     ensure!(status.success(), "adding the client addresses to the pod");
     topo.node.sh("ip route add 10.244.1.0/24 dev pod0");
     if count > 250 {
-        topo.node.sh("ip route add 10.244.0.0/16 dev pod0 metric 100");
+        topo.node
+            .sh("ip route add 10.244.0.0/16 dev pod0 metric 100");
     }
     Ok(clients)
 }
@@ -1082,8 +1089,7 @@ fn start(
                 Contender::IptablesNft => Some(Backend::Nft),
                 _ => None,
             };
-            let detail =
-                contenders::load_rules(topo, &plan.layout.bench_services(), backend)?;
+            let detail = contenders::load_rules(topo, &plan.layout.bench_services(), backend)?;
             Ok(Started {
                 process: None,
                 detail: format!("hand-written kube-proxy rules through {detail}"),
@@ -1093,9 +1099,7 @@ fn start(
         _ => {
             if let Some(flavor) = contender.cluster() {
                 let cluster = plan.cluster(flavor)?;
-                plan.api_netns
-                    .context("no API namespace")?
-                    .link(topo);
+                plan.api_netns.context("no API namespace")?.link(topo);
                 cluster.reset_target(&plan.layout)?;
             }
             let (process, detail) = spawn(opts, plan, contender, topo, &flags)?;
@@ -1192,9 +1196,13 @@ fn probe_until(
     let gave_up = AtomicBool::new(false);
     std::thread::scope(|s| {
         let prober = s.spawn(|| {
-            load::first_answer(pod, target, Some(PROBER.into()), Duration::from_millis(2), || {
-                !gave_up.load(Ordering::Relaxed) && Instant::now() < deadline
-            })
+            load::first_answer(
+                pod,
+                target,
+                Some(PROBER.into()),
+                Duration::from_millis(2),
+                || !gave_up.load(Ordering::Relaxed) && Instant::now() < deadline,
+            )
         });
         while !prober.is_finished() {
             if let Err(e) = process.check_alive() {

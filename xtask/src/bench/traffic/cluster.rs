@@ -69,10 +69,9 @@ impl ApiNetns {
         ));
         self.ns
             .sh("ip addr add 10.255.0.1/30 dev n0; ip link set n0 up");
-        topo.node.sh(
-            "ip addr add 10.255.0.2/30 dev api0; ip link set api0 up
-             ip route add 10.255.255.0/24 via 10.255.0.1",
-        );
+        topo.node
+            .sh("ip addr add 10.255.0.2/30 dev api0; ip link set api0 up
+             ip route add 10.255.255.0/24 via 10.255.0.1");
     }
 }
 

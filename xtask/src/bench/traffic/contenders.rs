@@ -114,11 +114,7 @@ impl Process {
     }
 
     /// Errors the log reports (lines `is_error` picks, minus those `expected` explains).
-    pub fn log_errors(
-        &self,
-        is_error: impl Fn(&str) -> bool,
-        expected: &[&str],
-    ) -> Vec<String> {
+    pub fn log_errors(&self, is_error: impl Fn(&str) -> bool, expected: &[&str]) -> Vec<String> {
         let text = self.log_text();
         let mut errors: Vec<String> = Vec::new();
         let mut in_error = false;
@@ -372,7 +368,9 @@ impl ManifestDir {
         std::fs::create_dir_all(&path).with_context(|| format!("mkdir {}", path.display()))?;
         let dir = ManifestDir { path };
         for i in 0..layout.count() {
-            let file = dir.path.join(format!("{}.json", super::layout::Layout::name(i)));
+            let file = dir
+                .path
+                .join(format!("{}.json", super::layout::Layout::name(i)));
             std::fs::write(&file, layout.manifest(i).to_string())
                 .with_context(|| format!("writing {}", file.display()))?;
         }

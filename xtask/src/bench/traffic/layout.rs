@@ -283,7 +283,10 @@ mod tests {
         assert_eq!(one.count(), 2);
         assert_eq!(one.shape(0), Shape::FourEndpoints);
         assert_eq!(one.shape(1), Shape::OneEndpoint);
-        assert_eq!(Layout::new(10_000).one_target(), Ipv4Addr::new(10, 96, 39, 25));
+        assert_eq!(
+            Layout::new(10_000).one_target(),
+            Ipv4Addr::new(10, 96, 39, 25)
+        );
     }
 
     #[test]
@@ -301,9 +304,18 @@ mod tests {
         assert_eq!(svc["metadata"]["labels"][PROXY_NAME_LABEL], "extproxy");
         assert!(l.service(1, false)["metadata"].get("labels").is_none());
         let slice = l.slice(2, false);
-        assert_eq!(slice["metadata"]["labels"]["kubernetes.io/service-name"], "svc-000002");
+        assert_eq!(
+            slice["metadata"]["labels"]["kubernetes.io/service-name"],
+            "svc-000002"
+        );
         assert_eq!(slice["endpoints"].as_array().unwrap().len(), 1);
-        assert_eq!(l.manifest(0)["items"][1]["endpoints"].as_array().unwrap().len(), 4);
+        assert_eq!(
+            l.manifest(0)["items"][1]["endpoints"]
+                .as_array()
+                .unwrap()
+                .len(),
+            4
+        );
     }
 
     #[test]

@@ -40,12 +40,7 @@ pub struct Ctx<'a> {
 /// Short connections until every endpoint of the four-endpoint Service has answered, and the
 /// one-endpoint Service's only endpoint (neighbour entries resolved, programs and rules warm),
 /// checking the endpoints saw the expected source.
-pub fn warm_up(
-    pod: &str,
-    routes: &Routes,
-    server: &LoadServer,
-    clients: &[IpAddr],
-) -> Result<()> {
+pub fn warm_up(pod: &str, routes: &Routes, server: &LoadServer, clients: &[IpAddr]) -> Result<()> {
     let allowed = routes.sources(clients);
     let before = server.tcp_tally();
     let stats = load::connection_rate(pod, &routes.four, 4, 1, Duration::from_millis(500))?;
@@ -252,7 +247,11 @@ pub fn measure_one(ctx: &Ctx<'_>, measure: Measure, base: Record) -> Result<Reco
 fn checksum_errors(ns: &NamedNetns) -> Result<u64> {
     let args = ["/proc/net/snmp".into(), "/proc/net/netstat".into()];
     let out = in_netns_cmd(&ns.name, "cat", &args, None)?;
-    ensure!(out.status.success(), "reading /proc/net/snmp in {}", ns.name);
+    ensure!(
+        out.status.success(),
+        "reading /proc/net/snmp in {}",
+        ns.name
+    );
     Ok(sum_csum_errors(&String::from_utf8_lossy(&out.stdout)))
 }
 
@@ -264,9 +263,7 @@ fn sum_csum_errors(snmp: &str) -> u64 {
         .chunks(2)
         .filter_map(|pair| {
             let [names, values] = pair else { return None };
-            let col = names
-                .split_whitespace()
-                .position(|n| n == "InCsumErrors")?;
+            let col = names.split_whitespace().position(|n| n == "InCsumErrors")?;
             values.split_whitespace().nth(col)?.parse::<u64>().ok()
         })
         .sum()
@@ -293,7 +290,10 @@ fn throughput_with_offloads(ctx: &Ctx<'_>, duration: Duration, base: Record) -> 
         .as_ref()
         .context("the offload measure needs the offload topology")?;
     let csum_before = (checksum_errors(&topo.ext)?, checksum_errors(&topo.pod)?);
-    let packets_before = (link_packets(wire, "w0", true)?, link_packets(wire, "w1", false)?);
+    let packets_before = (
+        link_packets(wire, "w0", true)?,
+        link_packets(wire, "w1", false)?,
+    );
     let (bytes, elapsed) = load::tcp_stream(ctx.pod, ctx.routes.four[0], duration)?;
     let csum = (
         checksum_errors(&topo.ext)? - csum_before.0,
@@ -581,11 +581,9 @@ mod tests {
         // The path is clean as built: nothing listens, so the SYNs are refused, correctly.
         attempt(3);
         assert_eq!(checksum_errors(&topo.ext).unwrap(), before);
-        topo.node.sh(
-            "nft add table ip t
+        topo.node.sh("nft add table ip t
              nft add chain ip t p \"{ type filter hook postrouting priority 0; }\"
-             nft add rule ip t p ip daddr 203.0.113.7 tcp dport 8080 @th,128,16 set 0x1234",
-        );
+             nft add rule ip t p ip daddr 203.0.113.7 tcp dport 8080 @th,128,16 set 0x1234");
         attempt(3);
         let after = checksum_errors(&topo.ext).unwrap();
         assert!(
@@ -635,7 +633,8 @@ mod tests {
             probe(at(5), Some(new)),
             probe(at(4), Some(new)),
         ]);
-        let (latency, failed) = wait_for_switch(&probes, sent, new, Duration::from_secs(1)).unwrap();
+        let (latency, failed) =
+            wait_for_switch(&probes, sent, new, Duration::from_secs(1)).unwrap();
         assert_eq!(latency, Duration::from_millis(4));
         assert_eq!(failed, vec!["connection refused"]);
         assert_eq!(probes.lock().unwrap().len(), 2);
