@@ -409,6 +409,9 @@ pub struct Results {
     pub fills: Vec<FillRecord>,
 }
 
+/// Programming-latency samples taken however long they take.
+pub const MIN_PROGRAMMING_SAMPLES: usize = 3;
+
 /// A connection slower than this waited for a resent SYN (Linux resends after 1 s).
 pub const STALL: Duration = Duration::from_millis(900);
 
@@ -450,6 +453,9 @@ pub struct TrafficOpts {
     /// and 10k).
     pub programming_samples: usize,
     pub programming_min_services: usize,
+    /// Sampling stops early once this much time went by and [`MIN_PROGRAMMING_SAMPLES`] were
+    /// taken: kube-proxy's iptables mode at 10k takes far longer per change than the rest.
+    pub programming_budget: Duration,
     /// Sizes at which the offload topology runs (`tcp_throughput_offload`).
     pub offload_sizes: Vec<usize>,
     /// Concurrent connections of the connection and request measures.
@@ -496,6 +502,7 @@ impl TrafficOpts {
             many_clients_time: Duration::from_secs(4),
             programming_samples: 8,
             programming_min_services: 1_000,
+            programming_budget: Duration::from_secs(60),
             offload_sizes: vec![1],
             workers: 16,
             threads: 2,
@@ -526,6 +533,7 @@ impl TrafficOpts {
             // the default SNAT range has ports: every port is reused, by other clients too.
             many_clients_time: Duration::from_secs(75),
             programming_samples: 10,
+            programming_budget: Duration::from_secs(180),
             kube_proxy_max_services: usize::MAX,
             nftables_max_services: usize::MAX,
             quiet_wait: Duration::from_secs(30),

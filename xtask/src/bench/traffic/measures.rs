@@ -19,7 +19,7 @@ use testbed::{
 };
 
 use super::{
-    Contender, Measure, Record, Routes, STALL, TrafficOpts,
+    Contender, MIN_PROGRAMMING_SAMPLES, Measure, Record, Routes, STALL, TrafficOpts,
     cluster::{self, Cluster},
     contenders::in_netns_cmd,
     layout::{self, ENDPOINTS, Layout},
@@ -367,9 +367,13 @@ pub fn programming_latency(
             let mut failed = Vec::new();
             let mut at = layout::ONE_ENDPOINT;
             let mut jitter = Jitter::new();
-            // An even number of moves: the Service ends where it started.
-            let moves = samples + samples % 2;
-            for k in 0..moves {
+            let mut k = 0;
+            // Until enough samples (or enough time, with a few), and an even number of moves:
+            // the Service ends where it started.
+            while (k < samples
+                && (k < MIN_PROGRAMMING_SAMPLES || started.elapsed() < ctx.opts.programming_budget))
+                || k % 2 == 1
+            {
                 // kube-proxy syncs at most once a second (minSyncPeriod) after a burst of two:
                 // 1-2 s apart, every change finds it ready, as changes spread over time would.
                 std::thread::sleep(Duration::from_millis(1_000 + jitter.next() % 1_000));
@@ -385,6 +389,7 @@ pub fn programming_latency(
                     latencies.push(latency);
                     failed.extend(errors);
                 }
+                k += 1;
             }
             Ok((latencies, failed))
         });
