@@ -1031,6 +1031,15 @@ fn run_one(
     }
     if let Some(mut process) = started.process.take() {
         process.stop();
+        if let Some(dir) = std::env::var_os("XP_TRAFFIC_LOGS") {
+            // Keep the contender's log (the topology's directory goes with it).
+            let name = format!(
+                "{contender}-{n}-round{round}{}.log",
+                if offload { "-offloads" } else { "" }
+            );
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::copy(&process.log, std::path::Path::new(&dir).join(name));
+        }
         check_log(contender, &process)?;
     }
     Ok(records)
