@@ -296,26 +296,41 @@ const KUBE_PROXIES: [&str; 4] = [
     "kube-proxy-nftables-masquerade-all",
 ];
 
-/// Reasons cited in a table's cells, listed below it.
+/// Why contenders were not run or failed, numbered once for the whole traffic section and
+/// cited in its cells.
 #[derive(Default)]
 struct Footnotes {
     notes: Vec<String>,
 }
 
 impl Footnotes {
-    fn cite(&mut self, text: &str) -> usize {
-        let text = text.trim().to_owned();
-        match self.notes.iter().position(|n| *n == text) {
-            Some(i) => i + 1,
-            None => {
-                self.notes.push(text);
-                self.notes.len()
+    /// Every reason the traffic cells give, in report order.
+    fn of_traffic(c: &BTreeMap<Key, Cell>) -> Self {
+        let mut notes = Footnotes::default();
+        for w in traffic_contenders(c) {
+            for ((suite, _, who, _), cell) in c {
+                if suite == "traffic" && who == w {
+                    for why in cell.not_run.iter().chain(cell.failed.first()) {
+                        let why = why.trim().to_owned();
+                        if !notes.notes.contains(&why) {
+                            notes.notes.push(why);
+                        }
+                    }
+                }
             }
         }
+        notes
     }
 
-    fn write(&mut self, md: &mut String) {
-        for (i, n) in self.notes.drain(..).enumerate() {
+    fn cite(&self, text: &str) -> usize {
+        self.notes
+            .iter()
+            .position(|n| n == text.trim())
+            .map_or(0, |i| i + 1)
+    }
+
+    fn write(&self, md: &mut String) {
+        for (i, n) in self.notes.iter().enumerate() {
             let _ = writeln!(md, "[{}] {}  ", i + 1, n.replace('\n', " "));
         }
         let _ = writeln!(md);
@@ -323,11 +338,7 @@ impl Footnotes {
 }
 
 /// A cell's text: its value, or why there is none.
-fn cell_text(
-    cell: Option<&Cell>,
-    notes: &mut Footnotes,
-    value: &dyn Fn(&Cell) -> String,
-) -> String {
+fn cell_text(cell: Option<&Cell>, notes: &Footnotes, value: &dyn Fn(&Cell) -> String) -> String {
     match cell {
         None => "-".into(),
         Some(c) if c.has_value() => {
@@ -372,6 +383,17 @@ fn contender_table(
     sizes: &[u64],
     value: &dyn Fn(&Cell) -> String,
 ) -> bool {
+    let notes = Footnotes::of_traffic(c);
+    // Only the sizes the measure was taken (or skipped) at.
+    let sizes: Vec<u64> = sizes
+        .iter()
+        .copied()
+        .filter(|n| {
+            c.keys()
+                .any(|k| k.0 == "traffic" && k.1 == measure && k.3 == *n)
+        })
+        .collect();
+    let sizes = &sizes[..];
     let rows: Vec<&str> = traffic_contenders(c)
         .into_iter()
         .filter(|w| {
@@ -383,7 +405,6 @@ fn contender_table(
     if rows.is_empty() {
         return false;
     }
-    let mut notes = Footnotes::default();
     let mut head = String::from("| |");
     let mut sep = String::from("|---|");
     for n in sizes {
@@ -394,13 +415,12 @@ fn contender_table(
     for w in rows {
         let mut line = format!("| {w} |");
         for n in sizes {
-            let text = cell_text(get(c, "traffic", measure, w, *n), &mut notes, value);
+            let text = cell_text(get(c, "traffic", measure, w, *n), &notes, value);
             let _ = write!(line, " {text} |");
         }
         let _ = writeln!(md, "{line}");
     }
     let _ = writeln!(md);
-    notes.write(md);
     true
 }
 
@@ -411,6 +431,12 @@ fn ratio_table(md: &mut String, c: &BTreeMap<Key, Cell>, measure: &str, sizes: &
             .filter(|x| x.has_value())
             .map(|x| x.median)
     };
+    let sizes: Vec<u64> = sizes
+        .iter()
+        .copied()
+        .filter(|n| value("extproxy", *n).is_some())
+        .collect();
+    let sizes = &sizes[..];
     let others: Vec<&str> = std::iter::once("direct")
         .chain(KUBE_PROXIES)
         .filter(|w| sizes.iter().any(|n| value(w, *n).is_some()))
@@ -498,7 +524,12 @@ fn rate_target(
                     met &= e > v;
                 }
                 None => {
-                    let _ = write!(part, ", {kp} not run");
+                    let why = match get(c, "traffic", measure, kp, n) {
+                        Some(x) if !x.failed.is_empty() => "failed",
+                        Some(x) if x.not_run.is_some() => "not run",
+                        _ => "not measured",
+                    };
+                    let _ = write!(part, ", {kp} {why}");
                 }
             }
         }
@@ -1019,6 +1050,14 @@ fn traffic_section(
         let _ = writeln!(md, "| {w} | {what} | {flags} |");
     }
     let _ = writeln!(md);
+    let notes = Footnotes::of_traffic(c);
+    if !notes.notes.is_empty() {
+        let _ = writeln!(
+            md,
+            "Not run or failed (the tables below cite these by number):\n"
+        );
+        notes.write(md);
+    }
     let fills: Vec<String> = records
         .iter()
         .filter(|r| r["suite"] == "traffic-setup")
@@ -1146,7 +1185,8 @@ fn traffic_section(
                 .and_then(|d| d.split_once("failed during the switches: "))
                 .map(|(_, how)| format!(": {how}"))
                 .unwrap_or_default();
-            let _ = write!(s, "; {} connections failed{how}", x.errors);
+            let plural = if x.errors == 1 { "" } else { "s" };
+            let _ = write!(s, "; {} connection{plural} failed{how}", x.errors);
         }
         s.push(')');
         s

@@ -37,11 +37,29 @@ pub struct Ctx<'a> {
     pub topo: &'a Topology,
 }
 
+/// Waits until the endpoints accept no more connections (at most 2 s): connections a previous
+/// step abandoned in flight (a probe, a load worker at its deadline) may have completed their
+/// handshake and still wait in the server's accept queue, and must not be counted in the next
+/// step's tally.
+pub fn settle(server: &LoadServer) {
+    let start = Instant::now();
+    let mut last = server.tcp_tally().total();
+    while start.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = server.tcp_tally().total();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// Short connections until every endpoint of the four-endpoint Service has answered, and the
 /// one-endpoint Service's only endpoint (neighbour entries resolved, programs and rules warm),
 /// checking the endpoints saw the expected source.
 pub fn warm_up(pod: &str, routes: &Routes, server: &LoadServer, clients: &[IpAddr]) -> Result<()> {
     let allowed = routes.sources(clients);
+    settle(server);
     let before = server.tcp_tally();
     let stats = load::connection_rate(pod, &routes.four, 4, 1, Duration::from_millis(500))?;
     let seen = server.tcp_tally().since(&before);
@@ -57,6 +75,7 @@ pub fn warm_up(pod: &str, routes: &Routes, server: &LoadServer, clients: &[IpAdd
         seen.by_endpoint,
         ENDPOINTS.len()
     );
+    settle(server);
     let before = server.tcp_tally();
     let stats = load::connection_rate(pod, &[routes.one], 2, 1, Duration::from_millis(200))?;
     ensure!(
@@ -112,6 +131,7 @@ pub fn measure_one(ctx: &Ctx<'_>, measure: Measure, base: Record) -> Result<Reco
         ..base
     };
     let pod_only = [ctx.pod_ip];
+    settle(ctx.server);
     let closed_loop = |sources: Vec<IpAddr>, rate: Option<f64>, workers: usize| ConnectOpts {
         workers,
         threads: opts.threads,
