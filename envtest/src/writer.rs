@@ -234,3 +234,26 @@ pub(crate) fn write_all(
     }
     Ok(started.elapsed())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_are_read_by_length_or_chunks_and_the_next_one_follows() {
+        let wire = "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n\
+                    {\"a\":1}\
+                    HTTP/1.1 409 Conflict\r\nTransfer-Encoding: chunked\r\n\r\n\
+                    4\r\n{\"b\"\r\n3;x=y\r\n:2}\r\n0\r\n\r\n\
+                    HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let mut r = BufReader::new(wire.as_bytes());
+        let first = read_response(&mut r).unwrap();
+        assert_eq!((first.status, first.body.as_str()), (201, "{\"a\":1}"));
+        let second = read_response(&mut r).unwrap();
+        assert_eq!((second.status, second.body.as_str()), (409, "{\"b\":2}"));
+        let third = read_response(&mut r).unwrap();
+        assert_eq!((third.status, third.body.as_str()), (200, ""));
+        let end = read_response(&mut r).unwrap_err();
+        assert_eq!(end.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+}
