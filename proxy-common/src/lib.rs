@@ -18,7 +18,7 @@ extern crate std;
 pub mod user;
 
 /// Version of the layouts in this crate. Stored in [`Config::abi_version`].
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 // ---------------------------------------------------------------------------------------------
 // Map names (the ELF symbol names; the kernel keeps the first 15 bytes).
@@ -30,6 +30,7 @@ pub const MAP_SERVICES: &str = "SERVICES";
 pub const MAP_SLOTS: &str = "SLOTS";
 pub const MAP_BACKENDS: &str = "BACKENDS";
 pub const MAP_CT: &str = "CT";
+pub const MAP_CT_NEW: &str = "CT_NEW";
 pub const MAP_REVNAT: &str = "REVNAT";
 pub const MAP_AFFINITY: &str = "AFFINITY";
 pub const MAP_SRC_RANGES: &str = "SRC_RANGES";
@@ -37,15 +38,19 @@ pub const MAP_FRAGS: &str = "FRAGS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_SVC_STATS: &str = "SVC_STATS";
 pub const MAP_FE_FILTER: &str = "FE_FILTER";
+pub const MAP_EVENTS: &str = "EVENTS";
+pub const MAP_EVENT_LIMIT: &str = "EVENT_LIMIT";
+pub const MAP_BACKEND_HEALTH: &str = "BACKEND_HEALTH";
 
 /// Every map the data path defines, in the order the agent pins and checks them.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 17] = [
     MAP_CONFIG,
     MAP_FRONTENDS,
     MAP_SERVICES,
     MAP_SLOTS,
     MAP_BACKENDS,
     MAP_CT,
+    MAP_CT_NEW,
     MAP_REVNAT,
     MAP_AFFINITY,
     MAP_SRC_RANGES,
@@ -53,6 +58,9 @@ pub const ALL_MAPS: [&str; 13] = [
     MAP_COUNTERS,
     MAP_SVC_STATS,
     MAP_FE_FILTER,
+    MAP_EVENTS,
+    MAP_EVENT_LIMIT,
+    MAP_BACKEND_HEALTH,
 ];
 
 /// Program names (the Rust function names of the entry points).
@@ -76,8 +84,18 @@ pub const DEFAULT_MAX_FRONTENDS: u32 = 262_144;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 /// Selection slots: one per (service port, ready endpoint).
 pub const DEFAULT_MAX_SLOTS: u32 = 262_144;
-/// Connections tracked (LRU). The reverse NAT map has the same size.
-pub const DEFAULT_CT_MAX: u32 = 131_072;
+/// Established connections tracked (LRU).
+pub const DEFAULT_CT_MAX: u32 = 262_144;
+/// Connections not established yet (LRU of their own, so that a flood of them never evicts an
+/// established flow): this fraction of the established table.
+pub const CT_NEW_DIVISOR: u32 = 4;
+/// Reverse NAT entries per established flow: live flows plus closed flows whose port is held
+/// for its client (see [`RevNatValue::closed_at`]). Not LRU: an entry is never evicted.
+pub const REVNAT_PER_CT: u32 = 2;
+/// Bytes of the data path's event ring buffer (a power of two, a multiple of the page size).
+pub const EVENTS_BYTES: u32 = 64 * 1024;
+/// Rate-limit buckets for events (per CPU); an event's bucket is its backend id modulo this.
+pub const EVENT_LIMIT_SLOTS: u32 = 256;
 pub const DEFAULT_AFFINITY_MAX: u32 = 65_536;
 pub const DEFAULT_SRC_RANGES_MAX: u32 = 16_384;
 pub const DEFAULT_FRAGS_MAX: u32 = 8_192;
@@ -185,29 +203,85 @@ pub enum BackendState {
 // CONFIG: ARRAY[1] of Config
 // ---------------------------------------------------------------------------------------------
 
+/// An inclusive range of ports (host order). Unused when `min == 0`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl PortRange {
+    pub const NONE: PortRange = PortRange { min: 0, max: 0 };
+
+    #[inline(always)]
+    pub const fn len(&self) -> u32 {
+        if self.min == 0 || self.max < self.min {
+            0
+        } else {
+            (self.max - self.min) as u32 + 1
+        }
+    }
+
+    #[inline(always)]
+    pub const fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[inline(always)]
+    pub const fn contains(&self, port: u16) -> bool {
+        self.min != 0 && port >= self.min && port <= self.max
+    }
+}
+
+/// SNAT source ports come from up to this many disjoint ranges: the default leaves out the
+/// node's ephemeral ports and the NodePort range, which sit in the middle of 1024-65535.
+pub const SNAT_RANGES: usize = 4;
+
 /// Node-wide settings, written by the agent before any service is programmed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
     /// [`ABI_VERSION`] of the agent that created the pinned maps.
     pub abi_version: u32,
-    /// SNAT source ports are allocated from `snat_port_min..=snat_port_max` (host order).
-    pub snat_port_min: u16,
-    pub snat_port_max: u16,
+    /// `CFG_F_*` bits.
+    pub flags: u32,
     /// Conntrack timeouts in seconds.
     pub tcp_syn_timeout: u32,
     pub tcp_established_timeout: u32,
     pub tcp_closing_timeout: u32,
     pub udp_timeout: u32,
     pub udp_stream_timeout: u32,
-    /// `CFG_F_*` bits.
-    pub flags: u32,
     /// The data path's clock: seconds = ((jiffies64 * clock_mult) >> 32) - clock_offset, which
     /// tracks CLOCK_MONOTONIC (see [`Config::clock_secs`]). jiffies are read inline, where the
     /// coarse ktime helper costs ~30 ns a packet. 0: use bpf_ktime_get_coarse_ns.
     pub clock_mult: u32,
     pub clock_offset: u32,
-    pub reserved: [u32; 6],
+    /// Ticks per second of the data path's fine clock (SNAT port holds): jiffies, so the
+    /// kernel's HZ, or milliseconds of the coarse ktime when `clock_mult` is 0 (then 1000).
+    pub hz: u32,
+    /// SNAT source ports: the union of these ranges (unused ones are [`PortRange::NONE`]).
+    pub snat_ranges: [PortRange; SNAT_RANGES],
+    /// How many ports `snat_ranges` hold together (host order).
+    pub snat_ports: u32,
+    /// The lowest and highest SNAT port: replies outside them are not looked up (host order).
+    pub snat_port_lo: u16,
+    pub snat_port_hi: u16,
+    /// A closed TCP flow's port goes to the SAME client (address and frontend) again only after
+    /// this many ticks, so that the client's TCP timestamps are newer than the last ones the
+    /// endpoint saw on that port and its TIME_WAIT accepts the new SYN. Milliseconds, rounded up
+    /// to whole ticks (at least two) by the agent into `snat_reuse_gap_ticks`.
+    pub snat_reuse_gap_ms: u32,
+    pub snat_reuse_gap_ticks: u32,
+    /// A closed TCP flow's port goes to ANOTHER client only after this many seconds when the
+    /// endpoint closed first: its TIME_WAIT (60 s on Linux) would refuse about half of the SYNs a
+    /// different client sends from that port. When the client closed first (or either side
+    /// reset), the endpoint holds no TIME_WAIT and `tcp_closing_timeout` applies instead.
+    pub snat_timewait_hold: u32,
+    /// A new TCP flow whose SYN is resent this many seconds after the first, unanswered, counts
+    /// as a failure of its endpoint ([`BackendHealth`]); 0: never.
+    pub health_syn_timeout: u32,
+    pub reserved: [u32; 12],
 }
 
 /// XDP may transmit translated packets back out of the interface they came in on (XDP_TX).
@@ -216,9 +290,7 @@ pub const CFG_F_XDP_TX: u32 = 1;
 impl Config {
     pub const DEFAULT: Config = Config {
         abi_version: ABI_VERSION,
-        // Above Linux's default ip_local_port_range (32768-60999): host sockets never pick these.
-        snat_port_min: 61_000,
-        snat_port_max: 65_535,
+        flags: CFG_F_XDP_TX,
         tcp_syn_timeout: 60,
         // kube-proxy sets nf_conntrack_tcp_timeout_established to 24h; match it so idle pooled
         // connections behave the same under either proxy.
@@ -226,11 +298,96 @@ impl Config {
         tcp_closing_timeout: 10,
         udp_timeout: 30,
         udp_stream_timeout: 120,
-        flags: CFG_F_XDP_TX,
         clock_mult: 0,
         clock_offset: 0,
-        reserved: [0; 6],
+        hz: 1000,
+        // 1024-29999 and 61000-65535: above the privileged ports, below the NodePort range and
+        // above Linux's default ephemeral range (32768-60999). The agent computes the real default
+        // from the node's own settings.
+        snat_ranges: [
+            PortRange {
+                min: 1024,
+                max: 29_999,
+            },
+            PortRange {
+                min: 61_000,
+                max: 65_535,
+            },
+            PortRange::NONE,
+            PortRange::NONE,
+        ],
+        snat_ports: (29_999 - 1024 + 1) + (65_535 - 61_000 + 1),
+        snat_port_lo: 1024,
+        snat_port_hi: 65_535,
+        snat_reuse_gap_ms: 10,
+        snat_reuse_gap_ticks: 10,
+        snat_timewait_hold: 60,
+        // Linux resends an unanswered SYN after one second.
+        health_syn_timeout: 1,
+        reserved: [0; 12],
     };
+
+    /// This configuration with SNAT ports from `ranges` (at most [`SNAT_RANGES`]; extra ones
+    /// are ignored): the derived count and bounds are filled in.
+    pub fn with_snat_ranges(mut self, ranges: &[PortRange]) -> Config {
+        let mut out = [PortRange::NONE; SNAT_RANGES];
+        let mut ports = 0;
+        let mut lo = u16::MAX;
+        let mut hi = 0;
+        let mut n = 0;
+        for r in ranges {
+            if r.is_empty() || n == SNAT_RANGES {
+                continue;
+            }
+            out[n] = *r;
+            n += 1;
+            ports += r.len();
+            lo = lo.min(r.min);
+            hi = hi.max(r.max);
+        }
+        self.snat_ranges = out;
+        self.snat_ports = ports;
+        self.snat_port_lo = if ports == 0 { 0 } else { lo };
+        self.snat_port_hi = hi;
+        self
+    }
+
+    /// This configuration with the tick rate of the data path's fine clock; the tick-based
+    /// settings derived from it are filled in.
+    pub const fn with_hz(mut self, hz: u32) -> Config {
+        self.hz = hz;
+        // Rounded up, plus one: the clock may tick right after the close was stamped.
+        let ticks = (self.snat_reuse_gap_ms as u64 * hz as u64).div_ceil(1000) as u32 + 1;
+        self.snat_reuse_gap_ticks = if ticks < 2 { 2 } else { ticks };
+        self
+    }
+
+    /// Whether `port` (host order) is one of the SNAT ports.
+    #[inline(always)]
+    pub fn is_snat_port(&self, port: u16) -> bool {
+        if port < self.snat_port_lo || port > self.snat_port_hi {
+            return false;
+        }
+        let r = &self.snat_ranges;
+        r[0].contains(port) || r[1].contains(port) || r[2].contains(port) || r[3].contains(port)
+    }
+
+    /// The `index`-th SNAT port (`index < snat_ports`), counting through the ranges in order.
+    #[inline(always)]
+    pub fn snat_port_at(&self, index: u32) -> u16 {
+        let mut i = index;
+        let mut k = 0;
+        while k < SNAT_RANGES {
+            let r = &self.snat_ranges[k];
+            let n = r.len();
+            if i < n {
+                return r.min + i as u16;
+            }
+            i -= n;
+            k += 1;
+        }
+        0
+    }
 
     /// Seconds of CLOCK_MONOTONIC (to within a second or so) from the kernel's jiffies, with
     /// the factors the agent derived from the tick length ([`Config::clock_mult`]).
@@ -263,6 +420,19 @@ impl Config {
     #[inline(always)]
     pub const fn ct_expired(&self, proto: u8, ct: &CtValue, now: u32) -> bool {
         now.wrapping_sub(ct.last_seen) > self.ct_timeout(proto, ct.flags)
+    }
+
+    /// How long (ticks) the port of a flow closed as `rn_flags` (`RN_F_*`) stays with its client
+    /// before another client may take it. The one definition for the data path's allocator and
+    /// the agent's sweep, which deletes closed flows' entries once nobody needs them.
+    #[inline(always)]
+    pub const fn snat_hold_ticks(&self, rn_flags: u8) -> u32 {
+        let secs = if rn_flags & RN_F_ENDPOINT_TIME_WAIT != 0 {
+            self.snat_timewait_hold
+        } else {
+            self.tcp_closing_timeout
+        };
+        secs.saturating_mul(self.hz)
     }
 }
 
@@ -429,6 +599,13 @@ pub const CT_F_BACKEND_FIN: u8 = 2;
 pub const CT_F_RST: u8 = 4;
 /// The backend has answered at least once.
 pub const CT_F_SEEN_REPLY: u8 = 8;
+/// The client spoke after the backend answered (TCP: the handshake completed): the flow moved
+/// from CT_NEW to CT.
+pub const CT_F_ESTABLISHED: u8 = 16;
+/// The flow's TCP timestamps are shifted by `ts_offset`.
+pub const CT_F_TS_OFFSET: u8 = 32;
+/// The flow's failure to reach its endpoint has been counted ([`BackendHealth`]).
+pub const CT_F_FAIL_COUNTED: u8 = 64;
 
 /// A TCP flow both sides have finished, or that was reset.
 #[inline(always)]
@@ -462,7 +639,10 @@ pub struct CtValue {
     /// [`FrontendKind`] of the frontend the flow came in on.
     pub kind: u8,
     pub pad: [u8; 2],
-    pub reserved: u32,
+    /// With [`CT_F_TS_OFFSET`]: added to the client's TCP TSvals toward the endpoint (and taken
+    /// from the endpoint's TSecrs), so that they continue after those of the SNAT port's previous
+    /// flow (host order).
+    pub ts_offset: u32,
     /// Where packets of this flow go next, so established packets skip the FIB lookup.
     pub to_backend: NextHop,
     pub to_client: NextHop,
@@ -505,6 +685,7 @@ pub struct RevNatKey {
     pub pad16: u16,
 }
 
+/// The flow holding an SNAT port, or (closed) the last one that held it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RevNatValue {
@@ -516,9 +697,35 @@ pub struct RevNatValue {
     pub frontend_port: u16,
     /// host order
     pub service_id: u32,
+    /// 0 while the flow is open. Once it closed (FINs both ways, a RST, or its entry ended):
+    /// when, in ticks of the data path's fine clock ([`Config::hz`]; never 0). The port then
+    /// stays held for a while (see [`Config::snat_hold_ticks`]) unless a new flow can take it
+    /// safely: one from the same client address and port (its sequence numbers and timestamps
+    /// continue the old ones), or one with TCP timestamps when the closed flow had them (the new
+    /// flow's timestamps are shifted to continue after `ts_last`).
+    pub closed_at: u32,
+    /// The last TSval the endpoint saw on the closed flow (host order), if `RN_F_TIMESTAMPS`.
+    /// Claimed together with `closed_at` (one 8-byte compare-and-swap).
+    pub ts_last: u32,
+    /// `RN_F_*` bits.
+    pub flags: u8,
+    pub pad: u8,
+    pub pad16: u16,
+    pub reserved: u32,
 }
 
+/// The endpoint sent its FIN first: it holds the old connection in TIME_WAIT.
+pub const RN_F_ENDPOINT_TIME_WAIT: u8 = 1;
+/// The closed flow carried TCP timestamps (and `ts_last` holds the last one).
+pub const RN_F_TIMESTAMPS: u8 = 2;
+
 impl RevNatValue {
+    /// Whether the port's flow has closed (the entry only holds the port for its client).
+    #[inline(always)]
+    pub const fn is_closed(&self) -> bool {
+        self.closed_at != 0
+    }
+
     /// The conntrack key of the flow this reply belongs to.
     #[inline(always)]
     pub const fn ct_key(&self, proto: u8) -> CtKey {
@@ -604,6 +811,72 @@ pub struct FragValue {
 }
 
 // ---------------------------------------------------------------------------------------------
+// EVENTS: RINGBUF of Event   (what the agent must log, count per Service and report)
+// ---------------------------------------------------------------------------------------------
+
+/// Event kinds.
+pub const EV_SNAT_EXHAUSTED: u32 = 1;
+pub const EV_NAT_TABLE_FULL: u32 = 2;
+
+/// Something the data path cannot put right itself. Rate-limited per CPU and backend bucket
+/// ([`EVENT_LIMIT_SLOTS`]): `count` says how many occurrences this event stands for (the
+/// suppressed ones since the bucket's previous event, plus this one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Event {
+    /// `EV_*`.
+    pub kind: u32,
+    pub count: u32,
+    /// host order
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub egress: Addr,
+    pub backend: Addr,
+    /// net order
+    pub backend_port: u16,
+    pub proto: u8,
+    pub pad: u8,
+    pub reserved: u32,
+}
+
+/// Per CPU and bucket: when the bucket last emitted (ticks) and what it suppressed since.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EventLimit {
+    pub last: u32,
+    pub suppressed: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// BACKEND_HEALTH: ARRAY[backend_id] of BackendHealth   (passive health: what new flows saw)
+// ---------------------------------------------------------------------------------------------
+
+/// How new flows to one endpoint fared, as the data path saw them; the agent's outlier detection
+/// reads it (passive health checking). Updated with atomic adds: one entry for all CPUs. The
+/// agent zeroes an entry when it gives the backend id to another endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendHealth {
+    /// New flows the endpoint answered (its first reply was not a reset).
+    pub answered: u64,
+    /// New flows it failed: reset, ICMP unreachable, or SYN unanswered.
+    pub failed: u64,
+    /// Failures since the last answer (an answer sets it back to 0).
+    pub consecutive: u32,
+    /// The last failure: its kind (`HF_*`) and when (ticks of the fine clock, [`Config::hz`]).
+    pub last_kind: u32,
+    pub last_at: u32,
+    pub reserved: u32,
+}
+
+/// The endpoint answered a new flow's SYN with a RST: nothing listens.
+pub const HF_REFUSED: u32 = 1;
+/// An ICMP destination unreachable came back for a new flow.
+pub const HF_UNREACHABLE: u32 = 2;
+/// A new flow's SYN went unanswered for [`Config::health_syn_timeout`].
+pub const HF_TIMEOUT: u32 = 3;
+
+// ---------------------------------------------------------------------------------------------
 // SVC_STATS: PERCPU_ARRAY[service_id] of ServiceStats
 // ---------------------------------------------------------------------------------------------
 
@@ -673,6 +946,8 @@ counters! {
     DropEndpointRemoved = 8, "endpoint_removed", true;
     /// A reject reply could not be built (buffer helpers failed); the packet was dropped.
     DropRejectFailed = 9, "reject_failed", true;
+    /// The reverse NAT table is full: the new flow was refused (RST / ICMP unreachable).
+    DropNatTableFull = 10, "nat_table_full", true;
     /// A new flow was created for a TCP packet without SYN: conntrack lost the flow (LRU full,
     /// restart without pins) or the client is confused.
     CtMissMidstream = 32, "ct_miss_midstream", false;
@@ -702,6 +977,16 @@ counters! {
     UnparsedPassed = 43, "unparsed_passed", false;
     /// A TCP SYN reused the 5-tuple of a closed flow: it got a new endpoint choice.
     CtReopened = 44, "ct_reopened", false;
+    /// A new flow took the port of a closed flow (its TCP timestamps shifted to continue the old
+    /// flow's where that was needed).
+    SnatClosedPortReused = 45, "snat_closed_port_reused", false;
+    /// SNAT port candidates skipped because the endpoint may still hold a closed flow on them
+    /// in TIME_WAIT and the new flow could not be made to pass it (no TCP timestamps).
+    SnatTimeWaitSkipped = 46, "snat_time_wait_skipped", false;
+    /// Flows that completed their handshake and moved from CT_NEW to CT.
+    CtEstablished = 47, "ct_established", false;
+    /// Events the agent's ring buffer had no room for (its reader is behind).
+    EventsLost = 48, "events_lost", false;
 }
 
 /// Size of the COUNTERS array: room for the indices above and future ones.
@@ -735,14 +1020,18 @@ mod pod {
         SrcRangeKey,
         FragKey,
         FragValue,
-        ServiceStats
+        ServiceStats,
+        PortRange,
+        Event,
+        EventLimit,
+        BackendHealth
     );
 }
 
 // Layout guards: a change here is an ABI change (bump ABI_VERSION).
 const _: () = {
     assert!(core::mem::size_of::<Addr>() == 16);
-    assert!(core::mem::size_of::<Config>() == 64);
+    assert!(core::mem::size_of::<Config>() == 128);
     assert!(core::mem::size_of::<FrontendKey>() == 20);
     assert!(core::mem::size_of::<FrontendValue>() == 8);
     assert!(core::mem::size_of::<ServiceValue>() == 32);
@@ -751,11 +1040,16 @@ const _: () = {
     assert!(core::mem::size_of::<CtKey>() == 40);
     assert!(core::mem::size_of::<CtValue>() == 104);
     assert!(core::mem::size_of::<RevNatKey>() == 40);
-    assert!(core::mem::size_of::<RevNatValue>() == 40);
+    assert!(core::mem::size_of::<RevNatValue>() == 56);
+    // Claimed with one 8-byte compare-and-swap: closed_at and ts_last share an aligned word.
+    assert!(core::mem::offset_of!(RevNatValue, closed_at) == 40);
     assert!(core::mem::size_of::<AffinityKey>() == 20);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SrcRangeKey>() == 20);
     assert!(core::mem::size_of::<FragKey>() == 40);
     assert!(core::mem::size_of::<FragValue>() == 4);
     assert!(core::mem::size_of::<ServiceStats>() == 32);
+    assert!(core::mem::size_of::<Event>() == 56);
+    assert!(core::mem::size_of::<EventLimit>() == 8);
+    assert!(core::mem::size_of::<BackendHealth>() == 32);
 };

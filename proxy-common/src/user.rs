@@ -97,7 +97,7 @@ pub fn map_layout(name: &str) -> Option<(usize, usize)> {
         MAP_SERVICES => (4, size_of::<ServiceValue>()),
         MAP_SLOTS => (size_of::<SlotKey>(), 4),
         MAP_BACKENDS => (4, size_of::<BackendValue>()),
-        MAP_CT => (size_of::<CtKey>(), size_of::<CtValue>()),
+        MAP_CT | MAP_CT_NEW => (size_of::<CtKey>(), size_of::<CtValue>()),
         MAP_REVNAT => (size_of::<RevNatKey>(), size_of::<RevNatValue>()),
         MAP_AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
         // LPM keys carry a u32 prefix length in front of the data.
@@ -106,6 +106,10 @@ pub fn map_layout(name: &str) -> Option<(usize, usize)> {
         MAP_COUNTERS => (4, 8),
         MAP_SVC_STATS => (4, size_of::<ServiceStats>()),
         MAP_FE_FILTER => (4, 8),
+        // A ring buffer has neither keys nor values.
+        MAP_EVENTS => (0, 0),
+        MAP_EVENT_LIMIT => (4, size_of::<EventLimit>()),
+        MAP_BACKEND_HEALTH => (4, size_of::<BackendHealth>()),
         _ => return None,
     })
 }

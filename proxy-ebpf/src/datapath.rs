@@ -4,15 +4,24 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use proxy_common::*;
 
 use crate::{
-    conntrack::{ct_flags, delete_flow, is_reopen, now_secs, touch},
-    ctx::{Ctx, Hook},
+    conntrack::{
+        Table, completes, ct_flags, ct_lookup, delete_flow, hold_port, hold_port_of, is_reopen,
+        now_secs, now_ticks, promote, touch,
+    },
+    ctx::{Ctx, Hook, ptr_at},
     fwd::{Route, remember, route, route_cached},
+    hdr::{IcmpHdr, get},
+    health,
     lb::{self, Chosen},
-    maps::{BACKENDS, CONFIG, CT, FRAGS, REVNAT, SCRATCH, Scratch},
-    nat::{icmp_error_source, in_snat_range, set_macs, snat_alloc, xlate, xlate_icmp_error_reply},
-    parse::{Frag, PULL_LEN, Parsed, Pkt, TCP_ACK, TCP_SYN, parse, parse_inner},
+    maps::{BACKENDS, CONFIG, CT_NEW, EVENT_LIMIT, EVENTS, FRAGS, REVNAT, SCRATCH, Scratch},
+    nat::{
+        AllocError, icmp_error_source, in_snat_range, set_macs, snat_alloc, xlate,
+        xlate_icmp_error_reply,
+    },
+    parse::{Frag, PULL_LEN, Parsed, Pkt, TCP_ACK, TCP_RST, TCP_SYN, parse, parse_inner},
     reject,
     stats::{count, count_service},
+    tcpts,
 };
 
 /// What to do with the packet; each hook maps it to its own return codes and helpers.
@@ -47,6 +56,11 @@ impl Action {
     const RACED: Action = Action(7);
     /// Internal: neither a tracked flow nor a frontend (the filter's false positive).
     const NOT_OURS: Action = Action(8);
+    /// Internal: a new flow is set up in `Scratch::ct`, its route in `Scratch::route`; translate
+    /// and send it (outside `new_flow`, whose stack frame is at its deepest).
+    const SEND: Action = Action(9);
+    /// Internal: `new_flow` chose an endpoint and a route; `open_flow` goes on.
+    const OPEN: Action = Action(10);
 
     #[inline(always)]
     pub const fn redirect(ifindex: u32) -> Action {
@@ -146,8 +160,8 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
             pad: 0,
             pad16: 0,
         };
-        if let Some(rn) = unsafe { REVNAT.get(&s.rn_key) } {
-            return reply(ctx, cfg, s, rn);
+        if let Some(rn) = REVNAT.get_ptr_mut(&s.rn_key) {
+            return reply(ctx, cfg, s, unsafe { &mut *rn });
         }
     }
     Action::PASS
@@ -195,18 +209,27 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     // Without XDP_TX, XDP could not send any of these (nor their rejects): TC does it all.
     let xdp_defers = C::HOOK == Hook::Xdp && !xdp_tx_allowed(cfg);
     let now = now_secs(cfg);
-    let mut tracked = None;
+    // A flow that ended, to tear down once the packet is known to start a new one. Plain
+    // initialised values, not an Option of them: LLVM spills the parts of a None it never
+    // wrote, and the verifier refuses to read uninitialised registers.
+    let mut tracked: *mut CtValue = core::ptr::null_mut();
+    let mut tracked_in = Table::New;
+    let mut why = FlowEnd::Expired;
     if !xdp_defers
         && !pkt.bad_len
-        && let Some(ct) = CT.get_ptr_mut(&pkt.tuple)
+        && let Some((ct, table)) = ct_lookup(&pkt.tuple)
     {
         let c = unsafe { &mut *ct };
         match ended(cfg, pkt, c, now) {
             None => {
                 track_fragment(pkt, &mut s.frag_key);
-                return established(ctx, s, c, now);
+                return established(ctx, cfg, s, c, table, now);
             }
-            Some(why) => tracked = Some((ct, why)),
+            Some(end) => {
+                tracked = ct;
+                tracked_in = table;
+                why = end;
+            }
         }
     }
     let Some(fe) = lb::lookup_frontend(&pkt.tuple.dst, pkt.tuple.dport, pkt.tuple.proto) else {
@@ -221,8 +244,8 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     }
     track_fragment(pkt, &mut s.frag_key);
     s.ct_key = s.pkt.tuple;
-    if let Some((ct, why)) = tracked {
-        delete_flow(&s.ct_key, unsafe { &*ct });
+    if !tracked.is_null() {
+        delete_flow(&s.ct_key, unsafe { &*tracked }, tracked_in, now_ticks(cfg));
         match why {
             FlowEnd::Expired => {}
             FlowEnd::Reopened => count(Counter::CtReopened),
@@ -234,10 +257,15 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
             FlowEnd::EndpointGone => count(Counter::UdpRebalanced),
         }
     }
-    match new_flow(ctx, cfg, s, fe, now) {
+    let action = match new_flow(ctx, s, fe, now) {
+        Action::OPEN => open_flow(cfg, s, now),
+        action => action,
+    };
+    match action {
+        Action::SEND => send_to_endpoint(ctx, s, s.route, &s.ct),
         Action::REJECT => answer(ctx, &s.pkt),
-        Action::RACED => match CT.get_ptr_mut(&s.ct_key) {
-            Some(ct) => established(ctx, s, unsafe { &mut *ct }, now),
+        Action::RACED => match ct_lookup(&s.ct_key) {
+            Some((ct, table)) => established(ctx, cfg, s, unsafe { &mut *ct }, table, now),
             None => drop(Counter::DropMapUpdate),
         },
         action => action,
@@ -277,7 +305,27 @@ fn backend_alive(ct: &CtValue) -> bool {
 }
 
 #[inline(always)]
-fn established<C: Ctx>(ctx: &C, s: &mut Scratch, ct: &mut CtValue, now: u32) -> Action {
+fn established<C: Ctx>(
+    ctx: &C,
+    cfg: &Config,
+    s: &mut Scratch,
+    ct: &mut CtValue,
+    table: Table,
+    now: u32,
+) -> Action {
+    let flags = ct_flags(s.pkt.tuple.proto, s.pkt.tcp_flags, false);
+    if table == Table::New {
+        if completes(s.pkt.tuple.proto, s.pkt.tcp_flags, ct) {
+            return complete(ctx, cfg, s, ct, now);
+        }
+        // The client resends its SYN: the endpoint did not answer the first one in time.
+        if s.pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+            && cfg.health_syn_timeout != 0
+            && now.wrapping_sub(ct.created) >= cfg.health_syn_timeout
+        {
+            health::failed(ct, HF_TIMEOUT, now_ticks(cfg));
+        }
+    }
     let r = route_cached(
         ctx,
         &mut s.fib,
@@ -291,8 +339,40 @@ fn established<C: Ctx>(ctx: &C, s: &mut Scratch, ct: &mut CtValue, now: u32) -> 
         count(Counter::XdpPassToTc);
         return Action::PASS;
     }
-    touch(ct, now, ct_flags(s.pkt.tuple.proto, s.pkt.tcp_flags, false));
+    if let Some(how) = touch(ct, now, flags) {
+        closed_by_client(ctx, cfg, s, ct, how);
+    }
     send_to_endpoint(ctx, s, r, ct)
+}
+
+/// The client's packet that completes a new flow: it moves to the established table, which a
+/// flood of new flows cannot evict it from.
+#[inline(never)]
+fn complete<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, ct: &CtValue, now: u32) -> Action {
+    s.ct = *ct;
+    let flags = ct_flags(s.pkt.tuple.proto, s.pkt.tcp_flags, false);
+    let r = route_cached(
+        ctx,
+        &mut s.fib,
+        &mut s.ct.to_backend,
+        now,
+        s.pkt.v6,
+        &s.ct.snat,
+        &s.ct.backend,
+    );
+    if C::HOOK == Hook::Xdp && !xdp_can_send(ctx, s, r) {
+        count(Counter::XdpPassToTc);
+        return Action::PASS;
+    }
+    if let Some(how) = touch(&mut s.ct, now, flags) {
+        closed_by_client(ctx, cfg, s, &s.ct, how);
+    }
+    s.ct_key = s.pkt.tuple;
+    if !promote(&s.ct_key, &mut s.ct) {
+        // No room in CT: the flow goes on from CT_NEW.
+        let _ = CT_NEW.insert(&s.ct_key, &s.ct, 0);
+    }
+    send_to_endpoint(ctx, s, r, &s.ct)
 }
 
 /// XDP sends a packet itself only back out of the device it came in on. Whether the agent
@@ -307,14 +387,11 @@ fn xdp_tx_allowed(cfg: &Config) -> bool {
     cfg.flags & CFG_F_XDP_TX != 0
 }
 
+/// A new flow, first half: the Service, its checks, the endpoint and the route. Leaves them in
+/// the scratch for [`open_flow`] (Action::OPEN). Two sibling subprograms rather than one: the
+/// call chain has 512 bytes of stack, and the port allocation's tries run one level deeper.
 #[inline(never)]
-fn new_flow<C: Ctx>(
-    ctx: &C,
-    cfg: &Config,
-    s: &mut Scratch,
-    fe: &FrontendValue,
-    now: u32,
-) -> Action {
+fn new_flow<C: Ctx>(ctx: &C, s: &mut Scratch, fe: &FrontendValue, now: u32) -> Action {
     let pkt = &s.pkt;
     if pkt.tuple.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         count(Counter::CtMissMidstream);
@@ -344,54 +421,97 @@ fn new_flow<C: Ctx>(
         count(Counter::XdpPassToTc);
         return Action::PASS;
     }
-    s.rn = RevNatValue {
-        client: pkt.tuple.src,
-        frontend: pkt.tuple.dst,
-        client_port: pkt.tuple.sport,
-        frontend_port: pkt.tuple.dport,
-        service_id: fe.service_id,
-    };
-    s.rn_key = RevNatKey {
-        backend: chosen.addr,
-        snat: svc.egress,
-        backend_port: chosen.port,
-        snat_port: 0,
-        proto: pkt.tuple.proto,
-        pad: 0,
-        pad16: 0,
-    };
-    let hash = lb::flow_hash(&s.ct_key, SEED_SNAT);
-    if !snat_alloc(cfg, now, &mut s.rn_key, &s.rn, &mut s.old_key, hash) {
-        return drop(Counter::DropSnatExhausted);
+    // The SYN's timestamp: a closed flow's port can go to it at once (see nat::judge).
+    s.syn_has_ts = false;
+    if pkt.tuple.proto == PROTO_TCP
+        && let Some(off) = tcpts::find(ctx, pkt)
+        && let Some(ts) = tcpts::tsval(ctx, off)
+    {
+        s.syn_ts = ts;
+        s.syn_has_ts = true;
     }
-    s.ct = CtValue {
-        backend: chosen.addr,
-        snat: svc.egress,
-        backend_id: chosen.id,
-        backend_generation: chosen.generation,
-        service_id: fe.service_id,
-        created: now,
-        last_seen: now,
-        backend_port: chosen.port,
-        snat_port: s.rn_key.snat_port,
-        flags: ct_flags(pkt.tuple.proto, pkt.tcp_flags, false),
-        kind: fe.kind,
-        pad: [0; 2],
-        reserved: 0,
-        to_backend: NextHop::default(),
-        to_client: NextHop::default(),
+    s.route = r;
+    s.chosen = chosen;
+    s.fe = *fe;
+    s.affinity_timeout = svc.affinity_timeout;
+    s.egress = svc.egress;
+    Action::OPEN
+}
+
+/// A new flow, second half: its SNAT port and conntrack entry (Action::SEND), from what
+/// [`new_flow`] left in the scratch.
+#[inline(never)]
+fn open_flow(cfg: &Config, s: &mut Scratch, now: u32) -> Action {
+    let pkt = &s.pkt;
+    let chosen = &s.chosen;
+    // Field by field: whole-struct literals are built on the stack first, and the call chain
+    // has 512 bytes of it in all.
+    let rn = &mut s.rn;
+    rn.client = pkt.tuple.src;
+    rn.frontend = pkt.tuple.dst;
+    rn.client_port = pkt.tuple.sport;
+    rn.frontend_port = pkt.tuple.dport;
+    rn.service_id = s.fe.service_id;
+    rn.closed_at = 0;
+    rn.flags = 0;
+    rn.pad = 0;
+    rn.pad16 = 0;
+    let rk = &mut s.rn_key;
+    rk.backend = chosen.addr;
+    rk.snat = s.egress;
+    rk.backend_port = chosen.port;
+    rk.snat_port = 0;
+    rk.proto = pkt.tuple.proto;
+    rk.pad = 0;
+    rk.pad16 = 0;
+    let flow = lb::flow_hash(&s.ct_key, SEED_SNAT);
+    let ticks = now_ticks(cfg);
+    let syn_ts = s.syn_has_ts.then_some(s.syn_ts);
+    let ts_offset = match snat_alloc(cfg, now, ticks, flow, syn_ts) {
+        Ok(offset) => offset,
+        Err(e) => {
+            let (counter, kind) = match e {
+                AllocError::Exhausted => (Counter::DropSnatExhausted, EV_SNAT_EXHAUSTED),
+                AllocError::TableFull => (Counter::DropNatTableFull, EV_NAT_TABLE_FULL),
+            };
+            count(counter);
+            report(s, kind);
+            // Refused at once: the client must not wait for its SYN to time out.
+            return Action::REJECT;
+        }
     };
-    remember(&mut s.ct.to_backend, r, now, &s.fib);
-    if CT.insert(&s.ct_key, &s.ct, BPF_NOEXIST as u64).is_err() {
+    let pkt = &s.pkt;
+    let chosen = &s.chosen;
+    let ct = &mut s.ct;
+    ct.backend = chosen.addr;
+    ct.snat = s.egress;
+    ct.backend_id = chosen.id;
+    ct.backend_generation = chosen.generation;
+    ct.service_id = s.fe.service_id;
+    ct.created = now;
+    ct.last_seen = now;
+    ct.backend_port = chosen.port;
+    ct.snat_port = s.rn_key.snat_port;
+    ct.flags = ct_flags(pkt.tuple.proto, pkt.tcp_flags, false);
+    if ts_offset != 0 {
+        ct.flags |= CT_F_TS_OFFSET;
+    }
+    ct.kind = s.fe.kind;
+    ct.pad = [0; 2];
+    ct.ts_offset = ts_offset;
+    ct.to_backend = NextHop::default();
+    ct.to_client = NextHop::default();
+    remember(&mut s.ct.to_backend, s.route, now, &s.fib);
+    if CT_NEW.insert(&s.ct_key, &s.ct, BPF_NOEXIST as u64).is_err() {
         // Another CPU created this flow first: give our port back and follow its choice.
         let _ = REVNAT.remove(&s.rn_key);
         return Action::RACED;
     }
-    if svc.affinity_timeout != 0 {
-        lb::affinity_record(fe.service_id, &s.pkt.tuple.src, &chosen, now);
+    if s.affinity_timeout != 0 {
+        lb::affinity_record(s.fe.service_id, &s.pkt.tuple.src, &s.chosen, now);
     }
     count(Counter::CtCreated);
-    send_to_endpoint(ctx, s, r, &s.ct)
+    Action::SEND
 }
 
 #[inline(always)]
@@ -436,21 +556,49 @@ fn send_to_endpoint<C: Ctx>(ctx: &C, s: &Scratch, r: Route, ct: &CtValue) -> Act
     if r == Route::Out && set_macs(ctx, &s.fib.smac, &s.fib.dmac).is_err() {
         return drop(Counter::DropMalformed);
     }
+    // A flow on a reused port: its timestamps continue after the previous flow's.
+    if ct.flags & CT_F_TS_OFFSET != 0
+        && let Some(off) = tcpts::find(ctx, &s.pkt)
+        && tcpts::shift(ctx, s.pkt.l4_off, off, ct.ts_offset).is_err()
+    {
+        return drop(Counter::DropMalformed);
+    }
     count_service(ct.service_id, s.pkt.l3_len, false);
     action
 }
 
-/// Endpoint to client (through its SNAT port).
+/// How the flow `ct` closed with the client's packet `s.pkt` (`how`, from `touch`), with the
+/// timestamp the endpoint saw last, for the SNAT port's next flow (see nat::judge).
+#[inline(always)]
+fn closed_by_client<C: Ctx>(ctx: &C, cfg: &Config, s: &Scratch, ct: &CtValue, how: u8) {
+    let mut how = how;
+    let mut ts_last = 0;
+    if let Some(off) = tcpts::find(ctx, &s.pkt)
+        && let Some(ts) = tcpts::tsval(ctx, off)
+    {
+        // As the endpoint sees it: shifted where the flow's timestamps are.
+        ts_last = if ct.flags & CT_F_TS_OFFSET != 0 {
+            ts.wrapping_add(ct.ts_offset)
+        } else {
+            ts
+        };
+        how |= RN_F_TIMESTAMPS;
+    }
+    hold_port_of(&s.pkt.tuple, ct, now_ticks(cfg), how, ts_last);
+}
+
+/// Endpoint to client (through its SNAT port). `rn` may belong to a flow that has closed: late
+/// packets of a closed flow still reach its client while the port is held for it.
 #[inline(never)]
-fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &RevNatValue) -> Action {
+fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &mut RevNatValue) -> Action {
     if s.pkt.bad_len {
         return drop(Counter::DropMalformed);
     }
     s.ct_key = rn.ct_key(s.pkt.tuple.proto);
     let now = now_secs(cfg);
-    let ct = CT.get_ptr_mut(&s.ct_key);
+    let ct = ct_lookup(&s.ct_key);
     let r = match ct {
-        Some(ct) => {
+        Some((ct, _)) => {
             let ct = unsafe { &mut *ct };
             route_cached(
                 ctx,
@@ -470,12 +618,44 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &RevNatValue) -> Ac
     }
     track_fragment(&s.pkt, &mut s.frag_key);
     let pkt = &s.pkt;
+    // Offsets and values as plain integers (0: none), not Options: LLVM spills the payload of a
+    // None it never wrote, and the verifier refuses to read uninitialised registers.
+    let ts = if pkt.tuple.proto == PROTO_TCP {
+        tcpts::find(ctx, pkt).unwrap_or(0)
+    } else {
+        0
+    };
+    let mut ts_offset = 0;
     match ct {
-        Some(ct) => touch(
-            unsafe { &mut *ct },
-            now,
-            CT_F_SEEN_REPLY | ct_flags(pkt.tuple.proto, pkt.tcp_flags, true),
-        ),
+        Some((ct, _)) => {
+            let ct = unsafe { &mut *ct };
+            // A new flow's first answer: the endpoint's health (see `health`).
+            if ct.flags & CT_F_SEEN_REPLY == 0 {
+                if pkt.tuple.proto == PROTO_TCP && pkt.tcp_flags & TCP_RST != 0 {
+                    health::failed(ct, HF_REFUSED, now_ticks(cfg));
+                } else {
+                    health::answered(ct);
+                }
+            }
+            let flags = CT_F_SEEN_REPLY | ct_flags(pkt.tuple.proto, pkt.tcp_flags, true);
+            if let Some(how) = touch(ct, now, flags)
+                && !rn.is_closed()
+            {
+                // The endpoint's TSecr echoes the last timestamp it took from the client.
+                let mut how = how;
+                let mut ts_last = 0;
+                if ts != 0
+                    && let Some(t) = tcpts::tsval(ctx, ts + 4)
+                {
+                    how |= RN_F_TIMESTAMPS;
+                    ts_last = t;
+                }
+                hold_port(rn, now_ticks(cfg), how, ts_last);
+            }
+            if ct.flags & CT_F_TS_OFFSET != 0 {
+                ts_offset = ct.ts_offset;
+            }
+        }
         None => count(Counter::CtMissReply),
     }
     if xlate(
@@ -487,6 +667,13 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &RevNatValue) -> Ac
         rn.client_port,
     )
     .is_err()
+    {
+        return drop(Counter::DropMalformed);
+    }
+    // The client gets its own timestamps echoed, not the shifted ones.
+    if ts_offset != 0
+        && ts != 0
+        && tcpts::shift(ctx, s.pkt.l4_off, ts + 4, ts_offset.wrapping_neg()).is_err()
     {
         return drop(Counter::DropMalformed);
     }
@@ -542,6 +729,21 @@ fn icmp_error<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     let Some(rn) = (unsafe { REVNAT.get(&s.rn_key) }) else {
         return Action::PASS;
     };
+    // The endpoint (or a router) says it cannot be reached: a failure of a flow it never
+    // answered. Packet-too-big and fragmentation-needed are not.
+    if let Some(icmp) = ptr_at::<C, IcmpHdr>(ctx, s.pkt.l4_off) {
+        let (ty, code) = (get!(icmp, ty), get!(icmp, code));
+        let unreachable = if s.pkt.v6 {
+            ty == 1
+        } else {
+            ty == 3 && code != 4
+        };
+        s.ct_key = rn.ct_key(inner.proto);
+        if unreachable && let Some((ct, _)) = ct_lookup(&s.ct_key) {
+            health::failed(unsafe { &mut *ct }, HF_UNREACHABLE, now_ticks(cfg));
+        }
+    }
+    let inner = &s.inner;
     let new_src = icmp_error_source(&s.pkt, inner, rn);
     let r = route(ctx, &mut s.fib, s.pkt.v6, &new_src, &rn.client);
     if C::HOOK == Hook::Xdp && needs_tx(ctx, s, r) && !xdp_tx_allowed(cfg) {
@@ -576,4 +778,42 @@ fn answer<C: Ctx>(ctx: &C, pkt: &Pkt) -> Action {
         Hook::TcIngress | Hook::PodIngress => Action::redirect(ctx.ifindex()),
         Hook::TcEgress => Action::redirect_ingress(ctx.ifindex()),
     }
+}
+
+/// Tells the agent about a refused new flow (`Scratch::chosen`, `fe`, `rn_key`): at most once a
+/// second per CPU and backend bucket, with the count of those it stood for.
+#[inline(always)]
+fn report(s: &mut Scratch, kind: u32) {
+    let chosen = &s.chosen;
+    let (Some(cfg), Some(limit)) = (
+        CONFIG.get(0),
+        EVENT_LIMIT.get_ptr_mut(chosen.id % EVENT_LIMIT_SLOTS),
+    ) else {
+        return;
+    };
+    let ticks = now_ticks(cfg);
+    let limit = unsafe { &mut *limit };
+    if limit.last != 0 && ticks.wrapping_sub(limit.last) < cfg.hz {
+        limit.suppressed += 1;
+        return;
+    }
+    s.event = Event {
+        kind,
+        count: limit.suppressed + 1,
+        service_id: s.fe.service_id,
+        backend_id: chosen.id,
+        egress: s.rn_key.snat,
+        backend: chosen.addr,
+        backend_port: chosen.port,
+        proto: s.pkt.tuple.proto,
+        pad: 0,
+        reserved: 0,
+    };
+    if EVENTS.output::<Event>(&s.event, 0).is_err() {
+        count(Counter::EventsLost);
+        limit.suppressed += 1;
+        return;
+    }
+    limit.last = ticks;
+    limit.suppressed = 0;
 }

@@ -4,6 +4,9 @@
 //! Entry points are thin: `datapath::process` decides, the hook turns its `Action` into a verdict.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Compare-and-swap (nat::claim): core's Atomic types have none on the BPF target.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 // Map helpers take `impl Borrow<K>`: passing keys by value, as this lint suggests, copies them
 // onto a stack that holds 512 bytes for the whole call chain.
 #![allow(clippy::needless_borrows_for_generic_args)]
@@ -21,6 +24,8 @@ mod fwd;
 #[cfg(target_arch = "bpf")]
 mod hdr;
 #[cfg(target_arch = "bpf")]
+mod health;
+#[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;
@@ -32,6 +37,8 @@ mod parse;
 mod reject;
 #[cfg(target_arch = "bpf")]
 mod stats;
+#[cfg(target_arch = "bpf")]
+mod tcpts;
 
 #[cfg(target_arch = "bpf")]
 mod entry {

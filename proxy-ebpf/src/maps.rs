@@ -3,12 +3,14 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use proxy_common::*;
 
 use crate::{
-    fwd::FibParams,
+    fwd::{FibParams, Route},
+    lb::Chosen,
+    nat::AllocLoop,
     parse::{Inner, Pkt},
 };
 
@@ -33,12 +35,34 @@ pub static SLOTS: HashMap<SlotKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_
 #[map]
 pub static BACKENDS: Array<BackendValue> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+/// Established flows. LRU: when full, the flow idle longest goes.
 #[map]
 pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_CT_MAX, 0);
 
+/// Flows that have not completed their handshake. A table of their own, so that a flood of them
+/// (SYNs nobody completes) evicts only its own kind, never an established flow.
 #[map]
-pub static REVNAT: LruHashMap<RevNatKey, RevNatValue> =
-    LruHashMap::with_max_entries(DEFAULT_CT_MAX, 0);
+pub static CT_NEW: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(DEFAULT_CT_MAX / CT_NEW_DIVISOR, 0);
+
+/// SNAT port -> flow. A plain hash, not LRU: an entry is removed by its flow's end (the data
+/// path) or the agent's sweep, never evicted from under a live flow; when full, new flows are
+/// refused (`nat_table_full`).
+#[map]
+pub static REVNAT: HashMap<RevNatKey, RevNatValue> =
+    HashMap::with_max_entries(DEFAULT_CT_MAX * REVNAT_PER_CT, 0);
+
+/// What the agent must hear about (`Event`), rate-limited through EVENT_LIMIT.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// How new flows to each endpoint fared (passive health checking; see `health`).
+#[map]
+pub static BACKEND_HEALTH: Array<BackendHealth> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map]
+pub static EVENT_LIMIT: PerCpuArray<EventLimit> =
+    PerCpuArray::with_max_entries(EVENT_LIMIT_SLOTS, 0);
 
 #[map]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
@@ -72,6 +96,19 @@ pub struct Scratch {
     pub rn: RevNatValue,
     /// Key of a flow whose SNAT port we may take over.
     pub old_key: CtKey,
+    /// The event being reported.
+    pub event: Event,
+    /// SNAT port allocation's tries (bpf_loop).
+    pub alloc: AllocLoop,
+    /// A new flow's choices, from `new_flow` to `open_flow` and where it is sent.
+    pub route: Route,
+    pub chosen: Chosen,
+    pub fe: FrontendValue,
+    pub egress: Addr,
+    pub affinity_timeout: u32,
+    /// The new flow's SYN carries a TCP timestamp, this one.
+    pub syn_ts: u32,
+    pub syn_has_ts: bool,
     pub frag_key: FragKey,
     pub fib: FibParams,
 }

@@ -1,30 +1,28 @@
 //! Address translation: SNAT port allocation, header rewriting, ICMP error translation.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, cty::c_void, helpers::bpf_loop};
 use proxy_common::*;
 
 use crate::{
-    conntrack::revnat_key,
+    conntrack::{ct_get, revnat_key},
     csum,
     ctx::{Ctx, load, ptr_at, store},
     lb,
-    maps::{CT, REVNAT},
+    maps::{CONFIG, CT, CT_NEW, REVNAT, SCRATCH},
     parse::{ETH_HLEN, Inner, Pkt},
     stats::count,
+    tcpts,
 };
 
-/// Ports tried before a new flow is dropped as `snat_ports_exhausted`. The candidates are
-/// independent, so with a fraction f of the range in use a new flow is refused with probability
-/// about f^SNAT_TRIES: 0.08% at f = 0.8, 3.4% at 0.9 (consecutive candidates refused flows from
-/// 50-70% in use). Flows pay one try while the range is mostly free. The bound is the verifier's
-/// cost: it walks every iteration; 64 tries took program verification from ~210 to ~370 ms,
-/// which a cold start at 10k Services cannot afford.
+/// Ports tried before a new flow is refused as `snat_ports_exhausted`. The candidates are
+/// independent, so with a fraction f of the range unusable a new flow is refused with probability
+/// about f^SNAT_TRIES: 0.08% at f = 0.8, 3.4% at 0.9. The tries run under bpf_loop, so their
+/// number costs no verification time.
 const SNAT_TRIES: u32 = 32;
 
 #[inline(always)]
 pub fn in_snat_range(cfg: &Config, port_net: u16) -> bool {
-    let p = u16::from_be(port_net);
-    p >= cfg.snat_port_min && p <= cfg.snat_port_max
+    cfg.is_snat_port(u16::from_be(port_net))
 }
 
 /// The next candidate of a probe sequence: murmur3's finalizer over a Weyl step, so every try
@@ -34,86 +32,324 @@ fn next_candidate(x: u32) -> u32 {
     lb::fmix32(x.wrapping_add(0x9e37_79b9))
 }
 
-/// Reserves a source port on `rn_key.snat` for a flow to `rn_key.backend:backend_port` by
-/// inserting its reverse NAT entry `rn`. On success `rn_key.snat_port` holds the port.
+/// Why no port was reserved.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum AllocError {
+    /// Every candidate was in use or held.
+    Exhausted,
+    /// The reverse NAT table had no room for a new entry.
+    TableFull,
+}
+
+/// Reserves a source port on `s.rn_key.snat` for a flow to `s.rn_key.backend:backend_port` by
+/// writing its reverse NAT entry `s.rn`. On success `s.rn_key.snat_port` holds the port, and the
+/// result is the TCP timestamp offset the flow needs on it (0: none; see [`crate::tcpts`]).
 ///
-/// The first candidate comes from the flow hash, so a flow recreated after losing its conntrack
-/// entry usually gets the same port again. The others are re-hashes of it scattered over the
-/// whole range: consecutive ports would pile flows up behind each other (primary clustering),
-/// and then the tries of a new flow all fall in one taken run while half of the range is still
-/// free. Ranges no larger than the tries are walked port by port instead, so a refusal there
-/// always means that every port is in use. A taken port whose flow has expired is reused.
+/// `syn_ts`: the TSval of the flow's SYN, if it carries one.
+///
+/// Candidates come from the flow hash `flow` (a flow recreated after losing its conntrack entry
+/// usually gets its port again), scattered over the whole range: consecutive ports pile flows up
+/// behind each other. Ranges no larger than the tries are walked port by port instead, so a
+/// refusal there always means that no port is usable. Of the first two usable candidates the one
+/// idle longer is taken: a port no flow has used within its hold has no entry at all and beats
+/// every closed flow's port.
+///
+/// A port is usable when no flow has it, when its flow is gone or expired, or when its flow
+/// closed and the endpoint will accept a new connection on it: see [`judge`].
 #[inline(always)]
 pub fn snat_alloc(
     cfg: &Config,
     now: u32,
-    rn_key: &mut RevNatKey,
-    rn: &RevNatValue,
-    old_key: &mut CtKey,
-    hash: u32,
-) -> bool {
-    let min = cfg.snat_port_min as u32;
-    let max = cfg.snat_port_max as u32;
-    if max < min {
-        return false;
+    ticks: u32,
+    flow: u32,
+    syn_ts: Option<u32>,
+) -> Result<u32, AllocError> {
+    let range = cfg.snat_ports;
+    if range == 0 {
+        return Err(AllocError::Exhausted);
     }
-    let range = max - min + 1;
-    let scatter = if range > SNAT_TRIES { u32::MAX } else { 0 };
-    let mut x = hash;
-    let mut off = hash % range;
-    for _ in 0..SNAT_TRIES {
-        let port = (min + off) as u16;
-        rn_key.snat_port = port.to_be();
-        // Look before inserting: an LRU map takes a free node (evicting the oldest entry when
-        // none is left) before it finds out the key exists, so probing taken ports with
-        // inserts would push out live flows' entries once the map is full.
-        let reserved = match unsafe { REVNAT.get(&*rn_key) } {
-            None => REVNAT.insert(&*rn_key, rn, BPF_NOEXIST as u64).is_ok(),
-            Some(existing) => take_if_stale(cfg, now, rn_key, rn, existing, old_key),
-        };
-        if reserved {
-            return true;
-        }
-        count(Counter::SnatCollision);
-        // The next port at random (off + 1 + a random offset), or, for small ranges, the next
-        // port. Branch-free on purpose: a branch on the range makes LLVM duplicate the loop, one
-        // copy per case, and the verifier then walks both (+50% instructions at 32 tries).
-        x = next_candidate(x);
-        off = (off + 1 + ((x % range) & scatter)) % range;
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return Err(AllocError::Exhausted);
+    };
+    let s = unsafe { &mut *s };
+    let st = &mut s.alloc;
+    st.now = now;
+    st.ticks = ticks;
+    st.x = flow;
+    st.start = flow % range;
+    st.syn_ts = syn_ts.unwrap_or(0);
+    st.has_ts = syn_ts.is_some() as u32;
+    st.taken = 0;
+    st.full = 0;
+    st.offset = 0;
+    st.best_port = 0;
+    unsafe {
+        bpf_loop(
+            SNAT_TRIES,
+            alloc_try as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    let st = &s.alloc;
+    if st.taken != 0 {
+        Ok(st.offset)
+    } else if st.full != 0 {
+        Err(AllocError::TableFull)
+    } else {
+        Err(AllocError::Exhausted)
     }
-    false
 }
 
-/// Takes over the port of `rn_key` from `existing` if that flow is gone, expired, or already
-/// moved to another port (its conntrack entry, `old_key`, goes with it if it still owns the port).
-#[inline(always)]
-fn take_if_stale(
-    cfg: &Config,
+/// The state of [`snat_alloc`]'s tries. In the per-CPU scratch, not on the stack (where
+/// bpf_loop contexts usually live): the call chain's 512 bytes of stack have no room left.
+#[repr(C)]
+pub struct AllocLoop {
     now: u32,
-    rn_key: &RevNatKey,
-    rn: &RevNatValue,
-    existing: &RevNatValue,
-    old_key: &mut CtKey,
-) -> bool {
-    let proto = rn_key.proto;
-    *old_key = existing.ct_key(proto);
-    let (stale, owned) = match unsafe { CT.get(&*old_key) } {
+    ticks: u32,
+    /// The flow's probe sequence: the next random candidate.
+    x: u32,
+    /// First candidate, for ranges walked port by port.
+    start: u32,
+    /// The new flow's SYN: its TSval, and whether it has one.
+    syn_ts: u32,
+    has_ts: u32,
+    /// Out: a port was taken, with this timestamp offset.
+    taken: u32,
+    offset: u32,
+    /// A candidate met a full reverse NAT table.
+    full: u32,
+    /// The first usable closed port (net order; 0: none), kept until the second candidate is
+    /// seen: the one idle longer is taken.
+    best_port: u16,
+    pad: u16,
+    best_word: u64,
+    best_offset: u32,
+    pad32: u32,
+}
+
+/// One try of [`snat_alloc`]: 1 (stop) once a port is taken or nothing can go on, else 0.
+#[inline(never)]
+extern "C" fn alloc_try(k: u64, _ctx: *mut c_void) -> i64 {
+    let (Some(cfg), Some(s)) = (CONFIG.get(0), SCRATCH.get_ptr_mut(0)) else {
+        return 1;
+    };
+    let s = unsafe { &mut *s };
+    let range = cfg.snat_ports;
+    if range == 0 {
+        return 1;
+    }
+    let k = k as u32;
+    let st = &mut s.alloc;
+    let idx = if range <= SNAT_TRIES {
+        (st.start + k) % range
+    } else {
+        st.x % range
+    };
+    st.x = next_candidate(st.x);
+    s.rn_key.snat_port = cfg.snat_port_at(idx).to_be();
+    // Look before inserting: an insert that finds the key taken still costs a lookup, and
+    // taken ports are the common case once a busy range has filled with closed flows' ports.
+    let verdict = match REVNAT.get_ptr_mut(&s.rn_key) {
+        None => match REVNAT.insert(&s.rn_key, &s.rn, BPF_NOEXIST as u64) {
+            // No entry: idle longer than any closed flow's port still held.
+            Ok(()) => {
+                s.alloc.taken = 1;
+                return 1;
+            }
+            // Taken meanwhile by another CPU.
+            Err(e) if e == -EEXIST => Verdict::Busy,
+            Err(_) => {
+                s.alloc.full = 1;
+                Verdict::Busy
+            }
+        },
+        Some(existing) => {
+            let existing = unsafe { &mut *existing };
+            judge(cfg, &s.alloc, &s.rn, existing)
+        }
+    };
+    match verdict {
+        Verdict::Stale => {
+            if take_stale(cfg, s) {
+                s.alloc.taken = 1;
+                return 1;
+            }
+        }
+        Verdict::Reusable(offset) => {
+            let st = &mut s.alloc;
+            let entry = REVNAT.get_ptr_mut(&s.rn_key);
+            let word = match entry {
+                Some(e) => unsafe { core::ptr::read_volatile(closed_word(&mut *e)) },
+                None => 0,
+            };
+            if k == 0 && range > SNAT_TRIES {
+                // Keep it; the next candidate may have been idle longer.
+                st.best_port = s.rn_key.snat_port;
+                st.best_word = word;
+                st.best_offset = offset;
+                count(Counter::SnatCollision);
+                return 0;
+            }
+            let here = st.ticks.wrapping_sub(word as u32);
+            let best = st.ticks.wrapping_sub(st.best_word as u32);
+            if st.best_port != 0 && best > here {
+                if claim_best(s) {
+                    return 1;
+                }
+            } else if let Some(e) = entry
+                && claim(unsafe { &mut *e }, word, &s.rn)
+            {
+                s.alloc.taken = 1;
+                s.alloc.offset = offset;
+                return 1;
+            }
+        }
+        Verdict::Busy | Verdict::HeldForOther => {
+            if s.alloc.best_port != 0 && claim_best(s) {
+                return 1;
+            }
+        }
+    }
+    // The kept candidate had its chance against the second one.
+    s.alloc.best_port = 0;
+    count(Counter::SnatCollision);
+    0
+}
+
+const EEXIST: i32 = 17;
+
+/// What a candidate port's entry allows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// In use, or closed too recently.
+    Busy,
+    /// Its flow ended without closing (gone, expired, or moved to another port).
+    Stale,
+    /// Its flow closed; a new flow may take it with this timestamp offset.
+    Reusable(u32),
+    /// Its flow closed and the endpoint may still hold it in TIME_WAIT, which the new flow could
+    /// not pass: it waits out the hold.
+    HeldForOther,
+}
+
+/// Whether a new flow (`rn`, its SYN's timestamp in `st`) may take the port of `existing`.
+///
+/// An endpoint that closed a flow first keeps it in TIME_WAIT and accepts a new SYN on the same
+/// {address, port} pair only if its sequence number or its timestamp is newer (Linux,
+/// tcp_timewait_state_process). A closed flow's port may therefore go to:
+/// - a flow with TCP timestamps, when the closed one had them too: its timestamps are shifted to
+///   continue after the last one the endpoint saw (offset, see [`crate::tcpts`]);
+/// - the same client address and port (a reconnect): its sequence numbers continue;
+/// - anyone once the hold is over ([`Config::snat_hold_ticks`]).
+///
+/// A few milliseconds after the close in every case ([`Config::snat_reuse_gap_ticks`]), so that
+/// a late retransmission of the old flow finds it closed.
+#[inline(always)]
+fn judge(cfg: &Config, st: &AllocLoop, rn: &RevNatValue, existing: &RevNatValue) -> Verdict {
+    let closed_at = existing.closed_at;
+    if closed_at == 0 {
+        return Verdict::Stale;
+    }
+    let age = st.ticks.wrapping_sub(closed_at);
+    if age < cfg.snat_reuse_gap_ticks {
+        return Verdict::Busy;
+    }
+    if existing.flags & RN_F_TIMESTAMPS != 0 && st.has_ts != 0 {
+        return Verdict::Reusable(tcpts::offset_after(existing.ts_last, st.syn_ts));
+    }
+    let reconnect = existing.client == rn.client
+        && existing.client_port == rn.client_port
+        && existing.frontend == rn.frontend
+        && existing.frontend_port == rn.frontend_port;
+    if reconnect || age >= cfg.snat_hold_ticks(existing.flags) {
+        return Verdict::Reusable(0);
+    }
+    count(Counter::SnatTimeWaitSkipped);
+    Verdict::HeldForOther
+}
+
+/// The kept candidate of the first try (`alloc.best_*`), claimed if it is still as it was.
+#[inline(always)]
+fn claim_best(s: &mut crate::maps::Scratch) -> bool {
+    s.rn_key.snat_port = s.alloc.best_port;
+    let Some(e) = REVNAT.get_ptr_mut(&s.rn_key) else {
+        return false;
+    };
+    if !claim(unsafe { &mut *e }, s.alloc.best_word, &s.rn) {
+        return false;
+    }
+    s.alloc.taken = 1;
+    s.alloc.offset = s.alloc.best_offset;
+    true
+}
+
+/// Takes the port of an open flow that ended without closing (`s.rn_key`'s entry), if that flow
+/// is gone, expired, or moved to another port; its conntrack entry goes with it. Rare: replaced
+/// through the map, so that of two CPUs taking the same port, one insert fails.
+#[inline(always)]
+fn take_stale(cfg: &Config, s: &mut crate::maps::Scratch) -> bool {
+    let Some(existing) = (unsafe { REVNAT.get(&s.rn_key) }) else {
+        return false;
+    };
+    let proto = s.rn_key.proto;
+    s.old_key = existing.ct_key(proto);
+    let (stale, owned) = match ct_get(&s.old_key) {
         None => (true, false),
         Some(ct) => {
-            let owned = revnat_key(ct, proto) == *rn_key;
-            (!owned || cfg.ct_expired(proto, ct, now), owned)
+            let owned = revnat_key(ct, proto) == s.rn_key;
+            (!owned || cfg.ct_expired(proto, ct, s.alloc.now), owned)
         }
     };
     if !stale {
         return false;
     }
-    if owned {
-        let _ = CT.remove(&*old_key);
-    }
-    if REVNAT.insert(rn_key, rn, 0).is_err() {
+    let _ = REVNAT.remove(&s.rn_key);
+    if REVNAT.insert(&s.rn_key, &s.rn, BPF_NOEXIST as u64).is_err() {
         return false;
     }
+    if owned {
+        let _ = CT.remove(&s.old_key);
+        let _ = CT_NEW.remove(&s.old_key);
+    }
     count(Counter::CtStaleReplaced);
+    true
+}
+
+/// `closed_at` and `ts_last` of an entry, one aligned 8-byte word (map values are 8-byte
+/// aligned; the layout is asserted in proxy-common).
+#[inline(always)]
+fn closed_word(e: &mut RevNatValue) -> *mut u64 {
+    &mut e.closed_at as *mut u32 as *mut u64
+}
+
+/// Writes `rn` over the closed flow's entry `existing` if its close (`closed_at` and `ts_last`)
+/// is still `seen`: one compare-and-swap to open, which only one CPU can win. Nothing else reads
+/// the entry's other fields meanwhile but replies of the closed flow, which may as well be lost.
+#[inline(always)]
+fn claim(existing: &mut RevNatValue, seen: u64, rn: &RevNatValue) -> bool {
+    if seen as u32 == 0 {
+        return false;
+    }
+    // core's Atomic types offer no compare-and-swap on the BPF target, but the instruction
+    // exists (BPF_CMPXCHG, kernel 5.12).
+    let (_, swapped) = unsafe {
+        core::intrinsics::atomic_cxchg::<
+            u64,
+            { core::intrinsics::AtomicOrdering::SeqCst },
+            { core::intrinsics::AtomicOrdering::SeqCst },
+        >(closed_word(existing), seen, 0)
+    };
+    if !swapped {
+        return false;
+    }
+    existing.client = rn.client;
+    existing.frontend = rn.frontend;
+    existing.client_port = rn.client_port;
+    existing.frontend_port = rn.frontend_port;
+    existing.service_id = rn.service_id;
+    existing.flags = 0;
+    count(Counter::SnatClosedPortReused);
     true
 }
 

@@ -61,6 +61,8 @@ pub struct Pkt {
     /// Offset of the transport header (IPv4 options and IPv6 extension headers skipped).
     pub l4_off: usize,
     pub tcp_flags: u8,
+    /// TCP header length in bytes (data offset x 4); 0 for other protocols.
+    pub tcp_hlen: u8,
     /// IP datagram length from the IP header (IPv4 total length, IPv6 40 + payload length).
     pub l3_len: u32,
     pub frag: Frag,
@@ -136,6 +138,7 @@ fn parse_v4<C: Ctx>(ctx: &C, out: &mut Pkt) -> Parsed {
         v6: false,
         l4_off: ETH_HLEN + ihl,
         tcp_flags: 0,
+        tcp_hlen: 0,
         l3_len: tot_len,
         frag,
         frag_id: if frag == Frag::None {
@@ -211,6 +214,7 @@ fn parse_v6<C: Ctx>(ctx: &C, out: &mut Pkt) -> Parsed {
         v6: true,
         l4_off: off,
         tcp_flags: 0,
+        tcp_hlen: 0,
         l3_len,
         frag,
         frag_id,
@@ -242,6 +246,7 @@ fn parse_l4<C: Ctx>(ctx: &C, pkt: &mut Pkt) -> Parsed {
             pkt.tuple.sport = get!(tcp, sport);
             pkt.tuple.dport = get!(tcp, dport);
             pkt.tcp_flags = get!(tcp, flags);
+            pkt.tcp_hlen = (get!(tcp, doff) >> 4) << 2;
             Parsed::Pkt
         }
         PROTO_UDP => {

@@ -7,7 +7,7 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use extproxy::{loader::DEFAULT_PIN_DIR, state::DEFAULT_STATE_DIR};
+use extproxy::{loader::DEFAULT_PIN_DIR, snat::SnatPorts, state::DEFAULT_STATE_DIR};
 use ipnet::IpNet;
 use proxy_common::Config;
 
@@ -122,16 +122,19 @@ pub struct ServiceArgs {
     /// Manifest mode: where Services without spec.clusterIP get one (first CIDR of each family).
     #[arg(long = "service-cidr", value_name = "CIDR", default_values = ["10.96.0.0/12", "fd00:10:96::/112"])]
     pub service_cidrs: Vec<IpNet>,
-    /// Manifest mode: where NodePorts without a number get one.
+    /// Where NodePorts without a number get one (manifest mode); in both modes, kept out of the
+    /// SNAT ports (`--snat-ports auto`).
     #[arg(long, value_name = "FROM-TO", default_value = "30000-32767", value_parser = parse_range)]
     pub node_port_range: RangeInclusive<u16>,
 }
 
 #[derive(Args)]
 pub struct DatapathArgs {
-    /// Source ports for SNAT. Keep them outside net.ipv4.ip_local_port_range (or reserve them).
-    #[arg(long, value_name = "FROM-TO", default_value = "61000-65535", value_parser = parse_range)]
-    pub snat_ports: RangeInclusive<u16>,
+    /// Source ports for SNAT: `auto` (every port from 1024 outside the node's
+    /// net.ipv4.ip_local_port_range and --node-port-range, so the node's own sockets never pick
+    /// one), or up to four comma-separated FROM-TO ranges.
+    #[arg(long, value_name = "auto|FROM-TO,...", default_value = "auto")]
+    pub snat_ports: SnatPorts,
     /// XDP attach mode.
     #[arg(long, value_enum, default_value_t = XdpArg::Auto)]
     pub xdp: XdpArg,

@@ -16,6 +16,10 @@ pub struct GcReport {
     pub ct_frontend_removed: usize,
     pub revnat_entries: usize,
     pub revnat_orphans: usize,
+    /// Closed flows' ports still held for their clients.
+    pub snat_held: usize,
+    /// Closed flows' ports whose hold ended: free for any client again.
+    pub snat_released: usize,
 }
 
 /// Keeps reverse-NAT entries without a flow for one round before deleting them: the data path
@@ -35,11 +39,16 @@ impl Collector {
     /// usually cleared at once and its flows stop; a bit shared with another frontend would keep
     /// them going. Removing them here makes "a removed frontend ends its flows" hold every time,
     /// at the latest one sweep later.
+    ///
+    /// Reverse NAT entries of closed flows hold their port for the flow's client (see
+    /// [`RevNatValue::closed_at`]); they go once the hold is over at `now_ticks` (the data path's
+    /// fine clock, [`crate::host::datapath_ticks`]).
     pub fn sweep(
         &mut self,
         maps: &mut DatapathMaps,
         cfg: &Config,
         now: u32,
+        now_ticks: u32,
         frontends: &BTreeMap<FrontendKey, FrontendValue>,
     ) -> Result<GcReport, MapsError> {
         let mut report = GcReport::default();
@@ -68,6 +77,16 @@ impl Collector {
         report.revnat_entries = revnat.len();
         let mut suspects = HashSet::new();
         for (key, value) in revnat {
+            if value.is_closed() {
+                let age = now_ticks.wrapping_sub(value.closed_at);
+                if age >= cfg.snat_hold_ticks(value.flags) && age < u32::MAX / 2 {
+                    maps.remove_revnat(&key)?;
+                    report.snat_released += 1;
+                } else {
+                    report.snat_held += 1;
+                }
+                continue;
+            }
             let owned = live.get(&value.ct_key(key.proto)) == Some(&(key.snat, key.snat_port));
             if owned {
                 continue;

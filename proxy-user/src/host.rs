@@ -99,7 +99,7 @@ fn read_sysctl(path: &str) -> Option<String> {
 }
 
 /// Problems with the node's settings that would make the data path fail, each with its fix.
-pub fn check_sysctls(v4: bool, v6: bool, snat: &RangeInclusive<u16>) -> Vec<String> {
+pub fn check_sysctls(v4: bool, v6: bool, snat: &[RangeInclusive<u16>]) -> Vec<String> {
     let mut warnings = Vec::new();
     // The FIB lookups the programs do refuse to route when forwarding is off.
     if v4 && read_sysctl("/proc/sys/net/ipv4/ip_forward").as_deref() == Some("0") {
@@ -112,22 +112,24 @@ pub fn check_sysctls(v4: bool, v6: bool, snat: &RangeInclusive<u16>) -> Vec<Stri
             "net.ipv6.conf.all.forwarding is 0: IPv6 Services cannot be forwarded (fix: sysctl -w net.ipv6.conf.all.forwarding=1)".to_owned(),
         );
     }
-    if let Some(range) = read_sysctl("/proc/sys/net/ipv4/ip_local_port_range") {
-        let mut parts = range
-            .split_whitespace()
-            .filter_map(|p| p.parse::<u16>().ok());
-        if let (Some(lo), Some(hi)) = (parts.next(), parts.next()) {
-            let reserved =
-                read_sysctl("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default();
-            if lo <= *snat.end() && *snat.start() <= hi && !covers(&reserved, snat) {
+    if let Some(ephemeral) = crate::snat::ephemeral_range() {
+        let reserved =
+            read_sysctl("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default();
+        for range in snat {
+            if ephemeral.start() <= range.end()
+                && range.start() <= ephemeral.end()
+                && !covers(&reserved, range)
+            {
                 warnings.push(format!(
-                    "SNAT ports {}-{} overlap the node's ephemeral ports ({lo}-{hi}): a local socket \
-                     could pick a port extproxy uses and lose its replies (fix: --snat-ports above {hi}, \
+                    "SNAT ports {}-{} overlap the node's ephemeral ports ({}-{}): a local socket \
+                     could pick a port extproxy uses and lose its replies (fix: --snat-ports auto, \
                      or sysctl -w net.ipv4.ip_local_reserved_ports={}-{})",
-                    snat.start(),
-                    snat.end(),
-                    snat.start(),
-                    snat.end()
+                    range.start(),
+                    range.end(),
+                    ephemeral.start(),
+                    ephemeral.end(),
+                    range.start(),
+                    range.end()
                 ));
             }
         }
@@ -208,11 +210,17 @@ pub fn with_clock(config: &Config) -> Config {
         return *config;
     }
     let (clock_mult, clock_offset) = jiffies_clock();
+    let hz = match tick_ns() {
+        Some(tick) if clock_mult != 0 => hz(tick) as u32,
+        // The data path's fine clock is then milliseconds of ktime.
+        _ => 1000,
+    };
     Config {
         clock_mult,
         clock_offset,
         ..*config
     }
+    .with_hz(hz)
 }
 
 /// Now, by the data path's clock: the seconds its conntrack, affinity and next-hop stamps use.
@@ -238,6 +246,27 @@ pub fn datapath_secs() -> u32 {
         ..Config::DEFAULT
     };
     cfg.clock_secs(jiffies)
+}
+
+/// Now, by the data path's fine clock (`Config::hz` ticks a second; SNAT port holds): jiffies
+/// (their low 32 bits) when `config` has the jiffies factors, else milliseconds of
+/// CLOCK_MONOTONIC_COARSE, as the data path does.
+pub fn datapath_ticks(config: &Config) -> u32 {
+    let fallback = || {
+        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+        (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000) as u32
+    };
+    if config.clock_mult == 0 {
+        return fallback();
+    }
+    let user_hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let mut tms: libc::tms = unsafe { std::mem::zeroed() };
+    let ticks = unsafe { libc::times(&mut tms) };
+    if user_hz <= 0 || ticks == -1 as libc::clock_t {
+        return fallback();
+    }
+    (ticks as u64 as u128 * config.hz as u128 / user_hz as u128) as u32
 }
 
 /// Seconds of CLOCK_MONOTONIC_COARSE.

@@ -21,6 +21,18 @@ pub struct Report {
     pub drops: BTreeMap<String, u64>,
     pub events: BTreeMap<String, u64>,
     pub fill: Vec<FillView>,
+    /// SNAT ports per egress address and destination: in use by open flows, held by closed ones.
+    pub snat: Vec<SnatView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SnatView {
+    pub egress: IpAddr,
+    pub destination: String,
+    pub protocol: &'static str,
+    pub in_use: usize,
+    /// Closed flows' ports the endpoint may still hold in TIME_WAIT (see DESIGN.md, "SNAT ports").
+    pub held: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -213,14 +225,38 @@ pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
         let target = if c.is_drop() { &mut drops } else { &mut events };
         target.insert(c.name().to_owned(), n);
     }
-    let revnat = maps.reverse_nat()?.len();
+    let revnat_entries = maps.reverse_nat()?;
+    let revnat = revnat_entries.len();
+    let mut snat_counts: BTreeMap<(IpAddr, String, u8), (usize, usize)> = BTreeMap::new();
+    for (k, v) in &revnat_entries {
+        let c = snat_counts
+            .entry((k.snat.to_ip(), sock(&k.backend, k.backend_port), k.proto))
+            .or_default();
+        if v.is_closed() {
+            c.1 += 1;
+        } else {
+            c.0 += 1;
+        }
+    }
+    let snat = snat_counts
+        .into_iter()
+        .map(|((egress, destination, proto), (in_use, held))| SnatView {
+            egress,
+            destination,
+            protocol: proto_name(proto),
+            in_use,
+            held,
+        })
+        .collect();
+    let (ct_established, ct_new) = maps.conntrack_counts();
     let live_backends = snap
         .backends
         .iter()
         .filter(|(_, b)| b.state != BackendState::Free as u8)
         .count();
     let fill = [
-        (MAP_CT, ct.len()),
+        (MAP_CT, ct_established),
+        (MAP_CT_NEW, ct_new),
         (MAP_REVNAT, revnat),
         (MAP_SERVICES, snap.services.len()),
         (MAP_FRONTENDS, snap.frontends.len()),
@@ -237,7 +273,13 @@ pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
         agent,
         config: ConfigView {
             abi_version: cfg.abi_version,
-            snat_ports: format!("{}-{}", cfg.snat_port_min, cfg.snat_port_max),
+            snat_ports: cfg
+                .snat_ranges
+                .iter()
+                .filter(|r| !r.is_empty())
+                .map(|r| format!("{}-{}", r.min, r.max))
+                .collect::<Vec<_>>()
+                .join(","),
             timeouts: BTreeMap::from([
                 ("tcp_syn", cfg.tcp_syn_timeout),
                 ("tcp_established", cfg.tcp_established_timeout),
@@ -252,6 +294,7 @@ pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
         drops,
         events,
         fill,
+        snat,
     })
 }
 
@@ -397,6 +440,22 @@ pub fn render(report: &Report) -> String {
             .map(|(k, v)| vec![k.clone(), v.to_string()])
             .collect()
     };
+    if !report.snat.is_empty() {
+        let _ = writeln!(out, "\nSNAT PORTS");
+        let rows: Vec<Vec<String>> = report
+            .snat
+            .iter()
+            .map(|s| {
+                vec![
+                    s.egress.to_string(),
+                    format!("{} {}", s.destination, s.protocol),
+                    s.in_use.to_string(),
+                    s.held.to_string(),
+                ]
+            })
+            .collect();
+        out += &table(&["EGRESS", "DESTINATION", "IN USE", "HELD"], &rows);
+    }
     let _ = writeln!(out, "\nDROPS");
     out += &table(&["REASON", "PACKETS"], &counts(&report.drops, true));
     let _ = writeln!(out, "\nEVENTS");

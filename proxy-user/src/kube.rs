@@ -10,8 +10,10 @@ use std::path::Path;
 
 use thiserror::Error;
 
+use proxy_common::FrontendKey;
+
 use crate::agent::{Agent, Applied};
-use crate::translate::{ServicePortKey, Translation};
+use crate::translate::{ObjectKey, ServicePortKey, Translation};
 
 pub mod client;
 pub mod cluster;
@@ -33,6 +35,11 @@ pub trait Programmer {
     fn set_node(&mut self, node: &NodeFacts);
     /// Which Service port each programmed service id is.
     fn service_names(&self) -> Vec<(u32, ServicePortKey)>;
+    /// The Service serving each frontend now, which keeps it (see
+    /// [`crate::translate::Incremental::set_incumbents`]).
+    fn incumbents(&self) -> Vec<(FrontendKey, ObjectKey)> {
+        Vec::new()
+    }
 }
 
 impl Programmer for Agent {
@@ -49,6 +56,10 @@ impl Programmer for Agent {
             .service_ids()
             .map(|(key, id)| (id, key.clone()))
             .collect()
+    }
+
+    fn incumbents(&self) -> Vec<(FrontendKey, ObjectKey)> {
+        Agent::incumbents(self)
     }
 }
 

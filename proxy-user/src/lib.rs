@@ -15,6 +15,8 @@ pub mod objects;
 pub mod pins;
 pub mod podlinks;
 pub mod reconcile;
+pub mod refusals;
+pub mod snat;
 pub mod state;
 pub mod translate;
 pub mod watch;

@@ -59,7 +59,9 @@ pub enum LoadError {
     },
 }
 
-/// Map capacities. Conntrack and reverse NAT are sized together: every flow has one of each.
+/// Map capacities. Conntrack and reverse NAT are sized together from `ct_max`: new flows get a
+/// quarter of it ([`CT_NEW_DIVISOR`]), reverse NAT twice it ([`REVNAT_PER_CT`]: live flows and
+/// the closed ones whose port is held for their client).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     pub max_services: u32,
@@ -88,16 +90,28 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// Flows that have not completed their handshake (CT_NEW).
+    pub fn ct_new_max(&self) -> u32 {
+        (self.ct_max / CT_NEW_DIVISOR).max(256)
+    }
+
+    /// Reverse NAT entries: live flows and held ports (REVNAT).
+    pub fn revnat_max(&self) -> u32 {
+        self.ct_max.saturating_mul(REVNAT_PER_CT)
+    }
+
     /// max_entries per map name, as the loader applies them.
-    pub fn max_entries(&self) -> [(&'static str, u32); 10] {
+    pub fn max_entries(&self) -> [(&'static str, u32); 12] {
         [
             (MAP_FRONTENDS, self.max_frontends),
             (MAP_SERVICES, self.max_services),
             (MAP_SVC_STATS, self.max_services),
             (MAP_SLOTS, self.max_slots),
             (MAP_BACKENDS, self.max_backends),
+            (MAP_BACKEND_HEALTH, self.max_backends),
             (MAP_CT, self.ct_max),
-            (MAP_REVNAT, self.ct_max),
+            (MAP_CT_NEW, self.ct_new_max()),
+            (MAP_REVNAT, self.revnat_max()),
             (MAP_AFFINITY, self.affinity_max),
             (MAP_SRC_RANGES, self.src_ranges_max),
             (MAP_FRAGS, self.frags_max),

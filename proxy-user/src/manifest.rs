@@ -10,6 +10,7 @@ use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointPort as SlicePort};
 use serde::de::{DeserializeOwned, IgnoredAny, MapAccess, Visitor};
@@ -20,7 +21,7 @@ use thiserror::Error;
 use crate::diag::{Diagnostic, ObjectRef, Origin, Severity, Site};
 use crate::names::{MANAGED_BY_LABEL, MIRRORING_CONTROLLER, SERVICE_NAME_LABEL, SKIP_MIRROR_LABEL};
 use crate::objects::{EndpointObject, EndpointsObject, Kept, Meta, ServiceObject, SliceObject};
-use crate::translate::{Incremental, Inventory, ObjectKey, Sourced};
+use crate::translate::{Incremental, Inventory, ObjectKey, Seniority, Sourced};
 
 #[derive(Debug, Error)]
 pub enum ManifestError {
@@ -69,6 +70,17 @@ pub struct ManifestSet {
 struct ParsedFile {
     objects: Vec<ParsedObject>,
     diagnostics: Vec<Diagnostic>,
+    /// When the file was last written: its Services' age (see [`Seniority`]).
+    modified: Option<SystemTime>,
+}
+
+impl ParsedFile {
+    fn seniority(&self) -> Seniority {
+        Seniority {
+            since: self.modified,
+            uid: None,
+        }
+    }
 }
 
 /// One object of a file. Its origin is kept without the file's path, which the file's entry
@@ -142,6 +154,15 @@ struct Mirrored {
 /// Files parsed per thread when reading a whole directory: parsing dominates a cold start.
 const PARSE_THREADS: usize = 2;
 
+/// What one file may cost to parse is bounded by these, each named in the error that refuses a
+/// file or document: the largest file parses in about a second, a document's parse tree stays
+/// under about 100 MB, and no nesting makes the YAML parser slow (its time grows with the square
+/// of the nesting depth). Kubernetes objects need a fraction of each.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+pub const MAX_DOCUMENTS: usize = 5_000;
+pub const MAX_NESTING: usize = 64;
+
 impl ManifestSet {
     pub fn read_dir(dir: &Path) -> Result<Self, ManifestError> {
         let read_err = |source| ManifestError::ReadDir {
@@ -151,7 +172,8 @@ impl ManifestSet {
         let mut paths = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(read_err)? {
             let path = entry.map_err(read_err)?.path();
-            if Self::is_manifest_path(&path) && path.is_file() {
+            // A symlink loop is read too, to be reported rather than skipped unnoticed.
+            if Self::is_manifest_path(&path) && (path.is_file() || is_symlink_loop(&path)) {
                 paths.push(path);
             }
         }
@@ -271,6 +293,14 @@ impl ManifestSet {
         Some((path, self.files.get(&**path)?.objects.get(*i)?))
     }
 
+    /// How old the objects of `path` are.
+    fn seniority(&self, path: &Path) -> Seniority {
+        self.files
+            .get(path)
+            .map(ParsedFile::seniority)
+            .unwrap_or_default()
+    }
+
     /// Hands `translator` every object whose definition in force changed since the last call,
     /// and the diagnostics if they may have changed.
     pub fn feed(&mut self, translator: &mut Incremental) {
@@ -283,7 +313,11 @@ impl ManifestSet {
             let origin = || winner.map(|(path, w)| w.origin(path));
             match (&*reference.kind, winner.map(|(_, w)| &w.object)) {
                 ("Service", Some(KnownObject::Service(service))) => {
-                    translator.set_service(key, origin().map(|o| Sourced::new(service.clone(), o)));
+                    let source = winner.map(|(path, w)| {
+                        Sourced::new(service.clone(), w.origin(path))
+                            .with_seniority(self.seniority(path))
+                    });
+                    translator.set_service(key, source);
                 }
                 ("Service", _) => translator.set_service(key, None),
                 ("EndpointSlice", Some(KnownObject::EndpointSlice(slice))) => {
@@ -308,6 +342,7 @@ impl ManifestSet {
                                 object: slice.clone(),
                                 origin: winner.origin(path),
                                 mirrored_from: Some(reference.clone()),
+                                seniority: Seniority::default(),
                             }),
                         );
                         fed.push(key);
@@ -336,9 +371,9 @@ impl ManifestSet {
             let origin = winner.origin(path);
             match &winner.object {
                 KnownObject::Service(service) => {
-                    inventory
-                        .services
-                        .insert(key, Sourced::new(service.clone(), origin));
+                    let source =
+                        Sourced::new(service.clone(), origin).with_seniority(self.seniority(path));
+                    inventory.services.insert(key, source);
                 }
                 KnownObject::EndpointSlice(slice) => {
                     inventory
@@ -353,6 +388,7 @@ impl ManifestSet {
                                 object: slice.clone(),
                                 origin: origin.clone(),
                                 mirrored_from: Some(reference.clone()),
+                                seniority: Seniority::default(),
                             },
                         );
                     }
@@ -407,19 +443,82 @@ fn static_kind(kind: &str) -> Cow<'static, str> {
 
 /// Reads and parses one file; None if it does not exist (any more).
 fn read_file(path: &Path) -> Option<ParsedFile> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => Some(parse_file(path, &text)),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
-        Err(err) => Some(ParsedFile {
-            objects: Vec::new(),
-            diagnostics: vec![Diagnostic::new(
-                Severity::Error,
-                Origin::file(path),
-                None,
-                None,
-                format!("cannot read file: {err}"),
-            )],
+    match read_limited(path) {
+        Ok(Ok((text, modified))) => Some(ParsedFile {
+            modified,
+            ..parse_file(path, &text)
         }),
+        Ok(Err(size)) => Some(file_problem(path, too_big(size))),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+        Err(err) if err.raw_os_error() == Some(libc::ELOOP) => Some(file_problem(
+            path,
+            format!(
+                "a symbolic link that leads back to itself ({}); file ignored",
+                link_chain(path)
+            ),
+        )),
+        Err(err) => Some(file_problem(path, format!("cannot read file: {err}"))),
+    }
+}
+
+/// Whether `path` is a symbolic link that cannot be followed because it leads back to itself.
+pub fn is_symlink_loop(path: &Path) -> bool {
+    std::fs::metadata(path).is_err_and(|err| err.raw_os_error() == Some(libc::ELOOP))
+}
+
+/// `a.yaml -> b.yaml -> a.yaml`: the links followed from `path` until one comes back.
+fn link_chain(path: &Path) -> String {
+    let mut names = vec![path.display().to_string()];
+    let mut visited = vec![path.to_path_buf()];
+    while let Ok(target) = std::fs::read_link(&visited[visited.len() - 1]) {
+        names.push(target.display().to_string());
+        let next = match visited[visited.len() - 1].parent() {
+            Some(dir) if target.is_relative() => dir.join(&target),
+            _ => target,
+        };
+        if visited.contains(&next) || visited.len() > 8 {
+            break;
+        }
+        visited.push(next);
+    }
+    names.join(" -> ")
+}
+
+/// The file's text, or its size without reading it when that is more than [`MAX_FILE_BYTES`]
+/// (a file growing meanwhile is cut short there, and refused by [`parse_file`]).
+fn read_limited(path: &Path) -> io::Result<Result<(String, Option<SystemTime>), u64>> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if meta.len() > MAX_FILE_BYTES {
+        return Ok(Err(meta.len()));
+    }
+    let mut text = String::with_capacity(meta.len() as usize);
+    file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
+    Ok(Ok((text, meta.modified().ok())))
+}
+
+fn too_big(size: u64) -> String {
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    format!(
+        "the file is {:.1} MiB, more than the {} MiB extproxy reads of one manifest file; file ignored (split it into several files)",
+        mib(size),
+        MAX_FILE_BYTES >> 20
+    )
+}
+
+/// A file that yields nothing but one problem with the whole file.
+fn file_problem(path: &Path, message: String) -> ParsedFile {
+    ParsedFile {
+        modified: None,
+        objects: Vec::new(),
+        diagnostics: vec![Diagnostic::new(
+            Severity::Error,
+            Origin::file(path),
+            None,
+            None,
+            message,
+        )],
     }
 }
 
@@ -428,6 +527,11 @@ fn read_file(path: &Path) -> Option<ParsedFile> {
 // ---------------------------------------------------------------------------------------------
 
 fn parse_file(path: &Path, text: &str) -> ParsedFile {
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return file_problem(path, too_big(text.len() as u64));
+    }
+    // Editors on Windows start UTF-8 files with a byte order mark; neither parser skips it.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut parsed = parse_documents(path, text);
     // Kept until the file changes: without this, growth slack is a third of a small file's size.
     parsed.objects.shrink_to_fit();
@@ -463,8 +567,36 @@ fn parse_documents(path: &Path, text: &str) -> ParsedFile {
         }
         return parsed;
     }
-    for document in split_documents(text) {
+    for document in split_documents(text, MAX_DOCUMENTS + 1) {
         let origin = Origin::document(path, document.content_line, document.index);
+        let refuse =
+            |message: String| Diagnostic::new(Severity::Error, origin.clone(), None, None, message);
+        if document.index == MAX_DOCUMENTS {
+            parsed.diagnostics.push(refuse(format!(
+                "more than {MAX_DOCUMENTS} documents, the most extproxy reads of one file; this one and the rest of the file are ignored (split it into several files)"
+            )));
+            break;
+        }
+        if document.text.len() > MAX_DOCUMENT_BYTES {
+            parsed.diagnostics.push(refuse(format!(
+                "the document is {} KiB, more than the {} KiB extproxy reads of one YAML document; document ignored (split a long list into several documents)",
+                document.text.len() >> 10,
+                MAX_DOCUMENT_BYTES >> 10
+            )));
+            continue;
+        }
+        if let Some(line) = nesting::too_deep(&document.text, MAX_NESTING) {
+            parsed.diagnostics.push(Diagnostic::new(
+                Severity::Error,
+                Origin::document(path, document.first_line + line - 1, document.index),
+                None,
+                None,
+                format!(
+                    "nested more than {MAX_NESTING} levels deep, the most extproxy reads (Kubernetes objects need far fewer); document ignored"
+                ),
+            ));
+            continue;
+        }
         let yaml = match serde_yaml::from_str::<serde_yaml::Value>(&document.text) {
             Ok(yaml) => yaml,
             Err(err) => {
@@ -527,12 +659,15 @@ fn push_document(chunk: &mut Vec<&str>, first_line: usize, documents: &mut Vec<D
 }
 
 /// Splits on `---` lines ourselves, instead of letting the YAML parser do it, so one broken
-/// document cannot stop the parsing of the next ones.
-fn split_documents(text: &str) -> Vec<Document> {
+/// document cannot stop the parsing of the next ones. Stops after `at_most` documents.
+fn split_documents(text: &str, at_most: usize) -> Vec<Document> {
     let mut documents = Vec::new();
     let mut chunk: Vec<&str> = Vec::new();
     let mut chunk_first_line = 1;
     for (i, line) in text.lines().enumerate() {
+        if documents.len() == at_most {
+            return documents;
+        }
         if is_document_separator(line) {
             push_document(&mut chunk, chunk_first_line, &mut documents);
             chunk_first_line = i + 2;
@@ -904,7 +1039,13 @@ fn parse_object(
         "Service" | "Endpoints" => "v1",
         "EndpointSlice" => "discovery.k8s.io/v1",
         _ => {
-            let reference = ObjectRef::new(kind.clone(), namespace.unwrap_or_default(), name);
+            // Nothing of it is validated: what is said of it is kept short.
+            let kind = shorten(&kind);
+            let reference = ObjectRef::new(
+                kind.clone(),
+                shorten(namespace.as_deref().unwrap_or_default()),
+                shorten(&name),
+            );
             out.diagnostics.push(Diagnostic::new(
                 Severity::Info,
                 origin.clone(),
@@ -949,14 +1090,42 @@ fn parse_object(
         ));
         return;
     }
+    if let Some((field, problem)) = invalid_name(&kind, &site.object) {
+        // Said with the names cut short: a name of 100,000 characters was repeated in every
+        // line about the object.
+        let short = ObjectRef::new(
+            site.object.kind.clone(),
+            shorten(&site.object.namespace),
+            shorten(&site.object.name),
+        );
+        out.diagnostics.push(Diagnostic::new(
+            Severity::Error,
+            site.origin.clone(),
+            Some(short),
+            Some(join_field(prefix, field)),
+            format!("{problem} (the API server refuses it too); object ignored"),
+        ));
+        return;
+    }
     let object = match kind.as_str() {
         "Service" => doc.deserialize::<ServiceObject>().map(|mut s| {
             s.shrink_to_fit();
             KnownObject::Service(Arc::new(s))
         }),
-        "EndpointSlice" => doc.deserialize::<SliceObject>().map(|mut s| {
+        "EndpointSlice" => doc.deserialize::<SliceObject>().and_then(|mut s| {
+            if let Some(service) = s.metadata.labels.get(SERVICE_NAME_LABEL)
+                && !is_dns_label(service, true)
+            {
+                return Err((
+                    format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                    format!(
+                        "{:?} cannot be the name of a Service (at most 63 characters, lower case letters, digits and '-', starting with a letter and ending with a letter or digit)",
+                        shorten(service)
+                    ),
+                ));
+            }
             s.shrink_to_fit();
-            KnownObject::EndpointSlice(Arc::new(s))
+            Ok(KnownObject::EndpointSlice(Arc::new(s)))
         }),
         _ => doc.deserialize::<EndpointsObject>().map(|endpoints| {
             let mut diagnostics = Vec::new();
@@ -981,6 +1150,91 @@ fn parse_object(
             .diagnostics
             .push(field_error(&field, format!("{message}; object ignored"))),
     }
+}
+
+/// Names longer than this are cut short where a message repeats them.
+const SHORT_NAME: usize = 63;
+
+/// `text`, or its beginning and its length when it is longer than names may be.
+fn shorten(text: &str) -> String {
+    let chars = text.chars().count();
+    if chars <= SHORT_NAME {
+        return text.to_owned();
+    }
+    let start: String = text.chars().take(SHORT_NAME - 20).collect();
+    format!("{start}...({chars} characters)")
+}
+
+/// A DNS label (RFC 1123): 1-63 lower case letters, digits and '-', starting and ending with a
+/// letter or digit; `letter_first` (RFC 1035) also wants a letter first.
+fn is_dns_label(text: &str, letter_first: bool) -> bool {
+    let bytes = text.as_bytes();
+    let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && *first != b'-'
+        && *last != b'-'
+        && (!letter_first || first.is_ascii_lowercase())
+}
+
+/// A DNS subdomain (RFC 1123): at most 253 characters, DNS labels joined by '.'.
+fn is_dns_subdomain(text: &str) -> bool {
+    text.len() <= 253 && text.split('.').all(|label| is_dns_label(label, false))
+}
+
+/// The field and the problem, when the object's namespace or name is one the API server
+/// refuses: a Service's name is an RFC 1035 label, an EndpointSlice's or Endpoints' an RFC
+/// 1123 subdomain, a namespace an RFC 1123 label. A slice's `kubernetes.io/service-name` label
+/// must be able to name a Service.
+fn invalid_name(kind: &str, object: &ObjectRef) -> Option<(&'static str, String)> {
+    if !is_dns_label(&object.namespace, false) {
+        let chars = object.namespace.chars().count();
+        let long = if chars > 63 {
+            format!(", not {chars}")
+        } else {
+            String::new()
+        };
+        return Some((
+            "metadata.namespace",
+            format!(
+                "{:?} is not a valid namespace: at most 63 characters{long}, lower case letters, digits and '-', starting and ending with a letter or digit",
+                shorten(&object.namespace)
+            ),
+        ));
+    }
+    let name = &*object.name;
+    let (valid, limit, rule) = match kind {
+        "Service" => (
+            is_dns_label(name, true),
+            63,
+            "lower case letters, digits and '-', starting with a letter and ending with a letter or digit",
+        ),
+        _ => (
+            is_dns_subdomain(name),
+            253,
+            "lower case letters, digits, '-' and '.', each part between dots starting and ending with a letter or digit",
+        ),
+    };
+    if valid {
+        return None;
+    }
+    let chars = name.chars().count();
+    let long = if chars > limit {
+        format!(", not {chars}")
+    } else {
+        String::new()
+    };
+    Some((
+        "metadata.name",
+        format!(
+            "{:?} is not a valid {kind} name: at most {limit} characters{long}, {rule}",
+            shorten(name)
+        ),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1092,5 +1346,6 @@ fn mirror_endpoints(
     slices
 }
 
+mod nesting;
 #[cfg(test)]
 mod tests;

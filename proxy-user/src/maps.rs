@@ -11,11 +11,11 @@ use aya::maps::{
 };
 use aya::sys::SyscallError;
 use proxy_common::{
-    ALL_MAPS, AffinityKey, AffinityValue, BackendValue, Config, Counter, CtKey, CtValue,
-    FE_FILTER_WORDS, FrontendKey, FrontendValue, MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG,
-    MAP_COUNTERS, MAP_CT, MAP_FE_FILTER, MAP_FRONTENDS, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS,
-    MAP_SRC_RANGES, MAP_SVC_STATS, RevNatKey, RevNatValue, ServiceStats, ServiceValue, SlotKey,
-    SrcRangeKey,
+    ALL_MAPS, AffinityKey, AffinityValue, BackendHealth, BackendValue, Config, Counter, CtKey,
+    CtValue, FE_FILTER_WORDS, FrontendKey, FrontendValue, MAP_AFFINITY, MAP_BACKEND_HEALTH,
+    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_CT, MAP_CT_NEW, MAP_FE_FILTER, MAP_FRONTENDS,
+    MAP_REVNAT, MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES, MAP_SVC_STATS, RevNatKey, RevNatValue,
+    ServiceStats, ServiceValue, SlotKey, SrcRangeKey,
 };
 use thiserror::Error;
 
@@ -53,7 +53,9 @@ pub struct DatapathMaps {
     services: HashMap<MapData, u32, ServiceValue>,
     slots: HashMap<MapData, SlotKey, u32>,
     backends: Array<MapData, BackendValue>,
+    backend_health: Array<MapData, BackendHealth>,
     ct: HashMap<MapData, CtKey, CtValue>,
+    ct_new: HashMap<MapData, CtKey, CtValue>,
     revnat: HashMap<MapData, RevNatKey, RevNatValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
@@ -130,7 +132,9 @@ impl DatapathMaps {
             services: typed(MAP_SERVICES, get(MAP_SERVICES)?)?,
             slots: typed(MAP_SLOTS, get(MAP_SLOTS)?)?,
             backends: typed(MAP_BACKENDS, get(MAP_BACKENDS)?)?,
+            backend_health: typed(MAP_BACKEND_HEALTH, get(MAP_BACKEND_HEALTH)?)?,
             ct: typed(MAP_CT, get(MAP_CT)?)?,
+            ct_new: typed(MAP_CT_NEW, get(MAP_CT_NEW)?)?,
             revnat: typed(MAP_REVNAT, get(MAP_REVNAT)?)?,
             affinity: typed(MAP_AFFINITY, get(MAP_AFFINITY)?)?,
             src_ranges: typed(MAP_SRC_RANGES, get(MAP_SRC_RANGES)?)?,
@@ -148,7 +152,9 @@ impl DatapathMaps {
             MAP_SERVICES => IterableMap::map(&self.services),
             MAP_SLOTS => IterableMap::map(&self.slots),
             MAP_BACKENDS => IterableMap::map(&self.backends),
+            MAP_BACKEND_HEALTH => IterableMap::map(&self.backend_health),
             MAP_CT => IterableMap::map(&self.ct),
+            MAP_CT_NEW => IterableMap::map(&self.ct_new),
             MAP_REVNAT => IterableMap::map(&self.revnat),
             MAP_AFFINITY => IterableMap::map(&self.affinity),
             MAP_SRC_RANGES => IterableMap::map(&self.src_ranges),
@@ -242,13 +248,23 @@ impl DatapathMaps {
         })
     }
 
+    /// Every tracked flow: established ones (CT), then those not established yet (CT_NEW).
     pub fn conntrack(&self) -> Result<Vec<(CtKey, CtValue)>, MapsError> {
-        entries(MAP_CT, self.ct.iter())
+        let mut flows = entries(MAP_CT, self.ct.iter())?;
+        flows.extend(entries(MAP_CT_NEW, self.ct_new.iter())?);
+        Ok(flows)
     }
 
-    /// Deletes a conntrack entry (already gone is fine: the data path may have beaten us).
+    /// How many flows each table holds: (established, not established yet).
+    pub fn conntrack_counts(&self) -> (usize, usize) {
+        (self.ct.keys().count(), self.ct_new.keys().count())
+    }
+
+    /// Deletes a flow from whichever table holds it (already gone is fine: the data path may
+    /// have beaten us).
     pub fn remove_ct(&mut self, key: &CtKey) -> Result<(), MapsError> {
-        ignore_missing(self.ct.remove(key)).map_err(in_map(MAP_CT))
+        ignore_missing(self.ct.remove(key)).map_err(in_map(MAP_CT))?;
+        ignore_missing(self.ct_new.remove(key)).map_err(in_map(MAP_CT_NEW))
     }
 
     pub fn remove_revnat(&mut self, key: &RevNatKey) -> Result<(), MapsError> {
@@ -257,6 +273,13 @@ impl DatapathMaps {
 
     pub fn reverse_nat(&self) -> Result<Vec<(RevNatKey, RevNatValue)>, MapsError> {
         entries(MAP_REVNAT, self.revnat.iter())
+    }
+
+    /// How new flows to backend `id` fared (passive health checking).
+    pub fn backend_health(&self, id: u32) -> Result<BackendHealth, MapsError> {
+        self.backend_health
+            .get(&id, 0)
+            .map_err(in_map(MAP_BACKEND_HEALTH))
     }
 
     pub fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
@@ -304,6 +327,16 @@ impl DatapathMaps {
 }
 
 impl DatapathMaps {
+    /// Writes a backend. A new generation is another endpoint (or the same one again, after it
+    /// left): it starts with a clean health record.
+    fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<(), MapError> {
+        let previous = self.backends.get(&id, 0)?;
+        if previous.generation != value.generation {
+            self.backend_health.set(id, BackendHealth::default(), 0)?;
+        }
+        self.backends.set(id, value, 0)
+    }
+
     /// Service ids are reused: a new Service must not inherit the counters of the one before.
     fn zero_service_stats(&mut self, id: u32) -> Result<(), MapError> {
         let cpus = aya::util::nr_cpus().map_err(|(_, io_error)| {
@@ -347,7 +380,7 @@ impl MapWriter for DatapathMaps {
             }
             MapOp::PutSlot(key, backend_id) => self.slots.insert(key, backend_id, 0),
             MapOp::DeleteSlot(key) => ignore_missing(self.slots.remove(&key)),
-            MapOp::PutBackend(id, value) => self.backends.set(id, value, 0),
+            MapOp::PutBackend(id, value) => self.put_backend(id, value),
             MapOp::PutSrcRange(range) => {
                 self.src_ranges
                     .insert(&Key::new(range.prefix_len, range.key()), 1, 0)

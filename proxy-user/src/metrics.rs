@@ -20,7 +20,7 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use proxy_common::{
-    Counter, CtKey, CtValue, MAP_CT, MAP_REVNAT, RevNatKey, RevNatValue, ServiceStats,
+    Counter, CtKey, CtValue, MAP_CT, MAP_CT_NEW, MAP_REVNAT, RevNatKey, RevNatValue, ServiceStats,
     user::{port_host, proto_name},
 };
 use thiserror::Error;
@@ -30,6 +30,7 @@ use crate::agent::Applied;
 use crate::diag::Severity;
 use crate::gc::GcReport;
 use crate::maps::{DatapathMaps, MapsError};
+use crate::refusals::RefusalKey;
 use crate::translate::{ClaimReason, ServicePortKey, Translation};
 
 /// Where `extproxy run` serves health and metrics in Kubernetes mode unless told otherwise.
@@ -128,6 +129,8 @@ struct Inner {
     pod_interfaces: Option<usize>,
     /// Which Service port each service id is, to name the per-service rows.
     service_names: Vec<(u32, ServicePortKey)>,
+    /// New flows the data path refused for want of room, by problem (see `refusals`).
+    refused: Vec<(RefusalKey, u64)>,
 }
 
 /// Shared record of the agent's state for probes and metrics.
@@ -167,6 +170,7 @@ impl Telemetry {
                 nat_orphans: 0,
                 pod_interfaces: None,
                 service_names: Vec::new(),
+                refused: Vec::new(),
             }),
             stall_after,
         })
@@ -325,6 +329,11 @@ impl Telemetry {
         inner.nat_orphans += report.revnat_orphans as u64;
     }
 
+    /// The totals of refused flows, by problem.
+    pub fn set_refused<'a>(&self, totals: impl Iterator<Item = (&'a RefusalKey, u64)>) {
+        self.lock().refused = totals.map(|(k, n)| (k.clone(), n)).collect();
+    }
+
     pub fn record_event(&self, reason: &str, published: bool) {
         let mut inner = self.lock();
         if published {
@@ -440,6 +449,28 @@ impl Telemetry {
             "reason",
             &inner.events,
         );
+        out.family(
+            "extproxy_refused_flows_total",
+            "counter",
+            "New flows the data path refused at once (TCP RST, ICMP unreachable) for want of room, \
+             by Service port, egress address, endpoint and reason (SnatPortsExhausted, \
+             NatTableFull).",
+        );
+        for (key, n) in &inner.refused {
+            out.sample(
+                "extproxy_refused_flows_total",
+                &[
+                    ("namespace", &*key.service.namespace),
+                    ("service", &*key.service.name),
+                    ("port", &*key.service.port_name),
+                    ("protocol", proto_name(key.protocol)),
+                    ("egress_ip", &key.egress.to_string()),
+                    ("destination", &key.endpoint.to_string()),
+                    ("reason", key.reason.name()),
+                ],
+                n,
+            );
+        }
         out.counter(
             "extproxy_kube_event_errors_total",
             "Kubernetes Events the API server did not accept.",
@@ -574,8 +605,13 @@ pub struct DatapathStats {
     pub nat_entries: u64,
     pub nat_max: u32,
     pub snat_in_use: BTreeMap<SnatDestination, u64>,
+    /// Ports of closed flows still held for their clients, per destination.
+    pub snat_held: BTreeMap<SnatDestination, u64>,
     /// Size of the SNAT port range: the most flows one destination can have per egress address.
     pub snat_range: u32,
+    /// Flows that have not completed their handshake (CT_NEW) and its capacity.
+    pub ct_new_entries: u64,
+    pub ct_new_max: u32,
     /// How long reading took (mostly walking conntrack and reverse NAT).
     pub collect_duration: Duration,
 }
@@ -656,8 +692,19 @@ impl DatapathStats {
             ratio(self.ct_entries, self.ct_max),
         );
         out.gauge(
+            "extproxy_conntrack_new_entries",
+            "Flows that have not completed their handshake (a table of their own, so that a flood \
+             of them never evicts an established flow).",
+            self.ct_new_entries,
+        );
+        out.gauge(
+            "extproxy_conntrack_new_max_entries",
+            "Capacity of the table of flows not established yet (--ct-max / 4).",
+            self.ct_new_max,
+        );
+        out.gauge(
             "extproxy_nat_entries",
-            "Reverse NAT entries (one per SNAT port in use).",
+            "Reverse NAT entries: SNAT ports in use, and ports of closed flows held for their clients.",
             self.nat_entries,
         );
         out.gauge(
@@ -670,21 +717,32 @@ impl DatapathStats {
             "Reverse NAT entries / capacity.",
             ratio(self.nat_entries, self.nat_max),
         );
-        out.family(
-            "extproxy_snat_ports_in_use",
-            "gauge",
-            "SNAT ports held per egress address and destination (endpoint address:port, protocol).",
-        );
-        for (d, n) in &self.snat_in_use {
-            out.sample(
+        for (metric, help, ports) in [
+            (
                 "extproxy_snat_ports_in_use",
-                &[
-                    ("egress_ip", &d.egress.to_string()),
-                    ("destination", &d.destination.to_string()),
-                    ("protocol", proto_name(d.protocol)),
-                ],
-                n,
-            );
+                "SNAT ports of open flows per egress address and destination (endpoint \
+                 address:port, protocol).",
+                &self.snat_in_use,
+            ),
+            (
+                "extproxy_snat_ports_held",
+                "SNAT ports of closed flows held for their clients (another client gets one only \
+                 after the endpoint's TIME_WAIT), per egress address and destination.",
+                &self.snat_held,
+            ),
+        ] {
+            out.family(metric, "gauge", help);
+            for (d, n) in ports {
+                out.sample(
+                    metric,
+                    &[
+                        ("egress_ip", &d.egress.to_string()),
+                        ("destination", &d.destination.to_string()),
+                        ("protocol", proto_name(d.protocol)),
+                    ],
+                    n,
+                );
+            }
         }
         out.gauge(
             "extproxy_snat_ports_per_destination",
@@ -704,6 +762,7 @@ impl DatapathStats {
 pub struct DatapathReader {
     maps: DatapathMaps,
     ct: HashMap<MapData, CtKey, CtValue>,
+    ct_new: HashMap<MapData, CtKey, CtValue>,
     revnat: HashMap<MapData, RevNatKey, RevNatValue>,
 }
 
@@ -723,6 +782,7 @@ impl DatapathReader {
         Ok(DatapathReader {
             maps: DatapathMaps::from_pinned(pin_dir)?,
             ct: open_hash(pin_dir, MAP_CT)?,
+            ct_new: open_hash(pin_dir, MAP_CT_NEW)?,
             revnat: open_hash(pin_dir, MAP_REVNAT)?,
         })
     }
@@ -746,12 +806,25 @@ impl DatapathReader {
             .take(ct_max as usize)
             .filter(Result::is_ok)
             .count() as u64;
+        let ct_new_max = self.maps.max_entries(MAP_CT_NEW);
+        let ct_new_entries = self
+            .ct_new
+            .keys()
+            .take(ct_new_max as usize)
+            .filter(Result::is_ok)
+            .count() as u64;
         let mut snat_in_use: BTreeMap<SnatDestination, u64> = BTreeMap::new();
+        let mut snat_held: BTreeMap<SnatDestination, u64> = BTreeMap::new();
         let mut nat_entries = 0;
-        for key in self.revnat.keys().take(nat_max as usize).flatten() {
+        for (key, value) in self.revnat.iter().take(nat_max as usize).flatten() {
             nat_entries += 1;
             let destination = SocketAddr::new(key.backend.to_ip(), port_host(key.backend_port));
-            *snat_in_use
+            let counts = if value.is_closed() {
+                &mut snat_held
+            } else {
+                &mut snat_in_use
+            };
+            *counts
                 .entry(SnatDestination {
                     egress: key.snat.to_ip(),
                     destination,
@@ -767,7 +840,10 @@ impl DatapathReader {
             nat_entries,
             nat_max,
             snat_in_use,
-            snat_range: u32::from(config.snat_port_max.saturating_sub(config.snat_port_min)) + 1,
+            snat_held,
+            snat_range: config.snat_ports,
+            ct_new_entries,
+            ct_new_max,
             collect_duration: start.elapsed(),
         })
     }
@@ -1001,8 +1077,11 @@ mod tests {
             ct_max: 12,
             nat_entries: 3,
             nat_max: 12,
+            snat_held: snat_in_use.clone(),
             snat_in_use,
             snat_range: 4536,
+            ct_new_entries: 1,
+            ct_new_max: 3,
             collect_duration: Duration::ZERO,
         };
         assert!(

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, Map, MapData};
 use proxy_common::{
-    ABI_VERSION, ALL_MAPS, COUNTER_SLOTS, Config, FE_FILTER_WORDS, MAP_CONFIG, MAP_COUNTERS,
-    MAP_FE_FILTER, user::map_layout,
+    ABI_VERSION, ALL_MAPS, COUNTER_SLOTS, Config, EVENT_LIMIT_SLOTS, EVENTS_BYTES, FE_FILTER_WORDS,
+    MAP_CONFIG, MAP_COUNTERS, MAP_EVENT_LIMIT, MAP_EVENTS, MAP_FE_FILTER, user::map_layout,
 };
 
 use crate::loader::Limits;
@@ -37,6 +37,8 @@ pub fn check(dir: &Path, limits: &Limits) -> Pinned {
             (MAP_CONFIG, 1),
             (MAP_COUNTERS, COUNTER_SLOTS),
             (MAP_FE_FILTER, FE_FILTER_WORDS),
+            (MAP_EVENTS, EVENTS_BYTES),
+            (MAP_EVENT_LIMIT, EVENT_LIMIT_SLOTS),
         ])
         .collect();
     for name in ALL_MAPS {

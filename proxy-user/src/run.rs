@@ -17,6 +17,8 @@ use extproxy::{
     agent::Agent,
     host, kube as kubemode, loader,
     metrics::{self, DatapathReader, Telemetry},
+    refusals::{self, Refusals},
+    snat::{self, SnatPorts},
     translate,
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -30,6 +32,36 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(dir) => manifest_mode::run_manifests(&args, dir, &ifaces).await,
         None => kube_mode::run_kube(&args, &ifaces).await,
     }
+}
+
+/// The SNAT port ranges `--snat-ports` asks for (`auto`: from the node's settings), logged with
+/// what they sustain and a warning when that is too little.
+fn snat_ranges(args: &RunArgs) -> Vec<std::ops::RangeInclusive<u16>> {
+    let ranges = match &args.datapath.snat_ports {
+        SnatPorts::Ranges(r) => r.clone(),
+        SnatPorts::Auto => {
+            let ephemeral = snat::ephemeral_range();
+            if ephemeral.is_none() {
+                tracing::warn!(
+                    "net.ipv4.ip_local_port_range is unreadable: --snat-ports auto leaves out only \
+                     the NodePort range; local sockets may collide with SNAT ports"
+                );
+            }
+            snat::auto_ranges(ephemeral, &args.services.node_port_range)
+        }
+    };
+    let described = snat::describe(&ranges);
+    let ports: u32 = ranges.iter().map(|r| r.len() as u32).sum();
+    let capacity = snat::Capacity::of(
+        ports,
+        proxy_common::Config::DEFAULT.tcp_closing_timeout,
+        snat::ENDPOINT_TIME_WAIT_SECS,
+    );
+    tracing::info!("SNAT ports {described}: {capacity}");
+    if let Some(w) = capacity.warning(&described) {
+        tracing::warn!("{w}");
+    }
+    ranges
 }
 
 /// `--iface auto` stands for the interface(s) of the default route: the uplink name differs
@@ -116,6 +148,28 @@ fn stall_after(gc_interval: u64) -> Duration {
 
 fn service_names(agent: &Agent) -> Vec<(u32, translate::ServicePortKey)> {
     kubemode::Programmer::service_names(agent)
+}
+
+/// New flows the data path refused: counted, logged per problem at most every
+/// [`refusals::LOG_INTERVAL`], exported; returns what is to be reported (Kubernetes mode turns it
+/// into Events).
+fn refused(
+    events: &[proxy_common::Event],
+    refusals: &mut Refusals,
+    agent: &Agent,
+    telemetry: &Telemetry,
+) -> Vec<refusals::Report> {
+    if !events.is_empty() {
+        let names: std::collections::HashMap<u32, translate::ServicePortKey> =
+            service_names(agent).into_iter().collect();
+        refusals.record(events, |id| names.get(&id).cloned());
+    }
+    let reports = refusals.due(std::time::Instant::now());
+    for r in &reports {
+        tracing::warn!("{}", r.log_line());
+    }
+    telemetry.set_refused(refusals.totals());
+    reports
 }
 
 fn sweep(agent: &mut Agent, telemetry: &Telemetry) {

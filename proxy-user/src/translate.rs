@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use crate::objects::{
     ServiceObject as Service, ServicePortObject as ServicePort, ServiceSpecObject as ServiceSpec,
@@ -30,7 +31,7 @@ mod tests;
 mod vecmap;
 
 pub use incremental::Incremental;
-use incremental::{Allocation, ServiceOut, World};
+use incremental::{Allocation, Precedence, ServiceOut, SliceRef, World};
 pub use vecmap::VecMap;
 
 const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
@@ -71,6 +72,9 @@ pub struct Sourced<T> {
     /// For slices made from legacy Endpoints: the Endpoints object, which diagnostics name.
     /// Shared with the source's own reference (Arc): kept with every translated object.
     pub mirrored_from: Option<Arc<ObjectRef>>,
+    /// When the object came to be: of two Services wanting one frontend, neither serving it yet,
+    /// the older keeps it.
+    pub seniority: Seniority,
 }
 
 impl<T> Sourced<T> {
@@ -79,7 +83,13 @@ impl<T> Sourced<T> {
             object: object.into(),
             origin,
             mirrored_from: None,
+            seniority: Seniority::default(),
         }
+    }
+
+    pub fn with_seniority(mut self, seniority: Seniority) -> Self {
+        self.seniority = seniority;
+        self
     }
 }
 
@@ -89,7 +99,26 @@ impl<T> Clone for Sourced<T> {
             object: self.object.clone(),
             origin: self.origin.clone(),
             mirrored_from: self.mirrored_from.clone(),
+            seniority: self.seniority.clone(),
         }
+    }
+}
+
+/// How old an object is, for "who was first" when two Services want one frontend: stable
+/// across restarts, so a cold start decides as the running agent did. Kubernetes mode: the
+/// creationTimestamp, then the uid for Services created in the same second. Manifest mode: the
+/// file's modification time (then its path and the Service's namespace/name decide).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Seniority {
+    /// None (not known) counts as younger than any known time.
+    pub since: Option<SystemTime>,
+    pub uid: Option<Arc<str>>,
+}
+
+impl Seniority {
+    /// Sorts older first.
+    fn order(&self) -> (bool, Option<SystemTime>, Option<&str>) {
+        (self.since.is_none(), self.since, self.uid.as_deref())
     }
 }
 
@@ -270,6 +299,21 @@ pub struct Desired {
     pub services: BTreeMap<ServicePortKey, DesiredService>,
 }
 
+impl Desired {
+    /// The Service each frontend is programmed for: what [`Incremental::set_incumbents`] takes.
+    pub fn frontend_owners(&self) -> Vec<(FrontendKey, ObjectKey)> {
+        let mut owners = Vec::new();
+        for (key, service) in &self.services {
+            let owner = ObjectKey {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+            };
+            owners.extend(service.frontends.keys().map(|f| (*f, owner.clone())));
+        }
+        owners
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClaimReason {
     /// The Service has no selector (manifest mode, or kube mode with claim_all_selectorless).
@@ -322,7 +366,19 @@ pub struct Changes {
 /// Translates a whole inventory at once (`extproxy validate`, tests); the agent keeps an
 /// [`Incremental`] instead, which gives the same result after every change.
 pub fn translate(inventory: &Inventory, node: &NodeInfo, settings: &Settings) -> Translation {
+    translate_with(inventory, node, settings, Vec::new())
+}
+
+/// [`translate`] with the Service serving each frontend now (see [`Incremental::set_incumbents`]):
+/// a frontend stays with its Service whoever else comes to want it.
+pub fn translate_with(
+    inventory: &Inventory,
+    node: &NodeInfo,
+    settings: &Settings,
+    incumbents: Vec<(FrontendKey, ObjectKey)>,
+) -> Translation {
     let mut t = Incremental::new(node.clone(), settings.clone());
+    t.set_incumbents(incumbents);
     for (key, slice) in &inventory.slices {
         t.set_slice(key.clone(), Some(slice.clone()));
     }
@@ -333,19 +389,22 @@ pub fn translate(inventory: &Inventory, node: &NodeInfo, settings: &Settings) ->
     t.into_translation()
 }
 
-/// Translates one Service. What it cannot know alone, who owns a contested frontend and which
-/// values filling may hand out, it asks `world`, which answers as if every Service before this
-/// one (by namespace/name) had just been translated, as a single pass over the inventory would.
+/// Translates one Service. What it cannot know alone, who keeps a contested frontend, which
+/// values filling may hand out and which addresses are other Services' cluster IPs and
+/// endpoints, it asks `world`, which answers as a single pass over the inventory would.
 struct Translator<'a> {
     settings: &'a Settings,
     node: &'a NodeInfo,
     world: &'a World,
+    slices: &'a incremental::Slices,
     key: &'a ObjectKey,
     out: ServiceOut,
     /// Values this Service filled in so far (its own earlier ports and families).
     own_ips: BTreeSet<IpAddr>,
     own_node_ports: BTreeSet<u16>,
     frontend_owners: HashMap<FrontendKey, ServicePortKey>,
+    /// Endpoint addresses of this Service that nothing can be reached at through extproxy.
+    unusable_endpoints: BTreeSet<IpAddr>,
 }
 
 /// A Service port, validated.
@@ -377,7 +436,8 @@ struct SliceFacts {
     family: Option<IpFamily>,
     /// (name, protocol, port) with the API defaults applied ("" and TCP).
     ports: Vec<(String, String, Option<u16>)>,
-    endpoints: Vec<(IpAddr, Conditions)>,
+    /// (address, conditions, index in the slice's endpoints).
+    endpoints: Vec<(IpAddr, Conditions, u32)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -480,7 +540,13 @@ impl Translator<'_> {
         Some(reason)
     }
 
-    fn service(&mut self, key: &ObjectKey, service: &Service, site: &Site, slices: &[&SliceFacts]) {
+    fn service(
+        &mut self,
+        key: &ObjectKey,
+        service: &Service,
+        site: &Site,
+        slice_refs: &[SliceRef<'_>],
+    ) {
         let default_spec = ServiceSpec::default();
         let spec = spec_of(service).unwrap_or(&default_spec);
         let type_ = match service_type(Some(spec)) {
@@ -493,6 +559,12 @@ impl Translator<'_> {
                 "ClusterIP"
             }
         };
+        if !self.cluster_ips_servable(spec, site) {
+            return;
+        }
+        let slices: Vec<&SliceFacts> = slice_refs.iter().map(SliceRef::facts).collect();
+        let slices = slices.as_slice();
+        self.skip_unusable_endpoints(slice_refs);
         let ports = self.ports(key, spec, type_, site);
         if ports.is_empty() {
             self.out
@@ -525,6 +597,9 @@ impl Translator<'_> {
         let mut facts = self.egress_override(service, site, facts);
         (facts.families, facts.cluster_ips) = self.families_and_cluster_ips(key, spec, site);
         self.warn_other_family_addresses(&facts, site);
+        facts.lb_ips = self.refuse_endpoint_addresses(std::mem::take(&mut facts.lb_ips), site);
+        facts.external_ips =
+            self.refuse_endpoint_addresses(std::mem::take(&mut facts.external_ips), site);
         if slices.is_empty() {
             self.out.diagnostics.push(site.diagnostic(
                 Severity::Warning,
@@ -560,6 +635,104 @@ impl Translator<'_> {
                 self.out.ports.push((port_key, desired));
             }
         }
+    }
+
+    /// Whether the Service's explicit cluster IPs can be served. One that is not an address (or
+    /// in manifest mode, outside the service CIDRs) makes the whole Service unservable, as the
+    /// API server would refuse it: filling one in instead would serve an address nobody asked for.
+    fn cluster_ips_servable(&mut self, spec: &ServiceSpec, site: &Site) -> bool {
+        let cidrs = &self.settings.service_cidrs;
+        let mut servable = true;
+        for (field, text) in explicit_cluster_ips(spec) {
+            let problem = match text.parse::<IpAddr>() {
+                Err(_) => format!("{text:?} is not an IP address"),
+                Ok(ip) => match special_address(&ip) {
+                    Some(what) => format!("{ip} is {what}, which cannot be a cluster IP"),
+                    None if self.settings.fill_missing
+                        && !cidrs.is_empty()
+                        && !cidrs.iter().any(|c| c.contains(&ip)) =>
+                    {
+                        let list: Vec<String> = cidrs.iter().map(IpNet::to_string).collect();
+                        format!(
+                            "{ip} is outside the service CIDRs ({}, --service-cidr)",
+                            list.join(", ")
+                        )
+                    }
+                    None => continue,
+                },
+            };
+            let fix = if self.settings.fill_missing {
+                " (or remove it to have one filled in)"
+            } else {
+                ""
+            };
+            self.out.diagnostics.push(site.error(
+                &field,
+                format!("{problem}: the Service is not served until this is fixed{fix}"),
+            ));
+            servable = false;
+        }
+        servable
+    }
+
+    /// Leaves out endpoint addresses that are this node's own, or a Service's cluster IP:
+    /// connections to them would come back to the node or reach no host. The API server accepts
+    /// both; an endpoint object cannot be refused in Kubernetes mode, so the endpoint is skipped
+    /// and said so (an Event on the Service).
+    fn skip_unusable_endpoints(&mut self, slices: &[SliceRef<'_>]) {
+        let own = |ip: &IpAddr| {
+            self.node.addresses.contains(ip)
+                || self.settings.egress_v4.map(IpAddr::V4) == Some(*ip)
+                || self.settings.egress_v6.map(IpAddr::V6) == Some(*ip)
+        };
+        for slice in slices {
+            for (ip, _, index) in &slice.facts().endpoints {
+                let what = if own(ip) {
+                    "this node's own address: connections to it would come back to the node"
+                        .to_owned()
+                } else if let Some(owner) = self.world.cluster_ip_owner(ip) {
+                    format!(
+                        "the cluster IP of Service {owner}: a virtual address, which no host answers on"
+                    )
+                } else {
+                    continue;
+                };
+                self.out.diagnostics.push(slice.site().error(
+                    &format!("endpoints[{index}].addresses[0]"),
+                    format!(
+                        "{ip} is {what}; endpoint ignored (extproxy refuses it, though the API server accepts it)"
+                    ),
+                ));
+                self.unusable_endpoints.insert(*ip);
+            }
+        }
+    }
+
+    /// Leaves out external and load balancer addresses that are some Service's endpoint: as a
+    /// frontend, the address would capture the connections going to that endpoint. A node
+    /// address is a legitimate frontend (k3s ServiceLB) and never a usable endpoint.
+    fn refuse_endpoint_addresses(
+        &mut self,
+        ips: Vec<(IpAddr, String)>,
+        site: &Site,
+    ) -> Vec<(IpAddr, String)> {
+        let mut kept = Vec::with_capacity(ips.len());
+        for (ip, field) in ips {
+            self.out.external_addrs.push(ip);
+            if self.world.is_endpoint_address(&ip) && !self.node.addresses.contains(&ip) {
+                let owner = incremental::endpoint_service(self.slices, &ip)
+                    .map_or_else(String::new, |s| format!(" of Service {s}"));
+                self.out.diagnostics.push(site.error(
+                    &field,
+                    format!(
+                        "{ip} is an endpoint address{owner}: as a frontend it would capture the connections to that endpoint; ignored"
+                    ),
+                ));
+                continue;
+            }
+            kept.push((ip, field));
+        }
+        kept
     }
 
     fn ports(
@@ -855,7 +1028,11 @@ impl Translator<'_> {
         for (i, text) in texts.enumerate() {
             let field = format!("{field}[{i}]");
             match text.trim().parse::<IpAddr>() {
-                Ok(ip) => ips.push((ip, field)),
+                Ok(ip) => {
+                    if let Some(ip) = self.frontend_address(ip, &field, site) {
+                        ips.push((ip, field));
+                    }
+                }
                 Err(_) => self
                     .out
                     .diagnostics
@@ -863,6 +1040,18 @@ impl Translator<'_> {
             }
         }
         ips
+    }
+
+    /// `ip` if it can be a frontend; otherwise says why not.
+    fn frontend_address(&mut self, ip: IpAddr, field: &str, site: &Site) -> Option<IpAddr> {
+        let Some(what) = special_address(&ip) else {
+            return Some(ip);
+        };
+        self.out.diagnostics.push(site.error(
+            field,
+            format!("{ip} is {what}, which cannot be a Service's frontend; ignored"),
+        ));
+        None
     }
 
     fn load_balancer_ips(
@@ -896,6 +1085,9 @@ impl Translator<'_> {
                 ));
                 continue;
             };
+            let Some(ip) = self.frontend_address(ip, &format!("{field}.ip"), site) else {
+                continue;
+            };
             if entry.ip_mode.as_deref() == Some("Proxy") {
                 self.out.diagnostics.push(site.info(
                     &format!("{field}.ipMode"),
@@ -910,11 +1102,16 @@ impl Translator<'_> {
         {
             match text.parse::<IpAddr>() {
                 Ok(ip) => {
-                    self.out.diagnostics.push(site.info(
-                        "spec.loadBalancerIP",
-                        format!("no load balancer status: serving spec.loadBalancerIP {ip}"),
-                    ));
-                    ips.push((ip, "spec.loadBalancerIP".to_owned()));
+                    if self
+                        .frontend_address(ip, "spec.loadBalancerIP", site)
+                        .is_some()
+                    {
+                        self.out.diagnostics.push(site.info(
+                            "spec.loadBalancerIP",
+                            format!("no load balancer status: serving spec.loadBalancerIP {ip}"),
+                        ));
+                        ips.push((ip, "spec.loadBalancerIP".to_owned()));
+                    }
                 }
                 Err(_) => self.out.diagnostics.push(site.error(
                     "spec.loadBalancerIP",
@@ -1205,15 +1402,27 @@ impl Translator<'_> {
             self.out
                 .wanted
                 .push((frontend, self.out.ports.len() as u32));
-            let earlier = self.world.owner_before(self.key, &frontend);
-            if let Some(owner) = earlier.as_ref().or(self.frontend_owners.get(&frontend)) {
+            let other = self.world.owner_over(self.key, &frontend);
+            let owner = match &other {
+                Some((owner, _)) => Some(owner),
+                None => self.frontend_owners.get(&frontend),
+            };
+            if let Some(owner) = owner {
                 if reported.insert((field.clone(), owner.clone())) {
                     let what = format!("{ip}:{number}/{} ({})", key.protocol.name(), kind.name());
                     let message = if owner == key {
                         format!("{what} is already a frontend of this port; ignored")
                     } else {
+                        let why = match other.as_ref().map(|(_, why)| *why) {
+                            Some(Precedence::Serving) => "it serves it already",
+                            Some(Precedence::OlderFile) => "its manifest file is older",
+                            Some(Precedence::Older) => "it was created first",
+                            Some(Precedence::File) => "its manifest file comes first by name",
+                            Some(Precedence::Name) => "first by namespace/name",
+                            None => "it comes first among the Service's ports",
+                        };
                         format!(
-                            "{what} is already used by Service {}/{} port {:?}, which keeps it (first by namespace/name); not programmed here",
+                            "{what} is already used by Service {}/{} port {:?}, which keeps it ({why}); not programmed here",
                             owner.namespace, owner.name, owner.port_name
                         )
                     };
@@ -1276,7 +1485,11 @@ impl Translator<'_> {
                 .filter(|(n, p, _)| *n == port.name && p == proto)
                 .filter_map(|(_, _, number)| *number);
             for number in numbers {
-                for (ip, conditions) in &slice.endpoints {
+                let usable = slice
+                    .endpoints
+                    .iter()
+                    .filter(|(ip, _, _)| !self.unusable_endpoints.contains(ip));
+                for (ip, conditions, _) in usable {
                     merged
                         .entry((*ip, number))
                         .and_modify(|c| {
@@ -1382,6 +1595,18 @@ fn slice_facts(
                 ));
                 continue;
             }
+            if let Some(what) = special_address(&ip) {
+                let api = if api_server_refuses(&ip) {
+                    "the API server refuses it too"
+                } else {
+                    "extproxy refuses it, though the API server accepts it"
+                };
+                diagnostics.push(site.error(
+                    &field,
+                    format!("{ip} is {what}, which no endpoint can be reached at; endpoint ignored ({api})"),
+                ));
+                continue;
+            }
             let conditions = endpoint.conditions.as_ref();
             let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
             endpoints.push((
@@ -1391,6 +1616,7 @@ fn slice_facts(
                     serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
                     terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
                 },
+                k as u32,
             ));
         }
     }
@@ -1402,6 +1628,34 @@ fn slice_facts(
         ports,
         endpoints,
     }
+}
+
+/// What `ip` is when it is an address no single remote host is reached at, so neither a
+/// frontend nor an endpoint.
+fn special_address(ip: &IpAddr) -> Option<&'static str> {
+    match ip {
+        ip if ip.is_unspecified() => Some("the unspecified address"),
+        ip if ip.is_loopback() => Some("a loopback address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        ip if ip.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("a link-local address"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("a link-local address"),
+        _ => None,
+    }
+}
+
+/// The special addresses the API server refuses as endpoints (ValidateNonSpecialIP):
+/// unspecified, loopback, link-local and link-local multicast.
+fn api_server_refuses(ip: &IpAddr) -> bool {
+    let link_local_multicast = match ip {
+        IpAddr::V4(v4) => v4.octets()[..3] == [224, 0, 0],
+        IpAddr::V6(v6) => v6.segments()[0] & 0xff0f == 0xff02,
+    };
+    ip.is_unspecified()
+        || ip.is_loopback()
+        || link_local_multicast
+        || matches!(ip, IpAddr::V4(v4) if v4.is_link_local())
+        || matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
 }
 
 fn family_egress(facts: &ServiceFacts, family: IpFamily) -> Option<IpAddr> {

@@ -3,9 +3,13 @@
 //! directory is rescanned (and files whose metadata changed re-read) only when events may have
 //! been lost (queue overflow, errors), when the directory itself changed, or when a symlink or
 //! directory entry changed: ConfigMap mounts swap a `..data` symlink and never name the files.
+//!
+//! A file being written is read once its writer closes it: `cp` of a large manifest writes it
+//! in pieces, and reading it between two of them found half a document (an error that went
+//! away a moment later). Renames, the usual way to replace a file, are complete at once.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -14,13 +18,17 @@ use notify::{
     EventKind, RecursiveMode, Watcher,
     event::{AccessKind, AccessMode, MetadataKind, ModifyKind},
 };
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
 
-use crate::manifest::ManifestSet;
+use crate::manifest::{self, ManifestSet};
 
 /// Events arriving within this window are handled together (an editor's save is several). Short:
 /// every millisecond here is latency before a change reaches the maps.
 const DEBOUNCE: Duration = Duration::from_millis(2);
+
+/// A file written to but not closed is read anyway once its writer has been silent this long
+/// (a writer that keeps it open, or whose close inotify could not tell).
+const WRITE_QUIET: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Stamp {
@@ -29,16 +37,32 @@ struct Stamp {
     inode: u64,
 }
 
+/// What an inotify event says about the paths it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seen {
+    /// Created or written to: a writer may still be at it.
+    Written,
+    /// Anything else that may change what the path holds (closed after writing, renamed,
+    /// removed, attributes changed): look now.
+    Settled,
+    /// Events may have been lost: look at everything.
+    Lost,
+}
+
 pub struct DirWatcher {
     dir: PathBuf,
     _watcher: notify::RecommendedWatcher,
-    events: mpsc::UnboundedReceiver<Vec<PathBuf>>,
+    events: mpsc::UnboundedReceiver<(Seen, Vec<PathBuf>)>,
     stamps: BTreeMap<PathBuf, Stamp>,
     debounce: Duration,
-    /// Events received but not yet handled. Kept here, not in the future: the agent's select!
-    /// drops `next()` whenever another branch wins, and an event held only by the dropped
-    /// future would be lost.
-    pending: Option<Vec<PathBuf>>,
+    write_quiet: Duration,
+    /// Paths to look at, and whether to look at everything. Kept here, not in the future: the
+    /// agent's select! drops `next()` whenever another branch wins, and an event held only by
+    /// the dropped future would be lost.
+    named: BTreeSet<PathBuf>,
+    rescan: bool,
+    /// Manifest files being written, with when they last were: looked at once closed.
+    writing: BTreeMap<PathBuf, Instant>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -53,21 +77,31 @@ impl Changes {
     }
 }
 
-fn changes_content(kind: &EventKind) -> bool {
+fn classify(kind: &EventKind) -> Option<Seen> {
     match kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-        EventKind::Access(_) => false,
-        EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime)) => false,
-        _ => true,
+        EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
+            Some(Seen::Written)
+        }
+        // Our own reads raise access events: waking on them would loop forever.
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(Seen::Settled),
+        EventKind::Access(_) => None,
+        EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime)) => None,
+        _ => Some(Seen::Settled),
     }
 }
 
 /// A regular file's stamp, following symlinks: a swapped ConfigMap `..data` link changes the
-/// target's stamp. None if there is no such file.
+/// target's stamp. A symlink loop gets the link's own stamp, so that reading it reports it.
+/// None if there is no such file.
 fn stamp(path: &Path) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).ok()?;
-    meta.is_file().then(|| Stamp {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => meta,
+        Ok(_) => return None,
+        Err(_) if manifest::is_symlink_loop(path) => std::fs::symlink_metadata(path).ok()?,
+        Err(_) => return None,
+    };
+    Some(Stamp {
         modified: meta.modified().ok(),
         len: meta.len(),
         inode: meta.ino(),
@@ -83,17 +117,16 @@ impl DirWatcher {
         let (tx, events) = mpsc::unbounded_channel();
         let mut watcher =
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-                match res {
-                    // Our own reads raise access events: waking on them would loop forever.
-                    Ok(event) if !changes_content(&event.kind) => {}
-                    Ok(event) => {
-                        let _ = tx.send(event.paths);
-                    }
-                    // An error (e.g. queue overflow) still means "look again": send no paths.
-                    Err(_) => {
-                        let _ = tx.send(Vec::new());
-                    }
-                }
+                let note = match res {
+                    Ok(event) if event.need_rescan() => (Seen::Lost, Vec::new()),
+                    Ok(event) => match classify(&event.kind) {
+                        Some(seen) => (seen, event.paths),
+                        None => return,
+                    },
+                    // An error (e.g. queue overflow) still means "look again".
+                    Err(_) => (Seen::Lost, Vec::new()),
+                };
+                let _ = tx.send(note);
             })?;
         watcher.watch(dir, RecursiveMode::NonRecursive)?;
         let mut w = DirWatcher {
@@ -102,7 +135,10 @@ impl DirWatcher {
             events,
             stamps: BTreeMap::new(),
             debounce,
-            pending: None,
+            write_quiet: WRITE_QUIET,
+            named: BTreeSet::new(),
+            rescan: false,
+            writing: BTreeMap::new(),
         };
         w.stamps = w.scan();
         Ok(w)
@@ -126,10 +162,56 @@ impl DirWatcher {
         dotdot || link_or_dir
     }
 
+    /// Takes in one event.
+    fn note(&mut self, seen: Seen, paths: Vec<PathBuf>) {
+        match seen {
+            Seen::Lost => self.rescan = true,
+            Seen::Settled => {
+                for path in paths {
+                    self.writing.remove(&path);
+                    self.named.insert(path);
+                }
+            }
+            Seen::Written => {
+                for path in paths {
+                    // Only regular manifest files have writers to wait for; a new symlink or
+                    // directory is complete as it appears.
+                    let regular = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+                    if regular && ManifestSet::is_manifest_path(&path) && !self.needs_rescan(&path)
+                    {
+                        self.writing.insert(path, Instant::now());
+                    } else {
+                        self.named.insert(path);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes in every event already received.
+    fn drain(&mut self) {
+        while let Ok((seen, paths)) = self.events.try_recv() {
+            self.note(seen, paths);
+        }
+    }
+
+    /// Files whose writer has been silent too long are looked at as if closed.
+    fn expire_writers(&mut self) {
+        let now = Instant::now();
+        let quiet: Vec<PathBuf> = self
+            .writing
+            .iter()
+            .filter(|(_, last)| now.duration_since(**last) >= self.write_quiet)
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in quiet {
+            self.writing.remove(&path);
+            self.named.insert(path);
+        }
+    }
+
     /// The named manifest files: re-read those that exist, drop those that are gone.
-    fn look_at(&mut self, mut named: Vec<PathBuf>) -> Changes {
-        named.sort();
-        named.dedup();
+    fn look_at(&mut self, named: BTreeSet<PathBuf>) -> Changes {
         let mut changes = Changes::default();
         for path in named {
             if !ManifestSet::is_manifest_path(&path) {
@@ -150,8 +232,15 @@ impl DirWatcher {
         changes
     }
 
+    /// Every file whose stamp changed, except those still being written.
     fn rescan(&mut self) -> Changes {
-        let now = self.scan();
+        let mut now = self.scan();
+        for path in self.writing.keys() {
+            match self.stamps.get(path) {
+                Some(old) => now.insert(path.clone(), *old),
+                None => now.remove(path),
+            };
+        }
         let mut changes = Changes::default();
         for (path, stamp) in &now {
             if self.stamps.get(path) != Some(stamp) {
@@ -184,32 +273,49 @@ impl DirWatcher {
         out
     }
 
+    /// The changes seen so far, without the files still being written.
+    fn take_changes(&mut self) -> Changes {
+        let named = std::mem::take(&mut self.named);
+        let rescan = std::mem::take(&mut self.rescan) || named.iter().any(|p| self.needs_rescan(p));
+        if rescan {
+            self.rescan()
+        } else {
+            self.look_at(named)
+        }
+    }
+
     /// Waits until the directory changed and returns which manifest files did. Cancellation
-    /// safe: every await happens before any state is taken out of `self`.
+    /// safe: every event is taken into `self` before the next await.
     pub async fn next(&mut self) -> Changes {
         loop {
-            if self.pending.is_none() {
-                let Some(named) = self.events.recv().await else {
-                    // The watcher is gone; never wake again.
-                    return std::future::pending().await;
-                };
-                self.pending = Some(named);
-            }
-            tokio::time::sleep(self.debounce).await;
-            // An event without paths (an error, an overflow) means "look at everything".
-            let mut named = self.pending.take().filter(|p| !p.is_empty());
-            while let Ok(paths) = self.events.try_recv() {
-                match (&mut named, paths.is_empty()) {
-                    (Some(named), false) => named.extend(paths),
-                    _ => named = None,
+            self.drain();
+            self.expire_writers();
+            if !self.named.is_empty() || self.rescan {
+                // The rest of a burst (an editor's save is several events) comes along.
+                tokio::time::sleep(self.debounce).await;
+                self.drain();
+                let changes = self.take_changes();
+                if !changes.is_empty() {
+                    return changes;
                 }
+                continue;
             }
-            let changes = match named {
-                Some(named) if !named.iter().any(|p| self.needs_rescan(p)) => self.look_at(named),
-                _ => self.rescan(),
+            let quiet_until = self
+                .writing
+                .values()
+                .min()
+                .map(|last| *last + self.write_quiet);
+            let event = match quiet_until {
+                Some(at) => tokio::select! {
+                    event = self.events.recv() => event,
+                    () = tokio::time::sleep_until(at) => continue,
+                },
+                None => self.events.recv().await,
             };
-            if !changes.is_empty() {
-                return changes;
+            match event {
+                Some((seen, paths)) => self.note(seen, paths),
+                // The watcher is gone; never wake again.
+                None => return std::future::pending().await,
             }
         }
     }
@@ -266,6 +372,72 @@ mod tests {
             .await
             .expect("the swap was missed");
         assert_eq!(changes.updated, vec![dir.join("svc.yaml")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `cp` writes a large file in pieces: reading it between two of them found half a
+    /// document, reported an error, and "resolved" it a moment later.
+    #[tokio::test]
+    async fn a_file_being_written_is_read_once_its_writer_closes_it() {
+        use std::io::Write as _;
+        let dir = std::env::temp_dir().join(format!("extproxy-write-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = DirWatcher::with_debounce(&dir, Duration::from_millis(2)).unwrap();
+        let path = dir.join("svc.yaml");
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(b"apiVersion: v1\nkind: Serv").unwrap();
+        file.flush().unwrap();
+        // The writer pauses between two pieces (shorter than WRITE_QUIET).
+        let early = tokio::time::timeout(Duration::from_millis(300), w.next()).await;
+        assert!(
+            early.is_err(),
+            "a half-written file was reported: {early:?}"
+        );
+        file.write_all(b"ice\nmetadata: {name: a}\n").unwrap();
+        drop(file);
+        let changes = tokio::time::timeout(Duration::from_secs(1), w.next())
+            .await
+            .expect("the closed file was missed");
+        assert_eq!(changes.updated, vec![path.clone()]);
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .ends_with("{name: a}\n")
+        );
+
+        // A writer that never closes is read once it has been silent for WRITE_QUIET.
+        w.write_quiet = Duration::from_millis(50);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(b"# more\n").unwrap();
+        let changes = tokio::time::timeout(Duration::from_secs(1), w.next())
+            .await
+            .expect("a silent writer's file was never read");
+        assert_eq!(changes.updated, vec![path]);
+        drop(file);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A symlink loop cannot be read, but it is there: it is handed on to be reported.
+    #[tokio::test]
+    async fn a_symlink_loop_is_reported_as_a_change() {
+        use std::os::unix::fs::symlink;
+        let dir = std::env::temp_dir().join(format!("extproxy-loop-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = DirWatcher::with_debounce(&dir, Duration::from_millis(20)).unwrap();
+        symlink("b.yaml", dir.join("a.yaml")).unwrap();
+        symlink("a.yaml", dir.join("b.yaml")).unwrap();
+        let changes = tokio::time::timeout(Duration::from_secs(1), w.next())
+            .await
+            .expect("the loop was ignored");
+        assert_eq!(
+            changes.updated,
+            vec![dir.join("a.yaml"), dir.join("b.yaml")]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

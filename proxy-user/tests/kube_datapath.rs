@@ -108,7 +108,7 @@ async fn recorded_cluster_into_kernel_maps_and_adopted_after_restart() {
         let stats = reader.collect(&ids).unwrap();
         assert_eq!(stats.ct_entries, 0);
         assert_eq!(stats.ct_max, 4096);
-        assert_eq!(stats.snat_range, 65_535 - 61_000 + 1);
+        assert_eq!(stats.snat_range, Config::DEFAULT.snat_ports);
         assert_eq!(stats.services.len(), 2);
         telemetry.record_apply(
             m.last.as_ref().unwrap(),

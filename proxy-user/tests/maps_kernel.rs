@@ -207,7 +207,7 @@ fn the_sweep_removes_flows_whose_frontend_is_gone() {
     }
     let frontends = [(kept, FrontendValue::default())].into_iter().collect();
     let report = Collector::default()
-        .sweep(&mut maps, &Config::DEFAULT, now, &frontends)
+        .sweep(&mut maps, &Config::DEFAULT, now, 1, &frontends)
         .unwrap();
     assert_eq!((report.ct_frontend_removed, report.ct_expired), (1, 0));
     let left: Vec<CtKey> = maps

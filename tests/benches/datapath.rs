@@ -23,6 +23,9 @@ struct Args {
     sizes: Vec<u32>,
     /// Measure only this metric (for profiling).
     only: Option<String>,
+    /// Only report what the verifier walked for this eBPF object (e.g. an older build's), then
+    /// stop.
+    object: Option<String>,
 }
 
 fn args() -> Args {
@@ -31,6 +34,7 @@ fn args() -> Args {
         rounds: 3,
         sizes: vec![1, 1_000, 10_000, 100_000],
         only: None,
+        object: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -46,6 +50,7 @@ fn args() -> Args {
                     .collect()
             }
             "--only" => a.only = it.next(),
+            "--object" => a.object = it.next(),
             // cargo bench passes --bench; ignore what we do not know.
             _ => {}
         }
@@ -245,8 +250,40 @@ fn emit(metric: &str, services: u32, round: usize, samples: &[u64]) {
     );
 }
 
+/// Instructions the verifier processed, per program of `ebpf` (loaded).
+fn verified(ebpf: &aya::Ebpf) -> Vec<(String, u32)> {
+    ebpf.programs()
+        .map(|(name, program)| {
+            let insns = program
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count())
+                .unwrap_or(0);
+            (name.to_owned(), insns)
+        })
+        .collect()
+}
+
 fn main() {
     let a = args();
+    if let Some(path) = &a.object {
+        let _node = TestNode::new();
+        let bytes = std::fs::read(path).expect("read the object");
+        let mut ebpf = aya::EbpfLoader::new()
+            .load(&bytes)
+            .expect("load the object");
+        for (name, program) in ebpf.programs_mut() {
+            match program {
+                aya::programs::Program::Xdp(p) => p.load().unwrap(),
+                aya::programs::Program::SchedClassifier(p) => p.load().unwrap(),
+                _ => panic!("{name}: unexpected program type"),
+            }
+        }
+        for (name, insns) in verified(&ebpf) {
+            eprintln!("  verifier: {name:<22} {insns:>8} instructions processed");
+        }
+        return;
+    }
     let node = TestNode::new();
     let max = *a.sizes.iter().max().unwrap();
     let limits = Limits {
@@ -258,12 +295,27 @@ fn main() {
         ..Limits::default()
     };
     // A wide SNAT range: every first-packet sample is a new flow to one of four endpoints.
-    let cfg = Config {
-        snat_port_min: 1024,
-        snat_port_max: 65535,
-        ..Config::DEFAULT
-    };
+    let cfg = Config::DEFAULT.with_snat_ranges(&[PortRange {
+        min: 1024,
+        max: 65535,
+    }]);
+    let started = Instant::now();
     let dp = Datapath::load_sized(cfg, &limits);
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    // What the verifier walked per program: deterministic, unlike verification time on a
+    // shared machine. Any growth here shows in the agent's cold start.
+    let mut total = 0;
+    for (name, insns) in verified(&dp.ebpf) {
+        total += insns;
+        eprintln!("  verifier: {name:<22} {insns:>8} instructions processed");
+        println!("{{\"metric\":\"verified_insns\",\"program\":\"{name}\",\"value\":{insns}}}");
+    }
+    eprintln!(
+        "  verifier: all programs     {total:>8} instructions processed ({load_ms:.0} ms to load)"
+    );
+    if a.only.as_deref() == Some("verifier") {
+        return;
+    }
     let mut empty = aya::Ebpf::load(loader::XDP_PASS_OBJECT).unwrap();
     {
         let p: &mut Xdp = empty.program_mut("xdp_pass").unwrap().try_into().unwrap();

@@ -331,10 +331,37 @@ impl Datapath {
             })
     }
 
+    /// Every tracked flow: established (CT), then not established yet (CT_NEW).
     pub fn ct_entries(&self) -> Vec<(CtKey, CtValue)> {
+        let mut flows = self.ct_table(MAP_CT);
+        flows.extend(self.ct_table(MAP_CT_NEW));
+        flows
+    }
+
+    /// The flows of one conntrack table (MAP_CT or MAP_CT_NEW).
+    pub fn ct_table(&self, name: &str) -> Vec<(CtKey, CtValue)> {
         let map: HashMap<&MapData, CtKey, CtValue> =
-            HashMap::try_from(self.ebpf.map(MAP_CT).unwrap()).unwrap();
+            HashMap::try_from(self.ebpf.map(name).unwrap()).unwrap();
         map.iter().map(|r| r.unwrap()).collect()
+    }
+
+    /// How new flows to backend `id` fared (passive health).
+    pub fn backend_health(&self, id: u32) -> BackendHealth {
+        let map: Array<&MapData, BackendHealth> =
+            Array::try_from(self.ebpf.map(MAP_BACKEND_HEALTH).unwrap()).unwrap();
+        map.get(&id, 0).unwrap()
+    }
+
+    /// The events the data path has reported since the last call.
+    pub fn events(&mut self) -> Vec<Event> {
+        let mut ring =
+            aya::maps::RingBuf::try_from(self.ebpf.map_mut(MAP_EVENTS).unwrap()).unwrap();
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            assert_eq!(item.len(), std::mem::size_of::<Event>(), "event size");
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
+        }
+        out
     }
 
     pub fn revnat_entries(&self) -> Vec<(RevNatKey, RevNatValue)> {

@@ -94,6 +94,42 @@ pub fn tcp_seg(sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, payload: &
     s
 }
 
+/// A TCP segment with options (`opts`, a multiple of 4 bytes).
+pub fn tcp_seg_opts(
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    opts: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    assert_eq!(opts.len() % 4, 0);
+    let mut s = tcp_seg(sport, dport, seq, ack, flags, &[]);
+    s[12] = ((5 + opts.len() / 4) as u8) << 4;
+    s.extend_from_slice(opts);
+    s.extend_from_slice(payload);
+    s
+}
+
+/// TCP options carrying a timestamp, laid out as Linux does: MSS, SACK permitted, timestamp,
+/// NOP, window scale on a SYN; NOP, NOP, timestamp after it.
+pub fn ts_opts(syn: bool, tsval: u32, tsecr: u32) -> Vec<u8> {
+    let mut o = Vec::new();
+    if syn {
+        o.extend_from_slice(&[2, 4, 0x05, 0xb4, 4, 2]);
+    } else {
+        o.extend_from_slice(&[1, 1]);
+    }
+    o.extend_from_slice(&[8, 10]);
+    o.extend_from_slice(&tsval.to_be_bytes());
+    o.extend_from_slice(&tsecr.to_be_bytes());
+    if syn {
+        o.extend_from_slice(&[1, 3, 3, 7]);
+    }
+    o
+}
+
 pub fn udp_dgram(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let mut s = Vec::with_capacity(8 + payload.len());
     s.extend_from_slice(&sport.to_be_bytes());
@@ -226,6 +262,26 @@ pub struct Decoded {
     pub ack: u32,
     /// The transport segment (header and payload).
     pub l4: Vec<u8>,
+}
+
+impl Decoded {
+    /// The TCP timestamp option's (TSval, TSecr), if the segment has one.
+    pub fn timestamps(&self) -> Option<(u32, u32)> {
+        let hlen = (self.l4[12] >> 4) as usize * 4;
+        let mut off = 20;
+        while off < hlen {
+            match self.l4[off] {
+                0 => return None,
+                1 => off += 1,
+                8 => {
+                    let v = |i: usize| u32::from_be_bytes(self.l4[i..i + 4].try_into().unwrap());
+                    return Some((v(off + 2), v(off + 6)));
+                }
+                _ => off += self.l4[off + 1] as usize,
+            }
+        }
+        None
+    }
 }
 
 /// Decodes `f` and asserts its IPv4 header checksum and transport checksum are right. Packets

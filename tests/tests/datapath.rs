@@ -16,7 +16,12 @@ const LB_IP: &str = "192.0.2.50";
 const EXT_IP: &str = "192.0.2.60";
 
 fn in_snat_range(port: u16) -> bool {
-    (Config::DEFAULT.snat_port_min..=Config::DEFAULT.snat_port_max).contains(&port)
+    Config::DEFAULT.is_snat_port(port)
+}
+
+/// The default configuration with SNAT ports `min..=max` only.
+fn snat_ports(min: u16, max: u16) -> Config {
+    Config::DEFAULT.with_snat_ranges(&[PortRange { min, max }])
 }
 
 /// One TCP service, id 1, with every frontend kind and two active endpoints on port 8080.
@@ -850,7 +855,8 @@ fn removed_endpoints_reset_tcp_and_rebalance_udp() {
     assert!(
         dp.revnat_entries()
             .iter()
-            .all(|(_, v)| port_host(v.client_port) != sport)
+            .all(|(_, v)| port_host(v.client_port) != sport || v.is_closed()),
+        "its SNAT port is no longer in use (only held for the client)"
     );
 
     // UDP: the flow moves to a remaining endpoint instead of black-holing.
@@ -900,13 +906,9 @@ fn a_syn_reusing_a_closed_tuple_chooses_again_and_midstream_misses_are_counted()
 }
 
 #[test]
-fn snat_port_exhaustion_is_a_counted_drop() {
+fn snat_port_exhaustion_is_refused_at_once_counted_and_reported() {
     let node = TestNode::new();
-    let mut dp = Datapath::load_with(Config {
-        snat_port_min: 61000,
-        snat_port_max: 61001,
-        ..Config::DEFAULT
-    });
+    let mut dp = Datapath::load_with(snat_ports(61000, 61001));
     nodeport_service(&mut dp, EP1);
     let mut ports = std::collections::HashSet::new();
     for sport in [27000, 27001] {
@@ -915,31 +917,49 @@ fn snat_port_exhaustion_is_a_counted_drop() {
         ports.insert(decode(&run.out).sport);
     }
     assert_eq!(ports, [61000, 61001].into_iter().collect());
-    assert_eq!(dp.xdp(node.uplink, &outside_syn(27002)).verdict, XDP_DROP);
-    assert_eq!(dp.counter(Counter::DropSnatExhausted), 1);
+    assert!(dp.events().is_empty());
+    // The third client is told at once (a RST from the NodePort), not left to time out.
+    for sport in [27002, 27003] {
+        let run = dp.xdp(node.uplink, &outside_syn(sport));
+        assert_eq!(run.verdict, XDP_TX);
+        let rst = decode(&run.out);
+        assert_eq!(
+            (rst.src, rst.sport, rst.dst, rst.dport),
+            (ip(NODE_V4), 30080, ip(CLIENT_EXT), sport)
+        );
+        assert_eq!(rst.tcp_flags & RST, RST, "a reset, not a translated SYN");
+    }
+    assert_eq!(dp.counter(Counter::DropSnatExhausted), 2);
+    // One event for the agent (rate-limited: the second refusal within a second is folded into
+    // the next event's count), naming the service, the endpoint and the egress address.
+    let events = dp.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!(
+        (e.kind, e.count, e.service_id, e.backend, e.egress),
+        (EV_SNAT_EXHAUSTED, 1, 1, addr(EP1), addr(NODE_V4))
+    );
+    assert_eq!((port_host(e.backend_port), e.proto), (8080, PROTO_TCP));
 }
 
 #[test]
 fn expired_flows_release_their_snat_port() {
     let node = TestNode::new();
     let mut dp = Datapath::load_with(Config {
-        snat_port_min: 61000,
-        snat_port_max: 61000,
         tcp_syn_timeout: 1,
-        ..Config::DEFAULT
+        ..snat_ports(61000, 61000)
     });
     nodeport_service(&mut dp, EP1);
     assert_eq!(dp.xdp(node.uplink, &outside_syn(28000)).verdict, XDP_TX);
-    assert_eq!(
-        dp.xdp(node.uplink, &outside_syn(28001)).verdict,
-        XDP_DROP,
-        "the only port is taken"
-    );
+    let refused = decode(&dp.xdp(node.uplink, &outside_syn(28001)).out);
+    assert_eq!(refused.tcp_flags & RST, RST, "the only port is taken");
     std::thread::sleep(std::time::Duration::from_millis(2100));
+    let run = dp.xdp(node.uplink, &outside_syn(28001));
+    assert_eq!(run.verdict, XDP_TX);
     assert_eq!(
-        dp.xdp(node.uplink, &outside_syn(28001)).verdict,
-        XDP_TX,
-        "the unanswered SYN's flow expired"
+        decode(&run.out).dst,
+        ip(EP1),
+        "the unanswered SYN's flow expired and its port went to the new one"
     );
     assert_eq!(dp.counter(Counter::CtStaleReplaced), 1);
 }
@@ -1220,26 +1240,20 @@ fn snat_range_fills_up(ports: u16, fill_pct: usize) {
         ct_max: 8 * ports as u32,
         ..test_limits()
     };
-    let mut dp = Datapath::load_sized(
-        Config {
-            snat_port_min: min,
-            snat_port_max: max,
-            ..Config::DEFAULT
-        },
-        &limits,
-    );
+    let mut dp = Datapath::load_sized(snat_ports(min, max), &limits);
     nodeport_service(&mut dp, EP1);
     let n = ports as usize;
     let mut used = std::collections::HashSet::new();
     let mut sports = 1024u16..;
-    // A SYN from a client port not used before: true if it was translated, false if dropped.
+    // A SYN from a client port not used before: true if it was translated, false if refused.
     let mut new_flow = |dp: &mut Datapath, used: &mut std::collections::HashSet<u16>| {
         let run = dp.xdp(node.uplink, &outside_syn(sports.next().unwrap()));
-        if run.verdict != XDP_TX {
-            assert_eq!(run.verdict, XDP_DROP);
+        assert_eq!(run.verdict, XDP_TX);
+        let out = decode(&run.out);
+        if out.tcp_flags & RST != 0 {
             return false;
         }
-        let port = decode(&run.out).sport;
+        let port = out.sport;
         assert!(
             (min..=max).contains(&port),
             "port {port} outside {min}-{max}"
@@ -1298,11 +1312,393 @@ fn snat_ports_are_handed_out_until_the_range_is_nearly_full() {
     for (ports, fill_pct) in [
         (256, 80),
         (1000, 80),
-        // Config::DEFAULT's range.
+        // The old default range.
         (4536, 80),
         // No larger than the tries: walked port by port, so nothing is refused before it is full.
         (20, 100),
     ] {
         snat_range_fills_up(ports, fill_pct);
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// SNAT port holds, the new-flow table, port ranges
+// ------------------------------------------------------------------------------------------------
+
+const CLIENT_EXT2: &str = "198.51.100.10";
+
+/// A TCP segment from `client`:`sport` to NodePort 30080.
+fn client_seg(client: &str, sport: u16, flags: u8) -> Vec<u8> {
+    from_outside(
+        client,
+        NODE_V4,
+        tcp_seg(sport, 30080, 1, 1, flags, &[]),
+        TCP,
+    )
+}
+
+/// A segment from EP1:8080 to the node's SNAT port `snat_port`.
+fn endpoint_seg(snat_port: u16, flags: u8) -> Vec<u8> {
+    from_outside(
+        EP1,
+        NODE_V4,
+        tcp_seg(8080, snat_port, 1, 1, flags, &[]),
+        TCP,
+    )
+}
+
+/// Opens a flow from `client`:`sport` to EP1 through the NodePort, completes its handshake, and
+/// returns its SNAT port.
+fn connect(dp: &mut Datapath, node: &TestNode, client: &str, sport: u16) -> u16 {
+    let run = dp.xdp(node.uplink, &client_seg(client, sport, SYN));
+    assert_eq!(run.verdict, XDP_TX);
+    let out = decode(&run.out);
+    assert_eq!(
+        (out.dst, out.tcp_flags),
+        (ip(EP1), SYN),
+        "{client}:{sport} was refused"
+    );
+    assert_eq!(
+        dp.xdp(node.uplink, &endpoint_seg(out.sport, SYN | ACK))
+            .verdict,
+        XDP_TX
+    );
+    assert_eq!(
+        dp.xdp(node.uplink, &client_seg(client, sport, ACK)).verdict,
+        XDP_TX
+    );
+    out.sport
+}
+
+/// Closes a flow with FINs both ways, the endpoint's first when `endpoint_first`.
+fn close(
+    dp: &mut Datapath,
+    node: &TestNode,
+    client: &str,
+    sport: u16,
+    snat: u16,
+    endpoint_first: bool,
+) {
+    let from_endpoint = endpoint_seg(snat, FIN | ACK);
+    let from_client = client_seg(client, sport, FIN | ACK);
+    let (a, b) = if endpoint_first {
+        (from_endpoint, from_client)
+    } else {
+        (from_client, from_endpoint)
+    };
+    assert_eq!(dp.xdp(node.uplink, &a).verdict, XDP_TX);
+    assert_eq!(dp.xdp(node.uplink, &b).verdict, XDP_TX);
+}
+
+/// The reverse NAT entry of SNAT port `port`.
+fn held(dp: &Datapath, port: u16) -> RevNatValue {
+    dp.revnat_entries()
+        .into_iter()
+        .find(|(k, _)| port_host(k.snat_port) == port)
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("no reverse NAT entry for port {port}"))
+}
+
+fn refused(dp: &mut Datapath, node: &TestNode, client: &str, sport: u16) -> bool {
+    let out = decode(&dp.xdp(node.uplink, &client_seg(client, sport, SYN)).out);
+    out.tcp_flags & RST != 0
+}
+
+#[test]
+fn without_timestamps_a_closed_flows_port_waits_out_the_endpoints_time_wait() {
+    let node = TestNode::new();
+    // One port, so every flow must reuse it; short holds so the test does not wait a minute.
+    let mut dp = Datapath::load_with(Config {
+        tcp_closing_timeout: 1,
+        snat_timewait_hold: 2,
+        ..snat_ports(61000, 61000)
+    });
+    nodeport_service(&mut dp, EP1);
+
+    // The endpoint closes first (as an HTTP server with Connection: close does): it holds the
+    // old connection in TIME_WAIT and would refuse about half of the SYNs of another connection
+    // on the same port, those whose sequence number is not newer.
+    let port = connect(&mut dp, &node, CLIENT_EXT, 40000);
+    assert_eq!(port, 61000);
+    close(&mut dp, &node, CLIENT_EXT, 40000, port, true);
+    let rn = held(&dp, port);
+    assert!(
+        rn.is_closed(),
+        "a closed flow's entry stays, holding the port"
+    );
+    assert_eq!(rn.flags, RN_F_ENDPOINT_TIME_WAIT, "no timestamps seen");
+
+    // Another connection, even from the same address, is refused at once (counted) while the
+    // hold lasts, rather than left to the endpoint.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(refused(&mut dp, &node, CLIENT_EXT2, 50000));
+    assert!(refused(&mut dp, &node, CLIENT_EXT, 40001));
+    assert!(dp.counter(Counter::SnatTimeWaitSkipped) >= 2);
+    // The same client address and port reconnecting continues its sequence numbers: at once.
+    assert_eq!(connect(&mut dp, &node, CLIENT_EXT, 40000), 61000);
+    assert_eq!(dp.counter(Counter::SnatClosedPortReused), 1);
+
+    // This time the client closes first: the endpoint keeps no TIME_WAIT, and the port goes to
+    // anyone after the closing timeout (1 s here).
+    close(&mut dp, &node, CLIENT_EXT, 40000, 61000, false);
+    assert_eq!(held(&dp, 61000).flags, 0);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(refused(&mut dp, &node, CLIENT_EXT2, 50001));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(connect(&mut dp, &node, CLIENT_EXT2, 50002), 61000);
+    assert_eq!(held(&dp, 61000).client, addr(CLIENT_EXT2));
+
+    // Endpoint first again: another client waits out the (2 s) hold.
+    close(&mut dp, &node, CLIENT_EXT2, 50002, 61000, true);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(refused(&mut dp, &node, CLIENT_EXT, 40004));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert!(
+        refused(&mut dp, &node, CLIENT_EXT, 40005),
+        "1.1 s into a 2 s hold"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(connect(&mut dp, &node, CLIENT_EXT, 40006), 61000);
+}
+
+/// A segment from `client`:`sport` to NodePort 30080 with a timestamp option.
+fn client_seg_ts(client: &str, sport: u16, flags: u8, tsval: u32, tsecr: u32) -> Vec<u8> {
+    let opts = ts_opts(flags & SYN != 0, tsval, tsecr);
+    from_outside(
+        client,
+        NODE_V4,
+        tcp_seg_opts(sport, 30080, 1, 1, flags, &opts, &[]),
+        TCP,
+    )
+}
+
+/// A segment from EP1:8080 to SNAT port `snat_port` with a timestamp option.
+fn endpoint_seg_ts(snat_port: u16, flags: u8, tsval: u32, tsecr: u32) -> Vec<u8> {
+    let opts = ts_opts(flags & SYN != 0, tsval, tsecr);
+    from_outside(
+        EP1,
+        NODE_V4,
+        tcp_seg_opts(8080, snat_port, 1, 1, flags, &opts, &[]),
+        TCP,
+    )
+}
+
+#[test]
+fn with_timestamps_a_closed_flows_port_is_reused_at_once_with_its_timestamps_continued() {
+    let node = TestNode::new();
+    let mut dp = Datapath::load_with(snat_ports(61000, 61000));
+    nodeport_service(&mut dp, EP1);
+    let xdp = |dp: &mut Datapath, pkt: Vec<u8>| {
+        let run = dp.xdp(node.uplink, &pkt);
+        assert_eq!(run.verdict, XDP_TX);
+        decode(&run.out)
+    };
+
+    // Flow A: client timestamps around 3,000,000; the endpoint's around 50.
+    let syn = xdp(&mut dp, client_seg_ts(CLIENT_EXT, 40000, SYN, 3_000_000, 0));
+    assert_eq!(
+        syn.timestamps(),
+        Some((3_000_000, 0)),
+        "the first flow on a port is untouched"
+    );
+    xdp(&mut dp, endpoint_seg_ts(61000, SYN | ACK, 50, 3_000_000));
+    xdp(
+        &mut dp,
+        client_seg_ts(CLIENT_EXT, 40000, ACK, 3_000_001, 50),
+    );
+    // The endpoint closes first: its FIN, then the client's FIN+ACK closes the flow.
+    xdp(&mut dp, endpoint_seg_ts(61000, FIN | ACK, 51, 3_000_001));
+    xdp(
+        &mut dp,
+        client_seg_ts(CLIENT_EXT, 40000, FIN | ACK, 3_000_002, 51),
+    );
+    let rn = held(&dp, 61000);
+    assert_eq!(rn.flags, RN_F_ENDPOINT_TIME_WAIT | RN_F_TIMESTAMPS);
+    assert_eq!(rn.ts_last, 3_000_002);
+
+    // Flow B from another client, whose clock starts far below A's: the endpoint's TIME_WAIT
+    // would refuse its SYN. It gets the port at once, its timestamps shifted past A's.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let syn = xdp(&mut dp, client_seg_ts(CLIENT_EXT2, 50000, SYN, 1_000, 0));
+    assert_eq!((syn.dst, syn.sport, syn.tcp_flags), (ip(EP1), 61000, SYN));
+    let (tsval, _) = syn.timestamps().unwrap();
+    assert_eq!(
+        tsval, 3_000_003,
+        "continues right after the last TSval the endpoint saw"
+    );
+    let offset = tsval.wrapping_sub(1_000);
+    let ct = dp
+        .ct_entries()
+        .into_iter()
+        .find(|(k, _)| port_host(k.sport) == 50000)
+        .unwrap()
+        .1;
+    assert_eq!(
+        (ct.flags & CT_F_TS_OFFSET, ct.ts_offset),
+        (CT_F_TS_OFFSET, offset)
+    );
+    // The endpoint echoes the shifted value; the client gets its own back.
+    let synack = xdp(&mut dp, endpoint_seg_ts(61000, SYN | ACK, 80, tsval));
+    assert_eq!(
+        (synack.dst, synack.dport, synack.timestamps()),
+        (ip(CLIENT_EXT2), 50000, Some((80, 1_000)))
+    );
+    let ack = xdp(&mut dp, client_seg_ts(CLIENT_EXT2, 50000, ACK, 1_005, 80));
+    assert_eq!(ack.timestamps(), Some((1_005u32.wrapping_add(offset), 80)));
+    // Segments without the option pass as they are (and the checksums, verified by decode,
+    // stay right both ways).
+    xdp(&mut dp, client_seg(CLIENT_EXT2, 50000, ACK));
+    assert_eq!(dp.counter(Counter::SnatClosedPortReused), 1);
+    assert_eq!(dp.counter(Counter::SnatTimeWaitSkipped), 0);
+
+    // A client whose clock is already past the last TSval needs no shift.
+    xdp(
+        &mut dp,
+        endpoint_seg_ts(61000, FIN | ACK, 81, 1_005u32.wrapping_add(offset)),
+    );
+    xdp(
+        &mut dp,
+        client_seg_ts(CLIENT_EXT2, 50000, FIN | ACK, 1_006, 81),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let syn = xdp(&mut dp, client_seg_ts(CLIENT_EXT, 40001, SYN, 9_000_000, 0));
+    assert_eq!((syn.sport, syn.timestamps()), (61000, Some((9_000_000, 0))));
+}
+
+#[test]
+fn a_flood_of_unfinished_handshakes_never_evicts_an_established_flow() {
+    let node = TestNode::new();
+    // 1024 established flows, 256 unfinished ones, 2048 reverse NAT entries.
+    let mut dp = Datapath::load_sized(Config::DEFAULT, &test_limits());
+    nodeport_service(&mut dp, EP1);
+    let flows: Vec<(u16, u16)> = (0..50)
+        .map(|i| (41000 + i, connect(&mut dp, &node, CLIENT_EXT, 41000 + i)))
+        .collect();
+    assert_eq!(dp.ct_table(MAP_CT).len(), 50);
+    assert_eq!(dp.counter(Counter::CtEstablished), 50);
+
+    // 5,000 SYNs from 5,000 client addresses that never complete their handshake: twenty times
+    // what the table for new flows holds.
+    let mut answered = 0;
+    for i in 0..5000u32 {
+        let client = format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256);
+        let out = decode(&dp.xdp(node.uplink, &client_seg(&client, 9999, SYN)).out);
+        if out.tcp_flags & RST == 0 {
+            answered += 1;
+        }
+    }
+    assert!(
+        answered > 4000,
+        "most flood SYNs still get through: {answered}"
+    );
+    assert!(dp.ct_table(MAP_CT_NEW).len() <= 256);
+
+    // Every established flow is still there, both ways: the endpoint speaking first, then the
+    // client, each translated with the flow's own port.
+    assert_eq!(dp.ct_table(MAP_CT).len(), 50, "no established flow evicted");
+    for (sport, snat) in flows {
+        let run = dp.xdp(
+            node.uplink,
+            &from_outside(EP1, NODE_V4, tcp_seg(8080, snat, 5, 5, ACK, b"hello"), TCP),
+        );
+        assert_eq!(run.verdict, XDP_TX);
+        let back = decode(&run.out);
+        assert_eq!((back.dst, back.dport), (ip(CLIENT_EXT), sport));
+        let run = dp.xdp(
+            node.uplink,
+            &from_outside(
+                CLIENT_EXT,
+                NODE_V4,
+                tcp_seg(sport, 30080, 5, 10, ACK, b"hi"),
+                TCP,
+            ),
+        );
+        let out = decode(&run.out);
+        assert_eq!((out.dst, out.sport), (ip(EP1), snat));
+    }
+    assert_eq!(dp.counter(Counter::CtMissReply), 0);
+    assert_eq!(dp.counter(Counter::CtMissMidstream), 0);
+}
+
+#[test]
+fn snat_ports_come_from_every_range_and_only_from_them() {
+    let node = TestNode::new();
+    let mut dp = Datapath::load_with(Config::DEFAULT.with_snat_ranges(&[
+        PortRange {
+            min: 61000,
+            max: 61001,
+        },
+        PortRange {
+            min: 62000,
+            max: 62000,
+        },
+    ]));
+    nodeport_service(&mut dp, EP1);
+    let ports: std::collections::BTreeSet<u16> = (0..3)
+        .map(|i| decode(&dp.xdp(node.uplink, &outside_syn(43000 + i)).out).sport)
+        .collect();
+    assert_eq!(ports, [61000, 61001, 62000].into());
+    assert!(
+        refused(&mut dp, &node, CLIENT_EXT, 43003),
+        "three ports, three flows"
+    );
+    // A reply to a port of the second range is translated; one between the ranges is not ours.
+    let run = dp.xdp(node.uplink, &endpoint_seg(62000, SYN | ACK));
+    assert_eq!(decode(&run.out).dst, ip(CLIENT_EXT));
+    let stray = endpoint_seg(61500, SYN | ACK);
+    let run = dp.xdp(node.uplink, &stray);
+    assert_eq!((run.verdict, run.out), (XDP_PASS, stray));
+}
+
+#[test]
+fn new_flows_tell_how_their_endpoint_answers() {
+    let node = TestNode::new();
+    let mut dp = Datapath::load();
+    nodeport_service(&mut dp, EP1);
+    let xdp = |dp: &mut Datapath, pkt: Vec<u8>| {
+        let run = dp.xdp(node.uplink, &pkt);
+        assert_eq!(run.verdict, XDP_TX);
+        decode(&run.out)
+    };
+    // Refused: the endpoint resets the SYN (nothing listens).
+    let syn = xdp(&mut dp, client_seg(CLIENT_EXT, 44000, SYN));
+    xdp(&mut dp, endpoint_seg(syn.sport, RST | ACK));
+    let h = dp.backend_health(1);
+    assert_eq!(
+        (h.answered, h.failed, h.consecutive, h.last_kind),
+        (0, 1, 1, HF_REFUSED)
+    );
+    // Answered: the count of failures in a row starts again.
+    let port = connect(&mut dp, &node, CLIENT_EXT, 44001);
+    let h = dp.backend_health(1);
+    assert_eq!((h.answered, h.failed, h.consecutive), (1, 1, 0));
+    // Later packets of an answered flow, and its end, count for nothing more.
+    xdp(&mut dp, endpoint_seg(port, RST | ACK));
+    assert_eq!(dp.backend_health(1), h);
+
+    // Unreachable: an ICMP error about a new flow.
+    let syn_frame = client_seg(CLIENT_EXT, 44002, SYN);
+    let sent = dp.xdp(node.uplink, &syn_frame).out;
+    let quoted = sent[14..14 + 28].to_vec();
+    let err = from_outside(GW_V4, NODE_V4, icmp_error(3, 1, 0, &quoted), ICMP);
+    dp.xdp(node.uplink, &err);
+    let h = dp.backend_health(1);
+    assert_eq!(
+        (h.failed, h.consecutive, h.last_kind),
+        (2, 1, HF_UNREACHABLE)
+    );
+
+    // No answer: the client resends its SYN a second later. Counted once per flow.
+    xdp(&mut dp, client_seg(CLIENT_EXT, 44003, SYN));
+    xdp(&mut dp, client_seg(CLIENT_EXT, 44003, SYN));
+    assert_eq!(
+        dp.backend_health(1).failed,
+        2,
+        "resent at once: not a timeout yet"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    xdp(&mut dp, client_seg(CLIENT_EXT, 44003, SYN));
+    xdp(&mut dp, client_seg(CLIENT_EXT, 44003, SYN));
+    let h = dp.backend_health(1);
+    assert_eq!((h.failed, h.consecutive, h.last_kind), (3, 2, HF_TIMEOUT));
 }

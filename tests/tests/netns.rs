@@ -62,8 +62,10 @@ fn assert_snat(seen: &Seen, ep: &str) {
         ip(NODE),
         "the endpoint must see the node's egress IP"
     );
+    // `--snat-ports auto` on a node with Linux's default ephemeral range (32768-60999) and the
+    // default NodePort range.
     assert!(
-        (61000..=65535).contains(&seen.peer_port),
+        (1024..=29_999).contains(&seen.peer_port) || (61_000..=65_535).contains(&seen.peer_port),
         "SNAT port {}",
         seen.peer_port
     );
@@ -212,6 +214,47 @@ fn endpoint_changes_keep_a_long_connection_up() {
         "ended with {err:?}"
     );
     assert!(agent.counter("endpoint_removed") >= 1);
+}
+
+/// A new Service with a serving Service's clusterIP took it over (conflicts were decided by
+/// namespace/name) and the serving Service's clients reached the newcomer's endpoint, or timed
+/// out, from then on. The newcomer's manifest here is even older (moved in with its old
+/// modification time): the Service serving the address keeps it all the same.
+#[test]
+fn a_newcomer_cannot_take_a_serving_services_address() {
+    let t = Topology::new("taken");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080), (EP2, 8080)]);
+    let in_namespace = |name: &str, ns: &str, ep: &str| {
+        service_yaml(name, "", &ready(ep)).replace("namespace: demo", &format!("namespace: {ns}"))
+    };
+    t.write_manifest("z.yaml", &in_namespace("serving", "zz", EP1));
+    let agent = t.start_agent(&[]);
+    assert_eq!(pod_to_cluster_ip(&t), ip(EP1));
+
+    let old = t.dir.join("a.yaml");
+    std::fs::write(&old, in_namespace("newcomer", "aa", EP2)).unwrap();
+    let year_2020 = std::time::UNIX_EPOCH + Duration::from_secs(1_577_836_800);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(year_2020)
+        .unwrap();
+    std::fs::rename(&old, t.manifests().join("a.yaml")).unwrap();
+    agent.wait_for_log_count("manifests changed", 1, SETTLE);
+    for _ in 0..8 {
+        assert_eq!(
+            pod_to_cluster_ip(&t),
+            ip(EP1),
+            "the serving Service keeps its address"
+        );
+    }
+    let log = agent.log_text();
+    assert!(
+        log.contains("a.yaml:1: Service aa/newcomer: spec.clusterIP: 10.96.0.10:80/TCP (ClusterIP) is already used by Service zz/serving port \"http\", which keeps it (it serves it already); not programmed here"),
+        "{log}"
+    );
+    assert!(!log.contains("z.yaml:1: Service zz/serving: spec"), "{log}");
 }
 
 #[test]
@@ -507,4 +550,182 @@ fn pods_reach_services_beside_kube_proxy_in_nftables_mode() {
     let log = agent.stop();
     assert!(log.contains("detached and cleaned up"), "{log}");
     assert!(pod_links(&t).is_empty());
+}
+
+/// 200 pods behind the node's one egress address call one endpoint that closes first, at 1,000
+/// new connections a second, through a range of 2,000 SNAT ports: every port is reused within
+/// seconds. The endpoint's kernel keeps each closed connection in TIME_WAIT for 60 s and refuses
+/// about half of the SYNs that reuse its {address, port} from another client (their timestamps
+/// are not newer): a connection refused so stalls for a second until the client resends its SYN.
+/// None may fail or stall: a port goes back to the client that closed it, or waits out the
+/// TIME_WAIT.
+#[test]
+fn many_clients_behind_one_egress_address_never_meet_the_endpoints_time_wait() {
+    let t = Topology::new("manycli");
+    let clients: Vec<std::net::IpAddr> = (1..=200)
+        .map(|i| format!("10.244.1.{i}").parse().unwrap())
+        .collect();
+    let mut cmds = String::new();
+    for c in &clients {
+        cmds.push_str(&format!("ip addr add {c}/32 dev eth0\n"));
+    }
+    t.pod.sh(&cmds);
+    t.node.sh("ip route add 10.244.1.0/24 dev pod0");
+    let server = testbed::load::LoadServer::start(&t.ext.name, 8080, &[], 1).expect("load server");
+    t.write_manifest("svc.yaml", &service_yaml("web", "", &ready(EP1)));
+    let agent = t.start_agent(&["--snat-ports", "61000-62999", "--xdp", "off"]);
+    let opts = testbed::load::ConnectOpts {
+        workers: 32,
+        threads: 2,
+        sources: clients.clone(),
+        rate: Some(1000.0),
+    };
+    let target: std::net::SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let stats = testbed::load::connections(&t.pod.name, &[target], &opts, Duration::from_secs(8))
+        .expect("load");
+    let stalled = stats.slower_than(Duration::from_millis(900));
+    eprintln!(
+        "{} connections, {} failed, {stalled} stalled, p50 {:?} us, p99 {:?} us; agent: {}",
+        stats.ops,
+        stats.errors,
+        stats.latency_us(0.5),
+        stats.latency_us(0.99),
+        agent.inspect()["events"]
+    );
+    assert!(
+        stats.ops > 6_000,
+        "offered 1,000/s for 8 s, completed {}",
+        stats.ops
+    );
+    assert_eq!(stats.errors, 0, "failed connections");
+    assert_eq!(
+        stats.slower_than(Duration::from_millis(900)),
+        0,
+        "connections that waited for a resent SYN"
+    );
+    // Every port was used several times, and only ever by the node's address.
+    assert!(stats.ops > 3 * 2_000);
+    let tally = server.tcp_tally();
+    assert!(
+        tally.by_source.keys().all(|peer| *peer == ip(NODE)),
+        "{tally:?}"
+    );
+    assert_eq!(agent.counter("snat_ports_exhausted"), 0);
+    assert!(agent.counter("snat_closed_port_reused") > 0);
+    agent.stop();
+}
+
+/// Clients without TCP timestamps (Windows' default) cannot take a port the endpoint may still
+/// hold in TIME_WAIT: with 100 ports and the endpoint closing first, the 101st connection within
+/// a minute has no port. It is refused at once (a RST, no SYN left to time out), counted, and
+/// logged naming the Service, the endpoint and the egress address.
+#[test]
+fn exhausted_snat_ports_refuse_at_once_and_say_where() {
+    let t = Topology::new("exhaust");
+    t.pod.sh("sysctl -qw net.ipv4.tcp_timestamps=0");
+    let _server = testbed::load::LoadServer::start(&t.ext.name, 8080, &[], 1).expect("load server");
+    t.write_manifest("svc.yaml", &service_yaml("web", "", &ready(EP1)));
+    let agent = t.start_agent(&["--snat-ports", "61000-61099", "--xdp", "off"]);
+    assert!(
+        agent
+            .log_text()
+            .contains("sustain about 10 new connections/s"),
+        "the start-up warning about a small range: {}",
+        agent.log_text()
+    );
+    let opts = testbed::load::ConnectOpts {
+        workers: 8,
+        threads: 1,
+        sources: Vec::new(),
+        rate: Some(200.0),
+    };
+    let target: std::net::SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let stats = testbed::load::connections(&t.pod.name, &[target], &opts, Duration::from_secs(3))
+        .expect("load");
+    eprintln!("{} completed, {} refused", stats.ops, stats.errors);
+    assert!(
+        stats.ops >= 100 && stats.ops < 200,
+        "completed {}",
+        stats.ops
+    );
+    assert!(stats.errors > 300, "refused {}", stats.errors);
+    // Refused at once: the paced attempts all ended, none waited for a resent SYN.
+    assert!(stats.ops + stats.errors > 500);
+    assert_eq!(stats.slower_than(Duration::from_millis(900)), 0);
+    assert!(agent.counter("snat_ports_exhausted") >= stats.errors);
+    agent.wait_for_log("are refused", Duration::from_secs(5));
+    let log = agent.log_text();
+    let line = log.lines().find(|l| l.contains("are refused")).unwrap();
+    for part in ["demo/web", "203.0.113.7:8080", "10.0.0.1", "--snat-ports"] {
+        assert!(line.contains(part), "{line}");
+    }
+    agent.stop();
+}
+
+/// The TCP `InCsumErrors` counter of a namespace's kernel.
+fn tcp_csum_errors(ns: &testbed::netns::NamedNetns) -> u64 {
+    let snmp = ns.sh("cat /proc/net/snmp");
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "InCsumErrors")
+        .unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// As from a pod on a real NIC: the pod hands the node 64 KB segments (GSO/TSO) whose checksum
+/// is left for the hardware (CHECKSUM_PARTIAL). The node translates them at TC egress; its uplink
+/// then has no offloads, so the kernel segments and checksums them in software after the
+/// translation, and the endpoint's kernel checks every checksum. Any error in how the
+/// translation adjusted the partial checksum (its pseudo-header part) shows as InCsumErrors and
+/// as a transfer that stalls.
+#[test]
+fn offloaded_segments_are_translated_with_their_checksums_right() {
+    let t = Topology::new("gso");
+    // Offloads back on between the pod and the node (testbed turns them off everywhere).
+    t.pod.sh("ethtool -K eth0 tx on tso on gso on >/dev/null");
+    t.node
+        .sh("ethtool -K pod0 tx on tso on gso on gro on >/dev/null");
+    let server = testbed::load::LoadServer::start(&t.ext.name, 8080, &[], 1).expect("load server");
+    t.write_manifest("svc.yaml", &service_yaml("web", "", &ready(EP1)));
+    let agent = t.start_agent(&["--xdp", "off"]);
+    let errors_before = tcp_csum_errors(&t.ext);
+    let target: std::net::SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let (bytes, elapsed) =
+        testbed::load::tcp_stream(&t.pod.name, target, Duration::from_secs(2)).expect("stream");
+    eprintln!(
+        "{} MB in {:.1} s ({:.2} Gbit/s)",
+        bytes >> 20,
+        elapsed.as_secs_f64(),
+        bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9
+    );
+    assert!(bytes > 50 << 20, "{bytes} bytes");
+    assert_eq!(
+        tcp_csum_errors(&t.ext) - errors_before,
+        0,
+        "checksum errors at the endpoint"
+    );
+    let tally = server.tcp_tally();
+    assert!(
+        tally.by_source.keys().all(|peer| *peer == ip(NODE)),
+        "{tally:?}"
+    );
+    // The segments really were large on their way through the translation.
+    let stats = agent.inspect();
+    let svc = stats["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"].as_str().unwrap().contains(":http/"))
+        .unwrap();
+    let (pkts, fwd_bytes) = (
+        svc["fwd_packets"].as_u64().unwrap(),
+        svc["fwd_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        fwd_bytes / pkts.max(1) > 3000,
+        "{fwd_bytes} bytes in {pkts} packets: no segmentation offload reached the node"
+    );
+    agent.stop();
 }

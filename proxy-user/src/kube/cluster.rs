@@ -17,7 +17,7 @@ use kube::runtime::watcher;
 
 use crate::diag::Origin;
 use crate::objects::{ServiceObject, SliceObject};
-use crate::translate::{Inventory, ObjectKey, Sourced};
+use crate::translate::{Inventory, ObjectKey, Seniority, Sourced};
 
 /// One watched resource.
 pub struct Tracked<K: Resource + Clone + 'static>
@@ -72,6 +72,19 @@ where
     pub(crate) fn len(&self) -> usize {
         self.store.len()
     }
+}
+
+/// A Service from the API server as the translator takes it, with its age: of two Services
+/// wanting one frontend, neither serving it yet, the one created first keeps it.
+pub fn sourced_service(service: &Service) -> Sourced<ServiceObject> {
+    let meta = &service.metadata;
+    Sourced::new(ServiceObject::from(service), Origin::Cluster).with_seniority(Seniority {
+        since: meta
+            .creation_timestamp
+            .as_ref()
+            .map(|t| std::time::SystemTime::from(t.0)),
+        uid: meta.uid.as_deref().map(Arc::from),
+    })
 }
 
 /// The stores of the three watched resources.
@@ -131,7 +144,7 @@ impl ClusterState {
             services: self
                 .services
                 .keyed()
-                .map(|(k, s)| (k, Sourced::new(ServiceObject::from(&*s), Origin::Cluster)))
+                .map(|(k, s)| (k, sourced_service(&s)))
                 .collect(),
             slices: self
                 .slices

@@ -24,7 +24,7 @@ use crate::diag::Origin;
 use crate::names::{
     LAST_APPLIED_ANNOTATION, PROXY_NAME, SERVICE_PROXY_NAME_LABEL, TRIGGER_TIME_ANNOTATION,
 };
-use crate::objects::{ServiceObject, SliceObject};
+use crate::objects::SliceObject;
 use crate::translate::{
     self, ClaimPolicy, ClaimReason, Incremental, NodeInfo, ObjectKey, Settings, Sourced,
     Translation,
@@ -55,6 +55,9 @@ pub struct Batch {
     triggers: Vec<SystemTime>,
     /// EndpointSlices changed: which Service a slice's problems belong to may have too.
     slices_changed: bool,
+    /// The translator was built anew (first batch, relist): it learns from the maps which
+    /// Service serves each frontend before it translates.
+    fresh: bool,
 }
 
 /// Boxed: the three differ a lot in size, and each is moved once.
@@ -280,6 +283,26 @@ impl KubeSource {
         }
     }
 
+    /// An Event on a claimed Service for a problem the data path found (not from translation):
+    /// published at once, counted as an episode of the same Event when it repeats after
+    /// [`super::events::EPISODE_GAP`]. `field` keeps different problems of one Service apart.
+    pub fn report_problem(
+        &self,
+        service: ObjectKey,
+        reason: &'static str,
+        field: String,
+        note: String,
+    ) {
+        let event = ProblemEvent {
+            service,
+            slice: None,
+            reason,
+            field: Some(field),
+            note,
+        };
+        self.publisher.publish(event, &self.cluster, true);
+    }
+
     /// How far apart two reports of one problem must be to count as two episodes in its Event
     /// (default [`super::events::EPISODE_GAP`]; tests shorten it).
     pub fn set_event_episode_gap(&mut self, gap: Duration) {
@@ -447,15 +470,14 @@ impl KubeSource {
         let services = std::mem::take(&mut self.changed_services);
         let slices = std::mem::take(&mut self.changed_slices);
         let slices_changed = !slices.is_empty();
+        let fresh = self.translator.is_none();
         match &mut self.translator {
             Some(translator) => {
                 translator.reconfigure(&node, &settings);
                 for key in services {
                     let service = self.cluster.service(&key);
-                    translator.set_service(
-                        key,
-                        service.map(|s| Sourced::new(ServiceObject::from(&*s), Origin::Cluster)),
-                    );
+                    translator
+                        .set_service(key, service.map(|s| super::cluster::sourced_service(&s)));
                 }
                 for key in slices {
                     let slice = self.cluster.slice(&key);
@@ -477,14 +499,12 @@ impl KubeSource {
                 self.translator = Some(translator);
             }
         }
-        if let Some(translator) = &mut self.translator {
-            translator.update();
-        }
         Some(Batch {
             node: facts,
             initial: !self.programmed,
             triggers: std::mem::take(&mut self.triggers),
             slices_changed,
+            fresh,
         })
     }
 
@@ -512,12 +532,16 @@ impl KubeSource {
         self.node = Some(facts.clone());
     }
 
-    /// Programs `batch` through `target`, then records latency and metrics and publishes Events
-    /// for new problems.
+    /// Translates `batch`, programs it through `target`, then records latency and metrics and
+    /// publishes Events for new problems.
     pub fn apply(&mut self, batch: Batch, target: &mut impl Programmer) -> Applied {
-        let Some(translation) = self.translator.as_ref().map(Incremental::translation) else {
+        let Some(translator) = self.translator.as_mut() else {
             return Applied::default();
         };
+        if batch.fresh {
+            translator.set_incumbents(target.incumbents());
+        }
+        let translation = translator.update();
         let changes = translation.changes.as_ref();
         let claims_changed = changes.is_none_or(|c| c.claims);
         let problems_changed =

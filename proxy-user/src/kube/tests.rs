@@ -730,3 +730,107 @@ fn bad_source_ranges_are_their_own_reason() {
     assert_eq!(events[0].reason, "BadSourceRange");
     assert!(events[0].note.contains("\"not-a-cidr\" is not a CIDR"));
 }
+
+/// An endpoint at the node's address, a loopback address or another Service's cluster IP
+/// cannot be refused in Kubernetes mode: it is skipped, and the Service gets an Event naming
+/// the slice.
+#[test]
+fn unusable_endpoints_are_skipped_with_an_event() {
+    let port = json!([{"port": 80}]);
+    let services = [
+        cluster_ip("web", "10.96.0.81", port.clone()),
+        cluster_ip("other", "10.96.0.82", port.clone()),
+    ];
+    let slices = [slice(
+        "web-1",
+        "web",
+        port,
+        ready(&["10.240.0.10", "127.0.0.1", "10.96.0.82", "203.0.113.5"]),
+    )];
+    let c = cluster(&services, &slices);
+    let t = translate(&c, &config(false));
+    let web = &t.desired.services[&ServicePortKey {
+        namespace: "default".into(),
+        name: "web".into(),
+        port_name: "".into(),
+        protocol: Protocol::Tcp,
+        family: IpFamily::V4,
+    }];
+    assert_eq!(
+        web.backends.keys().copied().collect::<Vec<_>>(),
+        [(ip("203.0.113.5"), 80)]
+    );
+    let events = EventTracker::default().plan(&t, &c);
+    let notes: Vec<(&str, Option<String>, &str)> = events
+        .iter()
+        .filter(|e| e.reason != "NoEndpoints")
+        .map(|e| {
+            (
+                e.reason,
+                e.slice.as_ref().map(ToString::to_string),
+                e.note.as_str(),
+            )
+        })
+        .collect();
+    let slice = Some("default/web-1".to_owned());
+    assert_eq!(
+        notes,
+        [
+            (
+                "InvalidEndpoints",
+                slice.clone(),
+                "EndpointSlice default/web-1: endpoints[1].addresses[0]: 127.0.0.1 is a loopback address, which no endpoint can be reached at; endpoint ignored (the API server refuses it too)"
+            ),
+            (
+                "InvalidEndpoints",
+                slice.clone(),
+                "EndpointSlice default/web-1: endpoints[0].addresses[0]: 10.240.0.10 is this node's own address: connections to it would come back to the node; endpoint ignored (extproxy refuses it, though the API server accepts it)"
+            ),
+            (
+                "InvalidEndpoints",
+                slice,
+                "EndpointSlice default/web-1: endpoints[2].addresses[0]: 10.96.0.82 is the cluster IP of Service default/other: a virtual address, which no host answers on; endpoint ignored (extproxy refuses it, though the API server accepts it)"
+            ),
+        ]
+    );
+}
+
+/// Two Services wanting one external IP: the one created first keeps it, whatever the names,
+/// so every agent and every restart decides alike.
+#[test]
+fn the_service_created_first_keeps_a_contested_external_ip() {
+    let aged = |name: &str, created: &str, uid: &str| {
+        let mut s = service(
+            "default",
+            name,
+            true,
+            json!({"type": "ClusterIP", "clusterIP": format!("10.96.0.{}", 90 + name.len()),
+                   "externalIPs": ["192.0.2.90"], "ports": [{"port": 80}]}),
+        );
+        s.metadata.creation_timestamp = Some(serde_json::from_value(json!(created)).unwrap());
+        s.metadata.uid = Some(uid.to_owned());
+        s
+    };
+    let services = [
+        aged("aaa", "2026-03-01T10:00:00Z", "uid-1"),
+        aged("zz", "2026-01-01T10:00:00Z", "uid-2"),
+    ];
+    let c = cluster(&services, &[]);
+    let t = translate(&c, &config(false));
+    let has = |name: &str| {
+        let key = ServicePortKey {
+            namespace: "default".into(),
+            name: name.into(),
+            port_name: "".into(),
+            protocol: Protocol::Tcp,
+            family: IpFamily::V4,
+        };
+        t.desired.services[&key]
+            .frontends
+            .keys()
+            .any(|f| f.addr.to_ip() == ip("192.0.2.90"))
+    };
+    assert!(has("zz") && !has("aaa"));
+    assert!(t.diagnostics.iter().any(|d| d.message
+        == "192.0.2.90:80/TCP (ExternalIP) is already used by Service default/zz port \"\", which keeps it (it was created first); not programmed here"));
+}

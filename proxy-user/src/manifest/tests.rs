@@ -604,3 +604,182 @@ fn feeding_changes_equals_translating_the_whole_set() {
         );
     }
 }
+
+/// `'a: ' + '[' * 200000` stalled the agent for 72 s: the YAML parser's time grows with the
+/// square of the nesting. The pre-scan refuses it first, naming the limit and the line.
+#[test]
+fn deep_nesting_is_refused_before_parsing() {
+    let deep = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: a}}\n---\nb: 1\na: {}{}\n",
+        "[".repeat(200_000),
+        "]".repeat(200_000)
+    );
+    let (inventory, diagnostics) = load(&[("m/x.yaml", &deep)]);
+    assert_eq!(
+        rendered(&diagnostics),
+        [format!(
+            "error: m/x.yaml:6: nested more than {MAX_NESTING} levels deep, the most extproxy reads (Kubernetes objects need far fewer); document ignored"
+        )]
+    );
+    // The other document of the file is served.
+    assert_eq!(inventory.services.len(), 1);
+    let fine = format!("a: {}{}\n", "[".repeat(40), "]".repeat(40));
+    assert!(
+        !rendered(&load(&[("m/y.yaml", &fine)]).1)[0].contains("levels deep"),
+        "40 levels are read"
+    );
+}
+
+#[test]
+fn file_document_and_count_limits_are_named() {
+    let service =
+        |name: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n");
+    // A document over MAX_DOCUMENT_BYTES is refused; the file's other documents are not.
+    let big = format!(
+        "{}---\nkind: Service\nmetadata:\n  annotations:\n    x: \"{}\"\n",
+        service("a"),
+        "x".repeat(MAX_DOCUMENT_BYTES)
+    );
+    let (inventory, diagnostics) = load(&[("m/big.yaml", &big)]);
+    assert_eq!(
+        rendered(&diagnostics),
+        [
+            "error: m/big.yaml:5: the document is 1024 KiB, more than the 1024 KiB extproxy reads of one YAML document; document ignored (split a long list into several documents)"
+        ]
+    );
+    assert_eq!(inventory.services.len(), 1);
+
+    // Documents after the MAX_DOCUMENTS-th are not read.
+    let many: String = (0..MAX_DOCUMENTS + 10)
+        .map(|i| format!("{}---\n", service(&format!("s{i}"))))
+        .collect();
+    let (inventory, diagnostics) = load(&[("m/many.yaml", &many)]);
+    assert_eq!(inventory.services.len(), MAX_DOCUMENTS);
+    assert_eq!(
+        rendered(&diagnostics),
+        [format!(
+            "error: m/many.yaml:{}: more than {MAX_DOCUMENTS} documents, the most extproxy reads of one file; this one and the rest of the file are ignored (split it into several files)",
+            4 * MAX_DOCUMENTS + 1
+        )]
+    );
+
+    // A file over MAX_FILE_BYTES is not even read.
+    let dir = std::env::temp_dir().join(format!("extproxy-big-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = std::fs::File::create(dir.join("huge.yaml")).expect("create");
+    file.set_len(MAX_FILE_BYTES + 1).expect("grow");
+    std::fs::write(dir.join("ok.yaml"), service("ok")).expect("write");
+    let (inventory, diagnostics) = load_dir(&dir);
+    assert_eq!(
+        rendered(&diagnostics),
+        [format!(
+            "error: {}: the file is 4.0 MiB, more than the 4 MiB extproxy reads of one manifest file; file ignored (split it into several files)",
+            dir.join("huge.yaml").display()
+        )]
+    );
+    assert_eq!(inventory.services.len(), 1);
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+/// Editors on Windows save UTF-8 with a byte order mark; the first document failed with "more
+/// than one document is not supported".
+#[test]
+fn a_byte_order_mark_is_skipped() {
+    let text = "\u{feff}apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: b}\n";
+    let (inventory, diagnostics) = load(&[("m/bom.yaml", text)]);
+    assert!(diagnostics.is_empty(), "{:?}", rendered(&diagnostics));
+    assert_eq!(inventory.services.len(), 2);
+    let json =
+        "\u{feff}{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {\"name\": \"c\"}}";
+    let (inventory, diagnostics) = load(&[("m/bom.json", json)]);
+    assert!(diagnostics.is_empty(), "{:?}", rendered(&diagnostics));
+    assert_eq!(inventory.services.len(), 1);
+}
+
+/// A symlink loop in the folder was skipped without a word by `run` and `validate`.
+#[test]
+fn symlink_loops_are_reported() {
+    use std::os::unix::fs::symlink;
+    let dir = std::env::temp_dir().join(format!("extproxy-loops-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    symlink("b.yaml", dir.join("a.yaml")).expect("link");
+    symlink("a.yaml", dir.join("b.yaml")).expect("link");
+    symlink("self.yaml", dir.join("self.yaml")).expect("link");
+    std::fs::write(
+        dir.join("ok.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ok}\n",
+    )
+    .expect("write");
+    let (inventory, diagnostics) = load_dir(&dir);
+    let at = |name: &str| dir.join(name).display().to_string();
+    assert_eq!(
+        rendered(&diagnostics),
+        [
+            format!(
+                "error: {}: a symbolic link that leads back to itself ({} -> b.yaml -> a.yaml); file ignored",
+                at("a.yaml"),
+                at("a.yaml")
+            ),
+            format!(
+                "error: {}: a symbolic link that leads back to itself ({} -> a.yaml -> b.yaml); file ignored",
+                at("b.yaml"),
+                at("b.yaml")
+            ),
+            format!(
+                "error: {}: a symbolic link that leads back to itself ({} -> self.yaml); file ignored",
+                at("self.yaml"),
+                at("self.yaml")
+            ),
+        ]
+    );
+    assert_eq!(inventory.services.len(), 1);
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+/// A name of 100,000 characters was accepted (the API server caps names at 63 or 253) and
+/// repeated in every line about the object. Names are validated as the API server does, and a
+/// refused one is said cut short.
+#[test]
+fn names_are_validated_like_the_api_server_does() {
+    let long = "a".repeat(100_000);
+    let object = |kind: &str, api: &str, namespace: &str, name: &str| {
+        format!(
+            "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {name}, namespace: {namespace}}}\n"
+        )
+    };
+    let files = [
+        object("Service", "v1", "default", &long),
+        object("Service", "v1", "default", "9lives"),
+        object("Service", "v1", "Default", "ok"),
+        object("EndpointSlice", "discovery.k8s.io/v1", "default", "web-1.x"),
+        object("Endpoints", "v1", "default", "Web_1"),
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: labelled\n  labels: {{kubernetes.io/service-name: {long}}}\naddressType: IPv4\nendpoints: []\n"
+        ),
+        object("Service", "v1", "default", "fine-1"),
+    ]
+    .join("---\n");
+    let (inventory, diagnostics) = load(&[("m.yaml", &files)]);
+    let short = format!("{}...(100000 characters)", "a".repeat(43));
+    assert_eq!(
+        rendered(&diagnostics),
+        [
+            format!("error: m.yaml:1: Service default/{short}: metadata.name: \"{short}\" is not a valid Service name: at most 63 characters, not 100000, lower case letters, digits and '-', starting with a letter and ending with a letter or digit (the API server refuses it too); object ignored"),
+            "error: m.yaml:5: Service default/9lives: metadata.name: \"9lives\" is not a valid Service name: at most 63 characters, lower case letters, digits and '-', starting with a letter and ending with a letter or digit (the API server refuses it too); object ignored".to_owned(),
+            "error: m.yaml:9: Service Default/ok: metadata.namespace: \"Default\" is not a valid namespace: at most 63 characters, lower case letters, digits and '-', starting and ending with a letter or digit (the API server refuses it too); object ignored".to_owned(),
+            "error: m.yaml:17: Endpoints default/Web_1: metadata.name: \"Web_1\" is not a valid Endpoints name: at most 253 characters, lower case letters, digits, '-' and '.', each part between dots starting and ending with a letter or digit (the API server refuses it too); object ignored".to_owned(),
+            format!("error: m.yaml:21: EndpointSlice default/labelled: metadata.labels[kubernetes.io/service-name]: \"{short}\" cannot be the name of a Service (at most 63 characters, lower case letters, digits and '-', starting with a letter and ending with a letter or digit); object ignored"),
+        ]
+    );
+    assert!(diagnostics.iter().all(|d| d.to_string().len() < 600));
+    assert_eq!(
+        inventory.services.keys().cloned().collect::<Vec<_>>(),
+        [key("default", "fine-1")]
+    );
+    assert_eq!(
+        inventory.slices.keys().cloned().collect::<Vec<_>>(),
+        [key("default", "web-1.x")]
+    );
+}

@@ -13,6 +13,8 @@ use extproxy::{
     pins::{self, Pinned},
     podlinks::{LinkEvent, Patterns, PodLinks},
     reconcile::{self, Reconciler},
+    refusals::EventStream,
+    snat,
     state::AgentState,
 };
 use proxy_common::Config;
@@ -79,7 +81,8 @@ pub fn start(
     dp: &DatapathArgs,
     ifaces: &[String],
     state: AgentState,
-) -> anyhow::Result<(Verifying, Agent)> {
+    snat_ports: &[std::ops::RangeInclusive<u16>],
+) -> anyhow::Result<(Verifying, Agent, EventStream)> {
     let limits = Limits {
         max_services: dp.max_services,
         max_frontends: dp.max_frontends,
@@ -141,8 +144,6 @@ pub fn start(
         }
     };
     let config = Config {
-        snat_port_min: *dp.snat_ports.start(),
-        snat_port_max: *dp.snat_ports.end(),
         tcp_established_timeout: dp.tcp_established_timeout,
         udp_stream_timeout: dp.udp_timeout,
         flags: if xdp_tx {
@@ -151,9 +152,17 @@ pub fn start(
             0
         },
         ..Config::DEFAULT
-    };
+    }
+    .with_snat_ranges(&snat::port_ranges(snat_ports));
+    // The agent ages flows and held ports with the same clock factors the data path gets.
+    let config = host::with_clock(&config);
     loader::write_config(&mut ebpf, &config)?;
     let maps = DatapathMaps::take_from(&mut ebpf)?;
+    let events = ebpf
+        .take_map(proxy_common::MAP_EVENTS)
+        .context("the data path has no event ring")?;
+    let events = EventStream::new(aya::maps::RingBuf::try_from(events)?)
+        .context("reading the data path's events")?;
     let rlimits = reconcile::Limits {
         max_services: limits.max_services,
         max_backends: limits.max_backends,
@@ -169,7 +178,7 @@ pub fn start(
         .name("verifier".into())
         .spawn(move || loader::load_programs(&mut ebpf).map(|()| ebpf))
         .context("starting the program loader")?;
-    Ok((Verifying { thread, started }, agent))
+    Ok((Verifying { thread, started }, agent, events))
 }
 
 fn attach_all(

@@ -13,7 +13,7 @@ use extproxy::{
 use super::{
     Housekeeping,
     datapath::{Running, finish, start},
-    iface_addresses, stall_after, start_metrics, sweep,
+    iface_addresses, refused, snat_ranges, stall_after, start_metrics, sweep,
 };
 use crate::cli::RunArgs;
 
@@ -43,7 +43,8 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
         .iter()
         .chain(&overrides.iface_addrs)
         .any(IpAddr::is_ipv6);
-    for w in host::check_sysctls(true, v6, &dp.snat_ports) {
+    let snat = snat_ranges(args);
+    for w in host::check_sysctls(true, v6, &snat) {
         tracing::warn!("{w}");
     }
 
@@ -71,7 +72,8 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
         interfaces: ifaces.to_vec(),
         ..AgentState::default()
     };
-    let (verifying, agent) = start(dp, ifaces, state)?;
+    let (verifying, agent, mut dp_events) = start(dp, ifaces, state, &snat)?;
+    let mut refusals = extproxy::refusals::Refusals::default();
     let (ebpf, _) = verifying.wait()?;
     // Attach before the first sync: a previous agent's links are taken over at once (its maps
     // keep forwarding until the cluster is known again); fresh maps pass everything meanwhile.
@@ -114,11 +116,32 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
                 }
             }
             events = running.pods.next() => running.pod_events(events, &telemetry),
-            _ = hk.gc.tick() => sweep(&mut running.agent, &telemetry),
+            events = dp_events.next() => {
+                let reports = refused(&events, &mut refusals, &running.agent, &telemetry);
+                report_refusals(&source, reports);
+            }
+            _ = hk.gc.tick() => {
+                sweep(&mut running.agent, &telemetry);
+                let reports = refused(&[], &mut refusals, &running.agent, &telemetry);
+                report_refusals(&source, reports);
+            }
             _ = hk.flush.tick() => running.agent.flush_state(),
         }
     }
     running.agent.flush_state_now();
     // A DaemonSet rollout restarts the agent: flows must survive it, so keeping is the default.
     finish(running, dp, !dp.detach_on_exit)
+}
+
+/// An Event on the Service of each refusal problem (one per problem, counting its episodes).
+fn report_refusals(source: &KubeSource, reports: Vec<extproxy::refusals::Report>) {
+    for r in reports {
+        let key = &r.key;
+        source.report_problem(
+            extproxy::translate::ObjectKey::new(&key.service.namespace, &key.service.name),
+            key.reason.name(),
+            format!("{} from {}", key.endpoint, key.egress),
+            key.describe(),
+        );
+    }
 }

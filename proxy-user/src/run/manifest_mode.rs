@@ -15,7 +15,7 @@ use extproxy::{
 use super::{
     Housekeeping,
     datapath::{Running, finish, start},
-    iface_addresses, service_names, stall_after, start_metrics, sweep,
+    iface_addresses, refused, service_names, snat_ranges, stall_after, start_metrics, sweep,
 };
 use crate::cli::{RunArgs, ServiceArgs};
 
@@ -51,7 +51,8 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
         host::join_addrs(&egress, ", ", "none"),
         host::join_addrs(&node_addresses, ", ", "none")
     );
-    for w in host::check_sysctls(true, egress.iter().any(IpAddr::is_ipv6), &dp.snat_ports) {
+    let snat = snat_ranges(args);
+    for w in host::check_sysctls(true, egress.iter().any(IpAddr::is_ipv6), &snat) {
         tracing::warn!("{w}");
     }
 
@@ -64,7 +65,8 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
         ..AgentState::default()
     };
     let started = Instant::now();
-    let (verifying, mut agent) = start(dp, ifaces, state)?;
+    let (verifying, mut agent, mut dp_events) = start(dp, ifaces, state, &snat)?;
+    let mut refusals = extproxy::refusals::Refusals::default();
     let loaded = started.elapsed();
     let telemetry = Telemetry::new(stall_after(dp.gc_interval));
     start_metrics(args.kube.metrics_address, None, &telemetry, &dp.pin_dir).await?;
@@ -79,6 +81,8 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
     let read = started.elapsed();
     let mut watcher = DirWatcher::new(&manifests).context("watching the manifests")?;
     let mut translator = Incremental::new(node, settings);
+    // Frontends the (adopted) maps serve stay with their Service, whatever a newer file says.
+    translator.set_incumbents(agent.incumbents());
     set.feed(&mut translator);
     let t = translator.update();
     tracing::info!(
@@ -134,7 +138,13 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
                 );
             }
             events = running.pods.next() => running.pod_events(events, &telemetry),
-            _ = hk.gc.tick() => sweep(&mut running.agent, &telemetry),
+            events = dp_events.next() => {
+                refused(&events, &mut refusals, &running.agent, &telemetry);
+            }
+            _ = hk.gc.tick() => {
+                sweep(&mut running.agent, &telemetry);
+                refused(&[], &mut refusals, &running.agent, &telemetry);
+            }
             _ = hk.flush.tick() => running.agent.flush_state(),
         }
     }

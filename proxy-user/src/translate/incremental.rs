@@ -1,19 +1,24 @@
 //! Keeping a [`Translation`] up to date one change at a time.
 //!
 //! A Service's translation depends on its own object, the EndpointSlices labelled with its name,
-//! the node and the settings, and on two things decided across Services in namespace/name
-//! order: who keeps a contested frontend (the first Service wanting it) and which values filling
-//! hands out (explicit values of every Service are taken, then each Service fills in turn). Each
-//! Service's result is cached with what it wanted (frontends, fills), and a change re-translates
-//! the Services it touches: the changed ones, the later claimants of a frontend whose first
-//! claimant changed, and, when the taken values changed, every later Service whose fills come out
-//! differently. The result is the one a single pass over the whole inventory gives
-//! ([`super::translate`] is that pass: an update from nothing).
+//! the node and the settings, and on things decided across Services: who keeps a contested
+//! frontend (the Service serving it, else the oldest wanting it), which values filling hands out
+//! (explicit values of every Service are taken, then each Service fills in turn, in
+//! namespace/name order), which addresses are cluster IPs (not usable as endpoints) and which
+//! are endpoints (not usable as external frontends). Each Service's result is cached with what
+//! it wanted (frontends, fills, external addresses), and a change re-translates the Services it
+//! touches: the changed ones, the other claimants of a frontend whose claims changed, the
+//! Services whose endpoints or external addresses became or stopped being a cluster IP or an
+//! endpoint, and, when the taken values changed, every later Service whose fills come out
+//! differently. The result is the one a single pass over the whole inventory gives, with the same
+//! frontends served before ([`super::translate_with`] is that pass: an update from nothing).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::ops::Bound;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use ipnet::IpNet;
 use proxy_common::FrontendKey;
@@ -48,6 +53,8 @@ pub(super) struct ServiceOut {
     /// Every frontend the Service wanted, kept or not, with the index of its port in `ports`.
     pub wanted: Vec<(FrontendKey, u32)>,
     pub allocations: Vec<Allocation>,
+    /// External and load balancer addresses it wanted: they must not be endpoint addresses.
+    pub external_addrs: Vec<IpAddr>,
 }
 
 impl ServiceOut {
@@ -58,6 +65,9 @@ impl ServiceOut {
         self.port_keys.shrink_to_fit();
         self.wanted.shrink_to_fit();
         self.allocations.shrink_to_fit();
+        self.external_addrs.sort_unstable();
+        self.external_addrs.dedup();
+        self.external_addrs.shrink_to_fit();
     }
 
     /// The first port (by key) wanting each frontend.
@@ -111,7 +121,7 @@ struct ServiceEntry {
 }
 
 #[derive(Debug)]
-struct SliceEntry {
+pub(super) struct SliceEntry {
     /// Where the slice was read, and the Endpoints it was mirrored from: the slice's [`Site`]
     /// is made from these and its key when a diagnostic needs it, rather than kept for each of
     /// 10k slices.
@@ -129,6 +139,96 @@ impl SliceEntry {
     }
 }
 
+/// Every EndpointSlice by key.
+pub(super) type Slices = BTreeMap<ObjectKey, Box<SliceEntry>>;
+
+/// A slice labelled with the Service being translated.
+pub(super) struct SliceRef<'a> {
+    key: &'a ObjectKey,
+    entry: &'a SliceEntry,
+    facts: &'a SliceFacts,
+}
+
+impl<'a> SliceRef<'a> {
+    pub fn facts(&self) -> &'a SliceFacts {
+        self.facts
+    }
+
+    pub fn site(&self) -> Site {
+        self.entry.site(self.key)
+    }
+}
+
+/// The Service labelled on the first slice (by key) with an endpoint at `ip`.
+pub(super) fn endpoint_service<'a>(slices: &'a Slices, ip: &IpAddr) -> Option<&'a ObjectKey> {
+    slices.values().find_map(|entry| {
+        let (service, facts) = entry.labelled.as_ref()?;
+        facts
+            .endpoints
+            .iter()
+            .any(|(e, _, _)| e == ip)
+            .then_some(service)
+    })
+}
+
+/// Why one Service keeps a frontend another one wants too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Precedence {
+    /// It is serving the frontend.
+    Serving,
+    /// It was created first (Kubernetes mode).
+    Older,
+    /// Its manifest file was modified first.
+    OlderFile,
+    /// Its manifest file comes first by path.
+    File,
+    /// Its namespace/name comes first.
+    Name,
+}
+
+/// Orders the Services wanting one frontend: the first keeps it.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank<'a> {
+    /// Not the Service serving the frontend.
+    newcomer: bool,
+    age: (bool, Option<SystemTime>, Option<&'a str>),
+    file: Option<&'a Path>,
+    key: &'a ObjectKey,
+}
+
+impl Rank<'_> {
+    /// Why `self`, ranked first, keeps the frontend from `other`.
+    fn over(&self, other: &Rank<'_>) -> Precedence {
+        if self.newcomer != other.newcomer {
+            Precedence::Serving
+        } else if self.age != other.age && self.file.is_some() {
+            Precedence::OlderFile
+        } else if self.age != other.age {
+            Precedence::Older
+        } else if self.file != other.file {
+            Precedence::File
+        } else {
+            Precedence::Name
+        }
+    }
+}
+
+/// The Services wanting one frontend, and the one serving it after the last update.
+#[derive(Debug, Default)]
+struct Claim {
+    claimants: Vec<Arc<ObjectKey>>,
+    holder: Option<Arc<ObjectKey>>,
+}
+
+/// What ranks a Service among others wanting one frontend, besides its name.
+fn rank_basis(source: &Sourced<Service>) -> (&super::Seniority, Option<&Path>) {
+    let file = match &source.origin {
+        Origin::Manifest { file, .. } => Some(&**file),
+        Origin::Cluster => None,
+    };
+    (&source.seniority, file)
+}
+
 /// Where diagnostics about the slice `key` point: the Endpoints it mirrors, else itself.
 fn slice_site(origin: &Origin, mirrored_from: Option<&ObjectRef>, key: &ObjectKey) -> Site {
     let reported = mirrored_from
@@ -143,8 +243,17 @@ pub(super) struct World {
     /// Boxed: an entry is a few hundred bytes, and B-tree nodes are mostly slack for values
     /// that large.
     services: BTreeMap<Arc<ObjectKey>, Box<ServiceEntry>>,
-    /// The Services wanting each frontend, in namespace/name order: the first one keeps it.
-    claims: HashMap<FrontendKey, Vec<Arc<ObjectKey>>>,
+    /// The Services wanting each frontend.
+    claims: HashMap<FrontendKey, Claim>,
+    /// Who serves frontends that have no claim yet (the agent's incumbents, or the holders
+    /// before a full update started over); consumed by the next update.
+    pending_holders: HashMap<FrontendKey, Arc<ObjectKey>>,
+    /// Frontends whose claims changed in this update: their holders are settled after it.
+    touched: HashSet<FrontendKey>,
+    /// The Services wanting each external or load balancer address.
+    external_addrs: HashMap<IpAddr, Vec<Arc<ObjectKey>>>,
+    /// How many endpoints (over all labelled slices) have each address.
+    endpoint_addrs: HashMap<IpAddr, u32>,
     /// Explicit values, counted per Service that names them.
     reserved_ips: HashMap<IpAddr, u32>,
     reserved_node_ports: HashMap<u16, u32>,
@@ -156,15 +265,92 @@ pub(super) struct World {
 }
 
 impl World {
-    /// The port of the first Service before `key` that wants `frontend`: it keeps the frontend.
-    pub fn owner_before(&self, key: &ObjectKey, frontend: &FrontendKey) -> Option<ServicePortKey> {
-        let first = self.claims.get(frontend)?.first()?;
-        if **first >= *key {
+    fn rank<'a>(&'a self, key: &'a ObjectKey, holder: Option<&ObjectKey>) -> Rank<'a> {
+        let basis = self
+            .services
+            .get(key)
+            .and_then(|e| e.source.as_ref())
+            .map(rank_basis);
+        Rank {
+            newcomer: holder != Some(key),
+            age: basis.map_or((true, None, None), |(seniority, _)| seniority.order()),
+            file: basis.and_then(|(_, file)| file),
+            key,
+        }
+    }
+
+    /// The Service that keeps a claimed frontend.
+    fn winner<'a>(&'a self, claim: &'a Claim) -> Option<&'a Arc<ObjectKey>> {
+        let holder = claim.holder.as_deref();
+        claim
+            .claimants
+            .iter()
+            .min_by(|a, b| self.rank(a, holder).cmp(&self.rank(b, holder)))
+    }
+
+    /// The port of another Service wanting `frontend` that keeps it from `key`, and why.
+    pub fn owner_over(
+        &self,
+        key: &ObjectKey,
+        frontend: &FrontendKey,
+    ) -> Option<(ServicePortKey, Precedence)> {
+        let claim = self.claims.get(frontend)?;
+        let holder = claim.holder.as_deref();
+        let (first, rank) = claim
+            .claimants
+            .iter()
+            .filter(|c| ***c != *key)
+            .map(|c| (c, self.rank(c, holder)))
+            .min_by(|a, b| a.1.cmp(&b.1))?;
+        if rank > self.rank(key, holder) {
             return None;
         }
+        // The reason given is the one that would decide without the serving Service too, so
+        // that it stays the same once the winner serves the frontend.
+        let (theirs, ours) = (self.rank(first, None), self.rank(key, None));
+        let why = if theirs < ours {
+            theirs.over(&ours)
+        } else {
+            Precedence::Serving
+        };
         let out = &self.services.get(first)?.out;
         let (_, port) = out.wanted.iter().find(|(f, _)| f == frontend)?;
-        out.port_keys.get(*port as usize).cloned()
+        Some((out.port_keys.get(*port as usize)?.clone(), why))
+    }
+
+    /// After an update: whoever kept each frontend whose claims changed now serves it.
+    fn settle_holders(&mut self) {
+        let touched = std::mem::take(&mut self.touched);
+        let winners: Vec<(FrontendKey, Option<Arc<ObjectKey>>)> = touched
+            .into_iter()
+            .filter_map(|f| Some((f, self.winner(self.claims.get(&f)?).cloned())))
+            .collect();
+        for (frontend, winner) in winners {
+            if let Some(claim) = self.claims.get_mut(&frontend) {
+                claim.holder = winner;
+            }
+        }
+        self.pending_holders.clear();
+        self.pending_holders.shrink_to_fit();
+    }
+
+    /// Whether some endpoint has the address `ip`.
+    pub fn is_endpoint_address(&self, ip: &IpAddr) -> bool {
+        self.endpoint_addrs.contains_key(ip)
+    }
+
+    /// The Service whose cluster IP (explicit or filled in) is `ip`, if any.
+    pub fn cluster_ip_owner(&self, ip: &IpAddr) -> Option<&ObjectKey> {
+        if let Some(owner) = self.filled_ips.get(ip) {
+            return Some(owner);
+        }
+        if !self.reserved_ips.contains_key(ip) {
+            return None;
+        }
+        self.services
+            .iter()
+            .find(|(_, e)| e.reserved.ips.contains(ip))
+            .map(|(k, _)| &**k)
     }
 
     /// A cluster IP for the Service `key`, as a single pass would hand it out: explicit values
@@ -219,47 +405,32 @@ impl World {
         })
     }
 
-    /// Updates the counts of explicit values; true if a value became taken or free.
-    fn reserve(&mut self, old: &Reserved, new: &Reserved) -> bool {
-        fn count<T: std::hash::Hash + Eq + Copy>(
-            map: &mut HashMap<T, u32>,
-            old: &[T],
-            new: &[T],
-        ) -> bool {
-            let mut flipped = false;
-            for v in new {
-                let n = map.entry(*v).or_default();
-                *n += 1;
-                flipped |= *n == 1;
-            }
-            for v in old {
-                if let Some(n) = map.get_mut(v) {
-                    *n -= 1;
-                    if *n == 0 {
-                        map.remove(v);
-                        flipped = true;
-                    }
-                }
-            }
-            flipped
-        }
-        let ips = count(&mut self.reserved_ips, &old.ips, &new.ips);
-        let ports = count(
+    /// Updates the counts of explicit values; true if a value became taken or free. The cluster
+    /// IPs named are added to `changed_ips`: whose they are may have changed.
+    fn reserve(&mut self, old: &Reserved, new: &Reserved, changed_ips: &mut Vec<IpAddr>) -> bool {
+        let mut flipped_ips = Vec::new();
+        count(&mut self.reserved_ips, &old.ips, &new.ips, &mut flipped_ips);
+        let mut flipped_ports = Vec::new();
+        count(
             &mut self.reserved_node_ports,
             &old.node_ports,
             &new.node_ports,
+            &mut flipped_ports,
         );
-        ips || ports
+        changed_ips.extend(old.ips.iter().chain(&new.ips));
+        !flipped_ips.is_empty() || !flipped_ports.is_empty()
     }
 
-    /// Replaces what `key` wanted: frontend claims and filled values. Later Services whose
-    /// view of a frontend's owner changed are added to `queue`; returns whether fills changed.
+    /// Replaces what `key` wanted: frontend claims, external addresses and filled values. The
+    /// other claimants of a frontend whose claims changed are added to `queue`, and filled
+    /// cluster IPs that changed hands to `flipped_ips`; returns whether fills changed.
     fn record(
         &mut self,
         key: &Arc<ObjectKey>,
         old: &ServiceOut,
         new: &ServiceOut,
         queue: &mut BTreeSet<Arc<ObjectKey>>,
+        flipped_ips: &mut Vec<IpAddr>,
     ) -> bool {
         let old_first = old.first_claims();
         let new_first = new.first_claims();
@@ -268,33 +439,58 @@ impl World {
                 Some((_, now)) if now == port => continue,
                 Some(_) => {}
                 None => {
-                    if let Some(claimants) = self.claims.get_mut(frontend) {
-                        claimants.retain(|c| c != key);
-                        if claimants.is_empty() {
+                    if let Some(claim) = self.claims.get_mut(frontend) {
+                        claim.claimants.retain(|c| c != key);
+                        if claim.claimants.is_empty() {
                             self.claims.remove(frontend);
                         }
                     }
                 }
             }
-            self.requeue_after(key, frontend, queue);
+            self.touched.insert(*frontend);
+            self.requeue_others(key, frontend, queue);
         }
         for (frontend, _) in &new_first {
             if old_first.iter().any(|(f, _)| f == frontend) {
                 continue;
             }
-            // Almost every frontend has one claimant.
-            let claimants = self
-                .claims
-                .entry(*frontend)
-                .or_insert_with(|| Vec::with_capacity(1));
-            if let Err(at) = claimants.binary_search(key) {
-                claimants.insert(at, key.clone());
+            let pending = self.pending_holders.get(frontend);
+            let claim = self.claims.entry(*frontend).or_insert_with(|| Claim {
+                // Almost every frontend has one claimant.
+                claimants: Vec::with_capacity(1),
+                holder: pending.cloned(),
+            });
+            if !claim.claimants.contains(key) {
+                claim.claimants.push(key.clone());
             }
-            self.requeue_after(key, frontend, queue);
+            self.touched.insert(*frontend);
+            self.requeue_others(key, frontend, queue);
+        }
+
+        if old.external_addrs != new.external_addrs {
+            for ip in &old.external_addrs {
+                if let Some(wanting) = self.external_addrs.get_mut(ip) {
+                    wanting.retain(|c| c != key);
+                    if wanting.is_empty() {
+                        self.external_addrs.remove(ip);
+                    }
+                }
+            }
+            for ip in &new.external_addrs {
+                let wanting = self.external_addrs.entry(*ip).or_default();
+                if !wanting.contains(key) {
+                    wanting.push(key.clone());
+                }
+            }
         }
 
         if old.allocations == new.allocations {
             return false;
+        }
+        for a in old.allocations.iter().chain(&new.allocations) {
+            if let Allocation::ClusterIp(_, _, Some(ip)) = a {
+                flipped_ips.push(*ip);
+            }
         }
         for a in &old.allocations {
             match a {
@@ -328,14 +524,41 @@ impl World {
         true
     }
 
-    fn requeue_after(
+    /// Queues the other Services wanting `frontend`: who keeps it may have changed.
+    fn requeue_others(
         &self,
         key: &ObjectKey,
         frontend: &FrontendKey,
         queue: &mut BTreeSet<Arc<ObjectKey>>,
     ) {
-        if let Some(claimants) = self.claims.get(frontend) {
-            queue.extend(claimants.iter().filter(|c| ***c > *key).cloned());
+        if let Some(claim) = self.claims.get(frontend) {
+            queue.extend(claim.claimants.iter().filter(|c| ***c != *key).cloned());
+        }
+    }
+}
+
+/// Counts `new` in and `old` out of `map`, adding the values that became present or absent to
+/// `flipped`.
+fn count<T: std::hash::Hash + Eq + Copy>(
+    map: &mut HashMap<T, u32>,
+    old: &[T],
+    new: &[T],
+    flipped: &mut Vec<T>,
+) {
+    for v in new {
+        let n = map.entry(*v).or_default();
+        *n += 1;
+        if *n == 1 {
+            flipped.push(*v);
+        }
+    }
+    for v in old {
+        if let Some(n) = map.get_mut(v) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(v);
+                flipped.push(*v);
+            }
         }
     }
 }
@@ -347,13 +570,16 @@ pub struct Incremental {
     settings: Settings,
     world: World,
     /// Boxed, as [`World::services`].
-    slices: BTreeMap<ObjectKey, Box<SliceEntry>>,
+    slices: Slices,
     /// Slices by the Service their label names.
     /// Sorted Vecs, not BTreeSets: a Service has a slice or two, and a B-tree leaf for each of
     /// 10k Services was 5 MB.
     slices_by_service: BTreeMap<ObjectKey, Vec<ObjectKey>>,
     /// Services to translate again (their object or their slices changed).
     dirty: BTreeSet<ObjectKey>,
+    /// Services whose age or file changed: the messages of Services losing a frontend to them
+    /// give another reason.
+    reranked: BTreeSet<ObjectKey>,
     /// The next update translates everything (the first one, new node facts or settings).
     full: bool,
     diagnostics_dirty: bool,
@@ -371,6 +597,7 @@ impl Incremental {
             slices: BTreeMap::new(),
             slices_by_service: BTreeMap::new(),
             dirty: BTreeSet::new(),
+            reranked: BTreeSet::new(),
             full: true,
             diagnostics_dirty: true,
             source_diagnostics: Vec::new(),
@@ -397,6 +624,29 @@ impl Incremental {
         }
     }
 
+    /// Which Service serves each frontend now (the maps, when the agent starts on maps a
+    /// previous agent left): a frontend stays with that Service as long as it wants it, whoever
+    /// else comes to want it too. Frontends of Services that do not want them any more, and
+    /// frontends nobody serves yet, go to the oldest Service wanting them. After every update
+    /// the translator goes on from what it decided itself.
+    pub fn set_incumbents(
+        &mut self,
+        incumbents: impl IntoIterator<Item = (FrontendKey, ObjectKey)>,
+    ) {
+        let mut shared: HashMap<ObjectKey, Arc<ObjectKey>> = HashMap::new();
+        self.world.pending_holders = incumbents
+            .into_iter()
+            .map(|(frontend, key)| {
+                let key = shared
+                    .entry(key)
+                    .or_insert_with_key(|k| Arc::new(k.clone()))
+                    .clone();
+                (frontend, key)
+            })
+            .collect();
+        self.full = true;
+    }
+
     /// Problems the source found (manifest mode: files, duplicates, mirroring), reported ahead of
     /// the translation's own.
     pub fn set_source_diagnostics(&mut self, diagnostics: Vec<Diagnostic>) {
@@ -411,6 +661,15 @@ impl Incremental {
         let existed = match self.world.services.get_mut(&key) {
             Some(entry) => {
                 let existed = entry.source.is_some();
+                // Compared with what the last translation ranked, even when the Service is
+                // removed and added back before the next update.
+                if let Some(old) = &entry.source
+                    && service
+                        .as_ref()
+                        .is_none_or(|new| rank_basis(old) != rank_basis(new))
+                {
+                    self.reranked.insert(key.clone());
+                }
                 entry.source = service;
                 existed != entry.source.is_some()
             }
@@ -436,8 +695,22 @@ impl Incremental {
 
     /// Adds, replaces (Some) or removes (None) an EndpointSlice.
     pub fn set_slice(&mut self, key: ObjectKey, slice: Option<Sourced<EndpointSlice>>) {
+        // Endpoint addresses that come or go: a Service with one as an external address is
+        // translated again (the address is refused, or no longer, or its message names
+        // another Service).
+        let mut changed = Vec::new();
         if let Some(old) = self.slices.remove(&key) {
             self.note_slice(&old);
+            if let Some((_, facts)) = &old.labelled {
+                let old_ips: Vec<IpAddr> = facts.endpoints.iter().map(|(ip, _, _)| *ip).collect();
+                count(
+                    &mut self.world.endpoint_addrs,
+                    &old_ips,
+                    &[],
+                    &mut Vec::new(),
+                );
+                changed.extend(old_ips);
+            }
             if let Some((service, _)) = old.labelled {
                 if let Some(keys) = self.slices_by_service.get_mut(&service) {
                     if let Ok(at) = keys.binary_search(&key) {
@@ -450,7 +723,10 @@ impl Incremental {
                 self.dirty.insert(service);
             }
         }
-        let Some(slice) = slice else { return };
+        let Some(slice) = slice else {
+            self.requeue_external(&changed);
+            return;
+        };
         let site = slice_site(&slice.origin, slice.mirrored_from.as_deref(), &key);
         let label = slice.object.metadata.labels.get(SERVICE_NAME_LABEL);
         let mut diagnostics = Vec::new();
@@ -470,6 +746,17 @@ impl Incremental {
             diagnostics,
         };
         self.note_slice(&entry);
+        if let Some((_, facts)) = &entry.labelled {
+            let new_ips: Vec<IpAddr> = facts.endpoints.iter().map(|(ip, _, _)| *ip).collect();
+            count(
+                &mut self.world.endpoint_addrs,
+                &[],
+                &new_ips,
+                &mut Vec::new(),
+            );
+            changed.extend(new_ips);
+        }
+        self.requeue_external(&changed);
         if let Some((service, _)) = &entry.labelled {
             let keys = self
                 .slices_by_service
@@ -481,6 +768,37 @@ impl Incremental {
             self.dirty.insert(service.clone());
         }
         self.slices.insert(key, Box::new(entry));
+    }
+
+    /// Marks dirty the Services wanting one of `ips` as an external address.
+    fn requeue_external(&mut self, ips: &[IpAddr]) {
+        for ip in ips {
+            if let Some(wanting) = self.world.external_addrs.get(ip) {
+                self.dirty.extend(wanting.iter().map(|k| (**k).clone()));
+            }
+        }
+    }
+
+    /// Queues the Services with an endpoint at one of `ips`: whether it is a cluster IP changed.
+    fn requeue_endpoint_users(&self, ips: &[IpAddr], queue: &mut BTreeSet<Arc<ObjectKey>>) {
+        for ip in ips {
+            if !self.world.is_endpoint_address(ip) {
+                continue;
+            }
+            for entry in self.slices.values() {
+                let Some((service, facts)) = &entry.labelled else {
+                    continue;
+                };
+                if !facts.endpoints.iter().any(|(e, _, _)| e == ip) {
+                    continue;
+                }
+                if let Some((key, e)) = self.world.services.get_key_value(service)
+                    && e.source.is_some()
+                {
+                    queue.insert(key.clone());
+                }
+            }
+        }
     }
 
     /// Marks the diagnostics dirty if `slice` contributes any.
@@ -513,7 +831,14 @@ impl Incremental {
                 entry.out = ServiceOut::default();
                 entry.reserved = Reserved::default();
             }
-            world.claims.clear();
+            // Starting over forgets the claims, not who serves what.
+            for (frontend, claim) in world.claims.drain() {
+                if let Some(holder) = claim.holder {
+                    world.pending_holders.entry(frontend).or_insert(holder);
+                }
+            }
+            world.touched.clear();
+            world.external_addrs.clear();
             world.reserved_ips.clear();
             world.reserved_node_ports.clear();
             world.filled_ips.clear();
@@ -528,6 +853,7 @@ impl Incremental {
         // Explicit values and removals first: both change what every later Service sees.
         let mut queue: BTreeSet<Arc<ObjectKey>> = BTreeSet::new();
         let mut refill = false;
+        let mut flipped_ips = Vec::new();
         for key in dirty {
             let Some((arc, entry)) = self.world.services.get_key_value(&key) else {
                 continue;
@@ -540,7 +866,7 @@ impl Incremental {
                 .unwrap_or_default();
             if reserved != entry.reserved {
                 let old = std::mem::take(&mut self.world.services.get_mut(&key).unwrap().reserved);
-                refill |= self.world.reserve(&old, &reserved);
+                refill |= self.world.reserve(&old, &reserved, &mut flipped_ips);
                 self.world.services.get_mut(&key).unwrap().reserved = reserved;
             }
             if self.world.services[&key].source.is_some() {
@@ -550,13 +876,27 @@ impl Incremental {
             let Some(entry) = self.world.services.remove(&key) else {
                 continue;
             };
-            refill |= self
-                .world
-                .record(&arc, &entry.out, &ServiceOut::default(), &mut queue);
+            refill |= self.world.record(
+                &arc,
+                &entry.out,
+                &ServiceOut::default(),
+                &mut queue,
+                &mut flipped_ips,
+            );
             self.forget_outputs(&entry.out, &ServiceOut::default(), &mut changes);
+        }
+        self.requeue_endpoint_users(&flipped_ips, &mut queue);
+        for key in std::mem::take(&mut self.reranked) {
+            if let Some(entry) = self.world.services.get(&key) {
+                for (frontend, _) in entry.out.first_claims() {
+                    self.world.requeue_others(&key, &frontend, &mut queue);
+                }
+            }
         }
 
         // In namespace/name order, so every Service sees the Services before it as they are now.
+        // The cursor is how far fills are known to be settled: a Service translated again for
+        // a frontend or an endpoint, its fills unchanged, does not move it back.
         let mut cursor: Option<Arc<ObjectKey>> = None;
         loop {
             let next_dirty = queue.first().cloned();
@@ -579,12 +919,20 @@ impl Incremental {
                 (None, None) => break,
             };
             let was_dirty = queue.remove(&key);
-            cursor = Some(key.clone());
+            let ahead = cursor.as_ref().is_none_or(|c| key > *c);
+            if ahead {
+                cursor = Some(key.clone());
+            }
             if !was_dirty && self.world.fills_unchanged(&key, &self.settings) {
                 continue;
             }
-            refill |= self.retranslate(&key, &mut queue, &mut changes);
+            let refilled = self.retranslate(&key, &mut queue, &mut changes);
+            if refilled && !ahead {
+                cursor = Some(key.clone());
+            }
+            refill |= refilled;
         }
+        self.world.settle_holders();
 
         if changes.diagnostics {
             self.translation.diagnostics = self.collect_diagnostics();
@@ -628,12 +976,16 @@ impl Incremental {
         else {
             return false;
         };
-        let slices: Vec<&SliceFacts> = self
+        let slices: Vec<SliceRef<'_>> = self
             .slices_by_service
             .get(&**key)
             .into_iter()
             .flatten()
-            .filter_map(|k| self.slices.get(k)?.labelled.as_ref().map(|(_, f)| f))
+            .filter_map(|k| {
+                let (key, entry) = self.slices.get_key_value(k)?;
+                let (_, facts) = entry.labelled.as_ref()?;
+                Some(SliceRef { key, entry, facts })
+            })
             .collect();
         let site = Site::new(
             source.origin.clone(),
@@ -643,11 +995,13 @@ impl Incremental {
             settings: &self.settings,
             node: &self.node,
             world: &self.world,
+            slices: &self.slices,
             key,
             out: ServiceOut::default(),
             own_ips: BTreeSet::new(),
             own_node_ports: BTreeSet::new(),
             frontend_owners: HashMap::new(),
+            unusable_endpoints: BTreeSet::new(),
         };
         if let Some(reason) = t.claim(&source.object, &site) {
             t.out.claimed = Some(reason);
@@ -656,7 +1010,9 @@ impl Incremental {
         let mut new = t.out;
         new.port_keys = new.ports.iter().map(|(k, _)| k.clone()).collect();
         let old = std::mem::take(&mut self.world.services.get_mut(&**key).unwrap().out);
-        let refill = self.world.record(key, &old, &new, queue);
+        let mut flipped_ips = Vec::new();
+        let refill = self.world.record(key, &old, &new, queue, &mut flipped_ips);
+        self.requeue_endpoint_users(&flipped_ips, queue);
         self.forget_outputs(&old, &new, changes);
         let desired = &mut self.translation.desired.services;
         for (port, service) in std::mem::take(&mut new.ports) {

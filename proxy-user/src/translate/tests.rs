@@ -1067,13 +1067,12 @@ fn kube_mode_never_fills() {
 fn invalid_cluster_ips_and_families() {
     let t = run(&service_yaml(
         "s",
-        "  clusterIPs: [10.96.0.300, 10.96.0.9, 10.96.0.10]\n  ipFamilies: [IPv5]\n  ipFamilyPolicy: Maybe\n  ports: [{port: 80}]",
+        "  clusterIPs: [10.96.0.9, 10.96.0.10]\n  ipFamilies: [IPv5]\n  ipFamilyPolicy: Maybe\n  ports: [{port: 80}]",
     ));
     assert_eq!(
         messages(&t),
         [
-            "error: m.yaml:1: Service default/s: spec.clusterIPs[0]: \"10.96.0.300\" is not an IP address; ignored",
-            "error: m.yaml:1: Service default/s: spec.clusterIPs[2]: a second IPv4 cluster IP (10.96.0.10): at most one per family; ignored",
+            "error: m.yaml:1: Service default/s: spec.clusterIPs[1]: a second IPv4 cluster IP (10.96.0.10): at most one per family; ignored",
             "error: m.yaml:1: Service default/s: spec.ipFamilies[0]: unknown IP family \"IPv5\": use IPv4 or IPv6; ignored",
             "error: m.yaml:1: Service default/s: spec.ipFamilyPolicy: unknown ipFamilyPolicy \"Maybe\": treated as SingleStack",
             "warning: m.yaml:1: Service default/s: no endpoints: connections will be refused",
@@ -1083,4 +1082,315 @@ fn invalid_cluster_ips_and_families() {
         t.desired.services[&v4("default", "s", "")].cluster_ip,
         Some("10.96.0.9".parse().unwrap())
     );
+}
+
+/// `clusterIP: 2.3.4.5k` logged "ignored", then "filled in: the manifest has none", and the
+/// Service was served on an address nobody asked for. Now it is not served, with one message;
+/// so is a clusterIP outside --service-cidr, which the API server refuses too.
+#[test]
+fn an_invalid_cluster_ip_makes_the_service_unservable() {
+    let yaml = [
+        service_yaml(
+            "bad",
+            "  type: NodePort\n  clusterIP: 2.3.4.5k\n  ports: [{port: 80}]",
+        ),
+        service_yaml("outside", "  clusterIP: 203.0.113.7\n  ports: [{port: 80}]"),
+        service_yaml("loopback", "  clusterIP: 127.0.0.1\n  ports: [{port: 80}]"),
+        service_yaml("good", "  clusterIP: 10.96.0.7\n  ports: [{port: 80}]"),
+    ]
+    .join("---\n");
+    let t = run(&yaml);
+    assert_eq!(
+        messages(&t)
+            .iter()
+            .filter(|m| !m.contains("no endpoints"))
+            .collect::<Vec<_>>(),
+        [
+            "error: m.yaml:1: Service default/bad: spec.clusterIP: \"2.3.4.5k\" is not an IP address: the Service is not served until this is fixed (or remove it to have one filled in)",
+            "error: m.yaml:16: Service default/loopback: spec.clusterIP: 127.0.0.1 is a loopback address, which cannot be a cluster IP: the Service is not served until this is fixed (or remove it to have one filled in)",
+            "error: m.yaml:9: Service default/outside: spec.clusterIP: 203.0.113.7 is outside the service CIDRs (10.96.0.0/16, fd00:96::/112, --service-cidr): the Service is not served until this is fixed (or remove it to have one filled in)",
+        ]
+    );
+    assert!(t.filled.is_empty(), "{:?}", t.filled);
+    assert_eq!(service_keys(&t), [v4("default", "good", "")]);
+    // Kubernetes mode: the API server allocated it, whatever the (unknown) service CIDR.
+    let kube = Settings {
+        fill_missing: false,
+        service_cidrs: Vec::new(),
+        ..manifest_settings()
+    };
+    let t = run_with(
+        &service_yaml("outside", "  clusterIP: 203.0.113.7\n  ports: [{port: 80}]"),
+        &kube,
+    );
+    assert_eq!(service_keys(&t), [v4("default", "outside", "")]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Who keeps a frontend; frontends and endpoints that cannot work
+// ---------------------------------------------------------------------------------------------
+
+/// Feeds manifest files (path, text) to `t` and updates it.
+fn feed(t: &mut Incremental, set: &mut ManifestSet, files: &[(&str, &str)]) -> Translation {
+    for (path, text) in files {
+        set.update_file_text(Path::new(path), text);
+    }
+    set.feed(t);
+    t.update().clone()
+}
+
+/// A new Service in another namespace with the serving Service's clusterIP, or with the node's
+/// address as externalIP on its NodePort, took the frontend (namespace/name decided) and the
+/// serving Service timed out from then on; the error went to the serving Service's file.
+#[test]
+fn a_serving_frontend_stays_with_its_service() {
+    let serving = service_yaml(
+        "serving",
+        "  type: NodePort\n  clusterIP: 10.96.0.50\n  ports: [{port: 80, nodePort: 30080}]",
+    )
+    .replace("{name: serving}", "{name: serving, namespace: z}");
+    let newcomers = [
+        service_yaml("same-ip", "  clusterIP: 10.96.0.50\n  ports: [{port: 80}]"),
+        service_yaml(
+            "node-ip",
+            "  clusterIP: 10.96.0.51\n  externalIPs: [10.240.0.10]\n  ports: [{port: 30080}]",
+        ),
+    ]
+    .join("---\n");
+    let mut t = Incremental::new(node(), manifest_settings());
+    let mut set = ManifestSet::default();
+    let before = feed(&mut t, &mut set, &[("m/z.yaml", &serving)]);
+    let serving_key = v4("z", "serving", "");
+    let served = frontends(&before.desired.services[&serving_key]);
+    assert_eq!(served.len(), 3, "{served:?}");
+
+    // The newcomers' file comes first by name, and so do their namespace and names.
+    let after = feed(&mut t, &mut set, &[("m/a.yaml", &newcomers)]);
+    assert_eq!(frontends(&after.desired.services[&serving_key]), served);
+    let errors: Vec<String> = messages(&after)
+        .into_iter()
+        .filter(|m| m.starts_with("error"))
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "error: m/a.yaml:8: Service default/node-ip: spec.externalIPs[0]: 10.240.0.10:30080/TCP (ExternalIP) is already used by Service z/serving port \"\", which keeps it (it serves it already); not programmed here",
+            "error: m/a.yaml:1: Service default/same-ip: spec.clusterIP: 10.96.0.50:80/TCP (ClusterIP) is already used by Service z/serving port \"\", which keeps it (it serves it already); not programmed here",
+        ]
+    );
+    assert!(frontends(&after.desired.services[&v4("default", "same-ip", "")]).is_empty());
+
+    // A cold start decides alike when told what the maps serve.
+    let (inventory, _) = set.inventory();
+    let cold = translate_with(
+        &inventory,
+        &node(),
+        &manifest_settings(),
+        before.desired.frontend_owners(),
+    );
+    assert_eq!(cold.desired, after.desired);
+    assert_eq!(cold.diagnostics, after.diagnostics);
+
+    // Once the serving Service lets the address go, the newcomer gets it.
+    let gone = serving.replace("clusterIP: 10.96.0.50", "clusterIP: 10.96.0.52");
+    let moved = feed(&mut t, &mut set, &[("m/z.yaml", &gone)]);
+    assert_eq!(
+        frontends(&moved.desired.services[&v4("default", "same-ip", "")]),
+        [("10.96.0.50:80".to_owned(), "ClusterIP", 0)]
+    );
+}
+
+/// Without a Service serving the frontend yet, the oldest one wanting it keeps it, whatever
+/// its name: creationTimestamp (uid for the same second) in Kubernetes mode, the file's
+/// modification time in manifest mode.
+#[test]
+fn the_oldest_service_keeps_a_contested_frontend() {
+    let at = |secs: u64, uid: &str| Seniority {
+        since: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)),
+        uid: Some(uid.into()),
+    };
+    let services = [
+        ("a", at(200, "u1")),
+        ("b", at(100, "u9")),
+        ("c", at(100, "u2")),
+    ];
+    let mut inventory = Inventory::default();
+    for (name, age) in services {
+        let object: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": format!("10.96.0.6{}", name.as_bytes()[0] - b'a'),
+                     "externalIPs": ["192.0.2.77"], "ports": [{"port": 80}]},
+        }))
+        .unwrap();
+        inventory.services.insert(
+            ObjectKey::new("default", name),
+            Sourced::new(object, Origin::Cluster).with_seniority(age),
+        );
+    }
+    let t = translate(&inventory, &node(), &manifest_settings());
+    let has_external = |name: &str| {
+        frontends(&t.desired.services[&v4("default", name, "")])
+            .iter()
+            .any(|(addr, _, _)| addr == "192.0.2.77:80")
+    };
+    assert!(has_external("c"), "created first (then by uid)");
+    assert!(!has_external("a") && !has_external("b"));
+    assert!(
+        messages(&t).contains(&"error: Service default/b: spec.externalIPs[0]: 192.0.2.77:80/TCP (ExternalIP) is already used by Service default/c port \"\", which keeps it (it was created first); not programmed here".to_owned()),
+        "{:#?}",
+        messages(&t)
+    );
+}
+
+/// Frontends outside the service CIDR, or on addresses nothing routes to one host, or on
+/// another Service's endpoint (whose traffic they then captured), were accepted silently.
+#[test]
+fn frontends_that_cannot_work_are_refused() {
+    let yaml = [
+        service_yaml(
+            "lb",
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.80\n  externalIPs: [127.0.0.1, 0.0.0.0, 224.0.0.1, 255.255.255.255, 169.254.1.1, 203.0.113.7, 10.240.0.10, 192.0.2.80]\n  ports: [{port: 80, nodePort: 30080}]",
+        ) + "status: {loadBalancer: {ingress: [{ip: 203.0.113.8}, {ip: 'fe80::1'}, {ip: 192.0.2.81}]}}\n",
+        service_yaml("other", "  clusterIP: 10.96.0.81\n  ports: [{port: 443}]"),
+        slice_yaml(
+            "other-1",
+            "other",
+            "IPv4",
+            "[{port: 443}]",
+            "[{addresses: [203.0.113.7]}, {addresses: [203.0.113.8]}]",
+        ),
+    ]
+    .join("---\n");
+    let t = run(&yaml);
+    let errors: Vec<String> = messages(&t)
+        .into_iter()
+        .filter(|m| m.starts_with("error"))
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "error: m.yaml:1: Service default/lb: status.loadBalancer.ingress[1].ip: fe80::1 is a link-local address, which cannot be a Service's frontend; ignored",
+            "error: m.yaml:1: Service default/lb: spec.externalIPs[0]: 127.0.0.1 is a loopback address, which cannot be a Service's frontend; ignored",
+            "error: m.yaml:1: Service default/lb: spec.externalIPs[1]: 0.0.0.0 is the unspecified address, which cannot be a Service's frontend; ignored",
+            "error: m.yaml:1: Service default/lb: spec.externalIPs[2]: 224.0.0.1 is a multicast address, which cannot be a Service's frontend; ignored",
+            "error: m.yaml:1: Service default/lb: spec.externalIPs[3]: 255.255.255.255 is the broadcast address, which cannot be a Service's frontend; ignored",
+            "error: m.yaml:1: Service default/lb: spec.externalIPs[4]: 169.254.1.1 is a link-local address, which cannot be a Service's frontend; ignored",
+            "error: m.yaml:1: Service default/lb: status.loadBalancer.ingress[0].ip: 203.0.113.8 is an endpoint address of Service default/other: as a frontend it would capture the connections to that endpoint; ignored",
+            "error: m.yaml:1: Service default/lb: spec.externalIPs[5]: 203.0.113.7 is an endpoint address of Service default/other: as a frontend it would capture the connections to that endpoint; ignored",
+        ]
+    );
+    // The node's own address is a legitimate external IP (k3s ServiceLB).
+    assert_eq!(
+        frontends(&t.desired.services[&v4("default", "lb", "")]),
+        [
+            ("10.240.0.10:30080".to_owned(), "NodePort", 0),
+            ("10.240.0.10:80".to_owned(), "ExternalIP", 0),
+            ("10.96.0.80:80".to_owned(), "ClusterIP", 0),
+            ("192.0.2.80:80".to_owned(), "ExternalIP", 0),
+            ("192.0.2.81:80".to_owned(), "LoadBalancer", 0),
+            ("198.51.100.10:30080".to_owned(), "NodePort", 0),
+        ]
+    );
+    // The endpoints keep working.
+    assert_eq!(
+        backends(&t.desired.services[&v4("default", "other", "")]).len(),
+        2
+    );
+}
+
+/// 0.0.0.0, 127.0.0.1, 255.255.255.255, 224.0.0.1, the node's address and a ClusterIP were
+/// programmed as endpoints without a word. They are skipped, each with an error on the slice.
+#[test]
+fn endpoints_that_cannot_work_are_skipped() {
+    let yaml = [
+        service_yaml("web", "  clusterIP: 10.96.0.90\n  ports: [{port: 80}]"),
+        service_yaml("other", "  clusterIP: 10.96.0.91\n  ports: [{port: 80}]"),
+        slice_yaml(
+            "web-1",
+            "web",
+            "IPv4",
+            "[{port: 8080}]",
+            "[{addresses: [0.0.0.0]}, {addresses: [127.0.0.1]}, {addresses: [255.255.255.255]}, {addresses: [224.0.0.1]}, {addresses: [10.240.0.10]}, {addresses: [10.96.0.91]}, {addresses: [192.0.2.100]}, {addresses: [203.0.113.9]}]",
+        ),
+    ]
+    .join("---\n");
+    let t = run(&yaml);
+    let errors: Vec<String> = messages(&t)
+        .into_iter()
+        .filter(|m| m.starts_with("error"))
+        .collect();
+    let refused = "extproxy refuses it, though the API server accepts it";
+    assert_eq!(
+        errors,
+        [
+            "error: m.yaml:15: EndpointSlice default/web-1: endpoints[0].addresses[0]: 0.0.0.0 is the unspecified address, which no endpoint can be reached at; endpoint ignored (the API server refuses it too)".to_owned(),
+            "error: m.yaml:15: EndpointSlice default/web-1: endpoints[1].addresses[0]: 127.0.0.1 is a loopback address, which no endpoint can be reached at; endpoint ignored (the API server refuses it too)".to_owned(),
+            format!("error: m.yaml:15: EndpointSlice default/web-1: endpoints[2].addresses[0]: 255.255.255.255 is the broadcast address, which no endpoint can be reached at; endpoint ignored ({refused})"),
+            "error: m.yaml:15: EndpointSlice default/web-1: endpoints[3].addresses[0]: 224.0.0.1 is a multicast address, which no endpoint can be reached at; endpoint ignored (the API server refuses it too)".to_owned(),
+            format!("error: m.yaml:15: EndpointSlice default/web-1: endpoints[4].addresses[0]: 10.240.0.10 is this node's own address: connections to it would come back to the node; endpoint ignored ({refused})"),
+            format!("error: m.yaml:15: EndpointSlice default/web-1: endpoints[5].addresses[0]: 10.96.0.91 is the cluster IP of Service default/other: a virtual address, which no host answers on; endpoint ignored ({refused})"),
+            format!("error: m.yaml:15: EndpointSlice default/web-1: endpoints[6].addresses[0]: 192.0.2.100 is this node's own address: connections to it would come back to the node; endpoint ignored ({refused})"),
+        ]
+    );
+    assert_eq!(
+        backends(&t.desired.services[&v4("default", "web", "")]),
+        [("203.0.113.9:8080".to_owned(), BackendRole::Active)]
+    );
+}
+
+/// A cluster IP handed out later (filling) or an endpoint address added later is found by an
+/// incremental update as by a single pass.
+#[test]
+fn later_cluster_ips_and_endpoints_are_checked_incrementally() {
+    let mut t = Incremental::new(node(), manifest_settings());
+    let mut set = ManifestSet::default();
+    let web = [
+        service_yaml(
+            "web",
+            "  clusterIP: 10.96.0.90\n  externalIPs: [203.0.113.40]\n  ports: [{port: 80}]",
+        ),
+        slice_yaml(
+            "web-1",
+            "web",
+            "IPv4",
+            "[{port: 8080}]",
+            "[{addresses: [10.96.0.95]}, {addresses: [203.0.113.9]}]",
+        ),
+    ]
+    .join("---\n");
+    let first = feed(&mut t, &mut set, &[("m/web.yaml", &web)]);
+    assert_eq!(
+        backends(&first.desired.services[&v4("default", "web", "")]).len(),
+        2
+    );
+    let later = [
+        service_yaml("later", "  clusterIP: 10.96.0.95\n  ports: [{port: 80}]"),
+        slice_yaml(
+            "later-1",
+            "later",
+            "IPv4",
+            "[{port: 80}]",
+            "[{addresses: [203.0.113.40]}]",
+        ),
+    ]
+    .join("---\n");
+    let second = feed(&mut t, &mut set, &[("m/later.yaml", &later)]);
+    let web_port = &second.desired.services[&v4("default", "web", "")];
+    assert_eq!(
+        backends(web_port),
+        [("203.0.113.9:8080".to_owned(), BackendRole::Active)]
+    );
+    assert_eq!(
+        frontends(web_port),
+        [("10.96.0.90:80".to_owned(), "ClusterIP", 0)]
+    );
+    let (inventory, _) = set.inventory();
+    let single = translate_with(
+        &inventory,
+        &node(),
+        &manifest_settings(),
+        first.desired.frontend_owners(),
+    );
+    assert_eq!(second.desired, single.desired);
+    assert_eq!(second.diagnostics, single.diagnostics);
 }
