@@ -455,6 +455,35 @@ impl ControlPlane {
         Ok(kube::Client::try_from(self.config())?)
     }
 
+    /// A kept-alive admin connection to the API server, opened from the calling thread (which
+    /// must be inside [`Options::netns`] when that is set: see [`ControlPlane::in_netns`]).
+    pub fn connection(&self) -> Result<crate::ApiConnection, Error> {
+        crate::ApiConnection::open(&self.shared.tls, self.api_addr, self.shared.admin_token())
+    }
+
+    /// Runs `f` on a thread inside the control plane's network namespace (here when it has none).
+    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, Error> {
+        in_netns(self.shared.netns(), f)
+    }
+
+    /// Sends every write as the admin over `in_flight` kept-alive connections at once, each
+    /// expected to succeed, and returns how long that took. Writes are taken in order: one that
+    /// needs an earlier one (an object in a namespace created here) belongs in a later call.
+    pub fn write_all(
+        &self,
+        writes: &[crate::ApiWrite],
+        in_flight: usize,
+    ) -> Result<Duration, Error> {
+        crate::writer::write_all(
+            &self.shared.tls,
+            self.api_addr,
+            self.shared.admin_token(),
+            self.shared.netns(),
+            writes,
+            in_flight,
+        )
+    }
+
     /// Kills the API server (SIGKILL: an outage, not a graceful shutdown). etcd keeps running.
     pub fn stop_apiserver(&mut self) {
         self.apiserver = None;

@@ -10,6 +10,8 @@
 //! let client = cp.client().unwrap(); // admin (system:masters)
 //! // ... cp.kubeconfig() for a process, cp.stop_apiserver() / cp.start_apiserver() for outages,
 //! // cp.compact() for 410 Gone; dropping `cp` kills both and deletes its directory.
+//! // Benchmarks fill a server with cp.write_all(&writes, 24) (kept-alive HTTP/1.1, no tokio)
+//! // and time single writes over cp.connection().
 //! # }
 //! ```
 //!
@@ -38,6 +40,7 @@ mod control_plane;
 mod http;
 mod pki;
 mod process;
+mod writer;
 
 use std::path::{Path, PathBuf};
 
@@ -45,6 +48,7 @@ use thiserror::Error;
 
 pub use audit::{AuditEvent, AuditObject, AuditUser};
 pub use control_plane::{ADMIN, ApiServer, ControlPlane, Options, StartupTimes, StaticUser};
+pub use writer::{ApiConnection, ApiResponse, ApiWrite};
 
 /// The directory holding `etcd`, `kube-apiserver` and `kube-proxy`.
 pub const BIN_ENV: &str = "EXTPROXY_K8S_BIN";
@@ -87,6 +91,12 @@ pub enum Error {
     Audit(String),
     #[error("kube client: {0}")]
     Kube(#[from] kube::Error),
+    #[error("{request}: {status} {body}")]
+    Api {
+        request: String,
+        status: u16,
+        body: String,
+    },
 }
 
 pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {

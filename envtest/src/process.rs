@@ -165,3 +165,18 @@ pub(crate) fn in_netns<T: Send>(
         .expect("a thread in a network namespace panicked")
     })
 }
+
+/// Moves the calling thread into the network namespace at `netns` (nothing when None), for
+/// threads that stay there.
+pub(crate) fn enter_netns(netns: Option<&Path>) -> Result<(), Error> {
+    let Some(path) = netns else {
+        return Ok(());
+    };
+    let file = File::open(path).map_err(io_err(format!("network namespace {}", path.display())))?;
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io_err(format!("entering {}", path.display()))(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}

@@ -8,7 +8,9 @@
 //!   the TIME_WAIT, as nginx does with `Connection: close`;
 //! - [`KEEPALIVE_REQUEST`] (`GET / HTTP/1.1`): one answer per request on a kept-alive connection;
 //! - [`SINK_HELLO`]: everything after it is counted and dropped; at EOF the server answers with
-//!   the count (8 bytes, little endian) and closes.
+//!   the count (8 bytes, little endian) and closes;
+//! - [`WHO_REQUEST`] (`GET /who HTTP/1.0`): the answer's body is the address that answered, then
+//!   the server closes: a client learns which endpoint a Service sent it to.
 //!
 //! The same port over UDP counts datagrams. The server records the source address of every
 //! connection and datagram and the local address that answered, so a benchmark can prove that
@@ -44,6 +46,8 @@ pub const KEEPALIVE_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n";
 pub const KEEPALIVE_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n";
 /// Opens a bulk transfer: the server discards what follows and reports the byte count at EOF.
 pub const SINK_HELLO: &[u8] = b"SINK\n";
+/// Asks which address answered: the body is that address and a newline; the server closes.
+pub const WHO_REQUEST: &[u8] = b"GET /who HTTP/1.0\r\nHost: bench\r\n\r\n";
 
 /// How long a poll waits before the loops look at their stop flag or deadline.
 const POLL_TICK: Duration = Duration::from_millis(50);
@@ -263,6 +267,7 @@ fn accept_all(
                 }
                 conns[slot] = Some(ServerConn {
                     stream,
+                    local,
                     inbuf: Vec::new(),
                     mode: Mode::Start,
                     out: Vec::new(),
@@ -294,6 +299,8 @@ enum Next {
 
 struct ServerConn {
     stream: TcpStream,
+    /// The address the client reached (the endpoint), for [`WHO_REQUEST`].
+    local: IpAddr,
     inbuf: Vec<u8>,
     mode: Mode,
     /// Answer bytes the socket did not take yet.
@@ -362,9 +369,17 @@ impl ServerConn {
         }
         while let Some(end) = find(&self.inbuf, b"\r\n\r\n") {
             let close = find(&self.inbuf[..end], b"HTTP/1.0").is_some();
+            let who = self.inbuf.starts_with(b"GET /who ");
             self.inbuf.drain(..end + 4);
             if close {
-                self.out.extend_from_slice(CLOSE_RESPONSE);
+                if who {
+                    let body = format!("{}\n", self.local);
+                    let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                    self.out.extend_from_slice(head.as_bytes());
+                    self.out.extend_from_slice(body.as_bytes());
+                } else {
+                    self.out.extend_from_slice(CLOSE_RESPONSE);
+                }
                 self.close_after_write = true;
                 return;
             }
@@ -435,6 +450,8 @@ pub struct OpStats {
     pub errors: u64,
     pub elapsed: Duration,
     latencies_ns: Vec<u64>,
+    /// How long the connections still in flight at the end had waited (new connections only).
+    unfinished_ns: Vec<u64>,
 }
 
 impl OpStats {
@@ -460,6 +477,7 @@ impl OpStats {
             all.ops += p.ops;
             all.errors += p.errors;
             all.latencies_ns.extend(p.latencies_ns);
+            all.unfinished_ns.extend(p.unfinished_ns);
         }
         all.latencies_ns.sort_unstable();
         all
@@ -471,10 +489,16 @@ impl OpStats {
     }
 
     /// Operations that took longer than `limit`: for new connections, those whose SYN went
-    /// unanswered at first (Linux resends it after 1 s).
+    /// unanswered at first (Linux resends it after 1 s), including those still waiting at the
+    /// end after as long.
     pub fn slower_than(&self, limit: Duration) -> u64 {
         let limit = limit.as_nanos() as u64;
-        self.latencies_ns.iter().filter(|l| **l > limit).count() as u64
+        // One still waiting at the end that had waited longer is as slow.
+        self.latencies_ns
+            .iter()
+            .chain(&self.unfinished_ns)
+            .filter(|l| **l > limit)
+            .count() as u64
     }
 }
 
@@ -680,6 +704,11 @@ fn connection_loop(
                 *slot = open(&poll, i, &mut stats, &mut next_start);
             }
         }
+    }
+    for attempt in slots.iter().flatten() {
+        stats
+            .unfinished_ns
+            .push(attempt.started.elapsed().as_nanos() as u64);
     }
     Ok(stats)
 }
@@ -922,4 +951,233 @@ pub fn udp_flood(ns: &str, target: SocketAddr, duration: Duration) -> io::Result
         }
         Ok(sent)
     })
+}
+
+// -------------------------------------------------------------------------------------------------
+// Which endpoint answers: programming seen from outside
+// -------------------------------------------------------------------------------------------------
+
+/// The outcome of one [`WHO_REQUEST`] connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    /// When its SYN was sent: a change of the path that was in effect by then decided it.
+    pub started: Instant,
+    pub finished: Instant,
+    /// The endpoint that answered, or why the connection failed (refused, reset, unreachable;
+    /// `TimedOut` when it gave up).
+    pub outcome: Result<IpAddr, io::ErrorKind>,
+}
+
+impl Probe {
+    /// The endpoint that answered.
+    pub fn endpoint(&self) -> Option<IpAddr> {
+        self.outcome.ok()
+    }
+}
+
+/// Asks `target` which endpoint answers, from namespace `ns` (from `source` when given): a new
+/// connection every `interval`, several in flight when the path is slow or drops SYNs (each
+/// gives up after `give_up`), so a dropped or rejected attempt never delays the next by more than
+/// `interval`. Every outcome goes to `on_probe`, in the order they finish, until it returns
+/// false.
+///
+/// Probes sent before a path exists leave conntrack entries without NAT behind in a node that
+/// runs netfilter (unanswered SYNs are remembered for two minutes, and every retransmission
+/// through them renews them): a later connection that happens to reuse such a source port
+/// follows the stale entry into the void. Probe from an address of its own.
+pub fn probe_endpoints(
+    ns: &str,
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    interval: Duration,
+    give_up: Duration,
+    mut on_probe: impl FnMut(Probe) -> bool + Send,
+) -> io::Result<()> {
+    crate::topo::in_netns(ns, move || {
+        let mut poll = Poll::new()?;
+        let mut events = Events::with_capacity(64);
+        let mut slots: Vec<Option<WhoAttempt>> = Vec::new();
+        let mut next_start = Instant::now();
+        let mut buf = [0u8; 256];
+        loop {
+            let now = Instant::now();
+            if now >= next_start {
+                next_start = now + interval;
+                let slot = slots.iter().position(Option::is_none).unwrap_or_else(|| {
+                    slots.push(None);
+                    slots.len() - 1
+                });
+                match WhoAttempt::open(&poll, slot, target, source) {
+                    Ok(attempt) => slots[slot] = Some(attempt),
+                    Err(e) => {
+                        let probe = Probe {
+                            started: now,
+                            finished: Instant::now(),
+                            outcome: Err(e.kind()),
+                        };
+                        if !on_probe(probe) {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            let wait = next_start.saturating_duration_since(Instant::now());
+            match poll.poll(&mut events, Some(wait)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let mut done: Vec<(usize, Result<IpAddr, io::ErrorKind>)> = Vec::new();
+            for event in events.iter() {
+                let slot = event.token().0;
+                if let Some(attempt) = slots.get_mut(slot).and_then(Option::as_mut) {
+                    match attempt.advance(&mut buf) {
+                        WhoProgress::Waiting => {}
+                        WhoProgress::Answered(ip) => done.push((slot, Ok(ip))),
+                        WhoProgress::Failed(kind) => done.push((slot, Err(kind))),
+                    }
+                }
+            }
+            let now = Instant::now();
+            for (slot, attempt) in slots.iter().enumerate() {
+                if let Some(a) = attempt
+                    && now - a.started > give_up
+                    && !done.iter().any(|(s, _)| *s == slot)
+                {
+                    done.push((slot, Err(io::ErrorKind::TimedOut)));
+                }
+            }
+            for (slot, outcome) in done {
+                let Some(mut attempt) = slots[slot].take() else {
+                    continue;
+                };
+                let _ = poll.registry().deregister(&mut attempt.stream);
+                let probe = Probe {
+                    started: attempt.started,
+                    finished: now,
+                    outcome,
+                };
+                if !on_probe(probe) {
+                    return Ok(());
+                }
+            }
+        }
+    })
+}
+
+/// The first answer through `target`, asking every `interval` while `keep_going` says so: when
+/// it came and which endpoint gave it; `None` if nothing answered before `keep_going` said no.
+pub fn first_answer(
+    ns: &str,
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    interval: Duration,
+    keep_going: impl Fn() -> bool + Send + Sync,
+) -> io::Result<Option<Probe>> {
+    let mut answer = None;
+    probe_endpoints(
+        ns,
+        target,
+        source,
+        interval,
+        Duration::from_millis(200),
+        |probe| {
+            if probe.outcome.is_ok() {
+                answer = Some(probe);
+                return false;
+            }
+            keep_going()
+        },
+    )?;
+    Ok(answer)
+}
+
+struct WhoAttempt {
+    stream: TcpStream,
+    started: Instant,
+    sent: bool,
+    answer: Vec<u8>,
+}
+
+enum WhoProgress {
+    Waiting,
+    Answered(IpAddr),
+    Failed(io::ErrorKind),
+}
+
+impl WhoAttempt {
+    fn open(
+        poll: &Poll,
+        slot: usize,
+        target: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> io::Result<WhoAttempt> {
+        let started = Instant::now();
+        let mut stream = match source {
+            None => TcpStream::connect(target)?,
+            Some(source) => {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(target),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                socket.set_nonblocking(true)?;
+                socket.bind(&SocketAddr::new(source, 0).into())?;
+                match socket.connect(&target.into()) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                    Err(e) => return Err(e),
+                }
+                TcpStream::from_std(socket.into())
+            }
+        };
+        poll.registry().register(
+            &mut stream,
+            Token(slot),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        Ok(WhoAttempt {
+            stream,
+            started,
+            sent: false,
+            answer: Vec::new(),
+        })
+    }
+
+    fn advance(&mut self, buf: &mut [u8]) -> WhoProgress {
+        if !self.sent {
+            match self.stream.take_error() {
+                Ok(None) => {}
+                Ok(Some(e)) | Err(e) => return WhoProgress::Failed(e.kind()),
+            }
+            match self.stream.peer_addr() {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return WhoProgress::Waiting,
+                Err(e) => return WhoProgress::Failed(e.kind()),
+            }
+            match self.stream.write(WHO_REQUEST) {
+                Ok(n) if n == WHO_REQUEST.len() => self.sent = true,
+                Ok(_) => return WhoProgress::Failed(io::ErrorKind::WriteZero),
+                Err(e) => return WhoProgress::Failed(e.kind()),
+            }
+        }
+        loop {
+            match self.stream.read(buf) {
+                Ok(0) => {
+                    let text = String::from_utf8_lossy(&self.answer);
+                    return match text
+                        .split_once("\r\n\r\n")
+                        .and_then(|(_, body)| body.trim().parse().ok())
+                    {
+                        Some(ip) => WhoProgress::Answered(ip),
+                        None => WhoProgress::Failed(io::ErrorKind::UnexpectedEof),
+                    };
+                }
+                Ok(n) => self.answer.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return WhoProgress::Waiting,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return WhoProgress::Failed(e.kind()),
+            }
+        }
+    }
 }

@@ -11,6 +11,12 @@
 //! ```
 //! The ext namespace routes the LoadBalancer and external IPs (192.0.2.0/24, 2001:db8:f::/64)
 //! to the node, as an upstream router or cloud LB would.
+//!
+//! [`Wire::Offloads`] (benchmarks) keeps the veths' offloads as a NIC has them and puts a bridge
+//! (`{p}-wire`) between `up0` and `ext0`, whose port towards ext does no offloads at all: what
+//! the node sends as 64 KB super-packets with partial checksums is cut into segments and
+//! checksummed in software there, after any translation, and ext (RX checksum offload off)
+//! verifies every checksum, so a wrong one shows up in its `InCsumErrors`.
 
 use std::{
     fs::File,
@@ -70,11 +76,26 @@ impl MachineLock {
     }
 }
 
+/// What the veths between the namespaces do with checksums and segmentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// TX checksum offload off on every veth (so no TSO either): every packet on every link
+    /// carries a complete checksum and at most one MTU, as on a wire. The tests' default.
+    FullChecksums,
+    /// The veths keep their offloads (TX checksum, TSO, GSO) and GRO is on, as with a NIC; a
+    /// bridge hop between the node and ext forces software segmentation and checksums after
+    /// the node, and ext and the pod verify the checksums they receive.
+    Offloads,
+}
+
 pub struct Topology {
     pub prefix: String,
     pub pod: NamedNetns,
     pub node: NamedNetns,
     pub ext: NamedNetns,
+    /// [`Wire::Offloads`] only: the bridge between `up0` and `ext0` (ports `w0` towards the node,
+    /// `w1` towards ext, the one without offloads).
+    pub wire: Option<NamedNetns>,
     pub dir: PathBuf,
     _machine: MachineLock,
     _serial: MutexGuard<'static, ()>,
@@ -83,6 +104,11 @@ pub struct Topology {
 impl Topology {
     /// Builds the topology under namespace names `xp<name>-{pod,node,ext}`.
     pub fn new(name: &str) -> Self {
+        Self::with_wire(name, Wire::FullChecksums)
+    }
+
+    /// [`Topology::new`] with the given links; [`Wire::Offloads`] adds `xp<name>-wire`.
+    pub fn with_wire(name: &str, wire: Wire) -> Self {
         require_root();
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let machine = MachineLock::acquire();
@@ -90,11 +116,27 @@ impl Topology {
         let pod = NamedNetns::new(&format!("{prefix}-pod"));
         let node = NamedNetns::new(&format!("{prefix}-node"));
         let ext = NamedNetns::new(&format!("{prefix}-ext"));
+        let bridge = (wire == Wire::Offloads).then(|| NamedNetns::new(&format!("{prefix}-wire")));
         let (p, n, e) = (&pod.name, &node.name, &ext.name);
-        sh(&format!(
-            "ip link add up0 netns {n} type veth peer name ext0 netns {e}
-             ip link add pod0 netns {n} type veth peer name eth0 netns {p}"
-        ));
+        match &bridge {
+            None => sh(&format!(
+                "ip link add up0 netns {n} type veth peer name ext0 netns {e}
+                 ip link add pod0 netns {n} type veth peer name eth0 netns {p}"
+            )),
+            Some(w) => {
+                let w = &w.name;
+                sh(&format!(
+                    "ip link add up0 netns {n} type veth peer name w0 netns {w}
+                     ip link add w1 netns {w} type veth peer name ext0 netns {e}
+                     ip link add pod0 netns {n} type veth peer name eth0 netns {p}"
+                ))
+            }
+        };
+        if let Some(w) = &bridge {
+            w.sh("ip link set lo up; ip link add br0 type bridge
+                 ip link set w0 master br0; ip link set w1 master br0
+                 ip link set br0 up; ip link set w0 up; ip link set w1 up");
+        }
         node.sh("ip link set lo up; ip link set up0 up; ip link set pod0 up
              ip addr add 10.0.0.1/24 dev up0; ip -6 addr add fd00::1/64 dev up0 nodad
              ip addr add 10.244.0.1/24 dev pod0; ip -6 addr add fd00:244::1/64 dev pod0 nodad
@@ -111,15 +153,40 @@ impl Topology {
              ip route add 192.0.2.0/24 via 10.0.0.1; ip -6 route add 2001:db8:f::/64 via fd00::1
              sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
         );
-        // Packets must carry complete checksums on the wire, as from a real NIC: with veth
-        // checksum offload they carry only the pseudo-header part.
-        for (ns, dev) in [
-            (&node, "up0"),
-            (&node, "pod0"),
-            (&ext, "ext0"),
-            (&pod, "eth0"),
-        ] {
-            ns.sh(&format!("ethtool -K {dev} tx off >/dev/null"));
+        match &bridge {
+            None => {
+                // Packets must carry complete checksums on the wire, as from a real NIC: with
+                // veth checksum offload they carry only the pseudo-header part.
+                for (ns, dev) in [
+                    (&node, "up0"),
+                    (&node, "pod0"),
+                    (&ext, "ext0"),
+                    (&pod, "eth0"),
+                ] {
+                    ns.sh(&format!("ethtool -K {dev} tx off >/dev/null"));
+                }
+            }
+            Some(w) => {
+                // GRO as a NIC driver does it (veths leave it off by default).
+                for (ns, dev) in [
+                    (&node, "up0"),
+                    (&node, "pod0"),
+                    (w, "w0"),
+                    (&ext, "ext0"),
+                    (&pod, "eth0"),
+                ] {
+                    ns.sh(&format!("ethtool -K {dev} gro on >/dev/null"));
+                }
+                // After the node, towards the endpoints: no TX checksum (hence no TSO), so the
+                // node's super-packets are segmented and checksummed in software on w1, and ext
+                // checks every checksum it receives (no RX checksum offload to trust).
+                w.sh("ethtool -K w1 tx off >/dev/null");
+                ext.sh("ethtool -K ext0 rx off >/dev/null");
+                // The same for the way back: replies translated on the node are checksummed in
+                // software on pod0 and verified in the pod.
+                node.sh("ethtool -K pod0 tx off >/dev/null");
+                pod.sh("ethtool -K eth0 rx off >/dev/null");
+            }
         }
         let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -129,6 +196,7 @@ impl Topology {
             pod,
             node,
             ext,
+            wire: bridge,
             dir,
             _machine: machine,
             _serial: serial,

@@ -42,14 +42,16 @@ fn sample(pids: &[u32]) -> Result<Ticks> {
     Ok(ticks)
 }
 
-/// utime + stime of a whole process (live and exited threads).
+/// utime + stime of a whole process (live and exited threads), plus that of the children it
+/// waited for (kube-proxy's iptables-restore and nft runs are its work).
 pub fn process_ticks(pid: &str) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces; the fields after it are plain.
     let after_name = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // Fields 14 and 15 of the file, counted from the state (field 3) here.
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    // Fields 14-17 of the file (utime, stime, cutime, cstime), counted from the state (field 3)
+    // here.
+    (11..=14).map(|i| fields.get(i)?.parse::<u64>().ok()).sum()
 }
 
 /// The share of all CPUs that was busy during `window`.

@@ -1,90 +1,199 @@
 //! The traffic part of `cargo xtask bench`: the same client traffic through every contender
-//! (extproxy as shipped, kube-proxy's iptables and nftables layouts, no proxy at all), at
-//! several Service counts, interleaved, round after round. Methodology: `TRAFFIC.md` beside
-//! this file.
+//! (extproxy with its defaults, the real kube-proxy in iptables and nftables modes against a
+//! real API server, no proxy at all), at several Service counts, interleaved, round after round.
+//! Methodology: `TRAFFIC.md` beside this file.
 //!
 //! Every run gets a fresh `testbed` topology (pod, node, outside), so no contender inherits
 //! another's conntrack entries, TIME_WAIT sockets or rules. The outside namespace runs
-//! [`testbed::load::LoadServer`] on the four endpoints; the pod runs the load clients.
+//! [`testbed::load::LoadServer`] on the four endpoints; the pod runs the load clients. The
+//! Kubernetes contenders read their Services from a real etcd and kube-apiserver
+//! ([`cluster`]), filled once per size and linked to each run's node.
+
+mod cluster;
+mod contenders;
+mod layout;
+mod measures;
 
 use std::{
+    collections::BTreeSet,
     fmt,
-    fs::File,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use extproxy_envtest::Binaries;
 use serde::Serialize;
 use testbed::{
-    load::{self, LoadServer, OpStats, Tally},
-    topo::{NODE, POD, Topology},
+    load::{self, LoadServer},
+    topo::{NODE, POD, Topology, Wire},
 };
 
-use super::iptables::{self, Backend};
-use super::kubeproxy::{
-    BenchService, NodeConfig, Protocol, ProxyMode, SyntheticSpec, kube_proxy_sysctls,
-    synthetic_services,
-};
-use super::{
-    cpu::{self, CpuMeter},
-    nftables,
-};
-
-/// The four endpoints every Service gets; the outside namespace answers on all of them.
-/// testbed's topology has the first three; the fourth is added per run.
-pub const ENDPOINTS: [Ipv4Addr; 4] = [
-    Ipv4Addr::new(203, 0, 113, 7),
-    Ipv4Addr::new(203, 0, 113, 8),
-    Ipv4Addr::new(203, 0, 113, 9),
-    Ipv4Addr::new(203, 0, 113, 10),
-];
-/// The endpoints' port (TCP and UDP).
-pub const ENDPOINT_PORT: u16 = 8080;
-/// The Services' port (TCP and, on the target Service, UDP).
-pub const SERVICE_PORT: u16 = 80;
-/// ClusterIP of Service 0; Service `i` has `FIRST_CLUSTER_IP + i` (10k end at 10.96.39.25,
-/// inside the default 10.96.0.0/12).
-pub const FIRST_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+use super::{cpu, iptables::Backend, kubeproxy::ProxyMode};
+use cluster::{ApiNetns, Cluster, Flavor};
+use contenders::{AgentSource, ManifestDir, Process};
+pub use layout::{ENDPOINT_PORT, ENDPOINTS, Layout, SERVICE_PORT};
 
 /// What carries the pod's traffic to the endpoints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Contender {
-    /// The real agent with its defaults (XDP auto: off on this veth uplink, TC does everything).
+    /// The real agent in Kubernetes mode with its defaults (XDP auto: off on this veth uplink,
+    /// TC does everything), reading labelled Services from its own API server.
+    #[serde(rename = "extproxy")]
     Extproxy,
-    /// kube-proxy's iptables-mode rules through iptables-legacy (x_tables).
+    /// The same with [`TrafficOpts::tuned_args`] (labelled with them).
+    #[serde(rename = "extproxy-tuned")]
+    ExtproxyTuned,
+    /// The agent in manifest mode (a folder of JSON files), defaults. Opt-in.
+    #[serde(rename = "extproxy-manifests")]
+    ExtproxyManifests,
+    /// The real kube-proxy, iptables mode, defaults (pods' own traffic is not masqueraded).
+    #[serde(rename = "kube-proxy-iptables")]
+    KubeProxyIptables,
+    /// The real kube-proxy, nftables mode, defaults.
+    #[serde(rename = "kube-proxy-nftables")]
+    KubeProxyNftables,
+    /// kube-proxy iptables mode with --masquerade-all: endpoints see the node's address.
+    #[serde(rename = "kube-proxy-iptables-masquerade-all")]
+    KubeProxyIptablesMasq,
+    /// kube-proxy nftables mode with --masquerade-all.
+    #[serde(rename = "kube-proxy-nftables-masquerade-all")]
+    KubeProxyNftablesMasq,
+    /// kube-proxy's iptables rules written by hand (`iptables` model, masqueradeAll) through
+    /// iptables-legacy. Opt-in: the real kube-proxy replaced these.
     #[serde(rename = "iptables-legacy")]
     IptablesLegacy,
-    /// The same rules through iptables-nft (nf_tables with xtables matches): what kube-proxy
-    /// would use on this host, whose `iptables` is iptables-nft 1.8.9.
+    /// The same rules through iptables-nft. Opt-in.
     #[serde(rename = "iptables-nft")]
     IptablesNft,
-    /// kube-proxy's nftables-mode rules.
+    /// kube-proxy's nftables rules written by hand. Opt-in.
+    #[serde(rename = "nftables")]
     Nftables,
     /// No proxy: the pod talks to the endpoints' own addresses (the node only routes).
+    #[serde(rename = "direct")]
     Direct,
 }
 
 impl Contender {
-    pub const ALL: [Contender; 5] = [
+    /// Every contender.
+    pub const ALL: [Contender; 11] = [
         Contender::Extproxy,
+        Contender::ExtproxyTuned,
+        Contender::ExtproxyManifests,
+        Contender::KubeProxyIptables,
+        Contender::KubeProxyNftables,
+        Contender::KubeProxyIptablesMasq,
+        Contender::KubeProxyNftablesMasq,
         Contender::IptablesLegacy,
         Contender::IptablesNft,
         Contender::Nftables,
+        Contender::Direct,
+    ];
+    /// The contenders the report has a row for, run or not (a row that was not run says why).
+    pub const REPORTED: [Contender; 7] = [
+        Contender::Extproxy,
+        Contender::ExtproxyTuned,
+        Contender::KubeProxyIptables,
+        Contender::KubeProxyNftables,
+        Contender::KubeProxyIptablesMasq,
+        Contender::KubeProxyNftablesMasq,
+        Contender::Direct,
+    ];
+    /// The quick mode's: extproxy with its defaults, kube-proxy's defaults in both modes and the
+    /// masquerading variant in the default mode, no proxy.
+    pub const QUICK: [Contender; 5] = [
+        Contender::Extproxy,
+        Contender::KubeProxyIptables,
+        Contender::KubeProxyNftables,
+        Contender::KubeProxyIptablesMasq,
         Contender::Direct,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Contender::Extproxy => "extproxy",
+            Contender::ExtproxyTuned => "extproxy-tuned",
+            Contender::ExtproxyManifests => "extproxy-manifests",
+            Contender::KubeProxyIptables => "kube-proxy-iptables",
+            Contender::KubeProxyNftables => "kube-proxy-nftables",
+            Contender::KubeProxyIptablesMasq => "kube-proxy-iptables-masquerade-all",
+            Contender::KubeProxyNftablesMasq => "kube-proxy-nftables-masquerade-all",
             Contender::IptablesLegacy => "iptables-legacy",
             Contender::IptablesNft => "iptables-nft",
             Contender::Nftables => "nftables",
             Contender::Direct => "direct",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Contender> {
+        Contender::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// The API server it reads its Services from.
+    fn cluster(self) -> Option<Flavor> {
+        match self {
+            Contender::Extproxy | Contender::ExtproxyTuned => Some(Flavor::Extproxy),
+            Contender::KubeProxyIptables
+            | Contender::KubeProxyNftables
+            | Contender::KubeProxyIptablesMasq
+            | Contender::KubeProxyNftablesMasq => Some(Flavor::KubeProxy),
+            _ => None,
+        }
+    }
+
+    /// The real kube-proxy's mode, and whether it masquerades everything.
+    fn kube_proxy(self) -> Option<(ProxyMode, bool)> {
+        match self {
+            Contender::KubeProxyIptables => Some((ProxyMode::Iptables, false)),
+            Contender::KubeProxyNftables => Some((ProxyMode::Nftables, false)),
+            Contender::KubeProxyIptablesMasq => Some((ProxyMode::Iptables, true)),
+            Contender::KubeProxyNftablesMasq => Some((ProxyMode::Nftables, true)),
+            _ => None,
+        }
+    }
+
+    /// Whether the endpoints see the node's address (SNAT / masquerade) rather than the
+    /// client's own.
+    pub fn snat(self) -> bool {
+        !matches!(
+            self,
+            Contender::Direct | Contender::KubeProxyIptables | Contender::KubeProxyNftables
+        )
+    }
+
+    /// Whether it is a process whose start is timed (first answer) and whose programming from
+    /// the API is measured.
+    fn reads_the_api(self) -> bool {
+        self.cluster().is_some()
+    }
+
+    fn is_extproxy(self) -> bool {
+        matches!(
+            self,
+            Contender::Extproxy | Contender::ExtproxyTuned | Contender::ExtproxyManifests
+        )
+    }
+
+    fn is_kube_proxy(self) -> bool {
+        self.kube_proxy().is_some()
+    }
+
+    /// Its flags beyond the defaults (and beyond what the harness must pass: interface, pins,
+    /// kubeconfig, node name), for its label.
+    pub fn flags(self, opts: &TrafficOpts) -> Vec<String> {
+        let mut flags = match self {
+            Contender::ExtproxyTuned => opts.tuned_args.clone(),
+            Contender::KubeProxyIptablesMasq | Contender::KubeProxyNftablesMasq => {
+                vec!["--masquerade-all".into()]
+            }
+            _ => Vec::new(),
+        };
+        if self.is_extproxy() {
+            flags.extend(opts.extproxy_args.iter().cloned());
+        }
+        flags
     }
 }
 
@@ -94,53 +203,103 @@ impl fmt::Display for Contender {
     }
 }
 
-/// What is measured, each for a fixed time.
+/// What is measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Measure {
-    /// New TCP connections per second: connect, one request, the answer, the server closes.
+    /// From the proxy's start to the first connection answered through the one-endpoint
+    /// Service (ms, lower is better).
+    FirstAnswer,
+    /// New TCP connections per second to the four-endpoint Service: connect, one request, the
+    /// answer, the server closes.
     NewConnections,
+    /// The same through the one-endpoint Service, sustained: one client's sustainable rate.
+    NewConnectionsOneEndpoint,
+    /// 200 client addresses, one endpoint, a stated offered rate: completed, failed, stalled.
+    ManyClients,
+    /// 200 client addresses, one endpoint, as fast as they go: many clients' sustainable rate.
+    ManyClientsMax,
     /// Requests per second on kept-alive connections, one outstanding per connection.
     Requests,
-    /// One TCP stream's goodput.
+    /// One TCP stream's goodput on veths without offloads.
     TcpThroughput,
+    /// One TCP stream's goodput with NIC-like offloads (TSO/GSO, GRO, partial checksums),
+    /// software segmentation and checksums after the node, every checksum verified.
+    TcpThroughputOffload,
     /// One UDP flow of small datagrams: what the endpoint receives per second.
     UdpPackets,
-    /// One worker opening connections one after the other: the latency of a new connection
-    /// (first packet included: where a linear rule list costs) on an otherwise idle path.
+    /// One worker opening connections one after the other: a new connection's latency on an
+    /// otherwise idle path.
     ConnectionLatency,
     /// One kept-alive connection, one request at a time: the round trip on an idle path.
     RequestLatency,
+    /// From an API write (the one-endpoint Service's endpoint replaced) to traffic reaching
+    /// the new endpoint (ms, p99; p50 beside it).
+    ProgrammingLatency,
 }
 
 impl Measure {
-    pub const ALL: [Measure; 6] = [
+    /// In the order a run measures them: the one-endpoint measures come late because they use
+    /// up the most SNAT ports and conntrack entries (what they leave behind must not weigh on
+    /// the others), the programming latency last because it moves the endpoint.
+    pub const ALL: [Measure; 12] = [
+        Measure::FirstAnswer,
         Measure::NewConnections,
         Measure::Requests,
         Measure::TcpThroughput,
         Measure::UdpPackets,
         Measure::ConnectionLatency,
         Measure::RequestLatency,
+        Measure::NewConnectionsOneEndpoint,
+        Measure::ManyClients,
+        Measure::ManyClientsMax,
+        Measure::ProgrammingLatency,
+        Measure::TcpThroughputOffload,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
+            Measure::FirstAnswer => "first_answer",
             Measure::NewConnections => "new_connections",
+            Measure::NewConnectionsOneEndpoint => "new_connections_one_endpoint",
+            Measure::ManyClients => "many_clients",
+            Measure::ManyClientsMax => "many_clients_max",
             Measure::Requests => "requests",
             Measure::TcpThroughput => "tcp_throughput",
+            Measure::TcpThroughputOffload => "tcp_throughput_offload",
             Measure::UdpPackets => "udp_packets",
             Measure::ConnectionLatency => "connection_latency",
             Measure::RequestLatency => "request_latency",
+            Measure::ProgrammingLatency => "programming_latency",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Measure> {
+        Measure::ALL.into_iter().find(|m| m.name() == name)
     }
 
     pub fn unit(self) -> &'static str {
         match self {
-            Measure::NewConnections => "conn/s",
+            Measure::FirstAnswer => "ms",
+            Measure::NewConnections
+            | Measure::NewConnectionsOneEndpoint
+            | Measure::ManyClients
+            | Measure::ManyClientsMax => "conn/s",
             Measure::Requests => "req/s",
-            Measure::TcpThroughput => "Gbit/s",
+            Measure::TcpThroughput | Measure::TcpThroughputOffload => "Gbit/s",
             Measure::UdpPackets => "pps",
             Measure::ConnectionLatency | Measure::RequestLatency => "us (p99)",
+            Measure::ProgrammingLatency => "ms (p99)",
+        }
+    }
+
+    /// Whether `contender` has this measure at all (no start to time without a process, no
+    /// API write without an API server).
+    fn applies(self, contender: Contender) -> bool {
+        match self {
+            Measure::FirstAnswer => contender.is_extproxy() || contender.is_kube_proxy(),
+            Measure::ProgrammingLatency => contender.reads_the_api(),
+            _ => true,
         }
     }
 }
@@ -151,67 +310,168 @@ impl fmt::Display for Measure {
     }
 }
 
-/// One measurement: one contender, one measure, one Service count, one round.
+/// One measurement: one contender, one measure, one Service count, one round. Or a contender
+/// that was not run at a size, and why (`not_run`).
 #[derive(Clone, Debug, Serialize)]
 pub struct Record {
     pub contender: Contender,
     pub measure: Measure,
-    /// Services programmed (the `direct` contender programs none; its rows carry the count of
-    /// the runs it is interleaved with).
+    /// N: Services programmed (the `direct` contender programs none; its rows carry the count
+    /// of the runs it is interleaved with).
     pub services: usize,
     /// 0-based.
     pub round: usize,
-    /// In `unit`; higher is better except for the latency measures (`connection_latency`,
-    /// `request_latency`), whose value is their p99 in microseconds.
+    /// In `unit`; higher is better except for `first_answer`, `programming_latency` and the
+    /// two latency measures, whose value is a time (their p99 for the latency ones).
     pub value: f64,
     pub unit: &'static str,
     /// Per-operation latency (connection: connect to the server's close; request: request to
-    /// answer); `None` for the throughput measures.
+    /// answer; programming: write to the first answer from the new endpoint), microseconds.
     pub p50_us: Option<f64>,
     pub p99_us: Option<f64>,
-    /// Operations completed (connections, requests, bytes, datagrams received).
+    /// Operations completed (connections, requests, bytes, datagrams received, samples).
     pub count: u64,
-    /// Failed operations (refused, reset, short answers); for UDP, datagrams sent but not received.
+    /// Failed operations (refused, reset, short answers); for UDP, datagrams sent but not
+    /// received; for programming, probe connections that failed while a change was under way.
     pub errors: u64,
+    /// Connections that took longer than [`STALL`]: a SYN went unanswered and was resent.
+    pub stalled: Option<u64>,
+    /// `many_clients`: the offered rate (conn/s).
+    pub offered: Option<f64>,
     /// UDP: the share of sent datagrams that never arrived.
     pub loss: Option<f64>,
     pub seconds: f64,
     /// Share of both cores that processes other than the benchmark's (a build, another test)
     /// used during the measure; above a few per cent the value is disturbed.
     pub others_cpu: f64,
-    /// How the contender ran, e.g. `iptables-legacy, target at rule 5001 of 10001`.
+    /// The contender's flags beyond its defaults (its label), e.g. `--masquerade-all`.
+    pub flags: Vec<String>,
+    /// How the contender ran.
     pub detail: String,
+    /// A side note, e.g. the proxy's own programming-latency metric.
+    pub note: Option<String>,
+    /// Set when the contender was not run at this size: why. `value` is NaN then.
+    pub not_run: Option<String>,
+    /// Set when the measure failed (e.g. connections that never completed): the error. `value`
+    /// is NaN then.
+    pub failed: Option<String>,
 }
 
 impl Record {
+    fn blank(contender: Contender, measure: Measure, services: usize, round: usize) -> Self {
+        Record {
+            contender,
+            measure,
+            services,
+            round,
+            value: f64::NAN,
+            unit: measure.unit(),
+            p50_us: None,
+            p99_us: None,
+            count: 0,
+            errors: 0,
+            stalled: None,
+            offered: None,
+            loss: None,
+            seconds: 0.0,
+            others_cpu: 0.0,
+            flags: Vec::new(),
+            detail: String::new(),
+            note: None,
+            not_run: None,
+            failed: None,
+        }
+    }
+
     /// The record as one line of JSON.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a Record always serializes")
     }
 }
 
+/// How long filling an API server took (reported beside the results, not a contender's).
+#[derive(Clone, Debug, Serialize)]
+pub struct FillRecord {
+    /// `extproxy` (labelled Services) or `kube-proxy`.
+    pub cluster: &'static str,
+    pub services: usize,
+    /// Objects written (Services, EndpointSlices, patches of the earlier targets).
+    pub objects: usize,
+    pub seconds: f64,
+    /// etcd and kube-apiserver start-up (first fill only).
+    pub startup_seconds: Option<f64>,
+}
+
+/// What [`run`] measured.
+#[derive(Default)]
+pub struct Results {
+    pub records: Vec<Record>,
+    pub fills: Vec<FillRecord>,
+}
+
+/// Programming-latency samples taken however long they take.
+pub const MIN_PROGRAMMING_SAMPLES: usize = 3;
+
+/// A connection slower than this waited for a resent SYN (Linux resends after 1 s).
+pub const STALL: Duration = Duration::from_millis(900);
+
+/// The pod's address for probes (first answer, programming latency), apart from the load's:
+/// probes sent before a contender has programmed a Service leave netfilter conntrack entries
+/// without NAT behind (see [`load::probe_endpoints`]), which a load connection reusing the same
+/// source port would otherwise run into.
+pub const PROBER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 200);
+
 #[derive(Clone, Debug)]
 pub struct TrafficOpts {
     /// The release `extproxy` binary.
     pub agent_bin: PathBuf,
+    /// etcd, kube-apiserver and kube-proxy (`$EXTPROXY_K8S_BIN`); without them the Kubernetes
+    /// contenders are reported as not run.
+    pub k8s_bin: Option<PathBuf>,
     pub sizes: Vec<usize>,
     pub rounds: usize,
     pub contenders: Vec<Contender>,
+    /// The contenders were chosen by hand (XP_TRAFFIC_CONTENDERS), not by the mode.
+    pub contenders_chosen: bool,
     pub measures: Vec<Measure>,
+    /// The quick mode (named in the reasons a contender was not run).
+    pub quick: bool,
     pub connection_time: Duration,
+    /// The one-endpoint measure: "sustained for 60 s (not a burst)" in the full mode.
+    pub sustain_time: Duration,
     pub request_time: Duration,
     pub stream_time: Duration,
     pub udp_time: Duration,
     /// Each of the two latency measures.
     pub latency_time: Duration,
+    /// Client addresses of the many-clients measures, and the paced one's offered rate
+    /// (conn/s, all together) and time (the unpaced one takes `connection_time`).
+    pub many_clients: usize,
+    pub many_clients_rate: f64,
+    pub many_clients_time: Duration,
+    /// Programming-latency samples per run, and the smallest N measured (the issue asks for 1k
+    /// and 10k).
+    pub programming_samples: usize,
+    pub programming_min_services: usize,
+    /// Sampling stops early once this much time went by and [`MIN_PROGRAMMING_SAMPLES`] were
+    /// taken: kube-proxy's iptables mode at 10k takes far longer per change than the rest.
+    pub programming_budget: Duration,
+    /// Sizes at which the offload topology runs (`tcp_throughput_offload`).
+    pub offload_sizes: Vec<usize>,
     /// Concurrent connections of the connection and request measures.
     pub workers: usize,
     /// Client and server threads each (one per core).
     pub threads: usize,
-    /// Appended to `extproxy run` (e.g. `--xdp driver` to compare the XDP path); named in the
-    /// records' `detail`.
+    /// `extproxy-tuned`'s flags.
+    pub tuned_args: Vec<String>,
+    /// Appended to every extproxy run (e.g. `--xdp driver` to compare the XDP path; profiling);
+    /// named in the records' flags.
     pub extproxy_args: Vec<String>,
-    /// nftables is skipped above this many Services (`nft -f` of 10k takes ~80 s here).
+    /// The real kube-proxy is not run above this many Services (quick: 1k; it takes minutes to
+    /// program 10k).
+    pub kube_proxy_max_services: usize,
+    /// The hand-written nftables layout is skipped above this many Services (`nft -f` of 10k
+    /// takes ~80 s here).
     pub nftables_max_services: usize,
     /// How long a run waits for the machine to calm down (under 15 % busy) before it starts.
     pub quiet_wait: Duration,
@@ -220,61 +480,213 @@ pub struct TrafficOpts {
 }
 
 impl TrafficOpts {
-    /// Under three minutes on 2 cores: one round, short measures, nftables up to 1k Services.
-    pub fn quick(agent_bin: PathBuf) -> Self {
+    /// One round, short measures, the real kube-proxy up to 1k Services.
+    pub fn quick(agent_bin: PathBuf, k8s_bin: Option<PathBuf>) -> Self {
         TrafficOpts {
             agent_bin,
+            k8s_bin,
             sizes: vec![1, 1_000, 10_000],
             rounds: 1,
-            contenders: Contender::ALL.to_vec(),
+            contenders: Contender::QUICK.to_vec(),
+            contenders_chosen: false,
             measures: Measure::ALL.to_vec(),
+            quick: true,
             connection_time: Duration::from_secs(3),
+            sustain_time: Duration::from_secs(5),
             request_time: Duration::from_millis(1500),
             stream_time: Duration::from_millis(1500),
             udp_time: Duration::from_millis(1500),
             latency_time: Duration::from_secs(1),
+            many_clients: 200,
+            many_clients_rate: 1_000.0,
+            many_clients_time: Duration::from_secs(4),
+            programming_samples: 8,
+            programming_min_services: 1_000,
+            programming_budget: Duration::from_secs(60),
+            offload_sizes: vec![1],
             workers: 16,
             threads: 2,
+            tuned_args: ["--snat-ports", "1024-65535", "--ct-max", "1048576"]
+                .map(String::from)
+                .to_vec(),
             extproxy_args: Vec::new(),
+            kube_proxy_max_services: 1_000,
             nftables_max_services: 1_000,
             quiet_wait: Duration::from_secs(5),
             verbose: true,
         }
     }
 
-    /// Three rounds, 10 s of new connections, every contender at every size.
-    pub fn full(agent_bin: PathBuf) -> Self {
+    /// Three rounds, 60 s of the one-endpoint measure, every reported contender at every size.
+    pub fn full(agent_bin: PathBuf, k8s_bin: Option<PathBuf>) -> Self {
         TrafficOpts {
             rounds: 3,
+            contenders: Contender::REPORTED.to_vec(),
+            quick: false,
             connection_time: Duration::from_secs(10),
+            sustain_time: Duration::from_secs(60),
             request_time: Duration::from_secs(5),
             stream_time: Duration::from_secs(5),
             udp_time: Duration::from_secs(5),
             latency_time: Duration::from_secs(5),
+            // Longer than the endpoint's TIME_WAIT (60 s), and at 1,000/s more connections than
+            // the default SNAT range has ports: every port is reused, by other clients too.
+            many_clients_time: Duration::from_secs(75),
+            programming_samples: 10,
+            programming_budget: Duration::from_secs(180),
+            kube_proxy_max_services: usize::MAX,
             nftables_max_services: usize::MAX,
             quiet_wait: Duration::from_secs(30),
-            ..TrafficOpts::quick(agent_bin)
+            ..TrafficOpts::quick(agent_bin, k8s_bin)
         }
     }
 
-    fn runs(&self, contender: Contender, services: usize) -> bool {
-        contender != Contender::Nftables || services <= self.nftables_max_services
+    /// Narrows or changes the options from `XP_TRAFFIC_*` variables (TRAFFIC.md lists them):
+    /// for profiling one case, or a development run.
+    pub fn apply_env(&mut self) -> Result<()> {
+        let list = |var: &str| -> Option<Vec<String>> {
+            std::env::var(var).ok().map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+        };
+        if let Some(sizes) = list("XP_TRAFFIC_SIZES") {
+            self.sizes = sizes.iter().map(|n| n.parse()).collect::<Result<_, _>>()?;
+        }
+        if let Some(names) = list("XP_TRAFFIC_CONTENDERS") {
+            self.contenders = names
+                .iter()
+                .map(|n| {
+                    Contender::from_name(n).with_context(|| {
+                        format!(
+                            "XP_TRAFFIC_CONTENDERS: unknown contender {n:?} (known: {})",
+                            Contender::ALL.map(Contender::name).join(", ")
+                        )
+                    })
+                })
+                .collect::<Result<_>>()?;
+            self.contenders_chosen = true;
+        }
+        if let Some(names) = list("XP_TRAFFIC_MEASURES") {
+            self.measures = names
+                .iter()
+                .map(|n| {
+                    Measure::from_name(n).with_context(|| {
+                        format!(
+                            "XP_TRAFFIC_MEASURES: unknown measure {n:?} (known: {})",
+                            Measure::ALL.map(Measure::name).join(", ")
+                        )
+                    })
+                })
+                .collect::<Result<_>>()?;
+        }
+        if let Some(args) = list("XP_TRAFFIC_EXTPROXY_ARGS") {
+            self.extproxy_args = args;
+        }
+        if let Some(args) = list("XP_TRAFFIC_TUNED_ARGS") {
+            self.tuned_args = args;
+        }
+        if let Ok(secs) = std::env::var("XP_TRAFFIC_SECS") {
+            let secs = Duration::from_secs_f64(secs.parse()?);
+            self.connection_time = secs;
+            self.sustain_time = secs;
+            self.request_time = secs;
+            self.stream_time = secs;
+            self.udp_time = secs;
+            self.latency_time = secs;
+            self.many_clients_time = secs;
+        }
+        if let Ok(rounds) = std::env::var("XP_TRAFFIC_ROUNDS") {
+            self.rounds = rounds.parse()?;
+        }
+        if let Ok(n) = std::env::var("XP_TRAFFIC_SAMPLES") {
+            self.programming_samples = n.parse()?;
+        }
+        if let Ok(rate) = std::env::var("XP_TRAFFIC_RATE") {
+            self.many_clients_rate = rate.parse()?;
+        }
+        if let Ok(n) = std::env::var("XP_TRAFFIC_KUBE_PROXY_MAX") {
+            self.kube_proxy_max_services = n.parse()?;
+        }
+        if let Ok(n) = std::env::var("XP_TRAFFIC_NFT_MAX") {
+            self.nftables_max_services = n.parse()?;
+        }
+        if let Some(sizes) = list("XP_TRAFFIC_OFFLOAD_SIZES") {
+            self.offload_sizes = sizes.iter().map(|n| n.parse()).collect::<Result<_, _>>()?;
+        }
+        Ok(())
+    }
+
+    /// Why `contender` does not run at `services`, if it does not.
+    pub fn not_run(&self, contender: Contender, services: usize) -> Option<String> {
+        let mode = if self.quick { "quick mode" } else { "this run" };
+        if !self.contenders.contains(&contender) {
+            return Some(if self.quick && !self.contenders_chosen {
+                "not run in quick mode (`cargo xtask bench` runs it)".into()
+            } else {
+                "not selected (XP_TRAFFIC_CONTENDERS)".into()
+            });
+        }
+        if contender.reads_the_api() && self.k8s_bin.is_none() {
+            return Some(
+                "not run: no Kubernetes binaries (../shared/k8s or $EXTPROXY_K8S_BIN)".into(),
+            );
+        }
+        if contender.is_kube_proxy() && services > self.kube_proxy_max_services {
+            return Some(format!(
+                "not run in {mode}: kube-proxy takes minutes to program {services} Services \
+                 here (ANCHORS.md: 322 s to first answer in iptables mode, 22 s in nftables \
+                 mode at 10k); `cargo xtask bench` runs it"
+            ));
+        }
+        if contender == Contender::Nftables && services > self.nftables_max_services {
+            return Some(format!(
+                "not run in {mode}: `nft -f` of {services} Services takes ~80 s here"
+            ));
+        }
+        None
     }
 
     fn duration(&self, measure: Measure) -> Duration {
         match measure {
             Measure::NewConnections => self.connection_time,
+            Measure::NewConnectionsOneEndpoint => self.sustain_time,
+            Measure::ManyClients => self.many_clients_time,
+            Measure::ManyClientsMax => self.connection_time,
             Measure::Requests => self.request_time,
-            Measure::TcpThroughput => self.stream_time,
+            Measure::TcpThroughput | Measure::TcpThroughputOffload => self.stream_time,
             Measure::UdpPackets => self.udp_time,
             Measure::ConnectionLatency | Measure::RequestLatency => self.latency_time,
+            Measure::FirstAnswer | Measure::ProgrammingLatency => Duration::ZERO,
         }
+    }
+
+    /// The measures of a run on the standard topology (`offload`: on the offload topology).
+    fn measures_at(&self, contender: Contender, services: usize, offload: bool) -> Vec<Measure> {
+        self.measures
+            .iter()
+            .copied()
+            .filter(|m| m.applies(contender))
+            .filter(|m| (*m == Measure::TcpThroughputOffload) == offload)
+            .filter(|m| {
+                *m != Measure::ProgrammingLatency || services >= self.programming_min_services
+            })
+            .collect()
+    }
+
+    /// How long a contender may take to answer after its start: kube-proxy's iptables mode
+    /// took 322 s at 10k Services here (ANCHORS.md).
+    fn start_timeout(&self, services: usize) -> Duration {
+        Duration::from_secs(60) + Duration::from_millis(90 * services as u64)
     }
 }
 
 /// Runs every contender on every size for every round. Within a round the contenders take
 /// turns, starting one later each round, so none always runs first (or on a warmer machine).
-pub fn run(opts: &TrafficOpts) -> Result<Vec<Record>> {
+pub fn run(opts: &TrafficOpts) -> Result<Results> {
     ensure!(
         unsafe { libc::geteuid() } == 0,
         "the traffic benchmark needs root (network namespaces, eBPF)"
@@ -284,267 +696,566 @@ pub fn run(opts: &TrafficOpts) -> Result<Vec<Record>> {
         "{} not found: build it with `cargo build --release -p proxy-user`",
         opts.agent_bin.display()
     );
-    let mut records = Vec::new();
+    let bins = opts
+        .k8s_bin
+        .as_ref()
+        .map(Binaries::in_dir)
+        .transpose()
+        .context("the Kubernetes binaries")?;
+    let mut results = Results::default();
+    let api_netns = match &bins {
+        Some(_) if opts.contenders.iter().any(|c| c.reads_the_api()) => Some(ApiNetns::new()?),
+        _ => None,
+    };
+    // Declared after the namespace: stopped before it is deleted.
+    let mut clusters: Vec<Cluster> = Vec::new();
     for &n in &opts.sizes {
         ensure!(n >= 1, "a Service count must be at least 1");
-        let plan = SizePlan::new(n, opts)?;
-        for round in 0..opts.rounds {
-            let contenders: Vec<Contender> = opts
-                .contenders
-                .iter()
-                .cycle()
-                .skip(round % opts.contenders.len().max(1))
-                .take(opts.contenders.len())
-                .copied()
-                .filter(|c| opts.runs(*c, n))
-                .collect();
-            for contender in contenders {
-                let rows = run_one(opts, &plan, contender, round)
-                    .with_context(|| format!("{contender} with {n} Services, round {round}"))?;
-                records.extend(rows);
+        let layout = Layout::new(n);
+        let mut reported: Vec<Contender> = Contender::REPORTED.to_vec();
+        reported.extend(opts.contenders.iter().copied());
+        reported.sort();
+        reported.dedup();
+        let mut running = Vec::new();
+        for &c in &reported {
+            match opts.not_run(c, n) {
+                Some(why) => {
+                    for offload in [false, true] {
+                        if offload && !opts.offload_sizes.contains(&n) {
+                            continue;
+                        }
+                        for m in opts.measures_at(c, n, offload) {
+                            results.records.push(Record {
+                                not_run: Some(why.clone()),
+                                flags: c.flags(opts),
+                                ..Record::blank(c, m, n, 0)
+                            });
+                        }
+                    }
+                }
+                None => running.push(c),
             }
         }
-    }
-    Ok(records)
-}
-
-// -------------------------------------------------------------------------------------------------
-// The Services, in every contender's form
-// -------------------------------------------------------------------------------------------------
-
-/// The N Services and what each contender is programmed with, prepared once per size.
-struct SizePlan {
-    services: usize,
-    /// ClusterIP of the last Service, the one the client calls (like ANCHORS.md).
-    target: Ipv4Addr,
-    /// One JSON List (Service + EndpointSlice) per Service, for the agent.
-    manifests: Option<ManifestDir>,
-    /// Service ports in kube-proxy's order for iptables: the target sits in the middle of
-    /// KUBE-SERVICES (see [`iptables_order`]).
-    iptables_services: Vec<BenchService>,
-    iptables_position: usize,
-    /// Service ports for nftables (order does not matter: one verdict-map lookup).
-    nft_services: Vec<BenchService>,
-}
-
-impl SizePlan {
-    fn new(n: usize, opts: &TrafficOpts) -> Result<Self> {
-        let tcp = synthetic_services(&SyntheticSpec {
-            count: n,
-            namespace: "bench".into(),
-            first_cluster_ip: FIRST_CLUSTER_IP,
-            port: SERVICE_PORT,
-            port_name: "http".into(),
-            protocol: Protocol::Tcp,
-            endpoints_per_service: ENDPOINTS.len(),
-            endpoint_pool: ENDPOINTS.iter().map(|ip| (*ip, ENDPOINT_PORT)).collect(),
-            first_node_port: None,
-        });
-        let last = tcp.last().expect("at least one Service").clone();
-        // The target Service also has a UDP port, as a DNS-like Service would: the UDP measure
-        // goes through it. Every contender gets the same N + 1 Service ports.
-        let udp = BenchService {
-            port_name: "udp".into(),
-            protocol: Protocol::Udp,
-            ..last.clone()
-        };
-        let manifests = if opts.contenders.contains(&Contender::Extproxy) {
-            Some(ManifestDir::write(&tcp, &udp)?)
+        // Keep the requested order (the rotation below interleaves it).
+        let running: Vec<Contender> = opts
+            .contenders
+            .iter()
+            .copied()
+            .filter(|c| running.contains(c))
+            .collect();
+        for flavor in [Flavor::Extproxy, Flavor::KubeProxy] {
+            if !running.iter().any(|c| c.cluster() == Some(flavor)) {
+                continue;
+            }
+            let (Some(bins), Some(netns)) = (&bins, &api_netns) else {
+                bail!("no Kubernetes binaries for the Kubernetes contenders");
+            };
+            let fresh = !clusters.iter().any(|c| c.flavor == flavor);
+            if fresh {
+                clusters.push(Cluster::start(bins, netns, flavor)?);
+            }
+            let cluster = clusters
+                .iter_mut()
+                .find(|c| c.flavor == flavor)
+                .expect("started above");
+            let (objects, took) = cluster.fill(&layout)?;
+            let name = match flavor {
+                Flavor::Extproxy => "extproxy",
+                Flavor::KubeProxy => "kube-proxy",
+            };
+            if opts.verbose {
+                eprintln!(
+                    "[traffic] {name}'s API server: {n} Services, {objects} objects written in {:.1} s",
+                    took.as_secs_f64()
+                );
+            }
+            results.fills.push(FillRecord {
+                cluster: name,
+                services: n,
+                objects,
+                seconds: took.as_secs_f64(),
+                startup_seconds: fresh.then_some(cluster.startup.as_secs_f64()),
+            });
+        }
+        let manifests = if running.contains(&Contender::ExtproxyManifests) {
+            Some(ManifestDir::write(&layout)?)
         } else {
             None
         };
-        let (iptables_services, iptables_position) = iptables_order(&tcp, &udp);
-        let mut nft_services = tcp;
-        nft_services.push(udp);
-        Ok(SizePlan {
-            services: n,
-            target: last.cluster_ip,
+        let plan = SizePlan {
+            layout,
             manifests,
-            iptables_services,
-            iptables_position,
-            nft_services,
-        })
-    }
-}
-
-/// kube-proxy writes KUBE-SERVICES in Go map order, random per sync: a given Service's rule is
-/// on average half-way down the list. The target goes there (with its UDP port after it), so
-/// the linear walk iptables does per new connection is the average one, not the worst.
-/// Returns the order and the target's 1-based rule position.
-fn iptables_order(tcp: &[BenchService], udp: &BenchService) -> (Vec<BenchService>, usize) {
-    let mut order = tcp.to_vec();
-    let target = order.pop().expect("at least one Service");
-    let middle = order.len() / 2;
-    order.insert(middle, target);
-    order.insert(middle + 1, udp.clone());
-    (order, middle + 1)
-}
-
-/// A temporary directory of agent manifests, removed on drop.
-struct ManifestDir {
-    path: PathBuf,
-}
-
-impl ManifestDir {
-    fn write(tcp: &[BenchService], udp: &BenchService) -> Result<Self> {
-        let path = std::env::temp_dir().join(format!(
-            "xp-bench-manifests-{}-{}",
-            std::process::id(),
-            tcp.len()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).with_context(|| format!("mkdir {}", path.display()))?;
-        let dir = ManifestDir { path };
-        for (i, svc) in tcp.iter().enumerate() {
-            let extra = (i + 1 == tcp.len()).then_some(udp);
-            let file = dir.path.join(format!("{}.json", svc.name));
-            std::fs::write(&file, service_manifest(svc, extra).to_string())
-                .with_context(|| format!("writing {}", file.display()))?;
+            api_netns: api_netns.as_ref(),
+            clusters: &clusters,
+        };
+        for round in 0..opts.rounds {
+            let order: Vec<Contender> = running
+                .iter()
+                .cycle()
+                .skip(round % running.len().max(1))
+                .take(running.len())
+                .copied()
+                .collect();
+            for &contender in &order {
+                let rows = run_one(opts, &plan, contender, round, Wire::FullChecksums)
+                    .with_context(|| format!("{contender} with {n} Services, round {round}"))?;
+                results.records.extend(rows);
+            }
+            if opts.offload_sizes.contains(&n)
+                && opts.measures.contains(&Measure::TcpThroughputOffload)
+            {
+                for &contender in &order {
+                    let rows = run_one(opts, &plan, contender, round, Wire::Offloads)
+                        .with_context(|| {
+                            format!("{contender} with {n} Services, round {round}, offloads on")
+                        })?;
+                    results.records.extend(rows);
+                }
+            }
         }
-        Ok(dir)
+    }
+    Ok(results)
+}
+
+/// What every run at one size shares.
+struct SizePlan<'a> {
+    layout: Layout,
+    /// Manifest mode's files (only when `extproxy-manifests` runs).
+    manifests: Option<ManifestDir>,
+    api_netns: Option<&'a ApiNetns>,
+    clusters: &'a [Cluster],
+}
+
+impl SizePlan<'_> {
+    fn cluster(&self, flavor: Flavor) -> Result<&Cluster> {
+        self.clusters
+            .iter()
+            .find(|c| c.flavor == flavor)
+            .context("the cluster was not started")
     }
 }
 
-impl Drop for ManifestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+/// Where the clients send their traffic, and what the endpoints must see.
+pub(crate) struct Routes {
+    /// The four-endpoint Service (direct: the four endpoints in turn).
+    pub four: Vec<SocketAddr>,
+    /// The one-endpoint Service (direct: that endpoint).
+    pub one: SocketAddr,
+    pub udp: SocketAddr,
+    /// The endpoints see the node's address rather than the clients'.
+    pub snat: bool,
+}
+
+impl Routes {
+    fn new(contender: Contender, layout: &Layout) -> Self {
+        let service = |ip: Ipv4Addr| SocketAddr::new(IpAddr::V4(ip), SERVICE_PORT);
+        let endpoint = |ip: Ipv4Addr| SocketAddr::new(IpAddr::V4(ip), ENDPOINT_PORT);
+        match contender {
+            Contender::Direct => Routes {
+                four: ENDPOINTS.iter().map(|ip| endpoint(*ip)).collect(),
+                one: endpoint(layout::ONE_ENDPOINT),
+                udp: endpoint(ENDPOINTS[0]),
+                snat: false,
+            },
+            _ => Routes {
+                four: vec![service(layout.four_target())],
+                one: service(layout.one_target()),
+                udp: service(layout.four_target()),
+                snat: contender.snat(),
+            },
+        }
+    }
+
+    /// The sources the endpoints may see from `clients`.
+    pub fn sources(&self, clients: &[IpAddr]) -> BTreeSet<IpAddr> {
+        if self.snat {
+            BTreeSet::from([NODE.parse().expect("an address")])
+        } else {
+            clients.iter().copied().collect()
+        }
     }
 }
 
-/// A selector-less Service with an explicit ClusterIP and its EndpointSlice, as a `List`;
-/// `extra` is a second port of the same Service (same name and address).
-fn service_manifest(svc: &BenchService, extra: Option<&BenchService>) -> serde_json::Value {
-    use serde_json::json;
-    let ports: Vec<&BenchService> = std::iter::once(svc).chain(extra).collect();
-    let proto = |p: &BenchService| match p.protocol {
-        Protocol::Tcp => "TCP",
-        Protocol::Udp => "UDP",
-    };
-    let endpoint_port = svc.endpoints[0].1;
-    json!({
-        "apiVersion": "v1",
-        "kind": "List",
-        "items": [
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": svc.name, "namespace": svc.namespace},
-                "spec": {
-                    "clusterIP": svc.cluster_ip.to_string(),
-                    "ports": ports.iter().map(|p| json!({
-                        "name": p.port_name,
-                        "protocol": proto(p),
-                        "port": p.port,
-                        "targetPort": endpoint_port,
-                    })).collect::<Vec<_>>(),
-                },
-            },
-            {
-                "apiVersion": "discovery.k8s.io/v1",
-                "kind": "EndpointSlice",
-                "metadata": {
-                    "name": format!("{}-1", svc.name),
-                    "namespace": svc.namespace,
-                    "labels": {"kubernetes.io/service-name": svc.name},
-                },
-                "addressType": "IPv4",
-                "ports": ports.iter().map(|p| json!({
-                    "name": p.port_name,
-                    "protocol": proto(p),
-                    "port": endpoint_port,
-                })).collect::<Vec<_>>(),
-                "endpoints": svc.endpoints.iter().map(|(ip, _)| json!({
-                    "addresses": [ip.to_string()],
-                    "conditions": {"ready": true},
-                })).collect::<Vec<_>>(),
-            },
-        ],
-    })
-}
-
-// -------------------------------------------------------------------------------------------------
-// One contender, one size, one round
-// -------------------------------------------------------------------------------------------------
-
-/// Where the client sends its traffic and the source address the endpoints must see.
-struct Route {
-    tcp: Vec<SocketAddr>,
-    udp: SocketAddr,
-    source: IpAddr,
+/// A contender running on a topology.
+struct Started {
+    process: Option<Process>,
+    detail: String,
+    /// From the process's start to the first answer through the one-endpoint Service.
+    first_answer: Option<Duration>,
 }
 
 fn run_one(
     opts: &TrafficOpts,
-    plan: &SizePlan,
+    plan: &SizePlan<'_>,
     contender: Contender,
     round: usize,
+    wire: Wire,
 ) -> Result<Vec<Record>> {
+    let n = plan.layout.services;
+    let offload = wire == Wire::Offloads;
+    let measures = opts.measures_at(contender, n, offload);
     // Everything else on the machine (a build, another benchmark, the kernel still tearing down
     // the previous run's namespaces) takes CPU from the path under test: wait for it to calm
     // down, and say in the records how busy it was.
     let busy = wait_for_quiet(opts.quiet_wait)?;
-    let topo = Topology::new("bench");
-    // The fourth endpoint, and a route back to the pods for the direct contender (the others
-    // SNAT to the node; the route only makes a missing SNAT visible instead of a hang).
+    let topo = Topology::with_wire("bench", wire);
+    // The fourth endpoint, and a route back to the pods for the contenders that do not SNAT
+    // (for the others it turns a missing SNAT into a visible wrong source instead of a hang).
     topo.ext.sh(&format!(
         "ip addr add {}/32 dev lo; ip route add 10.244.0.0/16 via {NODE}",
         ENDPOINTS[3]
     ));
+    topo.pod.sh(&format!("ip addr add {PROBER}/24 dev eth0"));
     let endpoint_ips: Vec<IpAddr> = ENDPOINTS.iter().map(|ip| IpAddr::V4(*ip)).collect();
     let server = LoadServer::start(&topo.ext.name, ENDPOINT_PORT, &endpoint_ips, opts.threads)
         .context("starting the load server in the outside namespace")?;
-
-    let setup = Instant::now();
-    let (agent, mut detail) = program(opts, plan, contender, &topo)?;
-    let our_pids: Vec<u32> = agent.iter().map(|a| a.child.id()).collect();
-    detail += &format!("; CPU {:.0} % busy before the run", busy * 100.0);
-    let setup = setup.elapsed();
-    let route = match contender {
-        Contender::Direct => Route {
-            tcp: ENDPOINTS
-                .iter()
-                .map(|ip| SocketAddr::new(IpAddr::V4(*ip), ENDPOINT_PORT))
-                .collect(),
-            udp: SocketAddr::new(IpAddr::V4(ENDPOINTS[0]), ENDPOINT_PORT),
-            source: POD.parse()?,
-        },
-        _ => Route {
-            tcp: vec![SocketAddr::new(IpAddr::V4(plan.target), SERVICE_PORT)],
-            udp: SocketAddr::new(IpAddr::V4(plan.target), SERVICE_PORT),
-            source: NODE.parse()?,
-        },
+    let many = measures
+        .iter()
+        .any(|m| matches!(m, Measure::ManyClients | Measure::ManyClientsMax));
+    let clients = if many {
+        add_clients(&topo, opts.many_clients)?
+    } else {
+        Vec::new()
     };
+    let routes = Routes::new(contender, &plan.layout);
+    let flags = contender.flags(opts);
+    // A contender that does not start or carry traffic is a result too: every measure of the
+    // run is reported as failed, with why.
+    let failed_run = |e: anyhow::Error| -> Vec<Record> {
+        let why = format!("{e:#}");
+        if opts.verbose {
+            eprintln!("[traffic] round {round}, {n} Services, {contender}: FAILED: {why}");
+        }
+        measures
+            .iter()
+            .map(|&m| Record {
+                failed: Some(why.clone()),
+                flags: flags.clone(),
+                ..Record::blank(contender, m, n, round)
+            })
+            .collect()
+    };
+    let mut started = match start(opts, plan, contender, &topo, &routes) {
+        Ok(started) => started,
+        Err(e) => return Ok(failed_run(e)),
+    };
+    let mut our_pids: Vec<u32> = started.process.iter().map(Process::pid).collect();
+    our_pids.extend(plan.clusters.iter().flat_map(Cluster::pids));
+    let detail = format!(
+        "{}; CPU {:.0} % busy before the run",
+        started.detail,
+        busy * 100.0
+    );
     if opts.verbose {
+        let first = started
+            .first_answer
+            .map(|d| format!(", first answer {:.0} ms after start", d.as_secs_f64() * 1e3))
+            .unwrap_or_default();
         eprintln!(
-            "[traffic] round {round}, {} Services, {contender}: programmed in {:.1} s ({detail})",
-            plan.services,
-            setup.as_secs_f64()
+            "[traffic] round {round}, {n} Services, {contender}{}{first} ({detail})",
+            if offload { ", offloads on" } else { "" },
         );
     }
     let pod = &topo.pod.name;
-    warm_up(pod, &route, &server)
-        .with_context(|| format!("no working path through {contender} ({detail})"))?;
+    let pod_ip: IpAddr = POD.parse()?;
+    if let Err(e) = measures::warm_up(pod, &routes, &server, &[pod_ip]) {
+        return Ok(failed_run(e.context(format!(
+            "no working path through {contender} ({detail})"
+        ))));
+    }
 
     let mut records = Vec::new();
-    for &measure in &opts.measures {
-        let meter = CpuMeter::start(&our_pids)?;
-        let record = measure_one(opts, pod, &route, &server, measure)
-            .with_context(|| format!("measuring {measure}"))?;
-        let others_cpu = meter.others_share()?;
-        let record = Record {
-            contender,
-            services: plan.services,
-            round,
-            detail: detail.clone(),
-            others_cpu,
-            ..record
+    let base = |measure: Measure| Record {
+        flags: flags.clone(),
+        detail: detail.clone(),
+        ..Record::blank(contender, measure, n, round)
+    };
+    let ctx = measures::Ctx {
+        opts,
+        pod,
+        pod_ip,
+        routes: &routes,
+        server: &server,
+        clients: &clients,
+        topo: &topo,
+    };
+    for &measure in &measures {
+        let record = match measure {
+            Measure::FirstAnswer => {
+                let Some(d) = started.first_answer else {
+                    continue;
+                };
+                Record {
+                    value: d.as_secs_f64() * 1e3,
+                    count: 1,
+                    ..base(measure)
+                }
+            }
+            _ => {
+                let meter = cpu::CpuMeter::start(&our_pids)?;
+                let result = if measure == Measure::ProgrammingLatency {
+                    let cluster = plan.cluster(contender.cluster().context("no API server")?)?;
+                    measures::programming_latency(
+                        &ctx,
+                        cluster,
+                        &plan.layout,
+                        started.first_answer,
+                        base(measure),
+                    )
+                    .map(|r| Record {
+                        note: measures::own_programming_metric(&topo, contender),
+                        ..r
+                    })
+                } else {
+                    measures::measure_one(&ctx, measure, base(measure))
+                };
+                // A measure the contender cannot complete is a result (reported as failed, with
+                // why), not the end of a benchmark that may have run for hours.
+                let record = result.unwrap_or_else(|e| Record {
+                    failed: Some(format!("{e:#}")),
+                    ..base(measure)
+                });
+                Record {
+                    others_cpu: meter.others_share()?,
+                    ..record
+                }
+            }
         };
         if opts.verbose {
             eprintln!("[traffic]   {}", summary(&record));
         }
         records.push(record);
+        if let Some(process) = started.process.as_mut() {
+            process.check_alive()?;
+        }
+    }
+    if let Some(mut process) = started.process.take() {
+        process.stop();
+        if let Some(dir) = std::env::var_os("XP_TRAFFIC_LOGS") {
+            // Keep the contender's log (the topology's directory goes with it).
+            let name = format!(
+                "{contender}-{n}-round{round}{}.log",
+                if offload { "-offloads" } else { "" }
+            );
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::copy(&process.log, std::path::Path::new(&dir).join(name));
+        }
+        check_log(contender, &process)?;
     }
     Ok(records)
+}
+
+/// Adds `count` client addresses (10.244.1.1..) to the pod and routes them on the node.
+fn add_clients(topo: &Topology, count: usize) -> Result<Vec<IpAddr>> {
+    ensure!(count <= 250 * 256, "too many client addresses");
+    let clients: Vec<IpAddr> = (0..count)
+        .map(|i| {
+            IpAddr::V4(Ipv4Addr::new(
+                10,
+                244,
+                1 + (i / 250) as u8,
+                1 + (i % 250) as u8,
+            ))
+        })
+        .collect();
+    let batch: String = clients
+        .iter()
+        .map(|c| format!("addr add {c}/32 dev eth0\n"))
+        .collect();
+    let file = topo.dir.join("clients.batch");
+    std::fs::write(&file, batch)?;
+    let status = std::process::Command::new("ip")
+        .args(["-n", &topo.pod.name, "-batch"])
+        .arg(&file)
+        .status()?;
+    ensure!(status.success(), "adding the client addresses to the pod");
+    topo.node.sh("ip route add 10.244.1.0/24 dev pod0");
+    if count > 250 {
+        topo.node
+            .sh("ip route add 10.244.0.0/16 dev pod0 metric 100");
+    }
+    Ok(clients)
+}
+
+/// Starts (or programs) the contender on the node; for a process, waits until it answers
+/// through the one-endpoint Service, timing that from its start, and through the
+/// four-endpoint one.
+fn start(
+    opts: &TrafficOpts,
+    plan: &SizePlan<'_>,
+    contender: Contender,
+    topo: &Topology,
+    routes: &Routes,
+) -> Result<Started> {
+    let n = plan.layout.services;
+    let flags = contender.flags(opts);
+    let label = if flags.is_empty() {
+        "defaults".to_owned()
+    } else {
+        flags.join(" ")
+    };
+    match contender {
+        Contender::Direct => Ok(Started {
+            process: None,
+            detail: "no rules; pod to endpoint addresses".into(),
+            first_answer: None,
+        }),
+        Contender::IptablesLegacy | Contender::IptablesNft | Contender::Nftables => {
+            let backend = match contender {
+                Contender::IptablesLegacy => Some(Backend::Legacy),
+                Contender::IptablesNft => Some(Backend::Nft),
+                _ => None,
+            };
+            let detail = contenders::load_rules(topo, &plan.layout.bench_services(), backend)?;
+            Ok(Started {
+                process: None,
+                detail: format!("hand-written kube-proxy rules through {detail}"),
+                first_answer: None,
+            })
+        }
+        _ => {
+            if let Some(flavor) = contender.cluster() {
+                let cluster = plan.cluster(flavor)?;
+                plan.api_netns.context("no API namespace")?.link(topo);
+                cluster.reset_target(&plan.layout)?;
+            }
+            let (process, detail) = spawn(opts, plan, contender, topo, &flags)?;
+            let detail = format!("{detail} ({label})");
+            let mut process = process;
+            let first_answer = wait_for_answers(opts, n, topo, routes, &mut process)?;
+            Ok(Started {
+                process: Some(process),
+                detail,
+                first_answer: Some(first_answer),
+            })
+        }
+    }
+}
+
+fn spawn(
+    opts: &TrafficOpts,
+    plan: &SizePlan<'_>,
+    contender: Contender,
+    topo: &Topology,
+    flags: &[String],
+) -> Result<(Process, String)> {
+    if contender.is_extproxy() {
+        let kubeconfig = match contender.cluster() {
+            Some(flavor) => Some(plan.cluster(flavor)?.kubeconfig()),
+            None => None,
+        };
+        let source = match &kubeconfig {
+            Some(kubeconfig) => AgentSource::Kubernetes { kubeconfig },
+            None => AgentSource::Manifests {
+                dir: &plan
+                    .manifests
+                    .as_ref()
+                    .context("manifests were not prepared")?
+                    .path,
+            },
+        };
+        let mode = match source {
+            AgentSource::Kubernetes { .. } => "extproxy, Kubernetes mode",
+            AgentSource::Manifests { .. } => "extproxy, manifest mode",
+        };
+        let process = contenders::start_extproxy(&opts.agent_bin, topo, source, flags)?;
+        return Ok((process, mode.into()));
+    }
+    let (mode, masquerade_all) = contender.kube_proxy().context("not a kube-proxy")?;
+    let cluster = plan.cluster(Flavor::KubeProxy)?;
+    let bins = opts.k8s_bin.as_ref().context("no Kubernetes binaries")?;
+    let args = contenders::kube_proxy_args(&cluster.kubeconfig(), mode, masquerade_all);
+    let process = contenders::start_kube_proxy(&bins.join("kube-proxy"), topo, &args)?;
+    let mode = match mode {
+        ProxyMode::Iptables => "kube-proxy v1.36 iptables mode (iptables-nft)",
+        ProxyMode::Nftables => "kube-proxy v1.36 nftables mode",
+    };
+    Ok((process, mode.into()))
+}
+
+/// Probes the one-endpoint Service from the pod while the process starts: the time from its
+/// start to the first answer. Then waits for the four-endpoint Service too.
+fn wait_for_answers(
+    opts: &TrafficOpts,
+    services: usize,
+    topo: &Topology,
+    routes: &Routes,
+    process: &mut Process,
+) -> Result<Duration> {
+    let timeout = opts.start_timeout(services);
+    let deadline = process.started + timeout;
+    let pod = topo.pod.name.as_str();
+    let first = probe_until(pod, routes.one, deadline, process)?.with_context(|| {
+        format!(
+            "{} did not answer through {} within {timeout:?}; the end of its log:\n{}",
+            process.name,
+            routes.one,
+            tail(&process.log_text(), 30)
+        )
+    })?;
+    let first_answer = first.finished.saturating_duration_since(process.started);
+    probe_until(pod, routes.four[0], deadline, process)?.with_context(|| {
+        format!(
+            "{} answered through {} but not through {} within {timeout:?}",
+            process.name, routes.one, routes.four[0]
+        )
+    })?;
+    Ok(first_answer)
+}
+
+/// The first answer through `target` before `deadline`, watching that `process` stays alive.
+fn probe_until(
+    pod: &str,
+    target: SocketAddr,
+    deadline: Instant,
+    process: &mut Process,
+) -> Result<Option<load::Probe>> {
+    let gave_up = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let prober = s.spawn(|| {
+            load::first_answer(
+                pod,
+                target,
+                Some(PROBER.into()),
+                Duration::from_millis(2),
+                || !gave_up.load(Ordering::Relaxed) && Instant::now() < deadline,
+            )
+        });
+        while !prober.is_finished() {
+            if let Err(e) = process.check_alive() {
+                gave_up.store(true, Ordering::Relaxed);
+                let _ = prober.join();
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(prober.join().expect("the prober panicked")?)
+    })
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Fails the run if the contender's log reports errors.
+fn check_log(contender: Contender, process: &Process) -> Result<()> {
+    let errors = if contender.is_kube_proxy() {
+        process.log_errors(
+            contenders::kube_proxy_error,
+            contenders::KUBE_PROXY_EXPECTED_ERRORS,
+        )
+    } else {
+        process.log_errors(contenders::extproxy_error, &[])
+    };
+    ensure!(
+        errors.is_empty(),
+        "{} logged errors ({}):\n{}",
+        process.name,
+        process.log.display(),
+        errors.join("\n")
+    );
+    Ok(())
 }
 
 /// Waits (up to `patience`) until the machine is less than [`QUIET_BUSY`] busy; returns the
@@ -562,428 +1273,117 @@ fn wait_for_quiet(patience: Duration) -> Result<f64> {
 const QUIET_BUSY: f64 = 0.15;
 
 fn summary(r: &Record) -> String {
-    let mut s = format!("{:<18} {:>10.2} {}", r.measure.name(), r.value, r.unit);
+    if let Some(why) = &r.failed {
+        return format!("{:<28} FAILED: {why}", r.measure.name());
+    }
+    let mut s = format!("{:<28} {:>10.2} {}", r.measure.name(), r.value, r.unit);
     if let (Some(p50), Some(p99)) = (r.p50_us, r.p99_us) {
         s += &format!("  p50 {p50:.0} us  p99 {p99:.0} us");
+    }
+    if let Some(offered) = r.offered {
+        s += &format!("  offered {offered:.0}/s");
     }
     if let Some(loss) = r.loss {
         s += &format!("  loss {:.1} %", loss * 100.0);
     }
+    if r.errors > 0 {
+        s += &format!("  errors {}", r.errors);
+        if r.measure == Measure::ProgrammingLatency
+            && let Some((_, how)) = r.detail.split_once("failed during the switches: ")
+        {
+            s += &format!(" ({how})");
+        }
+    }
+    if let Some(stalled) = r.stalled.filter(|s| *s > 0) {
+        s += &format!("  stalled {stalled}");
+    }
+    if let Some(note) = &r.note {
+        s += &format!("  ({note})");
+    }
     if r.others_cpu > 0.05 {
         s += &format!("  (others used {:.0} % of the CPU)", r.others_cpu * 100.0);
     }
-    if r.errors > 0 {
-        s += &format!("  errors {}", r.errors);
-    }
     s
-}
-
-/// Programs the contender in the node namespace. Returns the running agent (extproxy only: it
-/// stops when dropped) and a description for the records.
-fn program(
-    opts: &TrafficOpts,
-    plan: &SizePlan,
-    contender: Contender,
-    topo: &Topology,
-) -> Result<(Option<AgentProcess>, String)> {
-    let node = &topo.node.name;
-    let node_config = NodeConfig::new(NODE.parse()?);
-    match contender {
-        Contender::Direct => Ok((None, "no rules; pod to endpoint addresses".into())),
-        Contender::Extproxy => {
-            let manifests = plan
-                .manifests
-                .as_ref()
-                .context("manifests were not prepared")?;
-            let agent = AgentProcess::start(opts, topo, &manifests.path, plan.services)?;
-            let mut detail = String::from(
-                "agent defaults (XDP auto: off on this veth uplink, TC only), --snat-ports 1024-65535",
-            );
-            for arg in &opts.extproxy_args {
-                detail.push(' ');
-                detail.push_str(arg);
-            }
-            Ok((Some(agent), detail))
-        }
-        Contender::IptablesLegacy | Contender::IptablesNft => {
-            let backend = if contender == Contender::IptablesNft {
-                Backend::Nft
-            } else {
-                Backend::Legacy
-            };
-            // kube-proxy inserts its jump rules first and restores with --noflush; into a fresh
-            // namespace, restoring (flushing the empty tables) and then inserting the jump rules
-            // gives the very same rules (iptables-save output identical) and spares
-            // iptables-nft a quadratic cache walk: 10k Services in 5 s instead of 13 minutes.
-            // How long kube-proxy's own sequence takes is the programming benchmark's business.
-            let input = iptables::iptables_restore(&plan.iptables_services, &node_config);
-            let args = ["-w".to_string(), "5".to_string()];
-            let out = in_netns_cmd(node, backend.restore(), &args, Some(input.as_bytes()))?;
-            ensure!(
-                out.status.success(),
-                "{}: {}",
-                backend.restore(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            for cmd in iptables::setup_commands(&node_config) {
-                let out = in_netns_cmd(node, backend.iptables(), &cmd.args, None)?;
-                ensure!(
-                    cmd.may_fail || out.status.success(),
-                    "{} {}: {}",
-                    backend.iptables(),
-                    cmd.args.join(" "),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            apply_sysctls(node, &kube_proxy_sysctls(&node_config, ProxyMode::Iptables))?;
-            Ok((
-                None,
-                format!(
-                    "{}, target at KUBE-SERVICES rule {} of {}",
-                    backend.iptables(),
-                    plan.iptables_position,
-                    plan.iptables_services.len()
-                ),
-            ))
-        }
-        Contender::Nftables => {
-            let script = nftables::nft_script(&plan.nft_services, &node_config);
-            let args = ["-f".to_string(), "-".to_string()];
-            let out = in_netns_cmd(node, "nft", &args, Some(script.as_bytes()))?;
-            ensure!(
-                out.status.success(),
-                "nft -f: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            apply_sysctls(node, &kube_proxy_sysctls(&node_config, ProxyMode::Nftables))?;
-            Ok((None, "nft -f, table ip kube-proxy".into()))
-        }
-    }
-}
-
-fn apply_sysctls(ns: &str, sysctls: &[(&str, &str)]) -> Result<()> {
-    for (key, value) in sysctls {
-        let args = vec!["-qw".to_string(), format!("{key}={value}")];
-        let out = in_netns_cmd(ns, "sysctl", &args, None)?;
-        ensure!(
-            out.status.success(),
-            "sysctl {key}={value}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-/// `ip netns exec NS PROGRAM ARGS` with `stdin` fed from a thread (a chatty child cannot
-/// deadlock us). The caller judges the exit status.
-fn in_netns_cmd(
-    ns: &str,
-    program: &str,
-    args: &[String],
-    stdin: Option<&[u8]>,
-) -> Result<std::process::Output> {
-    use std::io::Write as _;
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns, program])
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("spawning {program} in {ns}"))?;
-    std::thread::scope(|s| {
-        if let Some(data) = stdin {
-            let mut pipe = child.stdin.take().expect("stdin is piped");
-            s.spawn(move || pipe.write_all(data));
-        }
-        child
-            .wait_with_output()
-            .with_context(|| format!("waiting for {program} in {ns}"))
-    })
-}
-
-/// The real agent in the node namespace, stopped with SIGINT (then SIGKILL) when dropped.
-struct AgentProcess {
-    child: Child,
-}
-
-impl AgentProcess {
-    fn start(
-        opts: &TrafficOpts,
-        topo: &Topology,
-        manifests: &Path,
-        services: usize,
-    ) -> Result<Self> {
-        let log_path = topo.dir.join("agent.log");
-        let log =
-            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let mut command = Command::new("nsenter");
-        // If this process dies without dropping us (a signal), the agent still gets its SIGINT,
-        // detaches and removes its pins, rather than serving a deleted namespace forever. (The
-        // signal follows the spawning thread, which holds the agent until it is dropped.)
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            use std::os::unix::process::CommandExt as _;
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-        let child = command
-            .arg(format!("--net=/var/run/netns/{}", topo.node.name))
-            .arg(&opts.agent_bin)
-            .args(["run", "--iface", "up0", "--manifests"])
-            .arg(manifests)
-            .arg("--pin-dir")
-            .arg(topo.pin_dir())
-            .arg("--state-dir")
-            .arg(topo.dir.join("state"))
-            // Short flows close at thousands per second and each holds its SNAT port for the
-            // closing timeout (10 s): the default 4,536 ports per endpoint would run out.
-            // A production node would reserve the range or add egress addresses.
-            .args(["--snat-ports", "1024-65535", "--ct-max", "1048576"])
-            .args(&opts.extproxy_args)
-            .env("EXTPROXY_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", opts.agent_bin.display()))?;
-        let mut agent = AgentProcess { child };
-        // Reading 10k manifests and programming them takes a few seconds; allow for a slow box.
-        let timeout = Duration::from_secs(30) + Duration::from_millis(10 * services as u64);
-        let start = Instant::now();
-        loop {
-            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-            if text.contains("extproxy is running") {
-                return Ok(agent);
-            }
-            if let Some(status) = agent.child.try_wait()? {
-                bail!("extproxy exited ({status}) before it was running:\n{text}");
-            }
-            if start.elapsed() > timeout {
-                bail!("extproxy not running after {timeout:?}:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        // nsenter execs the agent: the child's pid is the agent's. SIGINT lets it detach and
-        // remove its pins.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let start = Instant::now();
-        while let Ok(None) = self.child.try_wait() {
-            if start.elapsed() > Duration::from_secs(10) {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-// -------------------------------------------------------------------------------------------------
-// Measures
-// -------------------------------------------------------------------------------------------------
-
-/// Short connections until every endpoint has answered (neighbour entries resolved, programs
-/// and rules warm), checking the endpoints saw the expected source.
-fn warm_up(pod: &str, route: &Route, server: &LoadServer) -> Result<()> {
-    let before = server.tcp_tally();
-    let stats = load::connection_rate(pod, &route.tcp, 4, 1, Duration::from_millis(500))?;
-    let seen = server.tcp_tally().since(&before);
-    ensure!(
-        stats.ops > 0,
-        "no connection completed in 0.5 s ({} failed)",
-        stats.errors
-    );
-    check_sources(&seen, route.source, "TCP")?;
-    ensure!(
-        seen.by_endpoint.len() == ENDPOINTS.len(),
-        "connections reached only {:?}, not all {} endpoints",
-        seen.by_endpoint,
-        ENDPOINTS.len()
-    );
-    Ok(())
-}
-
-/// Every connection or datagram the endpoints counted came from `source`: the traffic really
-/// went through the contender (SNAT to the node) or really bypassed it (the pod's own address).
-fn check_sources(seen: &Tally, source: IpAddr, what: &str) -> Result<()> {
-    ensure!(seen.total() > 0, "the endpoints saw no {what} traffic");
-    ensure!(
-        seen.by_source.keys().all(|ip| *ip == source),
-        "the endpoints saw {what} traffic from {:?}, expected only {source}",
-        seen.by_source
-    );
-    Ok(())
-}
-
-fn measure_one(
-    opts: &TrafficOpts,
-    pod: &str,
-    route: &Route,
-    server: &LoadServer,
-    measure: Measure,
-) -> Result<Record> {
-    let duration = opts.duration(measure);
-    let blank = Record {
-        contender: Contender::Direct,
-        measure,
-        services: 0,
-        round: 0,
-        value: 0.0,
-        unit: measure.unit(),
-        p50_us: None,
-        p99_us: None,
-        count: 0,
-        errors: 0,
-        loss: None,
-        seconds: duration.as_secs_f64(),
-        others_cpu: 0.0,
-        detail: String::new(),
-    };
-    let from_ops = |stats: OpStats| Record {
-        value: stats.per_second(),
-        p50_us: stats.latency_us(0.50),
-        p99_us: stats.latency_us(0.99),
-        count: stats.ops,
-        errors: stats.errors,
-        seconds: stats.elapsed.as_secs_f64(),
-        ..blank.clone()
-    };
-    let tcp_before = server.tcp_tally();
-    let record = match measure {
-        Measure::NewConnections => {
-            let stats =
-                load::connection_rate(pod, &route.tcp, opts.workers, opts.threads, duration)?;
-            let accepted = server.tcp_tally().since(&tcp_before).total();
-            ensure!(
-                accepted >= stats.ops,
-                "the endpoints accepted {accepted} connections, the client completed {}",
-                stats.ops
-            );
-            from_ops(stats)
-        }
-        Measure::Requests => from_ops(load::request_rate(
-            pod,
-            &route.tcp,
-            opts.workers,
-            opts.threads,
-            duration,
-        )?),
-        Measure::ConnectionLatency | Measure::RequestLatency => {
-            let stats = if measure == Measure::ConnectionLatency {
-                load::connection_rate(pod, &route.tcp, 1, 1, duration)?
-            } else {
-                load::request_rate(pod, &route.tcp, 1, 1, duration)?
-            };
-            Record {
-                value: stats
-                    .latency_us(0.99)
-                    .context("not one operation completed")?,
-                ..from_ops(stats)
-            }
-        }
-        Measure::TcpThroughput => {
-            let (bytes, elapsed) = load::tcp_stream(pod, route.tcp[0], duration)?;
-            Record {
-                value: bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9,
-                count: bytes,
-                seconds: elapsed.as_secs_f64(),
-                ..blank.clone()
-            }
-        }
-        Measure::UdpPackets => {
-            let before = server.udp_tally();
-            let sent = load::udp_flood(pod, route.udp, duration)?;
-            // Let the datagrams still in queues arrive.
-            std::thread::sleep(Duration::from_millis(300));
-            let seen = server.udp_tally().since(&before);
-            check_sources(&seen, route.source, "UDP")?;
-            let received = seen.total();
-            Record {
-                value: received as f64 / duration.as_secs_f64(),
-                count: received,
-                errors: sent.saturating_sub(received),
-                loss: Some(1.0 - received as f64 / sent.max(1) as f64),
-                ..blank
-            }
-        }
-    };
-    if measure != Measure::UdpPackets {
-        check_sources(&server.tcp_tally().since(&tcp_before), route.source, "TCP")?;
-    }
-    Ok(record)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn bench_services(n: usize) -> (Vec<BenchService>, BenchService) {
-        let opts = TrafficOpts {
-            contenders: vec![Contender::IptablesLegacy],
-            ..TrafficOpts::quick(PathBuf::new())
+    fn opts() -> TrafficOpts {
+        TrafficOpts::quick(PathBuf::new(), Some(PathBuf::new()))
+    }
+
+    #[test]
+    fn every_reported_contender_that_does_not_run_says_why() {
+        let o = opts();
+        assert_eq!(o.not_run(Contender::Extproxy, 10_000), None);
+        assert_eq!(o.not_run(Contender::KubeProxyIptables, 1_000), None);
+        let why = o.not_run(Contender::KubeProxyNftables, 10_000).unwrap();
+        assert!(why.contains("quick mode"), "{why}");
+        let why = o.not_run(Contender::ExtproxyTuned, 1).unwrap();
+        assert!(why.contains("quick mode"), "{why}");
+        let no_bins = TrafficOpts {
+            k8s_bin: None,
+            ..opts()
         };
-        let plan = SizePlan::new(n, &opts).unwrap();
-        let udp = plan.nft_services.last().unwrap().clone();
-        let tcp = plan.nft_services[..n].to_vec();
-        (tcp, udp)
+        let why = no_bins.not_run(Contender::KubeProxyIptables, 1).unwrap();
+        assert!(why.contains("no Kubernetes binaries"), "{why}");
+        assert_eq!(no_bins.not_run(Contender::Direct, 1), None);
+        let full = TrafficOpts::full(PathBuf::new(), Some(PathBuf::new()));
+        for c in Contender::REPORTED {
+            assert_eq!(full.not_run(c, 10_000), None, "{c}");
+        }
     }
 
     #[test]
-    fn target_sits_mid_chain_for_iptables() {
-        let (tcp, udp) = bench_services(5);
-        let (order, position) = iptables_order(&tcp, &udp);
-        assert_eq!(order.len(), 6);
-        assert_eq!(position, 3);
-        assert_eq!(order[2].name, "svc-000004");
-        assert_eq!(order[2].protocol, Protocol::Tcp);
-        assert_eq!(order[3].protocol, Protocol::Udp);
-        let (order, position) = iptables_order(&tcp[..1], &udp);
-        assert_eq!(position, 1);
-        assert_eq!(order.len(), 2);
-    }
-
-    #[test]
-    fn cluster_ips_stay_in_the_service_cidr() {
-        let (tcp, _) = bench_services(10_000);
-        let last = u32::from(tcp.last().unwrap().cluster_ip);
-        assert_eq!(Ipv4Addr::from(last), Ipv4Addr::new(10, 96, 39, 25));
-        assert!(last < u32::from(Ipv4Addr::new(10, 112, 0, 0)));
-    }
-
-    #[test]
-    fn manifest_is_a_selectorless_service_with_its_slice() {
-        let (tcp, udp) = bench_services(2);
-        let v = service_manifest(&tcp[1], Some(&udp));
-        assert_eq!(v["kind"], "List");
-        let svc = &v["items"][0];
-        assert!(svc["spec"].get("selector").is_none());
-        assert_eq!(svc["spec"]["clusterIP"], "10.96.0.11");
-        assert_eq!(svc["spec"]["ports"][1]["protocol"], "UDP");
-        let slice = &v["items"][1];
-        assert_eq!(
-            slice["metadata"]["labels"]["kubernetes.io/service-name"],
-            "svc-000001"
+    fn measures_follow_the_contender_and_the_size() {
+        let o = opts();
+        let direct = o.measures_at(Contender::Direct, 1_000, false);
+        assert!(!direct.contains(&Measure::FirstAnswer));
+        assert!(!direct.contains(&Measure::ProgrammingLatency));
+        assert!(!direct.contains(&Measure::TcpThroughputOffload));
+        let kp = o.measures_at(Contender::KubeProxyIptables, 1_000, false);
+        assert!(kp.contains(&Measure::FirstAnswer));
+        assert!(kp.contains(&Measure::ProgrammingLatency));
+        assert!(
+            !o.measures_at(Contender::Extproxy, 1, false)
+                .contains(&Measure::ProgrammingLatency)
         );
-        assert_eq!(slice["ports"][0]["name"], "http");
-        assert_eq!(slice["ports"][0]["port"], 8080);
-        assert_eq!(slice["endpoints"].as_array().unwrap().len(), 4);
+        assert_eq!(
+            o.measures_at(Contender::Extproxy, 1, true),
+            vec![Measure::TcpThroughputOffload]
+        );
+    }
+
+    #[test]
+    fn only_the_default_kube_proxy_rows_keep_the_clients_address() {
+        for c in Contender::ALL {
+            let keeps = matches!(
+                c,
+                Contender::Direct | Contender::KubeProxyIptables | Contender::KubeProxyNftables
+            );
+            assert_eq!(!c.snat(), keeps, "{c}");
+        }
+        let o = opts();
+        assert_eq!(
+            Contender::KubeProxyIptablesMasq.flags(&o),
+            vec!["--masquerade-all"]
+        );
+        assert!(Contender::Extproxy.flags(&o).is_empty());
+        assert_eq!(Contender::ExtproxyTuned.flags(&o), o.tuned_args);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for c in Contender::ALL {
+            assert_eq!(Contender::from_name(c.name()), Some(c));
+            assert_eq!(serde_json::to_value(c).unwrap(), c.name());
+        }
+        for m in Measure::ALL {
+            assert_eq!(Measure::from_name(m.name()), Some(m));
+            assert_eq!(serde_json::to_value(m).unwrap(), m.name());
+        }
     }
 
     /// `$EXTPROXY_BIN`, or the release agent built now.
@@ -994,92 +1394,75 @@ mod tests {
         }
     }
 
-    /// A tiny end-to-end run: every contender, one Service, every measure for half a second.
+    fn k8s_bin() -> Result<Option<PathBuf>> {
+        crate::k8s::binaries(&crate::workspace_root())
+    }
+
+    /// A tiny end-to-end run: every quick contender, one Service, every measure briefly.
     /// `cargo test -p xtask -- --ignored traffic_smoke --nocapture` (as root; uses
-    /// $EXTPROXY_BIN or builds the release agent).
+    /// $EXTPROXY_BIN or builds the release agent; the Kubernetes binaries as `cargo xtask
+    /// test` finds them). `XP_TRAFFIC_*` narrow it (TRAFFIC.md).
     #[test]
-    #[ignore = "needs root; creates network namespaces and runs the agent"]
+    #[ignore = "needs root; creates network namespaces, runs the agent, kube-proxy and an API server"]
     fn traffic_smoke() -> Result<()> {
-        let agent_bin = agent_bin()?;
         let half = Duration::from_millis(500);
-        let opts = TrafficOpts {
+        let mut opts = TrafficOpts {
             sizes: vec![1],
             connection_time: half,
+            sustain_time: half,
             request_time: half,
             stream_time: half,
             udp_time: half,
-            ..TrafficOpts::quick(agent_bin)
+            latency_time: half,
+            many_clients_time: Duration::from_secs(1),
+            programming_samples: 2,
+            programming_min_services: 1,
+            ..TrafficOpts::quick(agent_bin()?, k8s_bin()?)
         };
-        let records = run(&opts)?;
-        assert_eq!(records.len(), Contender::ALL.len() * Measure::ALL.len());
-        for r in &records {
+        opts.apply_env()?;
+        let results = run(&opts)?;
+        for r in &results.records {
             println!("{}", r.to_json());
-            assert!(r.value > 0.0, "{}", summary(r));
+        }
+        for r in results.records.iter().filter(|r| r.not_run.is_none()) {
+            assert!(r.failed.is_none(), "{} {}", r.contender, summary(r));
+            assert!(r.value.is_finite() && r.value > 0.0, "{}", summary(r));
+        }
+        for c in &opts.contenders {
+            assert!(
+                results
+                    .records
+                    .iter()
+                    .any(|r| r.contender == *c && r.not_run.is_none()),
+                "{c} has no results"
+            );
         }
         Ok(())
     }
 
-    /// The quick mode on its own, until `cargo xtask bench` drives it:
-    /// `cargo test -p xtask -- --ignored traffic_quick --nocapture` (as root). For profiling one
-    /// case, narrow it: `XP_TRAFFIC_CONTENDERS=extproxy,direct XP_TRAFFIC_SIZES=10000
-    /// XP_TRAFFIC_MEASURES=new_connections XP_TRAFFIC_SECS=20`; `XP_TRAFFIC_FULL=1` starts from
-    /// the full mode instead (about 35 minutes).
+    /// The quick mode on its own: `cargo test -p xtask -- --ignored traffic_quick --nocapture`
+    /// (as root). For profiling one case, narrow it: `XP_TRAFFIC_CONTENDERS=extproxy,direct
+    /// XP_TRAFFIC_SIZES=10000 XP_TRAFFIC_MEASURES=new_connections XP_TRAFFIC_SECS=20`;
+    /// `XP_TRAFFIC_FULL=1` starts from the full mode instead.
     #[test]
-    #[ignore = "needs root; about three minutes"]
+    #[ignore = "needs root; about ten minutes"]
     fn traffic_quick() -> Result<()> {
-        let agent_bin = agent_bin()?;
         let mut opts = if std::env::var_os("XP_TRAFFIC_FULL").is_some() {
-            TrafficOpts::full(agent_bin)
+            TrafficOpts::full(agent_bin()?, k8s_bin()?)
         } else {
-            TrafficOpts::quick(agent_bin)
+            TrafficOpts::quick(agent_bin()?, k8s_bin()?)
         };
-        let list = |var: &str| -> Option<Vec<String>> {
-            std::env::var(var).ok().map(|v| {
-                v.split(',')
-                    .filter(|item| !item.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-        };
-        if let Some(sizes) = list("XP_TRAFFIC_SIZES") {
-            opts.sizes = sizes.iter().map(|n| n.parse()).collect::<Result<_, _>>()?;
-        }
-        if let Some(names) = list("XP_TRAFFIC_CONTENDERS") {
-            opts.contenders = Contender::ALL
-                .into_iter()
-                .filter(|c| names.iter().any(|n| n == c.name()))
-                .collect();
-        }
-        if let Some(names) = list("XP_TRAFFIC_MEASURES") {
-            opts.measures = Measure::ALL
-                .into_iter()
-                .filter(|m| names.iter().any(|n| n == m.name()))
-                .collect();
-        }
-        if let Some(args) = list("XP_TRAFFIC_EXTPROXY_ARGS") {
-            opts.extproxy_args = args;
-        }
-        if let Ok(secs) = std::env::var("XP_TRAFFIC_SECS") {
-            let secs = Duration::from_secs_f64(secs.parse()?);
-            opts.connection_time = secs;
-            opts.request_time = secs;
-            opts.stream_time = secs;
-            opts.udp_time = secs;
-            opts.latency_time = secs;
-        }
-        opts.nftables_max_services = opts.nftables_max_services.max(
-            std::env::var("XP_TRAFFIC_NFT_MAX")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-        );
+        opts.apply_env()?;
         let started = Instant::now();
-        let records = run(&opts)?;
+        let results = run(&opts)?;
         println!(
             "traffic benchmark took {:.0} s",
             started.elapsed().as_secs_f64()
         );
-        for r in &records {
+        for f in &results.fills {
+            println!("{}", serde_json::to_string(f)?);
+        }
+        for r in &results.records {
             println!("{}", r.to_json());
         }
         Ok(())
