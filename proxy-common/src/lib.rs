@@ -41,9 +41,12 @@ pub const MAP_FE_FILTER: &str = "FE_FILTER";
 pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_EVENT_LIMIT: &str = "EVENT_LIMIT";
 pub const MAP_BACKEND_HEALTH: &str = "BACKEND_HEALTH";
+pub const MAP_CLUSTER_EGRESS: &str = "CLUSTER_EGRESS";
+pub const MAP_TUNNEL_PEERS: &str = "TUNNEL_PEERS";
+pub const MAP_MAGLEV: &str = "MAGLEV";
 
 /// Every map the data path defines, in the order the agent pins and checks them.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 20] = [
     MAP_CONFIG,
     MAP_FRONTENDS,
     MAP_SERVICES,
@@ -61,6 +64,9 @@ pub const ALL_MAPS: [&str; 17] = [
     MAP_EVENTS,
     MAP_EVENT_LIMIT,
     MAP_BACKEND_HEALTH,
+    MAP_CLUSTER_EGRESS,
+    MAP_TUNNEL_PEERS,
+    MAP_MAGLEV,
 ];
 
 /// Program names (the Rust function names of the entry points).
@@ -92,6 +98,12 @@ pub const CT_NEW_DIVISOR: u32 = 4;
 /// Reverse NAT entries per established flow: live flows plus closed flows whose port is held
 /// for its client (see [`RevNatValue::closed_at`]). Not LRU: an entry is never evicted.
 pub const REVNAT_PER_CT: u32 = 2;
+/// Cluster egress addresses (one per IP family per address set a cluster uses).
+pub const DEFAULT_MAX_CLUSTER_EGRESS: u32 = 256;
+/// Nodes a cluster egress owner accepts tunnelled flows from.
+pub const DEFAULT_MAX_TUNNEL_PEERS: u32 = 8_192;
+/// Service ports with a Maglev table (those with a cluster egress address).
+pub const DEFAULT_MAX_MAGLEV: u32 = 1_024;
 /// Bytes of the data path's event ring buffer (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 64 * 1024;
 /// Rate-limit buckets for events (per CPU); an event's bucket is its backend id modulo this.
@@ -528,10 +540,17 @@ pub struct ServiceValue {
     /// SNAT source address for this service's flows. Zero: the Service has no egress address
     /// for its family; new flows are rejected and counted as `no_egress_address`.
     pub egress: Addr,
-    /// Reserved for flags; 0 today.
+    /// `SVC_F_*` bits.
     pub flags: u32,
     pub reserved: u32,
 }
+
+/// `egress` is a cluster egress address ([`MAP_CLUSTER_EGRESS`]): one node owns it and serves the
+/// Service's flows; every other node sends them to it through the tunnel.
+pub const SVC_F_CLUSTER_EGRESS: u32 = 1;
+/// Endpoints are chosen by the Service's Maglev table ([`MAP_MAGLEV`]) instead of its slots, so
+/// that every node chooses the same endpoint for the same flow.
+pub const SVC_F_MAGLEV: u32 = 2;
 
 // ---------------------------------------------------------------------------------------------
 // SLOTS: HASH SlotKey -> backend_id (u32, host order)
@@ -646,6 +665,9 @@ pub struct CtValue {
     /// Where packets of this flow go next, so established packets skip the FIB lookup.
     pub to_backend: NextHop,
     pub to_client: NextHop,
+    /// The node the flow came from through the tunnel (its replies go back the same way);
+    /// zero for flows that started on this node.
+    pub tunnel_peer: Addr,
 }
 
 /// A cached FIB result. Trusted for [`NEXT_HOP_CACHE_SECS`] after `stamp`; 0 = none.
@@ -877,6 +899,48 @@ pub const HF_UNREACHABLE: u32 = 2;
 pub const HF_TIMEOUT: u32 = 3;
 
 // ---------------------------------------------------------------------------------------------
+// CLUSTER_EGRESS: HASH Addr -> ClusterEgress   (who serves a cluster egress address)
+// TUNNEL_PEERS:   HASH Addr -> u32             (nodes whose tunnelled flows an owner accepts)
+// MAGLEV:         HASH service_id -> MaglevTable
+// ---------------------------------------------------------------------------------------------
+
+/// A cluster egress address: SNATed to by one node, its owner. The agent's election (a Lease per
+/// address, or flags in manifest mode) writes it; every node has the entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClusterEgress {
+    /// The owner's node address: where the other nodes tunnel the flows (zero: no owner; new
+    /// flows are refused as `no_egress_address`).
+    pub owner: Addr,
+    /// `CE_F_*` bits.
+    pub flags: u32,
+    pub reserved: u32,
+}
+
+/// This node owns the address: it serves the flows itself.
+pub const CE_F_LOCAL: u32 = 1;
+
+/// Slots of a Maglev table: a prime, about 100 times the endpoints a Service has at most, as
+/// Maglev's paper and Cilium (16381) advise for even spread and minimal disruption.
+pub const MAGLEV_M: usize = 16_381;
+
+/// A Service port's Maglev lookup table: slot -> backend id (node-local ids, filled from a
+/// permutation of endpoint identities, address:port, so every node maps a slot to the same
+/// endpoint).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    pub backend_ids: [u32; MAGLEV_M],
+    pub pad: u32,
+}
+
+/// The tunnel between nodes: GUE variant 1 (direct IP in UDP, draft-ietf-intarea-gue), IANA
+/// port 6080. See DESIGN.md, "Cluster egress".
+pub const TUNNEL_PORT: u16 = 6080;
+/// Outer IPv4 + UDP header bytes the tunnel adds.
+pub const TUNNEL_OVERHEAD_V4: u32 = 20 + 8;
+
+// ---------------------------------------------------------------------------------------------
 // SVC_STATS: PERCPU_ARRAY[service_id] of ServiceStats
 // ---------------------------------------------------------------------------------------------
 
@@ -948,6 +1012,19 @@ counters! {
     DropRejectFailed = 9, "reject_failed", true;
     /// The reverse NAT table is full: the new flow was refused (RST / ICMP unreachable).
     DropNatTableFull = 10, "nat_table_full", true;
+    /// A packet to a cluster egress address's SNAT port matching no flow: dropped, never handed to
+    /// the stack (whose RST would kill a flow the client's next packet rebuilds after a
+    /// failover).
+    DropClusterEgressUnmatched = 11, "cluster_egress_unmatched", true;
+    /// A tunnelled packet from a node that is not a known peer.
+    DropTunnelUnknownPeer = 12, "tunnel_unknown_peer", true;
+    /// A tunnelled packet whose inner packet cannot be parsed.
+    DropTunnelMalformed = 13, "tunnel_malformed", true;
+    /// A packet too big for the tunnel (after encapsulation): answered with ICMP fragmentation
+    /// needed / packet too big.
+    DropTunnelTooBig = 14, "tunnel_too_big", true;
+    /// The tunnel could not be opened or closed around a packet (buffer helpers failed).
+    DropTunnelFailed = 15, "tunnel_failed", true;
     /// A new flow was created for a TCP packet without SYN: conntrack lost the flow (LRU full,
     /// restart without pins) or the client is confused.
     CtMissMidstream = 32, "ct_miss_midstream", false;
@@ -993,6 +1070,16 @@ counters! {
     /// A UDP datagram whose length field is under 8 or longer than the IP payload (first
     /// fragments and IPv6 jumbograms excepted): passed to the kernel untouched.
     MalformedUdpLength = 50, "malformed_udp_length", false;
+    /// Flows sent to the owner of their Service's cluster egress address through the tunnel
+    /// (counted per packet).
+    TunnelSent = 51, "tunnel_sent", false;
+    /// Packets received through the tunnel (from another node) and served here.
+    TunnelReceived = 52, "tunnel_received", false;
+    /// Cluster egress flows whose SNAT port was not their first candidate: after a failover the
+    /// new owner cannot rebuild them (it derives the port from the flow).
+    SnatNotFirstCandidate = 53, "snat_not_first_candidate", false;
+    /// TCP SYNs whose MSS was lowered to fit the tunnel.
+    TunnelMssClamped = 54, "tunnel_mss_clamped", false;
 }
 
 /// Size of the COUNTERS array: room for the indices above and future ones.
@@ -1030,7 +1117,9 @@ mod pod {
         PortRange,
         Event,
         EventLimit,
-        BackendHealth
+        BackendHealth,
+        ClusterEgress,
+        MaglevTable
     );
 }
 
@@ -1044,7 +1133,7 @@ const _: () = {
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<BackendValue>() == 32);
     assert!(core::mem::size_of::<CtKey>() == 40);
-    assert!(core::mem::size_of::<CtValue>() == 104);
+    assert!(core::mem::size_of::<CtValue>() == 120);
     assert!(core::mem::size_of::<RevNatKey>() == 40);
     assert!(core::mem::size_of::<RevNatValue>() == 56);
     // Claimed with one 8-byte compare-and-swap: closed_at and ts_last share an aligned word.
@@ -1058,4 +1147,6 @@ const _: () = {
     assert!(core::mem::size_of::<Event>() == 56);
     assert!(core::mem::size_of::<EventLimit>() == 8);
     assert!(core::mem::size_of::<BackendHealth>() == 32);
+    assert!(core::mem::size_of::<ClusterEgress>() == 24);
+    assert!(core::mem::size_of::<MaglevTable>() == (MAGLEV_M + 1) * 4);
 };

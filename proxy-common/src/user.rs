@@ -110,6 +110,9 @@ pub fn map_layout(name: &str) -> Option<(usize, usize)> {
         MAP_EVENTS => (0, 0),
         MAP_EVENT_LIMIT => (4, size_of::<EventLimit>()),
         MAP_BACKEND_HEALTH => (4, size_of::<BackendHealth>()),
+        MAP_CLUSTER_EGRESS => (size_of::<Addr>(), size_of::<ClusterEgress>()),
+        MAP_TUNNEL_PEERS => (size_of::<Addr>(), 4),
+        MAP_MAGLEV => (4, size_of::<MaglevTable>()),
         _ => return None,
     })
 }

@@ -505,6 +505,7 @@ fn open_flow(cfg: &Config, s: &mut Scratch, now: u32) -> Action {
     ct.ts_offset = ts_offset;
     ct.to_backend = NextHop::default();
     ct.to_client = NextHop::default();
+    ct.tunnel_peer = Addr::ZERO;
     remember(&mut s.ct.to_backend, s.route, now, &s.fib);
     if CT_NEW.insert(&s.ct_key, &s.ct, BPF_NOEXIST as u64).is_err() {
         // Another CPU created this flow first: give our port back and follow its choice.

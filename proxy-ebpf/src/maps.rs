@@ -60,6 +60,22 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map]
 pub static BACKEND_HEALTH: Array<BackendHealth> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+/// Cluster egress addresses and their owners (see DESIGN.md, "Cluster egress").
+#[map]
+pub static CLUSTER_EGRESS: HashMap<Addr, ClusterEgress> =
+    HashMap::with_max_entries(DEFAULT_MAX_CLUSTER_EGRESS, 0);
+
+/// Nodes whose tunnelled packets this node serves (value unused).
+#[map]
+pub static TUNNEL_PEERS: HashMap<Addr, u32> =
+    HashMap::with_max_entries(DEFAULT_MAX_TUNNEL_PEERS, 0);
+
+/// Maglev tables of the Services with a cluster egress address. Allocated on insert: 64 KB each,
+/// only for the Services that have one.
+#[map]
+pub static MAGLEV: HashMap<u32, MaglevTable> =
+    HashMap::with_max_entries(DEFAULT_MAX_MAGLEV, BPF_F_NO_PREALLOC);
+
 #[map]
 pub static EVENT_LIMIT: PerCpuArray<EventLimit> =
     PerCpuArray::with_max_entries(EVENT_LIMIT_SLOTS, 0);

@@ -76,10 +76,7 @@ pub fn snat_alloc(
     // within its hold). A plain hash refuses the insert of a taken key without side effects, so
     // no lookup first; anything else is for the tries.
     s.rn_key.snat_port = cfg.snat_port_at(flow % range).to_be();
-    if REVNAT
-        .insert(&s.rn_key, &s.rn, BPF_NOEXIST as u64)
-        .is_ok()
-    {
+    if REVNAT.insert(&s.rn_key, &s.rn, BPF_NOEXIST as u64).is_ok() {
         return Ok(0);
     }
     let st = &mut s.alloc;

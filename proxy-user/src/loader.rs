@@ -102,6 +102,7 @@ impl Limits {
 
     /// max_entries per map name, as the loader applies them.
     pub fn max_entries(&self) -> [(&'static str, u32); 12] {
+        // Cluster egress, tunnel peers and Maglev tables keep their compiled-in sizes.
         [
             (MAP_FRONTENDS, self.max_frontends),
             (MAP_SERVICES, self.max_services),

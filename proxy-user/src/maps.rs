@@ -9,13 +9,17 @@ use aya::maps::lpm_trie::Key;
 use aya::maps::{
     Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
 };
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
 use aya::sys::SyscallError;
 use proxy_common::{
-    ALL_MAPS, AffinityKey, AffinityValue, BackendHealth, BackendValue, Config, Counter, CtKey,
-    CtValue, FE_FILTER_WORDS, FrontendKey, FrontendValue, MAP_AFFINITY, MAP_BACKEND_HEALTH,
-    MAP_BACKENDS, MAP_CONFIG, MAP_COUNTERS, MAP_CT, MAP_CT_NEW, MAP_FE_FILTER, MAP_FRONTENDS,
-    MAP_REVNAT, MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES, MAP_SVC_STATS, RevNatKey, RevNatValue,
-    ServiceStats, ServiceValue, SlotKey, SrcRangeKey,
+    ALL_MAPS, Addr, AffinityKey, AffinityValue, BackendHealth, BackendValue, CE_F_LOCAL,
+    ClusterEgress, Config, Counter, CtKey, CtValue, FE_FILTER_WORDS, FrontendKey, FrontendValue,
+    MAP_AFFINITY, MAP_BACKEND_HEALTH, MAP_BACKENDS, MAP_CLUSTER_EGRESS, MAP_CONFIG, MAP_COUNTERS,
+    MAP_CT, MAP_CT_NEW, MAP_FE_FILTER, MAP_FRONTENDS, MAP_MAGLEV, MAP_REVNAT, MAP_SERVICES,
+    MAP_SLOTS, MAP_SRC_RANGES, MAP_SVC_STATS, MAP_TUNNEL_PEERS, MaglevTable, RevNatKey,
+    RevNatValue, ServiceStats, ServiceValue, SlotKey, SrcRangeKey,
 };
 use thiserror::Error;
 
@@ -54,6 +58,9 @@ pub struct DatapathMaps {
     slots: HashMap<MapData, SlotKey, u32>,
     backends: Array<MapData, BackendValue>,
     backend_health: Array<MapData, BackendHealth>,
+    cluster_egress: HashMap<MapData, Addr, ClusterEgress>,
+    tunnel_peers: HashMap<MapData, Addr, u32>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
     ct: HashMap<MapData, CtKey, CtValue>,
     ct_new: HashMap<MapData, CtKey, CtValue>,
     revnat: HashMap<MapData, RevNatKey, RevNatValue>,
@@ -133,6 +140,9 @@ impl DatapathMaps {
             slots: typed(MAP_SLOTS, get(MAP_SLOTS)?)?,
             backends: typed(MAP_BACKENDS, get(MAP_BACKENDS)?)?,
             backend_health: typed(MAP_BACKEND_HEALTH, get(MAP_BACKEND_HEALTH)?)?,
+            cluster_egress: typed(MAP_CLUSTER_EGRESS, get(MAP_CLUSTER_EGRESS)?)?,
+            tunnel_peers: typed(MAP_TUNNEL_PEERS, get(MAP_TUNNEL_PEERS)?)?,
+            maglev: typed(MAP_MAGLEV, get(MAP_MAGLEV)?)?,
             ct: typed(MAP_CT, get(MAP_CT)?)?,
             ct_new: typed(MAP_CT_NEW, get(MAP_CT_NEW)?)?,
             revnat: typed(MAP_REVNAT, get(MAP_REVNAT)?)?,
@@ -153,6 +163,9 @@ impl DatapathMaps {
             MAP_SLOTS => IterableMap::map(&self.slots),
             MAP_BACKENDS => IterableMap::map(&self.backends),
             MAP_BACKEND_HEALTH => IterableMap::map(&self.backend_health),
+            MAP_CLUSTER_EGRESS => IterableMap::map(&self.cluster_egress),
+            MAP_TUNNEL_PEERS => IterableMap::map(&self.tunnel_peers),
+            MAP_MAGLEV => IterableMap::map(&self.maglev),
             MAP_CT => IterableMap::map(&self.ct),
             MAP_CT_NEW => IterableMap::map(&self.ct_new),
             MAP_REVNAT => IterableMap::map(&self.revnat),
@@ -273,6 +286,52 @@ impl DatapathMaps {
 
     pub fn reverse_nat(&self) -> Result<Vec<(RevNatKey, RevNatValue)>, MapsError> {
         entries(MAP_REVNAT, self.revnat.iter())
+    }
+
+    /// Who serves the cluster egress address `addr`: `owner` (its node address; None: nobody, new
+    /// flows are refused), `local` when it is this node.
+    pub fn set_cluster_egress(
+        &mut self,
+        addr: IpAddr,
+        owner: Option<IpAddr>,
+        local: bool,
+    ) -> Result<(), MapsError> {
+        let value = ClusterEgress {
+            owner: owner.map_or(Addr::ZERO, Addr::from),
+            flags: if local { CE_F_LOCAL } else { 0 },
+            reserved: 0,
+        };
+        self.cluster_egress
+            .insert(Addr::from(addr), value, 0)
+            .map_err(in_map(MAP_CLUSTER_EGRESS))
+    }
+
+    /// Forgets the cluster egress address `addr` (its Services' new flows are refused).
+    pub fn remove_cluster_egress(&mut self, addr: IpAddr) -> Result<(), MapsError> {
+        ignore_missing(self.cluster_egress.remove(&Addr::from(addr)))
+            .map_err(in_map(MAP_CLUSTER_EGRESS))
+    }
+
+    /// Every cluster egress address the data path knows, with its owner.
+    pub fn cluster_egress(&self) -> Result<Vec<(Addr, ClusterEgress)>, MapsError> {
+        entries(MAP_CLUSTER_EGRESS, self.cluster_egress.iter())
+    }
+
+    /// Makes the set of nodes whose tunnelled packets are served exactly `peers`.
+    pub fn set_tunnel_peers(&mut self, peers: &BTreeSet<IpAddr>) -> Result<(), MapsError> {
+        let want: BTreeSet<Addr> = peers.iter().map(|p| Addr::from(*p)).collect();
+        let have: BTreeSet<Addr> = entries(MAP_TUNNEL_PEERS, self.tunnel_peers.keys())?
+            .into_iter()
+            .collect();
+        for gone in have.difference(&want) {
+            ignore_missing(self.tunnel_peers.remove(gone)).map_err(in_map(MAP_TUNNEL_PEERS))?;
+        }
+        for new in want.difference(&have) {
+            self.tunnel_peers
+                .insert(*new, 1, 0)
+                .map_err(in_map(MAP_TUNNEL_PEERS))?;
+        }
+        Ok(())
     }
 
     /// How new flows to backend `id` fared (passive health checking).

@@ -4,8 +4,10 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, Map, MapData};
 use proxy_common::{
-    ABI_VERSION, ALL_MAPS, COUNTER_SLOTS, Config, EVENT_LIMIT_SLOTS, EVENTS_BYTES, FE_FILTER_WORDS,
-    MAP_CONFIG, MAP_COUNTERS, MAP_EVENT_LIMIT, MAP_EVENTS, MAP_FE_FILTER, user::map_layout,
+    ABI_VERSION, ALL_MAPS, COUNTER_SLOTS, Config, DEFAULT_MAX_CLUSTER_EGRESS, DEFAULT_MAX_MAGLEV,
+    DEFAULT_MAX_TUNNEL_PEERS, EVENT_LIMIT_SLOTS, EVENTS_BYTES, FE_FILTER_WORDS, MAP_CLUSTER_EGRESS,
+    MAP_CONFIG, MAP_COUNTERS, MAP_EVENT_LIMIT, MAP_EVENTS, MAP_FE_FILTER, MAP_MAGLEV,
+    MAP_TUNNEL_PEERS, user::map_layout,
 };
 
 use crate::loader::Limits;
@@ -38,6 +40,9 @@ pub fn check(dir: &Path, limits: &Limits) -> Pinned {
             (MAP_COUNTERS, COUNTER_SLOTS),
             (MAP_FE_FILTER, FE_FILTER_WORDS),
             (MAP_EVENTS, EVENTS_BYTES),
+            (MAP_CLUSTER_EGRESS, DEFAULT_MAX_CLUSTER_EGRESS),
+            (MAP_TUNNEL_PEERS, DEFAULT_MAX_TUNNEL_PEERS),
+            (MAP_MAGLEV, DEFAULT_MAX_MAGLEV),
             (MAP_EVENT_LIMIT, EVENT_LIMIT_SLOTS),
         ])
         .collect();
