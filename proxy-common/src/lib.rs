@@ -293,7 +293,15 @@ pub struct Config {
     /// A new TCP flow whose SYN is resent this many seconds after the first, unanswered, counts
     /// as a failure of its endpoint ([`BackendHealth`]); 0: never.
     pub health_syn_timeout: u32,
-    pub reserved: [u32; 12],
+    /// This node's IPv4 address as the tunnel's outer source (raw, as on the wire); 0: this node
+    /// sends nothing through the tunnel (cluster egress flows are refused here).
+    pub tunnel_src_v4: u32,
+    /// The largest TCP MSS that fits the tunnel (the uplink's MTU less the outer headers and
+    /// the inner IP and TCP headers), per inner family (host order); SYNs entering or leaving the
+    /// tunnel are clamped to it.
+    pub tunnel_mss_v4: u16,
+    pub tunnel_mss_v6: u16,
+    pub reserved: [u32; 10],
 }
 
 /// XDP may transmit translated packets back out of the interface they came in on (XDP_TX).
@@ -336,7 +344,11 @@ impl Config {
         snat_timewait_hold: 60,
         // Linux resends an unanswered SYN after one second.
         health_syn_timeout: 1,
-        reserved: [0; 12],
+        tunnel_src_v4: 0,
+        // A 1500-byte MTU less the tunnel's 28 bytes and the inner headers.
+        tunnel_mss_v4: 1500 - 28 - 40,
+        tunnel_mss_v6: 1500 - 28 - 60,
+        reserved: [0; 10],
     };
 
     /// This configuration with SNAT ports from `ranges` (at most [`SNAT_RANGES`]; extra ones
@@ -733,7 +745,9 @@ pub struct RevNatValue {
     pub flags: u8,
     pub pad: u8,
     pub pad16: u16,
-    pub reserved: u32,
+    /// The node the flow came from through the tunnel (its IPv4 address, raw; 0: none): its
+    /// replies go back there even when the conntrack entry is gone.
+    pub tunnel_v4: u32,
 }
 
 /// The endpoint sent its FIN first: it holds the old connection in TIME_WAIT.
@@ -924,14 +938,18 @@ pub const CE_F_LOCAL: u32 = 1;
 /// Maglev's paper and Cilium (16381) advise for even spread and minimal disruption.
 pub const MAGLEV_M: usize = 16_381;
 
+/// Entries a [`MaglevTable`] holds: the power of two above [`MAGLEV_M`], so that the data path
+/// can bound its index with a mask the verifier follows (the slots past M are never used).
+pub const MAGLEV_SLOTS: usize = 16_384;
+const _: () = assert!(MAGLEV_SLOTS.is_power_of_two() && MAGLEV_SLOTS >= MAGLEV_M);
+
 /// A Service port's Maglev lookup table: slot -> backend id (node-local ids, filled from a
 /// permutation of endpoint identities, address:port, so every node maps a slot to the same
-/// endpoint).
+/// endpoint). Slots `MAGLEV_M..` are unused.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaglevTable {
-    pub backend_ids: [u32; MAGLEV_M],
-    pub pad: u32,
+    pub backend_ids: [u32; MAGLEV_SLOTS],
 }
 
 /// The tunnel between nodes: GUE variant 1 (direct IP in UDP, draft-ietf-intarea-gue), IANA
@@ -1148,5 +1166,5 @@ const _: () = {
     assert!(core::mem::size_of::<EventLimit>() == 8);
     assert!(core::mem::size_of::<BackendHealth>() == 32);
     assert!(core::mem::size_of::<ClusterEgress>() == 24);
-    assert!(core::mem::size_of::<MaglevTable>() == (MAGLEV_M + 1) * 4);
+    assert!(core::mem::size_of::<MaglevTable>() == MAGLEV_SLOTS * 4);
 };

@@ -69,6 +69,9 @@ pub trait Ctx {
     fn make_room_before_ip(&self, by: u32) -> Result<(), ()>;
     /// Shrinks the packet to `new_len` bytes.
     fn truncate(&self, new_len: u32) -> Result<(), ()>;
+    /// Adds (`delta` > 0) or removes room right after the Ethernet header, with
+    /// `bpf_skb_adjust_room`'s encapsulation `flags` (TC only: XDP cannot).
+    fn adjust_room(&self, delta: i32, flags: u64) -> Result<(), ()>;
 }
 
 /// Deepest offset the data path reads at. Bounding every offset explicitly matters: offsets kept
@@ -165,6 +168,10 @@ impl Ctx for XdpContext {
         if ret == 0 { Ok(()) } else { Err(()) }
     }
     #[inline(always)]
+    fn adjust_room(&self, _delta: i32, _flags: u64) -> Result<(), ()> {
+        Err(())
+    }
+    #[inline(always)]
     fn truncate(&self, new_len: u32) -> Result<(), ()> {
         let cur = Ctx::len(self);
         if new_len > cur {
@@ -253,6 +260,12 @@ macro_rules! impl_tc_ctx {
             #[inline(always)]
             fn truncate(&self, new_len: u32) -> Result<(), ()> {
                 let ret = unsafe { bpf_skb_change_tail(skb(&self.0), new_len, 0) };
+                if ret == 0 { Ok(()) } else { Err(()) }
+            }
+            #[inline(always)]
+            fn adjust_room(&self, delta: i32, flags: u64) -> Result<(), ()> {
+                let ret =
+                    unsafe { bpf_skb_adjust_room(skb(&self.0), delta, BPF_ADJ_ROOM_MAC, flags) };
                 if ret == 0 { Ok(()) } else { Err(()) }
             }
         }

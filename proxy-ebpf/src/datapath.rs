@@ -13,7 +13,10 @@ use crate::{
     hdr::{IcmpHdr, get},
     health,
     lb::{self, Chosen},
-    maps::{BACKENDS, CONFIG, CT_NEW, EVENT_LIMIT, EVENTS, FRAGS, REVNAT, SCRATCH, Scratch},
+    maps::{
+        BACKENDS, CLUSTER_EGRESS, CONFIG, CT_NEW, EVENT_LIMIT, EVENTS, FRAGS, REVNAT, SCRATCH,
+        Scratch, TUNNEL_PEERS,
+    },
     nat::{
         AllocError, icmp_error_source, in_snat_range, set_macs, snat_alloc, xlate,
         xlate_icmp_error_reply,
@@ -21,7 +24,7 @@ use crate::{
     parse::{Frag, PULL_LEN, Parsed, Pkt, TCP_ACK, TCP_RST, TCP_SYN, parse, parse_inner},
     reject,
     stats::{count, count_service},
-    tcpts,
+    tcpts, tunnel,
 };
 
 /// What to do with the packet; each hook maps it to its own return codes and helpers.
@@ -61,6 +64,11 @@ impl Action {
     const SEND: Action = Action(9);
     /// Internal: `new_flow` chose an endpoint and a route; `open_flow` goes on.
     const OPEN: Action = Action(10);
+    /// Internal: the flow belongs to a cluster egress address another node owns
+    /// (`Scratch::tunnel_to`): send it there through the tunnel.
+    const TUNNEL: Action = Action(11);
+    /// Internal: go on processing the packet (after the tunnel's headers came off).
+    const CONTINUE: Action = Action(12);
 
     #[inline(always)]
     pub const fn redirect(ifindex: u32) -> Action {
@@ -125,6 +133,17 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
             return Action::PASS;
         }
     }
+    s.tunnel_peer = Addr::ZERO;
+    if tunnel::is_tunnel(&s.pkt) {
+        // Only TC can take the tunnel's headers off; XDP hands such packets on.
+        if C::HOOK != Hook::TcIngress {
+            return Action::PASS;
+        }
+        let action = from_tunnel(ctx, s);
+        if action != Action::CONTINUE {
+            return action;
+        }
+    }
     if s.pkt.icmp_error {
         // Errors about our flows come from the endpoint side, i.e. in through the uplink.
         if !C::HOOK.sees_replies() {
@@ -167,8 +186,41 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
         if let Some(rn) = REVNAT.get_ptr_mut(&s.rn_key) {
             return reply(ctx, cfg, s, unsafe { &mut *rn });
         }
+        // Only our flows use a cluster egress address's SNAT ports: a packet matching none is
+        // not for the stack, whose RST would end a flow the client's next packet rebuilds after
+        // a failover.
+        if unsafe { CLUSTER_EGRESS.get(&s.pkt.tuple.dst) }.is_some() {
+            return drop(Counter::DropClusterEgressUnmatched);
+        }
     }
     Action::PASS
+}
+
+/// Takes the tunnel's headers off a packet from another node (TC ingress) and parses what was
+/// inside: a flow for a cluster egress address this node owns, or a reply on its way to a client
+/// of this node (passed to the stack). Action::CONTINUE when processing goes on.
+#[inline(never)]
+fn from_tunnel<C: Ctx>(ctx: &C, s: &mut Scratch) -> Action {
+    let peer = s.pkt.tuple.src;
+    // Anyone could send such packets; what they carry leaves with the allow-listed address.
+    if unsafe { TUNNEL_PEERS.get(&peer) }.is_none() {
+        return drop(Counter::DropTunnelUnknownPeer);
+    }
+    if let Err(why) = tunnel::decap(ctx, &s.pkt) {
+        return drop(why);
+    }
+    count(Counter::TunnelReceived);
+    ctx.pull(PULL_LEN);
+    match parse_packet(ctx, &mut s.pkt) {
+        Parsed::Pkt => {}
+        Parsed::Other | Parsed::Unparsed => return Action::PASS,
+        Parsed::Malformed(why) => {
+            count(why);
+            return Action::PASS;
+        }
+    }
+    s.tunnel_peer = peer;
+    Action::CONTINUE
 }
 
 #[inline(always)]
@@ -261,10 +313,17 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
             FlowEnd::EndpointGone => count(Counter::UdpRebalanced),
         }
     }
-    let action = match new_flow(ctx, s, fe, now) {
+    let action = match new_flow(ctx, cfg, s, fe, now) {
         Action::OPEN => open_flow(cfg, s, now),
         action => action,
     };
+    if action == Action::TUNNEL {
+        if C::HOOK == Hook::Xdp {
+            count(Counter::XdpPassToTc);
+            return Action::PASS;
+        }
+        return to_tunnel(ctx, cfg, s);
+    }
     match action {
         Action::SEND => send_to_endpoint(ctx, s, s.route, &s.ct),
         Action::REJECT => answer(ctx, &s.pkt),
@@ -273,6 +332,30 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
             None => drop(Counter::DropMapUpdate),
         },
         action => action,
+    }
+}
+
+/// Sends a client's packet to the owner of its Service's cluster egress address
+/// (`Scratch::tunnel_to`), untranslated: the owner serves the flow.
+#[inline(never)]
+fn to_tunnel<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
+    tunnel::clamp_mss(ctx, cfg, &s.pkt);
+    let entropy = lb::flow_hash(&s.pkt.tuple, SEED_SELECT);
+    match tunnel::encap(ctx, cfg, &mut s.fib, &s.tunnel_to, entropy) {
+        Ok(r) => via(ctx, s, r),
+        Err(why) => drop(why),
+    }
+}
+
+/// How a packet that was put in the tunnel leaves, by the route to the peer `r` found.
+#[inline(always)]
+fn via<C: Ctx>(ctx: &C, s: &Scratch, r: Route) -> Action {
+    let out = s.fib.ifindex;
+    match r {
+        // Leaving by the device it is on already: let it go on.
+        Route::Out if out == ctx.ifindex() && C::HOOK == Hook::TcEgress => Action::PASS,
+        Route::Out => Action::redirect(out),
+        _ => Action::redirect_neigh(out),
     }
 }
 
@@ -395,14 +478,41 @@ fn xdp_tx_allowed(cfg: &Config) -> bool {
 /// the scratch for [`open_flow`] (Action::OPEN). Two sibling subprograms rather than one: the
 /// call chain has 512 bytes of stack, and the port allocation's tries run one level deeper.
 #[inline(never)]
-fn new_flow<C: Ctx>(ctx: &C, s: &mut Scratch, fe: &FrontendValue, now: u32) -> Action {
+fn new_flow<C: Ctx>(
+    ctx: &C,
+    cfg: &Config,
+    s: &mut Scratch,
+    fe: &FrontendValue,
+    now: u32,
+) -> Action {
     let pkt = &s.pkt;
-    if pkt.tuple.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        count(Counter::CtMissMidstream);
-    }
     let Some(svc) = lb::lookup_service(fe.service_id) else {
         return drop(Counter::DropNoService);
     };
+    // A cluster egress address: its owner serves the flow (and applies the Service's rules);
+    // any other node only sends it there, keeping no state of its own.
+    if svc.flags & SVC_F_CLUSTER_EGRESS != 0 {
+        let Some(ce) = (unsafe { CLUSTER_EGRESS.get(&svc.egress) }) else {
+            count(Counter::DropNoEgressAddress);
+            return Action::REJECT;
+        };
+        if ce.flags & CE_F_LOCAL == 0 {
+            if ce.owner.is_zero() || cfg.tunnel_src_v4 == 0 {
+                count(Counter::DropNoEgressAddress);
+                return Action::REJECT;
+            }
+            // From the tunnel, yet not ours (ownership moved): never send it on, which could
+            // bounce between two nodes; the client's next packet finds the new owner.
+            if !s.tunnel_peer.is_zero() {
+                return drop(Counter::DropNoEgressAddress);
+            }
+            s.tunnel_to = ce.owner;
+            return Action::TUNNEL;
+        }
+    }
+    if pkt.tuple.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        count(Counter::CtMissMidstream);
+    }
     if fe.flags & FE_F_SOURCE_RANGES != 0 && !lb::source_allowed(fe.service_id, &pkt.tuple.src) {
         return drop(Counter::DropSourceRange);
     }
@@ -434,6 +544,12 @@ fn new_flow<C: Ctx>(ctx: &C, s: &mut Scratch, fe: &FrontendValue, now: u32) -> A
         s.syn_ts = ts;
         s.syn_has_ts = true;
     }
+    // Cluster egress flows keep their timestamps: a new owner rebuilding the flow after a
+    // failover could not know a shift.
+    if svc.flags & SVC_F_CLUSTER_EGRESS != 0 {
+        s.syn_has_ts = false;
+    }
+    s.svc_flags = svc.flags;
     s.route = r;
     s.chosen = chosen;
     s.fe = *fe;
@@ -460,6 +576,7 @@ fn open_flow(cfg: &Config, s: &mut Scratch, now: u32) -> Action {
     rn.flags = 0;
     rn.pad = 0;
     rn.pad16 = 0;
+    rn.tunnel_v4 = s.tunnel_peer.v4_raw();
     let rk = &mut s.rn_key;
     rk.backend = chosen.addr;
     rk.snat = s.egress;
@@ -472,7 +589,17 @@ fn open_flow(cfg: &Config, s: &mut Scratch, now: u32) -> Action {
     let ticks = now_ticks(cfg);
     let syn_ts = s.syn_has_ts.then_some(s.syn_ts);
     let ts_offset = match snat_alloc(cfg, now, ticks, flow, syn_ts) {
-        Ok(offset) => offset,
+        Ok(offset) => {
+            // A new owner after a failover derives the port from the flow: it finds only the
+            // first candidate again.
+            if s.svc_flags & SVC_F_CLUSTER_EGRESS != 0
+                && cfg.snat_ports != 0
+                && s.rn_key.snat_port != cfg.snat_port_at(flow % cfg.snat_ports).to_be()
+            {
+                count(Counter::SnatNotFirstCandidate);
+            }
+            offset
+        }
         Err(e) => {
             let (counter, kind) = match e {
                 AllocError::Exhausted => (Counter::DropSnatExhausted, EV_SNAT_EXHAUSTED),
@@ -505,7 +632,7 @@ fn open_flow(cfg: &Config, s: &mut Scratch, now: u32) -> Action {
     ct.ts_offset = ts_offset;
     ct.to_backend = NextHop::default();
     ct.to_client = NextHop::default();
-    ct.tunnel_peer = Addr::ZERO;
+    ct.tunnel_peer = s.tunnel_peer;
     remember(&mut s.ct.to_backend, s.route, now, &s.fib);
     if CT_NEW.insert(&s.ct_key, &s.ct, BPF_NOEXIST as u64).is_err() {
         // Another CPU created this flow first: give our port back and follow its choice.
@@ -602,7 +729,14 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &mut RevNatValue) -
     s.ct_key = rn.ct_key(s.pkt.tuple.proto);
     let now = now_secs(cfg);
     let ct = ct_lookup(&s.ct_key);
+    // A flow that came through the tunnel goes back through it; only TC can send it there.
+    let tunnelled = rn.tunnel_v4 != 0;
+    if tunnelled && C::HOOK == Hook::Xdp {
+        count(Counter::XdpPassToTc);
+        return Action::PASS;
+    }
     let r = match ct {
+        _ if tunnelled => Route::None,
         Some((ct, _)) => {
             let ct = unsafe { &mut *ct };
             route_cached(
@@ -683,7 +817,22 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &mut RevNatValue) -
         return drop(Counter::DropMalformed);
     }
     count_service(rn.service_id, s.pkt.l3_len, true);
+    if tunnelled {
+        return back_through_tunnel(ctx, cfg, s, rn.tunnel_v4);
+    }
     toward_client(ctx, s, r)
+}
+
+/// A reply (already translated back) for a client of another node: through the tunnel to it.
+#[inline(never)]
+fn back_through_tunnel<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, peer_v4: u32) -> Action {
+    // The SYN-ACK's MSS too: the client must not send segments the tunnel cannot carry.
+    tunnel::clamp_mss(ctx, cfg, &s.pkt);
+    let entropy = lb::flow_hash(&s.pkt.tuple, SEED_SELECT);
+    match tunnel::encap(ctx, cfg, &mut s.fib, &Addr::from_v4_raw(peer_v4), entropy) {
+        Ok(r) => via(ctx, s, r),
+        Err(why) => drop(why),
+    }
 }
 
 /// The client is out of the device the reply came in on: the packet must be sent back out.
@@ -748,6 +897,10 @@ fn icmp_error<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
             health::failed(unsafe { &mut *ct }, HF_UNREACHABLE, now_ticks(cfg));
         }
     }
+    if rn.tunnel_v4 != 0 && C::HOOK == Hook::Xdp {
+        count(Counter::XdpPassToTc);
+        return Action::PASS;
+    }
     let inner = &s.inner;
     let new_src = icmp_error_source(&s.pkt, inner, rn);
     let r = route(ctx, &mut s.fib, s.pkt.v6, &new_src, &rn.client);
@@ -759,6 +912,9 @@ fn icmp_error<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
         return drop(Counter::DropMalformed);
     }
     count(Counter::IcmpErrorTranslated);
+    if rn.tunnel_v4 != 0 {
+        return back_through_tunnel(ctx, cfg, s, rn.tunnel_v4);
+    }
     toward_client(ctx, s, r)
 }
 

@@ -3,7 +3,7 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::*;
 
-use crate::maps::{AFFINITY, BACKENDS, FE_FILTER, FRONTENDS, SERVICES, SLOTS, SRC_RANGES};
+use crate::maps::{AFFINITY, BACKENDS, FE_FILTER, FRONTENDS, MAGLEV, SERVICES, SLOTS, SRC_RANGES};
 
 /// False: certainly not a frontend. True: maybe (look it up).
 #[inline(always)]
@@ -75,6 +75,18 @@ pub fn select_backend(service_id: u32, svc: &ServiceValue, hash: u32) -> Option<
     let count = svc.backend_count;
     if count == 0 {
         return None;
+    }
+    // Every node maps a flow to the same endpoint (cluster egress: the owner may change). A slot
+    // on an endpoint that just left falls back to the slots until the agent rebuilds the table.
+    if svc.flags & SVC_F_MAGLEV != 0
+        && let Some(table) = unsafe { MAGLEV.get(&service_id) }
+    {
+        // hash * M / 2^32 rather than hash % M: the same spread, and a bound the verifier
+        // follows through the multiplication (a modulo reaches it as a multiply-shift it loses).
+        let i = ((hash as u64 * MAGLEV_M as u64) >> 32) as usize;
+        if let Some(c) = active_backend(table.backend_ids[i]) {
+            return Some(c);
+        }
     }
     let slot = 1 + hash % count;
     let id = match unsafe { SLOTS.get(&SlotKey { service_id, slot }) } {

@@ -39,6 +39,8 @@ mod reject;
 mod stats;
 #[cfg(target_arch = "bpf")]
 mod tcpts;
+#[cfg(target_arch = "bpf")]
+mod tunnel;
 
 #[cfg(target_arch = "bpf")]
 mod entry {

@@ -125,6 +125,12 @@ pub struct Scratch {
     /// The new flow's SYN carries a TCP timestamp, this one.
     pub syn_ts: u32,
     pub syn_has_ts: bool,
+    /// The node this packet came from through the tunnel; zero when it did not.
+    pub tunnel_peer: Addr,
+    /// The owner of a cluster egress address a packet is to be tunnelled to.
+    pub tunnel_to: Addr,
+    /// The new flow's Service's `SVC_F_*` flags.
+    pub svc_flags: u32,
     pub frag_key: FragKey,
     pub fib: FibParams,
 }
