@@ -28,8 +28,24 @@ pub struct Cli {
         default_value = "info,kube_client::client=error,kube_client::client::builder=off"
     )]
     pub log: String,
+    /// Log lines as text (coloured only on a terminal; NO_COLOR turns colour off there too) or
+    /// as one JSON object per line, for log pipelines.
+    #[arg(
+        long,
+        global = true,
+        env = "EXTPROXY_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
