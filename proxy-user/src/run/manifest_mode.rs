@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::Path, time::Instant};
 use anyhow::{Context as _, bail};
 use extproxy::{
     host,
-    manifest::ManifestSet,
+    manifest::{ManifestSet, ParseQueue},
     metrics::Telemetry,
     state::AgentState,
     translate::{self, ClaimPolicy, Incremental, NodeInfo, Settings, Translation},
@@ -113,17 +113,25 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
     let mut running = Running::attach(ebpf, agent, ifaces, dp, "none", &telemetry)?;
     tracing::info!("extproxy is running; watching {}", manifests.display());
 
+    let mut reads = ParseQueue::new();
     let mut hk = Housekeeping::new(dp)?;
     loop {
         tokio::select! {
             _ = hk.sigint.recv() => break,
             _ = hk.sigterm.recv() => break,
             changes = watcher.next() => {
-                for path in &changes.removed {
-                    set.remove_file(path);
+                // Read and parsed on other threads: a slow file holds up no other.
+                for path in changes.removed {
+                    reads.remove(path);
                 }
-                for path in &changes.updated {
-                    set.update_file(path);
+                for path in changes.updated {
+                    reads.read(path);
+                }
+            }
+            files = reads.next() => {
+                let count = files.len();
+                for (path, read) in files {
+                    set.apply_read(&path, read);
                 }
                 set.feed(&mut translator);
                 let t = translator.update();
@@ -131,8 +139,7 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
                 let names = applied.names_changed.then(|| service_names(&running.agent));
                 telemetry.record_apply(t, &applied, names);
                 tracing::info!(
-                    "manifests changed ({} file(s)): {} map updates in {:.2} ms",
-                    changes.updated.len() + changes.removed.len(),
+                    "manifests changed ({count} file(s)): {} map updates in {:.2} ms",
                     applied.ops,
                     applied.elapsed.as_secs_f64() * 1e3
                 );
