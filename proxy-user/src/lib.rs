@@ -1,6 +1,7 @@
 //! The extproxy agent as a library: the binary and the real-kernel tests share it.
 
 pub mod agent;
+pub mod bpffs;
 pub mod diag;
 pub mod gc;
 pub mod host;

@@ -408,6 +408,86 @@ fn a_restarted_agent_keeps_established_connections() {
     assert!(!t.pin_dir().join("CT").exists());
 }
 
+/// `ip netns exec NS extproxy run` in the way of the issue: the process gets a mount namespace
+/// of its own with a fresh /sys, the agent mounted a bpffs there and pinned into it, and the
+/// pins went with it: every established flow was lost at the restart (100 of 100 pod flows),
+/// and `inspect` and `cleanup` run the same way found nothing without saying why.
+#[test]
+fn pins_that_would_die_with_the_agent_are_refused_and_explained() {
+    use std::ffi::OsStr;
+    let t = Topology::new("privfs");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080)]);
+    t.write_manifest("svc.yaml", &service_yaml("web", "", &ready(EP1)));
+    let (pin_dir, state_dir, manifests) = (t.pin_dir(), t.dir.join("state"), t.manifests());
+    let in_ip_netns_exec = |command: &str, args: &[&OsStr]| {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &t.node.name])
+            .arg(extproxy_bin())
+            .arg(command)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(args)
+            .env("NO_COLOR", "1");
+        output_within(cmd, Duration::from_secs(20))
+    };
+    let refused = |out: std::process::Output| {
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "it ran: {err}");
+        err
+    };
+
+    let err = refused(in_ip_netns_exec(
+        "run",
+        &[
+            "--iface".as_ref(),
+            "up0".as_ref(),
+            "--manifests".as_ref(),
+            manifests.as_os_str(),
+            "--keep-on-exit".as_ref(),
+        ],
+    ));
+    for part in [
+        "would not outlive this process",
+        "is not the host's",
+        "nsenter --net",
+    ] {
+        assert!(err.contains(part), "{part:?} not in: {err}");
+    }
+    // Kubernetes mode keeps its pins by default: refused alike, before it reads a kubeconfig.
+    let err = refused(in_ip_netns_exec(
+        "run",
+        &[
+            "--iface".as_ref(),
+            "up0".as_ref(),
+            "--kubeconfig".as_ref(),
+            "/nonexistent".as_ref(),
+            "--node-name".as_ref(),
+            "n1".as_ref(),
+        ],
+    ));
+    assert!(err.contains("--detach-on-exit"), "{err}");
+
+    // An agent in the host's mount namespace (the tests start it with nsenter --net) serves and
+    // leaves its pins; inspect and cleanup run through `ip netns exec` do not see them, and say why.
+    let agent = t.start_agent(&["--keep-on-exit"]);
+    assert_snat(&tcp_once(&t.pod.name, None, "10.96.0.10", 80).unwrap(), EP1);
+    let err = refused(in_ip_netns_exec("inspect", &[]));
+    assert!(
+        err.contains("is not on a bpffs in this mount namespace") && err.contains("nsenter"),
+        "{err}"
+    );
+    agent.stop();
+    let out = in_ip_netns_exec("cleanup", &[]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("nothing pinned") && said.contains("ip netns exec"),
+        "{said}"
+    );
+    assert!(pin_dir.join("CT").exists(), "the host's pins are untouched");
+}
+
 #[test]
 fn the_seed_articles_manifests_unchanged() {
     let t = Topology::new("seeds");
