@@ -8,6 +8,7 @@ pub mod host;
 pub mod inspect;
 pub mod kube;
 pub mod loader;
+pub mod lock;
 pub mod manifest;
 pub mod maps;
 pub mod metrics;

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use extproxy::{
     bpffs::Lifetime,
-    diag, inspect,
+    diag, inspect, lock,
     manifest::ManifestSet,
     pins,
     translate::{self, ClaimPolicy, NodeInfo},
@@ -34,6 +34,12 @@ pub fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
 }
 
 pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {
+    // Uninstalling removes the pins under a running agent on purpose (docs/kubernetes.md): its
+    // programs stay attached until it exits. Its lock file stays with it.
+    let running = lock::holder(state_dir, pin_dir).context("checking for a running agent")?;
+    if let Some(holder) = &running {
+        println!("{holder}: its programs stay attached until it exits, then go");
+    }
     let removed = pins::remove_all(pin_dir)
         .with_context(|| format!("removing pins in {}", pin_dir.display()))?;
     if removed.is_empty()

@@ -17,6 +17,7 @@ use extproxy::{
     agent::Agent,
     bpffs::Lifetime,
     host, kube as kubemode, loader,
+    lock::AgentLock,
     metrics::{self, DatapathReader, Telemetry},
     refusals::{self, Refusals},
     snat::{self, SnatPorts},
@@ -29,11 +30,36 @@ use crate::cli::{DatapathArgs, Listen, RunArgs};
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mounted_here = loader::ensure_bpffs().context("bpffs")?;
     check_pins_outlive_us(&args, mounted_here)?;
-    let ifaces = resolve_ifaces(&args.node.ifaces)?;
-    match &args.manifests {
-        Some(dir) => manifest_mode::run_manifests(&args, dir, &ifaces).await,
-        None => kube_mode::run_kube(&args, &ifaces).await,
-    }
+    let dp = &args.datapath;
+    let lock = AgentLock::acquire(
+        &dp.state_dir,
+        &dp.pin_dir,
+        Duration::from_secs(dp.lock_wait),
+        |holder| {
+            tracing::warn!(
+                "{holder}; waiting up to {} s for it to exit (--lock-wait)",
+                dp.lock_wait
+            );
+        },
+    );
+    let lock = match lock {
+        Ok(lock) => lock,
+        Err(err) => {
+            return Err(err).context(
+                "one agent per node: stop the other one first (two would swap programs under \
+                 each other)",
+            );
+        }
+    };
+    let result = match resolve_ifaces(&args.node.ifaces) {
+        Ok(ifaces) => match &args.manifests {
+            Some(dir) => manifest_mode::run_manifests(&args, dir, &ifaces).await,
+            None => kube_mode::run_kube(&args, &ifaces).await,
+        },
+        Err(err) => Err(err),
+    };
+    lock.release();
+    result
 }
 
 /// Whether the agent leaves its data path (pins) to the next agent when it exits.

@@ -408,6 +408,52 @@ fn a_restarted_agent_keeps_established_connections() {
     assert!(!t.pin_dir().join("CT").exists());
 }
 
+/// Two agents on one pin folder: the second adopted the maps and swapped the programs under the
+/// first without a word, and whichever exited last left links of a dead agent attached.
+#[test]
+fn a_second_agent_waits_for_the_first_and_says_who_it_is() {
+    let t = Topology::new("lock");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080)]);
+    t.write_manifest("svc.yaml", &service_yaml("web", "", &ready(EP1)));
+    let first = t.start_agent(&["--keep-on-exit"]);
+    let holder = format!("pid {} on ", first.pid());
+
+    // Started by hand beside it: told who holds the node's data path, and refused.
+    let mut second = Agent::launch(&t, &["--lock-wait", "1"], "second.log");
+    let status = second
+        .wait_exit(Duration::from_secs(20))
+        .expect("the second agent runs beside the first");
+    assert!(!status.success());
+    let log = second.log_text();
+    for part in [
+        holder.as_str(),
+        "waiting up to 1 s",
+        "stop the other one first",
+    ] {
+        assert!(log.contains(part), "{part:?} not in: {log}");
+    }
+    assert!(!log.contains("adopting"), "{log}");
+
+    // A rolling update's successor: waits while its predecessor exits, then takes over.
+    let successor = Agent::launch(&t, &["--lock-wait", "60"], "successor.log");
+    successor.wait_for_log(&holder, Duration::from_secs(10));
+    let mut long =
+        TcpClient::connect(&t.pod.name, None, "10.96.0.10", 80, Duration::from_secs(3)).unwrap();
+    assert_eq!(long.exchange("before").unwrap().endpoint, ip(EP1));
+    assert!(!successor.log_text().contains("adopting"));
+    first.stop();
+    successor.wait_for_log("extproxy is running", Duration::from_secs(20));
+    assert!(successor.log_text().contains("adopting the maps pinned"));
+    assert_eq!(
+        long.exchange("after").unwrap().endpoint,
+        ip(EP1),
+        "the connection survived the handover"
+    );
+
+    successor.stop();
+    assert!(!t.pin_dir().exists());
+}
+
 /// `ip netns exec NS extproxy run` in the way of the issue: the process gets a mount namespace
 /// of its own with a fresh /sys, the agent mounted a bpffs there and pinned into it, and the
 /// pins went with it: every established flow was lost at the restart (100 of 100 pod flows),
