@@ -7,7 +7,7 @@ use extproxy::{
     bpffs::Lifetime,
     diag, inspect, lock,
     manifest::ManifestSet,
-    pins,
+    pins, state,
     translate::{self, ClaimPolicy, NodeInfo},
 };
 
@@ -50,7 +50,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let _ = std::fs::remove_dir(pin_dir);
-    let _ = std::fs::remove_file(extproxy::state::path(state_dir));
+    state::remove_all(state_dir, running.is_none());
     if removed.is_empty() {
         println!("nothing pinned in {}", pin_dir.display());
     } else {

@@ -21,7 +21,7 @@ use extproxy::{
     metrics::{self, DatapathReader, Telemetry},
     refusals::{self, Refusals},
     snat::{self, SnatPorts},
-    translate,
+    state, translate,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -45,6 +45,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let lock = match lock {
         Ok(lock) => lock,
         Err(err) => {
+            state::remove_dir_if_empty(&dp.state_dir);
             return Err(err).context(
                 "one agent per node: stop the other one first (two would swap programs under \
                  each other)",
@@ -59,6 +60,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Err(err) => Err(err),
     };
     lock.release();
+    // Nothing is left in it unless the next agent needs it (--keep-on-exit: the state file).
+    state::remove_dir_if_empty(&dp.state_dir);
     result
 }
 

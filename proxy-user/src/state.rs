@@ -64,6 +64,23 @@ pub fn write(dir: &Path, state: &AgentState) -> std::io::Result<()> {
     std::fs::rename(&tmp, path(dir))
 }
 
+/// Removes the state folder if nothing is left in it: an agent that exits without leaving its
+/// data path to the next one (and `extproxy cleanup`) leaves no empty folder behind.
+pub fn remove_dir_if_empty(dir: &Path) {
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// What `extproxy cleanup` removes: the state file, a temporary file an agent died writing, the
+/// lock file of an agent no longer running (`lock_file`), and then the folder if that was all.
+pub fn remove_all(dir: &Path, lock_file: bool) {
+    let _ = std::fs::remove_file(path(dir));
+    let _ = std::fs::remove_file(dir.join(format!(".{STATE_FILE}.tmp")));
+    if lock_file {
+        let _ = std::fs::remove_file(crate::lock::path(dir));
+    }
+    remove_dir_if_empty(dir);
+}
+
 pub fn read(dir: &Path) -> std::io::Result<AgentState> {
     let bytes = std::fs::read(path(dir))?;
     serde_json::from_slice(&bytes).map_err(std::io::Error::other)

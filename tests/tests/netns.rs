@@ -396,16 +396,21 @@ fn a_restarted_agent_keeps_established_connections() {
         seen.contains(&ip(EP2)),
         "the endpoint added while down is used"
     );
+    let state_dir = agent.state_dir().to_owned();
     drop(agent);
-    // --keep-on-exit left everything in place; cleanup removes it.
+    // --keep-on-exit left everything in place; cleanup removes it, an empty state folder too.
     assert!(t.pin_dir().join("CT").exists());
+    assert!(state_dir.join("state.json").exists());
     let out = std::process::Command::new(extproxy_bin())
         .args(["cleanup", "--pin-dir"])
         .arg(t.pin_dir())
+        .arg("--state-dir")
+        .arg(&state_dir)
         .output()
         .unwrap();
     assert!(out.status.success());
     assert!(!t.pin_dir().join("CT").exists());
+    assert!(!state_dir.exists(), "cleanup left the state folder");
 }
 
 /// Two agents on one pin folder: the second adopted the maps and swapped the programs under the
@@ -450,8 +455,11 @@ fn a_second_agent_waits_for_the_first_and_says_who_it_is() {
         "the connection survived the handover"
     );
 
+    // Stopped without --keep-on-exit: nothing left behind, not even an empty state folder.
+    let state_dir = successor.state_dir().to_owned();
     successor.stop();
     assert!(!t.pin_dir().exists());
+    assert!(!state_dir.exists(), "an empty state folder was left");
 }
 
 /// `ip netns exec NS extproxy run` in the way of the issue: the process gets a mount namespace
