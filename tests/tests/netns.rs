@@ -464,8 +464,9 @@ fn a_second_agent_waits_for_the_first_and_says_who_it_is() {
 
 /// `ip netns exec NS extproxy run` in the way of the issue: the process gets a mount namespace
 /// of its own with a fresh /sys, the agent mounted a bpffs there and pinned into it, and the
-/// pins went with it: every established flow was lost at the restart (100 of 100 pod flows),
-/// and `inspect` and `cleanup` run the same way found nothing without saying why.
+/// pins went with it: the next agent started from empty maps (the issue lost 100 of 100 pod
+/// flows at the restart), and `inspect` and `cleanup` run the same way found nothing without
+/// saying why.
 #[test]
 fn pins_that_would_die_with_the_agent_are_refused_and_explained() {
     use std::ffi::OsStr;
