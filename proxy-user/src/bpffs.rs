@@ -220,7 +220,15 @@ pub(crate) fn dev_numbers(dev: u64) -> (u32, u32) {
 /// file system of the folder it will be created in.
 fn existing_ancestor(path: &Path) -> Option<PathBuf> {
     path.ancestors()
-        .find(|p| !p.as_os_str().is_empty() && p.exists())
+        // A relative path's last ancestor is "": the working directory.
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .find(|p| p.exists())
         .map(Path::to_owned)
 }
 
@@ -348,6 +356,11 @@ mod tests {
                 optional: vec!["master:1".to_owned(), "shared:3".to_owned()],
                 fstype: "ext3".to_owned(),
             }]
+        );
+        // A relative pin folder not created yet is on the working directory's file system.
+        assert_eq!(
+            existing_ancestor(Path::new("no-such-folder/pins")),
+            Some(PathBuf::from("."))
         );
         // glibc's makedev(0x123, 0x45678).
         assert_eq!(dev_numbers(0x4561_2378), (0x123, 0x45678));
