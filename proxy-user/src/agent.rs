@@ -243,7 +243,7 @@ impl Agent {
 
 /// Alike diagnostics (the same problem of different objects) logged one by one in one go; the
 /// rest are counted in one more line. 20,000 Services without endpoints made 20,000 lines.
-const ALIKE_LOGGED: usize = 5;
+pub const ALIKE_LOGGED: usize = 5;
 
 /// The diagnostics logged so far: a re-translation repeats none of them, and a crowd of alike
 /// ones is said in a few lines (`extproxy inspect` lists them all).

@@ -28,8 +28,24 @@ pub struct Cli {
         default_value = "info,kube_client::client=error,kube_client::client::builder=off"
     )]
     pub log: String,
+    /// Log lines as text (coloured only on a terminal; NO_COLOR turns colour off there too) or
+    /// as one JSON object per line, for log pipelines.
+    #[arg(
+        long,
+        global = true,
+        env = "EXTPROXY_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -163,6 +179,11 @@ pub struct DatapathArgs {
     /// leaving them for the next agent.
     #[arg(long, conflicts_with = "keep_on_exit")]
     pub detach_on_exit: bool,
+    /// Another agent holding this node's data path (the same --pin-dir or --state-dir): wait
+    /// this long for it to exit (a rolling update's successor starts while its predecessor
+    /// exits), then give up saying who it is.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub lock_wait: u64,
     /// Pinned maps with another layout or size: replace them (drops tracked flows) instead of
     /// refusing to start.
     #[arg(long)]

@@ -149,6 +149,15 @@ fn covers(reserved: &str, range: &RangeInclusive<u16>) -> bool {
     })
 }
 
+/// This host's name (its UTS namespace's: a hostNetwork pod's is the node's).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "an unknown host".to_owned())
+}
+
 /// Addresses for people: `separator` between them, `if_empty` when there are none.
 pub fn join_addrs(addrs: &[IpAddr], separator: &str, if_empty: &str) -> String {
     if addrs.is_empty() {

@@ -1,12 +1,14 @@
 //! The extproxy agent as a library: the binary and the real-kernel tests share it.
 
 pub mod agent;
+pub mod bpffs;
 pub mod diag;
 pub mod gc;
 pub mod host;
 pub mod inspect;
 pub mod kube;
 pub mod loader;
+pub mod lock;
 pub mod manifest;
 pub mod maps;
 pub mod metrics;

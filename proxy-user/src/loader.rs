@@ -577,10 +577,12 @@ pub fn detach(ebpf: &mut Ebpf, attached: Attached) -> Result<(), LoadError> {
 }
 
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (some hosts do not mount it at boot).
-pub fn ensure_bpffs() -> Result<(), LoadError> {
+/// Returns whether it did: a bpffs mounted in a mount namespace of the process's own goes with it
+/// (see [`crate::bpffs::Lifetime`]).
+pub fn ensure_bpffs() -> Result<bool, LoadError> {
     let path = Path::new("/sys/fs/bpf");
-    if is_bpffs(path) {
-        return Ok(());
+    if crate::bpffs::is_bpffs(path) {
+        return Ok(false);
     }
     let err = |source| LoadError::Bpffs {
         path: path.to_owned(),
@@ -600,16 +602,7 @@ pub fn ensure_bpffs() -> Result<(), LoadError> {
         return Err(err(std::io::Error::last_os_error()));
     }
     tracing::info!("mounted bpffs at /sys/fs/bpf");
-    Ok(())
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+    Ok(true)
 }
 
 /// Attaches the XDP pass program to `iface` (in the calling thread's network namespace) and pins

@@ -66,6 +66,25 @@ pub struct ManifestSet {
     mirrors_fed: HashMap<Arc<ObjectRef>, Vec<ObjectKey>>,
 }
 
+/// One manifest file as read: its objects and problems, or that it is gone.
+#[derive(Debug)]
+pub struct FileRead(Option<ParsedFile>);
+
+impl FileRead {
+    /// The file is no longer there.
+    pub fn gone() -> Self {
+        FileRead(None)
+    }
+
+    /// Reading it failed in a way that says nothing about the file (its reader panicked).
+    pub fn failed(path: &Path, why: &str) -> Self {
+        FileRead(Some(file_problem(
+            path,
+            format!("reading the file failed ({why}); it is read again when it changes"),
+        )))
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct ParsedFile {
     objects: Vec<ParsedObject>,
@@ -229,6 +248,17 @@ impl ManifestSet {
         let file = read_file(path);
         self.set_file(path, file);
         true
+    }
+
+    /// Reads and parses `path`, the slow part of a change, without the set: the agent does it on
+    /// another thread ([`ParseQueue`]) and hands the result to [`ManifestSet::apply_read`].
+    pub fn read_path(path: &Path) -> FileRead {
+        FileRead(read_file(path))
+    }
+
+    /// Takes in what [`ManifestSet::read_path`] read (a file no longer there is removed).
+    pub fn apply_read(&mut self, path: &Path, read: FileRead) {
+        self.set_file(path, read.0);
     }
 
     /// Parses `text` as the contents of `path` (no file system access).
@@ -1347,5 +1377,8 @@ fn mirror_endpoints(
 }
 
 mod nesting;
+mod queue;
 #[cfg(test)]
 mod tests;
+
+pub use queue::ParseQueue;

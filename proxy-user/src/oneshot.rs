@@ -4,9 +4,10 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use extproxy::{
-    diag, inspect,
+    bpffs::Lifetime,
+    diag, inspect, lock,
     manifest::ManifestSet,
-    pins,
+    pins, state,
     translate::{self, ClaimPolicy, NodeInfo},
 };
 
@@ -17,8 +18,10 @@ use crate::{
 
 pub fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
     let report = inspect::collect(&args.pin_dir, &args.state_dir).with_context(|| {
+        let why =
+            why_nothing_is_seen(&args.pin_dir).unwrap_or_else(|| "is extproxy running?".to_owned());
         format!(
-            "reading the maps pinned in {} (is extproxy running?)",
+            "reading the maps pinned in {}: {why}",
             args.pin_dir.display()
         )
     })?;
@@ -31,10 +34,23 @@ pub fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
 }
 
 pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {
+    // Uninstalling removes the pins under a running agent on purpose (docs/kubernetes.md): its
+    // programs stay attached until it exits. Its lock file stays with it.
+    let running = lock::holder(state_dir, pin_dir).context("checking for a running agent")?;
+    if let Some(holder) = &running {
+        println!("{holder}: its programs stay attached until it exits, then go");
+    }
     let removed = pins::remove_all(pin_dir)
         .with_context(|| format!("removing pins in {}", pin_dir.display()))?;
+    if removed.is_empty()
+        && let Some(why) = why_nothing_is_seen(pin_dir)
+    {
+        // The state file belongs to pins this mount namespace cannot see: it stays with them.
+        println!("nothing pinned in {}: {why}", pin_dir.display());
+        return Ok(());
+    }
     let _ = std::fs::remove_dir(pin_dir);
-    let _ = std::fs::remove_file(extproxy::state::path(state_dir));
+    state::remove_all(state_dir, running.is_none());
     if removed.is_empty() {
         println!("nothing pinned in {}", pin_dir.display());
     } else {
@@ -45,6 +61,12 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Why a pin folder may look empty here although an agent pinned into it: this command runs in a
+/// mount namespace without that agent's bpffs (`ip netns exec`).
+fn why_nothing_is_seen(pin_dir: &Path) -> Option<String> {
+    Lifetime::of(pin_dir, false).why_nothing_is_seen(pin_dir)
 }
 
 pub fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
@@ -62,7 +84,8 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
     };
     let t = translate::translate(&inventory, &node, &settings);
     diagnostics.extend(t.diagnostics.iter().cloned());
-    print_summary(&t);
+    // Listed in full: finding what a folder serves is what `validate` is for.
+    print_summary(&t, usize::MAX);
     for d in &diagnostics {
         println!("{d}");
     }

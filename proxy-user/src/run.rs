@@ -12,25 +12,108 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use extproxy::{
     agent::Agent,
+    bpffs::Lifetime,
     host, kube as kubemode, loader,
+    lock::AgentLock,
     metrics::{self, DatapathReader, Telemetry},
     refusals::{self, Refusals},
     snat::{self, SnatPorts},
-    translate,
+    state, translate,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::{DatapathArgs, Listen, RunArgs};
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    loader::ensure_bpffs().context("bpffs")?;
-    let ifaces = resolve_ifaces(&args.node.ifaces)?;
-    match &args.manifests {
-        Some(dir) => manifest_mode::run_manifests(&args, dir, &ifaces).await,
-        None => kube_mode::run_kube(&args, &ifaces).await,
+    let mounted_here = loader::ensure_bpffs().context("bpffs")?;
+    check_pins_outlive_us(&args, mounted_here)?;
+    let dp = &args.datapath;
+    let lock = AgentLock::acquire(
+        &dp.state_dir,
+        &dp.pin_dir,
+        Duration::from_secs(dp.lock_wait),
+        |holder| {
+            tracing::warn!(
+                "{holder}; waiting up to {} s for it to exit (--lock-wait)",
+                dp.lock_wait
+            );
+        },
+    );
+    let lock = match lock {
+        Ok(lock) => lock,
+        Err(err) => {
+            state::remove_dir_if_empty(&dp.state_dir);
+            return Err(err).context(
+                "one agent per node: stop the other one first (two would swap programs under \
+                 each other)",
+            );
+        }
+    };
+    let result = match resolve_ifaces(&args.node.ifaces) {
+        Ok(ifaces) => match &args.manifests {
+            Some(dir) => manifest_mode::run_manifests(&args, dir, &ifaces).await,
+            None => kube_mode::run_kube(&args, &ifaces).await,
+        },
+        Err(err) => Err(err),
+    };
+    lock.release();
+    // Nothing is left in it unless the next agent needs it (--keep-on-exit: the state file).
+    state::remove_dir_if_empty(&dp.state_dir);
+    result
+}
+
+/// Whether the agent leaves its data path (pins) to the next agent when it exits.
+fn keeps_pins(args: &RunArgs) -> bool {
+    match args.manifests {
+        Some(_) => args.datapath.keep_on_exit,
+        // A DaemonSet rollout restarts the agent: flows must survive it.
+        None => !args.datapath.detach_on_exit,
+    }
+}
+
+/// Refuses to leave the data path to a next agent when its pins would not outlive this process:
+/// under `ip netns exec` the agent pinned into a bpffs of its own, which went with it, and the
+/// next agent started from empty maps without a word (the issue saw 100 of 100 flows lost).
+fn check_pins_outlive_us(args: &RunArgs, mounted_here: bool) -> anyhow::Result<()> {
+    let pin_dir = &args.datapath.pin_dir;
+    let lifetime = Lifetime::of(pin_dir, mounted_here);
+    if let Lifetime::NotBpffs(fs) = &lifetime {
+        bail!(
+            "--pin-dir {}: not on a bpffs ({fs}); maps and links can only be pinned in one \
+             (`mount -t bpf bpf DIR`)",
+            pin_dir.display()
+        );
+    }
+    let Some(why) = lifetime.dies_with_process() else {
+        return Ok(());
+    };
+    let pins = format!(
+        "the pins in {} would not outlive this process: {why}",
+        pin_dir.display()
+    );
+    if !keeps_pins(args) {
+        tracing::info!(
+            "{pins}. Without --keep-on-exit they are removed at exit anyway; if the agent is \
+             killed, its data path goes with it"
+        );
+        return Ok(());
+    }
+    match args.manifests {
+        Some(_) => bail!(
+            "--keep-on-exit: {pins}. The next agent would find nothing: every tracked connection \
+             would be forgotten. Start extproxy in the host's mount namespace \
+             (`nsenter --net=/var/run/netns/NAME extproxy run ...` instead of \
+             `ip netns exec NAME extproxy run ...`), or run without --keep-on-exit"
+        ),
+        None => bail!(
+            "{pins}. Kubernetes mode leaves the data path to the next agent so that established \
+             connections survive a restart; here every one would be forgotten. Give the agent the \
+             host's /sys/fs/bpf (deploy/daemonset.yaml mounts it as a hostPath), or pass \
+             --detach-on-exit"
+        ),
     }
 }
 

@@ -64,7 +64,51 @@ pub fn write(dir: &Path, state: &AgentState) -> std::io::Result<()> {
     std::fs::rename(&tmp, path(dir))
 }
 
+/// Removes the state folder if nothing is left in it: an agent that exits without leaving its
+/// data path to the next one (and `extproxy cleanup`) leaves no empty folder behind.
+pub fn remove_dir_if_empty(dir: &Path) {
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// What `extproxy cleanup` removes: the state file, a temporary file an agent died writing, the
+/// lock file of an agent no longer running (`lock_file`), and then the folder if that was all.
+pub fn remove_all(dir: &Path, lock_file: bool) {
+    let _ = std::fs::remove_file(path(dir));
+    let _ = std::fs::remove_file(dir.join(format!(".{STATE_FILE}.tmp")));
+    if lock_file {
+        let _ = std::fs::remove_file(crate::lock::path(dir));
+    }
+    remove_dir_if_empty(dir);
+}
+
 pub fn read(dir: &Path) -> std::io::Result<AgentState> {
     let bytes = std::fs::read(path(dir))?;
     serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An empty state folder was left after exit and after `extproxy cleanup`.
+    #[test]
+    fn cleanup_leaves_no_empty_state_folder_and_nothing_it_does_not_know() {
+        let dir = std::env::temp_dir().join(format!("extproxy-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        write(&dir, &AgentState::default()).unwrap();
+        std::fs::write(crate::lock::path(&dir), "{}").unwrap();
+        // A running agent's lock file stays, and the folder with it.
+        remove_all(&dir, false);
+        assert!(!path(&dir).exists());
+        assert!(crate::lock::path(&dir).exists());
+        remove_all(&dir, true);
+        assert!(!dir.exists(), "an empty state folder was left");
+
+        // Someone else's file: the folder stays.
+        write(&dir, &AgentState::default()).unwrap();
+        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+        remove_all(&dir, true);
+        assert!(dir.join("notes.txt").exists() && !path(&dir).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::{
     fs::File,
+    io::Read,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -48,6 +49,46 @@ pub fn extproxy_bin() -> PathBuf {
     bin
 }
 
+/// Runs `cmd` to its end with its output captured; kills it and panics if it still runs after
+/// `timeout` (a command expected to refuse that serves instead).
+pub fn output_within(mut cmd: Command, timeout: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let read = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().unwrap()));
+    let stderr = read(Box::new(child.stderr.take().unwrap()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} still ran after {timeout:?}; its output:\n{}",
+                String::from_utf8_lossy(&stderr.join().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
 pub struct Agent {
     child: Option<Child>,
     pub log: PathBuf,
@@ -64,6 +105,19 @@ impl Agent {
             &["--manifests".as_ref(), manifests.as_os_str()],
             extra,
             Some("info"),
+        )
+    }
+
+    /// Manifest mode, logging to `log_name` in the topology's folder, without waiting for it to
+    /// run: a second agent on one node.
+    pub fn launch(topo: &Topology, extra: &[&str], log_name: &str) -> Agent {
+        let manifests = topo.manifests();
+        Agent::launch_with(
+            topo,
+            &["--manifests".as_ref(), manifests.as_os_str()],
+            extra,
+            Some("info"),
+            log_name,
         )
     }
 
@@ -95,6 +149,26 @@ impl Agent {
         log_filter: Option<&str>,
     ) -> Agent {
         let log = topo.dir.join("agent.log");
+        let runs_before = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default())
+            .matches("extproxy is running")
+            .count();
+        let agent = Agent::launch_with(topo, source, extra, log_filter, "agent.log");
+        agent.wait_for_log_count(
+            "extproxy is running",
+            runs_before + 1,
+            Duration::from_secs(20),
+        );
+        agent
+    }
+
+    fn launch_with(
+        topo: &Topology,
+        source: &[&std::ffi::OsStr],
+        extra: &[&str],
+        log_filter: Option<&str>,
+        log_name: &str,
+    ) -> Agent {
+        let log = topo.dir.join(log_name);
         let state_dir = topo.dir.join("state");
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/var/run/netns/{}", topo.node.name))
@@ -131,23 +205,39 @@ impl Agent {
                     .open(&log)
                     .unwrap(),
             );
-        let runs_before = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default())
-            .matches("extproxy is running")
-            .count();
         let child = cmd.spawn().expect("start extproxy");
-        let agent = Agent {
+        Agent {
             child: Some(child),
             log,
             node_ns: topo.node.name.clone(),
             pin_dir: topo.pin_dir(),
             state_dir,
-        };
-        agent.wait_for_log_count(
-            "extproxy is running",
-            runs_before + 1,
-            Duration::from_secs(20),
-        );
-        agent
+        }
+    }
+
+    /// The agent's pid (nsenter execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the agent has exited").id()
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Waits for the agent to exit by itself; None if it still runs after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn log_text(&self) -> String {

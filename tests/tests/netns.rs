@@ -396,16 +396,151 @@ fn a_restarted_agent_keeps_established_connections() {
         seen.contains(&ip(EP2)),
         "the endpoint added while down is used"
     );
+    let state_dir = agent.state_dir().to_owned();
     drop(agent);
-    // --keep-on-exit left everything in place; cleanup removes it.
+    // --keep-on-exit left everything in place; cleanup removes it, an empty state folder too.
     assert!(t.pin_dir().join("CT").exists());
+    assert!(state_dir.join("state.json").exists());
     let out = std::process::Command::new(extproxy_bin())
         .args(["cleanup", "--pin-dir"])
         .arg(t.pin_dir())
+        .arg("--state-dir")
+        .arg(&state_dir)
         .output()
         .unwrap();
     assert!(out.status.success());
     assert!(!t.pin_dir().join("CT").exists());
+    assert!(!state_dir.exists(), "cleanup left the state folder");
+}
+
+/// Two agents on one pin folder: the second adopted the maps and swapped the programs under the
+/// first without a word, and whichever exited last left links of a dead agent attached.
+#[test]
+fn a_second_agent_waits_for_the_first_and_says_who_it_is() {
+    let t = Topology::new("lock");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080)]);
+    t.write_manifest("svc.yaml", &service_yaml("web", "", &ready(EP1)));
+    let first = t.start_agent(&["--keep-on-exit"]);
+    let holder = format!("pid {} on ", first.pid());
+
+    // Started by hand beside it: told who holds the node's data path, and refused.
+    let mut second = Agent::launch(&t, &["--lock-wait", "1"], "second.log");
+    let status = second
+        .wait_exit(Duration::from_secs(20))
+        .expect("the second agent runs beside the first");
+    assert!(!status.success());
+    let log = second.log_text();
+    for part in [
+        holder.as_str(),
+        "waiting up to 1 s",
+        "stop the other one first",
+    ] {
+        assert!(log.contains(part), "{part:?} not in: {log}");
+    }
+    assert!(!log.contains("adopting"), "{log}");
+
+    // A rolling update's successor: waits while its predecessor exits, then takes over.
+    let successor = Agent::launch(&t, &["--lock-wait", "60"], "successor.log");
+    successor.wait_for_log(&holder, Duration::from_secs(10));
+    let mut long =
+        TcpClient::connect(&t.pod.name, None, "10.96.0.10", 80, Duration::from_secs(3)).unwrap();
+    assert_eq!(long.exchange("before").unwrap().endpoint, ip(EP1));
+    assert!(!successor.log_text().contains("adopting"));
+    first.stop();
+    successor.wait_for_log("extproxy is running", Duration::from_secs(20));
+    assert!(successor.log_text().contains("adopting the maps pinned"));
+    assert_eq!(
+        long.exchange("after").unwrap().endpoint,
+        ip(EP1),
+        "the connection survived the handover"
+    );
+
+    // Stopped without --keep-on-exit: nothing left behind, not even an empty state folder.
+    let state_dir = successor.state_dir().to_owned();
+    successor.stop();
+    assert!(!t.pin_dir().exists());
+    assert!(!state_dir.exists(), "an empty state folder was left");
+}
+
+/// `ip netns exec NS extproxy run` in the way of the issue: the process gets a mount namespace
+/// of its own with a fresh /sys, the agent mounted a bpffs there and pinned into it, and the
+/// pins went with it: the next agent started from empty maps (the issue lost 100 of 100 pod
+/// flows at the restart), and `inspect` and `cleanup` run the same way found nothing without
+/// saying why.
+#[test]
+fn pins_that_would_die_with_the_agent_are_refused_and_explained() {
+    use std::ffi::OsStr;
+    let t = Topology::new("privfs");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080)]);
+    t.write_manifest("svc.yaml", &service_yaml("web", "", &ready(EP1)));
+    let (pin_dir, state_dir, manifests) = (t.pin_dir(), t.dir.join("state"), t.manifests());
+    let in_ip_netns_exec = |command: &str, args: &[&OsStr]| {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &t.node.name])
+            .arg(extproxy_bin())
+            .arg(command)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(args)
+            .env("NO_COLOR", "1");
+        output_within(cmd, Duration::from_secs(20))
+    };
+    let refused = |out: std::process::Output| {
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "it ran: {err}");
+        err
+    };
+
+    let err = refused(in_ip_netns_exec(
+        "run",
+        &[
+            "--iface".as_ref(),
+            "up0".as_ref(),
+            "--manifests".as_ref(),
+            manifests.as_os_str(),
+            "--keep-on-exit".as_ref(),
+        ],
+    ));
+    for part in [
+        "would not outlive this process",
+        "is not the host's",
+        "nsenter --net",
+    ] {
+        assert!(err.contains(part), "{part:?} not in: {err}");
+    }
+    // Kubernetes mode keeps its pins by default: refused alike, before it reads a kubeconfig.
+    let err = refused(in_ip_netns_exec(
+        "run",
+        &[
+            "--iface".as_ref(),
+            "up0".as_ref(),
+            "--kubeconfig".as_ref(),
+            "/nonexistent".as_ref(),
+            "--node-name".as_ref(),
+            "n1".as_ref(),
+        ],
+    ));
+    assert!(err.contains("--detach-on-exit"), "{err}");
+
+    // An agent in the host's mount namespace (the tests start it with nsenter --net) serves and
+    // leaves its pins; inspect and cleanup run through `ip netns exec` do not see them, and say why.
+    let agent = t.start_agent(&["--keep-on-exit"]);
+    assert_snat(&tcp_once(&t.pod.name, None, "10.96.0.10", 80).unwrap(), EP1);
+    let err = refused(in_ip_netns_exec("inspect", &[]));
+    assert!(
+        err.contains("is not on a bpffs in this mount namespace") && err.contains("nsenter"),
+        "{err}"
+    );
+    agent.stop();
+    let out = in_ip_netns_exec("cleanup", &[]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("nothing pinned") && said.contains("ip netns exec"),
+        "{said}"
+    );
+    assert!(pin_dir.join("CT").exists(), "the host's pins are untouched");
 }
 
 #[test]

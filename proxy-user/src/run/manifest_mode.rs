@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::Path, time::Instant};
 use anyhow::{Context as _, bail};
 use extproxy::{
     host,
-    manifest::ManifestSet,
+    manifest::{ManifestSet, ParseQueue},
     metrics::Telemetry,
     state::AgentState,
     translate::{self, ClaimPolicy, Incremental, NodeInfo, Settings, Translation},
@@ -93,7 +93,7 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
         read.as_secs_f64() * 1e3,
         (started.elapsed() - read).as_secs_f64() * 1e3
     );
-    print_summary(t);
+    print_summary(t, SUMMARY_LINES);
     let applied = agent.apply(t);
     telemetry.record_apply(t, &applied, Some(service_names(&agent)));
     tracing::info!(
@@ -113,17 +113,25 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
     let mut running = Running::attach(ebpf, agent, ifaces, dp, "none", &telemetry)?;
     tracing::info!("extproxy is running; watching {}", manifests.display());
 
+    let mut reads = ParseQueue::new();
     let mut hk = Housekeeping::new(dp)?;
     loop {
         tokio::select! {
             _ = hk.sigint.recv() => break,
             _ = hk.sigterm.recv() => break,
             changes = watcher.next() => {
-                for path in &changes.removed {
-                    set.remove_file(path);
+                // Read and parsed on other threads: a slow file holds up no other.
+                for path in changes.removed {
+                    reads.remove(path);
                 }
-                for path in &changes.updated {
-                    set.update_file(path);
+                for path in changes.updated {
+                    reads.read(path);
+                }
+            }
+            files = reads.next() => {
+                let count = files.len();
+                for (path, read) in files {
+                    set.apply_read(&path, read);
                 }
                 set.feed(&mut translator);
                 let t = translator.update();
@@ -131,8 +139,7 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
                 let names = applied.names_changed.then(|| service_names(&running.agent));
                 telemetry.record_apply(t, &applied, names);
                 tracing::info!(
-                    "manifests changed ({} file(s)): {} map updates in {:.2} ms",
-                    changes.updated.len() + changes.removed.len(),
+                    "manifests changed ({count} file(s)): {} map updates in {:.2} ms",
                     applied.ops,
                     applied.elapsed.as_secs_f64() * 1e3
                 );
@@ -174,17 +181,36 @@ pub fn settings(
     }
 }
 
-/// One line per service port: what clients reach and where it goes.
-pub fn print_summary(t: &Translation) {
-    for f in &t.filled {
-        tracing::info!(
-            "{}: {} = {} (filled in: the manifest has none)",
-            f.service,
-            f.field,
-            f.value
-        );
+/// How many lines of each kind [`print_summary`] logs at start: at 20,000 Services one line per
+/// Service port made 20,000 INFO lines (`extproxy inspect` lists them all).
+pub const SUMMARY_LINES: usize = extproxy::agent::ALIKE_LOGGED;
+
+/// What clients reach and where it goes, a line per service port, and the values filled in:
+/// the first `at_most` of each, then a count of the rest.
+pub fn print_summary(t: &Translation, at_most: usize) {
+    for line in summary(t, at_most) {
+        tracing::info!("{line}");
     }
-    for (key, svc) in &t.desired.services {
+}
+
+fn summary(t: &Translation, at_most: usize) -> Vec<String> {
+    let mut lines: Vec<String> = t
+        .filled
+        .iter()
+        .take(at_most)
+        .map(|f| {
+            format!(
+                "{}: {} = {} (filled in: the manifest has none)",
+                f.service, f.field, f.value
+            )
+        })
+        .collect();
+    if let Some(more) = t.filled.len().checked_sub(at_most).filter(|n| *n > 0) {
+        lines.push(format!(
+            "{more} more values filled in (extproxy inspect shows every frontend)"
+        ));
+    }
+    for (key, svc) in t.desired.services.iter().take(at_most) {
         let mut fronts: Vec<String> = svc
             .frontends
             .iter()
@@ -205,6 +231,60 @@ pub fn print_summary(t: &Translation) {
         } else {
             format!("{active} endpoint(s)")
         };
-        tracing::info!("serving {key}: {} -> {endpoints}", fronts.join(", "));
+        lines.push(format!(
+            "serving {key}: {} -> {endpoints}",
+            fronts.join(", ")
+        ));
+    }
+    let services = t.desired.services.len();
+    if services > at_most {
+        lines.push(format!(
+            "serving {} more service port(s) (extproxy inspect lists them all)",
+            services - at_most
+        ));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use extproxy::manifest::ManifestSet;
+
+    /// 20,000 Services without clusterIP or nodePort made 40,000 "filled in" and 20,000
+    /// "serving" INFO lines at start; 2,000 here.
+    #[test]
+    fn the_start_up_summary_is_a_few_lines_at_any_size() {
+        let mut set = ManifestSet::default();
+        let text: String = (0..2_000)
+            .map(|i| {
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: d}}\n\
+                     spec: {{type: NodePort, ports: [{{port: 80}}]}}\n---\n"
+                )
+            })
+            .collect();
+        set.update_file_text(std::path::Path::new("all.yaml"), &text);
+        let (inventory, _) = set.inventory();
+        let settings = Settings {
+            service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+            fill_missing: true,
+            ..Settings::default()
+        };
+        let t = translate::translate(&inventory, &NodeInfo::default(), &settings);
+        assert_eq!(t.desired.services.len(), 2_000);
+        assert_eq!(t.filled.len(), 4_000);
+        let lines = summary(&t, SUMMARY_LINES);
+        assert_eq!(lines.len(), 2 * (SUMMARY_LINES + 1), "{lines:#?}");
+        assert_eq!(
+            lines[SUMMARY_LINES],
+            "3995 more values filled in (extproxy inspect shows every frontend)"
+        );
+        assert_eq!(
+            lines.last().unwrap(),
+            "serving 1995 more service port(s) (extproxy inspect lists them all)"
+        );
+        // `validate` lists them all.
+        assert_eq!(summary(&t, usize::MAX).len(), 6_000);
     }
 }
