@@ -32,7 +32,10 @@ const MSS_OPTION: u16 = u16::from_ne_bytes([2, 4]);
 /// Whether the parsed packet is a tunnelled one (UDP to the tunnel port, over IPv4).
 #[inline(always)]
 pub fn is_tunnel(pkt: &Pkt) -> bool {
-    !pkt.v6 && pkt.tuple.proto == PROTO_UDP && pkt.tuple.dport == TUNNEL_PORT.to_be() && pkt.has_l4()
+    !pkt.v6
+        && pkt.tuple.proto == PROTO_UDP
+        && pkt.tuple.dport == TUNNEL_PORT.to_be()
+        && pkt.has_l4()
 }
 
 /// Strips the outer IPv4 and UDP headers of the tunnelled packet `pkt` (TC only). Ok(true) when

@@ -493,6 +493,7 @@ mod tests {
                 backends: VecMap::new(),
                 affinity_timeout: 0,
                 egress: None,
+                cluster_egress: false,
                 source_ranges: Vec::new(),
                 port: 80,
                 cluster_ip: None,

@@ -16,10 +16,10 @@ use aya::sys::SyscallError;
 use proxy_common::{
     ALL_MAPS, Addr, AffinityKey, AffinityValue, BackendHealth, BackendValue, CE_F_LOCAL,
     ClusterEgress, Config, Counter, CtKey, CtValue, FE_FILTER_WORDS, FrontendKey, FrontendValue,
-    MAP_AFFINITY, MAP_BACKEND_HEALTH, MAP_BACKENDS, MAP_CLUSTER_EGRESS, MAP_CONFIG, MAP_COUNTERS,
-    MAP_CT, MAP_CT_NEW, MAP_FE_FILTER, MAP_FRONTENDS, MAP_MAGLEV, MAP_REVNAT, MAP_SERVICES,
-    MAP_SLOTS, MAP_SRC_RANGES, MAP_SVC_STATS, MAP_TUNNEL_PEERS, MaglevTable, RevNatKey,
-    RevNatValue, ServiceStats, ServiceValue, SlotKey, SrcRangeKey,
+    MAGLEV_SLOTS, MAP_AFFINITY, MAP_BACKEND_HEALTH, MAP_BACKENDS, MAP_CLUSTER_EGRESS, MAP_CONFIG,
+    MAP_COUNTERS, MAP_CT, MAP_CT_NEW, MAP_FE_FILTER, MAP_FRONTENDS, MAP_MAGLEV, MAP_REVNAT,
+    MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES, MAP_SVC_STATS, MAP_TUNNEL_PEERS, MaglevTable,
+    RevNatKey, RevNatValue, ServiceStats, ServiceValue, SlotKey, SrcRangeKey,
 };
 use thiserror::Error;
 
@@ -448,6 +448,15 @@ impl MapWriter for DatapathMaps {
                 self.src_ranges
                     .remove(&Key::new(range.prefix_len, range.key())),
             ),
+            MapOp::PutMaglev(id, ref ids) => {
+                let mut table = Box::new(MaglevTable {
+                    backend_ids: [0; MAGLEV_SLOTS],
+                });
+                let n = ids.len().min(MAGLEV_SLOTS);
+                table.backend_ids[..n].copy_from_slice(&ids[..n]);
+                self.maglev.insert(id, &*table, 0)
+            }
+            MapOp::DeleteMaglev(id) => ignore_missing(self.maglev.remove(&id)),
         };
         result.map_err(|err| self.write_error(op.map_name(), err))
     }

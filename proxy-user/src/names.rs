@@ -12,6 +12,9 @@ pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-
 pub const PROXY_NAME: &str = "extproxy";
 /// Per-Service egress override: comma-separated, at most one address per family.
 pub const EGRESS_IP_ANNOTATION: &str = "extproxy.io/egress-ip";
+/// Per-Service cluster egress address (one per family, comma-separated): every node's flows of
+/// the Service leave from it, through the node that owns it.
+pub const CLUSTER_EGRESS_IP_ANNOTATION: &str = "extproxy.io/cluster-egress-ip";
 /// Deprecated spelling of loadBalancerSourceRanges, still honoured by kube-proxy.
 pub const LEGACY_SOURCE_RANGES_ANNOTATION: &str =
     "service.beta.kubernetes.io/load-balancer-source-ranges";

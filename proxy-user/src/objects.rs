@@ -20,17 +20,18 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::names::{
-    EGRESS_IP_ANNOTATION, LEGACY_SOURCE_RANGES_ANNOTATION, MANAGED_BY_LABEL, SERVICE_NAME_LABEL,
-    SERVICE_PROXY_NAME_LABEL, SKIP_MIRROR_LABEL,
+    CLUSTER_EGRESS_IP_ANNOTATION, EGRESS_IP_ANNOTATION, LEGACY_SOURCE_RANGES_ANNOTATION,
+    MANAGED_BY_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, SKIP_MIRROR_LABEL,
 };
 
 /// Labels and annotations extproxy reads; every other one is dropped on reading.
-const KEPT_KEYS: [&str; 6] = [
+const KEPT_KEYS: [&str; 7] = [
     SERVICE_PROXY_NAME_LABEL,
     SERVICE_NAME_LABEL,
     SKIP_MIRROR_LABEL,
     MANAGED_BY_LABEL,
     EGRESS_IP_ANNOTATION,
+    CLUSTER_EGRESS_IP_ANNOTATION,
     LEGACY_SOURCE_RANGES_ANNOTATION,
 ];
 

@@ -14,13 +14,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use proxy_common::user::{port_host, port_net};
 use proxy_common::{
     Addr, BackendState, BackendValue, FE_F_SOURCE_RANGES, FrontendKey, FrontendValue, MAP_BACKENDS,
-    MAP_FRONTENDS, MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES, ServiceValue, SlotKey, SrcRangeKey,
-    src_range_prefix_len,
+    MAP_FRONTENDS, MAP_MAGLEV, MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES, SVC_F_CLUSTER_EGRESS,
+    SVC_F_MAGLEV, ServiceValue, SlotKey, SrcRangeKey, src_range_prefix_len,
 };
 use thiserror::Error;
 
@@ -34,7 +35,7 @@ mod tests;
 // ---------------------------------------------------------------------------------------------
 
 /// One write to one map, in the ABI's own types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
     PutFrontend(FrontendKey, FrontendValue),
     DeleteFrontend(FrontendKey),
@@ -46,6 +47,9 @@ pub enum MapOp {
     PutBackend(u32, BackendValue),
     PutSrcRange(SrcRange),
     DeleteSrcRange(SrcRange),
+    /// A Service port's Maglev table: slot -> backend id, [`proxy_common::MAGLEV_M`] slots.
+    PutMaglev(u32, Arc<[u32]>),
+    DeleteMaglev(u32),
 }
 
 impl MapOp {
@@ -56,6 +60,7 @@ impl MapOp {
             MapOp::PutSlot(..) | MapOp::DeleteSlot(_) => MAP_SLOTS,
             MapOp::PutBackend(..) => MAP_BACKENDS,
             MapOp::PutSrcRange(_) | MapOp::DeleteSrcRange(_) => MAP_SRC_RANGES,
+            MapOp::PutMaglev(..) | MapOp::DeleteMaglev(_) => MAP_MAGLEV,
         }
     }
 }
@@ -122,6 +127,8 @@ pub struct MapState {
     /// Entries that were ever written (or found non-zero); the rest of the array is zero.
     pub backends: BTreeMap<u32, BackendValue>,
     pub src_ranges: BTreeSet<SrcRange>,
+    /// Maglev tables written (not read back on adoption: rewritten once, then kept).
+    pub maglev: BTreeMap<u32, Arc<[u32]>>,
 }
 
 impl MapState {
@@ -136,6 +143,7 @@ impl MapState {
                 .filter(|(_, v)| *v != BackendValue::default())
                 .collect(),
             src_ranges: snapshot.src_ranges.into_iter().collect(),
+            maglev: BTreeMap::new(),
         }
     }
 
@@ -167,6 +175,12 @@ impl MapState {
             }
             MapOp::DeleteSrcRange(r) => {
                 self.src_ranges.remove(&r);
+            }
+            MapOp::PutMaglev(id, ref table) => {
+                self.maglev.insert(id, table.clone());
+            }
+            MapOp::DeleteMaglev(id) => {
+                self.maglev.remove(&id);
             }
         }
     }
@@ -334,6 +348,12 @@ impl Model {
             MapOp::DeleteSrcRange(range) if self.state.src_ranges.contains(&range) => {
                 count_down(&mut self.service_refs, range.service_id);
             }
+            MapOp::PutMaglev(id, _) if !self.state.maglev.contains_key(&id) => {
+                count_up(&mut self.service_refs, id);
+            }
+            MapOp::DeleteMaglev(id) if self.state.maglev.contains_key(&id) => {
+                count_down(&mut self.service_refs, id);
+            }
             _ => {}
         }
         self.state.record(op);
@@ -388,7 +408,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn map_ops(&self) -> Vec<MapOp> {
-        self.ops.iter().map(|p| p.op).collect()
+        self.ops.iter().map(|p| p.op.clone()).collect()
     }
 }
 
@@ -959,12 +979,34 @@ impl Reconciler {
             }
         }
 
+        // (3b) the Maglev table of a Service with a cluster egress address, from its active
+        // endpoints' identities: in place before the service value points the data path at it.
+        if service.cluster_egress {
+            let endpoints: Vec<(IpAddr, u16)> = active
+                .iter()
+                .map(|id| {
+                    let b = emitter.projected.backend(*id);
+                    (b.addr.to_ip(), port_host(b.port))
+                })
+                .collect();
+            let table = maglev_table(&endpoints, &active);
+            if emitter.projected.maglev(id).as_deref() != Some(&*table) {
+                emitter.emit(owner, MapOp::PutMaglev(id, table));
+            }
+        } else if emitter.projected.maglev(id).is_some() {
+            emitter.emit(owner, MapOp::DeleteMaglev(id));
+        }
+
         // (4) the service value, which exposes the new slot count.
         let value = ServiceValue {
             backend_count: new_slots.len() as u32,
             affinity_timeout: service.affinity_timeout,
             egress: service.egress.map_or(Addr::ZERO, Addr::from),
-            flags: 0,
+            flags: if service.cluster_egress {
+                SVC_F_CLUSTER_EGRESS | SVC_F_MAGLEV
+            } else {
+                0
+            },
             reserved: 0,
         };
         if emitter.projected.service(id) != Some(value) {
@@ -1085,6 +1127,9 @@ fn remove_service(emitter: &mut Emitter<'_, '_>, owner: &Option<ServicePortKey>,
     if emitter.projected.service(id).is_some() {
         emitter.emit(owner, MapOp::DeleteService(id));
     }
+    if emitter.projected.maglev(id).is_some() {
+        emitter.emit(owner, MapOp::DeleteMaglev(id));
+    }
     let slots: Vec<u32> = emitter.projected.slots_of(id).into_keys().collect();
     for slot in slots {
         emitter.emit(
@@ -1126,6 +1171,7 @@ struct Projection<'a> {
     slots: BTreeMap<SlotKey, Option<u32>>,
     backends: HashMap<u32, BackendValue>,
     src_ranges: BTreeMap<SrcRange, bool>,
+    maglev: HashMap<u32, Option<Arc<[u32]>>>,
     /// Frontends the plan gave each service id.
     frontends_added: HashMap<u32, BTreeSet<FrontendKey>>,
     /// Frontends of the model that the plan deleted or gave another service id.
@@ -1143,6 +1189,7 @@ impl<'a> Projection<'a> {
             slots: BTreeMap::new(),
             backends: HashMap::new(),
             src_ranges: BTreeMap::new(),
+            maglev: HashMap::new(),
             frontends_added: HashMap::new(),
             frontends_gone: HashSet::new(),
             slot_refs: HashMap::new(),
@@ -1160,6 +1207,13 @@ impl<'a> Projection<'a> {
         match self.services.get(&id) {
             Some(written) => *written,
             None => self.base.state.services.get(&id).copied(),
+        }
+    }
+
+    fn maglev(&self, id: u32) -> Option<Arc<[u32]>> {
+        match self.maglev.get(&id) {
+            Some(written) => written.clone(),
+            None => self.base.state.maglev.get(&id).cloned(),
         }
     }
 
@@ -1297,6 +1351,12 @@ impl<'a> Projection<'a> {
             MapOp::DeleteSrcRange(range) => {
                 self.src_ranges.insert(range, false);
             }
+            MapOp::PutMaglev(id, ref table) => {
+                self.maglev.insert(id, Some(table.clone()));
+            }
+            MapOp::DeleteMaglev(id) => {
+                self.maglev.insert(id, None);
+            }
         }
     }
 }
@@ -1316,4 +1376,20 @@ impl Emitter<'_, '_> {
             unit: self.unit,
         });
     }
+}
+
+/// A Maglev table for the endpoints `endpoints` whose backend ids (this node's) are `ids`, in the
+/// same order: slot -> backend id. Every node builds the same slot -> endpoint mapping (from the
+/// endpoints' identities) and writes its own ids. Without endpoints every slot is 0 (the data
+/// path then falls back to the slots, which are empty too: the Service rejects).
+pub fn maglev_table(endpoints: &[(IpAddr, u16)], ids: &[u32]) -> Arc<[u32]> {
+    let (sorted, table) = crate::egress::maglev::table(endpoints);
+    if sorted.is_empty() {
+        return vec![0; proxy_common::MAGLEV_M].into();
+    }
+    let id_of: Vec<u32> = sorted
+        .iter()
+        .map(|e| endpoints.iter().position(|x| x == e).map_or(0, |i| ids[i]))
+        .collect();
+    table.iter().map(|i| id_of[*i as usize]).collect()
 }

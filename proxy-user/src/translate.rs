@@ -21,7 +21,8 @@ use proxy_common::{Addr, FE_F_SOURCE_RANGES, FrontendKey, FrontendKind, PROTO_TC
 
 use crate::diag::{Diagnostic, ObjectRef, Origin, Severity, Site};
 use crate::names::{
-    EGRESS_IP_ANNOTATION, LEGACY_SOURCE_RANGES_ANNOTATION, PROXY_NAME, SERVICE_PROXY_NAME_LABEL,
+    CLUSTER_EGRESS_IP_ANNOTATION, EGRESS_IP_ANNOTATION, LEGACY_SOURCE_RANGES_ANNOTATION,
+    PROXY_NAME, SERVICE_PROXY_NAME_LABEL,
 };
 
 mod alloc;
@@ -148,6 +149,8 @@ pub enum ClaimPolicy {
 pub struct Settings {
     pub egress_v4: Option<Ipv4Addr>,
     pub egress_v6: Option<Ipv6Addr>,
+    /// The declared cluster egress addresses (see DESIGN.md, "Cluster egress").
+    pub cluster_egress: ClusterEgressRules,
     /// Where missing cluster IPs are allocated from (the first range of each family).
     pub service_cidrs: Vec<IpNet>,
     pub node_port_range: RangeInclusive<u16>,
@@ -161,6 +164,7 @@ impl Default for Settings {
         Settings {
             egress_v4: None,
             egress_v6: None,
+            cluster_egress: ClusterEgressRules::default(),
             service_cidrs: Vec::new(),
             node_port_range: 30_000..=32_767,
             fill_missing: false,
@@ -261,6 +265,54 @@ impl fmt::Display for ServicePortKey {
     }
 }
 
+/// The cluster egress addresses a Service may use: only declared ones (a typo must not make a
+/// node take some other team's address), each for the namespaces that may use it; and the one
+/// each family's Services use without the annotation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterEgressRules {
+    /// Declared addresses and the namespaces (exact names or `*` globs) that may use each.
+    pub addresses: Vec<(IpAddr, Vec<String>)>,
+    pub default_v4: Option<IpAddr>,
+    pub default_v6: Option<IpAddr>,
+}
+
+impl ClusterEgressRules {
+    /// Why `namespace` may not use `ip`, if it may not.
+    pub fn check(&self, ip: IpAddr, namespace: &str) -> Result<(), String> {
+        let Some((_, patterns)) = self.addresses.iter().find(|(a, _)| *a == ip) else {
+            return Err(format!(
+                "{ip} is not a declared cluster egress address (--cluster-egress-ip)"
+            ));
+        };
+        if patterns
+            .iter()
+            .any(|p| glob(p.as_bytes(), namespace.as_bytes()))
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "namespace {namespace} may not use cluster egress address {ip} (allowed: {})",
+                patterns.join(",")
+            ))
+        }
+    }
+
+    fn default_for(&self, family: IpFamily) -> Option<IpAddr> {
+        match family {
+            IpFamily::V4 => self.default_v4,
+            IpFamily::V6 => self.default_v6,
+        }
+    }
+}
+
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    match p.split_first() {
+        None => s.is_empty(),
+        Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
+        Some((c, rest)) => s.first() == Some(c) && glob(rest, &s[1..]),
+    }
+}
+
 /// A frontend's [`proxy_common::FrontendValue`] without the service id (the reconciler owns ids).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FrontendSpec {
@@ -285,6 +337,9 @@ pub struct DesiredService {
     pub affinity_timeout: u32,
     /// SNAT address; None programs the service to reject (no egress for this family).
     pub egress: Option<IpAddr>,
+    /// `egress` is a cluster egress address: its owner serves the flows, endpoints are chosen by
+    /// Maglev.
+    pub cluster_egress: bool,
     /// loadBalancerSourceRanges of this family. Only consulted by frontends flagged
     /// `FE_F_SOURCE_RANGES`; empty with the flag means deny all.
     pub source_ranges: Vec<IpNet>,
@@ -428,6 +483,8 @@ struct ServiceFacts {
     affinity_timeout: u32,
     egress_v4: Option<IpAddr>,
     egress_v6: Option<IpAddr>,
+    /// Families whose egress is a cluster egress address.
+    cluster_egress: Vec<IpFamily>,
 }
 
 /// An EndpointSlice, validated once for all the Service ports that read it.
@@ -593,9 +650,11 @@ impl Translator<'_> {
             affinity_timeout: self.affinity(spec, site),
             egress_v4: self.settings.egress_v4.map(IpAddr::V4),
             egress_v6: self.settings.egress_v6.map(IpAddr::V6),
+            cluster_egress: Vec::new(),
         };
         let mut facts = self.egress_override(service, site, facts);
         (facts.families, facts.cluster_ips) = self.families_and_cluster_ips(key, spec, site);
+        self.cluster_egress(service, &key.namespace, site, &mut facts);
         self.warn_other_family_addresses(&facts, site);
         facts.lb_ips = self.refuse_endpoint_addresses(std::mem::take(&mut facts.lb_ips), site);
         facts.external_ips =
@@ -608,7 +667,7 @@ impl Translator<'_> {
             ));
         }
         for family in facts.families.clone() {
-            if family_egress(&facts, family).is_none() {
+            if family_egress(&facts, family).is_none() && !facts.cluster_egress.contains(&family) {
                 self.out.diagnostics.push(site.diagnostic(
                     Severity::Error,
                     None,
@@ -1252,6 +1311,79 @@ impl Translator<'_> {
         facts
     }
 
+    /// The Service's cluster egress address per family: from `extproxy.io/cluster-egress-ip`,
+    /// else the family's default when the namespace may use it. An address the namespace may
+    /// not use is an error, and that family's connections are refused rather than sent from the
+    /// node's own address, which the far side may not allow.
+    fn cluster_egress(
+        &mut self,
+        service: &Service,
+        namespace: &str,
+        site: &Site,
+        facts: &mut ServiceFacts,
+    ) {
+        let field = format!("metadata.annotations[{CLUSTER_EGRESS_IP_ANNOTATION}]");
+        let rules = &self.settings.cluster_egress;
+        let mut wanted: Vec<(IpFamily, IpAddr, bool)> = Vec::new();
+        if let Some(annotation) = service
+            .metadata
+            .annotations
+            .get(CLUSTER_EGRESS_IP_ANNOTATION)
+        {
+            for text in annotation
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+            {
+                let Ok(ip) = text.parse::<IpAddr>() else {
+                    self.out.diagnostics.push(
+                        site.error(&field, format!("{text:?} is not an IP address; ignored")),
+                    );
+                    continue;
+                };
+                let family = IpFamily::of(&ip);
+                if wanted.iter().any(|(f, _, _)| *f == family) {
+                    self.out.diagnostics.push(site.error(
+                        &field,
+                        format!(
+                            "more than one {} address: {ip} ignored, the first one is used",
+                            family.name()
+                        ),
+                    ));
+                    continue;
+                }
+                wanted.push((family, ip, true));
+            }
+        }
+        for family in [IpFamily::V4, IpFamily::V6] {
+            if !wanted.iter().any(|(f, _, _)| *f == family)
+                && let Some(ip) = rules.default_for(family)
+                && rules.check(ip, namespace).is_ok()
+            {
+                wanted.push((family, ip, false));
+            }
+        }
+        for (family, ip, annotated) in wanted {
+            facts.cluster_egress.push(family);
+            let egress = match family {
+                IpFamily::V4 => &mut facts.egress_v4,
+                IpFamily::V6 => &mut facts.egress_v6,
+            };
+            match rules.check(ip, namespace) {
+                Ok(()) => *egress = Some(ip),
+                Err(why) => {
+                    *egress = None;
+                    if annotated {
+                        self.out.diagnostics.push(site.error(
+                            &field,
+                            format!("{why}; {} connections will be refused", family.name()),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
     fn warn_other_family_addresses(&mut self, facts: &ServiceFacts, site: &Site) {
         for (ip, field) in facts.lb_ips.iter().chain(&facts.external_ips) {
             let family = IpFamily::of(ip);
@@ -1339,6 +1471,7 @@ impl Translator<'_> {
             backends: self.backends(port, family, slices),
             affinity_timeout: facts.affinity_timeout,
             egress: family_egress(facts, family),
+            cluster_egress: facts.cluster_egress.contains(&family),
             source_ranges: facts
                 .source_ranges
                 .iter()

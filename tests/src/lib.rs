@@ -129,6 +129,9 @@ pub struct Svc<'a> {
     pub affinity_timeout: u32,
     /// CIDRs; non-empty sets the source-range flag on LoadBalancer frontends.
     pub source_ranges: &'a [&'a str],
+    /// `egress` is a cluster egress address: flags SVC_F_CLUSTER_EGRESS | SVC_F_MAGLEV and a
+    /// Maglev table built as the agent builds it.
+    pub cluster_egress: bool,
 }
 
 impl<'a> Svc<'a> {
@@ -147,6 +150,7 @@ impl<'a> Svc<'a> {
             egress: NODE_V4,
             affinity_timeout: 0,
             source_ranges: &[],
+            cluster_egress: false,
         }
     }
 }
@@ -207,10 +211,30 @@ impl Datapath {
                 backend_count: active.len() as u32,
                 affinity_timeout: s.affinity_timeout,
                 egress: addr(s.egress),
-                flags: 0,
+                flags: if s.cluster_egress {
+                    SVC_F_CLUSTER_EGRESS | SVC_F_MAGLEV
+                } else {
+                    0
+                },
                 reserved: 0,
             };
             svcs.insert(s.id, v, 0).unwrap();
+        }
+        if s.cluster_egress {
+            let endpoints: Vec<(IpAddr, u16)> = s
+                .backends
+                .iter()
+                .filter(|b| b.3 == BackendState::Active)
+                .map(|b| (ip(b.1), b.2))
+                .collect();
+            let ids = extproxy::reconcile::maglev_table(&endpoints, &active);
+            let mut table = Box::new(MaglevTable {
+                backend_ids: [0; MAGLEV_SLOTS],
+            });
+            table.backend_ids[..ids.len()].copy_from_slice(&ids);
+            let mut maglev: HashMap<_, u32, MaglevTable> =
+                HashMap::try_from(self.ebpf.map_mut(MAP_MAGLEV).unwrap()).unwrap();
+            maglev.insert(s.id, &*table, 0).unwrap();
         }
         {
             let mut ranges: LpmTrie<_, SrcRangeKey, u8> =
@@ -343,6 +367,26 @@ impl Datapath {
         let map: HashMap<&MapData, CtKey, CtValue> =
             HashMap::try_from(self.ebpf.map(name).unwrap()).unwrap();
         map.iter().map(|r| r.unwrap()).collect()
+    }
+
+    /// Who owns the cluster egress address `address`: the node `owner` (None: nobody), this one
+    /// if `local`.
+    pub fn set_cluster_egress(&mut self, address: &str, owner: Option<&str>, local: bool) {
+        let mut map: HashMap<_, Addr, ClusterEgress> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_CLUSTER_EGRESS).unwrap()).unwrap();
+        let v = ClusterEgress {
+            owner: owner.map_or(Addr::ZERO, addr),
+            flags: if local { CE_F_LOCAL } else { 0 },
+            reserved: 0,
+        };
+        map.insert(addr(address), v, 0).unwrap();
+    }
+
+    /// A node whose tunnelled packets this one serves.
+    pub fn add_tunnel_peer(&mut self, peer: &str) {
+        let mut map: HashMap<_, Addr, u32> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_TUNNEL_PEERS).unwrap()).unwrap();
+        map.insert(addr(peer), 1, 0).unwrap();
     }
 
     /// How new flows to backend `id` fared (passive health).

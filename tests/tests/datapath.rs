@@ -1799,3 +1799,212 @@ fn transport_headers_that_contradict_the_ip_header_pass_untouched_and_counted() 
     );
     assert_eq!(&run.out[16..18], &[0, 0], "total length left 0");
 }
+
+// ------------------------------------------------------------------------------------------------
+// Cluster egress: the tunnel between nodes, Maglev
+// ------------------------------------------------------------------------------------------------
+
+const CLUSTER_EGRESS_IP: &str = "10.0.0.50";
+const OWNER: &str = "10.0.0.2";
+const ORIGIN: &str = "10.0.0.3";
+
+/// Service 7: ClusterIP 10.96.0.70:80 to EP1 and EP2 :8080, egress through the cluster egress
+/// address.
+fn cluster_egress_service(dp: &mut Datapath) {
+    let mut svc = Svc::new(
+        7,
+        PROTO_TCP,
+        &[(FrontendKind::ClusterIp, "10.96.0.70", 80)],
+        &[
+            (70, EP1, 8080, BackendState::Active),
+            (71, EP2, 8080, BackendState::Active),
+        ],
+    );
+    svc.egress = CLUSTER_EGRESS_IP;
+    svc.cluster_egress = true;
+    dp.program(&svc);
+}
+
+/// The packet inside a tunnelled frame, as a frame of its own (to decode it).
+fn inner(tunnelled: &Decoded) -> Vec<u8> {
+    assert_eq!(
+        (tunnelled.proto, tunnelled.dport),
+        (UDP, 6080),
+        "a tunnel packet"
+    );
+    frame(GW_MAC, UPLINK_MAC, &tunnelled.l4[8..])
+}
+
+fn tunnel_config() -> Config {
+    Config {
+        tunnel_src_v4: u32::from_ne_bytes([10, 0, 0, 1]),
+        ..Config::DEFAULT
+    }
+}
+
+#[test]
+fn other_nodes_send_cluster_egress_flows_to_the_owner_untranslated() {
+    let node = TestNode::new();
+    sh("ip neigh replace 10.0.0.2 lladdr 02:00:00:00:00:02 dev up0 nud permanent");
+    let mut dp = Datapath::load_with(tunnel_config());
+    cluster_egress_service(&mut dp);
+    dp.set_cluster_egress(CLUSTER_EGRESS_IP, Some(OWNER), false);
+    // A pod's SYN to the ClusterIP, leaving by the uplink (MSS 1460 as from a 1500-byte link).
+    let opts = [2, 4, 0x05, 0xb4];
+    let syn = outbound(
+        POD_V4,
+        "10.96.0.70",
+        tcp_seg_opts(41000, 80, 1, 0, SYN, &opts, &[]),
+        TCP,
+    );
+    let run = dp.tc_egress(node.uplink, &syn);
+    assert_eq!(run.verdict, TC_ACT_OK, "leaves by the uplink it is on");
+    let outer = decode(&run.out);
+    assert_eq!(
+        (outer.src, outer.dst, outer.dmac),
+        (ip(NODE_V4), ip(OWNER), [2, 0, 0, 0, 0, 2])
+    );
+    let inside = decode(&inner(&outer));
+    assert_eq!(
+        (inside.src, inside.sport, inside.dst, inside.dport),
+        (ip(POD_V4), 41000, ip("10.96.0.70"), 80),
+        "untranslated: the owner serves the flow"
+    );
+    // The MSS leaves room for the tunnel's 28 bytes.
+    assert_eq!(&inside.l4[20..24], &[2, 4, 0x05, 0x98], "MSS 1432");
+    assert!(dp.ct_entries().is_empty(), "no state on the sending node");
+    assert_eq!(dp.counter(Counter::TunnelSent), 1);
+    assert_eq!(dp.counter(Counter::TunnelMssClamped), 1);
+
+    // Nobody owns the address: refused.
+    dp.set_cluster_egress(CLUSTER_EGRESS_IP, None, false);
+    let run = dp.tc_egress(node.uplink, &syn);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(decode(&run.out).tcp_flags & RST, RST);
+}
+
+/// A frame from `peer` through the tunnel carrying `inner_ip` (an IP packet).
+fn tunnelled_from(peer: &str, inner_ip: &[u8]) -> Vec<u8> {
+    let mut udp = udp_dgram(0xc123, 6080, inner_ip);
+    // Zero checksum: allowed over IPv4, and what the data path sends.
+    udp[6] = 0;
+    udp[7] = 0;
+    frame(
+        GW_MAC,
+        UPLINK_MAC,
+        &Ip::new(peer, NODE_V4, UDP).wrap(udp, true),
+    )
+}
+
+#[test]
+fn the_owner_serves_tunnelled_flows_and_sends_replies_back_through_the_tunnel() {
+    let node = TestNode::new();
+    sh("ip neigh replace 10.0.0.3 lladdr 02:00:00:00:00:03 dev up0 nud permanent");
+    let mut dp = Datapath::load_with(tunnel_config());
+    cluster_egress_service(&mut dp);
+    dp.set_cluster_egress(CLUSTER_EGRESS_IP, Some(NODE_V4), true);
+    let client = "10.244.7.9";
+    let syn_ip = Ip::new(client, "10.96.0.70", TCP).wrap(tcp_seg(42000, 80, 1, 0, SYN, &[]), false);
+
+    // From a node that is not a peer: dropped, counted.
+    let run = dp.tc_ingress(node.uplink, &tunnelled_from("10.0.0.9", &syn_ip));
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::DropTunnelUnknownPeer), 1);
+
+    dp.add_tunnel_peer(ORIGIN);
+    let run = dp.tc_ingress(node.uplink, &tunnelled_from(ORIGIN, &syn_ip));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let out = decode(&run.out);
+    assert_eq!(
+        out.src,
+        ip(CLUSTER_EGRESS_IP),
+        "SNAT to the cluster egress address"
+    );
+    assert!([ip(EP1), ip(EP2)].contains(&out.dst));
+    assert_eq!(dp.counter(Counter::TunnelReceived), 1);
+    let (_, ct) = dp
+        .ct_entries()
+        .into_iter()
+        .find(|(k, _)| k.src == addr(client))
+        .unwrap();
+    assert_eq!(ct.tunnel_peer, addr(ORIGIN));
+
+    // The endpoint's answer goes back to the client's node through the tunnel, translated.
+    let synack = from_outside(
+        &out.dst.to_string(),
+        CLUSTER_EGRESS_IP,
+        tcp_seg(8080, out.sport, 9, 2, SYN | ACK, &[]),
+        TCP,
+    );
+    let run = dp.tc_ingress(node.uplink, &synack);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let outer = decode(&run.out);
+    assert_eq!((outer.src, outer.dst), (ip(NODE_V4), ip(ORIGIN)));
+    let back = decode(&inner(&outer));
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip("10.96.0.70"), 80, ip(client), 42000)
+    );
+
+    // A packet to one of the address's SNAT ports that matches no flow is not for the stack.
+    let stray = from_outside(
+        EP1,
+        CLUSTER_EGRESS_IP,
+        tcp_seg(
+            8080,
+            if out.sport == 1024 { 1025 } else { 1024 },
+            9,
+            2,
+            ACK,
+            &[],
+        ),
+        TCP,
+    );
+    let run = dp.tc_ingress(node.uplink, &stray);
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::DropClusterEgressUnmatched), 1);
+}
+
+#[test]
+fn every_node_sends_a_flow_to_the_same_endpoint() {
+    // Two nodes with different backend ids for the same endpoints: their Maglev tables come
+    // from the endpoints' identities, so a flow lands on the same endpoint on either.
+    let node = TestNode::new();
+    let endpoints = ["203.0.113.7", "203.0.113.8", "203.0.113.9", "203.0.113.10"];
+    let program = |dp: &mut Datapath, first_id: u32| {
+        let backends: Vec<(u32, &str, u16, BackendState)> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (first_id + i as u32, *e, 8080, BackendState::Active))
+            .collect();
+        let mut svc = Svc::new(
+            7,
+            PROTO_TCP,
+            &[(FrontendKind::ClusterIp, "10.96.0.70", 80)],
+            &backends,
+        );
+        svc.egress = CLUSTER_EGRESS_IP;
+        svc.cluster_egress = true;
+        dp.program(&svc);
+        dp.set_cluster_egress(CLUSTER_EGRESS_IP, Some(NODE_V4), true);
+    };
+    let mut a = Datapath::load_with(tunnel_config());
+    program(&mut a, 10);
+    let mut b = Datapath::load_with(tunnel_config());
+    program(&mut b, 100);
+    let mut per_endpoint = std::collections::BTreeMap::new();
+    for sport in 20000..20400 {
+        let syn = outbound(
+            POD_V4,
+            "10.96.0.70",
+            tcp_seg(sport, 80, 1, 0, SYN, &[]),
+            TCP,
+        );
+        let ea = decode(&a.tc_egress(node.uplink, &syn).out).dst;
+        let eb = decode(&b.tc_egress(node.uplink, &syn).out).dst;
+        assert_eq!(ea, eb, "flow from port {sport}");
+        *per_endpoint.entry(ea).or_insert(0) += 1;
+    }
+    assert_eq!(per_endpoint.len(), 4, "{per_endpoint:?}");
+    assert!(per_endpoint.values().all(|n| *n > 60), "{per_endpoint:?}");
+}

@@ -201,6 +201,7 @@ impl Harness {
             MapOp::PutSlot(k, _) | MapOp::DeleteSlot(k) => k.service_id == id,
             MapOp::PutBackend(_, b) => b.service_id == id,
             MapOp::PutSrcRange(r) | MapOp::DeleteSrcRange(r) => r.service_id == id,
+            MapOp::PutMaglev(s, _) | MapOp::DeleteMaglev(s) => *s == id,
         })
     }
 }

@@ -54,6 +54,7 @@ fn service(frontends: &[(&str, u16)], backends: &[(&str, BackendRole)]) -> Desir
             .map(|(a, role)| ((ip(a), 80), *role))
             .collect(),
         affinity_timeout: 0,
+        cluster_egress: false,
         egress: Some(ip(EGRESS)),
         source_ranges: Vec::new(),
         port: 80,

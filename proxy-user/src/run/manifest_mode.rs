@@ -174,6 +174,8 @@ pub fn settings(
             IpAddr::V6(v) => Some(*v),
             _ => None,
         }),
+        // Filled in by the cluster egress flags (egress::config) where they are given.
+        cluster_egress: Default::default(),
         service_cidrs: args.service_cidrs.clone(),
         node_port_range: args.node_port_range.clone(),
         fill_missing,

@@ -115,6 +115,7 @@ fn settings() -> Settings {
     Settings {
         egress_v4: Some("192.0.2.100".parse().unwrap()),
         egress_v6: None,
+        cluster_egress: Default::default(),
         // Tiny ranges: fills collide, probe past each other and run out.
         service_cidrs: vec![
             "10.96.0.0/28".parse().unwrap(),

@@ -1,0 +1,4 @@
+//! Cluster egress: one address per IP family that every flow of a Service leaves from, whichever
+//! node its client is on (see DESIGN.md, "Cluster egress").
+
+pub mod maglev;
