@@ -38,6 +38,8 @@ pub struct Agent {
     /// The Service each service id of adopted maps was, by the previous agent's state file;
     /// until the first apply gives the ids names of their own.
     adopted_names: HashMap<u32, ObjectKey>,
+    /// The uplink's MTU: it bounds what fits the tunnel to cluster egress owners.
+    pub uplink_mtu: u32,
 }
 
 /// The state file is rewritten at most this often: with 10k Services it is a megabyte of JSON,
@@ -80,6 +82,7 @@ impl Agent {
             ct_max,
             published_ids: None,
             state_dirty: true,
+            uplink_mtu: 1500,
             last_write: None,
             adopted_names,
         }
@@ -102,6 +105,19 @@ impl Agent {
             self.state.egress = egress.to_vec();
             self.state.node_addresses = node_addresses.to_vec();
             self.state_dirty = true;
+            self.set_tunnel_source(node_addresses);
+        }
+    }
+
+    /// The tunnel to cluster egress owners leaves from the node's first IPv4 address (the
+    /// Node's InternalIP comes first), the one other nodes know it by.
+    pub fn set_tunnel_source(&mut self, node_addresses: &[IpAddr]) {
+        let source = node_addresses.iter().find_map(|a| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        });
+        if let Err(err) = self.maps.set_tunnel(source, self.uplink_mtu) {
+            tracing::warn!("cannot configure the tunnel to cluster egress owners: {err}");
         }
     }
 

@@ -158,6 +158,14 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "an unknown host".to_owned())
 }
 
+/// An interface's MTU (1500 if it cannot be read).
+pub fn mtu(iface: &str) -> u32 {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1500)
+}
+
 /// Addresses for people: `separator` between them, `if_empty` when there are none.
 pub fn join_addrs(addrs: &[IpAddr], separator: &str, if_empty: &str) -> String {
     if addrs.is_empty() {

@@ -223,6 +223,22 @@ impl DatapathMaps {
         self.config.get(&0, 0).map_err(in_map(MAP_CONFIG))
     }
 
+    /// The tunnel to cluster egress owners: this node's IPv4 address as the outer source (None:
+    /// this node sends nothing through it) and the uplink's MTU, which bounds the MSS of
+    /// tunnelled TCP flows.
+    pub fn set_tunnel(
+        &mut self,
+        source: Option<std::net::Ipv4Addr>,
+        mtu: u32,
+    ) -> Result<(), MapsError> {
+        let mut cfg = self.config()?;
+        cfg.tunnel_src_v4 = source.map_or(0, |a| u32::from_ne_bytes(a.octets()));
+        let room = mtu.saturating_sub(proxy_common::TUNNEL_OVERHEAD_V4);
+        cfg.tunnel_mss_v4 = room.saturating_sub(40).min(u16::MAX as u32) as u16;
+        cfg.tunnel_mss_v6 = room.saturating_sub(60).min(u16::MAX as u32) as u16;
+        self.config.set(0, cfg, 0).map_err(in_map(MAP_CONFIG))
+    }
+
     /// How many FE_FILTER bits are set (of [`proxy_common::FE_FILTER_BITS`]), as last written.
     pub fn frontend_filter_bits(&self) -> u32 {
         self.filter
@@ -454,6 +470,8 @@ impl MapWriter for DatapathMaps {
                 });
                 let n = ids.len().min(MAGLEV_SLOTS);
                 table.backend_ids[..n].copy_from_slice(&ids[..n]);
+                // By reference: by value would put the 64 KiB table on the stack.
+                #[allow(clippy::needless_borrows_for_generic_args)]
                 self.maglev.insert(id, &*table, 0)
             }
             MapOp::DeleteMaglev(id) => ignore_missing(self.maglev.remove(&id)),

@@ -234,6 +234,8 @@ impl Datapath {
             table.backend_ids[..ids.len()].copy_from_slice(&ids);
             let mut maglev: HashMap<_, u32, MaglevTable> =
                 HashMap::try_from(self.ebpf.map_mut(MAP_MAGLEV).unwrap()).unwrap();
+            // By reference: by value would put the 64 KiB table on the stack.
+            #[allow(clippy::needless_borrows_for_generic_args)]
             maglev.insert(s.id, &*table, 0).unwrap();
         }
         {

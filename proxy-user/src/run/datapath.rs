@@ -172,7 +172,8 @@ pub fn start(
     } else {
         Reconciler::new(rlimits)
     };
-    let agent = Agent::new(maps, reconciler, config, dp.state_dir.clone(), state);
+    let mut agent = Agent::new(maps, reconciler, config, dp.state_dir.clone(), state);
+    agent.uplink_mtu = ifaces.first().map_or(1500, |i| host::mtu(i));
     let started = Instant::now();
     let thread = std::thread::Builder::new()
         .name("verifier".into())

@@ -66,6 +66,7 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
     };
     let started = Instant::now();
     let (verifying, mut agent, mut dp_events) = start(dp, ifaces, state, &snat)?;
+    agent.set_tunnel_source(&iface_addrs);
     let mut refusals = extproxy::refusals::Refusals::default();
     let loaded = started.elapsed();
     let telemetry = Telemetry::new(stall_after(dp.gc_interval));
