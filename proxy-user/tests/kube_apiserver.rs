@@ -22,6 +22,7 @@ use proxy_common::FrontendKind;
 use support::cluster::{
     Ep, apply_deploy, claimed_service, create, create_namespace, create_node, delete, node, ready,
     replace, service, service_account_token, set_node_addresses, slice, source_from_kubeconfig,
+    wait_until_authorized,
 };
 use support::view::{endpoints, eps, frontends, ids_touched, ip, key};
 use support::{Background, Model, drive_until, drive_until_programmed, node_a};
@@ -604,6 +605,18 @@ async fn deploy_rbac_suffices_and_events_count_episodes_not_nodes() {
     };
     let admin = cp.client().unwrap();
     apply_deploy(&admin).await;
+    wait_until_authorized(
+        &admin,
+        SA_USER,
+        &[
+            ("list", "", "services"),
+            ("watch", "discovery.k8s.io", "endpointslices"),
+            ("watch", "", "nodes"),
+            ("create", "events.k8s.io", "events"),
+            ("update", "events.k8s.io", "events"),
+        ],
+    )
+    .await;
     let token = service_account_token(&admin, "extproxy-system", "extproxy").await;
     let kubeconfig = cp.write_kubeconfig("extproxy-sa", &token).unwrap();
     create_namespace(&admin, "shop").await;

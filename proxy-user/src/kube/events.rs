@@ -239,6 +239,49 @@ async fn deliver(
     Ok(Delivery::AlreadyThere)
 }
 
+/// Delays between attempts to deliver one Event: about 30 s in all, enough for an API server
+/// restart or RBAC rules applied in the same rollout as the DaemonSet to take effect.
+const DELIVERY_BACKOFF: [Duration; 6] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(8),
+    Duration::from_secs(16),
+];
+
+/// Whether a failed delivery may succeed if tried again: transport errors, overload, server
+/// errors, and refusals, because an API server's authorizer learns new (Cluster)RoleBindings
+/// from a watch and refuses for a moment after they are created. Invalid Events are not retried.
+fn transient(err: &kube::Error) -> bool {
+    match err {
+        kube::Error::Api(status) => matches!(status.code, 401 | 403 | 429) || status.code >= 500,
+        _ => true,
+    }
+}
+
+/// [`deliver`], tried again with backoff while the failure is [`transient`].
+async fn deliver_retrying(
+    api: &Api<K8sEvent>,
+    event: &K8sEvent,
+    count_episode: bool,
+    gap: Duration,
+) -> Result<Delivery, kube::Error> {
+    let mut delays = DELIVERY_BACKOFF.iter();
+    loop {
+        match deliver(api, event, count_episode, gap).await {
+            Err(err) if transient(&err) => {
+                let Some(delay) = delays.next() else {
+                    return Err(err);
+                };
+                tracing::debug!("cannot publish an Event yet ({err}); trying again in {delay:?}");
+                tokio::time::sleep(*delay).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Publishes Events (events.k8s.io/v1) off the control loop.
 pub struct Publisher {
     client: Client,
@@ -262,8 +305,8 @@ impl Publisher {
         self.episode_gap = gap;
     }
 
-    /// Sends `event` in the background; a failure is logged and counted, never retried (the
-    /// log line already said it).
+    /// Sends `event` in the background, trying transient failures again for about 30 s; a
+    /// failure after that is logged and counted.
     ///
     /// `live`: the problem began while this agent watched (not at its start). Then an existing
     /// Event of the same name is an earlier episode (or this one, reported by another node
@@ -310,7 +353,7 @@ impl Publisher {
         let telemetry = self.telemetry.clone();
         let gap = self.episode_gap;
         tokio::spawn(async move {
-            match deliver(&api, &object, live, gap).await {
+            match deliver_retrying(&api, &object, live, gap).await {
                 Ok(Delivery::Created) => telemetry.record_event(event.reason, true),
                 Ok(Delivery::Counted(count)) => {
                     tracing::debug!(
@@ -379,6 +422,25 @@ mod tests {
             ..event.clone()
         };
         assert_ne!(name, event_name("db", "uid-1", &other));
+    }
+
+    #[test]
+    fn refusals_and_outages_are_tried_again_invalid_events_are_not() {
+        let api = |code: u16| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..kube::core::Status::default()
+            }))
+        };
+        for code in [401, 403, 429, 500, 503, 504] {
+            assert!(transient(&api(code)), "{code}");
+        }
+        for code in [400, 404, 409, 422] {
+            assert!(!transient(&api(code)), "{code}");
+        }
+        assert!(transient(&kube::Error::LinesCodecMaxLineLengthExceeded));
+        let total: Duration = DELIVERY_BACKOFF.iter().sum();
+        assert!(total >= Duration::from_secs(20), "{total:?}");
     }
 
     #[test]

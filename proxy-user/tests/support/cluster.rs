@@ -304,6 +304,46 @@ pub async fn apply_deploy(client: &Client) {
     }
 }
 
+/// Waits until the API server's authorizer allows `user` every `(verb, group, resource)`:
+/// it learns (Cluster)RoleBindings from a watch, so for a moment after [`apply_deploy`] it still
+/// refuses, and a test asserting that nothing was refused must not start its agents in that gap.
+pub async fn wait_until_authorized(client: &Client, user: &str, rules: &[(&str, &str, &str)]) {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let api = Api::<SubjectAccessReview>::all(client.clone());
+    let deadline = std::time::Instant::now() + super::WAIT;
+    for (verb, group, resource) in rules {
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(user.to_owned()),
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some((*verb).to_owned()),
+                    group: Some((*group).to_owned()),
+                    resource: Some((*resource).to_owned()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SubjectAccessReviewSpec::default()
+            },
+            ..SubjectAccessReview::default()
+        };
+        loop {
+            let answer = api
+                .create(&PostParams::default(), &review)
+                .await
+                .unwrap_or_else(|e| panic!("a SubjectAccessReview: {e}"));
+            if answer.status.is_some_and(|s| s.allowed) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{user} is still not allowed to {verb} {resource}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
 fn parse<T: DeserializeOwned>(file: &str, value: serde_json::Value) -> T {
     serde_json::from_value(value).unwrap_or_else(|e| panic!("deploy/{file}: {e}"))
 }
