@@ -1493,7 +1493,10 @@ impl Translator<'_> {
         let proto = port.protocol.name();
         let mut merged: BTreeMap<(IpAddr, u16), Conditions> = BTreeMap::new();
         // By each address's family: an FQDN slice holds the answers of both.
-        for slice in slices.iter().filter(|s| s.family.is_none_or(|f| f == family)) {
+        for slice in slices
+            .iter()
+            .filter(|s| s.family.is_none_or(|f| f == family))
+        {
             let numbers = slice
                 .ports
                 .iter()

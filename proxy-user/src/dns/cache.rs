@@ -54,11 +54,18 @@ impl Timing {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Addresses, and the smallest TTL of the records that led to them (CNAMEs included).
-    Answer { addrs: Vec<IpAddr>, ttl: Duration },
+    Answer {
+        addrs: Vec<IpAddr>,
+        ttl: Duration,
+    },
     /// The name exists, no record of this family.
-    NoData { negative_ttl: Option<Duration> },
+    NoData {
+        negative_ttl: Option<Duration>,
+    },
     /// The name does not exist.
-    NxDomain { negative_ttl: Option<Duration> },
+    NxDomain {
+        negative_ttl: Option<Duration>,
+    },
     Failed(Failure),
 }
 
@@ -173,7 +180,8 @@ impl Record {
             .iter()
             .position(|r| *r == outcome.result())
             .unwrap_or(3)] += 1;
-        let negative = |ttl: &Option<Duration>| timing.clamp(ttl.unwrap_or(NEGATIVE_TTL_WITHOUT_SOA));
+        let negative =
+            |ttl: &Option<Duration>| timing.clamp(ttl.unwrap_or(NEGATIVE_TTL_WITHOUT_SOA));
         if !matches!(outcome, Outcome::Failed(_)) {
             self.failures = 0;
             self.failing_since = None;
@@ -255,7 +263,12 @@ impl Record {
         let mut next = (!self.in_flight).then_some(self.next_query);
         let mut earliest = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         if let Condition::Stale(_) = self.condition {
-            earliest(self.expires.or(self.failing_since).unwrap_or(self.next_query) + timing.stale_for);
+            earliest(
+                self.expires
+                    .or(self.failing_since)
+                    .unwrap_or(self.next_query)
+                    + timing.stale_for,
+            );
         }
         for (_, dropped) in self.draining() {
             earliest(dropped + timing.drain_for);
@@ -449,7 +462,10 @@ mod tests {
         assert!(f.cache.settled());
         assert_eq!(f.answer().serving, ips(&["192.0.2.1"]));
         assert_eq!(f.answer().condition, Condition::Fresh);
-        assert!(f.cache.due(f.at(29)).is_empty(), "not asked again within the TTL");
+        assert!(
+            f.cache.due(f.at(29)).is_empty(),
+            "not asked again within the TTL"
+        );
         assert_eq!(f.next_in(0), 30 * S);
     }
 
@@ -457,7 +473,11 @@ mod tests {
     fn the_ttl_is_clamped() {
         let mut f = Fixture::new(timing());
         f.lookup(0, answer(&["192.0.2.1"], 0));
-        assert_eq!(f.next_in(0), S, "a zero TTL is asked again after --dns-min-ttl");
+        assert_eq!(
+            f.next_in(0),
+            S,
+            "a zero TTL is asked again after --dns-min-ttl"
+        );
         f.lookup(1, answer(&["192.0.2.1"], 86_400));
         assert_eq!(f.next_in(1), 300 * S, "a day's TTL after --dns-max-ttl");
     }
@@ -502,7 +522,11 @@ mod tests {
         f.lookup(60, Outcome::Failed(Failure::Timeout));
         let a = f.answer();
         assert_eq!(a.condition, Condition::Stale(Failure::Timeout));
-        assert_eq!(a.serving, ips(&["192.0.2.1"]), "never empty because one lookup failed");
+        assert_eq!(
+            a.serving,
+            ips(&["192.0.2.1"]),
+            "never empty because one lookup failed"
+        );
         // Retried after 1, 2, 4, ... s, at most 30 s apart.
         assert_eq!(f.next_in(60), S);
         f.lookup(61, Outcome::Failed(Failure::ServFail));
@@ -546,12 +570,26 @@ mod tests {
     fn nxdomain_is_believed_once_confirmed() {
         let mut f = Fixture::new(timing());
         f.lookup(0, answer(&["192.0.2.1"], 5));
-        f.lookup(5, Outcome::NxDomain { negative_ttl: Some(60 * S) });
+        f.lookup(
+            5,
+            Outcome::NxDomain {
+                negative_ttl: Some(60 * S),
+            },
+        );
         let a = f.answer();
         assert_eq!(a.condition, Condition::NxDomainUnconfirmed);
         assert_eq!(a.serving, ips(&["192.0.2.1"]), "kept until confirmed");
-        assert_eq!(f.next_in(5), 10 * S, "asked again at the end of --dns-nxdomain-for");
-        f.lookup(15, Outcome::NxDomain { negative_ttl: Some(60 * S) });
+        assert_eq!(
+            f.next_in(5),
+            10 * S,
+            "asked again at the end of --dns-nxdomain-for"
+        );
+        f.lookup(
+            15,
+            Outcome::NxDomain {
+                negative_ttl: Some(60 * S),
+            },
+        );
         let a = f.answer();
         assert_eq!(a.condition, Condition::NxDomain);
         assert!(a.serving.is_empty());
@@ -585,7 +623,12 @@ mod tests {
     fn nodata_drains() {
         let mut f = Fixture::new(timing());
         f.lookup(0, answer(&["192.0.2.1"], 5));
-        f.lookup(5, Outcome::NoData { negative_ttl: Some(2 * S) });
+        f.lookup(
+            5,
+            Outcome::NoData {
+                negative_ttl: Some(2 * S),
+            },
+        );
         let a = f.answer();
         assert_eq!(a.condition, Condition::NoData);
         assert_eq!(a.draining, ips(&["192.0.2.1"]));

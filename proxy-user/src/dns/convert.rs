@@ -61,7 +61,11 @@ pub fn convert(text: &str, options: &ConvertOptions) -> Result<Converted, Conver
         if kind != "Service" {
             out.notes.push(format!(
                 "document {i}: a {} is not an ExternalName Service; left out",
-                if kind.is_empty() { "document without kind" } else { kind }
+                if kind.is_empty() {
+                    "document without kind"
+                } else {
+                    kind
+                }
             ));
             continue;
         }
@@ -112,9 +116,7 @@ fn convert_one(
         .ok_or_else(|| format!("Service {name} has no spec.externalName"))?;
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     check_name(&host).map_err(|why| {
-        format!(
-            "Service {name}: spec.externalName {host:?} cannot be an FQDN endpoint ({why})"
-        )
+        format!("Service {name}: spec.externalName {host:?} cannot be an FQDN endpoint ({why})")
     })?;
     let ports = spec.ports.clone().unwrap_or_default();
     if ports.is_empty() {

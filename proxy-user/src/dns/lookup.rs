@@ -123,8 +123,7 @@ impl Lookup for Hickory {
             };
             // The trailing dot makes it absolute: an FQDN endpoint is never a relative name.
             let absolute = format!("{name}.");
-            match tokio::time::timeout(LOOKUP_BOUND, resolver.lookup(absolute, record_type)).await
-            {
+            match tokio::time::timeout(LOOKUP_BOUND, resolver.lookup(absolute, record_type)).await {
                 Err(_) => Outcome::Failed(Failure::Timeout),
                 Ok(Ok(lookup)) => {
                     let mut addrs: Vec<IpAddr> = lookup

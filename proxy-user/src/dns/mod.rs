@@ -233,10 +233,7 @@ impl Dns {
         if draining.is_empty() {
             String::new()
         } else {
-            format!(
-                "; draining (no new flows): {}",
-                join(&draining)
-            )
+            format!("; draining (no new flows): {}", join(&draining))
         }
     }
 
@@ -313,16 +310,33 @@ pub fn parse_server(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{s}: expected an IP address, IP:PORT or [IPv6]:PORT"))
 }
 
+/// A duration flag: seconds, or a number with s, m, h or d (`90`, `90s`, `5m`, `1h`, `1d`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => s.split_at(at),
+        None => (s, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s}: expected a number of seconds, or a number with s, m, h or d"))?;
+    let factor = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("{s}: unknown unit {other:?} (use s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(factor)))
+}
+
 /// For the summary at start: how many names, families.
 pub fn describe_wanted(wanted: &Wanted) -> String {
     let mut families: BTreeMap<&str, usize> = BTreeMap::new();
     for f in wanted.values().flatten() {
         *families.entry(record_type(*f)).or_default() += 1;
     }
-    let parts: Vec<String> = families
-        .iter()
-        .map(|(t, n)| format!("{n} {t}"))
-        .collect();
+    let parts: Vec<String> = families.iter().map(|(t, n)| format!("{n} {t}")).collect();
     format!("{} name(s) ({})", wanted.len(), parts.join(", "))
 }
 

@@ -121,11 +121,7 @@ fn family_header(out: &mut String, name: &str, kind: &str, help: &str) {
 pub fn metrics(cache: &Cache, now: Instant) -> String {
     let mut out = String::new();
     let labels = |name: &str, family: IpFamily| {
-        format!(
-            "name=\"{}\",family=\"{}\"",
-            escape(name),
-            family.name()
-        )
+        format!("name=\"{}\",family=\"{}\"", escape(name), family.name())
     };
     family_header(
         &mut out,
@@ -263,10 +259,7 @@ impl DnsState {
                     serving: r.serving().collect(),
                     draining: r.draining().map(|(a, since)| (a, ago(since))).collect(),
                     ttl_secs: r.ttl().map(|t| t.as_secs()),
-                    next_lookup_in_secs: r
-                        .next_query()
-                        .saturating_duration_since(now)
-                        .as_secs(),
+                    next_lookup_in_secs: r.next_query().saturating_duration_since(now).as_secs(),
                     answered_secs_ago: r.answered_at().map(ago),
                     failing_for_secs: r.failing_since().map(ago),
                     lookups: r.lookups,
@@ -275,53 +268,50 @@ impl DnsState {
         }
     }
 
-    /// A table for `extproxy inspect`.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
+    /// The heading of `extproxy inspect`'s table: which resolver, as of when.
+    pub fn title(&self) -> String {
         let age = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs()
             .saturating_sub(self.written_at);
-        let _ = writeln!(
-            out,
-            "DNS names (resolver {}; as of {})",
+        format!(
+            "resolver {}; as of {}",
             self.servers,
             human(Duration::from_secs(age), "ago")
-        );
-        let _ = writeln!(
-            out,
-            "  {:<40} {:<5} {:<21} {:>6} {:>6}  ADDRESSES",
-            "NAME", "TYPE", "STATE", "TTL", "NEXT"
-        );
-        for n in &self.names {
-            let rtype = if n.family == "IPv6" { "AAAA" } else { "A" };
-            let mut state = n.condition.name().to_owned();
-            if let Some(f) = n.failing_for_secs {
-                state = format!("{state} {}", human(Duration::from_secs(f), ""));
-            }
-            let mut addrs: Vec<String> = n.serving.iter().map(IpAddr::to_string).collect();
-            addrs.extend(
-                n.draining
-                    .iter()
-                    .map(|(a, secs)| format!("{a} (draining {})", human(Duration::from_secs(*secs), ""))),
-            );
-            let _ = writeln!(
-                out,
-                "  {:<40} {:<5} {:<21} {:>6} {:>6}  {}",
-                n.name,
-                rtype,
-                state,
-                n.ttl_secs.map_or_else(|| "-".to_owned(), |t| format!("{t}s")),
-                format!("{}s", n.next_lookup_in_secs),
-                if addrs.is_empty() {
-                    "-".to_owned()
-                } else {
-                    addrs.join(", ")
+        )
+    }
+
+    /// The rows of `extproxy inspect`'s table: name, record type, state (and for how long
+    /// lookups have failed), TTL, next lookup, addresses (draining ones marked).
+    pub fn rows(&self) -> Vec<Vec<String>> {
+        self.names
+            .iter()
+            .map(|n| {
+                let rtype = if n.family == "IPv6" { "AAAA" } else { "A" };
+                let mut state = n.condition.name().to_owned();
+                if let Some(f) = n.failing_for_secs {
+                    state = format!("{state} (failing {})", human(Duration::from_secs(f), ""));
                 }
-            );
-        }
-        out
+                let mut addrs: Vec<String> = n.serving.iter().map(IpAddr::to_string).collect();
+                addrs.extend(n.draining.iter().map(|(a, secs)| {
+                    format!("{a} (draining {})", human(Duration::from_secs(*secs), ""))
+                }));
+                vec![
+                    n.name.clone(),
+                    rtype.to_owned(),
+                    state,
+                    n.ttl_secs
+                        .map_or_else(|| "-".to_owned(), |t| format!("{t}s")),
+                    format!("{}s", n.next_lookup_in_secs),
+                    if addrs.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        addrs.join(" ")
+                    },
+                ]
+            })
+            .collect()
     }
 }
 
@@ -375,7 +365,11 @@ mod tests {
     fn problems_are_said_once_per_situation_with_their_event_reason() {
         let name = "db.example.com";
         assert_eq!(
-            problem(name, IpFamily::V4, &answer(Condition::Fresh, &["192.0.2.1"], &[])),
+            problem(
+                name,
+                IpFamily::V4,
+                &answer(Condition::Fresh, &["192.0.2.1"], &[])
+            ),
             None
         );
         let cases = [
@@ -409,6 +403,9 @@ mod tests {
             assert_eq!((s, t.as_str()), (severity, text));
             assert_eq!(event_reason(&t), Some(reason));
         }
-        assert_eq!(event_reason("no endpoints: connections will be refused"), None);
+        assert_eq!(
+            event_reason("no endpoints: connections will be refused"),
+            None
+        );
     }
 }

@@ -113,10 +113,7 @@ async fn settle_is_bounded_when_lookups_never_finish() {
 async fn failures_keep_serving_and_metrics_name_no_address() {
     let script = Script::new(&[(
         "a.test",
-        vec![
-            answer(&["192.0.2.1"], 1),
-            Outcome::Failed(Failure::Timeout),
-        ],
+        vec![answer(&["192.0.2.1"], 1), Outcome::Failed(Failure::Timeout)],
     )]);
     let telemetry = Telemetry::new(Duration::from_secs(60));
     let mut dns = Dns::new(timing(), script, Some(telemetry.clone()), None);
@@ -134,7 +131,9 @@ async fn failures_keep_serving_and_metrics_name_no_address() {
         "{text}"
     );
     assert!(
-        text.contains("extproxy_dns_lookups_total{name=\"a.test\",family=\"IPv4\",result=\"error\"} 1"),
+        text.contains(
+            "extproxy_dns_lookups_total{name=\"a.test\",family=\"IPv4\",result=\"error\"} 1"
+        ),
         "{text}"
     );
     assert!(!text.contains("192.0.2.1"), "no series per address");
@@ -142,15 +141,39 @@ async fn failures_keep_serving_and_metrics_name_no_address() {
 
 #[test]
 fn servers_parse_with_and_without_ports() {
-    assert_eq!(parse_server("10.0.0.10").unwrap(), "10.0.0.10:53".parse().unwrap());
+    assert_eq!(
+        parse_server("10.0.0.10").unwrap(),
+        "10.0.0.10:53".parse().unwrap()
+    );
     assert_eq!(
         parse_server("10.0.0.10:5353").unwrap(),
         "10.0.0.10:5353".parse().unwrap()
     );
-    assert_eq!(parse_server("fd00::a").unwrap(), "[fd00::a]:53".parse().unwrap());
+    assert_eq!(
+        parse_server("fd00::a").unwrap(),
+        "[fd00::a]:53".parse().unwrap()
+    );
     assert_eq!(
         parse_server("[fd00::a]:5353").unwrap(),
         "[fd00::a]:5353".parse().unwrap()
     );
     assert!(parse_server("dns.example").is_err());
+}
+
+#[test]
+fn durations_parse_with_units() {
+    let secs = |s: &str| parse_duration(s).unwrap().as_secs();
+    assert_eq!(
+        [
+            secs("90"),
+            secs("90s"),
+            secs("5m"),
+            secs("1h"),
+            secs("1d"),
+            secs("0")
+        ],
+        [90, 90, 300, 3600, 86_400, 0]
+    );
+    assert!(parse_duration("5 min").is_err());
+    assert!(parse_duration("m").is_err());
 }

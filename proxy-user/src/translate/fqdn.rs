@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use super::{
-    Conditions, EndpointSlice, IpFamily, IpNet, Service, ServiceSpec, Settings, explicit_cluster_ips,
-    special_address, spec_of,
+    Conditions, EndpointSlice, IpFamily, IpNet, Service, ServiceSpec, Settings,
+    explicit_cluster_ips, spec_of, special_address,
 };
 use crate::diag::{Diagnostic, Site};
 use crate::dns::{Resolved, Wanted, check_name, report};
@@ -124,7 +124,8 @@ fn served(service: &Service, settings: &Settings) -> bool {
         (_, _) => selector_less,
     };
     let external_name = spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName");
-    let headless = spec.is_some_and(|s| explicit_cluster_ips(s).iter().any(|(_, ip)| *ip == "None"));
+    let headless =
+        spec.is_some_and(|s| explicit_cluster_ips(s).iter().any(|(_, ip)| *ip == "None"));
     claimed && !external_name && !headless
 }
 
@@ -152,10 +153,12 @@ fn families(spec: Option<&ServiceSpec>, settings: &Settings) -> BTreeSet<IpFamil
         return families;
     }
     let has_cidr = |family: IpFamily| {
-        settings
-            .service_cidrs
-            .iter()
-            .any(|c| matches!((c, family), (IpNet::V4(_), IpFamily::V4) | (IpNet::V6(_), IpFamily::V6)))
+        settings.service_cidrs.iter().any(|c| {
+            matches!(
+                (c, family),
+                (IpNet::V4(_), IpFamily::V4) | (IpNet::V6(_), IpFamily::V6)
+            )
+        })
     };
     let primary = if !has_cidr(IpFamily::V4) && has_cidr(IpFamily::V6) {
         IpFamily::V6
@@ -213,7 +216,10 @@ endpoints:
         Settings {
             egress_v4: Some("192.0.2.100".parse().unwrap()),
             egress_v6: Some("2001:db8::100".parse().unwrap()),
-            service_cidrs: vec!["10.96.0.0/16".parse().unwrap(), "fd00:96::/112".parse().unwrap()],
+            service_cidrs: vec![
+                "10.96.0.0/16".parse().unwrap(),
+                "fd00:96::/112".parse().unwrap(),
+            ],
             fill_missing: true,
             ..Settings::default()
         }
@@ -293,7 +299,10 @@ endpoints:
         let v4: BTreeSet<IpFamily> = [IpFamily::V4].into();
         assert_eq!(wanted.get("primary.db.example"), Some(&v4));
         // A Service with a selector belongs to kube-proxy: nothing is looked up.
-        let selected = YAML.replace("  ipFamilyPolicy", "  selector: {app: db}\n  ipFamilyPolicy");
+        let selected = YAML.replace(
+            "  ipFamilyPolicy",
+            "  selector: {app: db}\n  ipFamilyPolicy",
+        );
         assert!(translator(&selected).dns_wanted().is_empty());
     }
 
@@ -304,11 +313,27 @@ endpoints:
             (
                 "primary.db.example",
                 IpFamily::V4,
-                family(Condition::Fresh, &["198.51.100.1", "198.51.100.2"], &["198.51.100.9"]),
+                family(
+                    Condition::Fresh,
+                    &["198.51.100.1", "198.51.100.2"],
+                    &["198.51.100.9"],
+                ),
             ),
-            ("primary.db.example", IpFamily::V6, family(Condition::Fresh, &["2001:db8:5::1"], &[])),
-            ("replica.db.example", IpFamily::V4, family(Condition::Fresh, &["198.51.100.3"], &[])),
-            ("replica.db.example", IpFamily::V6, family(Condition::NoData, &[], &[])),
+            (
+                "primary.db.example",
+                IpFamily::V6,
+                family(Condition::Fresh, &["2001:db8:5::1"], &[]),
+            ),
+            (
+                "replica.db.example",
+                IpFamily::V4,
+                family(Condition::Fresh, &["198.51.100.3"], &[]),
+            ),
+            (
+                "replica.db.example",
+                IpFamily::V6,
+                family(Condition::NoData, &[], &[]),
+            ),
         ]));
         let tr = t.update();
         assert_eq!(
@@ -372,8 +397,16 @@ endpoints:
     fn nxdomain_and_unusable_answers_are_said() {
         let mut t = translator(YAML);
         t.set_resolved(resolved(&[
-            ("primary.db.example", IpFamily::V4, family(Condition::NxDomain, &[], &["198.51.100.1"])),
-            ("replica.db.example", IpFamily::V4, family(Condition::Fresh, &["127.0.0.1"], &[])),
+            (
+                "primary.db.example",
+                IpFamily::V4,
+                family(Condition::NxDomain, &[], &["198.51.100.1"]),
+            ),
+            (
+                "replica.db.example",
+                IpFamily::V4,
+                family(Condition::Fresh, &["127.0.0.1"], &[]),
+            ),
         ]));
         let tr = t.update();
         assert_eq!(

@@ -28,8 +28,8 @@ use super::{
     Settings, SliceFacts, Sourced, Translation, Translator, alloc, explicit_cluster_ips, fqdn,
     slice_facts, spec_of,
 };
-use crate::dns::{Resolved, Wanted};
 use crate::diag::{Diagnostic, ObjectRef, Origin, Site};
+use crate::dns::{Resolved, Wanted};
 use crate::names::SERVICE_NAME_LABEL;
 use crate::objects::{ServiceObject as Service, SliceObject as EndpointSlice};
 
