@@ -277,6 +277,18 @@ impl Record {
     }
 }
 
+/// What a previous agent served for a name and family.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    pub serving: Vec<IpAddr>,
+    /// Draining addresses and since when.
+    pub draining: Vec<(IpAddr, Instant)>,
+    pub ttl: Option<Duration>,
+    pub answered_at: Option<Instant>,
+    /// When its answer's TTL ended (or ends).
+    pub expires: Option<Instant>,
+}
+
 /// Every name and family some Service wants.
 #[derive(Debug)]
 pub struct Cache {
@@ -308,6 +320,29 @@ impl Cache {
                     .or_insert_with(|| Record::new(now));
             }
         }
+    }
+
+    /// Seeds a record just wanted with what a previous agent served (its state file), so that a
+    /// restart while the resolver is down serves the names as before instead of emptying their
+    /// Services. The record's first lookup is still due at once; until it answers, the restored
+    /// answer counts as the last good one (stale-if-error from its TTL's end).
+    pub fn restore(&mut self, name: &str, family: IpFamily, restored: &Restored) {
+        let Some(record) = self.records.get_mut(&(Arc::from(name), family)) else {
+            return;
+        };
+        if record.condition != Condition::Pending {
+            return;
+        }
+        for a in &restored.serving {
+            record.addrs.insert(*a, None);
+        }
+        for (a, since) in &restored.draining {
+            record.addrs.entry(*a).or_insert(Some(*since));
+        }
+        record.condition = Condition::Fresh;
+        record.ttl = restored.ttl;
+        record.expires = restored.expires;
+        record.answered_at = restored.answered_at;
     }
 
     /// The lookups due at `now`, marked as under way.
@@ -644,6 +679,36 @@ mod tests {
             .record(NAME, IpFamily::V4, &answer(&["192.0.2.1"], 5), f.t0);
         assert!(f.cache.is_empty());
         assert!(f.cache.view().get(NAME).is_none());
+    }
+
+    #[test]
+    fn a_restored_answer_serves_until_a_lookup_says_otherwise() {
+        let mut f = Fixture::new(timing());
+        let restored = Restored {
+            serving: ips(&["192.0.2.1"]),
+            draining: vec![("192.0.2.9".parse().unwrap(), f.t0)],
+            ttl: Some(60 * S),
+            answered_at: Some(f.t0),
+            expires: Some(f.t0 + 60 * S),
+        };
+        f.cache.restore(NAME, IpFamily::V4, &restored);
+        assert!(f.cache.settled(), "the first programming need not wait");
+        let a = f.answer();
+        assert_eq!(
+            (a.serving, a.draining),
+            (ips(&["192.0.2.1"]), ips(&["192.0.2.9"]))
+        );
+        // Still asked at once; a failure serves it stale, an answer replaces it as a diff.
+        f.lookup(0, Outcome::Failed(Failure::Timeout));
+        assert_eq!(f.answer().condition, Condition::Stale(Failure::Timeout));
+        assert_eq!(f.answer().serving, ips(&["192.0.2.1"]));
+        f.lookup(1, answer(&["192.0.2.2"], 60));
+        let a = f.answer();
+        assert_eq!(a.serving, ips(&["192.0.2.2"]));
+        assert_eq!(a.draining, ips(&["192.0.2.1", "192.0.2.9"]));
+        // Only a record that has not answered yet is seeded.
+        f.cache.restore(NAME, IpFamily::V4, &restored);
+        assert_eq!(f.answer().serving, ips(&["192.0.2.2"]));
     }
 
     #[test]

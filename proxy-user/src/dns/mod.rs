@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-pub use cache::{Cache, Outcome, Timing};
+pub use cache::{Cache, Outcome, Restored, Timing};
 pub use lookup::{Hickory, Lookup};
 pub use view::{Condition, Failure, FamilyAnswer, NameAnswer, Resolved, Wanted, check_name};
 
@@ -54,6 +54,8 @@ pub struct Dns {
     state_dir: Option<PathBuf>,
     state_dirty: bool,
     last_write: Option<Instant>,
+    /// What the previous agent served (its state file), for names not looked up yet.
+    restored: BTreeMap<(Arc<str>, IpFamily), Restored>,
 }
 
 impl Dns {
@@ -64,6 +66,11 @@ impl Dns {
         state_dir: Option<PathBuf>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let restored = state_dir
+            .as_deref()
+            .and_then(report::read)
+            .map(|state| state.restored(Instant::now()))
+            .unwrap_or_default();
         let dns = Dns {
             cache: Cache::new(timing),
             lookup,
@@ -74,6 +81,7 @@ impl Dns {
             state_dir,
             state_dirty: true,
             last_write: None,
+            restored,
         };
         dns.publish_metrics();
         dns
@@ -98,10 +106,22 @@ impl Dns {
             self.cache.records().map(|(k, _)| k.clone()).collect();
         if before != after {
             for (name, family) in after.iter().filter(|k| !before.contains(k)) {
-                tracing::info!(
-                    "DNS name {name}: looking up its {} records",
-                    record_type(*family)
-                );
+                let restored = self.restored.remove(&(name.clone(), *family));
+                match restored {
+                    Some(r) if !r.serving.is_empty() || !r.draining.is_empty() => {
+                        self.cache.restore(name, *family, &r);
+                        tracing::info!(
+                            "DNS name {name}: looking up its {} records; serving the previous \
+                             agent's answer ({}) meanwhile",
+                            record_type(*family),
+                            join(&r.serving)
+                        );
+                    }
+                    _ => tracing::info!(
+                        "DNS name {name}: looking up its {} records",
+                        record_type(*family)
+                    ),
+                }
             }
             for (name, family) in before.iter().filter(|k| !after.contains(k)) {
                 tracing::info!(

@@ -268,6 +268,44 @@ impl DnsState {
         }
     }
 
+    /// What the agent that wrote this served, as of `now` (for a restarted agent).
+    pub fn restored(
+        &self,
+        now: Instant,
+    ) -> std::collections::BTreeMap<(std::sync::Arc<str>, IpFamily), super::Restored> {
+        let unix_now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        // How long ago the file was written; the durations in it are as of then.
+        let age = unix_now.saturating_sub(self.written_at);
+        let ago = |secs: u64| now.checked_sub(Duration::from_secs(secs + age));
+        self.names
+            .iter()
+            .filter_map(|n| {
+                let family = match n.family.as_str() {
+                    "IPv4" => IpFamily::V4,
+                    "IPv6" => IpFamily::V6,
+                    _ => return None,
+                };
+                let answered_at = n.answered_secs_ago.and_then(ago);
+                let ttl = n.ttl_secs.map(Duration::from_secs);
+                let restored = super::Restored {
+                    serving: n.serving.clone(),
+                    draining: n
+                        .draining
+                        .iter()
+                        .filter_map(|(a, secs)| Some((*a, ago(*secs)?)))
+                        .collect(),
+                    ttl,
+                    answered_at,
+                    expires: answered_at.zip(ttl).map(|(at, ttl)| at + ttl),
+                };
+                Some(((std::sync::Arc::from(n.name.as_str()), family), restored))
+            })
+            .collect()
+    }
+
     /// The heading of `extproxy inspect`'s table: which resolver, as of when.
     pub fn title(&self) -> String {
         let age = SystemTime::now()

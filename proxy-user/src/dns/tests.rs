@@ -177,3 +177,33 @@ fn durations_parse_with_units() {
     assert!(parse_duration("5 min").is_err());
     assert!(parse_duration("m").is_err());
 }
+
+/// A restart while the resolver is down serves what the previous agent served.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_agent_serves_the_previous_answers_until_its_own_lookups_answer() {
+    struct Never;
+    impl Lookup for Never {
+        fn lookup(&self, _: Arc<str>, _: IpFamily) -> lookup::LookupFuture {
+            Box::pin(futures::future::pending())
+        }
+        fn describe(&self) -> String {
+            "never".into()
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("extproxy-dns-restore-{}", std::process::id()));
+    let script = Script::new(&[("a.test", vec![answer(&["192.0.2.1"], 30)])]);
+    let mut first = Dns::new(timing(), script, None, Some(dir.clone()));
+    first.want(&wanted(&["a.test"]));
+    first.settle(Duration::from_secs(5)).await;
+    first.flush_state_now();
+    drop(first);
+
+    let mut second = Dns::new(timing(), Arc::new(Never), None, Some(dir.clone()));
+    second.want(&wanted(&["a.test"]));
+    assert!(
+        second.settle(Duration::from_secs(5)).await,
+        "nothing to wait for"
+    );
+    assert_eq!(serving(&second.resolved(), "a.test"), ["192.0.2.1"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
