@@ -275,7 +275,11 @@ impl Dns {
     }
 
     fn flush_state(&mut self, force: bool) {
-        let Some(dir) = &self.state_dir else { return };
+        let Some(dir) = &self.state_dir else {
+            // Nowhere to write: nothing to wait for either.
+            self.state_dirty = false;
+            return;
+        };
         let recent = self
             .last_write
             .is_some_and(|t| t.elapsed() < STATE_WRITE_INTERVAL);
