@@ -4,6 +4,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
     path::PathBuf,
+    time::Duration,
 };
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -59,6 +60,9 @@ pub enum Command {
     Cleanup(CleanupArgs),
     /// Read and translate manifests without touching the kernel; exit 1 if any is in error.
     Validate(ValidateArgs),
+    /// Print an ExternalName Service as a selector-less Service plus an FQDN EndpointSlice that
+    /// extproxy serves (a cluster IP, a static egress address, health checks).
+    ConvertExternalname(ConvertArgs),
 }
 
 #[derive(Args)]
@@ -75,6 +79,60 @@ pub struct RunArgs {
     pub services: ServiceArgs,
     #[command(flatten)]
     pub datapath: DatapathArgs,
+    #[command(flatten)]
+    pub dns: DnsArgs,
+}
+
+/// EndpointSlices with `addressType: FQDN`: how their names are looked up. Durations are
+/// seconds, or a number with s, m, h or d.
+#[derive(Args)]
+pub struct DnsArgs {
+    /// DNS server for FQDN endpoints (repeat for several). Default: the node's /etc/resolv.conf
+    /// (the agent runs in the node's network namespace), which may answer split-horizon names
+    /// differently from the cluster DNS pods use: pass the cluster DNS here to resolve as pods do.
+    #[arg(long = "dns-server", value_name = "ADDR[:PORT]", value_parser = extproxy::dns::parse_server)]
+    pub dns_servers: Vec<SocketAddr>,
+    /// Shortest time between two lookups of a name, whatever its TTL.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = extproxy::dns::parse_duration)]
+    pub dns_min_ttl: Duration,
+    /// Longest time between two lookups of a name, whatever its TTL.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = extproxy::dns::parse_duration)]
+    pub dns_max_ttl: Duration,
+    /// While lookups fail, a name's last answer keeps serving this long past its TTL
+    /// (stale-if-error, RFC 8767); then its addresses drain.
+    #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = extproxy::dns::parse_duration)]
+    pub dns_stale_for: Duration,
+    /// An address that leaves a name's answer takes no new flows; its established flows go on
+    /// until they end, or this long.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = extproxy::dns::parse_duration)]
+    pub dns_drain_for: Duration,
+    /// NXDOMAIN is believed when a lookup this long after the first NXDOMAIN still says so;
+    /// until then the name's addresses keep serving. 0: at once.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = extproxy::dns::parse_duration)]
+    pub dns_nxdomain_for: Duration,
+}
+
+impl DnsArgs {
+    pub fn timing(&self) -> extproxy::dns::Timing {
+        extproxy::dns::Timing {
+            min_ttl: self.dns_min_ttl,
+            max_ttl: self.dns_max_ttl.max(self.dns_min_ttl),
+            stale_for: self.dns_stale_for,
+            drain_for: self.dns_drain_for,
+            nxdomain_for: self.dns_nxdomain_for,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// A manifest holding one or more ExternalName Services (YAML); `-` for standard input.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Annotate the Services with this egress (source) address, one per IP family
+    /// (extproxy.io/egress-ip).
+    #[arg(long = "egress-ip", value_name = "IP")]
+    pub egress_ips: Vec<IpAddr>,
 }
 
 #[derive(Args)]

@@ -3,6 +3,7 @@
 //! evicts them; the agent sweeps them and reports how full the tables are.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 
 use proxy_common::*;
 
@@ -20,6 +21,9 @@ pub struct GcReport {
     pub snat_held: usize,
     /// Closed flows' ports whose hold ended: free for any client again.
     pub snat_released: usize,
+    /// Endpoint addresses some live flow goes to: a draining DNS-name address without any is
+    /// dropped before its bound (`dns::Dns::forget_idle_drained`).
+    pub busy_endpoints: HashSet<IpAddr>,
 }
 
 /// Keeps reverse-NAT entries without a flow for one round before deleting them: the data path
@@ -71,6 +75,7 @@ impl Collector {
                 report.ct_frontend_removed += 1;
             } else {
                 live.insert(*key, (value.snat, value.snat_port));
+                report.busy_endpoints.insert(value.backend.to_ip());
             }
         }
         let revnat = maps.reverse_nat()?;

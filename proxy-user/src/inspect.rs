@@ -23,6 +23,8 @@ pub struct Report {
     pub fill: Vec<FillView>,
     /// SNAT ports per egress address and destination: in use by open flows, held by closed ones.
     pub snat: Vec<SnatView>,
+    /// DNS names of FQDN endpoints, as the agent last published them.
+    pub dns: Option<crate::dns::report::DnsState>,
 }
 
 #[derive(Debug, Serialize)]
@@ -270,6 +272,7 @@ pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
     })
     .collect();
     Ok(Report {
+        dns: crate::dns::report::read(state_dir).filter(|d| !d.names.is_empty()),
         agent,
         config: ConfigView {
             abi_version: cfg.abi_version,
@@ -410,6 +413,13 @@ pub fn render(report: &Report) -> String {
         })
         .collect();
     out += &table(&["FRONTEND", "KIND", "SERVICE", ""], &rows);
+    if let Some(dns) = &report.dns {
+        let _ = writeln!(out, "\nDNS NAMES ({})", dns.title());
+        out += &table(
+            &["NAME", "TYPE", "STATE", "TTL", "NEXT", "ADDRESSES"],
+            &dns.rows(),
+        );
+    }
     let _ = writeln!(out, "\nCONNTRACK ({} flows)", report.conntrack.len());
     let rows: Vec<Vec<String>> = report
         .conntrack

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod bpffs;
 pub mod diag;
+pub mod dns;
 pub mod egress;
 pub mod gc;
 pub mod host;

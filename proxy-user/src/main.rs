@@ -25,6 +25,7 @@ fn main() -> anyhow::Result<()> {
         Command::Inspect(args) => oneshot::inspect(&args),
         Command::Cleanup(args) => oneshot::cleanup(&args.pin_dir, &args.state_dir),
         Command::Validate(args) => oneshot::validate(&args),
+        Command::ConvertExternalname(args) => oneshot::convert_externalname(&args),
     }
 }
 

@@ -131,6 +131,9 @@ struct Inner {
     service_names: Vec<(u32, ServicePortKey)>,
     /// New flows the data path refused for want of room, by problem (see `refusals`).
     refused: Vec<(RefusalKey, u64)>,
+    /// The DNS names' families, rendered by `dns::report::metrics` (empty without FQDN
+    /// endpoints).
+    dns: String,
 }
 
 /// Shared record of the agent's state for probes and metrics.
@@ -171,6 +174,7 @@ impl Telemetry {
                 pod_interfaces: None,
                 service_names: Vec::new(),
                 refused: Vec::new(),
+                dns: String::new(),
             }),
             stall_after,
         })
@@ -334,6 +338,11 @@ impl Telemetry {
         self.lock().refused = totals.map(|(k, n)| (k.clone(), n)).collect();
     }
 
+    /// The DNS names' metrics, as `dns::report::metrics` renders them.
+    pub fn set_dns_metrics(&self, text: String) {
+        self.lock().dns = text;
+    }
+
     pub fn record_event(&self, reason: &str, published: bool) {
         let mut inner = self.lock();
         if published {
@@ -491,6 +500,7 @@ impl Telemetry {
             "Reverse NAT entries without a flow removed by the sweep (SNAT ports freed).",
             inner.nat_orphans,
         );
+        out.text.push_str(&inner.dns);
         if let Some(stats) = datapath {
             stats.render(&inner.service_names, &mut out);
         }

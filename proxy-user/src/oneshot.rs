@@ -12,7 +12,7 @@ use extproxy::{
 };
 
 use crate::{
-    cli::{InspectArgs, ValidateArgs},
+    cli::{ConvertArgs, InspectArgs, ValidateArgs},
     run::manifest_mode::{print_summary, settings},
 };
 
@@ -50,6 +50,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let _ = std::fs::remove_dir(pin_dir);
+    let _ = std::fs::remove_file(extproxy::dns::report::path(state_dir));
     state::remove_all(state_dir, running.is_none());
     if removed.is_empty() {
         println!("nothing pinned in {}", pin_dir.display());
@@ -92,5 +93,26 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
     if diag::has_errors(&diagnostics) {
         std::process::exit(1);
     }
+    Ok(())
+}
+
+/// `extproxy convert-externalname FILE`: the conversion on standard output, notes on standard
+/// error.
+pub fn convert_externalname(args: &ConvertArgs) -> anyhow::Result<()> {
+    let text = if args.file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(&args.file)
+            .with_context(|| format!("reading {}", args.file.display()))?
+    };
+    let options = extproxy::dns::convert::ConvertOptions {
+        egress_ips: args.egress_ips.clone(),
+    };
+    let converted = extproxy::dns::convert::convert(&text, &options)
+        .with_context(|| format!("converting {}", args.file.display()))?;
+    for note in &converted.notes {
+        eprintln!("note: {note}");
+    }
+    print!("{}", converted.yaml);
     Ok(())
 }

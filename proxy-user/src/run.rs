@@ -1,6 +1,7 @@
 //! `extproxy run`: the two modes, and what their start, control loop and exit share.
 
 mod datapath;
+mod fqdn;
 mod kube_mode;
 // `validate` prints and translates manifests the way manifest mode does.
 pub mod manifest_mode;
@@ -255,9 +256,11 @@ fn refused(
     reports
 }
 
-fn sweep(agent: &mut Agent, telemetry: &Telemetry) {
+fn sweep(agent: &mut Agent, telemetry: &Telemetry) -> Option<extproxy::gc::GcReport> {
     telemetry.heartbeat();
-    if let Some(report) = agent.sweep() {
-        telemetry.record_gc(&report);
+    let report = agent.sweep();
+    if let Some(report) = &report {
+        telemetry.record_gc(report);
     }
+    report
 }

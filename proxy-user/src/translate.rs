@@ -26,6 +26,7 @@ use crate::names::{
 };
 
 mod alloc;
+mod fqdn;
 mod incremental;
 #[cfg(test)]
 mod tests;
@@ -490,6 +491,7 @@ struct ServiceFacts {
 /// An EndpointSlice, validated once for all the Service ports that read it.
 #[derive(Debug)]
 struct SliceFacts {
+    /// None for FQDN slices (their names resolve to both families) and unusable ones.
     family: Option<IpFamily>,
     /// (name, protocol, port) with the API defaults applied ("" and TCP).
     ports: Vec<(String, String, Option<u16>)>,
@@ -505,6 +507,18 @@ struct Conditions {
 }
 
 impl Conditions {
+    /// An endpoint's conditions with the API's defaults: ready unless said otherwise, serving
+    /// as ready, not terminating.
+    fn of(endpoint: &crate::objects::EndpointObject) -> Self {
+        let conditions = endpoint.conditions.as_ref();
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        Conditions {
+            ready,
+            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        }
+    }
+
     /// Ready endpoints take new flows; serving+terminating ones only when none is ready.
     fn rank(self) -> u8 {
         if self.ready {
@@ -1611,17 +1625,20 @@ impl Translator<'_> {
     ) -> VecMap<(IpAddr, u16), BackendRole> {
         let proto = port.protocol.name();
         let mut merged: BTreeMap<(IpAddr, u16), Conditions> = BTreeMap::new();
-        for slice in slices.iter().filter(|s| s.family == Some(family)) {
+        // By each address's family: an FQDN slice holds the answers of both.
+        for slice in slices
+            .iter()
+            .filter(|s| s.family.is_none_or(|f| f == family))
+        {
             let numbers = slice
                 .ports
                 .iter()
                 .filter(|(n, p, _)| *n == port.name && p == proto)
                 .filter_map(|(_, _, number)| *number);
             for number in numbers {
-                let usable = slice
-                    .endpoints
-                    .iter()
-                    .filter(|(ip, _, _)| !self.unusable_endpoints.contains(ip));
+                let usable = slice.endpoints.iter().filter(|(ip, _, _)| {
+                    IpFamily::of(ip) == family && !self.unusable_endpoints.contains(ip)
+                });
                 for (ip, conditions, _) in usable {
                     merged
                         .entry((*ip, number))
@@ -1655,21 +1672,17 @@ fn slice_facts(
     slice: &EndpointSlice,
     site: &Site,
     diagnostics: &mut Vec<Diagnostic>,
+    resolved: &crate::dns::Resolved,
 ) -> SliceFacts {
+    let fqdn = slice.address_type == "FQDN";
     let family = match slice.address_type.as_str() {
         "IPv4" => Some(IpFamily::V4),
         "IPv6" => Some(IpFamily::V6),
-        "FQDN" => {
-            diagnostics.push(site.warning(
-                "addressType",
-                "FQDN endpoints are not proxied (extproxy forwards to IP addresses); slice ignored",
-            ));
-            None
-        }
+        "FQDN" => None,
         other => {
             diagnostics.push(site.error(
                 "addressType",
-                format!("unknown addressType {other:?}: use IPv4 or IPv6; slice ignored"),
+                format!("unknown addressType {other:?}: use IPv4, IPv6 or FQDN; slice ignored"),
             ));
             None
         }
@@ -1696,6 +1709,9 @@ fn slice_facts(
         ));
     }
     let mut endpoints = Vec::with_capacity(slice.endpoints.len());
+    if fqdn {
+        endpoints = fqdn::endpoints(slice, site, diagnostics, resolved);
+    }
     if let Some(family) = family {
         for (k, endpoint) in slice.endpoints.iter().enumerate() {
             // kube-proxy uses the first address only; the API says they are all the same.
@@ -1740,17 +1756,7 @@ fn slice_facts(
                 ));
                 continue;
             }
-            let conditions = endpoint.conditions.as_ref();
-            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            endpoints.push((
-                ip,
-                Conditions {
-                    ready,
-                    serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
-                    terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-                },
-                k as u32,
-            ));
+            endpoints.push((ip, Conditions::of(endpoint), k as u32));
         }
     }
     // Facts live as long as the slice: drop the growth slack.

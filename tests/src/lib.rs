@@ -5,6 +5,7 @@
 //! (CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN).
 
 pub mod agent;
+pub mod dns_server;
 pub mod packet;
 
 pub use testbed::{netns, require_root, sh};

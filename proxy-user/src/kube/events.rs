@@ -41,7 +41,9 @@ pub struct ProblemEvent {
 pub fn reason(d: &Diagnostic) -> &'static str {
     let field = d.field.as_deref().unwrap_or("");
     let kind = d.object.as_ref().map_or("", |o| &*o.kind);
-    if d.message.starts_with("no endpoints") {
+    if let Some(reason) = crate::dns::report::event_reason(&d.message) {
+        reason
+    } else if d.message.starts_with("no endpoints") {
         "NoEndpoints"
     } else if field.starts_with("spec.ports[") && d.message.contains("matches no endpoint port") {
         "PortNameMismatch"

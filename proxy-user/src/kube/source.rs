@@ -58,6 +58,15 @@ pub struct Batch {
     /// The translator was built anew (first batch, relist): it learns from the maps which
     /// Service serves each frontend before it translates.
     fresh: bool,
+    /// New DNS answers are in it.
+    dns: bool,
+}
+
+impl Batch {
+    /// The translator was built anew (first batch, relist).
+    pub fn fresh(&self) -> bool {
+        self.fresh
+    }
 }
 
 /// Boxed: the three differ a lot in size, and each is moved once.
@@ -92,6 +101,9 @@ pub struct KubeSource {
     /// Resources being listed, or about to be after 410 Gone: their stores are not current.
     listing: BTreeSet<&'static str>,
     event_settle: Duration,
+    /// The resolver's answers for FQDN slices, kept for translators built after a relist.
+    resolved: Arc<crate::dns::Resolved>,
+    dns_changed: bool,
 }
 
 struct PendingEvent {
@@ -280,7 +292,31 @@ impl KubeSource {
             pending_events: Vec::new(),
             listing: BTreeSet::new(),
             event_settle: EVENT_SETTLE,
+            resolved: Arc::default(),
+            dns_changed: false,
         }
+    }
+
+    /// The names the FQDN slices of claimed Services need looked up (as of the last batch).
+    pub fn dns_wanted(&self) -> crate::dns::Wanted {
+        self.translator
+            .as_ref()
+            .map(Incremental::dns_wanted)
+            .unwrap_or_default()
+    }
+
+    /// The resolver's answers: the next translation uses them.
+    pub fn set_resolved(&mut self, resolved: Arc<crate::dns::Resolved>) {
+        if let Some(translator) = &mut self.translator {
+            translator.set_resolved(resolved.clone());
+        }
+        self.resolved = resolved;
+    }
+
+    /// The answers changed: [`KubeSource::next`] returns a batch that programs them.
+    pub fn dns_changed(&mut self) {
+        self.dirty = true;
+        self.dns_changed = true;
     }
 
     /// An Event on a claimed Service for a problem the data path found (not from translation):
@@ -489,6 +525,7 @@ impl KubeSource {
             }
             None => {
                 let mut translator = Incremental::new(node, settings);
+                translator.set_resolved(self.resolved.clone());
                 let inventory = self.cluster.inventory();
                 for (key, slice) in inventory.slices {
                     translator.set_slice(key, Some(slice));
@@ -505,6 +542,7 @@ impl KubeSource {
             triggers: std::mem::take(&mut self.triggers),
             slices_changed,
             fresh,
+            dns: std::mem::take(&mut self.dns_changed),
         })
     }
 
@@ -572,6 +610,13 @@ impl KubeSource {
                 applied.services,
                 applied.ops,
             );
+        } else if batch.dns && batch.triggers.is_empty() {
+            if applied.ops > 0 {
+                tracing::info!(
+                    "DNS answers changed: {} map updates in {ms:.2} ms",
+                    applied.ops
+                );
+            }
         } else if applied.ops > 0 && batch.triggers.is_empty() {
             tracing::info!(
                 "converged after a relist: {} map updates in {ms:.2} ms",

@@ -13,7 +13,7 @@ use extproxy::{
 use super::{
     Housekeeping,
     datapath::{Running, finish, start},
-    iface_addresses, refused, snat_ranges, stall_after, start_metrics, sweep,
+    fqdn, iface_addresses, refused, snat_ranges, stall_after, start_metrics, sweep,
 };
 use crate::cli::RunArgs;
 
@@ -103,11 +103,15 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     );
     let mut hk = Housekeeping::new(dp)?;
     let mut trimmed = false;
+    let mut dns = fqdn::resolver(args, &telemetry);
     loop {
         tokio::select! {
             _ = hk.sigint.recv() => break,
             _ = hk.sigterm.recv() => break,
             batch = source.next() => {
+                // The first programming (and one after a relist) waits for the names' answers.
+                fqdn::want(&mut dns, &source.dns_wanted(), batch.fresh()).await;
+                source.set_resolved(dns.resolved());
                 source.apply(batch, &mut running.agent);
                 if !trimmed {
                     // The initial lists and the first translation leave much freed memory.
@@ -120,15 +124,27 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
                 let reports = refused(&events, &mut refusals, &running.agent, &telemetry);
                 report_refusals(&source, reports);
             }
+            resolved = dns.next() => {
+                source.set_resolved(resolved);
+                source.dns_changed();
+            }
             _ = hk.gc.tick() => {
-                sweep(&mut running.agent, &telemetry);
+                let report = sweep(&mut running.agent, &telemetry);
                 let reports = refused(&[], &mut refusals, &running.agent, &telemetry);
                 report_refusals(&source, reports);
+                if let Some(resolved) = fqdn::after_sweep(&mut dns, report.as_ref()) {
+                    source.set_resolved(resolved);
+                    source.dns_changed();
+                }
             }
             _ = hk.flush.tick() => running.agent.flush_state(),
         }
     }
     running.agent.flush_state_now();
+    dns.flush_state_now();
+    if dp.detach_on_exit {
+        let _ = std::fs::remove_file(extproxy::dns::report::path(&dp.state_dir));
+    }
     // A DaemonSet rollout restarts the agent: flows must survive it, so keeping is the default.
     finish(running, dp, !dp.detach_on_exit)
 }

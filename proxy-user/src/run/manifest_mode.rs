@@ -15,7 +15,7 @@ use extproxy::{
 use super::{
     Housekeeping,
     datapath::{Running, finish, start},
-    iface_addresses, refused, service_names, snat_ranges, stall_after, start_metrics, sweep,
+    fqdn, iface_addresses, refused, service_names, snat_ranges, stall_after, start_metrics, sweep,
 };
 use crate::cli::{RunArgs, ServiceArgs};
 
@@ -85,6 +85,9 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
     // Frontends the (adopted) maps serve stay with their Service, whatever a newer file says.
     translator.set_incumbents(agent.incumbents());
     set.feed(&mut translator);
+    let mut dns = fqdn::resolver(args, &telemetry);
+    fqdn::want(&mut dns, &translator.dns_wanted(), true).await;
+    translator.set_resolved(dns.resolved());
     let t = translator.update();
     tracing::info!(
         "start-up: maps created in {:.0} ms, {} manifest file(s) read in {:.0} ms, translated in \
@@ -135,6 +138,7 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
                     set.apply_read(&path, read);
                 }
                 set.feed(&mut translator);
+                fqdn::want(&mut dns, &translator.dns_wanted(), false).await;
                 let t = translator.update();
                 let applied = running.agent.apply(t);
                 let names = applied.names_changed.then(|| service_names(&running.agent));
@@ -145,19 +149,50 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
                     applied.elapsed.as_secs_f64() * 1e3
                 );
             }
+            resolved = dns.next() => {
+                translator.set_resolved(resolved);
+                dns_changed(&mut translator, &mut running.agent, &telemetry);
+            }
             events = running.pods.next() => running.pod_events(events, &telemetry),
             events = dp_events.next() => {
                 refused(&events, &mut refusals, &running.agent, &telemetry);
             }
             _ = hk.gc.tick() => {
-                sweep(&mut running.agent, &telemetry);
+                let report = sweep(&mut running.agent, &telemetry);
                 refused(&[], &mut refusals, &running.agent, &telemetry);
+                if let Some(resolved) = fqdn::after_sweep(&mut dns, report.as_ref()) {
+                    translator.set_resolved(resolved);
+                    dns_changed(&mut translator, &mut running.agent, &telemetry);
+                }
             }
             _ = hk.flush.tick() => running.agent.flush_state(),
         }
     }
     running.agent.flush_state_now();
+    dns.flush_state_now();
+    if !dp.keep_on_exit {
+        let _ = std::fs::remove_file(extproxy::dns::report::path(&dp.state_dir));
+    }
     finish(running, dp, dp.keep_on_exit)
+}
+
+/// Programs what new DNS answers changed.
+fn dns_changed(
+    translator: &mut Incremental,
+    agent: &mut extproxy::agent::Agent,
+    telemetry: &Telemetry,
+) {
+    let t = translator.update();
+    let applied = agent.apply(t);
+    let names = applied.names_changed.then(|| service_names(agent));
+    telemetry.record_apply(t, &applied, names);
+    if applied.ops > 0 {
+        tracing::info!(
+            "DNS answers changed: {} map updates in {:.2} ms",
+            applied.ops,
+            applied.elapsed.as_secs_f64() * 1e3
+        );
+    }
 }
 
 pub fn settings(

@@ -25,10 +25,11 @@ use proxy_common::FrontendKey;
 
 use super::{
     Changes, ClaimReason, Claimed, DesiredService, Filled, NodeInfo, ObjectKey, ServicePortKey,
-    Settings, SliceFacts, Sourced, Translation, Translator, alloc, explicit_cluster_ips,
+    Settings, SliceFacts, Sourced, Translation, Translator, alloc, explicit_cluster_ips, fqdn,
     slice_facts, spec_of,
 };
 use crate::diag::{Diagnostic, ObjectRef, Origin, Site};
+use crate::dns::{Resolved, Wanted};
 use crate::names::SERVICE_NAME_LABEL;
 use crate::objects::{ServiceObject as Service, SliceObject as EndpointSlice};
 
@@ -586,6 +587,10 @@ pub struct Incremental {
     /// Problems found before translation (reading manifests): reported first.
     source_diagnostics: Vec<Diagnostic>,
     translation: Translation,
+    /// The resolver's answers, which FQDN slices' endpoints come from.
+    resolved: Arc<Resolved>,
+    /// FQDN slices as given: translated again when their names' answers change.
+    fqdn_slices: BTreeMap<ObjectKey, Sourced<EndpointSlice>>,
 }
 
 impl Incremental {
@@ -602,7 +607,56 @@ impl Incremental {
             diagnostics_dirty: true,
             source_diagnostics: Vec::new(),
             translation: Translation::default(),
+            resolved: Arc::default(),
+            fqdn_slices: BTreeMap::new(),
         }
+    }
+
+    /// New answers from the resolver: the FQDN slices naming a name whose answer changed are
+    /// translated again at the next update.
+    pub fn set_resolved(&mut self, resolved: Arc<Resolved>) {
+        let changed = self.resolved.changed_names(&resolved);
+        self.resolved = resolved;
+        if changed.is_empty() {
+            return;
+        }
+        let affected: Vec<(ObjectKey, Sourced<EndpointSlice>)> = self
+            .fqdn_slices
+            .iter()
+            .filter(|(_, s)| {
+                s.object
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| e.addresses.first())
+                    .any(|name| changed.contains(name.as_str()))
+            })
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        for (key, slice) in affected {
+            self.set_slice(key, Some(slice));
+        }
+    }
+
+    /// The names the FQDN slices of served Services need looked up, and in which families.
+    pub fn dns_wanted(&self) -> Wanted {
+        let mut wanted = Wanted::new();
+        for (key, slice) in &self.fqdn_slices {
+            let Some(label) = slice.object.metadata.labels.get(SERVICE_NAME_LABEL) else {
+                continue;
+            };
+            let service_key = ObjectKey {
+                namespace: key.namespace.clone(),
+                name: label.into(),
+            };
+            let service = self
+                .world
+                .services
+                .get(&service_key)
+                .and_then(|e| e.source.as_ref())
+                .map(|s| &*s.object);
+            fqdn::want(&slice.object, service, &self.settings, &mut wanted);
+        }
+        wanted
     }
 
     /// The translation as of the last update.
@@ -695,6 +749,14 @@ impl Incremental {
 
     /// Adds, replaces (Some) or removes (None) an EndpointSlice.
     pub fn set_slice(&mut self, key: ObjectKey, slice: Option<Sourced<EndpointSlice>>) {
+        match &slice {
+            Some(s) if s.object.address_type == "FQDN" => {
+                self.fqdn_slices.insert(key.clone(), s.clone());
+            }
+            _ => {
+                self.fqdn_slices.remove(&key);
+            }
+        }
         // Endpoint addresses that come or go: a Service with one as an external address is
         // translated again (the address is refused, or no longer, or its message names
         // another Service).
@@ -735,7 +797,7 @@ impl Incremental {
                 namespace: key.namespace.clone(),
                 name: name.into(),
             };
-            let facts = slice_facts(&slice.object, &site, &mut diagnostics);
+            let facts = slice_facts(&slice.object, &site, &mut diagnostics, &self.resolved);
             (service, facts)
         });
         let Site { origin, object } = site;

@@ -690,6 +690,7 @@ fn slices_merge_and_ready_wins() {
         slice_yaml("s-a", "s", "IPv4", "[{name: p, port: 80}]", "[{addresses: [10.1.0.1], conditions: {ready: false}}, {addresses: [10.1.0.2]}]"),
         slice_yaml("s-b", "s", "IPv4", "[{name: p, port: 80}]", "[{addresses: [10.1.0.1]}, {addresses: ['fd00::1']}, {addresses: [not-an-ip]}]"),
         slice_yaml("s-c", "s", "IPv6", "[{name: p, port: 80}, {name: p, port: 0}]", "[{addresses: ['fd00::2']}]"),
+        // Names nothing resolved (no answers in this translation's input): no endpoints.
         slice_yaml("s-d", "s", "FQDN", "[{name: p, port: 80}]", "[{addresses: [db.example.com]}]"),
         slice_yaml("s-e", "s", "IPv4", "[{name: p, port: 80}]", "[{addresses: [10.1.0.3]}]")
             .replace("  labels: {kubernetes.io/service-name: s}\n", ""),
@@ -703,7 +704,6 @@ fn slices_merge_and_ready_wins() {
             "error: m.yaml:18: EndpointSlice default/s-b: endpoints[1].addresses[0]: fd00::1 is IPv6 but the slice's addressType is IPv4; endpoint ignored",
             "error: m.yaml:18: EndpointSlice default/s-b: endpoints[2].addresses[0]: \"not-an-ip\" is not an IP address; endpoint ignored",
             "error: m.yaml:27: EndpointSlice default/s-c: ports[1].port: port 0 is out of range 1-65535; port ignored",
-            "warning: m.yaml:36: EndpointSlice default/s-d: addressType: FQDN endpoints are not proxied (extproxy forwards to IP addresses); slice ignored",
             "info: m.yaml:45: EndpointSlice default/s-e: metadata.labels: no kubernetes.io/service-name label: these endpoints belong to no Service",
             "info: m.yaml:53: EndpointSlice default/s-f: metadata.labels[kubernetes.io/service-name]: there is no Service default/gone: these endpoints are not used",
         ]
