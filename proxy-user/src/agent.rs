@@ -497,6 +497,7 @@ mod tests {
                 port: 80,
                 cluster_ip: None,
                 node_port: None,
+                health: Default::default(),
             },
         );
         let mut reconciler = Reconciler::new(LIMITS);

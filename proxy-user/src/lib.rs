@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod diag;
 pub mod gc;
+pub mod health;
 pub mod host;
 pub mod inspect;
 pub mod kube;

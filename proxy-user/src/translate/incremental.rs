@@ -25,8 +25,8 @@ use proxy_common::FrontendKey;
 
 use super::{
     Changes, ClaimReason, Claimed, DesiredService, Filled, NodeInfo, ObjectKey, ServicePortKey,
-    Settings, SliceFacts, Sourced, Translation, Translator, alloc, explicit_cluster_ips,
-    slice_facts, spec_of,
+    Settings, SliceFacts, Sourced, Translation, Translator, Unhealthy, alloc,
+    explicit_cluster_ips, slice_facts, spec_of,
 };
 use crate::diag::{Diagnostic, ObjectRef, Origin, Site};
 use crate::names::SERVICE_NAME_LABEL;
@@ -585,6 +585,8 @@ pub struct Incremental {
     diagnostics_dirty: bool,
     /// Problems found before translation (reading manifests): reported first.
     source_diagnostics: Vec<Diagnostic>,
+    /// Endpoints health checking judged unhealthy, by Service.
+    unhealthy: HashMap<ObjectKey, Arc<Unhealthy>>,
     translation: Translation,
 }
 
@@ -601,8 +603,23 @@ impl Incremental {
             full: true,
             diagnostics_dirty: true,
             source_diagnostics: Vec::new(),
+            unhealthy: HashMap::new(),
             translation: Translation::default(),
         }
+    }
+
+    /// The endpoints of Service `key` health checking judges unhealthy (None: all healthy);
+    /// the Service is translated again at the next update if that changed.
+    pub fn set_unhealthy(&mut self, key: ObjectKey, unhealthy: Option<Arc<Unhealthy>>) {
+        let unhealthy = unhealthy.filter(|u| !u.endpoints.is_empty());
+        if self.unhealthy.get(&key) == unhealthy.as_ref() {
+            return;
+        }
+        match unhealthy {
+            Some(u) => self.unhealthy.insert(key.clone(), u),
+            None => self.unhealthy.remove(&key),
+        };
+        self.dirty.insert(key);
     }
 
     /// The translation as of the last update.
@@ -1002,6 +1019,7 @@ impl Incremental {
             own_node_ports: BTreeSet::new(),
             frontend_owners: HashMap::new(),
             unusable_endpoints: BTreeSet::new(),
+            unhealthy: self.unhealthy.get(&**key).map(|u| &**u),
         };
         if let Some(reason) = t.claim(&source.object, &site) {
             t.out.claimed = Some(reason);
