@@ -131,6 +131,8 @@ struct Inner {
     service_names: Vec<(u32, ServicePortKey)>,
     /// New flows the data path refused for want of room, by problem (see `refusals`).
     refused: Vec<(RefusalKey, u64)>,
+    /// Health checking's own metrics, rendered at scrape time.
+    health: Option<Arc<Mutex<crate::health::HealthMetrics>>>,
 }
 
 /// Shared record of the agent's state for probes and metrics.
@@ -171,6 +173,7 @@ impl Telemetry {
                 pod_interfaces: None,
                 service_names: Vec::new(),
                 refused: Vec::new(),
+                health: None,
             }),
             stall_after,
         })
@@ -334,6 +337,11 @@ impl Telemetry {
         self.lock().refused = totals.map(|(k, n)| (k.clone(), n)).collect();
     }
 
+    /// Health checking's metrics join the exposition.
+    pub fn set_health_metrics(&self, metrics: Arc<Mutex<crate::health::HealthMetrics>>) {
+        self.lock().health = Some(metrics);
+    }
+
     pub fn record_event(&self, reason: &str, published: bool) {
         let mut inner = self.lock();
         if published {
@@ -493,6 +501,10 @@ impl Telemetry {
         );
         if let Some(stats) = datapath {
             stats.render(&inner.service_names, &mut out);
+        }
+        if let Some(health) = &inner.health {
+            let health = health.lock().unwrap_or_else(|e| e.into_inner());
+            out.text.push_str(&health.render());
         }
         out.text
     }

@@ -58,6 +58,8 @@ pub struct Batch {
     /// The translator was built anew (first batch, relist): it learns from the maps which
     /// Service serves each frontend before it translates.
     fresh: bool,
+    /// Health verdicts changed (the health monitor logs those itself).
+    health: bool,
 }
 
 /// Boxed: the three differ a lot in size, and each is moved once.
@@ -92,6 +94,10 @@ pub struct KubeSource {
     /// Resources being listed, or about to be after 410 Gone: their stores are not current.
     listing: BTreeSet<&'static str>,
     event_settle: Duration,
+    /// Endpoints health checking judges unhealthy, by Service: told to every translator,
+    /// including one built anew after a relist.
+    unhealthy: BTreeMap<ObjectKey, Arc<translate::Unhealthy>>,
+    health_changed: bool,
 }
 
 struct PendingEvent {
@@ -280,7 +286,41 @@ impl KubeSource {
             pending_events: Vec::new(),
             listing: BTreeSet::new(),
             event_settle: EVENT_SETTLE,
+            unhealthy: BTreeMap::new(),
+            health_changed: false,
         }
+    }
+
+    /// Health checking's verdict on Service `key` changed: the next batch translates it again.
+    pub fn set_unhealthy(&mut self, key: ObjectKey, unhealthy: Option<Arc<translate::Unhealthy>>) {
+        match &unhealthy {
+            Some(u) => self.unhealthy.insert(key.clone(), u.clone()),
+            None => self.unhealthy.remove(&key),
+        };
+        if let Some(translator) = &mut self.translator {
+            translator.set_unhealthy(key, unhealthy);
+        }
+        self.health_changed = true;
+        self.dirty = true;
+    }
+
+    /// An Event on the Service for an endpoint's health transition: Warning when it became
+    /// unhealthy, Normal when it recovered.
+    pub fn report_health(&self, report: &crate::health::Report) {
+        let healthy = report.transition.healthy;
+        let event = ProblemEvent {
+            service: report.service(),
+            slice: None,
+            reason: if healthy {
+                "EndpointHealthy"
+            } else {
+                "EndpointUnhealthy"
+            },
+            field: Some(format!("endpoint {}", report.endpoint)),
+            note: report.describe(),
+        };
+        let type_ = if healthy { "Normal" } else { "Warning" };
+        self.publisher.publish_as(event, &self.cluster, true, type_);
     }
 
     /// An Event on a claimed Service for a problem the data path found (not from translation):
@@ -496,6 +536,9 @@ impl KubeSource {
                 for (key, service) in inventory.services {
                     translator.set_service(key, Some(service));
                 }
+                for (key, unhealthy) in &self.unhealthy {
+                    translator.set_unhealthy(key.clone(), Some(unhealthy.clone()));
+                }
                 self.translator = Some(translator);
             }
         }
@@ -505,6 +548,7 @@ impl KubeSource {
             triggers: std::mem::take(&mut self.triggers),
             slices_changed,
             fresh,
+            health: std::mem::take(&mut self.health_changed),
         })
     }
 
@@ -572,6 +616,8 @@ impl KubeSource {
                 applied.services,
                 applied.ops,
             );
+        } else if batch.health && batch.triggers.is_empty() {
+            tracing::debug!("health verdicts: {} map updates in {ms:.2} ms", applied.ops);
         } else if applied.ops > 0 && batch.triggers.is_empty() {
             tracing::info!(
                 "converged after a relist: {} map updates in {ms:.2} ms",

@@ -4,6 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, bail};
 use extproxy::{
+    health::Monitor,
     host,
     kube::{self as kubemode, KubeSource, NodeOverrides, SourceConfig},
     metrics::{self, Telemetry},
@@ -103,12 +104,18 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     );
     let mut hk = Housekeeping::new(dp)?;
     let mut trimmed = false;
+    let mut health = Monitor::new();
+    telemetry.set_health_metrics(health.metrics());
+    let mut passive = super::manifest_mode::health_poll();
     loop {
         tokio::select! {
             _ = hk.sigint.recv() => break,
             _ = hk.sigterm.recv() => break,
             batch = source.next() => {
                 source.apply(batch, &mut running.agent);
+                if let Some(t) = source.translation() {
+                    health.sync(t, running.agent.reconciler());
+                }
                 if !trimmed {
                     // The initial lists and the first translation leave much freed memory.
                     host::release_free_memory();
@@ -125,7 +132,19 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
                 let reports = refused(&[], &mut refusals, &running.agent, &telemetry);
                 report_refusals(&source, reports);
             }
+            result = health.next_result() => health.on_probe(result),
+            _ = passive.tick() => health.poll(&running.agent.maps),
             _ = hk.flush.tick() => running.agent.flush_state(),
+        }
+        // New verdicts make the next batch at once (the source is marked dirty).
+        for (service, unhealthy) in health.take_changes() {
+            source.set_unhealthy(service, unhealthy);
+        }
+        for report in health.take_reports() {
+            source.report_health(&report);
+        }
+        if let Some(records) = health.take_records() {
+            running.agent.set_health(records);
         }
     }
     running.agent.flush_state_now();

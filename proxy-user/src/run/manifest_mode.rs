@@ -4,6 +4,7 @@ use std::{net::IpAddr, path::Path, time::Instant};
 
 use anyhow::{Context as _, bail};
 use extproxy::{
+    health::{self, Monitor},
     host,
     manifest::ManifestSet,
     metrics::Telemetry,
@@ -96,6 +97,9 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
     print_summary(t);
     let applied = agent.apply(t);
     telemetry.record_apply(t, &applied, Some(service_names(&agent)));
+    let mut health = Monitor::new();
+    telemetry.set_health_metrics(health.metrics());
+    health.sync(t, agent.reconciler());
     tracing::info!(
         "programmed {} service port(s) with {} map updates in {:.1} ms",
         applied.services,
@@ -114,6 +118,7 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
     tracing::info!("extproxy is running; watching {}", manifests.display());
 
     let mut hk = Housekeeping::new(dp)?;
+    let mut passive = health_poll();
     loop {
         tokio::select! {
             _ = hk.sigint.recv() => break,
@@ -136,7 +141,10 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
                     applied.ops,
                     applied.elapsed.as_secs_f64() * 1e3
                 );
+                health.sync(t, running.agent.reconciler());
             }
+            result = health.next_result() => health.on_probe(result),
+            _ = passive.tick() => health.poll(&running.agent.maps),
             events = running.pods.next() => running.pod_events(events, &telemetry),
             events = dp_events.next() => {
                 refused(&events, &mut refusals, &running.agent, &telemetry);
@@ -147,9 +155,28 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
             }
             _ = hk.flush.tick() => running.agent.flush_state(),
         }
+        if health.tell(&mut translator) {
+            let t = translator.update();
+            let applied = running.agent.apply(t);
+            let names = applied.names_changed.then(|| service_names(&running.agent));
+            telemetry.record_apply(t, &applied, names);
+            health.sync(t, running.agent.reconciler());
+        }
+        health.take_reports();
+        if let Some(records) = health.take_records() {
+            running.agent.set_health(records);
+        }
     }
     running.agent.flush_state_now();
     finish(running, dp, dp.keep_on_exit)
+}
+
+/// The passive health counters' reading pace; a late tick is not caught up (a busy loop must
+/// not read them twice in a row).
+pub(super) fn health_poll() -> tokio::time::Interval {
+    let mut poll = tokio::time::interval(health::PASSIVE_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    poll
 }
 
 pub fn settings(
