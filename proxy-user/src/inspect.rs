@@ -390,7 +390,11 @@ pub fn render(report: &Report) -> String {
                 .map(|e| {
                     if e.state == "active" {
                         e.address.clone()
-                    } else if e.health.as_deref().is_some_and(|h| h.starts_with("unhealthy")) {
+                    } else if e
+                        .health
+                        .as_deref()
+                        .is_some_and(|h| h.starts_with("unhealthy"))
+                    {
                         format!("{} (unhealthy)", e.address)
                     } else {
                         format!("{} ({})", e.address, e.state)

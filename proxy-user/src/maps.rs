@@ -290,7 +290,10 @@ impl DatapathMaps {
         let count = count as usize;
         let mut keys = vec![0u32; count];
         let mut values = vec![BackendHealth::default(); count];
-        let fd = IterableMap::map(&self.backend_health).fd().as_fd().as_raw_fd();
+        let fd = IterableMap::map(&self.backend_health)
+            .fd()
+            .as_fd()
+            .as_raw_fd();
         let mut done = 0usize;
         let mut next: u32 = 0;
         while done < count {
@@ -307,7 +310,11 @@ impl DatapathMaps {
             }
             let mut out_batch: u32 = 0;
             let mut attr = BatchAttr {
-                in_batch: if done == 0 { 0 } else { &next as *const u32 as u64 },
+                in_batch: if done == 0 {
+                    0
+                } else {
+                    &next as *const u32 as u64
+                },
                 out_batch: &mut out_batch as *mut u32 as u64,
                 keys: keys[done..].as_mut_ptr() as u64,
                 values: values[done..].as_mut_ptr() as u64,

@@ -21,8 +21,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visi
 
 use crate::names::{
     EGRESS_IP_ANNOTATION, HEALTH_ANNOTATIONS, LEGACY_SOURCE_RANGES_ANNOTATION, MANAGED_BY_LABEL,
-    SERVICE_NAME_LABEL,
-    SERVICE_PROXY_NAME_LABEL, SKIP_MIRROR_LABEL,
+    SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, SKIP_MIRROR_LABEL,
 };
 
 /// Labels and annotations extproxy reads; every other one is dropped on reading.

@@ -1245,7 +1245,12 @@ impl Translator<'_> {
     }
 
     /// The health annotations, each bad value an error naming its annotation.
-    fn health_setting(&mut self, service: &Service, ports: &[PortSpec], site: &Site) -> HealthSetting {
+    fn health_setting(
+        &mut self,
+        service: &Service,
+        ports: &[PortSpec],
+        site: &Site,
+    ) -> HealthSetting {
         let annotations = &service.metadata.annotations;
         let field = |name: &str| format!("metadata.annotations[{name}]");
         let config = match health_config::parse(|k| annotations.get(k)) {

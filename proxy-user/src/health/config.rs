@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use crate::names::{
     HEALTH_CHECK_ALL_DOWN_ANNOTATION, HEALTH_CHECK_ANNOTATION, HEALTH_CHECK_HEALTHY_ANNOTATION,
-    HEALTH_CHECK_HOST_ANNOTATION, HEALTH_CHECK_INTERVAL_ANNOTATION, HEALTH_CHECK_PASSIVE_ANNOTATION,
-    HEALTH_CHECK_PATH_ANNOTATION, HEALTH_CHECK_PORT_ANNOTATION, HEALTH_CHECK_TIMEOUT_ANNOTATION,
-    HEALTH_CHECK_UNHEALTHY_ANNOTATION, HEALTH_CHECK_VERIFY_ANNOTATION,
+    HEALTH_CHECK_HOST_ANNOTATION, HEALTH_CHECK_INTERVAL_ANNOTATION,
+    HEALTH_CHECK_PASSIVE_ANNOTATION, HEALTH_CHECK_PATH_ANNOTATION, HEALTH_CHECK_PORT_ANNOTATION,
+    HEALTH_CHECK_TIMEOUT_ANNOTATION, HEALTH_CHECK_UNHEALTHY_ANNOTATION,
+    HEALTH_CHECK_VERIFY_ANNOTATION,
 };
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
@@ -95,7 +96,9 @@ pub struct AnnotationError {
 
 /// Parses the health annotations (`get` looks one up). Every bad value is reported; with any,
 /// the result is an error (the Service keeps its previous setting).
-pub fn parse<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<HealthConfig, Vec<AnnotationError>> {
+pub fn parse<'a>(
+    get: impl Fn(&str) -> Option<&'a str>,
+) -> Result<HealthConfig, Vec<AnnotationError>> {
     let mut errors = Vec::new();
     let mut error = |annotation: &'static str, message: String| {
         errors.push(AnnotationError {
@@ -118,22 +121,27 @@ pub fn parse<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<HealthConfig, 
             None
         }
     };
-    let duration = |name: &'static str, default: Duration, error: &mut dyn FnMut(&'static str, String)| {
-        match text(name) {
-            None => default,
-            Some(t) => match parse_duration(t) {
-                Some(d) => d,
-                None => {
-                    error(
-                        name,
-                        format!("{t:?} is not a duration (like 500ms, 2s, 1m)"),
-                    );
-                    default
-                }
-            },
-        }
-    };
-    let interval = duration(HEALTH_CHECK_INTERVAL_ANNOTATION, DEFAULT_INTERVAL, &mut error);
+    let duration =
+        |name: &'static str, default: Duration, error: &mut dyn FnMut(&'static str, String)| {
+            match text(name) {
+                None => default,
+                Some(t) => match parse_duration(t) {
+                    Some(d) => d,
+                    None => {
+                        error(
+                            name,
+                            format!("{t:?} is not a duration (like 500ms, 2s, 1m)"),
+                        );
+                        default
+                    }
+                },
+            }
+        };
+    let interval = duration(
+        HEALTH_CHECK_INTERVAL_ANNOTATION,
+        DEFAULT_INTERVAL,
+        &mut error,
+    );
     let timeout = duration(HEALTH_CHECK_TIMEOUT_ANNOTATION, DEFAULT_TIMEOUT, &mut error);
     if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&interval) {
         error(
@@ -156,8 +164,10 @@ pub fn parse<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<HealthConfig, 
             ),
         );
     }
-    let threshold = |name: &'static str, default: u32, error: &mut dyn FnMut(&'static str, String)| {
-        match text(name) {
+    let threshold =
+        |name: &'static str, default: u32, error: &mut dyn FnMut(&'static str, String)| match text(
+            name,
+        ) {
             None => default,
             Some(t) => match t.parse::<u32>() {
                 Ok(n) if (1..=MAX_THRESHOLD).contains(&n) => n,
@@ -169,8 +179,7 @@ pub fn parse<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<HealthConfig, 
                     default
                 }
             },
-        }
-    };
+        };
     let unhealthy_threshold = threshold(
         HEALTH_CHECK_UNHEALTHY_ANNOTATION,
         DEFAULT_UNHEALTHY_THRESHOLD,
@@ -196,7 +205,9 @@ pub fn parse<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<HealthConfig, 
     };
     let path = match text(HEALTH_CHECK_PATH_ANNOTATION) {
         None => "/".to_owned(),
-        Some(p) if p.starts_with('/') && !p.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+        Some(p)
+            if p.starts_with('/') && !p.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+        {
             p.to_owned()
         }
         Some(p) => {
@@ -218,7 +229,9 @@ pub fn parse<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Result<HealthConfig, 
             None
         }
     };
-    let boolean = |name: &'static str, default: bool, error: &mut dyn FnMut(&'static str, String)| {
+    let boolean = |name: &'static str,
+                   default: bool,
+                   error: &mut dyn FnMut(&'static str, String)| {
         match text(name) {
             None => default,
             Some("true") => true,
@@ -312,9 +325,9 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 /// A duration the way the annotations write it.
 pub fn show(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 60_000 == 0 && ms > 0 {
+    if ms.is_multiple_of(60_000) && ms > 0 {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -359,7 +372,10 @@ mod tests {
         assert_eq!(config, HealthConfig::default());
         assert!(config.passive);
         assert_eq!(config.active, None);
-        assert_eq!(parse_map(&[(HEALTH_CHECK_ANNOTATION, "none")]).unwrap(), config);
+        assert_eq!(
+            parse_map(&[(HEALTH_CHECK_ANNOTATION, "none")]).unwrap(),
+            config
+        );
     }
 
     #[test]
@@ -436,7 +452,10 @@ mod tests {
                 HEALTH_CHECK_ALL_DOWN_ANNOTATION,
             ]
         );
-        assert!(errors[1].message.contains("\"5\" is not a duration"), "{errors:?}");
+        assert!(
+            errors[1].message.contains("\"5\" is not a duration"),
+            "{errors:?}"
+        );
         // The timeout must fit in the interval.
         let errors = parse_map(&[
             (HEALTH_CHECK_ANNOTATION, "tcp"),

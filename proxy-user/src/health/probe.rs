@@ -156,7 +156,10 @@ async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(
         "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: extproxy-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
         key.check.path
     );
-    stream.write_all(request.as_bytes()).await.map_err(io_cause)?;
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(io_cause)?;
     let mut buf = [0u8; 512];
     let mut len = 0;
     loop {
@@ -331,7 +334,10 @@ mod tests {
     async fn tcp_probes_tell_open_from_closed() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let open = listener.local_addr().unwrap();
-        assert_eq!(probe_once(&key(open, CheckKind::Tcp, "/")).await, (Ok(()), false));
+        assert_eq!(
+            probe_once(&key(open, CheckKind::Tcp, "/")).await,
+            (Ok(()), false)
+        );
         drop(listener);
         assert_eq!(
             probe_once(&key(open, CheckKind::Tcp, "/")).await.0,
@@ -346,10 +352,19 @@ mod tests {
         k.check.host = Some("api.example.com".into());
         assert_eq!(probe_once(&k).await.0, Ok(()));
         let request = requests.recv().await.unwrap();
-        assert!(request.starts_with("GET /healthz HTTP/1.1\r\n"), "{request}");
-        assert!(request.contains("\r\nHost: api.example.com\r\n"), "{request}");
+        assert!(
+            request.starts_with("GET /healthz HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(
+            request.contains("\r\nHost: api.example.com\r\n"),
+            "{request}"
+        );
         let (redirect, _r) = http_server("302 Found").await;
-        assert_eq!(probe_once(&key(redirect, CheckKind::Http, "/")).await.0, Ok(()));
+        assert_eq!(
+            probe_once(&key(redirect, CheckKind::Http, "/")).await.0,
+            Ok(())
+        );
         let (failing, _f) = http_server("503 Service Unavailable").await;
         assert_eq!(
             probe_once(&key(failing, CheckKind::Http, "/")).await.0,
@@ -378,7 +393,10 @@ mod tests {
 
     #[test]
     fn status_lines_are_parsed() {
-        assert_eq!(status_code(b"HTTP/1.1 503 Service Unavailable\r\n"), Some(503));
+        assert_eq!(
+            status_code(b"HTTP/1.1 503 Service Unavailable\r\n"),
+            Some(503)
+        );
         assert_eq!(status_code(b"HTTP/1.0 200 OK\r\n"), Some(200));
         assert_eq!(status_code(b"SSH-2.0-OpenSSH\r\n"), None);
         assert_eq!(status_code(b""), None);

@@ -185,7 +185,11 @@ impl EndpointHealth {
     }
 
     /// The check changed (or went away): its earlier results say nothing about the new one.
-    pub fn reset_active(&mut self, check: Option<&ActiveCheck>, now: Instant) -> Option<Transition> {
+    pub fn reset_active(
+        &mut self,
+        check: Option<&ActiveCheck>,
+        now: Instant,
+    ) -> Option<Transition> {
         self.active_healthy = true;
         self.pass_run = 0;
         self.fail_run = 0;
@@ -194,7 +198,11 @@ impl EndpointHealth {
     }
 
     /// Passive detection was turned off: any ejection ends.
-    pub fn reset_passive(&mut self, check: Option<&ActiveCheck>, now: Instant) -> Option<Transition> {
+    pub fn reset_passive(
+        &mut self,
+        check: Option<&ActiveCheck>,
+        now: Instant,
+    ) -> Option<Transition> {
         self.ejection = None;
         self.probation = false;
         self.settle(check, now)
@@ -256,7 +264,11 @@ impl EndpointHealth {
         }
         let since_readmit = counters.failed.saturating_sub(self.failed_at_readmit);
         let run = (counters.consecutive as u64).min(since_readmit);
-        let needed = if self.probation { 1 } else { PASSIVE_FAILURES as u64 };
+        let needed = if self.probation {
+            1
+        } else {
+            PASSIVE_FAILURES as u64
+        };
         if run < needed {
             return PassiveStep::Nothing;
         }
@@ -383,7 +395,9 @@ mod tests {
         // A pass in between starts the count again.
         assert_eq!(h.on_probe(Ok(()), &c, secs(t0, 2.0)), None);
         assert_eq!(h.on_probe(Err(Cause::Refused), &c, secs(t0, 3.0)), None);
-        let t = h.on_probe(Err(Cause::Http(503)), &c, secs(t0, 4.0)).unwrap();
+        let t = h
+            .on_probe(Err(Cause::Http(503)), &c, secs(t0, 4.0))
+            .unwrap();
         assert_eq!(
             t,
             Transition {
@@ -463,7 +477,12 @@ mod tests {
         for _ in 0..10 {
             failed += 3;
             assert!(matches!(
-                h.on_passive(counters(0, failed, failed as u32, HF_TIMEOUT), true, None, now),
+                h.on_passive(
+                    counters(0, failed, failed as u32, HF_TIMEOUT),
+                    true,
+                    None,
+                    now
+                ),
                 PassiveStep::Transition(_)
             ));
             let start = now;

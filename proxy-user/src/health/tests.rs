@@ -145,13 +145,20 @@ const SLOW_TCP: &str = "extproxy.io/health-check: tcp\n    extproxy.io/health-ch
 async fn an_unhealthy_endpoint_drains_and_comes_back() {
     let mut rig = Rig::new(SLOW_TCP);
     let check = active_of(&rig);
-    assert_eq!(rig.monitor.counts(), (2, 2), "two endpoints, one probe each");
+    assert_eq!(
+        rig.monitor.counts(),
+        (2, 2),
+        "two endpoints, one probe each"
+    );
     use BackendRole::*;
     rig.probe("203.0.113.7", Err(Cause::Refused), &check);
     rig.settle();
     assert_eq!(
         rig.roles(),
-        [("203.0.113.7:5432".into(), Active), ("203.0.113.8:5432".into(), Active)],
+        [
+            ("203.0.113.7:5432".into(), Active),
+            ("203.0.113.8:5432".into(), Active)
+        ],
         "one failure is below the threshold"
     );
     rig.probe("203.0.113.7", Err(Cause::Refused), &check);
@@ -166,7 +173,15 @@ async fn an_unhealthy_endpoint_drains_and_comes_back() {
     // In the maps: Draining (established flows go on), and not in a slot.
     let id = rig
         .reconciler
-        .service_id(rig.translator.translation().desired.services.keys().next().unwrap())
+        .service_id(
+            rig.translator
+                .translation()
+                .desired
+                .services
+                .keys()
+                .next()
+                .unwrap(),
+        )
         .unwrap();
     let slots: Vec<u32> = rig.maps.slots_of(id).map(|(_, b)| b).collect();
     assert_eq!(slots.len(), 1);
@@ -196,7 +211,10 @@ async fn an_unhealthy_endpoint_drains_and_comes_back() {
     rig.settle();
     assert_eq!(
         rig.roles(),
-        [("203.0.113.7:5432".into(), Active), ("203.0.113.8:5432".into(), Active)]
+        [
+            ("203.0.113.7:5432".into(), Active),
+            ("203.0.113.8:5432".into(), Active)
+        ]
     );
     assert!(rig.monitor.take_reports()[0].transition.healthy);
 }
@@ -213,20 +231,27 @@ async fn all_down_fails_open_unless_told_to_refuse() {
     rig.settle();
     assert_eq!(
         rig.roles(),
-        [("203.0.113.7:5432".into(), Active), ("203.0.113.8:5432".into(), Active)],
+        [
+            ("203.0.113.7:5432".into(), Active),
+            ("203.0.113.8:5432".into(), Active)
+        ],
         "fail open"
     );
     assert!(
-        rig.diagnostics().iter().any(|(s, d)| *s == Severity::Warning
-            && d.ends_with(
-                "port \"\" (TCP IPv4): every endpoint is unhealthy: using them all (fail open; \
+        rig.diagnostics()
+            .iter()
+            .any(|(s, d)| *s == Severity::Warning
+                && d.ends_with(
+                    "port \"\" (TCP IPv4): every endpoint is unhealthy: using them all (fail open; \
                  extproxy.io/health-check-all-down: refuse refuses connections instead)"
-            )),
+                )),
         "{:?}",
         rig.diagnostics()
     );
 
-    rig.edit(&format!("{SLOW_TCP}\n    extproxy.io/health-check-all-down: refuse"));
+    rig.edit(&format!(
+        "{SLOW_TCP}\n    extproxy.io/health-check-all-down: refuse"
+    ));
     // The check did not change: its verdicts stand, and the policy is told with them.
     rig.settle();
     assert_eq!(
@@ -238,9 +263,8 @@ async fn all_down_fails_open_unless_told_to_refuse() {
         "refused"
     );
     assert!(
-        rig.diagnostics()
-            .iter()
-            .any(|(s, d)| *s == Severity::Error && d.contains("every endpoint is unhealthy: new connections are refused")),
+        rig.diagnostics().iter().any(|(s, d)| *s == Severity::Error
+            && d.contains("every endpoint is unhealthy: new connections are refused")),
         "{:?}",
         rig.diagnostics()
     );
@@ -250,7 +274,9 @@ async fn all_down_fails_open_unless_told_to_refuse() {
 async fn a_bad_annotation_keeps_the_previous_setting() {
     let mut rig = Rig::new(SLOW_TCP);
     let check = active_of(&rig);
-    rig.edit(&format!("{SLOW_TCP}\n    extproxy.io/health-check-healthy-threshold: lots"));
+    rig.edit(&format!(
+        "{SLOW_TCP}\n    extproxy.io/health-check-healthy-threshold: lots"
+    ));
     assert_eq!(active_of(&rig), check, "the previous check stays");
     assert_eq!(rig.monitor.counts().1, 2, "its probes keep running");
     assert!(

@@ -25,8 +25,8 @@ use proxy_common::FrontendKey;
 
 use super::{
     Changes, ClaimReason, Claimed, DesiredService, Filled, NodeInfo, ObjectKey, ServicePortKey,
-    Settings, SliceFacts, Sourced, Translation, Translator, Unhealthy, alloc,
-    explicit_cluster_ips, slice_facts, spec_of,
+    Settings, SliceFacts, Sourced, Translation, Translator, Unhealthy, alloc, explicit_cluster_ips,
+    slice_facts, spec_of,
 };
 use crate::diag::{Diagnostic, ObjectRef, Origin, Site};
 use crate::names::SERVICE_NAME_LABEL;
