@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 
 use extproxy_envtest::{ControlPlane, Options, binaries_or_skip};
 use extproxy_tests::agent::*;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
     Namespace, Node, NodeAddress, NodeStatus, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, ListParams, PostParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 
 const METRICS: &str = "127.0.0.1:19465";
 const WAIT: Duration = Duration::from_secs(40);
@@ -93,44 +94,24 @@ fn wait_until(what: &str, agent: &Agent, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// Needs root.
-#[test]
-fn health_transitions_are_events_on_the_service_and_metrics() {
-    let Some(bins) = binaries_or_skip("health_transitions_are_events_on_the_service_and_metrics")
-    else {
-        return;
-    };
-    let topo = Topology::new("khealth");
-    let mut ep1 = Some(EchoServers::start(&topo.ext.name, &[(EP1, 8080)]));
-    let _ep2 = EchoServers::start(&topo.ext.name, &[(EP2, 8080)]);
-    let cp = ControlPlane::start(
-        &bins,
-        Options {
-            netns: Some(format!("/var/run/netns/{}", topo.node.name).into()),
-            ..Options::default()
-        },
-    )
-    .expect("etcd and kube-apiserver in the node's namespace");
-    let api = NodeApi {
-        ns: topo.node.name.clone(),
-        rt: tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap(),
-    };
+/// Creates namespace demo, Node node-a and Service demo/web (a tcp check at 1 s, thresholds
+/// 2/2) with endpoints EP1 and EP2.
+fn create_objects(api: &NodeApi, cp: &ControlPlane) {
     api.run(|| async {
         let client = cp.client().unwrap();
         let pp = PostParams::default();
-        Api::<Namespace>::all(client.clone())
-            .create(
-                &pp,
-                &Namespace {
-                    metadata: meta("", "demo", &[]),
-                    ..Namespace::default()
-                },
-            )
-            .await
-            .unwrap();
+        for ns in ["demo", "extproxy-system"] {
+            Api::<Namespace>::all(client.clone())
+                .create(
+                    &pp,
+                    &Namespace {
+                        metadata: meta("", ns, &[]),
+                        ..Namespace::default()
+                    },
+                )
+                .await
+                .unwrap();
+        }
         Api::<Node>::all(client.clone())
             .create(
                 &pp,
@@ -208,6 +189,42 @@ fn health_transitions_are_events_on_the_service_and_metrics() {
             .await
             .unwrap();
     });
+}
+
+fn start_control_plane(
+    topo: &Topology,
+    bins: &extproxy_envtest::Binaries,
+) -> (ControlPlane, NodeApi) {
+    let cp = ControlPlane::start(
+        bins,
+        Options {
+            netns: Some(format!("/var/run/netns/{}", topo.node.name).into()),
+            ..Options::default()
+        },
+    )
+    .expect("etcd and kube-apiserver in the node's namespace");
+    let api = NodeApi {
+        ns: topo.node.name.clone(),
+        rt: tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+    };
+    (cp, api)
+}
+
+/// Needs root.
+#[test]
+fn health_transitions_are_events_on_the_service_and_metrics() {
+    let Some(bins) = binaries_or_skip("health_transitions_are_events_on_the_service_and_metrics")
+    else {
+        return;
+    };
+    let topo = Topology::new("khealth");
+    let mut ep1 = Some(EchoServers::start(&topo.ext.name, &[(EP1, 8080)]));
+    let _ep2 = EchoServers::start(&topo.ext.name, &[(EP2, 8080)]);
+    let (cp, api) = start_control_plane(&topo, &bins);
+    create_objects(&api, &cp);
 
     let agent = Agent::start_kube(
         &topo,
@@ -264,5 +281,106 @@ fn health_transitions_are_events_on_the_service_and_metrics() {
         })
     });
     assert!(metrics(&node_ns).contains(&format!("{gauge} 1")));
+    agent.stop();
+}
+
+/// Needs root. A node not labelled as prober follows the verdicts a live prober published in its
+/// Lease (without a probe of its own failing); labelled, it probes itself and publishes its own.
+#[test]
+fn followers_take_the_verdicts_probers_publish() {
+    let Some(bins) = binaries_or_skip("followers_take_the_verdicts_probers_publish") else {
+        return;
+    };
+    let topo = Topology::new("kprober");
+    let _servers = EchoServers::start(&topo.ext.name, &[(EP1, 8080), (EP2, 8080)]);
+    let (cp, api) = start_control_plane(&topo, &bins);
+    create_objects(&api, &cp);
+    // Another node, a prober, says EP1 is down (EP1 answers this node's probes fine).
+    api.run(|| async {
+        let leases: Api<Lease> = Api::namespaced(cp.client().unwrap(), "extproxy-system");
+        let mut lease_meta = meta(
+            "extproxy-system",
+            "extproxy-health-node-b",
+            &[("extproxy.io/health-verdicts", "true")],
+        );
+        lease_meta.annotations = Some(
+            [(
+                "extproxy.io/unhealthy".to_owned(),
+                r#"{"demo/web":["203.0.113.7:8080/TCP"]}"#.to_owned(),
+            )]
+            .into(),
+        );
+        leases
+            .create(
+                &PostParams::default(),
+                &Lease {
+                    metadata: lease_meta,
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some("node-b".into()),
+                        lease_duration_seconds: Some(60),
+                        renew_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+                        ..LeaseSpec::default()
+                    }),
+                },
+            )
+            .await
+            .unwrap();
+    });
+    let agent = Agent::start_kube(
+        &topo,
+        &cp.kubeconfig(),
+        "node-a",
+        &[
+            "--metrics-address",
+            METRICS,
+            "--pod-ifaces",
+            "none",
+            "--detach-on-exit",
+        ],
+    );
+    agent.wait_for_log("following the verdicts the prober nodes publish", WAIT);
+    agent.wait_for_log(
+        "endpoint 203.0.113.7:8080 of Service demo/web port \"http\" (TCP) is unhealthy: probers say so",
+        WAIT,
+    );
+    let ep2: std::net::IpAddr = EP2.parse().unwrap();
+    wait_until("new flows on EP2 only", &agent, || {
+        (0..10).all(|_| {
+            tcp_once(&topo.pod.name, None, "10.96.0.10", 80).is_ok_and(|s| s.endpoint == ep2)
+        })
+    });
+
+    // Labelled a prober: it probes by itself (EP1 answers) and publishes its own Lease.
+    api.run(|| async {
+        let nodes: Api<Node> = Api::all(cp.client().unwrap());
+        let patch =
+            serde_json::json!({"metadata": {"labels": {"extproxy.io/health-prober": "true"}}});
+        nodes
+            .patch("node-a", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    });
+    agent.wait_for_log("no live prober node; this node probes by itself", WAIT);
+    agent.wait_for_log(
+        "endpoint 203.0.113.7:8080 of Service demo/web port \"http\" (TCP) is healthy",
+        WAIT,
+    );
+    wait_until("node-a's own Lease", &agent, || {
+        api.run(|| async {
+            let leases: Api<Lease> = Api::namespaced(cp.client().unwrap(), "extproxy-system");
+            leases
+                .get_opt("extproxy-health-node-a")
+                .await
+                .unwrap()
+                .is_some_and(|l| {
+                    l.spec.and_then(|s| s.holder_identity).as_deref() == Some("node-a")
+                        && l.metadata
+                            .annotations
+                            .and_then(|a| a.get("extproxy.io/unhealthy").cloned())
+                            .as_deref()
+                            == Some("{}")
+                })
+        })
+    });
     agent.stop();
 }

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod probe;
+pub mod share;
 pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -141,7 +142,13 @@ pub struct Monitor {
     changed_at: HashMap<(ServicePortKey, (IpAddr, u16)), u64>,
     /// The counters are not read again before this (see [`PASSIVE_BUDGET`]).
     next_read: Option<Instant>,
+    /// Verdicts published by prober nodes, which this node follows instead of probing
+    /// (Kubernetes mode); None: it probes itself.
+    follow: Option<Arc<Endpoints>>,
 }
+
+/// Endpoints (address, port, protocol) by Service.
+pub type Endpoints = BTreeMap<ObjectKey, BTreeSet<(IpAddr, u16, Protocol)>>;
 
 impl Default for Monitor {
     fn default() -> Self {
@@ -168,6 +175,7 @@ impl Monitor {
             records_dirty: true,
             changed_at: HashMap::new(),
             next_read: None,
+            follow: None,
         }
     }
 
@@ -297,13 +305,17 @@ impl Monitor {
                 backend_id: None,
                 probe: None,
             });
-            let wanted = config.active.as_ref().map(|check| {
-                Arc::new(ProbeKey {
-                    target: SocketAddr::new(endpoint.0, check.port.unwrap_or(endpoint.1)),
-                    source: egress,
-                    check: check.clone(),
-                })
-            });
+            let wanted = config
+                .active
+                .as_ref()
+                .filter(|_| self.follow.is_none())
+                .map(|check| {
+                    Arc::new(ProbeKey {
+                        target: SocketAddr::new(endpoint.0, check.port.unwrap_or(endpoint.1)),
+                        source: egress,
+                        check: check.clone(),
+                    })
+                });
             if e.probe != wanted {
                 if let Some(old) = e.probe.take() {
                     self.release(&old, key, endpoint);
@@ -319,6 +331,16 @@ impl Monitor {
             if passive_dropped && let Some(t) = e.health.reset_passive(config.active.as_ref(), now)
             {
                 transitions.push((endpoint, t));
+            }
+            if let Some(follow) = &self.follow
+                && config.active.is_some()
+            {
+                let listed = follow
+                    .get(&service_of(key))
+                    .is_some_and(|eps| eps.contains(&(endpoint.0, endpoint.1, key.protocol)));
+                if let Some(t) = e.health.follow(!listed, now) {
+                    transitions.push((endpoint, t));
+                }
             }
         }
         self.ports.insert(key.clone(), port);
@@ -421,8 +443,10 @@ impl Monitor {
             HashMap::new()
         };
         let mut transitions = Vec::new();
+        let following = self.follow.is_some();
         for (key, port) in self.ports.iter_mut() {
-            let check = port.config.active.as_ref();
+            // A follower's passive ejections end by their back-off alone.
+            let check = port.config.active.as_ref().filter(|_| !following);
             if port.config.passive {
                 let n = port.endpoints.len();
                 let allowed = state::max_passive_ejections(n);
@@ -501,6 +525,61 @@ impl Monitor {
         self.pending.insert(service_of(port));
         self.reports.push(report);
         self.records_dirty = true;
+    }
+
+    /// Follows the verdicts prober nodes published (Some), or probes itself (None). Switching
+    /// stops or starts this node's probes.
+    pub fn set_follow(&mut self, follow: Option<Arc<Endpoints>>) {
+        if self.follow == follow {
+            return;
+        }
+        match (&self.follow, &follow) {
+            (None, Some(_)) => tracing::info!(
+                "health: following the verdicts the prober nodes publish (this node does not probe)"
+            ),
+            (Some(_), None) => {
+                tracing::info!("health: no live prober node; this node probes by itself")
+            }
+            _ => {}
+        }
+        self.follow = follow;
+        let now = Instant::now();
+        let keys: Vec<ServicePortKey> = self
+            .ports
+            .iter()
+            .filter(|(_, p)| p.config.active.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            let Some(p) = self.ports.get(&key) else {
+                continue;
+            };
+            let (service_id, egress, config) = (p.service_id, p.egress, p.config.clone());
+            let endpoints: Vec<(IpAddr, u16)> = p.endpoints.keys().copied().collect();
+            self.update_port(&key, service_id, egress, config, &endpoints, now);
+        }
+    }
+
+    /// This node's own active verdicts: the endpoints its checks judge unhealthy (what a prober
+    /// publishes). Empty while it follows.
+    pub fn own_verdicts(&self) -> Endpoints {
+        let mut out = Endpoints::new();
+        if self.follow.is_some() {
+            return out;
+        }
+        for (key, port) in &self.ports {
+            if port.config.active.is_none() {
+                continue;
+            }
+            for (&(ip, number), e) in &port.endpoints {
+                if !e.health.active_healthy() {
+                    out.entry(service_of(key))
+                        .or_default()
+                        .insert((ip, number, key.protocol));
+                }
+            }
+        }
+        out
     }
 
     /// Whether verdicts changed since the translator was last told.

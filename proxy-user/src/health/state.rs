@@ -208,6 +208,34 @@ impl EndpointHealth {
         self.settle(check, now)
     }
 
+    /// This node's own active verdict (what a prober publishes).
+    pub fn active_healthy(&self) -> bool {
+        self.active_healthy
+    }
+
+    /// The probers' verdict replaces this node's own active check (Kubernetes mode, a node that
+    /// follows published verdicts). Passive ejections then end by their back-off alone.
+    pub fn follow(&mut self, healthy: bool, now: Instant) -> Option<Transition> {
+        if self.active_healthy != healthy {
+            self.active_healthy = healthy;
+            self.pass_run = 0;
+            self.fail_run = 0;
+            self.last_failure = (!healthy).then(|| Cause::Other("probers say so".to_owned()));
+        }
+        let t = self.settle(None, now)?;
+        // Say whose verdict it is.
+        let cause = if t.healthy {
+            Cause::Other("probers say so".to_owned())
+        } else {
+            t.cause
+        };
+        self.cause = Some(cause.clone());
+        Some(Transition {
+            healthy: t.healthy,
+            cause,
+        })
+    }
+
     /// One probe's result.
     pub fn on_probe(
         &mut self,
@@ -556,6 +584,18 @@ mod tests {
         // One pass: the check saw the outage, so its recovery readmits at once.
         let t = h.on_probe(Ok(()), &c, secs(t0, 1.0)).unwrap();
         assert!(t.healthy);
+    }
+
+    #[test]
+    fn a_follower_takes_the_probers_verdict() {
+        let t0 = Instant::now();
+        let mut h = EndpointHealth::new(t0);
+        let t = h.follow(false, t0).unwrap();
+        assert!(!t.healthy);
+        assert_eq!(t.cause.to_string(), "probers say so");
+        assert_eq!(h.follow(false, t0), None);
+        assert!(h.follow(true, secs(t0, 1.0)).unwrap().healthy);
+        assert!(h.active_healthy());
     }
 
     #[test]

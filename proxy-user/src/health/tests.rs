@@ -335,3 +335,53 @@ async fn a_tcp_check_on_a_udp_port_needs_a_check_port() {
     let (_, service) = t.desired.services.iter().next().unwrap();
     assert!(matches!(service.health, HealthSetting::Configured(_)));
 }
+
+#[tokio::test]
+async fn a_follower_takes_the_probers_verdicts_instead_of_probing() {
+    use BackendRole::*;
+    let mut rig = Rig::new(SLOW_TCP);
+    let check = active_of(&rig);
+    rig.probe("203.0.113.8", Err(Cause::Refused), &check);
+    rig.probe("203.0.113.8", Err(Cause::Refused), &check);
+    rig.settle();
+    // What a prober publishes: its own active verdicts.
+    let own = rig.monitor.own_verdicts();
+    assert_eq!(
+        own[&ObjectKey::new("shop", "db")],
+        [(ip("203.0.113.8"), 5432, Protocol::Tcp)].into()
+    );
+
+    let mut published = Endpoints::new();
+    published
+        .entry(ObjectKey::new("shop", "db"))
+        .or_default()
+        .insert((ip("203.0.113.7"), 5432, Protocol::Tcp));
+    rig.monitor.set_follow(Some(Arc::new(published)));
+    rig.settle();
+    assert_eq!(rig.monitor.counts(), (2, 0), "a follower does not probe");
+    assert_eq!(
+        rig.roles(),
+        [
+            ("203.0.113.7:5432".into(), Unhealthy),
+            ("203.0.113.8:5432".into(), Active)
+        ],
+        "the probers' verdicts replace its own"
+    );
+    assert!(rig.monitor.own_verdicts().is_empty());
+
+    // The probers are gone: it probes by itself again, starting from healthy.
+    rig.monitor.set_follow(None);
+    rig.settle();
+    assert_eq!(rig.monitor.counts(), (2, 2));
+    assert_eq!(
+        rig.roles(),
+        [
+            ("203.0.113.7:5432".into(), Active),
+            ("203.0.113.8:5432".into(), Active)
+        ]
+    );
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}

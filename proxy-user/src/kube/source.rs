@@ -291,6 +291,17 @@ impl KubeSource {
         }
     }
 
+    /// Whether this node is labelled to probe for the others (`extproxy.io/health-prober`).
+    pub fn is_health_prober(&self) -> bool {
+        self.cluster.node().is_some_and(|n| {
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::names::HEALTH_PROBER_LABEL))
+                .is_some_and(|v| v == "true")
+        })
+    }
+
     /// Health checking's verdict on Service `key` changed: the next batch translates it again.
     pub fn set_unhealthy(&mut self, key: ObjectKey, unhealthy: Option<Arc<translate::Unhealthy>>) {
         match &unhealthy {

@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, bail};
 use extproxy::{
-    health::Monitor,
+    health::{Monitor, share::Sharing},
     host,
     kube::{self as kubemode, KubeSource, NodeOverrides, SourceConfig},
     metrics::{self, Telemetry},
@@ -88,6 +88,11 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     )
     .await?;
 
+    let namespace = std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| extproxy::health::share::DEFAULT_NAMESPACE.to_owned());
+    let mut sharing = Sharing::start(client.clone(), &namespace, &node_name);
     let mut source = KubeSource::new(
         client,
         SourceConfig {
@@ -133,7 +138,15 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
                 report_refusals(&source, reports);
             }
             result = health.next_result() => health.on_probe(result),
-            _ = passive.tick() => health.poll(&running.agent.maps),
+            _ = passive.tick() => {
+                health.poll(&running.agent.maps);
+                // Probers publish; the others follow them while one is live.
+                let prober = source.is_health_prober();
+                health.set_follow(sharing.to_follow(prober, std::time::SystemTime::now()));
+                if prober {
+                    sharing.publish(health.own_verdicts());
+                }
+            }
             _ = hk.flush.tick() => running.agent.flush_state(),
         }
         // New verdicts make the next batch at once (the source is marked dirty).
