@@ -114,6 +114,25 @@ fn until_steady(
     }
 }
 
+/// When the agent logged the first line containing `needle` (its log's UTC timestamps).
+fn logged_at(agent: &Agent, needle: &str) -> std::time::SystemTime {
+    agent.wait_for_log(needle, DETECT);
+    let log = agent.log_text();
+    let line = log.lines().find(|l| l.contains(needle)).unwrap();
+    let stamp = line.split_whitespace().next().unwrap();
+    let t: k8s_openapi::jiff::Timestamp = stamp.parse().unwrap();
+    t.into()
+}
+
+/// Prints how long after `since` the agent logged `needle` (what the benchmark would measure).
+fn report_after(agent: &Agent, what: &str, needle: &str, since: std::time::SystemTime) {
+    let at = logged_at(agent, needle);
+    eprintln!(
+        "{what}: logged {:?} after the fault",
+        at.duration_since(since).unwrap_or_default()
+    );
+}
+
 /// The endpoints of `n` connections, counted.
 fn spread(t: &Topology, n: usize) -> HashMap<Option<IpAddr>, usize> {
     let mut seen = HashMap::new();
@@ -169,14 +188,12 @@ fn a_stopped_server_loses_new_flows_and_gets_them_back() {
     );
 
     // The server stops: its port is closed (the kernel resets new connections).
+    let fault = std::time::SystemTime::now();
     ep1.take();
     let (moved, failed) = until_steady(&t, "port closed: new flows off EP1", DETECT, 20, |e| {
         e == Some(ip(EP2))
     });
-    agent.wait_for_log(
-        "endpoint 203.0.113.7:8080 of Service demo/web port \"http\" (TCP) is unhealthy",
-        DETECT,
-    );
+    report_after(&agent, "port closed: unhealthy", UNHEALTHY, fault);
     eprintln!("port closed: moved after {moved:?} with {failed} failed connections");
     let health = wait_health(&agent, "203.0.113.7:8080", "unhealthy: ");
     assert_eq!(health["203.0.113.8:8080"], "healthy");
@@ -187,22 +204,20 @@ fn a_stopped_server_loses_new_flows_and_gets_them_back() {
     );
 
     // Back: new flows reach it again.
+    let recovered = std::time::SystemTime::now();
     let _ep1 = EchoServers::start(&t.ext.name, &[(EP1, 8080)]);
-    let back = Instant::now();
     until_steady(&t, "port open again: EP1 gets new flows", DETECT, 1, |e| {
         e == Some(ip(EP1))
     });
-    eprintln!(
-        "recovered: EP1 answers {:?} after its server returned",
-        back.elapsed()
-    );
-    agent.wait_for_log(
-        "endpoint 203.0.113.7:8080 of Service demo/web port \"http\" (TCP) is healthy",
-        DETECT,
-    );
+    report_after(&agent, "port open again: healthy", HEALTHY, recovered);
     let log = agent.stop();
     assert!(log.contains("is unhealthy: "), "{log}");
 }
+
+const UNHEALTHY: &str =
+    "endpoint 203.0.113.7:8080 of Service demo/web port \"http\" (TCP) is unhealthy";
+const HEALTHY: &str =
+    "endpoint 203.0.113.7:8080 of Service demo/web port \"http\" (TCP) is healthy";
 
 #[test]
 fn a_host_that_stops_answering_loses_new_flows_and_gets_them_back() {
@@ -214,6 +229,7 @@ fn a_host_that_stops_answering_loses_new_flows_and_gets_them_back() {
     assert!(seen.contains_key(&Some(ip(EP1))), "{seen:?}");
 
     // EP1's host drops everything sent to it.
+    let fault = std::time::SystemTime::now();
     t.ext.sh("nft add table inet xphealth
          nft add chain inet xphealth in '{ type filter hook prerouting priority -300; }'
          nft add rule inet xphealth in ip daddr 203.0.113.7 drop");
@@ -221,11 +237,9 @@ fn a_host_that_stops_answering_loses_new_flows_and_gets_them_back() {
         e == Some(ip(EP2))
     });
     eprintln!("host silent: moved after {moved:?} with {failed} failed connections");
-    agent.wait_for_log(
-        "endpoint 203.0.113.7:8080 of Service demo/web port \"http\" (TCP) is unhealthy",
-        DETECT,
-    );
+    report_after(&agent, "host silent: unhealthy", UNHEALTHY, fault);
 
+    let recovered = std::time::SystemTime::now();
     t.ext.sh("nft delete table inet xphealth");
     until_steady(
         &t,
@@ -234,6 +248,7 @@ fn a_host_that_stops_answering_loses_new_flows_and_gets_them_back() {
         1,
         |e| e == Some(ip(EP1)),
     );
+    report_after(&agent, "host answers again: healthy", HEALTHY, recovered);
     agent.stop();
 }
 

@@ -145,6 +145,12 @@ pub struct Monitor {
     /// Verdicts published by prober nodes, which this node follows instead of probing
     /// (Kubernetes mode); None: it probes itself.
     follow: Option<Arc<Endpoints>>,
+    /// Services one of whose endpoints ever changed verdict: with those of Services with an
+    /// active check, the only ones the state file and the healthy gauge list (at 10k
+    /// passive-only Services, listing every endpoint at every change cost milliseconds).
+    touched: HashSet<ObjectKey>,
+    /// When the state file's records were last built (at most once a second).
+    records_built: Option<Instant>,
 }
 
 /// Endpoints (address, port, protocol) by Service.
@@ -176,6 +182,8 @@ impl Monitor {
             changed_at: HashMap::new(),
             next_read: None,
             follow: None,
+            touched: HashSet::new(),
+            records_built: None,
         }
     }
 
@@ -197,9 +205,20 @@ impl Monitor {
                 all.into_iter().collect()
             }
         };
+        let mut gone = Vec::new();
+        // Whether a port the gauges list changed (the rest do not need them rebuilt).
+        let mut listed = false;
         for key in keys {
+            listed |= self
+                .ports
+                .get(&key)
+                .is_some_and(|p| p.config.active.is_some())
+                || self.touched.contains(&service_of(&key));
             match translation.desired.services.get(&key) {
-                None => self.remove_port(&key),
+                None => {
+                    self.remove_port(&key);
+                    gone.push(service_of(&key));
+                }
                 Some(desired) => {
                     let service = ObjectKey {
                         namespace: key.namespace.clone(),
@@ -226,6 +245,7 @@ impl Monitor {
                         .filter(|(_, role)| **role != BackendRole::Draining)
                         .map(|(e, _)| *e)
                         .collect();
+                    listed |= config.active.is_some();
                     let service_id = reconciler.service_id(&key);
                     self.update_port(&key, service_id, desired.egress, config, &candidates, now);
                     if let Some(port) = self.ports.get_mut(&key) {
@@ -238,15 +258,20 @@ impl Monitor {
             }
         }
         // Forget the settings of Services that are gone.
-        let ports = &self.ports;
-        self.configs.retain(|service, _| {
-            let first = first_port_key(service);
-            ports
-                .range(first..)
-                .next()
-                .is_some_and(|(k, _)| k.namespace == service.namespace && k.name == service.name)
-        });
-        self.publish_gauges();
+        for service in gone {
+            let first = first_port_key(&service);
+            let any_port =
+                self.ports.range(first..).next().is_some_and(|(k, _)| {
+                    k.namespace == service.namespace && k.name == service.name
+                });
+            if !any_port {
+                self.configs.remove(&service);
+                self.touched.remove(&service);
+            }
+        }
+        if listed {
+            self.publish_gauges();
+        }
     }
 
     fn remove_port(&mut self, key: &ServicePortKey) {
@@ -522,6 +547,7 @@ impl Monitor {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.changed_at.insert((port.clone(), endpoint), unix);
+        self.touched.insert(service_of(port));
         self.pending.insert(service_of(port));
         self.reports.push(report);
         self.records_dirty = true;
@@ -652,13 +678,23 @@ impl Monitor {
         std::mem::take(&mut self.reports)
     }
 
-    /// The records for the state file, when they changed since the last call.
+    /// The records for the state file (endpoints of Services with an active check, and of
+    /// Services with an endpoint that changed verdict), when they changed since the last call;
+    /// built at most once a second, as the state file is written.
     pub fn take_records(&mut self) -> Option<Vec<HealthRecord>> {
-        if !std::mem::take(&mut self.records_dirty) {
+        let recent = self
+            .records_built
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+        if !self.records_dirty || recent {
             return None;
         }
+        self.records_dirty = false;
+        self.records_built = Some(Instant::now());
         let mut records = Vec::new();
         for (key, port) in &self.ports {
+            if port.config.active.is_none() && !self.touched.contains(&service_of(key)) {
+                continue;
+            }
             let mut checks = Vec::new();
             if let Some(c) = &port.config.active {
                 checks.push(format!(
@@ -702,6 +738,9 @@ impl Monitor {
         };
         let mut healthy: BTreeMap<EndpointLabels, bool> = BTreeMap::new();
         for (key, port) in &self.ports {
+            if port.config.active.is_none() && !self.touched.contains(&service_of(key)) {
+                continue;
+            }
             for (&endpoint, e) in &port.endpoints {
                 let id = (key.namespace.clone(), key.name.clone(), sock(endpoint));
                 let shown = port.config.active.is_some() || m.ever_unhealthy.contains(&id);

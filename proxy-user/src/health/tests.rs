@@ -385,3 +385,87 @@ async fn a_follower_takes_the_probers_verdicts_instead_of_probing() {
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
+
+/// What health checking adds to a change at 10k passive-only Services x 4 endpoints (run it
+/// with `cargo test --release -p proxy-user --lib health::tests::scale -- --ignored
+/// --nocapture`; DESIGN.md quotes it).
+#[tokio::test]
+#[ignore = "a measurement: run it by hand in release mode"]
+async fn scale() {
+    // One file per 100 Services (a manifest file's documents are bounded).
+    let mut files = vec![String::new(); 100];
+    for i in 0..10_000 {
+        let yaml = &mut files[i / 100];
+        let svc = manifest("x: y")
+            .replace("name: db\n", &format!("name: db{i}\n"))
+            .replace("name: db-1\n", &format!("name: db{i}-1\n"))
+            .replace(
+                "kubernetes.io/service-name: db\n",
+                &format!("kubernetes.io/service-name: db{i}\n"),
+            )
+            .replace(
+                "clusterIP: 10.96.0.50",
+                &format!("clusterIP: 10.96.{}.{}", i / 250, i % 250 + 1),
+            )
+            .replace(
+                "endpoints:\n- addresses: [\"203.0.113.7\"]\n- addresses: [\"203.0.113.8\"]\n",
+                &format!(
+                    "endpoints:\n{}",
+                    (1..=4)
+                        .map(|e| format!("- addresses: [\"10.{}.{}.{e}\"]\n", i / 250, i % 250))
+                        .collect::<String>()
+                ),
+            );
+        yaml.push_str(&svc);
+        yaml.push_str("\n---\n");
+    }
+    let mut set = ManifestSet::default();
+    for (n, yaml) in files.iter().enumerate() {
+        set.update_file_text(Path::new(&format!("m{n}.yaml")), yaml);
+    }
+    let mut translator = Incremental::new(
+        NodeInfo::default(),
+        Settings {
+            egress_v4: Some("192.0.2.100".parse().unwrap()),
+            ..Settings::default()
+        },
+    );
+    set.feed(&mut translator);
+    let mut reconciler = Reconciler::new(Limits {
+        max_services: 16_384,
+        max_backends: 65_536,
+    });
+    let mut maps = MapState::default();
+    let mut monitor = Monitor::new();
+    let t = translator.update();
+    reconciler.sync(&t.desired, &mut maps);
+    let started = Instant::now();
+    monitor.sync(t, &reconciler);
+    eprintln!(
+        "full sync of {} endpoints: {:?}",
+        monitor.counts().0,
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let records = monitor.take_records().map_or(0, |r| r.len());
+    eprintln!("records: {records} in {:?}", started.elapsed());
+    // One Service changes (an endpoint more).
+    let changed = files[0].replacen(
+        "- addresses: [\"10.0.0.4\"]\n",
+        "- addresses: [\"10.0.0.4\"]\n- addresses: [\"10.0.0.5\"]\n",
+        1,
+    );
+    set.update_file_text(Path::new("m0.yaml"), &changed);
+    set.feed(&mut translator);
+    let t = translator.update();
+    reconciler.sync_changes(&t.desired, &t.changes.clone().unwrap().services, &mut maps);
+    let started = Instant::now();
+    monitor.sync(t, &reconciler);
+    let took = started.elapsed();
+    monitor.take_changes();
+    eprintln!(
+        "a one-Service change: {took:?}, then {:?} with the verdicts",
+        started.elapsed()
+    );
+    assert_eq!(monitor.counts().0, 40_001);
+}
