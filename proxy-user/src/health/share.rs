@@ -60,8 +60,24 @@ impl Sharing {
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             let mut listing: Option<BTreeMap<String, Published>> = None;
+            // Said once per run of failures (a missing Role would otherwise be silent).
+            let mut failing = false;
             while let Some(event) = stream.next().await {
-                let Ok(event) = event else { continue };
+                let event = match event {
+                    Ok(event) => {
+                        failing = false;
+                        event
+                    }
+                    Err(err) => {
+                        if !failing {
+                            tracing::warn!(
+                                "cannot read the health verdicts prober nodes publish (Leases):                                  {err}; this node probes by itself meanwhile"
+                            );
+                        }
+                        failing = true;
+                        continue;
+                    }
+                };
                 let mut shared = store.lock().unwrap_or_else(|e| e.into_inner());
                 match event {
                     watcher::Event::Init => listing = Some(BTreeMap::new()),
