@@ -39,6 +39,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # bookworm-slim rather than distroless: the init container that mounts bpffs on hosts without
 # one needs sh, grep and mount, and the binary links glibc.
 FROM debian:bookworm-slim
+# Root certificates for https health checks that verify (extproxy.io/health-check-verify).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/extproxy /usr/local/bin/extproxy
 ENTRYPOINT ["/usr/local/bin/extproxy"]
 CMD ["run", "--iface=auto"]

@@ -121,6 +121,14 @@ impl Agent {
         }
     }
 
+    /// The endpoints' health, published with the state file.
+    pub fn set_health(&mut self, records: Vec<crate::health::HealthRecord>) {
+        if self.state.health != records {
+            self.state.health = records;
+            self.state_dirty = true;
+        }
+    }
+
     /// Programs `translation` as a diff against what the maps hold and reports problems. An
     /// incremental translation is planned for the Service ports it changed only.
     pub fn apply(&mut self, translation: &Translation) -> Applied {
@@ -514,6 +522,7 @@ mod tests {
                 port: 80,
                 cluster_ip: None,
                 node_port: None,
+                health: Default::default(),
             },
         );
         let mut reconciler = Reconciler::new(LIMITS);

@@ -63,6 +63,11 @@ pub struct EndpointView {
     pub address: String,
     pub state: &'static str,
     pub generation: u32,
+    /// Health checking's verdict and why ("unhealthy: refused"), when the agent published one.
+    pub health: Option<String>,
+    /// New flows the endpoint answered and failed (passive health, from the data path).
+    pub answered: u64,
+    pub failed: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -153,19 +158,48 @@ pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
     let cfg = maps.config()?;
     let snap = maps.snapshot()?;
 
+    // Health verdicts by (service port, endpoint), as the agent published them.
+    let verdicts: BTreeMap<(String, String), String> = agent
+        .iter()
+        .flat_map(|a| &a.health)
+        .map(|h| {
+            let port = if h.port_name.is_empty() {
+                "-"
+            } else {
+                &h.port_name
+            };
+            let service = format!(
+                "{}/{}:{port}/{}/{}",
+                h.namespace, h.name, h.protocol, h.family
+            );
+            let verdict = if h.healthy { "healthy" } else { "unhealthy" };
+            let text = match &h.cause {
+                Some(cause) => format!("{verdict}: {cause}"),
+                None => verdict.to_owned(),
+            };
+            ((service, h.endpoint.clone()), text)
+        })
+        .collect();
     let mut endpoints: BTreeMap<u32, Vec<EndpointView>> = BTreeMap::new();
     for (id, b) in &snap.backends {
         if b.state == BackendState::Free as u8 {
             continue;
         }
+        let address = sock(&b.addr, b.port);
+        let passive = maps.backend_health(*id).unwrap_or_default();
         endpoints
             .entry(b.service_id)
             .or_default()
             .push(EndpointView {
                 backend_id: *id,
-                address: sock(&b.addr, b.port),
+                health: verdicts
+                    .get(&(name_of(b.service_id), address.clone()))
+                    .cloned(),
+                address,
                 state: backend_state(b.state),
                 generation: b.generation,
+                answered: passive.answered,
+                failed: passive.failed,
             });
     }
     let ids: Vec<u32> = snap.services.iter().map(|(id, _)| *id).collect();
@@ -359,6 +393,12 @@ pub fn render(report: &Report) -> String {
                 .map(|e| {
                     if e.state == "active" {
                         e.address.clone()
+                    } else if e
+                        .health
+                        .as_deref()
+                        .is_some_and(|h| h.starts_with("unhealthy"))
+                    {
+                        format!("{} (unhealthy)", e.address)
                     } else {
                         format!("{} ({})", e.address, e.state)
                     }
@@ -420,6 +460,25 @@ pub fn render(report: &Report) -> String {
             &dns.rows(),
         );
     }
+    let _ = writeln!(out, "\nENDPOINT HEALTH");
+    let rows: Vec<Vec<String>> = report
+        .services
+        .iter()
+        .flat_map(|s| {
+            s.endpoints.iter().map(|e| {
+                vec![
+                    s.name.clone(),
+                    e.address.clone(),
+                    e.health.clone().unwrap_or_else(|| "-".into()),
+                    format!("{}/{}", e.answered, e.failed),
+                ]
+            })
+        })
+        .collect();
+    out += &table(
+        &["SERVICE", "ENDPOINT", "HEALTH", "NEW FLOWS ANSWERED/FAILED"],
+        &rows,
+    );
     let _ = writeln!(out, "\nCONNTRACK ({} flows)", report.conntrack.len());
     let rows: Vec<Vec<String>> = report
         .conntrack

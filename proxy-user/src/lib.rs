@@ -6,6 +6,7 @@ pub mod diag;
 pub mod dns;
 pub mod egress;
 pub mod gc;
+pub mod health;
 pub mod host;
 pub mod inspect;
 pub mod kube;

@@ -134,6 +134,8 @@ struct Inner {
     /// The DNS names' families, rendered by `dns::report::metrics` (empty without FQDN
     /// endpoints).
     dns: String,
+    /// Health checking's own metrics, rendered at scrape time.
+    health: Option<Arc<Mutex<crate::health::HealthMetrics>>>,
 }
 
 /// Shared record of the agent's state for probes and metrics.
@@ -175,6 +177,7 @@ impl Telemetry {
                 service_names: Vec::new(),
                 refused: Vec::new(),
                 dns: String::new(),
+                health: None,
             }),
             stall_after,
         })
@@ -343,6 +346,11 @@ impl Telemetry {
         self.lock().dns = text;
     }
 
+    /// Health checking's metrics join the exposition.
+    pub fn set_health_metrics(&self, metrics: Arc<Mutex<crate::health::HealthMetrics>>) {
+        self.lock().health = Some(metrics);
+    }
+
     pub fn record_event(&self, reason: &str, published: bool) {
         let mut inner = self.lock();
         if published {
@@ -503,6 +511,10 @@ impl Telemetry {
         out.text.push_str(&inner.dns);
         if let Some(stats) = datapath {
             stats.render(&inner.service_names, &mut out);
+        }
+        if let Some(health) = &inner.health {
+            let health = health.lock().unwrap_or_else(|e| e.into_inner());
+            out.text.push_str(&health.render());
         }
         out.text
     }

@@ -30,3 +30,32 @@ pub const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// kubectl's copy of the applied object: often the largest part of an object, never read.
 pub const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Health checking of a Service's endpoints (see `health::config`).
+pub const HEALTH_CHECK_ANNOTATION: &str = "extproxy.io/health-check";
+pub const HEALTH_CHECK_PATH_ANNOTATION: &str = "extproxy.io/health-check-path";
+pub const HEALTH_CHECK_HOST_ANNOTATION: &str = "extproxy.io/health-check-host";
+pub const HEALTH_CHECK_PORT_ANNOTATION: &str = "extproxy.io/health-check-port";
+pub const HEALTH_CHECK_INTERVAL_ANNOTATION: &str = "extproxy.io/health-check-interval";
+pub const HEALTH_CHECK_TIMEOUT_ANNOTATION: &str = "extproxy.io/health-check-timeout";
+pub const HEALTH_CHECK_UNHEALTHY_ANNOTATION: &str = "extproxy.io/health-check-unhealthy-threshold";
+pub const HEALTH_CHECK_HEALTHY_ANNOTATION: &str = "extproxy.io/health-check-healthy-threshold";
+pub const HEALTH_CHECK_VERIFY_ANNOTATION: &str = "extproxy.io/health-check-verify";
+pub const HEALTH_CHECK_PASSIVE_ANNOTATION: &str = "extproxy.io/health-check-passive";
+pub const HEALTH_CHECK_ALL_DOWN_ANNOTATION: &str = "extproxy.io/health-check-all-down";
+/// Every health annotation: the object model keeps them.
+pub const HEALTH_ANNOTATIONS: [&str; 11] = [
+    HEALTH_CHECK_ANNOTATION,
+    HEALTH_CHECK_PATH_ANNOTATION,
+    HEALTH_CHECK_HOST_ANNOTATION,
+    HEALTH_CHECK_PORT_ANNOTATION,
+    HEALTH_CHECK_INTERVAL_ANNOTATION,
+    HEALTH_CHECK_TIMEOUT_ANNOTATION,
+    HEALTH_CHECK_UNHEALTHY_ANNOTATION,
+    HEALTH_CHECK_HEALTHY_ANNOTATION,
+    HEALTH_CHECK_VERIFY_ANNOTATION,
+    HEALTH_CHECK_PASSIVE_ANNOTATION,
+    HEALTH_CHECK_ALL_DOWN_ANNOTATION,
+];
+/// Nodes labelled `true` probe and publish their verdicts (Kubernetes mode, see docs).
+pub const HEALTH_PROBER_LABEL: &str = "extproxy.io/health-prober";

@@ -20,8 +20,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use crate::names::{
-    CLUSTER_EGRESS_IP_ANNOTATION, EGRESS_IP_ANNOTATION, LEGACY_SOURCE_RANGES_ANNOTATION,
-    MANAGED_BY_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, SKIP_MIRROR_LABEL,
+    CLUSTER_EGRESS_IP_ANNOTATION, EGRESS_IP_ANNOTATION, HEALTH_ANNOTATIONS,
+    LEGACY_SOURCE_RANGES_ANNOTATION, MANAGED_BY_LABEL, SERVICE_NAME_LABEL,
+    SERVICE_PROXY_NAME_LABEL, SKIP_MIRROR_LABEL,
 };
 
 /// Labels and annotations extproxy reads; every other one is dropped on reading.
@@ -47,7 +48,11 @@ impl Kept {
 
     /// Sets `key` if extproxy reads it (and ignores it otherwise).
     pub fn insert(&mut self, key: &str, value: &str) {
-        let Some(&key) = KEPT_KEYS.iter().find(|k| **k == key) else {
+        let Some(&key) = KEPT_KEYS
+            .iter()
+            .chain(&HEALTH_ANNOTATIONS)
+            .find(|k| **k == key)
+        else {
             return;
         };
         match self.0.binary_search_by(|(k, _)| (*k).cmp(key)) {

@@ -561,6 +561,11 @@ impl Reconciler {
         self.service_ids.get(key).copied()
     }
 
+    /// The backend id of an endpoint of a service id (health checking reads its record).
+    pub fn backend_id(&self, service_id: u32, ip: IpAddr, port: u16) -> Option<u32> {
+        self.backend_ids.get(&(service_id, ip, port)).copied()
+    }
+
     /// Changes whenever [`Reconciler::service_ids`] does.
     pub fn ids_version(&self) -> u64 {
         self.ids_version
@@ -932,7 +937,7 @@ impl Reconciler {
             let current = emitter.projected.backend(backend_id);
             let state = match role {
                 BackendRole::Active => BackendState::Active,
-                BackendRole::Draining => BackendState::Draining,
+                BackendRole::Draining | BackendRole::Unhealthy => BackendState::Draining,
             };
             let value = BackendValue {
                 addr: Addr::from(*ip),

@@ -25,6 +25,9 @@ pub struct AgentState {
     pub node_addresses: Vec<IpAddr>,
     pub services: Vec<ServiceName>,
     pub diagnostics: Vec<String>,
+    /// Health of the endpoints that take new flows (absent from older agents' files).
+    #[serde(default)]
+    pub health: Vec<crate::health::HealthRecord>,
 }
 
 /// The agent keeps one for each of its Service ports between writes of the state file: the

@@ -20,9 +20,11 @@ use proxy_common::user::port_net;
 use proxy_common::{Addr, FE_F_SOURCE_RANGES, FrontendKey, FrontendKind, PROTO_TCP, PROTO_UDP};
 
 use crate::diag::{Diagnostic, ObjectRef, Origin, Severity, Site};
+use crate::health::config::{self as health_config, HealthConfig};
 use crate::names::{
-    CLUSTER_EGRESS_IP_ANNOTATION, EGRESS_IP_ANNOTATION, LEGACY_SOURCE_RANGES_ANNOTATION,
-    PROXY_NAME, SERVICE_PROXY_NAME_LABEL,
+    CLUSTER_EGRESS_IP_ANNOTATION, EGRESS_IP_ANNOTATION, HEALTH_CHECK_ALL_DOWN_ANNOTATION,
+    HEALTH_CHECK_PORT_ANNOTATION, LEGACY_SOURCE_RANGES_ANNOTATION, PROXY_NAME,
+    SERVICE_PROXY_NAME_LABEL,
 };
 
 mod alloc;
@@ -128,6 +130,17 @@ impl Seniority {
 pub struct Inventory {
     pub services: BTreeMap<ObjectKey, Sourced<Service>>,
     pub slices: BTreeMap<ObjectKey, Sourced<EndpointSlice>>,
+}
+
+/// Endpoints of one Service that health checking judged unhealthy: they get no new flows (their
+/// established flows go on), like endpoints that are not ready. An input like the objects, so
+/// the translation stays a function of its inputs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Unhealthy {
+    /// (address, port, protocol) of the endpoints.
+    pub endpoints: BTreeSet<(IpAddr, u16, Protocol)>,
+    /// When every endpoint of a port is unhealthy: refuse connections instead of using them all.
+    pub refuse_when_all_down: bool,
 }
 
 /// Facts about this node.
@@ -328,6 +341,21 @@ pub enum BackendRole {
     Active,
     /// Keeps its existing flows, gets no new ones (not ready, or terminating).
     Draining,
+    /// Ready, but health checking judged it unhealthy: keeps its existing flows, gets no new
+    /// ones.
+    Unhealthy,
+}
+
+/// A Service's health annotations as read: what the health monitor runs with (an invalid one
+/// leaves the monitor on the Service's previous setting).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum HealthSetting {
+    /// No health annotation: passive detection only, fail open.
+    #[default]
+    Default,
+    Configured(Arc<HealthConfig>),
+    /// An annotation is bad (a diagnostic says which).
+    Invalid,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -348,6 +376,8 @@ pub struct DesiredService {
     pub port: u16,
     pub cluster_ip: Option<IpAddr>,
     pub node_port: Option<u16>,
+    /// The Service's health checking.
+    pub health: HealthSetting,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -461,6 +491,8 @@ struct Translator<'a> {
     frontend_owners: HashMap<FrontendKey, ServicePortKey>,
     /// Endpoint addresses of this Service that nothing can be reached at through extproxy.
     unusable_endpoints: BTreeSet<IpAddr>,
+    /// Endpoints health checking judged unhealthy.
+    unhealthy: Option<&'a Unhealthy>,
 }
 
 /// A Service port, validated.
@@ -486,6 +518,7 @@ struct ServiceFacts {
     egress_v6: Option<IpAddr>,
     /// Families whose egress is a cluster egress address.
     cluster_egress: Vec<IpFamily>,
+    health: HealthSetting,
 }
 
 /// An EndpointSlice, validated once for all the Service ports that read it.
@@ -665,6 +698,7 @@ impl Translator<'_> {
             egress_v4: self.settings.egress_v4.map(IpAddr::V4),
             egress_v6: self.settings.egress_v6.map(IpAddr::V6),
             cluster_egress: Vec::new(),
+            health: self.health_setting(service, &ports, site),
         };
         let mut facts = self.egress_override(service, site, facts);
         (facts.families, facts.cluster_ips) = self.families_and_cluster_ips(key, spec, site);
@@ -1283,6 +1317,51 @@ impl Translator<'_> {
         }
     }
 
+    /// The health annotations, each bad value an error naming its annotation.
+    fn health_setting(
+        &mut self,
+        service: &Service,
+        ports: &[PortSpec],
+        site: &Site,
+    ) -> HealthSetting {
+        let annotations = &service.metadata.annotations;
+        let field = |name: &str| format!("metadata.annotations[{name}]");
+        let config = match health_config::parse(|k| annotations.get(k)) {
+            Ok(config) => config,
+            Err(errors) => {
+                for e in errors {
+                    self.out.diagnostics.push(site.error(
+                        &field(e.annotation),
+                        format!(
+                            "{}; health checking keeps its previous setting (at first sight: no active check)",
+                            e.message
+                        ),
+                    ));
+                }
+                return HealthSetting::Invalid;
+            }
+        };
+        if config == HealthConfig::default() {
+            return HealthSetting::Default;
+        }
+        if let Some(check) = &config.active
+            && check.port.is_none()
+            && let Some(udp) = ports.iter().find(|p| p.protocol == Protocol::Udp)
+        {
+            self.out.diagnostics.push(site.error(
+                &field(HEALTH_CHECK_PORT_ANNOTATION),
+                format!(
+                    "a {} check cannot probe UDP port {} (spec.ports[{}]): set {HEALTH_CHECK_PORT_ANNOTATION} to a TCP port of the endpoints; health checking keeps its previous setting (at first sight: no active check)",
+                    check.kind.name(),
+                    udp.port,
+                    udp.index
+                ),
+            ));
+            return HealthSetting::Invalid;
+        }
+        HealthSetting::Configured(Arc::new(config))
+    }
+
     fn egress_override(
         &mut self,
         service: &Service,
@@ -1480,9 +1559,30 @@ impl Translator<'_> {
         let family = key.family;
         let in_family = |ip: &IpAddr| IpFamily::of(ip) == family;
         let cluster_ip = facts.cluster_ips.iter().copied().find(in_family);
+        let (backends, all_down) = self.backends(port, family, slices);
+        if let Some(refused) = all_down {
+            let what = format!(
+                "port {:?} ({} {}): every endpoint is unhealthy",
+                port.name,
+                port.protocol.name(),
+                family.name()
+            );
+            self.out.diagnostics.push(if refused {
+                site.error(
+                    &format!("metadata.annotations[{HEALTH_CHECK_ALL_DOWN_ANNOTATION}]"),
+                    format!("{what}: new connections are refused ({HEALTH_CHECK_ALL_DOWN_ANNOTATION}: refuse)"),
+                )
+            } else {
+                site.diagnostic(
+                    Severity::Warning,
+                    None,
+                    format!("{what}: using them all (fail open; {HEALTH_CHECK_ALL_DOWN_ANNOTATION}: refuse refuses connections instead)"),
+                )
+            });
+        }
         let mut desired = DesiredService {
             frontends: VecMap::new(),
-            backends: self.backends(port, family, slices),
+            backends,
             affinity_timeout: facts.affinity_timeout,
             egress: family_egress(facts, family),
             cluster_egress: facts.cluster_egress.contains(&family),
@@ -1496,6 +1596,7 @@ impl Translator<'_> {
             port: port.port,
             cluster_ip,
             node_port: port.node_port,
+            health: facts.health.clone(),
         };
         let port_field = format!("spec.ports[{}]", port.index);
         let mut wanted: Vec<(IpAddr, u16, FrontendKind, u8, String)> = Vec::new();
@@ -1617,12 +1718,14 @@ impl Translator<'_> {
         desired
     }
 
+    /// The endpoints of a port and their roles; with them, when health checking found every
+    /// endpoint that would take new flows unhealthy, whether they are refused (else used all).
     fn backends(
         &self,
         port: &PortSpec,
         family: IpFamily,
         slices: &[&SliceFacts],
-    ) -> VecMap<(IpAddr, u16), BackendRole> {
+    ) -> (VecMap<(IpAddr, u16), BackendRole>, Option<bool>) {
         let proto = port.protocol.name();
         let mut merged: BTreeMap<(IpAddr, u16), Conditions> = BTreeMap::new();
         // By each address's family: an FQDN slice holds the answers of both.
@@ -1652,17 +1755,33 @@ impl Translator<'_> {
             }
         }
         let best = merged.values().map(|c| c.rank()).max().unwrap_or(0);
-        merged
+        let candidate = |c: &Conditions| c.rank() == 2 || (best == 1 && c.rank() == 1);
+        let unhealthy = |(ip, number): &(IpAddr, u16)| {
+            self.unhealthy
+                .is_some_and(|u| u.endpoints.contains(&(*ip, *number, port.protocol)))
+        };
+        let refuse = self.unhealthy.is_some_and(|u| u.refuse_when_all_down);
+        let candidates = merged.values().filter(|c| candidate(c)).count();
+        let healthy = merged
+            .iter()
+            .filter(|(e, c)| candidate(c) && !unhealthy(e))
+            .count();
+        let all_down = (candidates > 0 && healthy == 0).then_some(refuse);
+        let fail_open = all_down == Some(false);
+        let backends = merged
             .into_iter()
             .map(|(endpoint, c)| {
-                let role = if c.rank() == 2 || (best == 1 && c.rank() == 1) {
-                    BackendRole::Active
-                } else {
+                let role = if !candidate(&c) {
                     BackendRole::Draining
+                } else if unhealthy(&endpoint) && !fail_open {
+                    BackendRole::Unhealthy
+                } else {
+                    BackendRole::Active
                 };
                 (endpoint, role)
             })
-            .collect()
+            .collect();
+        (backends, all_down)
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -61,6 +61,8 @@ fn manifests_are_valid_objects_listed_in_the_kustomization() {
             "ServiceAccount" => drop(round_trip::<ServiceAccount>(name, &value)),
             "ClusterRole" => drop(round_trip::<ClusterRole>(name, &value)),
             "ClusterRoleBinding" => drop(round_trip::<ClusterRoleBinding>(name, &value)),
+            "Role" => drop(round_trip::<Role>(name, &value)),
+            "RoleBinding" => drop(round_trip::<RoleBinding>(name, &value)),
             "DaemonSet" => drop(round_trip::<DaemonSet>(name, &value)),
             other => panic!("{name}: unexpected kind {other}"),
         }
@@ -102,6 +104,41 @@ fn rbac_grants_what_the_agent_requests_and_no_more() {
             "events.k8s.io/events:update",
         ]
     );
+    // In the agent's namespace only: the health verdicts prober nodes share.
+    let role: Role = round_trip("role.yaml", &read("role.yaml"));
+    let mut grants: Vec<String> = role
+        .rules
+        .unwrap()
+        .iter()
+        .flat_map(|rule| {
+            let group = rule.api_groups.clone().unwrap().join(",");
+            let verbs = rule.verbs.clone();
+            rule.resources
+                .clone()
+                .unwrap()
+                .into_iter()
+                .flat_map(move |r| {
+                    let group = group.clone();
+                    verbs
+                        .clone()
+                        .into_iter()
+                        .map(move |v| format!("{group}/{r}:{v}"))
+                })
+        })
+        .collect();
+    grants.sort();
+    assert_eq!(
+        grants,
+        [
+            "coordination.k8s.io/leases:create",
+            "coordination.k8s.io/leases:list",
+            "coordination.k8s.io/leases:patch",
+            "coordination.k8s.io/leases:watch",
+        ]
+    );
+    let binding: RoleBinding = round_trip("rolebinding.yaml", &read("rolebinding.yaml"));
+    assert_eq!(binding.role_ref.kind, "Role");
+    assert_eq!(binding.subjects.unwrap()[0].name, "extproxy");
 }
 
 #[test]

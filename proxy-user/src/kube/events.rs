@@ -45,6 +45,10 @@ pub fn reason(d: &Diagnostic) -> &'static str {
         reason
     } else if d.message.starts_with("no endpoints") {
         "NoEndpoints"
+    } else if d.message.contains("every endpoint is unhealthy") {
+        "AllEndpointsUnhealthy"
+    } else if field.contains("extproxy.io/health-check") {
+        "InvalidHealthCheck"
     } else if field.starts_with("spec.ports[") && d.message.contains("matches no endpoint port") {
         "PortNameMismatch"
     } else if field.contains("loadBalancerSourceRanges")
@@ -316,6 +320,18 @@ impl Publisher {
     /// more episode. At start-up an agent only creates what is missing: it cannot tell an
     /// episode it did not see begin from one already counted.
     pub fn publish(&self, event: ProblemEvent, cluster: &ClusterState, live: bool) {
+        // Only errors and warnings become Events.
+        self.publish_as(event, cluster, live, "Warning");
+    }
+
+    /// [`Publisher::publish`] with the Event's type (`Warning`, `Normal`).
+    pub fn publish_as(
+        &self,
+        event: ProblemEvent,
+        cluster: &ClusterState,
+        live: bool,
+        type_: &'static str,
+    ) {
         let Some(service) = cluster.service(&event.service) else {
             return;
         };
@@ -337,8 +353,7 @@ impl Publisher {
                 ..ObjectMeta::default()
             },
             event_time: Some(MicroTime(Timestamp::now())),
-            // Only errors and warnings become Events.
-            type_: Some("Warning".to_owned()),
+            type_: Some(type_.to_owned()),
             reason: Some(event.reason.to_owned()),
             action: Some(match &event.field {
                 Some(field) => truncate(&format!("Program {field}"), MAX_ACTION),

@@ -60,6 +60,8 @@ pub struct Batch {
     fresh: bool,
     /// New DNS answers are in it.
     dns: bool,
+    /// Health verdicts changed (the health monitor logs those itself).
+    health: bool,
 }
 
 impl Batch {
@@ -104,6 +106,10 @@ pub struct KubeSource {
     /// The resolver's answers for FQDN slices, kept for translators built after a relist.
     resolved: Arc<crate::dns::Resolved>,
     dns_changed: bool,
+    /// Endpoints health checking judges unhealthy, by Service: told to every translator,
+    /// including one built anew after a relist.
+    unhealthy: BTreeMap<ObjectKey, Arc<translate::Unhealthy>>,
+    health_changed: bool,
 }
 
 struct PendingEvent {
@@ -294,6 +300,8 @@ impl KubeSource {
             event_settle: EVENT_SETTLE,
             resolved: Arc::default(),
             dns_changed: false,
+            unhealthy: BTreeMap::new(),
+            health_changed: false,
         }
     }
 
@@ -317,6 +325,49 @@ impl KubeSource {
     pub fn dns_changed(&mut self) {
         self.dirty = true;
         self.dns_changed = true;
+    }
+
+    /// Whether this node is labelled to probe for the others (`extproxy.io/health-prober`).
+    pub fn is_health_prober(&self) -> bool {
+        self.cluster.node().is_some_and(|n| {
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::names::HEALTH_PROBER_LABEL))
+                .is_some_and(|v| v == "true")
+        })
+    }
+
+    /// Health checking's verdict on Service `key` changed: the next batch translates it again.
+    pub fn set_unhealthy(&mut self, key: ObjectKey, unhealthy: Option<Arc<translate::Unhealthy>>) {
+        match &unhealthy {
+            Some(u) => self.unhealthy.insert(key.clone(), u.clone()),
+            None => self.unhealthy.remove(&key),
+        };
+        if let Some(translator) = &mut self.translator {
+            translator.set_unhealthy(key, unhealthy);
+        }
+        self.health_changed = true;
+        self.dirty = true;
+    }
+
+    /// An Event on the Service for an endpoint's health transition: Warning when it became
+    /// unhealthy, Normal when it recovered.
+    pub fn report_health(&self, report: &crate::health::Report) {
+        let healthy = report.transition.healthy;
+        let event = ProblemEvent {
+            service: report.service(),
+            slice: None,
+            reason: if healthy {
+                "EndpointHealthy"
+            } else {
+                "EndpointUnhealthy"
+            },
+            field: Some(format!("endpoint {}", report.endpoint)),
+            note: report.describe(),
+        };
+        let type_ = if healthy { "Normal" } else { "Warning" };
+        self.publisher.publish_as(event, &self.cluster, true, type_);
     }
 
     /// An Event on a claimed Service for a problem the data path found (not from translation):
@@ -533,6 +584,9 @@ impl KubeSource {
                 for (key, service) in inventory.services {
                     translator.set_service(key, Some(service));
                 }
+                for (key, unhealthy) in &self.unhealthy {
+                    translator.set_unhealthy(key.clone(), Some(unhealthy.clone()));
+                }
                 self.translator = Some(translator);
             }
         }
@@ -543,6 +597,7 @@ impl KubeSource {
             slices_changed,
             fresh,
             dns: std::mem::take(&mut self.dns_changed),
+            health: std::mem::take(&mut self.health_changed),
         })
     }
 
@@ -617,6 +672,8 @@ impl KubeSource {
                     applied.ops
                 );
             }
+        } else if batch.health && batch.triggers.is_empty() {
+            tracing::debug!("health verdicts: {} map updates in {ms:.2} ms", applied.ops);
         } else if applied.ops > 0 && batch.triggers.is_empty() {
             tracing::info!(
                 "converged after a relist: {} map updates in {ms:.2} ms",

@@ -60,6 +60,7 @@ fn service(frontends: &[(&str, u16)], backends: &[(&str, BackendRole)]) -> Desir
         port: 80,
         cluster_ip: None,
         node_port: None,
+        health: Default::default(),
     }
 }
 

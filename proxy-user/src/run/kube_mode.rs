@@ -4,6 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, bail};
 use extproxy::{
+    health::{Monitor, share::Sharing},
     host,
     kube::{self as kubemode, KubeSource, NodeOverrides, SourceConfig},
     metrics::{self, Telemetry},
@@ -87,6 +88,11 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     )
     .await?;
 
+    let namespace = std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| extproxy::health::share::DEFAULT_NAMESPACE.to_owned());
+    let mut sharing = Sharing::start(client.clone(), &namespace, &node_name);
     let mut source = KubeSource::new(
         client,
         SourceConfig {
@@ -104,6 +110,9 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     let mut hk = Housekeeping::new(dp)?;
     let mut trimmed = false;
     let mut dns = fqdn::resolver(args, &telemetry);
+    let mut health = Monitor::new();
+    telemetry.set_health_metrics(health.metrics());
+    let mut passive = super::manifest_mode::health_poll();
     loop {
         tokio::select! {
             _ = hk.sigint.recv() => break,
@@ -113,6 +122,9 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
                 fqdn::want(&mut dns, &source.dns_wanted(), batch.fresh()).await;
                 source.set_resolved(dns.resolved());
                 source.apply(batch, &mut running.agent);
+                if let Some(t) = source.translation() {
+                    health.sync(t, running.agent.reconciler());
+                }
                 if !trimmed {
                     // The initial lists and the first translation leave much freed memory.
                     host::release_free_memory();
@@ -137,7 +149,27 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
                     source.dns_changed();
                 }
             }
+            result = health.next_result() => health.on_probe(result),
+            _ = passive.tick() => {
+                health.poll(&running.agent.maps);
+                // Probers publish; the others follow them while one is live.
+                let prober = source.is_health_prober();
+                health.set_follow(sharing.to_follow(prober, std::time::SystemTime::now()));
+                if prober {
+                    sharing.publish(health.own_verdicts());
+                }
+            }
             _ = hk.flush.tick() => running.agent.flush_state(),
+        }
+        // New verdicts make the next batch at once (the source is marked dirty).
+        for (service, unhealthy) in health.take_changes() {
+            source.set_unhealthy(service, unhealthy);
+        }
+        for report in health.take_reports() {
+            source.report_health(&report);
+        }
+        if let Some(records) = health.take_records() {
+            running.agent.set_health(records);
         }
     }
     running.agent.flush_state_now();

@@ -4,6 +4,7 @@ use std::{net::IpAddr, path::Path, time::Instant};
 
 use anyhow::{Context as _, bail};
 use extproxy::{
+    health::{self, Monitor},
     host,
     manifest::{ManifestSet, ParseQueue},
     metrics::Telemetry,
@@ -100,6 +101,9 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
     print_summary(t, SUMMARY_LINES);
     let applied = agent.apply(t);
     telemetry.record_apply(t, &applied, Some(service_names(&agent)));
+    let mut health = Monitor::new();
+    telemetry.set_health_metrics(health.metrics());
+    health.sync(t, agent.reconciler());
     tracing::info!(
         "programmed {} service port(s) with {} map updates in {:.1} ms",
         applied.services,
@@ -119,6 +123,7 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
 
     let mut reads = ParseQueue::new();
     let mut hk = Housekeeping::new(dp)?;
+    let mut passive = health_poll();
     loop {
         tokio::select! {
             _ = hk.sigint.recv() => break,
@@ -148,11 +153,14 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
                     applied.ops,
                     applied.elapsed.as_secs_f64() * 1e3
                 );
+                health.sync(t, running.agent.reconciler());
             }
             resolved = dns.next() => {
                 translator.set_resolved(resolved);
-                dns_changed(&mut translator, &mut running.agent, &telemetry);
+                dns_changed(&mut translator, &mut running.agent, &telemetry, &mut health);
             }
+            result = health.next_result() => health.on_probe(result),
+            _ = passive.tick() => health.poll(&running.agent.maps),
             events = running.pods.next() => running.pod_events(events, &telemetry),
             events = dp_events.next() => {
                 refused(&events, &mut refusals, &running.agent, &telemetry);
@@ -162,10 +170,21 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
                 refused(&[], &mut refusals, &running.agent, &telemetry);
                 if let Some(resolved) = fqdn::after_sweep(&mut dns, report.as_ref()) {
                     translator.set_resolved(resolved);
-                    dns_changed(&mut translator, &mut running.agent, &telemetry);
+                    dns_changed(&mut translator, &mut running.agent, &telemetry, &mut health);
                 }
             }
             _ = hk.flush.tick() => running.agent.flush_state(),
+        }
+        if health.tell(&mut translator) {
+            let t = translator.update();
+            let applied = running.agent.apply(t);
+            let names = applied.names_changed.then(|| service_names(&running.agent));
+            telemetry.record_apply(t, &applied, names);
+            health.sync(t, running.agent.reconciler());
+        }
+        health.take_reports();
+        if let Some(records) = health.take_records() {
+            running.agent.set_health(records);
         }
     }
     running.agent.flush_state_now();
@@ -181,11 +200,14 @@ fn dns_changed(
     translator: &mut Incremental,
     agent: &mut extproxy::agent::Agent,
     telemetry: &Telemetry,
+    health: &mut Monitor,
 ) {
     let t = translator.update();
     let applied = agent.apply(t);
     let names = applied.names_changed.then(|| service_names(agent));
     telemetry.record_apply(t, &applied, names);
+    // New addresses are new endpoints to check.
+    health.sync(t, agent.reconciler());
     if applied.ops > 0 {
         tracing::info!(
             "DNS answers changed: {} map updates in {:.2} ms",
@@ -193,6 +215,14 @@ fn dns_changed(
             applied.elapsed.as_secs_f64() * 1e3
         );
     }
+}
+
+/// The passive health counters' reading pace; a late tick is not caught up (a busy loop must
+/// not read them twice in a row).
+pub(super) fn health_poll() -> tokio::time::Interval {
+    let mut poll = tokio::time::interval(health::PASSIVE_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    poll
 }
 
 pub fn settings(

@@ -25,8 +25,8 @@ use proxy_common::FrontendKey;
 
 use super::{
     Changes, ClaimReason, Claimed, DesiredService, Filled, NodeInfo, ObjectKey, ServicePortKey,
-    Settings, SliceFacts, Sourced, Translation, Translator, alloc, explicit_cluster_ips, fqdn,
-    slice_facts, spec_of,
+    Settings, SliceFacts, Sourced, Translation, Translator, Unhealthy, alloc, explicit_cluster_ips,
+    fqdn, slice_facts, spec_of,
 };
 use crate::diag::{Diagnostic, ObjectRef, Origin, Site};
 use crate::dns::{Resolved, Wanted};
@@ -586,6 +586,8 @@ pub struct Incremental {
     diagnostics_dirty: bool,
     /// Problems found before translation (reading manifests): reported first.
     source_diagnostics: Vec<Diagnostic>,
+    /// Endpoints health checking judged unhealthy, by Service.
+    unhealthy: HashMap<ObjectKey, Arc<Unhealthy>>,
     translation: Translation,
     /// The resolver's answers, which FQDN slices' endpoints come from.
     resolved: Arc<Resolved>,
@@ -606,6 +608,7 @@ impl Incremental {
             full: true,
             diagnostics_dirty: true,
             source_diagnostics: Vec::new(),
+            unhealthy: HashMap::new(),
             translation: Translation::default(),
             resolved: Arc::default(),
             fqdn_slices: BTreeMap::new(),
@@ -657,6 +660,20 @@ impl Incremental {
             fqdn::want(&slice.object, service, &self.settings, &mut wanted);
         }
         wanted
+    }
+
+    /// The endpoints of Service `key` health checking judges unhealthy (None: all healthy);
+    /// the Service is translated again at the next update if that changed.
+    pub fn set_unhealthy(&mut self, key: ObjectKey, unhealthy: Option<Arc<Unhealthy>>) {
+        let unhealthy = unhealthy.filter(|u| !u.endpoints.is_empty());
+        if self.unhealthy.get(&key) == unhealthy.as_ref() {
+            return;
+        }
+        match unhealthy {
+            Some(u) => self.unhealthy.insert(key.clone(), u),
+            None => self.unhealthy.remove(&key),
+        };
+        self.dirty.insert(key);
     }
 
     /// The translation as of the last update.
@@ -1064,6 +1081,7 @@ impl Incremental {
             own_node_ports: BTreeSet::new(),
             frontend_owners: HashMap::new(),
             unusable_endpoints: BTreeSet::new(),
+            unhealthy: self.unhealthy.get(&**key).map(|u| &**u),
         };
         if let Some(reason) = t.claim(&source.object, &site) {
             t.out.claimed = Some(reason);
