@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod diag;
+pub mod egress;
 pub mod gc;
 pub mod host;
 pub mod inspect;
