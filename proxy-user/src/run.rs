@@ -1,6 +1,7 @@
 //! `extproxy run`: the two modes, and what their start, control loop and exit share.
 
 mod datapath;
+mod egress;
 mod kube_mode;
 // `validate` prints and translates manifests the way manifest mode does.
 pub mod manifest_mode;

@@ -606,8 +606,11 @@ impl<S: LeaseStore> Elector<S> {
             return;
         }
         self.last_status = Some(current);
-        let valid_until = match (role, self.leading) {
-            (Role::Owner, Some(sent)) => Some(sent + self.config.timing.renew_deadline),
+        // Keep mode has no deadline: the controller extends the address's lifetime itself.
+        let valid_until = match (role, self.leading, self.config.fencing) {
+            (Role::Owner, Some(sent), Fencing::Fence) => {
+                Some(sent + self.config.timing.renew_deadline)
+            }
             _ => None,
         };
         let _ = updates.send(Status {

@@ -639,7 +639,7 @@ fn key_of<K: Resource>(object: &K) -> ObjectKey {
 
 /// An error with its causes: kube's errors say "failed to perform initial object list" and keep
 /// the interesting part (connection refused, 403) in their sources.
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -87,6 +87,8 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     )
     .await?;
 
+    let cluster_egress =
+        super::egress::start_kube(args, ifaces, client.clone(), &node_name, &telemetry)?;
     let mut source = KubeSource::new(
         client,
         SourceConfig {
@@ -129,6 +131,9 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
         }
     }
     running.agent.flush_state_now();
+    if let Some(egress) = cluster_egress {
+        egress.stop().await;
+    }
     // A DaemonSet rollout restarts the agent: flows must survive it, so keeping is the default.
     finish(running, dp, !dp.detach_on_exit)
 }

@@ -111,6 +111,7 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
         verified.as_secs_f64() * 1e3
     );
     let mut running = Running::attach(ebpf, agent, ifaces, dp, "none", &telemetry)?;
+    let cluster_egress = super::egress::start_manifest(args, ifaces, &iface_addrs, &telemetry)?;
     tracing::info!("extproxy is running; watching {}", manifests.display());
 
     let mut hk = Housekeeping::new(dp)?;
@@ -149,6 +150,9 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
         }
     }
     running.agent.flush_state_now();
+    if let Some(egress) = cluster_egress {
+        egress.stop().await;
+    }
     finish(running, dp, dp.keep_on_exit)
 }
 
