@@ -35,6 +35,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("removing pins in {}", pin_dir.display()))?;
     let _ = std::fs::remove_dir(pin_dir);
     let _ = std::fs::remove_file(extproxy::state::path(state_dir));
+    let _ = std::fs::remove_file(extproxy::egress::state_path(state_dir));
     if removed.is_empty() {
         println!("nothing pinned in {}", pin_dir.display());
     } else {

@@ -17,8 +17,10 @@ use k8s_openapi::Resource as _;
 use kube::{Api, Client};
 use tokio::sync::watch;
 
+use super::config::{Fencing, Timing, lease_name};
 use super::lease::{
-    Acquired, Candidacy, LeaseRecord, LeaseStore, LeaseWrite, Observation, Status, StoreError,
+    Acquired, Candidacy, Elector, ElectorConfig, LeaseRecord, LeaseStore, LeaseWrite,
+    Observation, Status, StoreError, Watched,
 };
 
 /// Nodes carrying this label with value `true` are gateway candidates.
@@ -149,12 +151,70 @@ impl LeaseStore for KubeLeases {
     }
 }
 
+/// A running election: an elector per address and the Lease watch they share.
+pub struct Election {
+    /// Each address's status, whenever it changes (and after every renewal while owning).
+    pub updates: tokio::sync::mpsc::UnboundedReceiver<Status>,
+    /// End when stopped (after releasing what they hold).
+    pub electors: Vec<tokio::task::JoinHandle<()>>,
+    /// Runs until stopped.
+    pub watch: tokio::task::JoinHandle<()>,
+}
+
+/// Elects the owners of `addresses` with Leases in `namespace`, as `identity` (the node name).
+/// `candidacy` says whether this node stands; `stop` ends it, releasing held Leases.
+#[allow(clippy::too_many_arguments)]
+pub fn elect(
+    client: &Client,
+    namespace: &str,
+    identity: &str,
+    addresses: impl IntoIterator<Item = IpAddr>,
+    timing: Timing,
+    fencing: Fencing,
+    candidacy: watch::Receiver<Candidacy>,
+    stop: watch::Receiver<bool>,
+) -> Election {
+    let (updates_tx, updates) = tokio::sync::mpsc::unbounded_channel();
+    let mut senders = HashMap::new();
+    let mut electors = Vec::new();
+    for address in addresses {
+        let (tx, rx) = watch::channel(Watched::default());
+        senders.insert(lease_name(address), tx);
+        let elector = Elector::new(
+            ElectorConfig {
+                address,
+                identity: identity.to_owned(),
+                timing,
+                fencing,
+            },
+            KubeLeases::new(client.clone(), namespace),
+        );
+        electors.push(tokio::spawn(elector.run(
+            rx,
+            candidacy.clone(),
+            stop.clone(),
+            updates_tx.clone(),
+        )));
+    }
+    let watch = tokio::spawn(watch_leases(
+        client.clone(),
+        namespace.to_owned(),
+        senders,
+        stop,
+    ));
+    Election {
+        updates,
+        electors,
+        watch,
+    }
+}
+
 /// Watches the cluster egress Leases of `namespace` and hands each address's elector what its
 /// Lease holds (`senders`: by Lease name). Runs until `stop`.
 pub async fn watch_leases(
     client: Client,
     namespace: String,
-    senders: HashMap<String, watch::Sender<Observation>>,
+    senders: HashMap<String, watch::Sender<Watched>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
@@ -164,6 +224,7 @@ pub async fn watch_leases(
         .boxed();
     // A relist is collected whole and swapped in at its end, like a reflector store.
     let mut listing: Option<HashMap<String, Lease>> = None;
+    let mut lists = 0;
     let mut failing = false;
     loop {
         let event = tokio::select! {
@@ -202,33 +263,40 @@ pub async fn watch_leases(
             }
             watcher::Event::InitDone => {
                 let list = listing.take().unwrap_or_default();
+                lists += 1;
                 for (name, tx) in &senders {
                     let observation = list
                         .get(name)
                         .map_or(Observation::Absent, |l| Observation::Present(record(l)));
-                    tx.send_if_modified(|o| replace_if_changed(o, observation));
+                    tx.send_replace(Watched {
+                        observation,
+                        listing: lists,
+                    });
                 }
             }
             watcher::Event::Apply(lease) => {
                 if let Some(tx) = lease.metadata.name.as_ref().and_then(|n| senders.get(n)) {
                     let observation = Observation::Present(record(&lease));
-                    tx.send_if_modified(|o| replace_if_changed(o, observation));
+                    tx.send_if_modified(|w| replace_if_changed(w, observation, lists));
                 }
             }
             watcher::Event::Delete(lease) => {
                 if let Some(tx) = lease.metadata.name.as_ref().and_then(|n| senders.get(n)) {
-                    tx.send_if_modified(|o| replace_if_changed(o, Observation::Absent));
+                    tx.send_if_modified(|w| replace_if_changed(w, Observation::Absent, lists));
                 }
             }
         }
     }
 }
 
-fn replace_if_changed(current: &mut Observation, new: Observation) -> bool {
-    if *current == new {
+fn replace_if_changed(current: &mut Watched, observation: Observation, listing: u64) -> bool {
+    if current.observation == observation {
         return false;
     }
-    *current = new;
+    *current = Watched {
+        observation,
+        listing,
+    };
     true
 }
 

@@ -59,6 +59,17 @@ pub enum Observation {
     Present(LeaseRecord),
 }
 
+/// What the watch hands an elector: the Lease, and which list of the watch it came with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Watched {
+    pub observation: Observation,
+    /// Counts the watch's complete lists. A Lease listed again unchanged after the watch was
+    /// broken has been unobserved meanwhile: the wait for its expiry starts over, so after an API
+    /// server outage the holder (renewing again within a second) keeps its address instead of
+    /// losing it to a candidate whose clock ran on through the outage.
+    pub listing: u64,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StoreError {
     /// Another writer came first (409: AlreadyExists on create, Conflict on update).
@@ -170,6 +181,8 @@ pub struct Elector<S> {
     store: S,
     known: bool,
     observed: Option<Observed>,
+    /// The watch's list the last observation came with.
+    listing: u64,
     /// Leading: when the last successful write that made or kept this node the holder was sent.
     leading: Option<Instant>,
     fenced: bool,
@@ -196,6 +209,7 @@ impl<S: LeaseStore> Elector<S> {
             store,
             known: false,
             observed: None,
+            listing: 0,
             leading: None,
             fenced: false,
             last_attempt: None,
@@ -209,14 +223,14 @@ impl<S: LeaseStore> Elector<S> {
     /// Runs until `stop` turns true (or its sender goes away): then releases the Lease if held.
     pub async fn run(
         mut self,
-        mut observations: watch::Receiver<Observation>,
+        mut observations: watch::Receiver<Watched>,
         mut candidacy: watch::Receiver<Candidacy>,
         mut stop: watch::Receiver<bool>,
         updates: mpsc::UnboundedSender<Status>,
     ) {
         self.candidacy = candidacy.borrow_and_update().clone();
         let first = observations.borrow_and_update().clone();
-        self.observe(first, Instant::now());
+        self.observe(first.observation, first.listing, Instant::now());
         loop {
             if *stop.borrow() {
                 break;
@@ -232,8 +246,8 @@ impl<S: LeaseStore> Elector<S> {
                 }
                 changed = observations.changed() => {
                     if changed.is_ok() {
-                        let o = observations.borrow_and_update().clone();
-                        self.observe(o, Instant::now());
+                        let w = observations.borrow_and_update().clone();
+                        self.observe(w.observation, w.listing, Instant::now());
                     }
                 }
                 changed = candidacy.changed() => {
@@ -253,7 +267,9 @@ impl<S: LeaseStore> Elector<S> {
     }
 
     /// Takes in what the watch (or a read) says.
-    fn observe(&mut self, observation: Observation, now: Instant) {
+    fn observe(&mut self, observation: Observation, listing: u64, now: Instant) {
+        let relisted = listing > self.listing;
+        self.listing = self.listing.max(listing);
         match observation {
             Observation::Unknown => {}
             Observation::Absent => {
@@ -269,9 +285,14 @@ impl<S: LeaseStore> Elector<S> {
             }
             Observation::Present(record) => {
                 self.known = true;
-                if let Some(o) = &self.observed {
-                    if o.record.version == record.version || older(&record.version, &o.record.version)
-                    {
+                if let Some(o) = &mut self.observed {
+                    if o.record.version == record.version {
+                        if relisted {
+                            o.seen_at = now;
+                        }
+                        return;
+                    }
+                    if older(&record.version, &o.record.version) {
                         return;
                     }
                 }
@@ -518,8 +539,10 @@ impl<S: LeaseStore> Elector<S> {
     async fn refresh(&mut self) {
         let deadline = Instant::now() + self.config.timing.renew_interval;
         match tokio::time::timeout_at(deadline, self.store.get(&self.name)).await {
-            Ok(Ok(Some(record))) => self.observe(Observation::Present(record), Instant::now()),
-            Ok(Ok(None)) => self.observe(Observation::Absent, Instant::now()),
+            Ok(Ok(Some(record))) => {
+                self.observe(Observation::Present(record), self.listing, Instant::now())
+            }
+            Ok(Ok(None)) => self.observe(Observation::Absent, self.listing, Instant::now()),
             Ok(Err(err)) => tracing::debug!("reading Lease {}: {err}", self.name),
             Err(_) => tracing::debug!("reading Lease {}: no answer", self.name),
         }

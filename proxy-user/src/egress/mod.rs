@@ -24,7 +24,7 @@ pub mod kube;
 pub mod lease;
 pub mod uplink;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,7 +40,7 @@ use crate::maps::{DatapathMaps, MapsError};
 use crate::metrics::{EgressOwnership, Telemetry};
 use announce::Announcer;
 use config::{AnnounceMode, ClusterEgressConfig, Fencing, OwnerSpec, Timing};
-use lease::{Candidacy, Elector, ElectorConfig, Holder, Observation, Role, Status};
+use lease::{Candidacy, Holder, Role, Status};
 
 /// What `extproxy inspect` reads about the addresses (beside the maps).
 pub const STATE_FILE: &str = "cluster-egress.json";
@@ -134,7 +134,6 @@ impl ClusterEgress {
         let (views_tx, views_rx) = watch::channel(None);
         let (candidacy_tx, candidacy_rx) = watch::channel(Candidacy::default());
         let (peers_tx, peers_rx) = watch::channel(BTreeSet::new());
-        let (updates_tx, updates_rx) = mpsc::unbounded_channel();
         let mut helpers = vec![tokio::spawn(kube::watch_nodes(
             kube.client.clone(),
             kube.node_name.clone(),
@@ -148,34 +147,19 @@ impl ClusterEgress {
             peers_tx,
             kube.node_name.clone(),
         )));
-        let mut senders = HashMap::new();
-        let mut electors = Vec::new();
-        for address in setup.config.addresses() {
-            let (tx, rx) = watch::channel(Observation::Unknown);
-            senders.insert(config::lease_name(address), tx);
-            let elector = Elector::new(
-                ElectorConfig {
-                    address,
-                    identity: kube.node_name.clone(),
-                    timing: setup.timing,
-                    fencing: setup.fencing,
-                },
-                kube::KubeLeases::new(kube.client.clone(), &kube.namespace),
-            );
-            electors.push(tokio::spawn(elector.run(
-                rx,
-                candidacy_rx.clone(),
-                stop_rx.clone(),
-                updates_tx.clone(),
-            )));
-        }
-        drop(updates_tx);
-        helpers.push(tokio::spawn(kube::watch_leases(
-            kube.client.clone(),
-            kube.namespace.clone(),
-            senders,
+        let election = kube::elect(
+            &kube.client,
+            &kube.namespace,
+            &kube.node_name,
+            setup.config.addresses(),
+            setup.timing,
+            setup.fencing,
+            candidacy_rx.clone(),
             stop_rx.clone(),
-        )));
+        );
+        let electors = election.electors;
+        helpers.push(election.watch);
+        let updates_rx = election.updates;
         tracing::info!(
             "cluster egress: {}; electing owners with Leases in {} (lease {} s, renewed every \
              {:.1} s, fencing {:?}); gateway candidates are Nodes labelled {}=true",

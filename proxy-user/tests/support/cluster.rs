@@ -251,7 +251,7 @@ pub async fn source_from_kubeconfig(
 pub async fn apply_deploy(client: &Client) {
     use k8s_openapi::api::apps::v1::DaemonSet;
     use k8s_openapi::api::core::v1::ServiceAccount;
-    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
     let read = |name: &str| -> serde_json::Value {
@@ -291,6 +291,14 @@ pub async fn apply_deploy(client: &Client) {
                 .await
                 .map(drop),
             "ClusterRoleBinding" => Api::<ClusterRoleBinding>::all(c)
+                .create(&pp, &parse(file, value))
+                .await
+                .map(drop),
+            "Role" => Api::<Role>::namespaced(c, &ns)
+                .create(&pp, &parse(file, value))
+                .await
+                .map(drop),
+            "RoleBinding" => Api::<RoleBinding>::namespaced(c, &ns)
                 .create(&pp, &parse(file, value))
                 .await
                 .map(drop),
