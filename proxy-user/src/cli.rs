@@ -103,7 +103,12 @@ pub struct EgressArgs {
     #[arg(long, value_enum, value_name = "MODE", default_value_t = AnnounceMode::Arp)]
     pub cluster_egress_announce: AnnounceMode,
     /// Kubernetes mode: extproxy's namespace, where the cluster egress Leases live.
-    #[arg(long, env = "POD_NAMESPACE", value_name = "NAMESPACE", default_value = "extproxy-system")]
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        value_name = "NAMESPACE",
+        default_value = "extproxy-system"
+    )]
     pub namespace: String,
     /// This node's IPv4 address for the tunnel between nodes. Default: the Node's InternalIP
     /// (Kubernetes mode), the first IPv4 of --node-ip or of the uplink (manifest mode).

@@ -216,13 +216,7 @@ fn packet_socket(protocol: u16) -> io::Result<OwnedFd> {
 }
 
 /// Sends `payload` out of interface `index` to `dst`; the kernel writes the Ethernet header.
-fn send(
-    sock: &OwnedFd,
-    index: u32,
-    protocol: u16,
-    dst: [u8; 6],
-    payload: &[u8],
-) -> io::Result<()> {
+fn send(sock: &OwnedFd, index: u32, protocol: u16, dst: [u8; 6], payload: &[u8]) -> io::Result<()> {
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
     sll.sll_protocol = protocol.to_be();

@@ -458,7 +458,9 @@ mod tests {
         assert_eq!(config.allowed(ip("10.0.0.60"), "kube-system"), Ok(()));
         let typo = config.allowed(ip("10.0.0.51"), "shop").unwrap_err();
         assert!(
-            typo.starts_with("10.0.0.51 is not a cluster egress address (declared: 10.0.0.50, 10.0.0.60)"),
+            typo.starts_with(
+                "10.0.0.51 is not a cluster egress address (declared: 10.0.0.50, 10.0.0.60)"
+            ),
             "{typo}"
         );
         let other = config.allowed(ip("10.0.0.50"), "default").unwrap_err();

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::StreamExt as _;
+use k8s_openapi::Resource as _;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{Node, NodeStatus, ObjectReference};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
@@ -13,14 +14,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt as _, watcher};
-use k8s_openapi::Resource as _;
 use kube::{Api, Client};
 use tokio::sync::watch;
 
 use super::config::{Fencing, Timing, lease_name};
 use super::lease::{
-    Acquired, Candidacy, Elector, ElectorConfig, LeaseRecord, LeaseStore, LeaseWrite,
-    Observation, Status, StoreError, Watched,
+    Acquired, Candidacy, Elector, ElectorConfig, LeaseRecord, LeaseStore, LeaseWrite, Observation,
+    Status, StoreError, Watched,
 };
 
 /// Nodes carrying this label with value `true` are gateway candidates.
@@ -67,9 +67,7 @@ pub fn record(lease: &Lease) -> LeaseRecord {
         owner_address: annotations
             .and_then(|a| a.get(OWNER_ADDRESS_ANNOTATION))
             .and_then(|a| a.parse().ok()),
-        duration_secs: spec
-            .lease_duration_seconds
-            .map_or(0, |d| d.max(0) as u32),
+        duration_secs: spec.lease_duration_seconds.map_or(0, |d| d.max(0) as u32),
         transitions: spec.lease_transitions.unwrap_or(0),
         acquire_time: spec.acquire_time.map(|t| t.0),
         renew_time: spec.renew_time.map(|t| t.0),
@@ -457,12 +455,7 @@ pub async fn watch_nodes(
 /// The Event on the Lease when this node took its address: reason `ClusterEgressMoved` (from
 /// another node) or `ClusterEgressAcquired` (nobody held it). Only the new owner writes it, once
 /// per move.
-pub fn move_event(
-    namespace: &str,
-    node: &str,
-    status: &Status,
-    acquired: &Acquired,
-) -> K8sEvent {
+pub fn move_event(namespace: &str, node: &str, status: &Status, acquired: &Acquired) -> K8sEvent {
     let (reason, note) = match &acquired.previous {
         Some(previous) if acquired.expired => (
             "ClusterEgressMoved",
@@ -597,10 +590,7 @@ mod tests {
                 .map(|a| a.parse().unwrap())
                 .collect()
         );
-        assert_eq!(
-            b.gateways,
-            BTreeSet::from(["b".to_owned(), "d".to_owned()])
-        );
+        assert_eq!(b.gateways, BTreeSet::from(["b".to_owned(), "d".to_owned()]));
         let c = view(&nodes, "c", None);
         assert!(!c.candidacy.candidate, "labelled false");
         // A gateway without an IPv4 InternalIP cannot be tunnelled to: no address, so it never
@@ -610,7 +600,10 @@ mod tests {
         let d = view(&nodes, "d", Some(Ipv4Addr::new(10, 0, 0, 4)));
         assert_eq!(d.candidacy.address, Some(Ipv4Addr::new(10, 0, 0, 4)));
         assert!(d.peers.contains(&"10.0.0.4".parse::<IpAddr>().unwrap()));
-        assert_eq!(view(&nodes, "unknown", None).candidacy, Candidacy::default());
+        assert_eq!(
+            view(&nodes, "unknown", None).candidacy,
+            Candidacy::default()
+        );
     }
 
     #[test]

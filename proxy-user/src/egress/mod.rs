@@ -396,7 +396,11 @@ pub fn map_entry(status: &Status, own: Option<Ipv4Addr>) -> (Option<IpAddr>, boo
 /// The uplink address's lifetime for an owner: what is left of its deadline, less the second
 /// by which the kernel may remove an address late; None when no refresh should happen now (the
 /// address keeps its earlier, shorter lifetime).
-pub fn owner_lifetime(valid_until: Option<Instant>, now: Instant, default: Duration) -> Option<u32> {
+pub fn owner_lifetime(
+    valid_until: Option<Instant>,
+    now: Instant,
+    default: Duration,
+) -> Option<u32> {
     match valid_until {
         None => Some(default.as_secs().max(1) as u32),
         Some(until) => {
@@ -600,7 +604,11 @@ impl Controller {
                 tracing::info!(
                     "cluster egress: {} node(s) may tunnel flows here: {}",
                     peers.len(),
-                    crate::host::join_addrs(&peers.iter().copied().collect::<Vec<_>>(), ", ", "none")
+                    crate::host::join_addrs(
+                        &peers.iter().copied().collect::<Vec<_>>(),
+                        ", ",
+                        "none"
+                    )
                 );
                 self.peers = peers;
             }
@@ -616,7 +624,12 @@ impl Controller {
         };
         let previous = entry.status.take();
         let moved = match (&previous, &status.holder) {
-            (Some(Status { holder: Some(old), .. }), Some(new)) => old.node != new.node,
+            (
+                Some(Status {
+                    holder: Some(old), ..
+                }),
+                Some(new),
+            ) => old.node != new.node,
             _ => false,
         };
         if previous.as_ref().map(|p| &p.holder) != Some(&status.holder) {
@@ -806,7 +819,11 @@ impl Controller {
             .iter()
             .map(|(address, a)| EgressOwnership {
                 address: *address,
-                owner: a.status.as_ref().and_then(|s| s.holder.clone()).map(|h| h.node),
+                owner: a
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.holder.clone())
+                    .map(|h| h.node),
                 local: a.status.as_ref().is_some_and(|s| s.role == Role::Owner),
                 fenced: a.status.as_ref().is_some_and(|s| s.role == Role::Fenced),
             })
@@ -825,7 +842,9 @@ impl Controller {
                     AddressState {
                         address: *address,
                         lease: status.map(|s| s.lease.clone()).filter(|l| !l.is_empty()),
-                        owner: status.and_then(|s| s.holder.as_ref()).map(|h| h.node.clone()),
+                        owner: status
+                            .and_then(|s| s.holder.as_ref())
+                            .map(|h| h.node.clone()),
                         owner_address: status
                             .and_then(|s| s.holder.as_ref())
                             .and_then(|h| h.address),
@@ -936,9 +955,11 @@ mod tests {
             peers: BTreeSet::new(),
             tunnel_ip: me,
         };
-        let statuses =
-            static_statuses(&config, &setup(true, &["10.0.0.50=10.0.0.2", "fd00::50=10.0.0.3"]))
-                .unwrap();
+        let statuses = static_statuses(
+            &config,
+            &setup(true, &["10.0.0.50=10.0.0.2", "fd00::50=10.0.0.3"]),
+        )
+        .unwrap();
         assert_eq!(statuses.len(), 2);
         assert_eq!(statuses[0].role, Role::Owner);
         assert_eq!(statuses[1].role, Role::Follower);
@@ -962,6 +983,10 @@ mod tests {
             Err(EgressError::TwoOwners(_))
         ));
         let nobody = static_statuses(&config, &setup(true, &[])).unwrap();
-        assert!(nobody.iter().all(|s| s.holder.is_none() && s.role == Role::Follower));
+        assert!(
+            nobody
+                .iter()
+                .all(|s| s.holder.is_none() && s.role == Role::Follower)
+        );
     }
 }

@@ -298,9 +298,7 @@ pub fn remove(index: u32, addr: IpAddr) -> io::Result<bool> {
         None,
     )) {
         Ok(()) => Ok(true),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::ENOENT)) => {
-            Ok(false)
-        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::ENOENT)) => Ok(false),
         Err(e) => Err(e),
     }
 }
