@@ -183,6 +183,9 @@ pub struct Elector<S> {
     observed: Option<Observed>,
     /// The watch's list the last observation came with.
     listing: u64,
+    /// The last holder seen, kept through a release: an acquisition names where the address
+    /// came from.
+    last_holder: Option<String>,
     /// Leading: when the last successful write that made or kept this node the holder was sent.
     leading: Option<Instant>,
     fenced: bool,
@@ -210,6 +213,7 @@ impl<S: LeaseStore> Elector<S> {
             known: false,
             observed: None,
             listing: 0,
+            last_holder: None,
             leading: None,
             fenced: false,
             last_attempt: None,
@@ -307,6 +311,9 @@ impl<S: LeaseStore> Elector<S> {
                     );
                     self.leading = None;
                     self.fenced = false;
+                }
+                if let Some(h) = record.holder.as_ref().filter(|h| !h.is_empty()) {
+                    self.last_holder = Some(h.clone());
                 }
                 self.observed = Some(Observed {
                     record,
@@ -502,8 +509,13 @@ impl<S: LeaseStore> Elector<S> {
                     }
                     return None;
                 }
+                // A released Lease names no holder: the one before is where it came from.
+                let previous = previous_holder
+                    .or_else(|| self.last_holder.clone())
+                    .filter(|h| *h != self.config.identity);
+                self.last_holder = Some(self.config.identity.clone());
                 Some(Acquired {
-                    previous: previous_holder,
+                    previous,
                     expired,
                     transitions,
                 })
@@ -569,9 +581,9 @@ impl<S: LeaseStore> Elector<S> {
             renew_time: Some(Timestamp::now()),
         };
         let deadline = Instant::now() + self.config.timing.renew_interval;
-        let request =
-            self.store
-                .replace(&self.name, self.config.address, &record.version, &write);
+        let request = self
+            .store
+            .replace(&self.name, self.config.address, &record.version, &write);
         match tokio::time::timeout_at(deadline, request).await {
             Ok(Ok(record)) => {
                 tracing::info!(

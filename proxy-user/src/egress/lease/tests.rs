@@ -412,7 +412,15 @@ async fn a_released_address_moves_at_once_and_its_old_owner_does_not_take_it_bac
         "a released Lease is taken at the next look: {:?}",
         took - stopping
     );
-    assert_eq!(log.acquisitions(1)[0].expired, false);
+    assert_eq!(
+        log.acquisitions(1),
+        vec![Acquired {
+            previous: Some("node-a".into()),
+            expired: false,
+            transitions: 1
+        }],
+        "released, not lost; and it came from A"
+    );
     // A comes back: B keeps the address (no preemption, no flapping).
     let transitions = store.record(&lease()).unwrap().transitions;
     let _a = start(&store, &log, 0, true, Fencing::Fence);
@@ -495,7 +503,11 @@ async fn keep_mode_holds_the_address_through_an_outage_until_another_node_has_it
     store.set_down(0, true);
     settle(10).await;
     assert_eq!(log.role(1), Some(Role::Owner));
-    assert_eq!(log.role(0), Some(Role::Owner), "both own it during the partition");
+    assert_eq!(
+        log.role(0),
+        Some(Role::Owner),
+        "both own it during the partition"
+    );
     store.set_down(0, false);
     settle(1).await;
     assert_eq!(log.role(0), Some(Role::Follower));
