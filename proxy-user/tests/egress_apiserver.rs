@@ -35,12 +35,15 @@ fn addresses() -> Vec<IpAddr> {
     vec![V4.parse().unwrap(), V6.parse().unwrap()]
 }
 
+/// Every status a node's electors sent, with when it arrived.
+type History = Arc<Mutex<Vec<(Instant, Status)>>>;
+
 /// One node's election, as its agent runs it.
 struct Node {
     name: String,
     stop: watch::Sender<bool>,
     _candidacy: watch::Sender<Candidacy>,
-    statuses: Arc<Mutex<Vec<(Instant, Status)>>>,
+    statuses: History,
     electors: Vec<tokio::task::JoinHandle<()>>,
     others: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -62,11 +65,15 @@ impl Node {
             candidacy_rx,
             stop_rx,
         );
-        let statuses: Arc<Mutex<Vec<(Instant, Status)>>> = Arc::default();
+        let statuses: History = Arc::default();
         let log = statuses.clone();
         let pump = tokio::spawn(async move {
-            while let Some(s) = election.updates.recv().await {
+            while let Some(mut s) = election.updates.recv().await {
+                let handoff = s.handoff.take();
                 log.lock().unwrap().push((Instant::now(), s));
+                // As the controller does once the address is off the uplink: from here on the
+                // Lease may be released.
+                drop(handoff);
             }
         });
         Node {
@@ -77,6 +84,10 @@ impl Node {
             electors: election.electors,
             others: vec![election.watch, pump],
         }
+    }
+
+    fn history(&self) -> (String, History) {
+        (self.name.clone(), self.statuses.clone())
     }
 
     fn last(&self, address: &str) -> Option<Status> {
@@ -122,6 +133,55 @@ impl Node {
         }
         for t in self.others {
             t.abort();
+        }
+    }
+}
+
+/// When a node had `address` on its uplink: from an Owner status until its next other status,
+/// and never past the deadline of its last renewal (a killed agent's address leaves the uplink by
+/// its lifetime).
+fn ownership(history: &History, address: IpAddr) -> Vec<(Instant, Instant)> {
+    let mut spans = Vec::new();
+    let mut open: Option<(Instant, Instant)> = None;
+    for (at, s) in history.lock().unwrap().iter() {
+        if s.address != address {
+            continue;
+        }
+        if s.role == Role::Owner {
+            let deadline = s
+                .valid_until
+                .expect("with fencing an owner has a deadline")
+                .into_std();
+            open = Some((open.map_or(*at, |(since, _)| since), deadline));
+        } else if let Some((since, deadline)) = open.take() {
+            spans.push((since, (*at).min(deadline)));
+        }
+    }
+    spans.extend(open);
+    spans
+}
+
+/// The safety property: no two nodes ever had an address on their uplinks at once.
+fn assert_one_owner_at_a_time(histories: &[(String, History)]) {
+    for address in addresses() {
+        let mut spans: Vec<(Instant, Instant, &str)> = histories
+            .iter()
+            .flat_map(|(node, h)| {
+                ownership(h, address)
+                    .into_iter()
+                    .map(move |(since, until)| (since, until, node.as_str()))
+            })
+            .collect();
+        spans.sort();
+        assert!(!spans.is_empty(), "{address} was never owned");
+        for pair in spans.windows(2) {
+            let (_, until, first) = pair[0];
+            let (since, _, second) = pair[1];
+            assert!(
+                until <= since,
+                "{address}: {second} took it {:?} before {first} gave it up",
+                until - since
+            );
         }
     }
 }
@@ -203,6 +263,7 @@ async fn one_owner_per_address_takeover_after_expiry_and_no_flapping() {
     }
 
     // The owner of the IPv4 address dies (its agent is killed: no release).
+    let mut histories = vec![a.history(), b.history(), c.history()];
     let (dead, survivor) = if owner_name == "node-b" {
         (b, c)
     } else {
@@ -267,9 +328,11 @@ async fn one_owner_per_address_takeover_after_expiry_and_no_flapping() {
         assert_eq!(survivor.role(address), Some(Role::Owner));
     }
     assert_eq!(transitions(&lease(&admin, V4).await), transitions(&after));
+    histories.push(back.history());
     back.stop().await;
     survivor.stop().await;
     a.stop().await;
+    assert_one_owner_at_a_time(&histories);
 }
 
 /// A graceful stop releases: the next candidate takes the address at its next look, and the
@@ -289,6 +352,7 @@ async fn a_stopping_owner_releases_and_the_next_candidate_takes_over_at_once() {
     .await;
     let c = Node::start(&admin, "node-c", true, ip(3));
     wait_until("C to follow", || c.holder(V4).as_deref() == Some("node-b")).await;
+    let histories = [b.history(), c.history()];
     let stopping = Instant::now();
     b.stop().await;
     let released = lease(&admin, V4).await;
@@ -317,6 +381,7 @@ async fn a_stopping_owner_releases_and_the_next_candidate_takes_over_at_once() {
         .await
         .expect("the API server accepts the move's Event");
     c.stop().await;
+    assert_one_owner_at_a_time(&histories);
 }
 
 /// The API server goes away: the owner gives the address up before anyone could take it, and
@@ -334,6 +399,7 @@ async fn an_api_server_outage_fences_the_owner_which_keeps_the_address_after() {
     wait_until("B to own", || b.role(V4) == Some(Role::Owner)).await;
     let c = Node::start(&admin, "node-c", true, ip(3));
     wait_until("C to follow", || c.holder(V4).as_deref() == Some("node-b")).await;
+    let histories = [b.history(), c.history()];
     let before = transitions(&lease(&admin, V4).await);
     cp.stop_apiserver();
     let fenced = wait_until("B to fence itself", || b.role(V4) == Some(Role::Fenced)).await;
@@ -359,6 +425,7 @@ async fn an_api_server_outage_fences_the_owner_which_keeps_the_address_after() {
     );
     b.stop().await;
     c.stop().await;
+    assert_one_owner_at_a_time(&histories);
 }
 
 /// deploy/'s ServiceAccount may elect in extproxy's namespace (Role), read Nodes, write the

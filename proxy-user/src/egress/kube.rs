@@ -665,6 +665,7 @@ mod tests {
             role: super::super::lease::Role::Owner,
             valid_until: None,
             acquired: None,
+            handoff: None,
         };
         let expired = Acquired {
             previous: Some("node-b".into()),

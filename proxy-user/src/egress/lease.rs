@@ -14,10 +14,11 @@
 //! anyone may take it. Only clock *rates* matter, and they differ by parts per million.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::config::{Fencing, Timing};
@@ -143,6 +144,23 @@ pub struct Acquired {
     pub transitions: i32,
 }
 
+/// Rides on the status of an address this node gives up on purpose (graceful stop, no longer a
+/// candidate). The Lease is released only once every copy is dropped, which the controller does
+/// once the address is off the uplink: the next owner, which may take it a moment after the
+/// release, never finds it still here. Bounded by the renew interval, so a consumer that keeps
+/// it delays the release but cannot prevent it.
+#[derive(Clone, Debug)]
+pub struct Handoff(#[allow(dead_code)] Arc<oneshot::Sender<()>>);
+
+/// Any two are alike: a status is compared by what it says, not by who waits on it.
+impl PartialEq for Handoff {
+    fn eq(&self, _: &Handoff) -> bool {
+        true
+    }
+}
+
+impl Eq for Handoff {}
+
 /// One address's state, sent to the controller whenever it changes and after every renewal (the
 /// uplink address's lifetime follows the renewals).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,6 +174,8 @@ pub struct Status {
     pub valid_until: Option<Instant>,
     /// Set on the status that follows an acquisition.
     pub acquired: Option<Acquired>,
+    /// Set when this node is giving the address up: drop it once the address is off the uplink.
+    pub handoff: Option<Handoff>,
 }
 
 /// What the elector of one address was told at start.
@@ -261,10 +281,11 @@ impl<S: LeaseStore> Elector<S> {
                 }
                 () = tokio::time::sleep_until(wake) => {}
             }
-            let acquired = self.act().await;
+            let acquired = self.act(&updates).await;
             self.publish(&updates, acquired, false);
         }
         if self.leading.is_some() {
+            self.hand_off(&updates).await;
             self.release().await;
         }
         self.publish(&updates, None, true);
@@ -383,7 +404,7 @@ impl<S: LeaseStore> Elector<S> {
     }
 
     /// Does whatever is due now. Returns how the address was acquired, if it was.
-    async fn act(&mut self) -> Option<Acquired> {
+    async fn act(&mut self, updates: &mpsc::UnboundedSender<Status>) -> Option<Acquired> {
         let now = Instant::now();
         if let Some(sent) = self.leading
             && self.config.fencing == Fencing::Fence
@@ -411,6 +432,7 @@ impl<S: LeaseStore> Elector<S> {
                     self.config.address,
                     self.name
                 );
+                self.hand_off(updates).await;
                 self.release().await;
             }
             return None;
@@ -560,6 +582,20 @@ impl<S: LeaseStore> Elector<S> {
         }
     }
 
+    /// Before a release: the address leaves the uplink first (the status turns Fenced, which the
+    /// controller acts on), then the Lease may go to the next candidate.
+    async fn hand_off(&mut self, updates: &mpsc::UnboundedSender<Status>) {
+        if self.leading.is_none() || self.fenced {
+            // Not on the uplink: nothing to wait for.
+            return;
+        }
+        self.fenced = true;
+        let (done, taken_off) = oneshot::channel();
+        self.send(updates, None, false, Some(Handoff(Arc::new(done))));
+        // Resolves (as an error) when the last copy of the handoff is dropped.
+        let _ = tokio::time::timeout(self.config.timing.renew_interval, taken_off).await;
+    }
+
     /// Gives the Lease back (graceful stop, or no longer a candidate): the next candidate takes it
     /// at once instead of waiting for it to expire.
     async fn release(&mut self) {
@@ -633,11 +669,26 @@ impl<S: LeaseStore> Elector<S> {
         acquired: Option<Acquired>,
         last: bool,
     ) {
+        self.send(updates, acquired, last, None);
+    }
+
+    fn send(
+        &mut self,
+        updates: &mpsc::UnboundedSender<Status>,
+        acquired: Option<Acquired>,
+        last: bool,
+        handoff: Option<Handoff>,
+    ) {
         let holder = self.holder();
         let role = if last { Role::Follower } else { self.role() };
         let current = (holder.clone(), role);
         let renewed = std::mem::take(&mut self.renewed) && role == Role::Owner;
-        if !last && acquired.is_none() && !renewed && self.last_status.as_ref() == Some(&current) {
+        if !last
+            && acquired.is_none()
+            && !renewed
+            && handoff.is_none()
+            && self.last_status.as_ref() == Some(&current)
+        {
             return;
         }
         self.last_status = Some(current);
@@ -655,6 +706,7 @@ impl<S: LeaseStore> Elector<S> {
             role,
             valid_until,
             acquired,
+            handoff,
         });
     }
 }

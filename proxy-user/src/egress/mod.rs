@@ -367,6 +367,7 @@ pub fn static_statuses(
                 role: if local { Role::Owner } else { Role::Follower },
                 valid_until: None,
                 acquired: None,
+                handoff: None,
             }
         })
         .collect())
@@ -617,7 +618,10 @@ impl Controller {
     }
 
     /// Acts on an elector's status.
-    fn apply(&mut self, status: Status) {
+    fn apply(&mut self, mut status: Status) {
+        // Dropped at the end, once the address is off the uplink: the elector waits for that
+        // before it releases the Lease.
+        let _handoff = status.handoff.take();
         let address = status.address;
         let Some(entry) = self.addresses.get_mut(&address) else {
             return;
@@ -900,6 +904,7 @@ mod tests {
             role,
             valid_until: None,
             acquired: None,
+            handoff: None,
         }
     }
 

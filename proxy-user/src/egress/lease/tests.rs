@@ -289,12 +289,15 @@ fn start(store: &MemStore, log: &Log, id: usize, candidate: bool, fencing: Fenci
         candidate,
         address: Some(node_ip(id)),
     });
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Status>();
     let observations = store.watch(id, &name);
     let log2 = log.clone();
     tokio::spawn(async move {
-        while let Some(status) = rx.recv().await {
+        while let Some(mut status) = rx.recv().await {
+            let handoff = status.handoff.take();
             log2.push(id, status);
+            // As the controller does once the address is off the uplink.
+            drop(handoff);
         }
     });
     let task = tokio::spawn(elector.run(observations, candidacy_rx, stop_rx, tx));
@@ -581,4 +584,71 @@ async fn a_restarted_owner_takes_its_own_lease_back_at_once() {
     );
     assert_eq!(store.record(&lease()).unwrap().transitions, 0);
     drop(again);
+}
+
+/// Stops an owner whose statuses' consumer keeps the handoff for `hold`; returns how long after
+/// the handoff the Lease was released.
+async fn release_after_handoff_held_for(hold: Duration) -> Duration {
+    let store = MemStore::default();
+    let elector = Elector::new(
+        ElectorConfig {
+            address: ADDR.parse().unwrap(),
+            identity: identity(0),
+            timing: Timing::default(),
+            fencing: Fencing::Fence,
+        },
+        store.client(0),
+    );
+    let (stop, stop_rx) = watch::channel(false);
+    let (_candidacy, candidacy_rx) = watch::channel(Candidacy {
+        candidate: true,
+        address: Some(node_ip(0)),
+    });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(elector.run(store.watch(0, &lease()), candidacy_rx, stop_rx, tx));
+    settle(2).await;
+    let mut last = None;
+    while let Ok(s) = rx.try_recv() {
+        last = Some(s);
+    }
+    assert_eq!(last.map(|s| s.role), Some(Role::Owner));
+    stop.send(true).unwrap();
+    let handing_off = rx.recv().await.unwrap();
+    let handed_off_at = Instant::now();
+    assert_eq!(handing_off.role, Role::Fenced, "off the uplink first");
+    assert!(handing_off.handoff.is_some());
+    assert_eq!(
+        store.record(&lease()).unwrap().holder.as_deref(),
+        Some("node-a"),
+        "not released while the address may still be on the uplink"
+    );
+    let consumer = tokio::spawn(async move {
+        tokio::time::sleep(hold).await;
+        drop(handing_off);
+    });
+    let last = rx.recv().await.unwrap();
+    assert_eq!((last.role, last.holder), (Role::Follower, None));
+    assert_eq!(store.record(&lease()).unwrap().holder, None, "released");
+    task.await.unwrap();
+    consumer.abort();
+    store.last_write() - handed_off_at
+}
+
+/// The next owner may take a released Lease at once: the address must be off this node's uplink
+/// before the release, not after.
+#[tokio::test(start_paused = true)]
+async fn a_stopping_owner_releases_only_once_the_address_is_off_the_uplink() {
+    let round_trip = Duration::from_millis(5);
+    let hold = Duration::from_millis(300);
+    assert_eq!(
+        release_after_handoff_held_for(hold).await,
+        hold + round_trip,
+        "released as soon as the controller dropped the handoff"
+    );
+    let renew_interval = Timing::default().renew_interval;
+    assert_eq!(
+        release_after_handoff_held_for(Duration::from_secs(60)).await,
+        renew_interval + round_trip,
+        "a consumer that keeps the handoff delays the release by the renew interval at most"
+    );
 }
