@@ -468,15 +468,16 @@ impl<S: LeaseStore> Elector<S> {
             },
             renew_time: Some(wall),
         };
-        // A renewal may take no longer than the time left before fencing; any request no longer
-        // than the renew interval, so the loop stays on schedule.
-        let mut deadline = sent + self.config.timing.renew_interval;
-        if let Some(leading) = self.leading
-            && self.config.fencing == Fencing::Fence
-            && !self.fenced
-        {
-            deadline = deadline.min(leading + self.config.timing.renew_deadline);
-        }
+        // A renewal may take no longer than the time left before fencing. Any request may take
+        // up to the renew deadline, not just the renew interval: one cut short is sent again from
+        // scratch (a new connection and TLS handshake), so a slow API server (loaded, or just
+        // restarted) answering in more than the interval would never be heard at all.
+        let deadline = match self.leading {
+            Some(leading) if self.config.fencing == Fencing::Fence && !self.fenced => {
+                leading + self.config.timing.renew_deadline
+            }
+            _ => sent + self.config.timing.renew_deadline,
+        };
         let address = self.config.address;
         let request = async {
             match previous {
