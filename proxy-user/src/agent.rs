@@ -40,6 +40,8 @@ pub struct Agent {
     adopted_names: HashMap<u32, ObjectKey>,
     /// The uplink's MTU: it bounds what fits the tunnel to cluster egress owners.
     pub uplink_mtu: u32,
+    /// `--tunnel-ip`: the tunnel's source instead of the node's first IPv4 address.
+    pub tunnel_ip: Option<std::net::Ipv4Addr>,
 }
 
 /// The state file is rewritten at most this often: with 10k Services it is a megabyte of JSON,
@@ -83,6 +85,7 @@ impl Agent {
             published_ids: None,
             state_dirty: true,
             uplink_mtu: 1500,
+            tunnel_ip: None,
             last_write: None,
             adopted_names,
         }
@@ -112,9 +115,11 @@ impl Agent {
     /// The tunnel to cluster egress owners leaves from the node's first IPv4 address (the
     /// Node's InternalIP comes first), the one other nodes know it by.
     pub fn set_tunnel_source(&mut self, node_addresses: &[IpAddr]) {
-        let source = node_addresses.iter().find_map(|a| match a {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
+        let source = self.tunnel_ip.or_else(|| {
+            node_addresses.iter().find_map(|a| match a {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
         });
         if let Err(err) = self.maps.set_tunnel(source, self.uplink_mtu) {
             tracing::warn!("cannot configure the tunnel to cluster egress owners: {err}");

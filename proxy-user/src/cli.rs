@@ -8,7 +8,12 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use extproxy::{loader::DEFAULT_PIN_DIR, snat::SnatPorts, state::DEFAULT_STATE_DIR};
+use extproxy::{
+    egress::config::{AddressSpec, AnnounceMode, Fencing, OwnerSpec, Timing},
+    loader::DEFAULT_PIN_DIR,
+    snat::SnatPorts,
+    state::DEFAULT_STATE_DIR,
+};
 use ipnet::IpNet;
 use proxy_common::Config;
 
@@ -81,6 +86,8 @@ pub struct RunArgs {
     pub datapath: DatapathArgs,
     #[command(flatten)]
     pub dns: DnsArgs,
+    #[command(flatten)]
+    pub egress: EgressArgs,
 }
 
 /// EndpointSlices with `addressType: FQDN`: how their names are looked up. Durations are
@@ -133,6 +140,87 @@ pub struct ConvertArgs {
     /// (extproxy.io/egress-ip).
     #[arg(long = "egress-ip", value_name = "IP")]
     pub egress_ips: Vec<IpAddr>,
+}
+
+/// Cluster egress: addresses that one gateway node at a time owns, and every node's flows of
+/// the Services using them leave from (DESIGN.md, "Cluster egress"). Give every node the same
+/// --cluster-egress-* flags.
+#[derive(Args)]
+pub struct EgressArgs {
+    /// Declares a cluster egress address, and the namespaces whose Services may use it in their
+    /// `extproxy.io/cluster-egress-ip` annotation (names or globs like `pay-*`; default every
+    /// namespace). Repeat for more addresses. A Service naming an undeclared address gets an
+    /// error, not the address.
+    #[arg(long = "cluster-egress-ip", value_name = "ADDR[=NAMESPACE,...]")]
+    pub cluster_egress_ips: Vec<AddressSpec>,
+    /// The cluster egress address (at most one per IP family, declared with --cluster-egress-ip)
+    /// of Services without an egress annotation, in the namespaces allowed to use it.
+    #[arg(long = "cluster-egress-default", value_name = "ADDR")]
+    pub cluster_egress_defaults: Vec<IpAddr>,
+    /// How long a cluster egress Lease lasts without renewal, seconds: a dead owner is replaced
+    /// this long (plus up to a renew interval) after its last renewal.
+    #[arg(long, value_name = "SECONDS", default_value_t = Timing::DEFAULT_LEASE_SECS)]
+    pub cluster_egress_lease_duration: u32,
+    /// How often the owner renews its Lease and candidates look for an expired one, seconds
+    /// (under a third of the Lease).
+    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = parse_seconds)]
+    pub cluster_egress_renew_interval: std::time::Duration,
+    /// What an owner that cannot renew its Lease does: `fence` gives the address up two thirds
+    /// into the Lease (never two owners; an API server outage that long stops cluster egress),
+    /// `keep` keeps it (forwarding survives API outages; an owner cut off from the API server
+    /// alone keeps answering for the address beside its successor).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = Fencing::Fence)]
+    pub cluster_egress_fencing: Fencing,
+    /// How the owner tells the network: `arp` (gratuitous ARP / unsolicited neighbour
+    /// advertisement on the uplink), or `none` (something else moves the address: BGP, a cloud
+    /// controller watching the Leases).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = AnnounceMode::Arp)]
+    pub cluster_egress_announce: AnnounceMode,
+    /// Kubernetes mode: extproxy's namespace, where the cluster egress Leases live.
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        value_name = "NAMESPACE",
+        default_value = "extproxy-system"
+    )]
+    pub namespace: String,
+    /// This node's IPv4 address for the tunnel between nodes. Default: the Node's InternalIP
+    /// (Kubernetes mode), the first IPv4 of --node-ip or of the uplink (manifest mode).
+    #[arg(long, value_name = "IP")]
+    pub tunnel_ip: Option<std::net::Ipv4Addr>,
+    /// Manifest mode: this node may own cluster egress addresses (Kubernetes mode: label the
+    /// Node extproxy.io/egress-gateway=true).
+    #[arg(long)]
+    pub egress_gateway: bool,
+    /// Manifest mode: which node owns a cluster egress address (its tunnel address). The same
+    /// on every node; moving the address means changing it and restarting the agents.
+    #[arg(long = "cluster-egress-owner", value_name = "ADDR=NODE_IP")]
+    pub cluster_egress_owners: Vec<OwnerSpec>,
+    /// Manifest mode: nodes whose tunnelled flows an owner serves (addresses or CIDRs, repeat);
+    /// packets from others are dropped (`tunnel_unknown_peer`). Kubernetes mode: every Node.
+    #[arg(long = "tunnel-peer", value_name = "IP|CIDR", value_parser = parse_net)]
+    pub tunnel_peers: Vec<IpNet>,
+}
+
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|e| format!("{s}: {e} (expected seconds, e.g. 1 or 0.5)"))?;
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("{s}: must be positive"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// An address (a host network) or a CIDR.
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{s}: expected an IP address or a CIDR"))
 }
 
 #[derive(Args)]
@@ -312,6 +400,9 @@ pub struct ValidateArgs {
     pub manifests: PathBuf,
     #[command(flatten)]
     pub services: ServiceArgs,
+    /// The agents' cluster egress flags: which Services may use which address.
+    #[command(flatten)]
+    pub egress: EgressArgs,
 }
 
 fn parse_range(s: &str) -> Result<RangeInclusive<u16>, String> {

@@ -25,6 +25,26 @@ pub struct Report {
     pub snat: Vec<SnatView>,
     /// DNS names of FQDN endpoints, as the agent last published them.
     pub dns: Option<crate::dns::report::DnsState>,
+    /// Cluster egress addresses: who owns each (the data path's view, with the agent's names).
+    pub cluster_egress: Vec<ClusterEgressView>,
+    /// Nodes whose tunnelled flows this node serves when it owns a cluster egress address.
+    pub tunnel_peers: Vec<IpAddr>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClusterEgressView {
+    pub address: IpAddr,
+    /// The owner's node address as the data path has it (None: nobody; new flows are refused).
+    pub owner_address: Option<IpAddr>,
+    /// The data path serves the address's flows itself.
+    pub local: bool,
+    /// The owner's node name (Kubernetes mode: the Lease holder), from the agent.
+    pub owner: Option<String>,
+    /// owner, fenced, follower (the agent's view of this node's part).
+    pub role: Option<String>,
+    pub lease: Option<String>,
+    /// The uplink the address is on, when this node owns it.
+    pub interface: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -284,6 +304,29 @@ pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
             held,
         })
         .collect();
+    let egress_state = crate::egress::read_state(state_dir).ok();
+    let mut cluster_egress: Vec<ClusterEgressView> = maps
+        .cluster_egress()?
+        .into_iter()
+        .map(|(addr, ce)| {
+            let address = addr.to_ip();
+            let named = egress_state
+                .as_ref()
+                .and_then(|s| s.addresses.iter().find(|a| a.address == address));
+            ClusterEgressView {
+                address,
+                owner_address: (!ce.owner.is_zero()).then(|| ce.owner.to_ip()),
+                local: ce.flags & CE_F_LOCAL != 0,
+                owner: named.and_then(|n| n.owner.clone()),
+                role: named.map(|n| n.role.clone()),
+                lease: named.and_then(|n| n.lease.clone()),
+                interface: named.and_then(|n| n.interface.clone()),
+            }
+        })
+        .collect();
+    cluster_egress.sort_by_key(|c| c.address);
+    let mut tunnel_peers: Vec<IpAddr> = maps.tunnel_peers()?.iter().map(Addr::to_ip).collect();
+    tunnel_peers.sort();
     let (ct_established, ct_new) = maps.conntrack_counts();
     let live_backends = snap
         .backends
@@ -332,6 +375,8 @@ pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
         events,
         fill,
         snat,
+        cluster_egress,
+        tunnel_peers,
     })
 }
 
@@ -524,6 +569,47 @@ pub fn render(report: &Report) -> String {
             })
             .collect();
         out += &table(&["EGRESS", "DESTINATION", "IN USE", "HELD"], &rows);
+    }
+    if !report.cluster_egress.is_empty() {
+        let _ = writeln!(out, "\nCLUSTER EGRESS");
+        let rows: Vec<Vec<String>> = report
+            .cluster_egress
+            .iter()
+            .map(|c| {
+                let owner = match (&c.owner, c.owner_address) {
+                    (Some(n), Some(a)) if n != &a.to_string() => format!("{n} ({a})"),
+                    (_, Some(a)) => a.to_string(),
+                    (Some(n), None) => format!("{n} (address unknown: refused)"),
+                    (None, None) => "nobody (refused)".to_owned(),
+                };
+                let here = match (c.local, c.role.as_deref()) {
+                    (true, Some("fenced")) => "fenced (off the uplink)".to_owned(),
+                    (true, _) => format!(
+                        "this node{}",
+                        c.interface
+                            .as_ref()
+                            .map_or(String::new(), |i| format!(", on {i}"))
+                    ),
+                    (false, _) => "tunnelled".to_owned(),
+                };
+                vec![
+                    c.address.to_string(),
+                    owner,
+                    here,
+                    c.lease.clone().unwrap_or_else(|| "-".to_owned()),
+                ]
+            })
+            .collect();
+        out += &table(&["ADDRESS", "OWNER", "HERE", "LEASE"], &rows);
+        let _ = writeln!(
+            out,
+            "  tunnel peers: {}",
+            if report.tunnel_peers.len() > 8 {
+                format!("{} nodes", report.tunnel_peers.len())
+            } else {
+                join_addrs(&report.tunnel_peers, ", ", "none")
+            }
+        );
     }
     let _ = writeln!(out, "\nDROPS");
     out += &table(&["REASON", "PACKETS"], &counts(&report.drops, true));

@@ -333,6 +333,11 @@ impl DatapathMaps {
         entries(MAP_CLUSTER_EGRESS, self.cluster_egress.iter())
     }
 
+    /// The nodes whose tunnelled packets are served.
+    pub fn tunnel_peers(&self) -> Result<Vec<Addr>, MapsError> {
+        entries(MAP_TUNNEL_PEERS, self.tunnel_peers.keys())
+    }
+
     /// Makes the set of nodes whose tunnelled packets are served exactly `peers`.
     pub fn set_tunnel_peers(&mut self, peers: &BTreeSet<IpAddr>) -> Result<(), MapsError> {
         let want: BTreeSet<Addr> = peers.iter().map(|p| Addr::from(*p)).collect();

@@ -136,6 +136,27 @@ struct Inner {
     dns: String,
     /// Health checking's own metrics, rendered at scrape time.
     health: Option<Arc<Mutex<crate::health::HealthMetrics>>>,
+    /// None unless cluster egress addresses are declared.
+    cluster_egress: Option<ClusterEgressTelemetry>,
+}
+
+/// Who owns a cluster egress address, as this node sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EgressOwnership {
+    pub address: IpAddr,
+    /// The owner's node name (manifest mode: its address); None: nobody.
+    pub owner: Option<String>,
+    /// This node owns it.
+    pub local: bool,
+    /// This node holds its Lease but could not renew it in time: the address is off its uplink.
+    pub fenced: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+struct ClusterEgressTelemetry {
+    owners: Vec<EgressOwnership>,
+    failovers: BTreeMap<IpAddr, u64>,
+    tunnel_peers: usize,
 }
 
 /// Shared record of the agent's state for probes and metrics.
@@ -178,6 +199,7 @@ impl Telemetry {
                 refused: Vec::new(),
                 dns: String::new(),
                 health: None,
+                cluster_egress: None,
             }),
             stall_after,
         })
@@ -351,6 +373,24 @@ impl Telemetry {
         self.lock().health = Some(metrics);
     }
 
+    /// Who owns each cluster egress address, and how many nodes may tunnel flows here.
+    pub fn set_cluster_egress(&self, owners: Vec<EgressOwnership>, tunnel_peers: usize) {
+        let mut inner = self.lock();
+        let egress = inner.cluster_egress.get_or_insert_with(Default::default);
+        for o in &owners {
+            egress.failovers.entry(o.address).or_default();
+        }
+        egress.owners = owners;
+        egress.tunnel_peers = tunnel_peers;
+    }
+
+    /// A cluster egress address moved from one node to another.
+    pub fn count_cluster_egress_failover(&self, address: IpAddr) {
+        let mut inner = self.lock();
+        let egress = inner.cluster_egress.get_or_insert_with(Default::default);
+        *egress.failovers.entry(address).or_default() += 1;
+    }
+
     pub fn record_event(&self, reason: &str, published: bool) {
         let mut inner = self.lock();
         if published {
@@ -509,6 +549,9 @@ impl Telemetry {
             inner.nat_orphans,
         );
         out.text.push_str(&inner.dns);
+        if let Some(egress) = &inner.cluster_egress {
+            egress.render(&mut out);
+        }
         if let Some(stats) = datapath {
             stats.render(&inner.service_names, &mut out);
         }
@@ -517,6 +560,61 @@ impl Telemetry {
             out.text.push_str(&health.render());
         }
         out.text
+    }
+}
+
+impl ClusterEgressTelemetry {
+    fn render(&self, out: &mut Exposition) {
+        out.family(
+            "extproxy_cluster_egress_owner",
+            "gauge",
+            "1 for the node owning each cluster egress address, as this node sees it (its Lease \
+             holder; manifest mode: --cluster-egress-owner).",
+        );
+        for o in &self.owners {
+            if let Some(node) = &o.owner {
+                out.sample(
+                    "extproxy_cluster_egress_owner",
+                    &[("address", &o.address.to_string()), ("node", node)],
+                    1,
+                );
+            }
+        }
+        for (metric, help, pick) in [
+            (
+                "extproxy_cluster_egress_local",
+                "1 while this node owns the cluster egress address (it is on its uplink).",
+                (|o: &EgressOwnership| o.local) as fn(&EgressOwnership) -> bool,
+            ),
+            (
+                "extproxy_cluster_egress_fenced",
+                "1 while this node holds the address's Lease but could not renew it in time: \
+                 the address is off its uplink until a renewal succeeds.",
+                |o: &EgressOwnership| o.fenced,
+            ),
+        ] {
+            out.labelled(
+                metric,
+                "gauge",
+                help,
+                "address",
+                self.owners
+                    .iter()
+                    .map(|o| (o.address.to_string(), u8::from(pick(o)))),
+            );
+        }
+        out.labelled(
+            "extproxy_cluster_egress_failovers_total",
+            "counter",
+            "Times this node saw a cluster egress address move from one node to another.",
+            "address",
+            self.failovers.iter().map(|(a, n)| (a.to_string(), *n)),
+        );
+        out.gauge(
+            "extproxy_tunnel_peers",
+            "Nodes whose tunnelled flows this node serves when it owns a cluster egress address.",
+            self.tunnel_peers,
+        );
     }
 }
 
@@ -1110,6 +1208,21 @@ mod tests {
             !t.render(Some(&stats)).contains("extproxy_pod_interfaces"),
             "no pod gauge without --pod-ifaces"
         );
+        assert!(
+            !t.render(None).contains("extproxy_cluster_egress"),
+            "no cluster egress rows without cluster egress"
+        );
+        let egress: IpAddr = "10.0.0.50".parse().unwrap();
+        t.set_cluster_egress(
+            vec![EgressOwnership {
+                address: egress,
+                owner: Some("node-b".into()),
+                local: true,
+                fenced: false,
+            }],
+            3,
+        );
+        t.count_cluster_egress_failover(egress);
         t.set_pod_interfaces(Some(5));
         let text = t.render(Some(&stats));
         for line in [
@@ -1132,6 +1245,11 @@ mod tests {
             "extproxy_conntrack_fill_ratio 0.25",
             "extproxy_snat_ports_in_use{egress_ip=\"10.0.0.1\",destination=\"2.3.4.5:8080\",protocol=\"TCP\"} 3",
             "extproxy_snat_ports_per_destination 4536",
+            "extproxy_cluster_egress_owner{address=\"10.0.0.50\",node=\"node-b\"} 1",
+            "extproxy_cluster_egress_local{address=\"10.0.0.50\"} 1",
+            "extproxy_cluster_egress_fenced{address=\"10.0.0.50\"} 0",
+            "extproxy_cluster_egress_failovers_total{address=\"10.0.0.50\"} 1",
+            "extproxy_tunnel_peers 3",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

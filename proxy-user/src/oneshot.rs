@@ -51,6 +51,7 @@ pub fn cleanup(pin_dir: &Path, state_dir: &Path) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir(pin_dir);
     let _ = std::fs::remove_file(extproxy::dns::report::path(state_dir));
+    let _ = std::fs::remove_file(extproxy::egress::state_path(state_dir));
     state::remove_all(state_dir, running.is_none());
     if removed.is_empty() {
         println!("nothing pinned in {}", pin_dir.display());
@@ -77,6 +78,7 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<()> {
     let settings = settings(
         &args.services,
         &["192.0.2.1".parse()?, "2001:db8::1".parse()?],
+        crate::run::egress_config(&args.egress)?.rules(),
         true,
         ClaimPolicy::SelectorLess,
     );

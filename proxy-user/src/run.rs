@@ -1,6 +1,8 @@
 //! `extproxy run`: the two modes, and what their start, control loop and exit share.
 
 mod datapath;
+mod egress;
+pub use egress::config as egress_config;
 mod fqdn;
 mod kube_mode;
 // `validate` prints and translates manifests the way manifest mode does.

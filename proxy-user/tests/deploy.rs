@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -69,12 +69,9 @@ fn manifests_are_valid_objects_listed_in_the_kustomization() {
     }
 }
 
-#[test]
-fn rbac_grants_what_the_agent_requests_and_no_more() {
-    let role: ClusterRole = round_trip("clusterrole.yaml", &read("clusterrole.yaml"));
-    let mut grants: Vec<String> = role
-        .rules
-        .unwrap()
+/// `group/resource:verb` for every grant of `rules`, sorted.
+fn grants(rules: Vec<PolicyRule>) -> Vec<String> {
+    let mut grants: Vec<String> = rules
         .iter()
         .flat_map(|rule| {
             let group = rule.api_groups.clone().unwrap().join(",");
@@ -90,8 +87,14 @@ fn rbac_grants_what_the_agent_requests_and_no_more() {
         })
         .collect();
     grants.sort();
+    grants
+}
+
+#[test]
+fn rbac_grants_what_the_agent_requests_and_no_more() {
+    let role: ClusterRole = round_trip("clusterrole.yaml", &read("clusterrole.yaml"));
     assert_eq!(
-        grants,
+        grants(role.rules.unwrap()),
         vec![
             "/nodes:list",
             "/nodes:watch",
@@ -104,41 +107,41 @@ fn rbac_grants_what_the_agent_requests_and_no_more() {
             "events.k8s.io/events:update",
         ]
     );
-    // In the agent's namespace only: the health verdicts prober nodes share.
-    let role: Role = round_trip("role.yaml", &read("role.yaml"));
-    let mut grants: Vec<String> = role
-        .rules
+}
+
+/// Leases (health verdicts prober nodes share, cluster egress elections): in extproxy's own
+/// namespace only, and never deleted.
+#[test]
+fn leases_are_granted_in_extproxys_namespace_only() {
+    let namespace = read("kustomization.yaml")["namespace"]
+        .as_str()
         .unwrap()
-        .iter()
-        .flat_map(|rule| {
-            let group = rule.api_groups.clone().unwrap().join(",");
-            let verbs = rule.verbs.clone();
-            rule.resources
-                .clone()
-                .unwrap()
-                .into_iter()
-                .flat_map(move |r| {
-                    let group = group.clone();
-                    verbs
-                        .clone()
-                        .into_iter()
-                        .map(move |v| format!("{group}/{r}:{v}"))
-                })
-        })
-        .collect();
-    grants.sort();
+        .to_owned();
+    let role: Role = round_trip("role.yaml", &read("role.yaml"));
+    assert_eq!(role.metadata.namespace.as_deref(), Some(namespace.as_str()));
     assert_eq!(
-        grants,
-        [
+        grants(role.rules.unwrap()),
+        vec![
             "coordination.k8s.io/leases:create",
+            "coordination.k8s.io/leases:get",
             "coordination.k8s.io/leases:list",
             "coordination.k8s.io/leases:patch",
+            "coordination.k8s.io/leases:update",
             "coordination.k8s.io/leases:watch",
         ]
     );
     let binding: RoleBinding = round_trip("rolebinding.yaml", &read("rolebinding.yaml"));
+    assert_eq!(
+        binding.metadata.namespace.as_deref(),
+        Some(namespace.as_str())
+    );
     assert_eq!(binding.role_ref.kind, "Role");
-    assert_eq!(binding.subjects.unwrap()[0].name, "extproxy");
+    assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
+    let subjects = binding.subjects.unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(subjects[0].name, "extproxy");
+    assert_eq!(subjects[0].namespace.as_deref(), Some(namespace.as_str()));
 }
 
 #[test]
@@ -156,7 +159,9 @@ fn the_daemonset_runs_kube_mode_with_least_privilege() {
         Some(vec![
             "BPF".to_owned(),
             "PERFMON".to_owned(),
-            "NET_ADMIN".to_owned()
+            "NET_ADMIN".to_owned(),
+            // Gratuitous ARP / neighbour advertisements of a cluster egress owner.
+            "NET_RAW".to_owned(),
         ])
     );
     let env = agent.env.clone().unwrap();
@@ -171,6 +176,19 @@ fn the_daemonset_runs_kube_mode_with_least_privilege() {
             .unwrap()
             .field_path,
         "spec.nodeName"
+    );
+    // The cluster egress Leases' namespace is the pod's own.
+    let pod_namespace = env.iter().find(|e| e.name == "POD_NAMESPACE").unwrap();
+    assert_eq!(
+        pod_namespace
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "metadata.namespace"
     );
 
     // The arguments are accepted by this binary (clap checks them all before --help answers).

@@ -26,8 +26,8 @@ use crate::names::{
 };
 use crate::objects::SliceObject;
 use crate::translate::{
-    self, ClaimPolicy, ClaimReason, Incremental, NodeInfo, ObjectKey, Settings, Sourced,
-    Translation,
+    self, ClaimPolicy, ClaimReason, ClusterEgressRules, Incremental, NodeInfo, ObjectKey, Settings,
+    Sourced, Translation,
 };
 
 /// Server-side watch timeout. The client gives up on a silent connection 5 s after it, so this
@@ -42,6 +42,8 @@ pub struct SourceConfig {
     pub overrides: NodeOverrides,
     /// Initial lists as watch streams (Kubernetes >= 1.27 with WatchList enabled).
     pub streaming_lists: bool,
+    /// The declared cluster egress addresses (`--cluster-egress-ip`, `--cluster-egress-default`).
+    pub cluster_egress: ClusterEgressRules,
 }
 
 /// A batch of changes, translated (the source keeps the translation) and ready to be programmed.
@@ -226,6 +228,7 @@ fn settings(config: &SourceConfig, node: &NodeFacts) -> Settings {
         claim: ClaimPolicy::Label {
             claim_all_selectorless: config.claim_all_selectorless,
         },
+        cluster_egress: config.cluster_egress.clone(),
         ..Settings::default()
     }
 }
@@ -741,7 +744,7 @@ fn key_of<K: Resource>(object: &K) -> ObjectKey {
 
 /// An error with its causes: kube's errors say "failed to perform initial object list" and keep
 /// the interesting part (connection refused, 403) in their sources.
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

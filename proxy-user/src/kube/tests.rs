@@ -110,6 +110,7 @@ fn config(claim_all_selectorless: bool) -> SourceConfig {
         claim_all_selectorless,
         overrides: NodeOverrides::default(),
         streaming_lists: false,
+        cluster_egress: Default::default(),
     }
 }
 

@@ -73,7 +73,9 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
         interfaces: ifaces.to_vec(),
         ..AgentState::default()
     };
-    let (verifying, agent, mut dp_events) = start(dp, ifaces, state, &snat)?;
+    let (verifying, mut agent, mut dp_events) = start(dp, ifaces, state, &snat)?;
+    // The node facts (set at each batch) give the tunnel its source unless this says otherwise.
+    agent.tunnel_ip = args.egress.tunnel_ip;
     let mut refusals = extproxy::refusals::Refusals::default();
     let (ebpf, _) = verifying.wait()?;
     // Attach before the first sync: a previous agent's links are taken over at once (its maps
@@ -93,6 +95,8 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| extproxy::health::share::DEFAULT_NAMESPACE.to_owned());
     let mut sharing = Sharing::start(client.clone(), &namespace, &node_name);
+    let cluster_egress =
+        super::egress::start_kube(args, ifaces, client.clone(), &node_name, &telemetry)?;
     let mut source = KubeSource::new(
         client,
         SourceConfig {
@@ -100,6 +104,7 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
             claim_all_selectorless: args.kube.claim_all_selectorless,
             overrides,
             streaming_lists: args.kube.streaming_lists,
+            cluster_egress: super::egress::config(&args.egress)?.rules(),
         },
         telemetry.clone(),
     );
@@ -176,6 +181,9 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     dns.flush_state_now();
     if dp.detach_on_exit {
         let _ = std::fs::remove_file(extproxy::dns::report::path(&dp.state_dir));
+    }
+    if let Some(egress) = cluster_egress {
+        egress.stop().await;
     }
     // A DaemonSet rollout restarts the agent: flows must survive it, so keeping is the default.
     finish(running, dp, !dp.detach_on_exit)

@@ -9,7 +9,9 @@ use extproxy::{
     manifest::{ManifestSet, ParseQueue},
     metrics::Telemetry,
     state::AgentState,
-    translate::{self, ClaimPolicy, Incremental, NodeInfo, Settings, Translation},
+    translate::{
+        self, ClaimPolicy, ClusterEgressRules, Incremental, NodeInfo, Settings, Translation,
+    },
     watch::DirWatcher,
 };
 
@@ -67,13 +69,20 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
     };
     let started = Instant::now();
     let (verifying, mut agent, mut dp_events) = start(dp, ifaces, state, &snat)?;
+    agent.tunnel_ip = args.egress.tunnel_ip;
     agent.set_tunnel_source(&iface_addrs);
     let mut refusals = extproxy::refusals::Refusals::default();
     let loaded = started.elapsed();
     let telemetry = Telemetry::new(stall_after(dp.gc_interval));
     start_metrics(args.kube.metrics_address, None, &telemetry, &dp.pin_dir).await?;
 
-    let settings = settings(&args.services, &egress, true, ClaimPolicy::SelectorLess);
+    let settings = settings(
+        &args.services,
+        &egress,
+        super::egress::config(&args.egress)?.rules(),
+        true,
+        ClaimPolicy::SelectorLess,
+    );
     let node = NodeInfo {
         addresses: node_addresses,
     };
@@ -119,6 +128,7 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
         verified.as_secs_f64() * 1e3
     );
     let mut running = Running::attach(ebpf, agent, ifaces, dp, "none", &telemetry)?;
+    let cluster_egress = super::egress::start_manifest(args, ifaces, &iface_addrs, &telemetry)?;
     tracing::info!("extproxy is running; watching {}", manifests.display());
 
     let mut reads = ParseQueue::new();
@@ -192,6 +202,9 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
     if !dp.keep_on_exit {
         let _ = std::fs::remove_file(extproxy::dns::report::path(&dp.state_dir));
     }
+    if let Some(egress) = cluster_egress {
+        egress.stop().await;
+    }
     finish(running, dp, dp.keep_on_exit)
 }
 
@@ -228,6 +241,7 @@ pub(super) fn health_poll() -> tokio::time::Interval {
 pub fn settings(
     args: &ServiceArgs,
     egress: &[IpAddr],
+    cluster_egress: ClusterEgressRules,
     fill_missing: bool,
     claim: ClaimPolicy,
 ) -> Settings {
@@ -240,8 +254,7 @@ pub fn settings(
             IpAddr::V6(v) => Some(*v),
             _ => None,
         }),
-        // Filled in by the cluster egress flags (egress::config) where they are given.
-        cluster_egress: Default::default(),
+        cluster_egress,
         service_cidrs: args.service_cidrs.clone(),
         node_port_range: args.node_port_range.clone(),
         fill_missing,

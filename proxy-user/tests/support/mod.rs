@@ -641,6 +641,7 @@ pub fn node_a() -> SourceConfig {
         claim_all_selectorless: false,
         overrides: NodeOverrides::default(),
         streaming_lists: false,
+        cluster_egress: Default::default(),
     }
 }
 
