@@ -238,7 +238,9 @@ async fn one_owner_per_address_takeover_after_expiry_and_no_flapping() {
                 .filter(|n| n.role(address) == Some(Role::Owner))
                 .count()
                 == 1
+                // Every node has seen the Lease (one's watch may lag another's).
                 && a.holder(address).is_some()
+                && [&b, &c].iter().all(|n| n.holder(address) == a.holder(address))
         })
         .await;
     }
