@@ -25,6 +25,10 @@ const V4: &str = "10.0.0.50";
 const V6: &str = "fd00::50";
 const WAIT: Duration = Duration::from_secs(30);
 
+/// The elections' deadlines are seconds long: four control planes and their electors at once on
+/// a 2-core CI box starve each other past them. One test at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn start(test: &str) -> Option<ControlPlane> {
     let bins = binaries_or_skip(test)?;
     support::init_logs();
@@ -223,6 +227,7 @@ fn ip(last: u8) -> Ipv4Addr {
 /// candidate takes over once the Lease expires; when the dead one comes back nothing moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_owner_per_address_takeover_after_expiry_and_no_flapping() {
+    let _serial = SERIAL.lock().await;
     let Some(cp) = start("one_owner_per_address_takeover_after_expiry_and_no_flapping") else {
         return;
     };
@@ -341,6 +346,7 @@ async fn one_owner_per_address_takeover_after_expiry_and_no_flapping() {
 /// Event says it was released, not lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_owner_releases_and_the_next_candidate_takes_over_at_once() {
+    let _serial = SERIAL.lock().await;
     let Some(cp) = start("a_stopping_owner_releases_and_the_next_candidate_takes_over_at_once")
     else {
         return;
@@ -391,6 +397,7 @@ async fn a_stopping_owner_releases_and_the_next_candidate_takes_over_at_once() {
 /// whole lease).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_outage_fences_the_owner_which_keeps_the_address_after() {
+    let _serial = SERIAL.lock().await;
     let Some(mut cp) = start("an_api_server_outage_fences_the_owner_which_keeps_the_address_after")
     else {
         return;
@@ -434,6 +441,7 @@ async fn an_api_server_outage_fences_the_owner_which_keeps_the_address_after() {
 /// move's Event there, and may not touch Leases anywhere else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deployed_service_account_elects_in_its_namespace_only() {
+    let _serial = SERIAL.lock().await;
     let Some(cp) = start("the_deployed_service_account_elects_in_its_namespace_only") else {
         return;
     };
