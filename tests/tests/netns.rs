@@ -357,6 +357,103 @@ fn xdp_tx_fast_path_and_tc_only_mode() {
     assert_snat(&tcp_once(&t.pod.name, None, "10.96.0.10", 80).unwrap(), EP1);
 }
 
+/// Pins `name` in `dir` as a new, empty BPF hash map of the given layout, replacing what is
+/// pinned there: the maps an older agent left (aya has no call that creates a map of any layout).
+fn pin_hash_map(dir: &std::path::Path, name: &str, key_size: u32, value_size: u32, max: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    // union bpf_attr, map creation: type, key size, value size, max entries, flags.
+    let mut attr = [0u32; 32];
+    attr[..5].copy_from_slice(&[
+        BPF_MAP_TYPE_HASH,
+        key_size,
+        value_size,
+        max,
+        BPF_F_NO_PREALLOC,
+    ]);
+    let size = std::mem::size_of_val(&attr);
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_ptr(), size) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // Object pinning: the path's address (64 bits), then the descriptor.
+    let mut pin = [0u32; 32];
+    let ptr = c_path.as_ptr() as u64;
+    pin[0] = ptr as u32;
+    pin[1] = (ptr >> 32) as u32;
+    pin[2] = fd as u32;
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), size) };
+    let err = std::io::Error::last_os_error();
+    unsafe { libc::close(fd as i32) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN {}: {err}", path.display());
+}
+
+fn pinned_value_size(dir: &std::path::Path, name: &str) -> u32 {
+    aya::maps::MapData::from_pin(dir.join(name))
+        .and_then(|m| m.info())
+        .map(|i| i.value_size())
+        .unwrap()
+}
+
+/// An upgrade whose maps differ only where no flow lives: the previous main's Maglev tables
+/// were 4 bytes smaller (M + 1 words), and a newer version may add a map. The new agent
+/// creates those anew and adopts the rest: established connections continue.
+#[test]
+fn an_upgrade_that_changes_only_maps_without_flows_keeps_connections() {
+    let t = Topology::new("upgrade");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080)]);
+    t.write_manifest("svc.yaml", &service_yaml("sticky", "", &ready(EP1)));
+    let agent = t.start_agent(&["--keep-on-exit", "--pod-ifaces", "pod0"]);
+    let mut long =
+        TcpClient::connect(&t.pod.name, None, "10.96.0.10", 80, Duration::from_secs(3)).unwrap();
+    assert_eq!(long.exchange("before").unwrap().endpoint, ip(EP1));
+    agent.kill();
+
+    let old_maglev = ((proxy_common::MAGLEV_M + 1) * 4) as u32;
+    pin_hash_map(
+        &t.pin_dir(),
+        proxy_common::MAP_MAGLEV,
+        4,
+        old_maglev,
+        proxy_common::DEFAULT_MAX_MAGLEV,
+    );
+    std::fs::remove_file(t.pin_dir().join(proxy_common::MAP_EVENT_LIMIT)).unwrap();
+    assert_eq!(
+        pinned_value_size(&t.pin_dir(), proxy_common::MAP_MAGLEV),
+        old_maglev
+    );
+
+    let agent = t.start_agent(&["--keep-on-exit", "--pod-ifaces", "pod0"]);
+    let log = agent.log_text();
+    assert!(log.contains("creating anew the maps"), "{log}");
+    assert!(log.contains("MAGLEV has key/value sizes"), "{log}");
+    assert!(log.contains("EVENT_LIMIT is not pinned"), "{log}");
+    assert_eq!(
+        long.exchange("after the upgrade").unwrap().endpoint,
+        ip(EP1),
+        "the connection survived"
+    );
+    assert_eq!(
+        pinned_value_size(&t.pin_dir(), proxy_common::MAP_MAGLEV) as usize,
+        std::mem::size_of::<proxy_common::MaglevTable>()
+    );
+    assert!(t.pin_dir().join(proxy_common::MAP_EVENT_LIMIT).exists());
+    assert_eq!(pod_to_cluster_ip(&t), ip(EP1), "new connections too");
+    drop(agent);
+    let _ = std::process::Command::new(extproxy_bin())
+        .args(["cleanup", "--pin-dir"])
+        .arg(t.pin_dir())
+        .output();
+}
+
 #[test]
 fn a_restarted_agent_keeps_established_connections() {
     let t = Topology::new("restart");

@@ -102,6 +102,18 @@ pub fn start(
             );
             true
         }
+        Pinned::Rebuild(maps) => {
+            let why: Vec<&str> = maps.iter().map(|(_, why)| why.as_str()).collect();
+            tracing::info!(
+                "adopting the maps pinned in {}: tracked flows continue; creating anew the maps \
+                 that hold no flow state and differ from this version ({})",
+                dp.pin_dir.display(),
+                why.join("; ")
+            );
+            pins::unpin(&dp.pin_dir, &maps)
+                .with_context(|| format!("removing pins in {}", dp.pin_dir.display()))?;
+            true
+        }
         Pinned::Incompatible(problems) => {
             let why = problems.join("; ");
             if !dp.replace_incompatible_pins {
