@@ -98,10 +98,8 @@ impl Cluster {
             "ip link add pod0 netns {} type veth peer name eth0 netns {}",
             nodes[0].name, pod.name
         ));
-        nodes[0].sh(
-            "ip link set pod0 up; ip addr add 10.244.1.1/24 dev pod0
-             ethtool -K pod0 tx off >/dev/null",
-        );
+        nodes[0].sh("ip link set pod0 up; ip addr add 10.244.1.1/24 dev pod0
+             ethtool -K pod0 tx off >/dev/null");
         pod.sh(&format!(
             "ip link set lo up; ip link set eth0 up
              ip addr add {POD}/24 dev eth0; ip route add default via 10.244.1.1

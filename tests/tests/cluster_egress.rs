@@ -85,7 +85,7 @@ fn start_node(c: &Cluster, i: usize, owner: usize, extra: &[&str]) -> Agent {
     Agent::start_at(&site(c, i), &c.manifests(), &args)
 }
 
-/// Polls `check` until it returns Some (panics with `what` and the last value after SETTLE).
+/// Polls `check` until it returns Ok (panics with `what` and the last error after SETTLE).
 fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
     let start = Instant::now();
     loop {
@@ -173,10 +173,19 @@ fn drop_count(agent: &Agent, name: &str) -> u64 {
 }
 
 /// The three agents with node2 as the owner, once every data path knows it and node2 has the
-/// address on its uplink.
-fn start_cluster(c: &Cluster, extra: &[&str]) -> Vec<Agent> {
+/// address on its uplink. The nodes in `keep` (0-based) start with --keep-on-exit.
+fn start_cluster(c: &Cluster, keep: &[usize]) -> Vec<Agent> {
     c.write_manifest("svc.yaml", &service_yaml());
-    let agents: Vec<Agent> = (0..3).map(|i| start_node(c, i, 1, extra)).collect();
+    let agents: Vec<Agent> = (0..3)
+        .map(|i| {
+            let extra: &[&str] = if keep.contains(&i) {
+                &["--keep-on-exit"]
+            } else {
+                &[]
+            };
+            start_node(c, i, 1, extra)
+        })
+        .collect();
     wait_owner(&agents[0], 1, false);
     wait_owner(&agents[1], 1, true);
     wait_owner(&agents[2], 1, false);
@@ -222,7 +231,10 @@ fn pods_and_nodes_leave_from_the_cluster_address_through_its_owner() {
 
     // The origins tunnelled and kept no state; the owner served the flows.
     let node1 = agents[0].inspect();
-    assert!(node1["events"]["tunnel_sent"].as_u64().unwrap() >= 2, "{node1:#}");
+    assert!(
+        node1["events"]["tunnel_sent"].as_u64().unwrap() >= 2,
+        "{node1:#}"
+    );
     assert!(
         node1["events"]["tunnel_received"].as_u64().unwrap() >= 2,
         "replies come back through the tunnel: {node1:#}"
@@ -233,8 +245,14 @@ fn pods_and_nodes_leave_from_the_cluster_address_through_its_owner() {
         "an origin keeps no flow state: {node1:#}"
     );
     let node2 = agents[1].inspect();
-    assert!(node2["events"]["tunnel_received"].as_u64().unwrap() >= 3, "{node2:#}");
-    assert!(node2["events"]["tunnel_sent"].as_u64().unwrap() >= 3, "{node2:#}");
+    assert!(
+        node2["events"]["tunnel_received"].as_u64().unwrap() >= 3,
+        "{node2:#}"
+    );
+    assert!(
+        node2["events"]["tunnel_sent"].as_u64().unwrap() >= 3,
+        "{node2:#}"
+    );
     assert!(
         !node2["conntrack"].as_array().unwrap().is_empty(),
         "the owner tracks the flows: {node2:#}"
@@ -303,16 +321,12 @@ fn tunnelled_packets_from_strangers_are_dropped_and_counted() {
 fn an_established_connection_survives_the_move_to_another_owner() {
     let c = Cluster::new("cemove");
     let _servers = EchoServers::start(&c.ext.name, &[(EP1, 8080), (EP2, 8080)]);
-    // node1 and node3 restart below and adopt their maps, as in a rolling update.
-    let mut agents = start_cluster(&c, &["--keep-on-exit"]);
-    let mut conn = TcpClient::connect(
-        &c.pod.name,
-        None,
-        CLUSTER_IP,
-        80,
-        Duration::from_secs(15),
-    )
-    .unwrap();
+    // node1 and node3 restart below and adopt their maps, as in a rolling update; node2 goes
+    // away with its data path (left in place, its flows could answer for the address while the
+    // outside host still sent to node2's MAC, hiding a failed announcement).
+    let mut agents = start_cluster(&c, &[0, 2]);
+    let mut conn =
+        TcpClient::connect(&c.pod.name, None, CLUSTER_IP, 80, Duration::from_secs(15)).unwrap();
     let before = conn.exchange("before").unwrap();
     assert_cluster_egress(&before, "before the move");
 
@@ -347,7 +361,14 @@ fn an_established_connection_survives_the_move_to_another_owner() {
     );
     assert!(event(&node3, "ct_miss_midstream") > midstream);
     assert_eq!(event(&node3, "snat_not_first_candidate"), 0);
-    assert!(conn.exchange("again").unwrap() == before);
+    assert_eq!(conn.exchange("again").unwrap(), before);
+    // The outside host sends to the new owner: node3's announcement replaced node2's MAC.
+    let node3_mac = c.nodes[2].sh("cat /sys/class/net/up0/address");
+    let neigh = c.ext.sh(&format!("ip neigh show {ADDR}"));
+    assert!(
+        neigh.contains(node3_mac.trim()),
+        "{neigh} (node3: {node3_mac})"
+    );
     // New connections go through node3 too.
     assert_cluster_egress(
         &tcp_once(&c.pod.name, None, CLUSTER_IP, 80).unwrap(),
