@@ -1,6 +1,7 @@
 //! Network-namespace topologies for extproxy: the tests, `cargo xtask run` and the benchmarks
 //! build the same pod / node / outside layout from here.
 
+pub mod cluster;
 pub mod load;
 pub mod netns;
 pub mod topo;

@@ -47,6 +47,11 @@ pub const CLIENT6: &str = "2001:db8:c::9";
 /// Namespace tests share the machine's CPUs and bpffs: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// This process's turn at a topology (a test that panicked while holding it does not poison it).
+pub(crate) fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// One topology on the machine at a time, across processes too: two checkouts testing at once
 /// would otherwise build namespaces and pins of the same names.
 pub struct MachineLock {
@@ -110,7 +115,7 @@ impl Topology {
     /// [`Topology::new`] with the given links; [`Wire::Offloads`] adds `xp<name>-wire`.
     pub fn with_wire(name: &str, wire: Wire) -> Self {
         require_root();
-        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let serial = serial();
         let machine = MachineLock::acquire();
         let prefix = format!("xp{}", name);
         let pod = NamedNetns::new(&format!("{prefix}-pod"));

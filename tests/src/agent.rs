@@ -89,6 +89,17 @@ pub fn output_within(mut cmd: Command, timeout: Duration) -> std::process::Outpu
     }
 }
 
+/// Where an agent runs: its node's namespace and uplink, its pins, state folder and log.
+#[derive(Clone, Debug)]
+pub struct AgentSite {
+    pub node_ns: String,
+    pub iface: String,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    /// Appended to, across restarts.
+    pub log: PathBuf,
+}
+
 pub struct Agent {
     child: Option<Child>,
     pub log: PathBuf,
@@ -168,17 +179,50 @@ impl Agent {
         log_filter: Option<&str>,
         log_name: &str,
     ) -> Agent {
-        let log = topo.dir.join(log_name);
-        let state_dir = topo.dir.join("state");
+        let site = AgentSite {
+            node_ns: topo.node.name.clone(),
+            iface: "up0".into(),
+            pin_dir: topo.pin_dir(),
+            state_dir: topo.dir.join("state"),
+            log: topo.dir.join(log_name),
+        };
+        Agent::launch_at(&site, source, extra, log_filter)
+    }
+
+    /// Manifest mode at `site` (a node of a topology with several), waiting until it runs.
+    pub fn start_at(site: &AgentSite, manifests: &Path, extra: &[&str]) -> Agent {
+        let runs_before = strip_ansi(&std::fs::read_to_string(&site.log).unwrap_or_default())
+            .matches("extproxy is running")
+            .count();
+        let agent = Agent::launch_at(
+            site,
+            &["--manifests".as_ref(), manifests.as_os_str()],
+            extra,
+            Some("info"),
+        );
+        agent.wait_for_log_count(
+            "extproxy is running",
+            runs_before + 1,
+            Duration::from_secs(20),
+        );
+        agent
+    }
+
+    fn launch_at(
+        site: &AgentSite,
+        source: &[&std::ffi::OsStr],
+        extra: &[&str],
+        log_filter: Option<&str>,
+    ) -> Agent {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/var/run/netns/{}", topo.node.name))
+        cmd.arg(format!("--net=/var/run/netns/{}", site.node_ns))
             .arg(extproxy_bin())
-            .args(["run", "--iface", "up0", "--gc-interval", "1"])
+            .args(["run", "--iface", &site.iface, "--gc-interval", "1"])
             .args(source)
             .arg("--pin-dir")
-            .arg(topo.pin_dir())
+            .arg(&site.pin_dir)
             .arg("--state-dir")
-            .arg(&state_dir)
+            .arg(&site.state_dir)
             .args(extra);
         // Every uplink here is a veth, where `--xdp auto` leaves XDP off: the tests want the XDP
         // program in the path, as on a NIC, unless they choose otherwise.
@@ -189,29 +233,24 @@ impl Agent {
             Some(filter) => cmd.env("EXTPROXY_LOG", filter),
             None => cmd.env_remove("EXTPROXY_LOG"),
         };
+        let log = || {
+            File::options()
+                .create(true)
+                .append(true)
+                .open(&site.log)
+                .unwrap()
+        };
         cmd.env("NO_COLOR", "1")
             .stdin(Stdio::null())
-            .stdout(
-                File::options()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            )
-            .stderr(
-                File::options()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .unwrap(),
-            );
+            .stdout(log())
+            .stderr(log());
         let child = cmd.spawn().expect("start extproxy");
         Agent {
             child: Some(child),
-            log,
-            node_ns: topo.node.name.clone(),
-            pin_dir: topo.pin_dir(),
-            state_dir,
+            log: site.log.clone(),
+            node_ns: site.node_ns.clone(),
+            pin_dir: site.pin_dir.clone(),
+            state_dir: site.state_dir.clone(),
         }
     }
 
