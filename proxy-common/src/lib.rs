@@ -173,6 +173,12 @@ pub enum FrontendKind {
     NodePort = 2,
     LoadBalancer = 3,
     ExternalIp = 4,
+    /// An endpoint's own address and port, for a Service with a cluster egress address: pods
+    /// that connect to the endpoint directly (an Ingress controller in front of the Service, a
+    /// name resolving to it) leave from the cluster egress address too. Only pods' packets
+    /// (and tunnelled ones) match it; the endpoint is the one in [`FrontendValue::flags`] and
+    /// [`FrontendValue::pad`] ([`FrontendValue::endpoint`]).
+    Endpoint = 5,
 }
 
 impl FrontendKind {
@@ -182,6 +188,7 @@ impl FrontendKind {
             2 => Some(Self::NodePort),
             3 => Some(Self::LoadBalancer),
             4 => Some(Self::ExternalIp),
+            5 => Some(Self::Endpoint),
             _ => None,
         }
     }
@@ -192,6 +199,7 @@ impl FrontendKind {
             Self::NodePort => "NodePort",
             Self::LoadBalancer => "LoadBalancer",
             Self::ExternalIp => "ExternalIP",
+            Self::Endpoint => "Endpoint",
         }
     }
 }
@@ -531,9 +539,37 @@ pub struct FrontendValue {
     pub service_id: u32,
     /// [`FrontendKind`] as u8.
     pub kind: u8,
-    /// `FE_F_*` bits.
+    /// `FE_F_*` bits; for [`FrontendKind::Endpoint`], bits 16..24 of the endpoint's backend id.
     pub flags: u8,
+    /// For [`FrontendKind::Endpoint`], bits 0..16 of the endpoint's backend id (host order).
     pub pad: [u8; 2],
+}
+
+/// Backend ids an [`FrontendKind::Endpoint`] frontend can name (24 bits; the default
+/// `--max-backends` is 2^18).
+pub const ENDPOINT_FRONTEND_IDS: u32 = 1 << 24;
+
+impl FrontendValue {
+    /// An [`FrontendKind::Endpoint`] frontend: connections to the endpoint `backend_id` of
+    /// service `service_id`. None when the id does not fit ([`ENDPOINT_FRONTEND_IDS`]).
+    pub const fn endpoint(service_id: u32, backend_id: u32) -> Option<Self> {
+        if backend_id >= ENDPOINT_FRONTEND_IDS {
+            return None;
+        }
+        let low = (backend_id as u16).to_ne_bytes();
+        Some(FrontendValue {
+            service_id,
+            kind: FrontendKind::Endpoint as u8,
+            flags: (backend_id >> 16) as u8,
+            pad: low,
+        })
+    }
+
+    /// The backend id of an [`FrontendKind::Endpoint`] frontend.
+    #[inline(always)]
+    pub const fn endpoint_backend(&self) -> u32 {
+        (self.flags as u32) << 16 | u16::from_ne_bytes(self.pad) as u32
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -291,6 +291,14 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     let Some(fe) = lb::lookup_frontend(&pkt.tuple.dst, pkt.tuple.dport, pkt.tuple.proto) else {
         return Action::NOT_OURS;
     };
+    // An endpoint's own address is a frontend for pods only (and for their packets tunnelled
+    // here): anything else to it, the owner's own translated packets included, is not ours.
+    if fe.kind == FrontendKind::Endpoint as u8
+        && C::HOOK != Hook::PodIngress
+        && s.tunnel_peer.is_zero()
+    {
+        return Action::NOT_OURS;
+    }
     if xdp_defers {
         count(Counter::XdpPassToTc);
         return Action::PASS;
@@ -513,10 +521,15 @@ fn new_flow<C: Ctx>(
     if pkt.tuple.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         count(Counter::CtMissMidstream);
     }
-    if fe.flags & FE_F_SOURCE_RANGES != 0 && !lb::source_allowed(fe.service_id, &pkt.tuple.src) {
+    // A pod connecting to an endpoint directly: that endpoint, whatever its state.
+    let direct = fe.kind == FrontendKind::Endpoint as u8;
+    if !direct
+        && fe.flags & FE_F_SOURCE_RANGES != 0
+        && !lb::source_allowed(fe.service_id, &pkt.tuple.src)
+    {
         return drop(Counter::DropSourceRange);
     }
-    if svc.backend_count == 0 {
+    if !direct && svc.backend_count == 0 {
         count(Counter::DropNoEndpoints);
         return Action::REJECT;
     }
@@ -525,7 +538,12 @@ fn new_flow<C: Ctx>(
         count(Counter::DropNoEgressAddress);
         return Action::REJECT;
     }
-    let Some(chosen) = choose(fe.service_id, svc, &s.ct_key, now) else {
+    let chosen = if direct {
+        lb::direct_backend(fe, &pkt.tuple.dst, pkt.tuple.dport)
+    } else {
+        choose(fe.service_id, svc, &s.ct_key, now)
+    };
+    let Some(chosen) = chosen else {
         count(Counter::DropNoEndpoints);
         return Action::REJECT;
     };

@@ -68,6 +68,23 @@ fn active_backend(id: u32) -> Option<Chosen> {
     })
 }
 
+/// The endpoint an [`FrontendKind::Endpoint`] frontend names, if it is still that address and
+/// port (draining and unhealthy endpoints too: the pod chose it).
+#[inline(always)]
+pub fn direct_backend(fe: &FrontendValue, addr: &Addr, port: u16) -> Option<Chosen> {
+    let id = fe.endpoint_backend();
+    let b = BACKENDS.get(id)?;
+    if b.state == BackendState::Free as u8 || b.addr != *addr || b.port != port {
+        return None;
+    }
+    Some(Chosen {
+        id,
+        generation: b.generation,
+        addr: b.addr,
+        port: b.port,
+    })
+}
+
 /// Picks a slot by flow hash. kube-proxy picks at random; a hash gives the same spread and lets a
 /// flow whose conntrack entry was lost land on the same endpoint again.
 #[inline(always)]

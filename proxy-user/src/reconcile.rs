@@ -19,9 +19,9 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use proxy_common::user::{port_host, port_net};
 use proxy_common::{
-    Addr, BackendState, BackendValue, FE_F_SOURCE_RANGES, FrontendKey, FrontendValue, MAP_BACKENDS,
-    MAP_FRONTENDS, MAP_MAGLEV, MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES, SVC_F_CLUSTER_EGRESS,
-    SVC_F_MAGLEV, ServiceValue, SlotKey, SrcRangeKey, src_range_prefix_len,
+    Addr, BackendState, BackendValue, FE_F_SOURCE_RANGES, FrontendKey, FrontendKind, FrontendValue,
+    MAP_BACKENDS, MAP_FRONTENDS, MAP_MAGLEV, MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES,
+    SVC_F_CLUSTER_EGRESS, SVC_F_MAGLEV, ServiceValue, SlotKey, SrcRangeKey, src_range_prefix_len,
 };
 use thiserror::Error;
 
@@ -1039,11 +1039,24 @@ impl Reconciler {
 
         // (6) frontends.
         for (frontend, spec) in &service.frontends {
-            let value = FrontendValue {
-                service_id: id,
-                kind: spec.kind as u8,
-                flags: spec.flags,
-                pad: [0; 2],
+            let value = if spec.kind == FrontendKind::Endpoint {
+                // The endpoint's own address: the frontend names its backend id.
+                let endpoint = (frontend.addr.to_ip(), port_host(frontend.port));
+                let Some(value) = self
+                    .backend_ids
+                    .get(&(id, endpoint.0, endpoint.1))
+                    .and_then(|backend_id| FrontendValue::endpoint(id, *backend_id))
+                else {
+                    continue;
+                };
+                value
+            } else {
+                FrontendValue {
+                    service_id: id,
+                    kind: spec.kind as u8,
+                    flags: spec.flags,
+                    pad: [0; 2],
+                }
             };
             if emitter.projected.frontend(frontend) != Some(value) {
                 emitter.emit(owner, MapOp::PutFrontend(*frontend, value));

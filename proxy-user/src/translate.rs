@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -1639,6 +1639,19 @@ impl Translator<'_> {
         for (ip, field) in facts.external_ips.iter().filter(|(ip, _)| in_family(ip)) {
             wanted.push((*ip, port.port, FrontendKind::ExternalIp, 0, field.clone()));
         }
+        // Pods that bypass the cluster IP (an Ingress controller or Gateway connecting to the
+        // endpoints, a name resolving to one) leave from the cluster egress address too.
+        if desired.cluster_egress && desired.egress.is_some() {
+            for (ip, number) in desired.backends.iter().map(|(endpoint, _)| *endpoint) {
+                wanted.push((
+                    ip,
+                    number,
+                    FrontendKind::Endpoint,
+                    0,
+                    format!("endpoint {}", SocketAddr::new(ip, number)),
+                ));
+            }
+        }
         let mut reported: BTreeSet<(String, ServicePortKey)> = BTreeSet::new();
         for (ip, number, kind, flags, field) in wanted {
             let frontend = FrontendKey {
@@ -1674,7 +1687,9 @@ impl Translator<'_> {
                             owner.namespace, owner.name, owner.port_name
                         )
                     };
-                    let severity = if owner == key {
+                    // Two Services with one endpoint: connections to it still work, they just
+                    // take the first one's way.
+                    let severity = if owner == key || kind == FrontendKind::Endpoint {
                         Severity::Warning
                     } else {
                         Severity::Error

@@ -80,6 +80,9 @@ fn start_node(c: &Cluster, i: usize, owner: usize, extra: &[&str]) -> Agent {
     ];
     if i != 0 {
         args.push("--egress-gateway");
+    } else {
+        // The pod program: pods that connect to an endpoint directly are seen there.
+        args.extend_from_slice(&["--pod-ifaces", "pod0"]);
     }
     args.extend_from_slice(extra);
     Agent::start_at(&site(c, i), &c.manifests(), &args)
@@ -215,6 +218,14 @@ fn pods_and_nodes_leave_from_the_cluster_address_through_its_owner() {
         &udp_once(&c.pod.name, None, CLUSTER_IP, 53).unwrap(),
         "pod UDP",
     );
+    // The pod bypassing the cluster IP (as an Ingress controller connecting to the endpoints
+    // does): the same way, from the same address.
+    let direct = tcp_once(&c.pod.name, None, EP1, 8080).unwrap();
+    assert_cluster_egress(&direct, "pod TCP straight to an endpoint");
+    assert_eq!(direct.endpoint, ip(EP1), "the endpoint the pod chose");
+    let direct = udp_once(&c.pod.name, None, EP2, 5353).unwrap();
+    assert_cluster_egress(&direct, "pod UDP straight to an endpoint");
+    assert_eq!(direct.endpoint, ip(EP2));
     // Processes on the owner itself (served there) and on the other gateway (tunnelled).
     assert_cluster_egress(
         &tcp_once(&c.nodes[1].name, None, CLUSTER_IP, 80).unwrap(),

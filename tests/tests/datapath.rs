@@ -2008,3 +2008,108 @@ fn every_node_sends_a_flow_to_the_same_endpoint() {
     assert_eq!(per_endpoint.len(), 4, "{per_endpoint:?}");
     assert!(per_endpoint.values().all(|n| *n > 60), "{per_endpoint:?}");
 }
+
+/// The endpoint EP1:8080 of service 7 (backend 70) as a frontend of its own, as the agent writes
+/// it for a Service with a cluster egress address.
+fn direct_endpoint(dp: &mut Datapath) {
+    dp.put_frontend(
+        FrontendKey {
+            addr: addr(EP1),
+            port: 8080u16.to_be(),
+            proto: PROTO_TCP,
+            pad: 0,
+        },
+        FrontendValue::endpoint(7, 70).unwrap(),
+    );
+}
+
+fn pod_syn_to(dst: &str, dport: u16, sport: u16) -> Vec<u8> {
+    frame(
+        POD_MAC,
+        [0x02, 0, 0, 0, 0x01, 0x01],
+        &Ip::new(POD_V4, dst, TCP).wrap(tcp_seg(sport, dport, 1, 0, SYN, &[]), false),
+    )
+}
+
+#[test]
+fn pods_bypassing_the_cluster_ip_leave_from_the_cluster_egress_address_too() {
+    let node = TestNode::new();
+    sh("ip neigh replace 10.0.0.2 lladdr 02:00:00:00:00:02 dev up0 nud permanent");
+    sh("ip neigh replace 10.0.0.3 lladdr 02:00:00:00:00:03 dev up0 nud permanent");
+
+    // A node that does not own the address: the pod's SYN to the endpoint goes to the owner,
+    // untranslated.
+    let mut origin = Datapath::load_with(tunnel_config());
+    cluster_egress_service(&mut origin);
+    direct_endpoint(&mut origin);
+    origin.set_cluster_egress(CLUSTER_EGRESS_IP, Some(OWNER), false);
+    let syn = pod_syn_to(EP1, 8080, 43000);
+    let run = origin.tc_pod(node.pod_if, &syn);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let outer = decode(&run.out);
+    assert_eq!((outer.src, outer.dst), (ip(NODE_V4), ip(OWNER)));
+    let inside = decode(&inner(&outer));
+    assert_eq!(
+        (inside.src, inside.sport, inside.dst, inside.dport),
+        (ip(POD_V4), 43000, ip(EP1), 8080)
+    );
+    // Only pods' packets: a host process, or a packet from outside, to the endpoint is not ours
+    // (the owner's own translated packets leave through the same hooks).
+    let host = outbound(NODE_V4, EP1, tcp_seg(43001, 8080, 1, 0, SYN, &[]), TCP);
+    let run = origin.tc_egress(node.uplink, &host);
+    assert_eq!((run.verdict, run.out == host), (TC_ACT_OK, true));
+    let outside = from_outside(CLIENT_EXT, EP1, tcp_seg(43002, 8080, 1, 0, SYN, &[]), TCP);
+    let run = origin.xdp(node.uplink, &outside);
+    assert_eq!((run.verdict, run.out == outside), (XDP_PASS, true));
+    // Another endpoint of the Service, not written as a frontend, is not ours either.
+    let other = pod_syn_to(EP2, 8080, 43003);
+    let run = origin.tc_pod(node.pod_if, &other);
+    assert_eq!((run.verdict, run.out == other), (TC_ACT_OK, true));
+
+    // The owner serves it: the endpoint the pod chose, from the cluster egress address.
+    let mut owner = Datapath::load_with(tunnel_config());
+    cluster_egress_service(&mut owner);
+    direct_endpoint(&mut owner);
+    owner.set_cluster_egress(CLUSTER_EGRESS_IP, Some(NODE_V4), true);
+    owner.add_tunnel_peer(ORIGIN);
+    let pod_ip = Ip::new(POD_V4, EP1, TCP).wrap(tcp_seg(43000, 8080, 1, 0, SYN, &[]), false);
+    let run = owner.tc_ingress(node.uplink, &tunnelled_from(ORIGIN, &pod_ip));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let out = decode(&run.out);
+    assert_eq!(
+        (out.src, out.dst, out.dport),
+        (ip(CLUSTER_EGRESS_IP), ip(EP1), 8080),
+        "SNAT only, to the cluster egress address"
+    );
+    let (_, ct) = owner
+        .ct_entries()
+        .into_iter()
+        .find(|(k, _)| k.src == addr(POD_V4))
+        .unwrap();
+    assert_eq!((ct.backend_id, ct.tunnel_peer), (70, addr(ORIGIN)));
+    // The answer goes back to the pod's node, from the endpoint's own address.
+    let synack = from_outside(
+        EP1,
+        CLUSTER_EGRESS_IP,
+        tcp_seg(8080, out.sport, 9, 2, SYN | ACK, &[]),
+        TCP,
+    );
+    let run = owner.tc_ingress(node.uplink, &synack);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let outer = decode(&run.out);
+    assert_eq!(outer.dst, ip(ORIGIN));
+    let back = decode(&inner(&outer));
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip(EP1), 8080, ip(POD_V4), 43000)
+    );
+
+    // A pod on the owner itself: translated there and then.
+    let run = owner.tc_pod(node.pod_if, &pod_syn_to(EP1, 8080, 43010));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let d = decode(&run.out);
+    assert_eq!(
+        (d.src, d.dst, d.dport),
+        (ip(CLUSTER_EGRESS_IP), ip(EP1), 8080)
+    );
+}

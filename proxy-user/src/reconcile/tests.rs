@@ -417,6 +417,56 @@ fn frontend_and_setting_changes() {
     );
 }
 
+/// An endpoint frontend (cluster egress: pods connecting to the endpoint directly) names the
+/// endpoint's backend id, written after the backend and following it when the id changes.
+#[test]
+fn endpoint_frontends_name_their_backend() {
+    let mut r = Reconciler::new(LIMITS);
+    let mut kernel = CheckingKernel::default();
+    let mut s = service(
+        &[("10.96.0.1", 80)],
+        &[("10.1.0.1", Active), ("10.1.0.2", Active)],
+    );
+    s.egress = Some(ip("10.0.0.100"));
+    s.cluster_egress = true;
+    let endpoint = FrontendSpec {
+        kind: FrontendKind::Endpoint,
+        flags: 0,
+    };
+    s.frontends.insert(fe("10.1.0.2", 80), endpoint);
+    let ops = sync(&mut r, &mut kernel, &desired(&[("a", s.clone())]));
+    let put = |backend_id: u32| {
+        MapOp::PutFrontend(
+            fe("10.1.0.2", 80),
+            FrontendValue::endpoint(0, backend_id).unwrap(),
+        )
+    };
+    let backend_of = |ops: &[MapOp]| {
+        ops.iter().position(
+            |op| matches!(op, MapOp::PutBackend(_, b) if b.addr == Addr::from(ip("10.1.0.2"))),
+        )
+    };
+    let at = ops
+        .iter()
+        .position(|op| *op == put(1))
+        .unwrap_or_else(|| panic!("{ops:?}"));
+    assert!(backend_of(&ops).unwrap() < at, "backend first: {ops:?}");
+    assert_eq!(
+        kernel.maps.frontends[&fe("10.1.0.2", 80)].endpoint_backend(),
+        1
+    );
+    // Unchanged: nothing written.
+    assert!(sync(&mut r, &mut kernel, &desired(&[("a", s.clone())])).is_empty());
+    // The endpoint leaves: its frontend goes with it.
+    s.backends.remove(&(ip("10.1.0.2"), 80));
+    s.frontends.remove(&fe("10.1.0.2", 80));
+    let ops = sync(&mut r, &mut kernel, &desired(&[("a", s)]));
+    assert!(
+        ops.contains(&MapOp::DeleteFrontend(fe("10.1.0.2", 80))),
+        "{ops:?}"
+    );
+}
+
 #[test]
 fn source_ranges_are_written_only_where_consulted() {
     let mut r = Reconciler::new(LIMITS);

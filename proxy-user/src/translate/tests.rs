@@ -898,6 +898,89 @@ fn egress_comes_from_settings_or_the_annotation() {
     );
 }
 
+/// Services with a cluster egress address: the annotation names a declared address the
+/// namespace may use; each endpoint becomes a frontend of its own (pods bypassing the cluster
+/// IP); two Services sharing an endpoint leave it to the first.
+#[test]
+fn cluster_egress_services_take_their_endpoints_as_frontends() {
+    let settings = Settings {
+        cluster_egress: ClusterEgressRules {
+            addresses: vec![("10.0.0.100".parse().unwrap(), vec!["default".into()])],
+            default_v4: None,
+            default_v6: None,
+        },
+        ..manifest_settings()
+    };
+    let service = |name: &str, ip: &str, annotation: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  annotations: {{extproxy.io/cluster-egress-ip: '{annotation}'}}\nspec:\n  clusterIP: {ip}\n  ports: [{{port: 80, targetPort: 8080}}]\n"
+        )
+    };
+    let slice = |name: &str, svc: &str, eps: &str| {
+        slice_yaml(
+            name,
+            svc,
+            "IPv4",
+            "[{port: 8080}]",
+            &format!(
+                "[{}]",
+                eps.split(", ")
+                    .map(|e| format!("{{addresses: [{e}]}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    };
+    let yaml = [
+        service("api", "10.96.0.10", "10.0.0.100"),
+        slice("api-1", "api", "203.0.113.7, 203.0.113.8"),
+        service("twin", "10.96.0.11", "10.0.0.100"),
+        slice("twin-1", "twin", "203.0.113.8"),
+        service("typo", "10.96.0.12", "10.0.0.101"),
+        slice("typo-1", "typo", "203.0.113.9"),
+    ]
+    .join("---\n");
+    let t = run_with(&yaml, &settings);
+    let api = &t.desired.services[&v4("default", "api", "")];
+    assert!(api.cluster_egress);
+    assert_eq!(api.egress, Some("10.0.0.100".parse().unwrap()));
+    assert_eq!(
+        frontends(api),
+        [
+            ("10.96.0.10:80".to_owned(), "ClusterIP", 0),
+            ("203.0.113.7:8080".to_owned(), "Endpoint", 0),
+            ("203.0.113.8:8080".to_owned(), "Endpoint", 0),
+        ]
+    );
+    let twin = &t.desired.services[&v4("default", "twin", "")];
+    assert_eq!(
+        frontends(twin),
+        [("10.96.0.11:80".to_owned(), "ClusterIP", 0)],
+        "the shared endpoint stays with the first Service"
+    );
+    assert_eq!(backends(twin).len(), 1, "and is still twin's endpoint");
+    let typo = &t.desired.services[&v4("default", "typo", "")];
+    assert!(
+        frontends(typo).iter().all(|f| f.1 != "Endpoint"),
+        "no cluster egress address, no endpoint frontends"
+    );
+    let m = messages(&t);
+    assert!(
+        m.iter().any(|m| m.starts_with("warning: m.yaml:")
+            && m.contains("Service default/twin")
+            && m.contains(
+                "203.0.113.8:8080/TCP (Endpoint) is already used by Service default/api"
+            )),
+        "{m:#?}"
+    );
+    assert!(
+        m.iter().any(|m| m.starts_with("error: m.yaml:")
+            && m.contains("Service default/typo")
+            && m.contains("10.0.0.101 is not a declared cluster egress address")),
+        "{m:#?}"
+    );
+}
+
 #[test]
 fn missing_egress_is_an_error_but_the_service_is_still_programmed() {
     let settings = Settings {
