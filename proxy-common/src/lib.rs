@@ -1079,6 +1079,9 @@ counters! {
     DropTunnelTooBig = 14, "tunnel_too_big", true;
     /// The tunnel could not be opened or closed around a packet (buffer helpers failed).
     DropTunnelFailed = 15, "tunnel_failed", true;
+    /// A tunnelled packet this node neither serves (no frontend here, or the address's owner
+    /// moved) nor can deliver as a reply (its source is no frontend of this node): never sent on.
+    DropTunnelNotOurs = 16, "tunnel_not_ours", true;
     /// A new flow was created for a TCP packet without SYN: conntrack lost the flow (LRU full,
     /// restart without pins) or the client is confused.
     CtMissMidstream = 32, "ct_miss_midstream", false;

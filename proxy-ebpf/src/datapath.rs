@@ -165,7 +165,9 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
         }
     }
     let pkt = &s.pkt;
-    if lb::maybe_frontend(&pkt.tuple.dst, pkt.tuple.dport, pkt.tuple.proto) {
+    if lb::maybe_frontend(&pkt.tuple.dst, pkt.tuple.dport, pkt.tuple.proto)
+        || peer_node_port(cfg, s).is_some()
+    {
         let action = forward(ctx, cfg, s);
         if action != Action::NOT_OURS {
             return action;
@@ -193,7 +195,51 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
             return drop(Counter::DropClusterEgressUnmatched);
         }
     }
+    if !s.tunnel_peer.is_zero() {
+        return tunnelled_reply(ctx, s);
+    }
     Action::PASS
+}
+
+/// A tunnelled packet for a NodePort of the node that sent it (a client outside called that
+/// node's address): the same Service's NodePort here, nodePorts being cluster-wide. IPv4 only:
+/// the tunnel knows this node by its IPv4 address.
+#[inline(always)]
+fn peer_node_port(cfg: &Config, s: &Scratch) -> Option<&'static FrontendValue> {
+    let pkt = &s.pkt;
+    if s.tunnel_peer.is_zero() || pkt.v6 || cfg.tunnel_src_v4 == 0 {
+        return None;
+    }
+    let here = Addr::from_v4_raw(cfg.tunnel_src_v4);
+    if !lb::maybe_frontend(&here, pkt.tuple.dport, pkt.tuple.proto) {
+        return None;
+    }
+    lb::lookup_frontend(&here, pkt.tuple.dport, pkt.tuple.proto)
+        .filter(|fe| fe.kind == FrontendKind::NodePort as u8)
+}
+
+/// A reply the owner sent back through the tunnel, for a client of this node: straight to it.
+/// The stack would drop one whose source is this node's own address (a NodePort's answer to a
+/// client outside) as a martian.
+#[inline(never)]
+fn tunnelled_reply<C: Ctx>(ctx: &C, s: &mut Scratch) -> Action {
+    let pkt = &s.pkt;
+    // A reply comes from one of our frontends (a NodePort of this node, a cluster IP, an
+    // endpoint pods call directly); anything else a peer sent is not to be relayed.
+    if !lb::maybe_frontend(&pkt.tuple.src, pkt.tuple.sport, pkt.tuple.proto) {
+        return drop(Counter::DropTunnelNotOurs);
+    }
+    match route(ctx, &mut s.fib, pkt.v6, &pkt.tuple.src, &pkt.tuple.dst) {
+        Route::Out => {
+            if set_macs(ctx, &s.fib.smac, &s.fib.dmac).is_err() {
+                return drop(Counter::DropMalformed);
+            }
+            Action::redirect(s.fib.ifindex)
+        }
+        Route::NoNeigh => Action::redirect_neigh(s.fib.ifindex),
+        // For this node itself (a host process's flow): the stack delivers it.
+        Route::Local | Route::None => Action::PASS,
+    }
 }
 
 /// Takes the tunnel's headers off a packet from another node (TC ingress) and parses what was
@@ -288,7 +334,9 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
             }
         }
     }
-    let Some(fe) = lb::lookup_frontend(&pkt.tuple.dst, pkt.tuple.dport, pkt.tuple.proto) else {
+    let Some(fe) = lb::lookup_frontend(&pkt.tuple.dst, pkt.tuple.dport, pkt.tuple.proto)
+        .or_else(|| peer_node_port(cfg, s))
+    else {
         return Action::NOT_OURS;
     };
     // An endpoint's own address is a frontend for pods only (and for their packets tunnelled
@@ -512,7 +560,7 @@ fn new_flow<C: Ctx>(
             // From the tunnel, yet not ours (ownership moved): never send it on, which could
             // bounce between two nodes; the client's next packet finds the new owner.
             if !s.tunnel_peer.is_zero() {
-                return drop(Counter::DropNoEgressAddress);
+                return drop(Counter::DropTunnelNotOurs);
             }
             s.tunnel_to = ce.owner;
             return Action::TUNNEL;

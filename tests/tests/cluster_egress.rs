@@ -29,9 +29,10 @@ metadata:
   annotations:
     extproxy.io/cluster-egress-ip: "{ADDR}"
 spec:
+  type: NodePort
   clusterIP: {CLUSTER_IP}
   ports:
-    - {{name: http, port: 80, protocol: TCP}}
+    - {{name: http, port: 80, protocol: TCP, nodePort: 30080}}
     - {{name: dns, port: 53, protocol: UDP}}
 ---
 apiVersion: discovery.k8s.io/v1
@@ -218,6 +219,21 @@ fn pods_and_nodes_leave_from_the_cluster_address_through_its_owner() {
         &udp_once(&c.pod.name, None, CLUSTER_IP, 53).unwrap(),
         "pod UDP",
     );
+    // A client outside the cluster on node1's NodePort: served by the owner, answered by node1.
+    let seen = tcp_once(&c.ext.name, None, NODE_IPS[0], 30080).unwrap_or_else(|e| {
+        panic!(
+            "NodePort: {e}\nnode1 {:#}\nnode2 {:#}",
+            agents[0].inspect()["events"],
+            agents[1].inspect()["events"]
+        )
+    });
+    assert_cluster_egress(&seen, "NodePort on node1 from outside");
+    // Full-sized segments both ways: the SYN's and SYN-ACK's MSS leave room for the tunnel, so
+    // nothing the endpoint sends needs fragmenting on the way back through it.
+    let mut bulk =
+        TcpClient::connect(&c.pod.name, None, CLUSTER_IP, 80, Duration::from_secs(5)).unwrap();
+    let line = "x".repeat(256 << 10);
+    assert_cluster_egress(&bulk.exchange(&line).unwrap(), "pod, 256 KiB each way");
     // The pod bypassing the cluster IP (as an Ingress controller connecting to the endpoints
     // does): the same way, from the same address.
     let direct = tcp_once(&c.pod.name, None, EP1, 8080).unwrap();

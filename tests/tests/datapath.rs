@@ -2113,3 +2113,53 @@ fn pods_bypassing_the_cluster_ip_leave_from_the_cluster_egress_address_too() {
         (ip(CLUSTER_EGRESS_IP), ip(EP1), 8080)
     );
 }
+
+/// A client outside calls the NodePort of a node that does not own the address: that node's
+/// address is no frontend on the owner, whose own NodePort of the same number stands for it.
+#[test]
+fn the_owner_serves_another_nodes_node_port() {
+    let node = TestNode::new();
+    sh("ip neigh replace 10.0.0.3 lladdr 02:00:00:00:00:03 dev up0 nud permanent");
+    let mut dp = Datapath::load_with(Config {
+        tunnel_src_v4: u32::from_ne_bytes(addr(NODE_V4).words[3].to_ne_bytes()),
+        ..Config::DEFAULT
+    });
+    let mut svc = Svc::new(
+        7,
+        PROTO_TCP,
+        &[(FrontendKind::NodePort, NODE_V4, 30070)],
+        &[(70, EP1, 8080, BackendState::Active)],
+    );
+    svc.egress = CLUSTER_EGRESS_IP;
+    svc.cluster_egress = true;
+    dp.program(&svc);
+    dp.set_cluster_egress(CLUSTER_EGRESS_IP, Some(NODE_V4), true);
+    dp.add_tunnel_peer(ORIGIN);
+    let to_origin = |dport: u16| {
+        Ip::new(CLIENT_EXT, ORIGIN, TCP).wrap(tcp_seg(44000, dport, 1, 0, SYN, &[]), false)
+    };
+    let run = dp.tc_ingress(node.uplink, &tunnelled_from(ORIGIN, &to_origin(30070)));
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    let out = decode(&run.out);
+    assert_eq!(
+        (out.src, out.dst, out.dport),
+        (ip(CLUSTER_EGRESS_IP), ip(EP1), 8080)
+    );
+    // The answer leaves through the tunnel from the origin's NodePort address.
+    let synack = from_outside(
+        EP1,
+        CLUSTER_EGRESS_IP,
+        tcp_seg(8080, out.sport, 9, 2, SYN | ACK, &[]),
+        TCP,
+    );
+    let back = decode(&inner(&decode(&dp.tc_ingress(node.uplink, &synack).out)));
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip(ORIGIN), 30070, ip(CLIENT_EXT), 44000)
+    );
+    // Another port of the origin's address is no frontend here: not relayed anywhere.
+    let run = dp.tc_ingress(node.uplink, &tunnelled_from(ORIGIN, &to_origin(30071)));
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::DropTunnelNotOurs), 1);
+    assert_eq!(dp.ct_entries().len(), 1);
+}
