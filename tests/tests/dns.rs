@@ -558,8 +558,9 @@ fn healthy_gauge(node_ns: &str, endpoint: &str) -> Option<u8> {
 /// judged unhealthy by its probes (no client traffic in between) and new connections all go to
 /// the other address; it comes back: new flows again. The answer changes: a new address is
 /// probed (and, with nothing listening, judged unhealthy); an address that left the answer
-/// loses its verdict, its gauge and its probes, whether it was healthy or unhealthy; one that
-/// comes back is checked afresh.
+/// loses its verdict, its gauge and its probes, whether it was healthy or unhealthy; a healthy
+/// one that comes back is checked afresh, an unhealthy one (a dead address rotating back in)
+/// keeps its verdict and gets no new flow.
 #[test]
 fn each_resolved_address_is_health_checked() {
     const E1: &str = "203.0.113.7:8080";
@@ -696,6 +697,53 @@ fn each_resolved_address_is_health_checked() {
         syns.count(EP3),
         departed,
         "an unhealthy address that left the answer is not probed any more"
+    );
+
+    // EP3, still dead, rotates back in: its verdict was kept, so it gets no new flow (not even
+    // before its first probe), and it is probed again.
+    let state_of_e3 = || {
+        agent.inspect()["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+            .find(|e| e["address"] == E3)
+            .map(|e| e["state"].as_str().unwrap().to_owned())
+    };
+    // Its drained backend is gone from the maps first (no flow used it: the next sweep).
+    wait_until("the departed address out of the maps", &agent, || {
+        state_of_e3().is_none()
+    });
+    dns.set_addresses(NAME, &[EP1, EP2, EP3], 1);
+    let mut first_seen = None;
+    wait_until("the returning address programmed", &agent, || {
+        first_seen = state_of_e3();
+        first_seen.is_some()
+    });
+    assert_eq!(
+        first_seen.as_deref(),
+        Some("draining"),
+        "a dead address back in the answer is programmed without new flows from the start"
+    );
+    assert_eq!(
+        reached(&t.pod.name, VIP, 20),
+        BTreeSet::from([ip(EP1), ip(EP2)]),
+        "no new flow to a dead address that rotated back into the answer"
+    );
+    probed(EP3, "probes of the returning address");
+    wait_until(
+        "the returning address listed unhealthy again",
+        &agent,
+        || {
+            health_of(&agent, E3).as_deref() == Some("unhealthy: refused")
+                && healthy_gauge(&node, E3) == Some(0)
+        },
+    );
+    assert!(
+        !agent.log_text().contains(&format!(
+            "endpoint {E3} of Service demo/db port \"http\" (TCP) is healthy"
+        )),
+        "the returning dead address was never taken for a healthy one"
     );
     agent.stop();
 }
