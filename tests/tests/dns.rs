@@ -461,3 +461,289 @@ fn kube_mode_serves_fqdn_endpoint_slices() {
     });
     agent.stop();
 }
+
+// -------------------------------------------------------------------------------------------
+// Health checking of DNS-name endpoints
+// -------------------------------------------------------------------------------------------
+
+/// An IPv4 Service with a fast TCP health check (interval 1s, timeout 500ms, thresholds 2/2)
+/// and an FQDN EndpointSlice naming [`NAME`] on port 8080.
+fn checked_manifests() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata:
+  name: db
+  namespace: demo
+  annotations:
+    extproxy.io/health-check: tcp
+    extproxy.io/health-check-interval: 1s
+    extproxy.io/health-check-timeout: 500ms
+    extproxy.io/health-check-unhealthy-threshold: "2"
+    extproxy.io/health-check-healthy-threshold: "2"
+spec:
+  clusterIP: {VIP}
+  ports: [{{name: http, port: 80, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-fqdn
+  namespace: demo
+  labels: {{kubernetes.io/service-name: db}}
+addressType: FQDN
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+- addresses: [{NAME}]
+"#
+    )
+}
+
+/// Counts the SYNs that reach each of some addresses' port 8080 in the outside namespace: with
+/// no client traffic, they are the agent's TCP probes.
+struct SynCounter<'t> {
+    topo: &'t Topology,
+}
+
+impl<'t> SynCounter<'t> {
+    fn install(topo: &'t Topology, addrs: &[&str]) -> Self {
+        let mut script = "nft add table inet xpsyns
+             nft add chain inet xpsyns in '{ type filter hook prerouting priority -300; }'"
+            .to_owned();
+        for a in addrs {
+            script += &format!(
+                "\nnft add rule inet xpsyns in ip daddr {a} tcp dport 8080 \
+                 'tcp flags & (syn|ack) == syn' counter"
+            );
+        }
+        topo.ext.sh(&script);
+        SynCounter { topo }
+    }
+
+    fn count(&self, addr: &str) -> u64 {
+        let listing = self.topo.ext.sh("nft list chain inet xpsyns in");
+        let line = listing
+            .lines()
+            .find(|l| l.contains(&format!("ip daddr {addr} ")))
+            .unwrap_or_else(|| panic!("no counter for {addr}:\n{listing}"));
+        let after = line.split("packets ").nth(1).expect("a packet count");
+        after.split_whitespace().next().unwrap().parse().unwrap()
+    }
+}
+
+/// `endpoint`'s health in `extproxy inspect --json`: None while it has no published verdict
+/// (not health checked, or not an endpoint any more).
+fn health_of(agent: &Agent, endpoint: &str) -> Option<String> {
+    agent.inspect()["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+        .find(|e| e["address"] == endpoint)
+        .and_then(|e| e["health"].as_str().map(str::to_owned))
+}
+
+/// The `extproxy_endpoint_healthy` gauge of `endpoint` of Service demo/db, if listed.
+fn healthy_gauge(node_ns: &str, endpoint: &str) -> Option<u8> {
+    let prefix = format!(
+        "extproxy_endpoint_healthy{{namespace=\"demo\",service=\"db\",endpoint=\"{endpoint}\"}} "
+    );
+    metrics_text(node_ns)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().parse().unwrap()))
+}
+
+/// Needs root. A Service with a TCP health check whose endpoints come from a DNS name: every
+/// address the name answers is probed and judged on its own. One server stops: its address is
+/// judged unhealthy by its probes (no client traffic in between) and new connections all go to
+/// the other address; it comes back: new flows again. The answer changes: a new address is
+/// probed (and, with nothing listening, judged unhealthy); an address that left the answer
+/// loses its verdict, its gauge and its probes, whether it was healthy or unhealthy; a healthy
+/// one that comes back is checked afresh, an unhealthy one (a dead address rotating back in)
+/// keeps its verdict and gets no new flow.
+#[test]
+fn each_resolved_address_is_health_checked() {
+    const E1: &str = "203.0.113.7:8080";
+    const E2: &str = "203.0.113.8:8080";
+    const E3: &str = "203.0.113.9:8080";
+    let t = Topology::new("dnshc");
+    let mut ep1 = Some(EchoServers::start(&t.ext.name, &[(EP1, 8080)]));
+    let _ep2 = EchoServers::start(&t.ext.name, &[(EP2, 8080)]);
+    // EP3 has no server: its address refuses.
+    let syns = SynCounter::install(&t, &[EP1, EP2, EP3]);
+    let dns = DnsServer::start(&t.ext.name, DNS);
+    dns.set_addresses(NAME, &[EP1, EP2], 1);
+    t.write_manifest("db.yaml", &checked_manifests());
+    let agent = t.start_agent(&[
+        "--dns-server",
+        "10.0.0.254",
+        "--dns-max-ttl",
+        "2s",
+        "--metrics-address",
+        METRICS,
+    ]);
+    let node = t.node.name.clone();
+    let probed = |addr: &str, what: &str| {
+        let before = syns.count(addr);
+        wait_until(what, &agent, || syns.count(addr) >= before + 2);
+    };
+
+    // Both addresses of the answer are checked: probed (with no client traffic yet), with a
+    // verdict in inspect and a gauge.
+    probed(EP1, "probes of the first resolved address");
+    probed(EP2, "probes of the second resolved address");
+    wait_until(
+        "both resolved addresses healthy in inspect and metrics",
+        &agent,
+        || {
+            health_of(&agent, E1).as_deref() == Some("healthy")
+                && health_of(&agent, E2).as_deref() == Some("healthy")
+                && healthy_gauge(&node, E1) == Some(1)
+                && healthy_gauge(&node, E2) == Some(1)
+        },
+    );
+    assert_eq!(
+        syns.count(EP3),
+        0,
+        "an address outside the answer is not probed"
+    );
+    assert_eq!(
+        reached(&t.pod.name, VIP, 20),
+        BTreeSet::from([ip(EP1), ip(EP2)]),
+        "new flows spread over both addresses"
+    );
+
+    // EP1's server stops. No client connection until the verdict: it is the probes' own.
+    ep1.take();
+    wait_until(
+        "the stopped address judged unhealthy by its probes",
+        &agent,
+        || health_of(&agent, E1).as_deref() == Some("unhealthy: refused"),
+    );
+    agent.wait_for_log(
+        &format!("endpoint {E1} of Service demo/db port \"http\" (TCP) is unhealthy: refused"),
+        WAIT,
+    );
+    assert_eq!(health_of(&agent, E2).as_deref(), Some("healthy"));
+    assert_eq!(healthy_gauge(&node, E1), Some(0));
+    assert_eq!(
+        reached(&t.pod.name, VIP, 20),
+        BTreeSet::from([ip(EP2)]),
+        "no new flow to the unhealthy address"
+    );
+
+    // It comes back: healthy again, new flows again.
+    let _ep1 = EchoServers::start(&t.ext.name, &[(EP1, 8080)]);
+    wait_until("the address back judged healthy", &agent, || {
+        health_of(&agent, E1).is_some_and(|h| h.starts_with("healthy: check passed"))
+    });
+    wait_until("new flows to reach the recovered address", &agent, || {
+        connect(&t.pod.name, VIP).ok() == Some(ip(EP1))
+    });
+
+    // The answer changes: EP1 (healthy) leaves, EP3 (nothing listening) joins.
+    dns.set_addresses(NAME, &[EP2, EP3], 1);
+    wait_until(
+        "the new address probed and judged unhealthy",
+        &agent,
+        || health_of(&agent, E3).as_deref() == Some("unhealthy: refused"),
+    );
+    assert!(syns.count(EP3) >= 2, "the new address was probed");
+    wait_until(
+        "the departed address's verdict and gauge to go",
+        &agent,
+        || health_of(&agent, E1).is_none() && healthy_gauge(&node, E1).is_none(),
+    );
+    assert_eq!(healthy_gauge(&node, E3), Some(0));
+    assert_eq!(
+        reached(&t.pod.name, VIP, 20),
+        BTreeSet::from([ip(EP2)]),
+        "the departed address and the unhealthy new one get no new flow"
+    );
+    let departed = syns.count(EP1);
+    // Three check intervals: a probe still running would have sent a SYN in that time.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        syns.count(EP1),
+        departed,
+        "an address that left the answer is not probed any more"
+    );
+
+    // EP3 leaves while unhealthy, EP1 comes back: EP3's verdict, gauge and probes go; EP1 is
+    // checked afresh and gets new flows.
+    dns.set_addresses(NAME, &[EP1, EP2], 1);
+    wait_until(
+        "the unhealthy departed address's verdict and gauge to go",
+        &agent,
+        || health_of(&agent, E3).is_none() && healthy_gauge(&node, E3).is_none(),
+    );
+    probed(EP1, "probes of the address back in the answer");
+    wait_until(
+        "the address back in the answer checked and healthy",
+        &agent,
+        || {
+            health_of(&agent, E1).as_deref() == Some("healthy")
+                && healthy_gauge(&node, E1) == Some(1)
+        },
+    );
+    assert_eq!(
+        reached(&t.pod.name, VIP, 20),
+        BTreeSet::from([ip(EP1), ip(EP2)]),
+        "new flows spread over both addresses again"
+    );
+    let departed = syns.count(EP3);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        syns.count(EP3),
+        departed,
+        "an unhealthy address that left the answer is not probed any more"
+    );
+
+    // EP3, still dead, rotates back in: its verdict was kept, so it gets no new flow (not even
+    // before its first probe), and it is probed again.
+    let state_of_e3 = || {
+        agent.inspect()["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+            .find(|e| e["address"] == E3)
+            .map(|e| e["state"].as_str().unwrap().to_owned())
+    };
+    // Its drained backend is gone from the maps first (no flow used it: the next sweep).
+    wait_until("the departed address out of the maps", &agent, || {
+        state_of_e3().is_none()
+    });
+    dns.set_addresses(NAME, &[EP1, EP2, EP3], 1);
+    let mut first_seen = None;
+    wait_until("the returning address programmed", &agent, || {
+        first_seen = state_of_e3();
+        first_seen.is_some()
+    });
+    assert_eq!(
+        first_seen.as_deref(),
+        Some("draining"),
+        "a dead address back in the answer is programmed without new flows from the start"
+    );
+    assert_eq!(
+        reached(&t.pod.name, VIP, 20),
+        BTreeSet::from([ip(EP1), ip(EP2)]),
+        "no new flow to a dead address that rotated back into the answer"
+    );
+    probed(EP3, "probes of the returning address");
+    wait_until(
+        "the returning address listed unhealthy again",
+        &agent,
+        || {
+            health_of(&agent, E3).as_deref() == Some("unhealthy: refused")
+                && healthy_gauge(&node, E3) == Some(0)
+        },
+    );
+    assert!(
+        !agent.log_text().contains(&format!(
+            "endpoint {E3} of Service demo/db port \"http\" (TCP) is healthy"
+        )),
+        "the returning dead address was never taken for a healthy one"
+    );
+    agent.stop();
+}

@@ -41,6 +41,13 @@ pub const PASSIVE_POLL: Duration = Duration::from_millis(200);
 const PASSIVE_BUDGET: u32 = 50;
 /// A single lookup costs about this many entries of a batch read (3.2 µs against 0.43 µs).
 const SINGLE_LOOKUP_COST: usize = 8;
+/// How long the verdict of an unhealthy endpoint that left its Service port is kept, should it
+/// come back. A DNS name's answer rotates (a load balancer's name answers a few of its
+/// addresses at each TTL, at most `--dns-max-ttl` apart, 5 min by default): a dead address that
+/// rotates back in must not be taken for a new, healthy one and get new flows until its check
+/// fails again. Longer than a few rotations; short enough that an endpoint repaired while out
+/// of its slice comes back healthy.
+pub const DEPARTED_MEMORY: Duration = Duration::from_secs(600);
 
 /// A change of one endpoint's verdict, for Events.
 #[derive(Clone, Debug)]
@@ -108,6 +115,15 @@ struct PortHealth {
     endpoints: BTreeMap<(IpAddr, u16), Endpoint>,
 }
 
+/// An unhealthy endpoint that left its port, remembered for [`DEPARTED_MEMORY`].
+struct Departed {
+    health: EndpointHealth,
+    /// The probe it was judged by: a different check starts afresh.
+    probe: Option<Arc<ProbeKey>>,
+    changed_at: Option<u64>,
+    left: Instant,
+}
+
 struct Probe {
     task: tokio::task::JoinHandle<()>,
     users: BTreeSet<(ServicePortKey, (IpAddr, u16))>,
@@ -151,6 +167,10 @@ pub struct Monitor {
     touched: HashSet<ObjectKey>,
     /// When the state file's records were last built (at most once a second).
     records_built: Option<Instant>,
+    /// Unhealthy endpoints that left their port lately: their verdict holds if they come back,
+    /// and the translator keeps them in the Service's unhealthy set so that they come back
+    /// without new flows.
+    departed: BTreeMap<(ServicePortKey, (IpAddr, u16)), Departed>,
 }
 
 /// Endpoints (address, port, protocol) by Service.
@@ -184,6 +204,7 @@ impl Monitor {
             follow: None,
             touched: HashSet::new(),
             records_built: None,
+            departed: BTreeMap::new(),
         }
     }
 
@@ -205,6 +226,7 @@ impl Monitor {
                 all.into_iter().collect()
             }
         };
+        self.forget_departed(now);
         let mut gone = Vec::new();
         // Whether a port the gauges list changed (the rest do not need them rebuilt).
         let mut listed = false;
@@ -284,6 +306,7 @@ impl Monitor {
             }
             self.changed_at.remove(&(key.clone(), endpoint));
         }
+        self.departed.retain(|(k, _), _| k != key);
         self.pending.insert(service_of(key));
         self.records_dirty = true;
     }
@@ -316,20 +339,26 @@ impl Monitor {
             .copied()
             .collect();
         for endpoint in gone {
-            if let Some(e) = port.endpoints.remove(&endpoint)
-                && let Some(probe) = e.probe
-            {
-                self.release(&probe, key, endpoint);
+            let changed_at = self.changed_at.remove(&(key.clone(), endpoint));
+            if let Some(e) = port.endpoints.remove(&endpoint) {
+                if let Some(probe) = &e.probe {
+                    self.release(probe, key, endpoint);
+                }
+                if !e.health.healthy() {
+                    self.departed.insert(
+                        (key.clone(), endpoint),
+                        Departed {
+                            health: e.health,
+                            probe: e.probe,
+                            changed_at,
+                            left: now,
+                        },
+                    );
+                }
             }
-            self.changed_at.remove(&(key.clone(), endpoint));
             self.pending.insert(service_of(key));
         }
         for &endpoint in candidates {
-            let e = port.endpoints.entry(endpoint).or_insert_with(|| Endpoint {
-                health: EndpointHealth::new(now),
-                backend_id: None,
-                probe: None,
-            });
             let wanted = config
                 .active
                 .as_ref()
@@ -341,6 +370,35 @@ impl Monitor {
                         check: check.clone(),
                     })
                 });
+            if !port.endpoints.contains_key(&endpoint)
+                && let Some(d) = self.departed.remove(&(key.clone(), endpoint))
+            {
+                // Back while remembered: still unhealthy until its check says otherwise (a
+                // passive ejection runs out its back-off). Judged by another check, or while
+                // following a prober: new.
+                self.pending.insert(service_of(key));
+                if d.probe == wanted && self.follow.is_none() {
+                    if let Some(probe) = &wanted {
+                        self.acquire(probe, key, endpoint);
+                    }
+                    if let Some(at) = d.changed_at {
+                        self.changed_at.insert((key.clone(), endpoint), at);
+                    }
+                    port.endpoints.insert(
+                        endpoint,
+                        Endpoint {
+                            health: d.health,
+                            backend_id: None,
+                            probe: wanted.clone(),
+                        },
+                    );
+                }
+            }
+            let e = port.endpoints.entry(endpoint).or_insert_with(|| Endpoint {
+                health: EndpointHealth::new(now),
+                backend_id: None,
+                probe: None,
+            });
             if e.probe != wanted {
                 if let Some(old) = e.probe.take() {
                     self.release(&old, key, endpoint);
@@ -634,7 +692,7 @@ impl Monitor {
                 .is_some_and(|c| c.all_down == AllDown::Refuse);
             let mut endpoints = BTreeSet::new();
             let first = first_port_key(&service);
-            for (key, port) in self.ports.range(first..) {
+            for (key, port) in self.ports.range(first.clone()..) {
                 if key.namespace != service.namespace || key.name != service.name {
                     break;
                 }
@@ -643,6 +701,12 @@ impl Monitor {
                         endpoints.insert((ip, number, key.protocol));
                     }
                 }
+            }
+            for ((key, (ip, number)), _) in self.departed.range((first, MIN_ENDPOINT)..) {
+                if key.namespace != service.namespace || key.name != service.name {
+                    break;
+                }
+                endpoints.insert((*ip, *number, key.protocol));
             }
             let now = (!endpoints.is_empty()).then(|| {
                 Arc::new(Unhealthy {
@@ -754,6 +818,24 @@ impl Monitor {
     }
 
     /// Endpoints tracked and probes running (for tests and the log).
+    /// Forgets the departed endpoints kept longer than [`DEPARTED_MEMORY`] (their Services'
+    /// unhealthy sets shrink).
+    fn forget_departed(&mut self, now: Instant) {
+        let pending = &mut self.pending;
+        self.departed.retain(|(key, _), d| {
+            let keep = now.duration_since(d.left) < DEPARTED_MEMORY;
+            if !keep {
+                pending.insert(service_of(key));
+            }
+            keep
+        });
+    }
+
+    /// Unhealthy endpoints that left their port and are remembered.
+    pub fn departed(&self) -> usize {
+        self.departed.len()
+    }
+
     pub fn counts(&self) -> (usize, usize) {
         (
             self.ports.values().map(|p| p.endpoints.len()).sum(),
@@ -761,6 +843,9 @@ impl Monitor {
         )
     }
 }
+
+/// The smallest endpoint, to range over a port's departed endpoints.
+const MIN_ENDPOINT: (IpAddr, u16) = (IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// The smallest key of Service `service`'s ports.
 fn first_port_key(service: &ObjectKey) -> ServicePortKey {

@@ -13,6 +13,15 @@ const LIMITS: Limits = Limits {
 
 /// A Service with two TCP endpoints, annotated with `annotations` (YAML lines, indented 4).
 fn manifest(annotations: &str) -> String {
+    manifest_with(annotations, &["203.0.113.7", "203.0.113.8"])
+}
+
+/// [`manifest`] with the given endpoints.
+fn manifest_with(annotations: &str, endpoints: &[&str]) -> String {
+    let endpoints: String = endpoints
+        .iter()
+        .map(|ip| format!("- addresses: [\"{ip}\"]\n"))
+        .collect();
     format!(
         r#"
 apiVersion: v1
@@ -38,9 +47,7 @@ addressType: IPv4
 ports:
 - port: 5432
 endpoints:
-- addresses: ["203.0.113.7"]
-- addresses: ["203.0.113.8"]
-"#
+{endpoints}"#
     )
 }
 
@@ -74,6 +81,13 @@ impl Rig {
     fn edit(&mut self, annotations: &str) {
         self.set
             .update_file_text(Path::new("m.yaml"), &manifest(annotations));
+        self.set.feed(&mut self.translator);
+        self.program();
+    }
+
+    fn set_endpoints(&mut self, annotations: &str, endpoints: &[&str]) {
+        self.set
+            .update_file_text(Path::new("m.yaml"), &manifest_with(annotations, endpoints));
         self.set.feed(&mut self.translator);
         self.program();
     }
@@ -217,6 +231,89 @@ async fn an_unhealthy_endpoint_drains_and_comes_back() {
         ]
     );
     assert!(rig.monitor.take_reports()[0].transition.healthy);
+}
+
+/// An unhealthy endpoint that leaves (a DNS name's answer rotating it out, a slice dropping
+/// it) is neither listed nor probed; back within [`DEPARTED_MEMORY`], it is still unhealthy from
+/// its first programming (no new flows until its check passes), and probed again. A healthy one
+/// that leaves comes back new.
+#[tokio::test]
+async fn an_unhealthy_endpoint_that_leaves_and_comes_back_is_still_unhealthy() {
+    use BackendRole::*;
+    let mut rig = Rig::new(SLOW_TCP);
+    let check = active_of(&rig);
+    rig.probe("203.0.113.7", Err(Cause::Refused), &check);
+    rig.probe("203.0.113.7", Err(Cause::Refused), &check);
+    rig.settle();
+    assert_eq!(rig.roles()[0], ("203.0.113.7:5432".into(), Unhealthy));
+    rig.monitor.take_reports();
+
+    // Both leave: no record, no probe; the unhealthy one is remembered.
+    rig.set_endpoints(SLOW_TCP, &["203.0.113.9"]);
+    rig.settle();
+    assert_eq!(
+        rig.monitor.counts(),
+        (1, 1),
+        "only the remaining endpoint is probed"
+    );
+    assert_eq!(rig.monitor.departed(), 1);
+    let records = rig.monitor.take_records().unwrap();
+    assert_eq!(
+        records
+            .iter()
+            .map(|r| r.endpoint.as_str())
+            .collect::<Vec<_>>(),
+        ["203.0.113.9:5432"]
+    );
+
+    // Both come back: the unhealthy one is Unhealthy in the very translation that brings it
+    // back, without a transition (it never was healthy in between); the healthy one is new.
+    rig.set_endpoints(SLOW_TCP, &["203.0.113.7", "203.0.113.8"]);
+    assert_eq!(
+        rig.roles(),
+        [
+            ("203.0.113.7:5432".into(), Unhealthy),
+            ("203.0.113.8:5432".into(), Active)
+        ]
+    );
+    rig.settle();
+    assert_eq!(rig.monitor.counts(), (2, 2), "probed again");
+    assert_eq!(rig.monitor.departed(), 0);
+    assert!(rig.monitor.take_reports().is_empty());
+    // Records are built at most once a second.
+    rig.monitor.records_built = None;
+    let records = rig.monitor.take_records().unwrap();
+    let back = records
+        .iter()
+        .find(|r| r.endpoint == "203.0.113.7:5432")
+        .unwrap();
+    assert!(!back.healthy);
+    assert_eq!(back.cause.as_deref(), Some("refused"));
+    // Its check passes twice: new flows again.
+    rig.probe("203.0.113.7", Ok(()), &check);
+    rig.probe("203.0.113.7", Ok(()), &check);
+    rig.settle();
+    assert_eq!(rig.roles()[0], ("203.0.113.7:5432".into(), Active));
+
+    // Remembered for a while only: gone longer, it comes back new (and healthy).
+    rig.probe("203.0.113.7", Err(Cause::Refused), &check);
+    rig.probe("203.0.113.7", Err(Cause::Refused), &check);
+    rig.settle();
+    rig.set_endpoints(SLOW_TCP, &["203.0.113.8"]);
+    rig.settle();
+    for d in rig.monitor.departed.values_mut() {
+        d.left -= DEPARTED_MEMORY;
+    }
+    rig.set_endpoints(SLOW_TCP, &["203.0.113.7", "203.0.113.8"]);
+    rig.settle();
+    assert_eq!(rig.monitor.departed(), 0);
+    assert_eq!(
+        rig.roles(),
+        [
+            ("203.0.113.7:5432".into(), Active),
+            ("203.0.113.8:5432".into(), Active)
+        ]
+    );
 }
 
 #[tokio::test]
