@@ -269,6 +269,17 @@ fn egress_entry(agent: &Agent) -> Option<(Option<IpAddr>, bool)> {
         })
 }
 
+/// Polls `check` every 10 ms until it holds: how long after `since` it first did.
+fn poll_since(since: Instant, what: &str, check: impl Fn() -> bool) -> Duration {
+    loop {
+        if check() {
+            return since.elapsed();
+        }
+        assert!(since.elapsed() < WAIT, "{what}: not within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn sees_owner(agent: &Agent, owner: usize, local: bool) -> Result<(), String> {
     let got = egress_entry(agent);
     if got == Some((Some(ip(NODE_IPS[owner])), local)) {
@@ -347,18 +358,19 @@ fn open_long_lived(pod_ns: &str, n: usize) -> Vec<LongLived> {
 }
 
 /// Sends a line on every connection, then reads every answer: the connections that did not
-/// answer, or answered for another source address or port than when they opened.
-fn broken(conns: &mut [LongLived], round: &str) -> Vec<String> {
+/// answer, or answered for another source address or port than when they opened, are described
+/// and closed.
+fn broken(conns: &mut Vec<LongLived>, round: &str) -> Vec<String> {
     let sent: Vec<std::io::Result<()>> = conns
         .iter_mut()
         .enumerate()
         .map(|(i, c)| writeln!(c.stream, "{round} {i}"))
         .collect();
-    conns
+    let verdicts: Vec<Option<String>> = conns
         .iter_mut()
         .zip(sent)
         .enumerate()
-        .filter_map(|(i, (c, sent))| {
+        .map(|(i, (c, sent))| {
             let answer = sent.and_then(|()| read_seen(&mut c.reader));
             match answer {
                 Ok(seen) if seen == c.opened => None,
@@ -366,7 +378,10 @@ fn broken(conns: &mut [LongLived], round: &str) -> Vec<String> {
                 Err(e) => Some(format!("#{i} ({:?}): {e}", c.opened)),
             }
         })
-        .collect()
+        .collect();
+    let mut verdict = verdicts.iter();
+    conns.retain(|_| verdict.next().unwrap().is_none());
+    verdicts.into_iter().flatten().collect()
 }
 
 /// One new connection of the stream: when it started (since the stream began) and whether it
@@ -510,14 +525,17 @@ fn the_other_gateway_takes_over_a_killed_owner_without_breaking_connections() {
             "long-lived #{i} must leave from the cluster egress address"
         );
     }
-    assert_eq!(
-        event(agent(&agents, owner), "snat_not_first_candidate"),
-        0,
-        "every connection has its first candidate port, which a new owner rebuilds"
-    );
+    // Connections whose first candidate port another one already had (two of n connections to
+    // one endpoint share it with probability about n^2 / (2 * 33,512): here about one run in
+    // 14): a new owner, which knows only the first candidate, cannot keep them.
+    let not_failover_safe = event(agent(&agents, owner), "snat_not_first_candidate");
     let stream = NewConnections::start(&c.pod.name);
     wait_for("new connections flowing", || {
-        let ok = stream.attempts().iter().filter(|a| a.outcome.is_ok()).count();
+        let ok = stream
+            .attempts()
+            .iter()
+            .filter(|a| a.outcome.is_ok())
+            .count();
         if ok >= 25 {
             Ok(())
         } else {
@@ -531,34 +549,43 @@ fn the_other_gateway_takes_over_a_killed_owner_without_breaking_connections() {
         before_kill.iter().find(|a| a.outcome.is_err())
     );
 
-    // 2. The owner dies with its link.
+    // 2. The owner dies with its link. Each sign of the takeover is watched by a thread of its
+    // own (one poll of each can take a few hundred ms); the long-lived connections are tried as
+    // soon as the origin tunnels to the new owner.
+    let not_first_before = event(agent(&agents, other), "snat_not_first_candidate");
     let killed = Instant::now();
     agents[owner].take().unwrap().kill();
     c.nodes[owner].sh("ip link set up0 down");
-    let (mut lease_at, mut uplink_at, mut origin_at, mut neigh_at) = (None, None, None, None);
-    wait_for("the other candidate owns the address", || {
-        let now = || Some(killed.elapsed());
-        if lease_at.is_none() && api.holder().as_deref() == Some(NODE_NAMES[other]) {
-            lease_at = now();
-        }
-        if uplink_at.is_none() && on_uplink(&c, other) {
-            uplink_at = now();
-        }
-        if origin_at.is_none() && sees_owner(agent(&agents, 0), other, false).is_ok() {
-            origin_at = now();
-        }
-        if neigh_at.is_none() && outside_sends_to(&c, other) {
-            neigh_at = now();
-        }
-        match (lease_at, uplink_at, origin_at, neigh_at) {
-            (Some(_), Some(_), Some(_), Some(_)) => Ok(()),
-            got => Err(format!(
-                "lease, uplink, origin, outside neighbour: {got:?}; lease {:?}",
-                api.lease()
-            )),
-        }
+    let (lease_at, uplink_at, origin_at, neigh_at, broken_by_failover) = std::thread::scope(|s| {
+        let lease = s.spawn(|| {
+            poll_since(killed, "the Lease names the other candidate", || {
+                api.holder().as_deref() == Some(NODE_NAMES[other])
+            })
+        });
+        let uplink = s.spawn(|| {
+            poll_since(killed, "the address on the other's uplink", || {
+                on_uplink(&c, other)
+            })
+        });
+        let neigh = s.spawn(|| {
+            poll_since(killed, "the outside host sends to the other", || {
+                outside_sends_to(&c, other)
+            })
+        });
+        let origin_at = poll_since(killed, "node1 tunnels to the other", || {
+            sees_owner(agent(&agents, 0), other, false).is_ok()
+        });
+        let broken = broken(&mut conns, "after");
+        (
+            lease.join().unwrap(),
+            uplink.join().unwrap(),
+            origin_at,
+            neigh.join().unwrap(),
+            broken,
+        )
     });
-    sees_owner(agent(&agents, other), other, true).unwrap();
+    let new_owner = agent(&agents, other);
+    sees_owner(new_owner, other, true).unwrap();
     // New connections resume: 50 in a row succeed after the last failure.
     let resumed = wait_for("new connections resume", || {
         let all = stream.attempts();
@@ -578,33 +605,36 @@ fn the_other_gateway_takes_over_a_killed_owner_without_breaking_connections() {
             ))
         }
     });
-    let failed: Vec<Attempt> = stream
+    let failed = stream
         .attempts()
-        .into_iter()
+        .iter()
         .filter(|a| a.started >= stream.since(killed) && a.outcome.is_err())
-        .collect();
-    let broken_by_failover = broken(&mut conns, "after");
+        .count();
+    let not_first = event(new_owner, "snat_not_first_candidate") - not_first_before;
     eprintln!(
-        "failover from {} to {}: Lease taken {:?}, address on the uplink {:?}, origin tunnels \
-         there {:?}, outside host sends there {:?}, new connections resumed {resumed:?} after \
-         the kill ({} failed meanwhile); long-lived connections broken: {} of {LONG_LIVED}",
+        "failover from {} to {} (times since the kill): Lease taken {lease_at:?}, address on \
+         its uplink {uplink_at:?}, origin tunnels there {origin_at:?}, outside host sends there \
+         {neigh_at:?}, new connections resumed {resumed:?} ({failed} failed meanwhile); \
+         long-lived connections broken: {} of {LONG_LIVED} (target 0; snat_not_first_candidate \
+         on the old owner {not_failover_safe}, on the new one {not_first})",
         NODE_NAMES[owner],
         NODE_NAMES[other],
-        lease_at.unwrap(),
-        uplink_at.unwrap(),
-        origin_at.unwrap(),
-        neigh_at.unwrap(),
-        failed.len(),
         broken_by_failover.len(),
     );
-    let new_owner = agent(&agents, other);
+    // A connection survives when the new owner finds its first candidate port free. Those that
+    // did not have it on the old owner cannot (above); and new connections reaching the new owner
+    // before a long-lived connection's next packet can take that port first (DESIGN.md
+    // "Failover without dropping connections"): each new flow to the same endpoint with
+    // probability (long-lived flows there) / 33,512, so with about ten new flows between the
+    // switch and this exchange one run in about 70 loses one connection. Either shows as a
+    // not-first candidate; anything else is a bug.
+    let explained = not_failover_safe + not_first;
     assert!(
-        broken_by_failover.is_empty(),
-        "long-lived connections broken by the failover:\n{}\nnew owner's \
-         snat_not_first_candidate {}, ct_miss_midstream {}",
+        broken_by_failover.len() as u64 <= explained && broken_by_failover.len() <= 3,
+        "long-lived connections broken by the failover, beyond port collisions \
+         ({not_failover_safe} not-first candidates on the old owner, {not_first} on the new \
+         one):\n{}",
         broken_by_failover.join("\n"),
-        event(new_owner, "snat_not_first_candidate"),
-        event(new_owner, "ct_miss_midstream"),
     );
     assert!(
         event(new_owner, "ct_miss_midstream") >= LONG_LIVED as u64,
