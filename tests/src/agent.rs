@@ -208,6 +208,36 @@ impl Agent {
         agent
     }
 
+    /// Kubernetes mode at `site` (a node of a topology with several): the agent of Node
+    /// `node_name`, reading the API server of `kubeconfig`, waiting until it runs.
+    pub fn start_kube_at(
+        site: &AgentSite,
+        kubeconfig: &Path,
+        node_name: &str,
+        extra: &[&str],
+    ) -> Agent {
+        let runs_before = strip_ansi(&std::fs::read_to_string(&site.log).unwrap_or_default())
+            .matches("extproxy is running")
+            .count();
+        let agent = Agent::launch_at(
+            site,
+            &[
+                "--kubeconfig".as_ref(),
+                kubeconfig.as_os_str(),
+                "--node-name".as_ref(),
+                node_name.as_ref(),
+            ],
+            extra,
+            Some("info"),
+        );
+        agent.wait_for_log_count(
+            "extproxy is running",
+            runs_before + 1,
+            Duration::from_secs(30),
+        );
+        agent
+    }
+
     fn launch_at(
         site: &AgentSite,
         source: &[&std::ffi::OsStr],
