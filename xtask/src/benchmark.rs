@@ -23,7 +23,7 @@ pub struct Opts {
     pub suites: Vec<String>,
 }
 
-const SUITES: [&str; 3] = ["per-packet", "control-plane", "traffic"];
+const SUITES: [&str; 4] = ["per-packet", "control-plane", "traffic", "cluster-egress"];
 
 pub fn main(args: &[String]) -> anyhow::Result<()> {
     let mut opts = Opts {
@@ -75,6 +75,9 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
     }
     if want("traffic") {
         records.extend(traffic(&opts, &bin)?);
+    }
+    if want("cluster-egress") {
+        records.extend(cluster_egress(&opts, &bin)?);
     }
     let elapsed = started.elapsed();
     let out = workspace_root().join("bench-results");
@@ -469,6 +472,57 @@ fn traffic(opts: &Opts, bin: &Path) -> anyhow::Result<Vec<Value>> {
         v["suite"] = json!("traffic-setup");
         v["measure"] = json!("api_fill");
         out.push(v);
+    }
+    Ok(out)
+}
+
+// -------------------------------------------------------------------------------------------------
+// Cluster egress: a flow through the gateway node vs the same Service served locally vs no proxy
+// -------------------------------------------------------------------------------------------------
+
+fn cluster_egress(opts: &Opts, bin: &Path) -> anyhow::Result<Vec<Value>> {
+    use crate::bench::traffic::egress::{self, EgressOpts, Path as EgressPath};
+    let mut eopts = if opts.quick {
+        EgressOpts::quick(bin.to_owned())
+    } else {
+        EgressOpts::full(bin.to_owned())
+    };
+    eopts.apply_env()?;
+    println!(
+        "== cluster egress: pod -> Service through the gateway node, served locally, direct \
+         ({} round(s))",
+        eopts.rounds
+    );
+    let records = egress::run(&eopts)?;
+    let mut out = Vec::new();
+    for r in &records {
+        let mut v = serde_json::to_value(r)?;
+        v["suite"] = json!(egress::SUITE);
+        out.push(v);
+    }
+    // The ratios the section is for, medians over rounds.
+    let median = |path: EgressPath, measure: crate::bench::traffic::Measure| {
+        let mut v: Vec<f64> = records
+            .iter()
+            .filter(|r| r.contender == path && r.measure == measure && r.value.is_finite())
+            .map(|r| r.value)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| v[v.len() / 2])
+    };
+    for measure in egress::MEASURES {
+        let gateway = median(EgressPath::Gateway, measure);
+        let ratio = |other: EgressPath| match (gateway, median(other, measure)) {
+            (Some(g), Some(o)) if o > 0.0 => format!("{:.2}x", g / o),
+            _ => "-".into(),
+        };
+        println!(
+            "  {:<20} gateway/local {}  gateway/direct {}  ({})",
+            measure.name(),
+            ratio(EgressPath::Local),
+            ratio(EgressPath::Direct),
+            measure.unit()
+        );
     }
     Ok(out)
 }

@@ -31,10 +31,12 @@ usage: cargo xtask <task> [options]
   lint                  rustfmt check and clippy -D warnings, the eBPF crate included
   bench [--quick]       benchmarks: extproxy with its defaults against the real kube-proxy
                         (iptables and nftables modes) and no proxy, programmed from a real API
-                        server (the binaries as for `test`); quick ~13 min, full: hours
-      --only SUITES     per-packet, control-plane, traffic (comma-separated)
+                        server (the binaries as for `test`), and cluster egress through a
+                        gateway node; quick ~14 min, full: hours
+      --only SUITES     per-packet, control-plane, traffic, cluster-egress (comma-separated)
       --report          re-render BENCHMARKS.md from bench-results/bench.json
-                        XP_TRAFFIC_* narrow the traffic suite (xtask/src/bench/TRAFFIC.md)
+                        XP_TRAFFIC_* / XP_EGRESS_* narrow the traffic / cluster egress suites
+                        (xtask/src/bench/TRAFFIC.md)
   kind                  Kubernetes-in-Docker tests (skipped with a message without docker/kind)
   k8s-bin               unpack the Kubernetes binaries (once) and print their directory, e.g.
                         `export EXTPROXY_K8S_BIN=$(cargo xtask k8s-bin)` before `cargo test`

@@ -800,6 +800,7 @@ fn render(
             Some(v < 64.0),
         ));
     }
+    targets.extend(egress_target(&c));
     let _ = writeln!(md, "## Targets\n\n| target | measured | |\n|---|---|---|");
     for t in &targets {
         let _ = writeln!(md, "| {} | {} | {} |", t.what, t.measured, verdict(t));
@@ -862,6 +863,9 @@ fn render(
     if !t_sizes.is_empty() {
         traffic_section(&mut md, &c, &t_sizes, records, docs)?;
     }
+
+    // ---------------------------------------------------------------------------------------------
+    egress_section(&mut md, &c, records);
 
     // ---------------------------------------------------------------------------------------------
     let cp_sizes = sizes_of("control-plane");
@@ -1271,6 +1275,226 @@ fn traffic_section(
     Ok(())
 }
 
+/// The cluster egress suite's records (`bench::traffic::egress`).
+const EGRESS: &str = "cluster-egress";
+
+/// Its contenders in report order, with what each is.
+const EGRESS_PATHS: [(&str, &str); 3] = [
+    (
+        "gateway",
+        "pod -> ClusterIP of a Service annotated `extproxy.io/cluster-egress-ip`: node1 tunnels \
+         the flow (GUE) to node2, the address's owner, which translates it; the endpoints see \
+         the cluster egress address",
+    ),
+    (
+        "local",
+        "the same agents and Service without the annotation: node1 translates, the endpoints see \
+         node1's address (what a Service gets on one node)",
+    ),
+    (
+        "direct",
+        "no Service, no agent: the pod calls the endpoints' own addresses, node1 only routes",
+    ),
+];
+
+/// A cluster egress cell that has a value.
+fn egress_value<'a>(c: &'a BTreeMap<Key, Cell>, measure: &str, who: &str) -> Option<&'a Cell> {
+    get(c, EGRESS, measure, who, 1).filter(|x| x.has_value())
+}
+
+/// `a ÷ b`, or `-`.
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 && a.is_finite() => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    }
+}
+
+/// Issue 12's numbers: what the gateway costs beside a locally served Service and no proxy.
+fn egress_target(c: &BTreeMap<Key, Cell>) -> Option<Target> {
+    let gateway = egress_value(c, "new_connections", "gateway")?;
+    let median = |m: &str, w: &str| egress_value(c, m, w).map(|x| x.median);
+    let p99 = |m: &str, w: &str| egress_value(c, m, w).and_then(|x| x.p99_us);
+    let mut parts = vec![format!(
+        "{} new conn/s through the gateway = {} local, {} direct",
+        num(gateway.median),
+        ratio(Some(gateway.median), median("new_connections", "local")),
+        ratio(Some(gateway.median), median("new_connections", "direct")),
+    )];
+    if let Some(g) = p99("connection_latency", "gateway") {
+        parts.push(format!(
+            "one connection p99 {} µs = {} local, {} direct",
+            num(g),
+            ratio(Some(g), p99("connection_latency", "local")),
+            ratio(Some(g), p99("connection_latency", "direct")),
+        ));
+    }
+    if let Some(g) = median("tcp_throughput", "gateway") {
+        parts.push(format!(
+            "one stream {} Gbit/s = {} local, {} direct",
+            num(g),
+            ratio(Some(g), median("tcp_throughput", "local")),
+            ratio(Some(g), median("tcp_throughput", "direct")),
+        ));
+    }
+    Some(Target {
+        what: "Cluster egress: the extra cost of a flow through the gateway node (issue 12)".into(),
+        measured: parts.join("; "),
+        verdict: Verdict::Reported,
+    })
+}
+
+/// A row per measure, a column per path, and the gateway's ratios to the other two.
+fn egress_section(md: &mut String, c: &BTreeMap<Key, Cell>, records: &[Value]) {
+    let paths: Vec<&str> = EGRESS_PATHS
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|w| c.keys().any(|k| k.0 == EGRESS && k.2 == *w))
+        .collect();
+    if paths.is_empty() {
+        return;
+    }
+    let seconds = |m: &str| {
+        records
+            .iter()
+            .find(|r| r["suite"] == EGRESS && r["measure"] == m && r["value"].is_number())
+            .and_then(|r| r["seconds"].as_f64())
+            .map(|s| format!("{s:.1} s"))
+            .unwrap_or_else(|| "-".into())
+    };
+    let _ = writeln!(
+        md,
+        "## Cluster egress: the gateway's cost\n\nThree nodes and the outside host on one LAN \
+         (`testbed::cluster`, veths with full checksums through a bridge), a pod behind node1, \
+         every node running the release agent in manifest mode with the cluster egress setup \
+         below (node2 the static owner of 10.0.0.100, node2 and node3 `--egress-gateway`, \
+         `--tunnel-peer 10.0.0.0/29`) and otherwise its defaults. One Service, two endpoints on \
+         the outside host. A fresh cluster per run, the paths interleaved, median of rounds \
+         (range). Methodology: [xtask/src/bench/TRAFFIC.md](xtask/src/bench/TRAFFIC.md), \
+         \"Cluster egress\".\n"
+    );
+    let _ = writeln!(
+        md,
+        "| path | what | node1's flags beyond its defaults |\n|---|---|---|"
+    );
+    for w in &paths {
+        let what = EGRESS_PATHS
+            .iter()
+            .find(|(n, _)| n == w)
+            .map(|(_, d)| *d)
+            .unwrap_or_default();
+        let flags = c
+            .iter()
+            .find(|(k, _)| k.0 == EGRESS && k.2 == *w)
+            .map(|(_, x)| x.flags.join(" "))
+            .unwrap_or_default();
+        let flags = if flags.is_empty() {
+            "none".into()
+        } else {
+            format!("`{flags}`")
+        };
+        let _ = writeln!(md, "| {w} | {what} | {flags} |");
+    }
+    let _ = writeln!(md);
+    let mut notes = Footnotes::default();
+    for ((suite, _, _, _), cell) in c {
+        if suite == EGRESS {
+            for why in cell.not_run.iter().chain(cell.failed.first()) {
+                let why = why.trim().to_owned();
+                if !notes.notes.contains(&why) {
+                    notes.notes.push(why);
+                }
+            }
+        }
+    }
+    let pair = |x: &Cell| {
+        format!(
+            "{} / {}",
+            num(x.p50_us.unwrap_or(f64::NAN)),
+            num(x.p99_us.unwrap_or(f64::NAN))
+        )
+    };
+    let pair_ratio = |m: &str, other: &str| {
+        let p = |w: &str, q: fn(&Cell) -> Option<f64>| egress_value(c, m, w).and_then(q);
+        format!(
+            "{} / {}",
+            ratio(p("gateway", |x| x.p50_us), p(other, |x| x.p50_us)),
+            ratio(p("gateway", |x| x.p99_us), p(other, |x| x.p99_us))
+        )
+    };
+    let median_ratio = |m: &str, other: &str| {
+        ratio(
+            egress_value(c, m, "gateway").map(|x| x.median),
+            egress_value(c, m, other).map(|x| x.median),
+        )
+    };
+    type Text<'a> = Box<dyn Fn(&Cell) -> String + 'a>;
+    type Ratio<'a> = Box<dyn Fn(&str) -> String + 'a>;
+    let rows: Vec<(String, &str, Text<'_>, Ratio<'_>)> = vec![
+        (
+            format!(
+                "New TCP connections/s, 16 at a time ({}), failed and stalled beside",
+                seconds("new_connections")
+            ),
+            "new_connections",
+            Box::new(rate_with_trouble),
+            Box::new(|o| median_ratio("new_connections", o)),
+        ),
+        (
+            "their latency, connect to the server's close, p50 / p99 (µs)".into(),
+            "new_connections",
+            Box::new(pair),
+            Box::new(|o| pair_ratio("new_connections", o)),
+        ),
+        (
+            format!(
+                "One connection at a time ({}), p50 / p99 (µs): the path's own latency",
+                seconds("connection_latency")
+            ),
+            "connection_latency",
+            Box::new(pair),
+            Box::new(|o| pair_ratio("connection_latency", o)),
+        ),
+        (
+            format!("One TCP stream ({}), Gbit/s", seconds("tcp_throughput")),
+            "tcp_throughput",
+            Box::new(with_spread),
+            Box::new(|o| median_ratio("tcp_throughput", o)),
+        ),
+    ];
+    let mut head = String::from("| |");
+    let mut sep = String::from("|---|");
+    for w in &paths {
+        let _ = write!(head, " {w} |");
+        sep.push_str("---|");
+    }
+    let others: Vec<&str> = ["local", "direct"]
+        .into_iter()
+        .filter(|o| paths.contains(o) && paths.contains(&"gateway"))
+        .collect();
+    for o in &others {
+        let _ = write!(head, " gateway ÷ {o} |");
+        sep.push_str("---|");
+    }
+    let _ = writeln!(md, "{head}\n{sep}");
+    for (label, measure, text, ratio_of) in &rows {
+        let mut line = format!("| {label} |");
+        for w in &paths {
+            let cell = get(c, EGRESS, measure, w, 1);
+            let _ = write!(line, " {} |", cell_text(cell, &notes, text.as_ref()));
+        }
+        for o in &others {
+            let _ = write!(line, " {} |", ratio_of(o));
+        }
+        let _ = writeln!(md, "{line}");
+    }
+    let _ = writeln!(md);
+    if !notes.notes.is_empty() {
+        let _ = writeln!(md, "Not run or failed:\n");
+        notes.write(md);
+    }
+}
+
 /// p50 / p99 per contender and size.
 fn latency_table(md: &mut String, c: &BTreeMap<Key, Cell>, measure: &str, sizes: &[u64]) {
     let _ = writeln!(md, "Latency p50 / p99 (µs):\n");
@@ -1378,6 +1602,67 @@ mod tests {
             "suite": "traffic", "measure": measure, "contender": contender, "services": n,
             "round": 0, "value": value, "count": 10, "errors": 0, "stalled": 0, "flags": [],
         })
+    }
+
+    fn egress(measure: &str, path: &str, value: f64, p50: f64, p99: f64) -> Value {
+        json!({
+            "suite": "cluster-egress", "measure": measure, "contender": path, "services": 1,
+            "round": 0, "value": value, "p50_us": p50, "p99_us": p99, "count": 10, "errors": 0,
+            "stalled": 0, "flags": if path == "direct" { json!([]) } else { json!(["--pod-ifaces", "pod0"]) },
+        })
+    }
+
+    #[test]
+    fn the_cluster_egress_section_gives_the_gateways_ratios() {
+        let mut records = vec![
+            egress("new_connections", "gateway", 6_000.0, 2_000.0, 8_000.0),
+            egress("new_connections", "local", 8_000.0, 1_000.0, 4_000.0),
+            egress("new_connections", "direct", 12_000.0, 1_000.0, 2_000.0),
+            egress("connection_latency", "gateway", 300.0, 150.0, 300.0),
+            egress("connection_latency", "local", 200.0, 100.0, 200.0),
+            egress("tcp_throughput", "gateway", 2.0, f64::NAN, f64::NAN),
+            egress("tcp_throughput", "local", 4.0, f64::NAN, f64::NAN),
+            egress("tcp_throughput", "direct", 5.0, f64::NAN, f64::NAN),
+        ];
+        let mut failed = egress("connection_latency", "direct", f64::NAN, f64::NAN, f64::NAN);
+        failed["failed"] = json!("not one connection completed");
+        records.push(failed);
+        let docs = std::env::temp_dir().join(format!("xp-report-egress-{}", std::process::id()));
+        let md = render(&records, true, Duration::ZERO, &docs).unwrap();
+        let _ = std::fs::remove_dir_all(&docs);
+        assert!(md.contains("## Cluster egress: the gateway's cost"), "{md}");
+        assert!(
+            md.contains("| path | what | node1's flags beyond its defaults |"),
+            "{md}"
+        );
+        assert!(md.contains("| direct | no Service, no agent"), "{md}");
+        let row = |label: &str| {
+            md.lines()
+                .find(|l| l.starts_with(&format!("| {label}")))
+                .unwrap_or_else(|| panic!("no row {label}: {md}"))
+                .to_owned()
+        };
+        assert_eq!(
+            row("New TCP connections/s"),
+            "| New TCP connections/s, 16 at a time (-), failed and stalled beside | 6000 | \
+             8000 | 12000 | 0.75x | 0.50x |"
+        );
+        assert!(
+            row("their latency").ends_with("| 2.00x / 2.00x | 2.00x / 4.00x |"),
+            "{}",
+            row("their latency")
+        );
+        let one = row("One connection at a time");
+        assert!(one.contains("| **failed** [1] |"), "{one}");
+        assert!(one.ends_with("| 1.50x / 1.50x | - / - |"), "{one}");
+        assert!(row("One TCP stream").ends_with("| 0.50x | 0.40x |"));
+        assert!(md.contains("[1] not one connection completed"), "{md}");
+        let target = row("Cluster egress: the extra cost");
+        assert!(
+            target.contains("6000 new conn/s through the gateway = 0.75x local, 0.50x direct"),
+            "{target}"
+        );
+        assert!(target.ends_with("| reported |"), "{target}");
     }
 
     #[test]

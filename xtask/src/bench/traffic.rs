@@ -11,6 +11,7 @@
 
 mod cluster;
 mod contenders;
+pub mod egress;
 mod layout;
 mod measures;
 
@@ -1210,19 +1211,33 @@ fn probe_until(
     deadline: Instant,
     process: &mut Process,
 ) -> Result<Option<load::Probe>> {
+    probe_until_from(
+        pod,
+        PROBER.into(),
+        target,
+        deadline,
+        std::slice::from_mut(process),
+    )
+}
+
+/// The first answer through `target` from `source` before `deadline`, watching that every one
+/// of `processes` stays alive.
+fn probe_until_from(
+    pod: &str,
+    source: IpAddr,
+    target: SocketAddr,
+    deadline: Instant,
+    processes: &mut [Process],
+) -> Result<Option<load::Probe>> {
     let gave_up = AtomicBool::new(false);
     std::thread::scope(|s| {
         let prober = s.spawn(|| {
-            load::first_answer(
-                pod,
-                target,
-                Some(PROBER.into()),
-                Duration::from_millis(2),
-                || !gave_up.load(Ordering::Relaxed) && Instant::now() < deadline,
-            )
+            load::first_answer(pod, target, Some(source), Duration::from_millis(2), || {
+                !gave_up.load(Ordering::Relaxed) && Instant::now() < deadline
+            })
         });
         while !prober.is_finished() {
-            if let Err(e) = process.check_alive() {
+            if let Err(e) = processes.iter_mut().try_for_each(Process::check_alive) {
                 gave_up.store(true, Ordering::Relaxed);
                 let _ = prober.join();
                 return Err(e);

@@ -40,7 +40,28 @@ impl Process {
         env: &[(&str, &str)],
         stop_signal: i32,
     ) -> Result<Self> {
-        let log = topo.dir.join(format!("{name}.log"));
+        Self::spawn_in(
+            name,
+            &topo.node.name,
+            &topo.dir,
+            program,
+            args,
+            env,
+            stop_signal,
+        )
+    }
+
+    /// [`Process::spawn`] in namespace `netns`, its log `name.log` in `log_dir`.
+    pub fn spawn_in(
+        name: &'static str,
+        netns: &str,
+        log_dir: &Path,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        stop_signal: i32,
+    ) -> Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = Command::new("nsenter");
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec. (The
@@ -57,7 +78,7 @@ impl Process {
         }
         let started = Instant::now();
         let child = command
-            .arg(format!("--net=/var/run/netns/{}", topo.node.name))
+            .arg(format!("--net=/var/run/netns/{netns}"))
             .arg(program)
             .args(args)
             .envs(env.iter().copied())

@@ -89,7 +89,7 @@ pub fn warm_up(pod: &str, routes: &Routes, server: &LoadServer, clients: &[IpAdd
 
 /// Every connection or datagram the endpoints counted came from an allowed source: the traffic
 /// really went through the contender (SNAT to the node) or really kept its own address.
-fn check_sources(seen: &Tally, allowed: &BTreeSet<IpAddr>, what: &str) -> Result<()> {
+pub(super) fn check_sources(seen: &Tally, allowed: &BTreeSet<IpAddr>, what: &str) -> Result<()> {
     ensure!(seen.total() > 0, "the endpoints saw no {what} traffic");
     ensure!(
         seen.by_source.keys().all(|ip| allowed.contains(ip)),
