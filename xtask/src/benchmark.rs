@@ -23,7 +23,7 @@ pub struct Opts {
     pub suites: Vec<String>,
 }
 
-const SUITES: [&str; 3] = ["per-packet", "control-plane", "traffic"];
+const SUITES: [&str; 4] = ["per-packet", "control-plane", "traffic", "health"];
 
 pub fn main(args: &[String]) -> anyhow::Result<()> {
     let mut opts = Opts {
@@ -75,6 +75,10 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
     }
     if want("traffic") {
         records.extend(traffic(&opts, &bin)?);
+    }
+    if want("health") {
+        let rounds = if opts.quick { 1 } else { 3 };
+        records.extend(crate::bench::health::run(rounds, &bin)?);
     }
     let elapsed = started.elapsed();
     let out = workspace_root().join("bench-results");

@@ -32,7 +32,7 @@ usage: cargo xtask <task> [options]
   bench [--quick]       benchmarks: extproxy with its defaults against the real kube-proxy
                         (iptables and nftables modes) and no proxy, programmed from a real API
                         server (the binaries as for `test`); quick ~13 min, full: hours
-      --only SUITES     per-packet, control-plane, traffic (comma-separated)
+      --only SUITES     per-packet, control-plane, traffic, health (comma-separated)
       --report          re-render BENCHMARKS.md from bench-results/bench.json
                         XP_TRAFFIC_* narrow the traffic suite (xtask/src/bench/TRAFFIC.md)
   kind                  Kubernetes-in-Docker tests (skipped with a message without docker/kind)

@@ -800,6 +800,9 @@ fn render(
             Some(v < 64.0),
         ));
     }
+    for (what, measured, met) in crate::bench::health::targets(&c) {
+        targets.push(Target::new(what, measured, met));
+    }
     let _ = writeln!(md, "## Targets\n\n| target | measured | |\n|---|---|---|");
     for t in &targets {
         let _ = writeln!(md, "| {} | {} | {} |", t.what, t.measured, verdict(t));
@@ -917,6 +920,11 @@ fn render(
             ("kube_proxy_sync_ms", "nftables", "kube-proxy nft -f (ms)"),
         ];
         table_by_size(&mut md, &c, "control-plane", &cp_sizes, &rows);
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    if let Some(section) = crate::bench::health::section(&c) {
+        md.push_str(&section);
     }
     Ok(md)
 }
