@@ -665,9 +665,13 @@ pub fn section(c: &Cells) -> Option<String> {
     }
     let _ = writeln!(
         md,
-        "\nPassive only: an ejection lasts 5 s, so the endpoint comes back when that is over \
-         (here the server returns about a second after it was ejected, once the failed \
-         connections are counted).\n"
+        "\nEvery connection the client starts towards the failed endpoint before it is out fails, \
+         so the failed count grows with the client's rate (here 20 a second, half of them to each \
+         endpoint): a silent host costs more than a closed port because each of its failures \
+         takes the client's SYN retransmission (1 s) to be seen. Passive only: an ejection lasts \
+         5 s, so the endpoint comes back when that is over (the server here returns as soon as \
+         20 connections in a row have avoided it, about a second after the ejection). The last \
+         column is one round's first verdict from the agent's log.\n"
     );
     Some(md)
 }
