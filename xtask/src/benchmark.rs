@@ -23,7 +23,13 @@ pub struct Opts {
     pub suites: Vec<String>,
 }
 
-const SUITES: [&str; 4] = ["per-packet", "control-plane", "traffic", "cluster-egress"];
+const SUITES: [&str; 5] = [
+    "per-packet",
+    "control-plane",
+    "traffic",
+    "cluster-egress",
+    "health",
+];
 
 pub fn main(args: &[String]) -> anyhow::Result<()> {
     let mut opts = Opts {
@@ -78,6 +84,10 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
     }
     if want("cluster-egress") {
         records.extend(cluster_egress(&opts, &bin)?);
+    }
+    if want("health") {
+        let rounds = if opts.quick { 1 } else { 3 };
+        records.extend(crate::bench::health::run(rounds, &bin)?);
     }
     let elapsed = started.elapsed();
     let out = workspace_root().join("bench-results");

@@ -31,9 +31,9 @@ usage: cargo xtask <task> [options]
   lint                  rustfmt check and clippy -D warnings, the eBPF crate included
   bench [--quick]       benchmarks: extproxy with its defaults against the real kube-proxy
                         (iptables and nftables modes) and no proxy, programmed from a real API
-                        server (the binaries as for `test`), and cluster egress through a
-                        gateway node; quick ~14 min, full: hours
-      --only SUITES     per-packet, control-plane, traffic, cluster-egress (comma-separated)
+                        server (the binaries as for `test`), cluster egress through a gateway
+                        node, and health checking; quick ~16 min, full: hours
+      --only SUITES     per-packet, control-plane, traffic, cluster-egress, health (comma-separated)
       --report          re-render BENCHMARKS.md from bench-results/bench.json
                         XP_TRAFFIC_* / XP_EGRESS_* narrow the traffic / cluster egress suites
                         (xtask/src/bench/TRAFFIC.md)

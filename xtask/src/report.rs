@@ -801,6 +801,9 @@ fn render(
         ));
     }
     targets.extend(egress_target(&c));
+    for (what, measured, met) in crate::bench::health::targets(&c) {
+        targets.push(Target::new(what, measured, met));
+    }
     let _ = writeln!(md, "## Targets\n\n| target | measured | |\n|---|---|---|");
     for t in &targets {
         let _ = writeln!(md, "| {} | {} | {} |", t.what, t.measured, verdict(t));
@@ -921,6 +924,11 @@ fn render(
             ("kube_proxy_sync_ms", "nftables", "kube-proxy nft -f (ms)"),
         ];
         table_by_size(&mut md, &c, "control-plane", &cp_sizes, &rows);
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    if let Some(section) = crate::bench::health::section(&c) {
+        md.push_str(&section);
     }
     Ok(md)
 }

@@ -9,12 +9,14 @@
 //! * [`netns`]: a network-namespace guard that cleans up on drop.
 //! * [`traffic`]: the traffic measurements through every contender (see `TRAFFIC.md`);
 //!   [`cpu`] tells whether something else took the CPU meanwhile.
+//! * [`health`]: endpoints failing and recovering under health checks (issue 11).
 //!
 //! Parts of the model (some variants, the cleanup rules, [`netns`]) only serve the tests,
 //! among them the root-only checks in `validate`, hence the allowance below.
 #![allow(dead_code)]
 
 pub mod cpu;
+pub mod health;
 pub mod iptables;
 pub mod kubeproxy;
 pub mod netns;

@@ -10,7 +10,7 @@
 //! ([`cluster`]), filled once per size and linked to each run's node.
 
 mod cluster;
-mod contenders;
+pub(crate) mod contenders;
 pub mod egress;
 mod layout;
 mod measures;
