@@ -165,10 +165,13 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
         }
     }
     let pkt = &s.pkt;
-    if lb::maybe_frontend(&pkt.tuple.dst, pkt.tuple.dport, pkt.tuple.proto)
-        || peer_node_port(cfg, s).is_some()
-    {
-        let action = forward(ctx, cfg, s);
+    let frontend_at = if lb::maybe_frontend(&pkt.tuple.dst, pkt.tuple.dport, pkt.tuple.proto) {
+        Some(pkt.tuple.dst)
+    } else {
+        peer_node_address(cfg, s)
+    };
+    if let Some(at) = frontend_at {
+        let action = forward(ctx, cfg, s, &at);
         if action != Action::NOT_OURS {
             return action;
         }
@@ -202,19 +205,23 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
 }
 
 /// A tunnelled packet for a NodePort of the node that sent it (a client outside called that
-/// node's address): the same Service's NodePort here, nodePorts being cluster-wide. IPv4 only:
-/// the tunnel knows this node by its IPv4 address.
+/// node's address) is for the same Service's NodePort here, nodePorts being cluster-wide: this
+/// node's address, if its port may be a frontend. IPv4 only: the tunnel knows this node by its
+/// IPv4 address.
 #[inline(always)]
-fn peer_node_port(cfg: &Config, s: &Scratch) -> Option<&'static FrontendValue> {
+fn peer_node_address(cfg: &Config, s: &Scratch) -> Option<Addr> {
     let pkt = &s.pkt;
     if s.tunnel_peer.is_zero() || pkt.v6 || cfg.tunnel_src_v4 == 0 {
         return None;
     }
     let here = Addr::from_v4_raw(cfg.tunnel_src_v4);
-    if !lb::maybe_frontend(&here, pkt.tuple.dport, pkt.tuple.proto) {
-        return None;
-    }
-    lb::lookup_frontend(&here, pkt.tuple.dport, pkt.tuple.proto)
+    lb::maybe_frontend(&here, pkt.tuple.dport, pkt.tuple.proto).then_some(here)
+}
+
+/// The NodePort at `at` (this node's address standing for a peer's) the packet is for.
+#[inline(always)]
+fn node_port_at(at: &Addr, pkt: &Pkt) -> Option<&'static FrontendValue> {
+    lb::lookup_frontend(at, pkt.tuple.dport, pkt.tuple.proto)
         .filter(|fe| fe.kind == FrontendKind::NodePort as u8)
 }
 
@@ -304,9 +311,10 @@ fn track_fragment(pkt: &Pkt, key: &mut FragKey) {
 
 /// Client to frontend. A tracked flow goes on straight from conntrack, without the FRONTENDS
 /// lookup (one hash lookup less per packet; like netfilter's conntrack, a flow outlives a removed
-/// frontend while its endpoint lives). Anything else starts a flow if it is for a frontend.
+/// frontend while its endpoint lives). Anything else starts a flow if it is for a frontend,
+/// looked up at `at`: the destination, or this node's address for a peer's NodePort.
 #[inline(always)]
-fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
+fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, at: &Addr) -> Action {
     let pkt = &s.pkt;
     // Without XDP_TX, XDP could not send any of these (nor their rejects): TC does it all.
     let xdp_defers = C::HOOK == Hook::Xdp && !xdp_tx_allowed(cfg);
@@ -334,9 +342,14 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
             }
         }
     }
-    let Some(fe) = lb::lookup_frontend(&pkt.tuple.dst, pkt.tuple.dport, pkt.tuple.proto)
-        .or_else(|| peer_node_port(cfg, s))
-    else {
+    let fe = if *at == pkt.tuple.dst {
+        // The filter's false positives fall back on a peer's NodePort too.
+        lb::lookup_frontend(at, pkt.tuple.dport, pkt.tuple.proto)
+            .or_else(|| peer_node_address(cfg, s).and_then(|here| node_port_at(&here, pkt)))
+    } else {
+        node_port_at(at, pkt)
+    };
+    let Some(fe) = fe else {
         return Action::NOT_OURS;
     };
     // An endpoint's own address is a frontend for pods only (and for their packets tunnelled

@@ -300,7 +300,7 @@ impl ClusterEgressRules {
         };
         if patterns
             .iter()
-            .any(|p| glob(p.as_bytes(), namespace.as_bytes()))
+            .any(|p| crate::egress::config::glob(p.as_bytes(), namespace.as_bytes()))
         {
             Ok(())
         } else {
@@ -316,14 +316,6 @@ impl ClusterEgressRules {
             IpFamily::V4 => self.default_v4,
             IpFamily::V6 => self.default_v6,
         }
-    }
-}
-
-fn glob(p: &[u8], s: &[u8]) -> bool {
-    match p.split_first() {
-        None => s.is_empty(),
-        Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
-        Some((c, rest)) => s.first() == Some(c) && glob(rest, &s[1..]),
     }
 }
 

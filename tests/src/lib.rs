@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod dns_server;
+pub mod kube;
 pub mod packet;
 
 pub use testbed::{netns, require_root, sh};

@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use extproxy_envtest::{ControlPlane, Options, binaries_or_skip};
 use extproxy_tests::agent::*;
+use extproxy_tests::kube::meta;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
     Namespace, Node, NodeAddress, NodeStatus, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 use testbed::cluster::{Cluster, EP1, EP2, NODE_IPS, OUTSIDE};
 
@@ -39,20 +39,6 @@ const OBSERVE: Duration = Duration::from_secs(12);
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
-}
-
-fn meta(namespace: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        namespace: (!namespace.is_empty()).then(|| namespace.into()),
-        labels: Some(
-            labels
-                .iter()
-                .map(|(k, v)| ((*k).into(), (*v).into()))
-                .collect(),
-        ),
-        ..ObjectMeta::default()
-    }
 }
 
 /// API calls from a thread inside the segment's namespace, where the API server listens.

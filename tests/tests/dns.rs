@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use extproxy_envtest::{ControlPlane, Options, binaries_or_skip};
 use extproxy_tests::agent::*;
 use extproxy_tests::dns_server::{Answer, DnsServer};
+use extproxy_tests::kube::{NodeApi, meta};
 use k8s_openapi::api::core::v1::{
     Namespace, Node, NodeAddress, NodeStatus, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, PostParams};
 
 const NAME: &str = "db.xp.test";
@@ -274,32 +274,6 @@ fn nxdomain_and_a_silent_resolver() {
 // Kubernetes mode
 // -------------------------------------------------------------------------------------------
 
-/// Runs API calls from a thread inside the node's namespace, where the API server listens.
-struct NodeApi {
-    ns: String,
-    rt: tokio::runtime::Runtime,
-}
-
-impl NodeApi {
-    fn run<T: Send, F: Future<Output = T> + Send>(&self, f: impl FnOnce() -> F + Send) -> T {
-        in_netns(&self.ns, || self.rt.block_on(f()))
-    }
-}
-
-fn meta(namespace: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        namespace: (!namespace.is_empty()).then(|| namespace.into()),
-        labels: Some(
-            labels
-                .iter()
-                .map(|(k, v)| ((*k).into(), (*v).into()))
-                .collect(),
-        ),
-        ..ObjectMeta::default()
-    }
-}
-
 /// Needs root and $EXTPROXY_K8S_BIN. The real API server takes an FQDN EndpointSlice (with a
 /// deprecation warning); the agent on a kubeconfig resolves its name, the pod's connections to
 /// the cluster IP reach the address and follow it when it changes; NXDOMAIN becomes a
@@ -321,13 +295,7 @@ fn kube_mode_serves_fqdn_endpoint_slices() {
         },
     )
     .expect("etcd and kube-apiserver in the node's namespace");
-    let api = NodeApi {
-        ns: topo.node.name.clone(),
-        rt: tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap(),
-    };
+    let api = NodeApi::new(&topo.node.name);
     api.run(|| async {
         let client = cp.client().unwrap();
         let pp = PostParams::default();

@@ -7,43 +7,18 @@ use std::time::{Duration, Instant};
 
 use extproxy_envtest::{ControlPlane, Options, binaries_or_skip};
 use extproxy_tests::agent::*;
+use extproxy_tests::kube::{NodeApi, meta};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
     Namespace, Node, NodeAddress, NodeStatus, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 
 const METRICS: &str = "127.0.0.1:19465";
 const WAIT: Duration = Duration::from_secs(40);
-
-fn meta(namespace: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        namespace: (!namespace.is_empty()).then(|| namespace.into()),
-        labels: Some(
-            labels
-                .iter()
-                .map(|(k, v)| ((*k).into(), (*v).into()))
-                .collect(),
-        ),
-        ..ObjectMeta::default()
-    }
-}
-
-/// Runs API calls inside the node's namespace, where the API server listens.
-struct NodeApi {
-    ns: String,
-    rt: tokio::runtime::Runtime,
-}
-
-impl NodeApi {
-    fn run<T: Send, F: Future<Output = T> + Send>(&self, f: impl FnOnce() -> F + Send) -> T {
-        in_netns(&self.ns, || self.rt.block_on(f()))
-    }
-}
 
 /// The agent's /metrics (inside the node's namespace).
 fn metrics(node_ns: &str) -> String {
@@ -203,13 +178,7 @@ fn start_control_plane(
         },
     )
     .expect("etcd and kube-apiserver in the node's namespace");
-    let api = NodeApi {
-        ns: topo.node.name.clone(),
-        rt: tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap(),
-    };
+    let api = NodeApi::new(&topo.node.name);
     (cp, api)
 }
 

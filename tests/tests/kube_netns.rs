@@ -12,11 +12,11 @@ use extproxy::maps::DatapathMaps;
 use extproxy::reconcile::MapState;
 use extproxy_envtest::{ControlPlane, Options, binaries_or_skip};
 use extproxy_tests::agent::*;
+use extproxy_tests::kube::{NodeApi, meta};
 use k8s_openapi::api::core::v1::{
     Namespace, Node, NodeAddress, NodeStatus, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
 use proxy_common::BackendState;
 use proxy_common::user::port_host;
@@ -26,33 +26,6 @@ const WEB_IP: &str = "10.96.0.10";
 const STEADY_IP: &str = "10.96.0.20";
 const NEW_IP: &str = "10.96.0.30";
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Runs API calls from a thread inside the node's namespace, where the API server listens: a
-/// current-thread runtime makes every socket there.
-struct NodeApi {
-    ns: String,
-    rt: tokio::runtime::Runtime,
-}
-
-impl NodeApi {
-    fn run<T: Send, F: Future<Output = T> + Send>(&self, f: impl FnOnce() -> F + Send) -> T {
-        in_netns(&self.ns, || self.rt.block_on(f()))
-    }
-}
-
-fn meta(namespace: &str, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        namespace: (!namespace.is_empty()).then(|| namespace.into()),
-        labels: Some(
-            labels
-                .iter()
-                .map(|(k, v)| ((*k).into(), (*v).into()))
-                .collect(),
-        ),
-        ..ObjectMeta::default()
-    }
-}
 
 /// A Service handed to extproxy, at a fixed cluster IP, port 80.
 fn service(name: &str, cluster_ip: &str) -> Service {
@@ -224,13 +197,7 @@ fn kube_mode_forwards_through_an_api_outage_and_converges() {
         },
     )
     .expect("etcd and kube-apiserver in the node's namespace");
-    let api = NodeApi {
-        ns: topo.node.name.clone(),
-        rt: tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap(),
-    };
+    let api = NodeApi::new(&topo.node.name);
     api.run(|| async {
         let client = cp.client().unwrap();
         let pp = PostParams::default();

@@ -43,7 +43,8 @@ impl fmt::Display for NamespacePatterns {
     }
 }
 
-fn glob(p: &[u8], s: &[u8]) -> bool {
+/// `*` matches any run of characters (namespace allow-lists, here and in translation).
+pub(crate) fn glob(p: &[u8], s: &[u8]) -> bool {
     match p.split_first() {
         None => s.is_empty(),
         Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
