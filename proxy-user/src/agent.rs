@@ -97,6 +97,11 @@ impl Agent {
         serving(&self.reconciler, &self.adopted_names)
     }
 
+    /// The configuration written to the data path (its clock factors included).
+    pub fn config(&self) -> Config {
+        self.config
+    }
+
     pub fn reconciler(&self) -> &Reconciler {
         &self.reconciler
     }

@@ -24,4 +24,5 @@ pub mod refusals;
 pub mod snat;
 pub mod state;
 pub mod translate;
+pub mod upgrade;
 pub mod watch;

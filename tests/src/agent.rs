@@ -125,6 +125,7 @@ impl Agent {
         let manifests = topo.manifests();
         Agent::launch_with(
             topo,
+            &extproxy_bin(),
             &["--manifests".as_ref(), manifests.as_os_str()],
             extra,
             Some("info"),
@@ -153,8 +154,25 @@ impl Agent {
         )
     }
 
+    /// Manifest mode with another build of the agent (`bin`): a previous release, to upgrade from.
+    pub fn start_binary(topo: &Topology, bin: &Path, extra: &[&str]) -> Agent {
+        let manifests = topo.manifests();
+        let source = ["--manifests".as_ref(), manifests.as_os_str()];
+        Agent::spawn_binary(topo, bin, &source, extra, Some("info"))
+    }
+
     fn spawn(
         topo: &Topology,
+        source: &[&std::ffi::OsStr],
+        extra: &[&str],
+        log_filter: Option<&str>,
+    ) -> Agent {
+        Agent::spawn_binary(topo, &extproxy_bin(), source, extra, log_filter)
+    }
+
+    fn spawn_binary(
+        topo: &Topology,
+        bin: &Path,
         source: &[&std::ffi::OsStr],
         extra: &[&str],
         log_filter: Option<&str>,
@@ -163,7 +181,7 @@ impl Agent {
         let runs_before = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default())
             .matches("extproxy is running")
             .count();
-        let agent = Agent::launch_with(topo, source, extra, log_filter, "agent.log");
+        let agent = Agent::launch_with(topo, bin, source, extra, log_filter, "agent.log");
         agent.wait_for_log_count(
             "extproxy is running",
             runs_before + 1,
@@ -174,6 +192,7 @@ impl Agent {
 
     fn launch_with(
         topo: &Topology,
+        bin: &Path,
         source: &[&std::ffi::OsStr],
         extra: &[&str],
         log_filter: Option<&str>,
@@ -186,7 +205,7 @@ impl Agent {
             state_dir: topo.dir.join("state"),
             log: topo.dir.join(log_name),
         };
-        Agent::launch_at(&site, source, extra, log_filter)
+        Agent::launch_at(&site, bin, source, extra, log_filter)
     }
 
     /// Manifest mode at `site` (a node of a topology with several), waiting until it runs.
@@ -196,6 +215,7 @@ impl Agent {
             .count();
         let agent = Agent::launch_at(
             site,
+            &extproxy_bin(),
             &["--manifests".as_ref(), manifests.as_os_str()],
             extra,
             Some("info"),
@@ -221,6 +241,7 @@ impl Agent {
             .count();
         let agent = Agent::launch_at(
             site,
+            &extproxy_bin(),
             &[
                 "--kubeconfig".as_ref(),
                 kubeconfig.as_os_str(),
@@ -240,13 +261,14 @@ impl Agent {
 
     fn launch_at(
         site: &AgentSite,
+        bin: &Path,
         source: &[&std::ffi::OsStr],
         extra: &[&str],
         log_filter: Option<&str>,
     ) -> Agent {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/var/run/netns/{}", site.node_ns))
-            .arg(extproxy_bin())
+            .arg(bin)
             .args(["run", "--iface", &site.iface, "--gc-interval", "1"])
             .args(source)
             .arg("--pin-dir")

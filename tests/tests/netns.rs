@@ -454,6 +454,160 @@ fn an_upgrade_that_changes_only_maps_without_flows_keeps_connections() {
         .output();
 }
 
+/// The previous release's binary (`cargo xtask test` builds it from history), or None with the
+/// reason printed.
+fn previous_agent() -> Option<std::path::PathBuf> {
+    match std::env::var_os("EXTPROXY_PREVIOUS_AGENT") {
+        Some(p) if !p.is_empty() => Some(p.into()),
+        _ => {
+            eprintln!(
+                "skipped: EXTPROXY_PREVIOUS_AGENT is not set (`cargo xtask test` builds the \
+                 previous release from history and sets it; `cargo xtask previous-agent` prints it)"
+            );
+            None
+        }
+    }
+}
+
+/// The upgrade from the last release with ABI 2, whose conntrack and SNAT port entries are
+/// smaller and which had no table for unfinished handshakes: every tracked flow must come over.
+/// Before, the new agent refused the pins (or, told to replace them, dropped every flow).
+#[test]
+fn an_upgrade_from_abi_2_carries_live_flows_over() {
+    let Some(previous) = previous_agent() else {
+        return;
+    };
+    let t = Topology::new("abi2up");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080), (EP1, 5353)]);
+    t.write_manifest("svc.yaml", &service_yaml("web", "", &ready(EP1)));
+    let args = ["--keep-on-exit", "--pod-ifaces", "pod0"];
+    let old = Agent::start_binary(&t, &previous, &args);
+    let ct_v2 = pinned_value_size(&t.pin_dir(), proxy_common::MAP_CT);
+    assert_ne!(
+        ct_v2 as usize,
+        std::mem::size_of::<proxy_common::CtValue>(),
+        "the previous release's conntrack layout"
+    );
+
+    // Pods to the cluster IP, a client outside to the NodePort, a pod's UDP flow: what the
+    // endpoint saw of each (its source address and port, the SNAT) must not change.
+    let mut tcp: Vec<(TcpClient, Seen)> = Vec::new();
+    for _ in 0..3 {
+        let mut c = TcpClient::connect(&t.pod.name, None, "10.96.0.10", 80, Duration::from_secs(3))
+            .unwrap();
+        let seen = c.exchange("before").unwrap();
+        tcp.push((c, seen));
+    }
+    let mut np = TcpClient::connect(
+        &t.ext.name,
+        Some(CLIENT),
+        NODE,
+        30080,
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    let seen = np.exchange("before").unwrap();
+    tcp.push((np, seen));
+    let udp = in_netns(&t.pod.name, || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.connect("10.96.0.10:53").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        sock
+    });
+    let udp_exchange = || {
+        let mut buf = [0u8; 512];
+        udp.send(b"hello").unwrap();
+        let n = udp.recv(&mut buf).expect("a UDP answer");
+        parse_seen(&String::from_utf8_lossy(&buf[..n]))
+    };
+    let udp_before = udp_exchange();
+    // A connection that closed under the previous release: its port's hold comes over too.
+    assert_eq!(pod_to_cluster_ip(&t), ip(EP1));
+    old.kill();
+
+    // An upgrade that stops half-way: this start fails (its metrics address is not the node's)
+    // after moving the previous tables aside, before its programs replace the previous ones.
+    let mut failed = Agent::launch(
+        &t,
+        &[&args[..], &["--metrics-address", "192.0.2.99:9464"]].concat(),
+        "failed.log",
+    );
+    let status = failed.wait_exit(Duration::from_secs(30)).expect("it fails");
+    assert!(!status.success());
+    let log = failed.log_text();
+    assert!(log.contains("upgrading the maps pinned"), "{log}");
+    assert!(log.contains("(ABI 2)"), "{log}");
+    assert!(t.pin_dir().join("previous-CT").exists(), "{log}");
+    let (first, before) = &mut tcp[0];
+    assert_eq!(
+        first.exchange("half-way").unwrap().peer_port,
+        before.peer_port,
+        "the previous programs still forward with the previous tables"
+    );
+
+    let new = t.start_agent(&args);
+    let log = new.log_text();
+    assert!(
+        log.contains("an upgrade from ABI 2 stopped before its flows were copied"),
+        "{log}"
+    );
+    let carried: usize = log
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("upgrade from ABI 2: ").nth(1)?;
+            rest.split(' ').next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no count of flows carried over:\n{log}"));
+    assert!(carried >= 5, "{carried} flows carried over:\n{log}");
+    for (i, (client, before)) in tcp.iter_mut().enumerate() {
+        let after = client.exchange("after the upgrade").unwrap();
+        assert_eq!(
+            (after.endpoint, after.peer_ip, after.peer_port),
+            (before.endpoint, before.peer_ip, before.peer_port),
+            "TCP connection {i}: the same endpoint saw the same source"
+        );
+    }
+    let udp_after = udp_exchange();
+    assert_eq!(
+        (udp_after.peer_ip, udp_after.peer_port),
+        (udp_before.peer_ip, udp_before.peer_port),
+        "the UDP flow kept its SNAT port"
+    );
+    let dir = t.pin_dir();
+    assert_eq!(
+        pinned_value_size(&dir, proxy_common::MAP_CT) as usize,
+        std::mem::size_of::<proxy_common::CtValue>()
+    );
+    assert!(dir.join(proxy_common::MAP_CT_NEW).exists());
+    assert!(
+        !dir.join("previous-CT").exists() && !dir.join("previous-REVNAT").exists(),
+        "the previous tables' pins were let go"
+    );
+    assert_eq!(pod_to_cluster_ip(&t), ip(EP1), "new connections too");
+
+    // A smaller --ct-max: the same version's tables, resized, with the flows copied over.
+    new.kill();
+    let resized = t.start_agent(&[&args[..], &["--ct-max", "65536"]].concat());
+    let log = resized.log_text();
+    assert!(log.contains("upgrading the maps pinned"), "{log}");
+    assert!(
+        log.contains("CT holds 262144 entries, configured for 65536"),
+        "{log}"
+    );
+    for (i, (client, before)) in tcp.iter_mut().enumerate() {
+        assert_eq!(
+            client.exchange("after the resize").unwrap().peer_port,
+            before.peer_port,
+            "TCP connection {i} after the resize"
+        );
+    }
+    drop(resized);
+    let _ = std::process::Command::new(extproxy_bin())
+        .args(["cleanup", "--pin-dir"])
+        .arg(t.pin_dir())
+        .output();
+}
+
 #[test]
 fn a_restarted_agent_keeps_established_connections() {
     let t = Topology::new("restart");

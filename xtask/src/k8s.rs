@@ -29,7 +29,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// `$XDG_CACHE_HOME/extproxy` or `~/.cache/extproxy`.
-fn cache_root() -> PathBuf {
+pub fn cache_root() -> PathBuf {
     match std::env::var_os("XDG_CACHE_HOME") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("extproxy"),
         _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))

@@ -4,6 +4,7 @@ mod bench;
 mod benchmark;
 mod k8s;
 mod plot;
+mod previous;
 mod report;
 
 use std::{
@@ -38,6 +39,9 @@ usage: cargo xtask <task> [options]
                         XP_TRAFFIC_* / XP_EGRESS_* narrow the traffic / cluster egress suites
                         (xtask/src/bench/TRAFFIC.md)
   kind                  Kubernetes-in-Docker tests (skipped with a message without docker/kind)
+  previous-agent        build the previous release (ABI 2, from git history) for the upgrade
+                        tests (once) and print its path, e.g. `export
+                        EXTPROXY_PREVIOUS_AGENT=$(cargo xtask previous-agent)` before `cargo test`
   k8s-bin               unpack the Kubernetes binaries (once) and print their directory, e.g.
                         `export EXTPROXY_K8S_BIN=$(cargo xtask k8s-bin)` before `cargo test`
 ";
@@ -55,6 +59,14 @@ fn main() -> anyhow::Result<()> {
         "lint" => lint(),
         "bench" => benchmark::main(rest),
         "kind" => kind(),
+        "previous-agent" => {
+            let bin = previous::agent(&workspace_root(), &target_dir())?
+                .context("no previous agent: the history lacks its commit")?;
+            // Its build left it where the current agent goes: put the current one back.
+            build_agent(false)?;
+            println!("{}", bin.display());
+            Ok(())
+        }
         "k8s-bin" => {
             let dir = k8s::binaries(&workspace_root())?
                 .context("no Kubernetes binaries: ../shared/k8s does not exist")?;
@@ -306,6 +318,9 @@ fn http_get(bind: Option<&str>, dst: &str, port: u16) -> anyhow::Result<String> 
 
 fn test(args: &[String]) -> anyhow::Result<()> {
     require_root("test")?;
+    // The upgrade tests start from the previous release, built from history. First: its build
+    // shares the target directory, and the agent built next takes its place there again.
+    let previous = previous::agent(&workspace_root(), &target_dir())?;
     // The namespace tests run the real binary: build it (and the eBPF object) first.
     build_agent(false)?;
     // The tests against a real API server find etcd and kube-apiserver through this.
@@ -315,6 +330,11 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let env: Vec<(&str, &Path)> = k8s_bin
         .iter()
         .map(|dir| (k8s::BIN_ENV, dir.as_path()))
+        .chain(
+            previous
+                .iter()
+                .map(|bin| (previous::BIN_ENV, bin.as_path())),
+        )
         .collect();
     cargo_with_env(&cargo_args, &env)
 }

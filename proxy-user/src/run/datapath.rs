@@ -16,6 +16,7 @@ use extproxy::{
     refusals::EventStream,
     snat,
     state::AgentState,
+    upgrade::FlowMigration,
 };
 use proxy_common::Config;
 
@@ -31,17 +32,29 @@ pub struct Running {
 
 impl Running {
     /// Attaches to the uplinks and, per `--pod-ifaces` (default `pod_default`), the pods'
-    /// interfaces.
+    /// interfaces. Across an upgrade that replaced the flow tables, the previous agent's flows are
+    /// copied into ours just before our programs take over and once more right after.
     pub fn attach(
-        mut ebpf: Ebpf,
+        loaded: Loaded,
         agent: Agent,
         ifaces: &[String],
         dp: &DatapathArgs,
         pod_default: &str,
         telemetry: &Telemetry,
     ) -> anyhow::Result<Running> {
+        let Loaded {
+            mut ebpf,
+            mut migration,
+        } = loaded;
+        if let Some(m) = &mut migration {
+            m.copy(&dp.pin_dir, &agent.config())
+                .context("copying the previous agent's flows")?;
+        }
         let attached = attach_all(&mut ebpf, ifaces, dp)?;
         let pods = attach_pods(&mut ebpf, ifaces, dp, pod_default)?;
+        if let Some(m) = migration {
+            finish_migration(m, dp, &agent.config())?;
+        }
         telemetry.set_pod_interfaces(pods.count());
         Ok(Running {
             ebpf,
@@ -61,17 +74,50 @@ impl Running {
 pub struct Verifying {
     thread: std::thread::JoinHandle<Result<Ebpf, loader::LoadError>>,
     started: Instant,
+    migration: Option<FlowMigration>,
+}
+
+/// The verified data path, ready to attach.
+pub struct Loaded {
+    ebpf: Ebpf,
+    /// The previous agent's flow tables, to copy from while our programs take over.
+    migration: Option<FlowMigration>,
 }
 
 impl Verifying {
     /// The loaded object once every program is verified, and how long verifying took.
-    pub fn wait(self) -> anyhow::Result<(Ebpf, Duration)> {
+    pub fn wait(self) -> anyhow::Result<(Loaded, Duration)> {
         let ebpf = match self.thread.join() {
             Ok(result) => result.context("loading the data path")?,
             Err(panic) => std::panic::resume_unwind(panic),
         };
-        Ok((ebpf, self.started.elapsed()))
+        let loaded = Loaded {
+            ebpf,
+            migration: self.migration,
+        };
+        Ok((loaded, self.started.elapsed()))
     }
+}
+
+/// The last copy, once our programs forward: says what came over and what did not.
+fn finish_migration(m: FlowMigration, dp: &DatapathArgs, clock: &Config) -> anyhow::Result<()> {
+    let from = m.from_abi;
+    let copied = m
+        .finish(&dp.pin_dir, clock)
+        .context("copying the previous agent's flows")?;
+    tracing::info!(
+        "upgrade from ABI {from}: {} tracked flow(s) and {} SNAT port(s) carried over",
+        copied.flows,
+        copied.ports
+    );
+    if copied.lost > 0 {
+        tracing::warn!(
+            "upgrade from ABI {from}: {} entries did not fit this version's tables (--ct-max): \
+             those connections are lost",
+            copied.lost
+        );
+    }
+    Ok(())
 }
 
 /// Loads the data path (adopting compatible pinned maps) and builds the agent around it. The
@@ -93,6 +139,7 @@ pub fn start(
     };
     std::fs::create_dir_all(&dp.pin_dir)
         .with_context(|| format!("creating {}", dp.pin_dir.display()))?;
+    let mut migration = None;
     let adopting = match pins::check(&dp.pin_dir, &limits) {
         Pinned::Absent => false,
         Pinned::Compatible => {
@@ -114,6 +161,25 @@ pub fn start(
                 .with_context(|| format!("removing pins in {}", dp.pin_dir.display()))?;
             true
         }
+        Pinned::Migrate {
+            from_abi,
+            rebuild,
+            why,
+        } => {
+            tracing::info!(
+                "upgrading the maps pinned in {} (ABI {from_abi}): tracked flows are copied into \
+                 this version's flow tables, maps without flow state are created anew ({})",
+                dp.pin_dir.display(),
+                why.join("; ")
+            );
+            pins::unpin(&dp.pin_dir, &rebuild)
+                .with_context(|| format!("removing pins in {}", dp.pin_dir.display()))?;
+            migration = Some(
+                FlowMigration::detach(&dp.pin_dir, from_abi)
+                    .context("taking over the previous agent's flow tables")?,
+            );
+            true
+        }
         Pinned::Incompatible(problems) => {
             let why = problems.join("; ");
             if !dp.replace_incompatible_pins {
@@ -130,6 +196,15 @@ pub fn start(
             false
         }
     };
+    if adopting && migration.is_none() {
+        migration = FlowMigration::interrupted(&dp.pin_dir);
+        if let Some(m) = &migration {
+            tracing::warn!(
+                "an upgrade from ABI {} stopped before its flows were copied: copying them now",
+                m.from_abi
+            );
+        }
+    }
     let mut ebpf =
         loader::create_maps(&limits, Some(&dp.pin_dir)).context("loading the data path")?;
     let xdp_tx = match dp.xdp_tx {
@@ -191,7 +266,12 @@ pub fn start(
         .name("verifier".into())
         .spawn(move || loader::load_programs(&mut ebpf).map(|()| ebpf))
         .context("starting the program loader")?;
-    Ok((Verifying { thread, started }, agent, events))
+    let verifying = Verifying {
+        thread,
+        started,
+        migration,
+    };
+    Ok((verifying, agent, events))
 }
 
 fn attach_all(

@@ -77,10 +77,10 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     // The node facts (set at each batch) give the tunnel its source unless this says otherwise.
     agent.tunnel_ip = args.egress.tunnel_ip;
     let mut refusals = extproxy::refusals::Refusals::default();
-    let (ebpf, _) = verifying.wait()?;
+    let (loaded, _) = verifying.wait()?;
     // Attach before the first sync: a previous agent's links are taken over at once (its maps
     // keep forwarding until the cluster is known again); fresh maps pass everything meanwhile.
-    let mut running = Running::attach(ebpf, agent, ifaces, dp, "auto", &telemetry)?;
+    let mut running = Running::attach(loaded, agent, ifaces, dp, "auto", &telemetry)?;
     let default_listen: SocketAddr = metrics::DEFAULT_METRICS_ADDRESS.parse()?;
     start_metrics(
         args.kube.metrics_address,

@@ -122,12 +122,12 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
     host::release_free_memory();
 
     // Attached only now: the programs must find the maps programmed.
-    let (ebpf, verified) = verifying.wait()?;
+    let (loaded, verified) = verifying.wait()?;
     tracing::info!(
         "start-up: programs verified in {:.0} ms (beside the above)",
         verified.as_secs_f64() * 1e3
     );
-    let mut running = Running::attach(ebpf, agent, ifaces, dp, "none", &telemetry)?;
+    let mut running = Running::attach(loaded, agent, ifaces, dp, "none", &telemetry)?;
     let cluster_egress = super::egress::start_manifest(args, ifaces, &iface_addrs, &telemetry)?;
     tracing::info!("extproxy is running; watching {}", manifests.display());
 

@@ -1,0 +1,344 @@
+//! Upgrades that change the flow tables' layout or size: the new agent copies every tracked flow
+//! from the tables the previous agent pinned into tables of its own before its programs take
+//! over, so that connections survive an upgrade across an ABI change (or a new `--ct-max`).
+//!
+//! The copy runs twice: once just before the programs are swapped (the old programs still
+//! forward and create flows meanwhile), and once right after, for the flows created in between;
+//! the second pass never overwrites what the new programs have written since.
+
+mod abi2;
+
+use std::{
+    collections::HashMap as StdHashMap,
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use proxy_common::{
+    ABI_VERSION, Config, CtKey, CtValue, MAP_CONFIG, MAP_CT, MAP_CT_NEW, MAP_REVNAT, RevNatKey,
+    RevNatValue, user::map_layout,
+};
+
+/// The tables that hold flows: what an upgrade copies (all three, whichever differs).
+pub const FLOW_MAPS: [&str; 3] = [MAP_CT, MAP_CT_NEW, MAP_REVNAT];
+
+/// The ABI versions whose flows this agent can carry over, oldest first.
+pub const MIGRATABLE_ABIS: [u32; 2] = [2, ABI_VERSION];
+
+/// Which of this version's flow tables a flow goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// CT: the flow's endpoint has answered.
+    Established,
+    /// CT_NEW: still waiting for its first answer.
+    New,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("opening the pinned {}", path.display())]
+    Open { path: PathBuf, source: MapError },
+    #[error("moving the pin {} aside", path.display())]
+    MoveAside { path: PathBuf, source: MoveError },
+    #[error("reading the previous {name}")]
+    Read {
+        name: &'static str,
+        source: MapError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error(transparent)]
+    Pin(#[from] aya::pin::PinError),
+    #[error(transparent)]
+    Unlink(#[from] io::Error),
+}
+
+/// The ABI version of the maps pinned in `dir`, whatever the layout of their CONFIG (every
+/// version keeps the ABI version as its first word).
+pub fn pinned_abi(dir: &Path) -> Option<u32> {
+    let data = MapData::from_pin(dir.join(MAP_CONFIG)).ok()?;
+    let value_size = data.info().ok()?.value_size() as usize;
+    let map = Map::Array(data);
+    if value_size == std::mem::size_of::<Config>() {
+        let array: Array<&MapData, Config> = Array::try_from(&map).ok()?;
+        return array.get(&0, 0).ok().map(|c| c.abi_version);
+    }
+    if value_size == std::mem::size_of::<abi2::Config>() {
+        let array: Array<&MapData, abi2::Config> = Array::try_from(&map).ok()?;
+        return array.get(&0, 0).ok().map(|c| c.abi_version);
+    }
+    None
+}
+
+/// The key and value sizes flow table `name` had under `abi`: None when this agent cannot read
+/// that version's flows, Some(None) when the table did not exist then.
+pub fn flow_layout(abi: u32, name: &str) -> Option<Option<(usize, usize)>> {
+    if abi == ABI_VERSION {
+        return Some(map_layout(name));
+    }
+    if abi != 2 {
+        return None;
+    }
+    let key = std::mem::size_of::<CtKey>();
+    Some(match name {
+        MAP_CT => Some((key, std::mem::size_of::<abi2::CtValueV2>())),
+        MAP_REVNAT => Some((key, std::mem::size_of::<abi2::RevNatValueV2>())),
+        _ => None,
+    })
+}
+
+/// What one pass copied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Copied {
+    /// Flows written into CT or CT_NEW.
+    pub flows: usize,
+    /// SNAT port entries written into REVNAT.
+    pub ports: usize,
+    /// Entries the new tables already had (an earlier pass's, or written by the new programs
+    /// since).
+    pub present: usize,
+    /// Entries that could not be written (a table full): those flows are lost.
+    pub lost: usize,
+}
+
+impl std::ops::AddAssign for Copied {
+    fn add_assign(&mut self, o: Copied) {
+        self.flows += o.flows;
+        self.ports += o.ports;
+        self.present += o.present;
+        self.lost += o.lost;
+    }
+}
+
+/// The previous agent's flow tables, held open (their pins moved aside) while this agent's
+/// tables replace them.
+pub struct FlowMigration {
+    pub from_abi: u32,
+    old: Vec<(&'static str, Map)>,
+    aside: Vec<PathBuf>,
+    /// What the passes so far copied.
+    copied: Copied,
+}
+
+/// Entries converted to this version's layout, by table.
+#[derive(Default)]
+struct Converted {
+    ct: Vec<(CtKey, CtValue)>,
+    ct_new: Vec<(CtKey, CtValue)>,
+    revnat: Vec<(RevNatKey, RevNatValue)>,
+}
+
+impl FlowMigration {
+    /// Opens the flow tables pinned in `dir` (created under ABI `from_abi`) and moves their pins
+    /// aside, so that loading creates this version's tables in their place. The previous
+    /// programs keep forwarding with the old tables until they are replaced.
+    pub fn detach(dir: &Path, from_abi: u32) -> Result<FlowMigration, UpgradeError> {
+        let mut old = Vec::new();
+        let mut aside = Vec::new();
+        for name in FLOW_MAPS {
+            let path = dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            let data = MapData::from_pin(&path).map_err(|source| UpgradeError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            let moved = dir.join(format!("previous-{name}"));
+            // A leftover of an upgrade that failed half-way holds nothing newer than `path`.
+            let _ = std::fs::remove_file(&moved);
+            // Pinned a second time, then unpinned where loading will pin
+            // ours (the previous programs hold the tables meanwhile).
+            data.pin(&moved)
+                .map_err(MoveError::from)
+                .and_then(|()| std::fs::remove_file(&path).map_err(MoveError::from))
+                .map_err(|source| UpgradeError::MoveAside {
+                    path: path.clone(),
+                    source,
+                })?;
+            let map = Map::from_map_data(data).map_err(|source| UpgradeError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            old.push((name, map));
+            aside.push(moved);
+        }
+        Ok(FlowMigration {
+            from_abi,
+            old,
+            aside,
+            copied: Copied::default(),
+        })
+    }
+
+    /// The tables of an upgrade that stopped half-way (the agent died between moving the previous
+    /// tables' pins aside and letting them go): their flows are still to be copied. None when
+    /// there are none, or when their layout is no version this agent can read.
+    pub fn interrupted(dir: &Path) -> Option<FlowMigration> {
+        let aside: Vec<(&'static str, PathBuf)> = FLOW_MAPS
+            .iter()
+            .map(|name| (*name, dir.join(format!("previous-{name}"))))
+            .filter(|(_, path)| path.exists())
+            .collect();
+        if aside.is_empty() {
+            return None;
+        }
+        let layout = |path: &Path| {
+            MapData::from_pin(path)
+                .and_then(|m| m.info())
+                .ok()
+                .map(|i| (i.key_size() as usize, i.value_size() as usize))
+        };
+        let from_abi = MIGRATABLE_ABIS.into_iter().find(|&abi| {
+            aside
+                .iter()
+                .all(|(name, path)| flow_layout(abi, name).flatten() == layout(path))
+        })?;
+        let mut old = Vec::new();
+        for (name, path) in &aside {
+            let map = MapData::from_pin(path).and_then(Map::from_map_data).ok()?;
+            old.push((*name, map));
+        }
+        Some(FlowMigration {
+            from_abi,
+            old,
+            aside: aside.into_iter().map(|(_, path)| path).collect(),
+            copied: Copied::default(),
+        })
+    }
+
+    /// Copies into the tables pinned in `dir` every flow they lack. `clock`: this version's
+    /// configuration, whose fine clock stamps the ports of flows that closed before.
+    pub fn copy(&mut self, dir: &Path, clock: &Config) -> Result<Copied, UpgradeError> {
+        let converted = self.read(crate::host::datapath_ticks(clock))?;
+        let mut copied = Copied::default();
+        write(dir, MAP_REVNAT, &converted.revnat, &mut copied, |c| {
+            &mut c.ports
+        });
+        write(dir, MAP_CT, &converted.ct, &mut copied, |c| &mut c.flows);
+        write(dir, MAP_CT_NEW, &converted.ct_new, &mut copied, |c| {
+            &mut c.flows
+        });
+        self.copied += copied;
+        Ok(copied)
+    }
+
+    /// The last pass, once this version's programs forward: then the previous tables are let go.
+    /// What every pass copied together.
+    pub fn finish(mut self, dir: &Path, clock: &Config) -> Result<Copied, UpgradeError> {
+        self.copy(dir, clock)?;
+        for path in &self.aside {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(self.copied)
+    }
+
+    fn old(&self, name: &'static str) -> Option<&Map> {
+        self.old.iter().find(|(n, _)| *n == name).map(|(_, m)| m)
+    }
+
+    fn read(&self, now: u32) -> Result<Converted, UpgradeError> {
+        if self.from_abi == 2 {
+            return self.read_abi2(now);
+        }
+        let mut out = Converted::default();
+        if let Some(map) = self.old(MAP_CT) {
+            out.ct = entries::<CtKey, CtValue>(MAP_CT, map)?;
+        }
+        if let Some(map) = self.old(MAP_CT_NEW) {
+            out.ct_new = entries::<CtKey, CtValue>(MAP_CT_NEW, map)?;
+        }
+        if let Some(map) = self.old(MAP_REVNAT) {
+            out.revnat = entries::<RevNatKey, RevNatValue>(MAP_REVNAT, map)?;
+        }
+        Ok(out)
+    }
+
+    fn read_abi2(&self, now: u32) -> Result<Converted, UpgradeError> {
+        let mut out = Converted::default();
+        let flows = match self.old(MAP_CT) {
+            Some(map) => entries::<CtKey, abi2::CtValueV2>(MAP_CT, map)?,
+            None => Vec::new(),
+        };
+        let flags: StdHashMap<CtKey, u8> = flows.iter().map(|(k, v)| (*k, v.flags)).collect();
+        for (key, old) in &flows {
+            match abi2::ct(old) {
+                (value, Table::Established) => out.ct.push((*key, value)),
+                (value, Table::New) => out.ct_new.push((*key, value)),
+            }
+        }
+        if let Some(map) = self.old(MAP_REVNAT) {
+            for (key, old) in entries::<RevNatKey, abi2::RevNatValueV2>(MAP_REVNAT, map)? {
+                let flow = flags.get(&revnat_flow_key(&old, key.proto)).copied();
+                if let Some(value) = abi2::revnat(&old, key.proto, flow, now) {
+                    out.revnat.push((key, value));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The conntrack key of the flow an ABI 2 SNAT port entry belongs to.
+fn revnat_flow_key(rn: &abi2::RevNatValueV2, proto: u8) -> CtKey {
+    RevNatValue {
+        client: rn.client,
+        frontend: rn.frontend,
+        client_port: rn.client_port,
+        frontend_port: rn.frontend_port,
+        ..RevNatValue::default()
+    }
+    .ct_key(proto)
+}
+
+fn entries<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    name: &'static str,
+    map: &Map,
+) -> Result<Vec<(K, V)>, UpgradeError> {
+    let table: HashMap<&MapData, K, V> =
+        HashMap::try_from(map).map_err(|source| UpgradeError::Read { name, source })?;
+    // Entries that vanish while being iterated (the old programs still run) are skipped: the
+    // flow ended.
+    Ok(table.iter().filter_map(Result::ok).collect())
+}
+
+/// Writes `entries` into the table `name` pinned in `dir` where it has none for their keys.
+fn write<K: aya::Pod, V: aya::Pod>(
+    dir: &Path,
+    name: &'static str,
+    entries: &[(K, V)],
+    copied: &mut Copied,
+    count: impl Fn(&mut Copied) -> &mut usize,
+) {
+    if entries.is_empty() {
+        return;
+    }
+    let map = match MapData::from_pin(dir.join(name)).and_then(Map::from_map_data) {
+        Ok(map) => map,
+        Err(err) => {
+            tracing::warn!("upgrade: the new {name} cannot be opened ({err}); its flows are lost");
+            copied.lost += entries.len();
+            return;
+        }
+    };
+    let Ok(mut table) = HashMap::<MapData, K, V>::try_from(map) else {
+        copied.lost += entries.len();
+        return;
+    };
+    const BPF_NOEXIST: u64 = 1;
+    for (key, value) in entries {
+        match table.insert(key, value, BPF_NOEXIST) {
+            Ok(()) => *count(copied) += 1,
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                copied.present += 1
+            }
+            Err(_) => copied.lost += 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
