@@ -8,6 +8,7 @@
 //! and report over a channel; the passive counters are read in one batch five times a second.
 
 pub mod config;
+mod endpoints;
 pub mod probe;
 pub mod share;
 pub mod state;
@@ -29,6 +30,7 @@ use crate::translate::{
     Translation, Unhealthy,
 };
 use config::{AllDown, HealthConfig};
+use endpoints::SortedVecMap;
 use probe::{ProbeKey, ProbeResult};
 use state::{Cause, EndpointHealth, PassiveStep, Transition};
 
@@ -112,7 +114,7 @@ struct PortHealth {
     service_id: Option<u32>,
     egress: Option<IpAddr>,
     config: Arc<HealthConfig>,
-    endpoints: BTreeMap<(IpAddr, u16), Endpoint>,
+    endpoints: SortedVecMap<(IpAddr, u16), Endpoint>,
 }
 
 /// An unhealthy endpoint that left its port, remembered for [`DEPARTED_MEMORY`].
@@ -324,7 +326,7 @@ impl Monitor {
             service_id,
             egress,
             config: config.clone(),
-            endpoints: BTreeMap::new(),
+            endpoints: SortedVecMap::default(),
         });
         let passive_dropped = port.config.passive && !config.passive;
         port.service_id = service_id;
@@ -394,7 +396,7 @@ impl Monitor {
                     );
                 }
             }
-            let e = port.endpoints.entry(endpoint).or_insert_with(|| Endpoint {
+            let e = port.endpoints.get_or_insert_with(endpoint, || Endpoint {
                 health: EndpointHealth::new(now),
                 backend_id: None,
                 probe: None,
@@ -523,7 +525,7 @@ impl Monitor {
                 Some(now + (took * PASSIVE_BUDGET).max(PASSIVE_POLL) - PASSIVE_POLL / 4);
             counters
         } else {
-            HashMap::new()
+            Counters::None
         };
         let mut transitions = Vec::new();
         let following = self.follow.is_some();
@@ -870,27 +872,51 @@ fn sock((ip, port): (IpAddr, u16)) -> String {
 }
 
 /// The counters of backend ids `ids`: one lookup each for a few, one batch for many.
-fn read_counters(maps: &DatapathMaps, ids: &[u32]) -> HashMap<u32, BackendHealth> {
+/// The passive counters of some backend ids, as read at one poll.
+enum Counters {
+    None,
+    /// Every entry up to the largest id, indexed by id (one batch read).
+    Dense(Vec<BackendHealth>),
+    /// The ids asked for, sorted, with their entries (single reads).
+    Sparse(Vec<(u32, BackendHealth)>),
+}
+
+impl Counters {
+    fn get(&self, id: &u32) -> Option<&BackendHealth> {
+        match self {
+            Counters::None => None,
+            Counters::Dense(all) => all.get(*id as usize),
+            Counters::Sparse(some) => some
+                .binary_search_by_key(id, |(i, _)| *i)
+                .ok()
+                .map(|i| &some[i].1),
+        }
+    }
+}
+
+/// Reads the counters of `ids`. Kept in vectors, not a map: at 40k endpoints a map of them was
+/// 4 MB built anew at every poll.
+fn read_counters(maps: &DatapathMaps, ids: &[u32]) -> Counters {
     if ids.is_empty() {
-        return HashMap::new();
+        return Counters::None;
     }
     let max = ids.iter().copied().max().unwrap_or(0);
-    if ids.len() * SINGLE_LOOKUP_COST <= max as usize + 1 {
-        return ids
+    let one_by_one = || {
+        let mut some: Vec<(u32, BackendHealth)> = ids
             .iter()
             .filter_map(|id| Some((*id, maps.backend_health(*id).ok()?)))
             .collect();
+        some.sort_unstable_by_key(|(id, _)| *id);
+        Counters::Sparse(some)
+    };
+    if ids.len() * SINGLE_LOOKUP_COST <= max as usize + 1 {
+        return one_by_one();
     }
     match maps.backend_health_batch(max + 1) {
-        Ok(all) => ids
-            .iter()
-            .filter_map(|id| Some((*id, *all.get(*id as usize)?)))
-            .collect(),
+        Ok(all) => Counters::Dense(all),
         Err(err) => {
             tracing::debug!("batch read of backend health failed ({err}); reading one by one");
-            ids.iter()
-                .filter_map(|id| Some((*id, maps.backend_health(*id).ok()?)))
-                .collect()
+            one_by_one()
         }
     }
 }
