@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 use extproxy::{
     health::{Monitor, share::Sharing},
     host,
-    kube::{self as kubemode, KubeSource, NodeOverrides, SourceConfig},
+    kube::{self as kubemode, Batch, KubeSource, NodeOverrides, SourceConfig},
     metrics::{self, Telemetry},
     state::AgentState,
 };
@@ -77,7 +77,20 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     // The node facts (set at each batch) give the tunnel its source unless this says otherwise.
     agent.tunnel_ip = args.egress.tunnel_ip;
     let mut refusals = extproxy::refusals::Refusals::default();
-    let (loaded, _) = verifying.wait()?;
+    let mut source = KubeSource::new(
+        client.clone(),
+        SourceConfig {
+            node_name: node_name.clone(),
+            claim_all_selectorless: args.kube.claim_all_selectorless,
+            overrides,
+            streaming_lists: args.kube.streaming_lists,
+            cluster_egress: super::egress::config(&args.egress)?.rules(),
+        },
+        telemetry.clone(),
+    );
+    // The initial lists (seconds at 10k Services) arrive while the kernel verifies the programs,
+    // instead of after.
+    let (loaded, mut first_batch) = verified_while_listing(verifying, &mut source).await?;
     // Attach before the first sync: a previous agent's links are taken over at once (its maps
     // keep forwarding until the cluster is known again); fresh maps pass everything meanwhile.
     let mut running = Running::attach(loaded, agent, ifaces, dp, "auto", &telemetry)?;
@@ -97,17 +110,6 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     let mut sharing = Sharing::start(client.clone(), &namespace, &node_name);
     let cluster_egress =
         super::egress::start_kube(args, ifaces, client.clone(), &node_name, &telemetry)?;
-    let mut source = KubeSource::new(
-        client,
-        SourceConfig {
-            node_name: node_name.clone(),
-            claim_all_selectorless: args.kube.claim_all_selectorless,
-            overrides,
-            streaming_lists: args.kube.streaming_lists,
-            cluster_egress: super::egress::config(&args.egress)?.rules(),
-        },
-        telemetry.clone(),
-    );
     tracing::info!(
         "extproxy is running on node {node_name}; watching Services, EndpointSlices and Node \
          {node_name}"
@@ -122,7 +124,7 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
         tokio::select! {
             _ = hk.sigint.recv() => break,
             _ = hk.sigterm.recv() => break,
-            batch = source.next() => {
+            batch = next_batch(&mut source, &mut first_batch) => {
                 // The first programming (and one after a relist) waits for the names' answers.
                 fqdn::want(&mut dns, &source.dns_wanted(), batch.fresh()).await;
                 source.set_resolved(dns.resolved());
@@ -187,6 +189,33 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     }
     // A DaemonSet rollout restarts the agent: flows must survive it, so keeping is the default.
     finish(running, dp, !dp.detach_on_exit)
+}
+
+/// Waits for the programs' verification, pulling the cluster's initial state meanwhile: the
+/// loaded data path, and the first batch if it came before verification ended.
+async fn verified_while_listing(
+    verifying: super::datapath::Verifying,
+    source: &mut KubeSource,
+) -> anyhow::Result<(super::datapath::Loaded, Option<Batch>)> {
+    let mut verified = tokio::task::spawn_blocking(move || verifying.wait());
+    let mut first = None;
+    loop {
+        tokio::select! {
+            done = &mut verified => {
+                let (loaded, _) = done.context("the program verifier")??;
+                return Ok((loaded, first));
+            }
+            batch = source.next(), if first.is_none() => first = Some(batch),
+        }
+    }
+}
+
+/// The batch pulled before the programs were attached, else the source's next.
+async fn next_batch(source: &mut KubeSource, early: &mut Option<Batch>) -> Batch {
+    match early.take() {
+        Some(batch) => batch,
+        None => source.next().await,
+    }
 }
 
 /// An Event on the Service of each refusal problem (one per problem, counting its episodes).
