@@ -6,8 +6,8 @@ use aya::maps::{Array, Map, MapData};
 use proxy_common::{
     ABI_VERSION, ALL_MAPS, COUNTER_SLOTS, Config, DEFAULT_MAX_CLUSTER_EGRESS, DEFAULT_MAX_MAGLEV,
     DEFAULT_MAX_TUNNEL_PEERS, EVENT_LIMIT_SLOTS, EVENTS_BYTES, FE_FILTER_WORDS, MAP_BACKEND_HEALTH,
-    MAP_CLUSTER_EGRESS, MAP_CONFIG, MAP_COUNTERS, MAP_EVENT_LIMIT, MAP_EVENTS, MAP_FE_FILTER,
-    MAP_FRAGS, MAP_MAGLEV, MAP_SVC_STATS, MAP_TUNNEL_PEERS, user::map_layout,
+    MAP_CLUSTER_EGRESS, MAP_CONFIG, MAP_COUNTERS, MAP_EGRESS_POOLS, MAP_EVENT_LIMIT, MAP_EVENTS,
+    MAP_FE_FILTER, MAP_FRAGS, MAP_MAGLEV, MAP_SVC_STATS, MAP_TUNNEL_PEERS, user::map_layout,
 };
 
 use crate::loader::Limits;
@@ -27,15 +27,16 @@ pub enum Pinned {
 }
 
 /// Maps an agent can create empty under live flows: what is in them is derived from the desired
-/// state and rewritten in full at start (the Maglev tables, the frontend filter, the cluster
+/// state and rewritten in full at start (the Maglev tables and egress pools, the frontend filter, the cluster
 /// egress owners and tunnel peers, the configuration), transient (the event ring and its rate
 /// limits, fragments in flight), or statistics whose reset costs a counter reset (counters,
 /// per-Service stats, passive health signals, which start over). Never the flows (CT, CT_NEW,
 /// REVNAT), nor what their entries refer to by id (SERVICES, BACKENDS, SLOTS, FRONTENDS,
 /// SRC_RANGES), nor session affinity (clients would move between endpoints).
-pub const REBUILDABLE_MAPS: [&str; 11] = [
+pub const REBUILDABLE_MAPS: [&str; 12] = [
     MAP_CONFIG,
     MAP_MAGLEV,
+    MAP_EGRESS_POOLS,
     MAP_FE_FILTER,
     MAP_CLUSTER_EGRESS,
     MAP_TUNNEL_PEERS,
