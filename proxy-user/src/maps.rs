@@ -566,7 +566,7 @@ impl MapWriter for DatapathMaps {
                 self.maglev.insert(id, &*table, 0)
             }
             MapOp::DeleteMaglev(id) => ignore_missing(self.maglev.remove(&id)),
-            MapOp::PutEgressPool(id, pool) => self.egress_pools.insert(id, pool, 0),
+            MapOp::PutEgressPool(id, ref pool) => self.egress_pools.insert(id, **pool, 0),
             MapOp::DeleteEgressPool(id) => ignore_missing(self.egress_pools.remove(&id)),
         };
         result.map_err(|err| self.write_error(op.map_name(), err))

@@ -51,8 +51,9 @@ pub enum MapOp {
     /// A Service port's Maglev table: slot -> backend id, [`proxy_common::MAGLEV_M`] slots.
     PutMaglev(u32, Arc<[u32]>),
     DeleteMaglev(u32),
-    /// A Service port's egress pool (`SVC_F_EGRESS_POOL`), keyed by its service id.
-    PutEgressPool(u32, EgressPool),
+    /// A Service port's egress pool (`SVC_F_EGRESS_POOL`), keyed by its service id. Boxed: 264
+    /// bytes, where every other operation fits in 48.
+    PutEgressPool(u32, Box<EgressPool>),
     DeleteEgressPool(u32),
 }
 
@@ -191,8 +192,8 @@ impl MapState {
             MapOp::DeleteMaglev(id) => {
                 self.maglev.remove(&id);
             }
-            MapOp::PutEgressPool(id, pool) => {
-                self.egress_pools.insert(id, pool);
+            MapOp::PutEgressPool(id, ref pool) => {
+                self.egress_pools.insert(id, **pool);
             }
             MapOp::DeleteEgressPool(id) => {
                 self.egress_pools.remove(&id);
@@ -1029,7 +1030,7 @@ impl Reconciler {
         if let Some(pool) = pool
             && emitter.projected.egress_pool(id) != Some(pool)
         {
-            emitter.emit(owner, MapOp::PutEgressPool(id, pool));
+            emitter.emit(owner, MapOp::PutEgressPool(id, Box::new(pool)));
         }
         let had_pool = emitter.projected.had_egress_pool(id);
 
@@ -1436,8 +1437,8 @@ impl<'a> Projection<'a> {
             MapOp::DeleteMaglev(id) => {
                 self.maglev.insert(id, None);
             }
-            MapOp::PutEgressPool(id, pool) => {
-                self.egress_pools.insert(id, Some(pool));
+            MapOp::PutEgressPool(id, ref pool) => {
+                self.egress_pools.insert(id, Some(**pool));
             }
             MapOp::DeleteEgressPool(id) => {
                 self.egress_pools.insert(id, None);

@@ -170,7 +170,7 @@ impl Capacity {
         }
     }
 
-    /// "33512 ports per egress address" or "4 ports x 2 egress addresses".
+    /// "33512 port(s) per egress address" or "4 port(s) x 2 egress addresses".
     fn pairs(&self) -> String {
         if self.addresses == 1 {
             format!("{} port(s) per egress address", self.ports)

@@ -1023,7 +1023,7 @@ fn unchanged_services_are_not_planned() {
     );
 }
 
-fn pool_of(addrs: &[&str]) -> EgressPool {
+fn pool_of(addrs: &[&str]) -> Box<EgressPool> {
     let mut pool = EgressPool {
         count: addrs.len() as u32,
         ..EgressPool::default()
@@ -1031,7 +1031,7 @@ fn pool_of(addrs: &[&str]) -> EgressPool {
     for (slot, a) in pool.addrs.iter_mut().zip(addrs) {
         *slot = Addr::from(ip(a));
     }
-    pool
+    Box::new(pool)
 }
 
 /// A Service with several egress addresses: its pool is written before the service value that
