@@ -27,7 +27,7 @@ pub enum Pinned {
 }
 
 /// Maps an agent can create empty under live flows: what is in them is derived from the desired
-/// state and rewritten in full at start (the Maglev tables and egress pools, the frontend filter, the cluster
+/// state and rewritten in full at start (the Maglev tables, the frontend filter, the cluster
 /// egress owners and tunnel peers, the configuration), transient (the event ring and its rate
 /// limits, fragments in flight), or statistics whose reset costs a counter reset (counters,
 /// per-Service stats, passive health signals, which start over). Never the flows (CT, CT_NEW,
