@@ -44,9 +44,10 @@ pub const MAP_BACKEND_HEALTH: &str = "BACKEND_HEALTH";
 pub const MAP_CLUSTER_EGRESS: &str = "CLUSTER_EGRESS";
 pub const MAP_TUNNEL_PEERS: &str = "TUNNEL_PEERS";
 pub const MAP_MAGLEV: &str = "MAGLEV";
+pub const MAP_EGRESS_POOLS: &str = "EGRESS_POOLS";
 
 /// Every map the data path defines, in the order the agent pins and checks them.
-pub const ALL_MAPS: [&str; 20] = [
+pub const ALL_MAPS: [&str; 21] = [
     MAP_CONFIG,
     MAP_FRONTENDS,
     MAP_SERVICES,
@@ -67,6 +68,7 @@ pub const ALL_MAPS: [&str; 20] = [
     MAP_CLUSTER_EGRESS,
     MAP_TUNNEL_PEERS,
     MAP_MAGLEV,
+    MAP_EGRESS_POOLS,
 ];
 
 /// Program names (the Rust function names of the entry points).
@@ -599,6 +601,33 @@ pub const SVC_F_CLUSTER_EGRESS: u32 = 1;
 /// Endpoints are chosen by the Service's Maglev table ([`MAP_MAGLEV`]) instead of its slots, so
 /// that every node chooses the same endpoint for the same flow.
 pub const SVC_F_MAGLEV: u32 = 2;
+/// The Service SNATs to a pool of addresses ([`MAP_EGRESS_POOLS`], keyed by its service id), of
+/// which `egress` is the first: SNAT ports are unique per (egress address, endpoint, protocol),
+/// so every address adds a full port range per endpoint. Without the flag, or while the pool
+/// entry is missing, `egress` alone is used.
+pub const SVC_F_EGRESS_POOL: u32 = 4;
+
+// ---------------------------------------------------------------------------------------------
+// EGRESS_POOLS: HASH service_id (u32, host order) -> EgressPool
+// ---------------------------------------------------------------------------------------------
+
+/// Addresses an egress pool holds at most. A power of two: the data path bounds its index with a
+/// mask the verifier follows.
+pub const EGRESS_POOL_MAX: usize = 16;
+const _: () = assert!(EGRESS_POOL_MAX.is_power_of_two());
+
+/// The SNAT addresses of one Service port ([`SVC_F_EGRESS_POOL`]), all of its family. The SNAT
+/// allocator's candidates are (address, port) pairs over `addrs[..count]` x the SNAT ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EgressPool {
+    /// Addresses in use, `addrs[0..count]` (host order); 2..=[`EGRESS_POOL_MAX`]. The data path
+    /// takes anything above [`EGRESS_POOL_MAX`] as that bound.
+    pub count: u32,
+    pub reserved: u32,
+    /// `addrs[0]` is the Service's `egress`; unused entries are zero.
+    pub addrs: [Addr; EGRESS_POOL_MAX],
+}
 
 // ---------------------------------------------------------------------------------------------
 // SLOTS: HASH SlotKey -> backend_id (u32, host order)
@@ -908,7 +937,9 @@ pub struct Event {
     pub backend_port: u16,
     pub proto: u8,
     pub pad: u8,
-    pub reserved: u32,
+    /// How many egress addresses the allocator tried (host order): the Service's pool size, the
+    /// first of which is `egress`; 0 or 1 for a Service with one address.
+    pub egress_count: u32,
 }
 
 /// Per CPU and bucket: when the bucket last emitted (ticks) and what it suppressed since.
@@ -1176,7 +1207,8 @@ mod pod {
         EventLimit,
         BackendHealth,
         ClusterEgress,
-        MaglevTable
+        MaglevTable,
+        EgressPool
     );
 }
 
@@ -1206,4 +1238,5 @@ const _: () = {
     assert!(core::mem::size_of::<BackendHealth>() == 32);
     assert!(core::mem::size_of::<ClusterEgress>() == 24);
     assert!(core::mem::size_of::<MaglevTable>() == MAGLEV_SLOTS * 4);
+    assert!(core::mem::size_of::<EgressPool>() == 8 + 16 * EGRESS_POOL_MAX);
 };

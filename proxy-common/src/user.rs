@@ -113,6 +113,7 @@ pub fn map_layout(name: &str) -> Option<(usize, usize)> {
         MAP_CLUSTER_EGRESS => (size_of::<Addr>(), size_of::<ClusterEgress>()),
         MAP_TUNNEL_PEERS => (size_of::<Addr>(), 4),
         MAP_MAGLEV => (4, size_of::<MaglevTable>()),
+        MAP_EGRESS_POOLS => (4, size_of::<EgressPool>()),
         _ => return None,
     })
 }

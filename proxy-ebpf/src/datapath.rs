@@ -694,7 +694,7 @@ fn open_flow(cfg: &Config, s: &mut Scratch, now: u32) -> Action {
     let chosen = &s.chosen;
     let ct = &mut s.ct;
     ct.backend = chosen.addr;
-    ct.snat = s.egress;
+    ct.snat = s.rn_key.snat;
     ct.backend_id = chosen.id;
     ct.backend_generation = chosen.generation;
     ct.service_id = s.fe.service_id;
@@ -1042,12 +1042,12 @@ fn report(s: &mut Scratch, kind: u32) {
         count: limit.suppressed + 1,
         service_id: s.fe.service_id,
         backend_id: chosen.id,
-        egress: s.rn_key.snat,
+        egress: s.egress,
         backend: chosen.addr,
         backend_port: chosen.port,
         proto: s.pkt.tuple.proto,
         pad: 0,
-        reserved: 0,
+        egress_count: s.alloc.addrs,
     };
     if EVENTS.output::<Event>(&s.event, 0).is_err() {
         count(Counter::EventsLost);

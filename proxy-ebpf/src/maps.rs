@@ -76,6 +76,12 @@ pub static TUNNEL_PEERS: HashMap<Addr, u32> =
 pub static MAGLEV: HashMap<u32, MaglevTable> =
     HashMap::with_max_entries(DEFAULT_MAX_MAGLEV, BPF_F_NO_PREALLOC);
 
+/// SNAT address pools of the Services with more than one egress address (`SVC_F_EGRESS_POOL`).
+/// Allocated on insert: only those Services have an entry.
+#[map]
+pub static EGRESS_POOLS: HashMap<u32, EgressPool> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, BPF_F_NO_PREALLOC);
+
 #[map]
 pub static EVENT_LIMIT: PerCpuArray<EventLimit> =
     PerCpuArray::with_max_entries(EVENT_LIMIT_SLOTS, 0);

@@ -8,13 +8,13 @@ use crate::{
     csum,
     ctx::{Ctx, load, ptr_at, store},
     lb,
-    maps::{CONFIG, CT, CT_NEW, REVNAT, SCRATCH},
+    maps::{CONFIG, CT, CT_NEW, EGRESS_POOLS, REVNAT, SCRATCH},
     parse::{ETH_HLEN, Inner, Pkt},
     stats::count,
     tcpts,
 };
 
-/// Ports tried before a new flow is refused as `snat_ports_exhausted`. The candidates are
+/// (Address, port) pairs tried before a new flow is refused as `snat_ports_exhausted`. The candidates are
 /// independent, so with a fraction f of the range unusable a new flow is refused with probability
 /// about f^SNAT_TRIES: 0.08% at f = 0.8, 3.4% at 0.9. The tries run under bpf_loop, so their
 /// number costs no verification time.
@@ -41,20 +41,26 @@ pub enum AllocError {
     TableFull,
 }
 
-/// Reserves a source port on `s.rn_key.snat` for a flow to `s.rn_key.backend:backend_port` by
-/// writing its reverse NAT entry `s.rn`. On success `s.rn_key.snat_port` holds the port, and the
-/// result is the TCP timestamp offset the flow needs on it (0: none; see [`crate::tcpts`]).
+/// Reserves a source address and port for a flow to `s.rn_key.backend:backend_port` by writing
+/// its reverse NAT entry `s.rn`. On success `s.rn_key.snat` and `s.rn_key.snat_port` hold them,
+/// and the result is the TCP timestamp offset the flow needs on that pair (0: none; see
+/// [`crate::tcpts`]).
 ///
 /// `syn_ts`: the TSval of the flow's SYN, if it carries one.
 ///
-/// Candidates come from the flow hash `flow` (a flow recreated after losing its conntrack entry
-/// usually gets its port again), scattered over the whole range: consecutive ports pile flows up
-/// behind each other. Ranges no larger than the tries are walked port by port instead, so a
-/// refusal there always means that no port is usable. Of the first two usable candidates the one
-/// idle longer is taken: a port no flow has used within its hold has no entry at all and beats
-/// every closed flow's port.
+/// The candidates are (egress address, port) pairs: the Service's `egress` (`s.egress`) times
+/// the SNAT ports, or with an egress pool (`SVC_F_EGRESS_POOL`) every pool address times them
+/// ([`set_candidate`]), so that a pool of n addresses offers n times the pairs per endpoint. A
+/// Service with one address never looks at the pool map.
 ///
-/// A port is usable when no flow has it, when its flow is gone or expired, or when its flow
+/// Candidates come from the flow hash `flow` (a flow recreated after losing its conntrack entry
+/// usually gets its pair again), scattered over all pairs: consecutive ports pile flows up
+/// behind each other. Pair sets no larger than the tries are walked one by one instead, so a
+/// refusal there always means that no pair is usable. Of the first two usable candidates the one
+/// idle longer is taken: a pair no flow has used within its hold has no entry at all and beats
+/// every closed flow's pair.
+///
+/// A pair is usable when no flow has it, when its flow is gone or expired, or when its flow
 /// closed and the endpoint will accept a new connection on it: see [`judge`].
 #[inline(always)]
 pub fn snat_alloc(
@@ -65,25 +71,38 @@ pub fn snat_alloc(
     syn_ts: Option<u32>,
 ) -> Result<u32, AllocError> {
     let range = cfg.snat_ports;
-    if range == 0 {
-        return Err(AllocError::Exhausted);
-    }
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         return Err(AllocError::Exhausted);
     };
     let s = unsafe { &mut *s };
+    s.alloc.addrs = 1;
+    if range == 0 {
+        return Err(AllocError::Exhausted);
+    }
+    if s.svc_flags & SVC_F_EGRESS_POOL != 0
+        && let Some(pool) = unsafe { EGRESS_POOLS.get(&s.rn.service_id) }
+    {
+        s.alloc.addrs = pool.count.clamp(1, EGRESS_POOL_MAX as u32);
+    }
+    // At most 16 x 65,535; never 0, but the check spares the division its panic path.
+    let total = range.wrapping_mul(s.alloc.addrs);
+    if total == 0 {
+        return Err(AllocError::Exhausted);
+    }
     // The common case, outside the loop: the first candidate has no entry (no flow used it
     // within its hold). A plain hash refuses the insert of a taken key without side effects, so
     // no lookup first; anything else is for the tries.
-    s.rn_key.snat_port = cfg.snat_port_at(flow % range).to_be();
-    if REVNAT.insert(&s.rn_key, &s.rn, BPF_NOEXIST as u64).is_ok() {
+    if set_candidate(cfg, s, flow % total)
+        && REVNAT.insert(&s.rn_key, &s.rn, BPF_NOEXIST as u64).is_ok()
+    {
         return Ok(0);
     }
     let st = &mut s.alloc;
     st.now = now;
     st.ticks = ticks;
     st.x = flow;
-    st.start = flow % range;
+    st.start = flow % total;
+    st.total = total;
     st.syn_ts = syn_ts.unwrap_or(0);
     st.has_ts = syn_ts.is_some() as u32;
     st.taken = 0;
@@ -108,6 +127,38 @@ pub fn snat_alloc(
     }
 }
 
+/// Points `s.rn_key` at the `idx`-th (address, port) pair (`idx < range x addresses`): ports
+/// vary fastest, so with one address the pairs are the ports, in the order they always had, and
+/// the address is `s.egress`. False when the pool no longer has that address (it shrank since
+/// the allocation began): the candidate is skipped.
+#[inline(always)]
+fn set_candidate(cfg: &Config, s: &mut crate::maps::Scratch, idx: u32) -> bool {
+    let range = cfg.snat_ports;
+    if range == 0 {
+        return false;
+    }
+    s.rn_key.snat_port = cfg.snat_port_at(idx % range).to_be();
+    let member = idx / range;
+    if member == 0 {
+        s.rn_key.snat = s.egress;
+        return true;
+    }
+    let Some(pool) = (unsafe { EGRESS_POOLS.get(&s.rn.service_id) }) else {
+        return false;
+    };
+    if member >= pool.count {
+        return false;
+    }
+    // Word by word: a copy between two map values becomes a byte-loop memmove call.
+    let a = &pool.addrs[member as usize & (EGRESS_POOL_MAX - 1)];
+    let [w0, w1, w2, w3] = a.words;
+    if w0 | w1 | w2 | w3 == 0 {
+        return false;
+    }
+    s.rn_key.snat.words = [w0, w1, w2, w3];
+    true
+}
+
 /// The state of [`snat_alloc`]'s tries. In the per-CPU scratch, not on the stack (where
 /// bpf_loop contexts usually live): the call chain's 512 bytes of stack have no room left.
 #[repr(C)]
@@ -116,45 +167,53 @@ pub struct AllocLoop {
     ticks: u32,
     /// The flow's probe sequence: the next random candidate.
     x: u32,
-    /// First candidate, for ranges walked port by port.
+    /// First candidate, for pair sets walked one by one.
     start: u32,
+    /// Candidate (address, port) pairs: SNAT ports x `addrs`.
+    total: u32,
+    /// Egress addresses the pairs span (1 without a pool); the event reports it.
+    pub addrs: u32,
     /// The new flow's SYN: its TSval, and whether it has one.
     syn_ts: u32,
     has_ts: u32,
-    /// Out: a port was taken, with this timestamp offset.
+    /// Out: a pair was taken, with this timestamp offset.
     taken: u32,
     offset: u32,
     /// A candidate met a full reverse NAT table.
     full: u32,
-    /// The first usable closed port (net order; 0: none), kept until the second candidate is
-    /// seen: the one idle longer is taken.
+    /// The first usable closed pair's port (net order; 0: none) and address, kept until the
+    /// second candidate is seen: the one idle longer is taken.
     best_port: u16,
     pad: u16,
+    best_addr: Addr,
     best_word: u64,
     best_offset: u32,
     pad32: u32,
 }
 
-/// One try of [`snat_alloc`]: 1 (stop) once a port is taken or nothing can go on, else 0.
+/// One try of [`snat_alloc`]: 1 (stop) once a pair is taken or nothing can go on, else 0.
 #[inline(never)]
 extern "C" fn alloc_try(k: u64, _ctx: *mut c_void) -> i64 {
     let (Some(cfg), Some(s)) = (CONFIG.get(0), SCRATCH.get_ptr_mut(0)) else {
         return 1;
     };
     let s = unsafe { &mut *s };
-    let range = cfg.snat_ports;
-    if range == 0 {
+    let total = s.alloc.total;
+    if total == 0 {
         return 1;
     }
     let k = k as u32;
     let st = &mut s.alloc;
-    let idx = if range <= SNAT_TRIES {
-        (st.start + k) % range
+    let idx = if total <= SNAT_TRIES {
+        (st.start + k) % total
     } else {
-        st.x % range
+        st.x % total
     };
     st.x = next_candidate(st.x);
-    s.rn_key.snat_port = cfg.snat_port_at(idx).to_be();
+    if !set_candidate(cfg, s, idx) {
+        count(Counter::SnatCollision);
+        return 0;
+    }
     // Look before inserting: an insert that finds the key taken still costs a lookup, and
     // taken ports are the common case once a busy range has filled with closed flows' ports.
     let verdict = match REVNAT.get_ptr_mut(&s.rn_key) {
@@ -190,9 +249,10 @@ extern "C" fn alloc_try(k: u64, _ctx: *mut c_void) -> i64 {
                 Some(e) => unsafe { core::ptr::read_volatile(closed_word(&mut *e)) },
                 None => 0,
             };
-            if k == 0 && range > SNAT_TRIES {
+            if k == 0 && total > SNAT_TRIES {
                 // Keep it; the next candidate may have been idle longer.
                 st.best_port = s.rn_key.snat_port;
+                st.best_addr = s.rn_key.snat;
                 st.best_word = word;
                 st.best_offset = offset;
                 count(Counter::SnatCollision);
@@ -280,6 +340,7 @@ fn judge(cfg: &Config, st: &AllocLoop, rn: &RevNatValue, existing: &RevNatValue)
 #[inline(always)]
 fn claim_best(s: &mut crate::maps::Scratch) -> bool {
     s.rn_key.snat_port = s.alloc.best_port;
+    s.rn_key.snat = s.alloc.best_addr;
     let Some(e) = REVNAT.get_ptr_mut(&s.rn_key) else {
         return false;
     };

@@ -527,6 +527,7 @@ mod tests {
                 backends: VecMap::new(),
                 affinity_timeout: 0,
                 egress: None,
+                extra_egress: Vec::new(),
                 cluster_egress: false,
                 source_ranges: Vec::new(),
                 port: 80,

@@ -136,9 +136,9 @@ pub struct ConvertArgs {
     /// A manifest holding one or more ExternalName Services (YAML); `-` for standard input.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
-    /// Annotate the Services with this egress (source) address, one per IP family
-    /// (extproxy.io/egress-ip).
-    #[arg(long = "egress-ip", value_name = "IP")]
+    /// Annotate the Services with this egress (source) address (extproxy.io/egress-ip); several
+    /// of a family make a pool. Repeat or separate with commas.
+    #[arg(long = "egress-ip", value_name = "IP", value_delimiter = ',')]
     pub egress_ips: Vec<IpAddr>,
 }
 
@@ -268,9 +268,11 @@ pub struct NodeArgs {
     /// route.
     #[arg(long = "iface", value_name = "IFACE", required = true)]
     pub ifaces: Vec<String>,
-    /// Source address the external endpoints see (one per IP family). Default: the Node's
-    /// InternalIP (Kubernetes mode) or the uplink's first address of each family.
-    #[arg(long = "egress-ip", value_name = "IP")]
+    /// Source address the external endpoints see. Several of a family (repeat the flag or
+    /// separate with commas, up to 16) make a pool: SNAT ports are unique per (address, endpoint),
+    /// so each address adds a port range per endpoint. Default: the Node's InternalIP
+    /// (Kubernetes mode) or the uplink's first address of each family.
+    #[arg(long = "egress-ip", value_name = "IP", value_delimiter = ',')]
     pub egress_ips: Vec<IpAddr>,
     /// Addresses NodePorts listen on. Default: the Node's InternalIP and ExternalIP addresses
     /// (Kubernetes mode) or every address of the uplink(s).

@@ -69,6 +69,8 @@ pub struct ServiceView {
     pub id: u32,
     pub name: String,
     pub egress: Option<IpAddr>,
+    /// With an egress pool: all its addresses, `egress` first (empty: one address).
+    pub egress_pool: Vec<IpAddr>,
     pub affinity_timeout: u32,
     pub endpoints: Vec<EndpointView>,
     pub fwd_packets: u64,
@@ -224,6 +226,7 @@ pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
     }
     let ids: Vec<u32> = snap.services.iter().map(|(id, _)| *id).collect();
     let stats: BTreeMap<u32, ServiceStats> = maps.service_stats(&ids)?.into_iter().collect();
+    let pools: BTreeMap<u32, EgressPool> = maps.egress_pools()?.into_iter().collect();
     let services = snap
         .services
         .iter()
@@ -233,6 +236,14 @@ pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
                 id: *id,
                 name: name_of(*id),
                 egress: (!v.egress.is_zero()).then(|| v.egress.to_ip()),
+                egress_pool: pools
+                    .get(id)
+                    .filter(|_| v.flags & SVC_F_EGRESS_POOL != 0)
+                    .map(|p| {
+                        let n = (p.count as usize).min(p.addrs.len());
+                        p.addrs[..n].iter().map(Addr::to_ip).collect()
+                    })
+                    .unwrap_or_default(),
                 affinity_timeout: v.affinity_timeout,
                 endpoints: endpoints.remove(id).unwrap_or_default(),
                 fwd_packets: s.fwd_packets,
@@ -452,7 +463,11 @@ pub fn render(report: &Report) -> String {
             vec![
                 s.id.to_string(),
                 s.name.clone(),
-                s.egress.map_or("NONE (rejects)".into(), |e| e.to_string()),
+                if s.egress_pool.is_empty() {
+                    s.egress.map_or("NONE (rejects)".into(), |e| e.to_string())
+                } else {
+                    join_addrs(&s.egress_pool, ",", "-")
+                },
                 if active == 0 {
                     "none (rejects)".into()
                 } else {

@@ -101,12 +101,13 @@ impl Limits {
     }
 
     /// max_entries per map name, as the loader applies them.
-    pub fn max_entries(&self) -> [(&'static str, u32); 12] {
+    pub fn max_entries(&self) -> [(&'static str, u32); 13] {
         // Cluster egress, tunnel peers and Maglev tables keep their compiled-in sizes.
         [
             (MAP_FRONTENDS, self.max_frontends),
             (MAP_SERVICES, self.max_services),
             (MAP_SVC_STATS, self.max_services),
+            (MAP_EGRESS_POOLS, self.max_services),
             (MAP_SLOTS, self.max_slots),
             (MAP_BACKENDS, self.max_backends),
             (MAP_BACKEND_HEALTH, self.max_backends),

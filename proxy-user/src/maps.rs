@@ -15,11 +15,12 @@ use std::net::IpAddr;
 use aya::sys::SyscallError;
 use proxy_common::{
     ALL_MAPS, Addr, AffinityKey, AffinityValue, BackendHealth, BackendValue, CE_F_LOCAL,
-    ClusterEgress, Config, Counter, CtKey, CtValue, FE_FILTER_WORDS, FrontendKey, FrontendValue,
-    MAGLEV_SLOTS, MAP_AFFINITY, MAP_BACKEND_HEALTH, MAP_BACKENDS, MAP_CLUSTER_EGRESS, MAP_CONFIG,
-    MAP_COUNTERS, MAP_CT, MAP_CT_NEW, MAP_FE_FILTER, MAP_FRONTENDS, MAP_MAGLEV, MAP_REVNAT,
-    MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES, MAP_SVC_STATS, MAP_TUNNEL_PEERS, MaglevTable,
-    RevNatKey, RevNatValue, ServiceStats, ServiceValue, SlotKey, SrcRangeKey,
+    ClusterEgress, Config, Counter, CtKey, CtValue, EgressPool, FE_FILTER_WORDS, FrontendKey,
+    FrontendValue, MAGLEV_SLOTS, MAP_AFFINITY, MAP_BACKEND_HEALTH, MAP_BACKENDS,
+    MAP_CLUSTER_EGRESS, MAP_CONFIG, MAP_COUNTERS, MAP_CT, MAP_CT_NEW, MAP_EGRESS_POOLS,
+    MAP_FE_FILTER, MAP_FRONTENDS, MAP_MAGLEV, MAP_REVNAT, MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES,
+    MAP_SVC_STATS, MAP_TUNNEL_PEERS, MaglevTable, RevNatKey, RevNatValue, ServiceStats,
+    ServiceValue, SlotKey, SrcRangeKey,
 };
 use thiserror::Error;
 
@@ -61,6 +62,7 @@ pub struct DatapathMaps {
     cluster_egress: HashMap<MapData, Addr, ClusterEgress>,
     tunnel_peers: HashMap<MapData, Addr, u32>,
     maglev: HashMap<MapData, u32, MaglevTable>,
+    egress_pools: HashMap<MapData, u32, EgressPool>,
     ct: HashMap<MapData, CtKey, CtValue>,
     ct_new: HashMap<MapData, CtKey, CtValue>,
     revnat: HashMap<MapData, RevNatKey, RevNatValue>,
@@ -143,6 +145,7 @@ impl DatapathMaps {
             cluster_egress: typed(MAP_CLUSTER_EGRESS, get(MAP_CLUSTER_EGRESS)?)?,
             tunnel_peers: typed(MAP_TUNNEL_PEERS, get(MAP_TUNNEL_PEERS)?)?,
             maglev: typed(MAP_MAGLEV, get(MAP_MAGLEV)?)?,
+            egress_pools: typed(MAP_EGRESS_POOLS, get(MAP_EGRESS_POOLS)?)?,
             ct: typed(MAP_CT, get(MAP_CT)?)?,
             ct_new: typed(MAP_CT_NEW, get(MAP_CT_NEW)?)?,
             revnat: typed(MAP_REVNAT, get(MAP_REVNAT)?)?,
@@ -166,6 +169,7 @@ impl DatapathMaps {
             MAP_CLUSTER_EGRESS => IterableMap::map(&self.cluster_egress),
             MAP_TUNNEL_PEERS => IterableMap::map(&self.tunnel_peers),
             MAP_MAGLEV => IterableMap::map(&self.maglev),
+            MAP_EGRESS_POOLS => IterableMap::map(&self.egress_pools),
             MAP_CT => IterableMap::map(&self.ct),
             MAP_CT_NEW => IterableMap::map(&self.ct_new),
             MAP_REVNAT => IterableMap::map(&self.revnat),
@@ -331,6 +335,11 @@ impl DatapathMaps {
     /// Every cluster egress address the data path knows, with its owner.
     pub fn cluster_egress(&self) -> Result<Vec<(Addr, ClusterEgress)>, MapsError> {
         entries(MAP_CLUSTER_EGRESS, self.cluster_egress.iter())
+    }
+
+    /// Every egress pool (service id, pool): the Services with more than one egress address.
+    pub fn egress_pools(&self) -> Result<Vec<(u32, EgressPool)>, MapsError> {
+        entries(MAP_EGRESS_POOLS, self.egress_pools.iter())
     }
 
     /// The nodes whose tunnelled packets are served.
@@ -557,6 +566,8 @@ impl MapWriter for DatapathMaps {
                 self.maglev.insert(id, &*table, 0)
             }
             MapOp::DeleteMaglev(id) => ignore_missing(self.maglev.remove(&id)),
+            MapOp::PutEgressPool(id, ref pool) => self.egress_pools.insert(id, **pool, 0),
+            MapOp::DeleteEgressPool(id) => ignore_missing(self.egress_pools.remove(&id)),
         };
         result.map_err(|err| self.write_error(op.map_name(), err))
     }

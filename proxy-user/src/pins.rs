@@ -6,8 +6,8 @@ use aya::maps::MapData;
 use proxy_common::{
     ABI_VERSION, ALL_MAPS, COUNTER_SLOTS, DEFAULT_MAX_CLUSTER_EGRESS, DEFAULT_MAX_MAGLEV,
     DEFAULT_MAX_TUNNEL_PEERS, EVENT_LIMIT_SLOTS, EVENTS_BYTES, FE_FILTER_WORDS, MAP_BACKEND_HEALTH,
-    MAP_CLUSTER_EGRESS, MAP_CONFIG, MAP_COUNTERS, MAP_EVENT_LIMIT, MAP_EVENTS, MAP_FE_FILTER,
-    MAP_FRAGS, MAP_MAGLEV, MAP_SVC_STATS, MAP_TUNNEL_PEERS, user::map_layout,
+    MAP_CLUSTER_EGRESS, MAP_CONFIG, MAP_COUNTERS, MAP_EGRESS_POOLS, MAP_EVENT_LIMIT, MAP_EVENTS,
+    MAP_FE_FILTER, MAP_FRAGS, MAP_MAGLEV, MAP_SVC_STATS, MAP_TUNNEL_PEERS, user::map_layout,
 };
 
 use crate::{loader::Limits, upgrade};
@@ -42,9 +42,10 @@ pub enum Pinned {
 /// per-Service stats, passive health signals, which start over). Never the flows (CT, CT_NEW,
 /// REVNAT), nor what their entries refer to by id (SERVICES, BACKENDS, SLOTS, FRONTENDS,
 /// SRC_RANGES), nor session affinity (clients would move between endpoints).
-pub const REBUILDABLE_MAPS: [&str; 11] = [
+pub const REBUILDABLE_MAPS: [&str; 12] = [
     MAP_CONFIG,
     MAP_MAGLEV,
+    MAP_EGRESS_POOLS,
     MAP_FE_FILTER,
     MAP_CLUSTER_EGRESS,
     MAP_TUNNEL_PEERS,

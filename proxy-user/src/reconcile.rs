@@ -19,9 +19,10 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use proxy_common::user::{port_host, port_net};
 use proxy_common::{
-    Addr, BackendState, BackendValue, FE_F_SOURCE_RANGES, FrontendKey, FrontendKind, FrontendValue,
-    MAP_BACKENDS, MAP_FRONTENDS, MAP_MAGLEV, MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES,
-    SVC_F_CLUSTER_EGRESS, SVC_F_MAGLEV, ServiceValue, SlotKey, SrcRangeKey, src_range_prefix_len,
+    Addr, BackendState, BackendValue, EGRESS_POOL_MAX, EgressPool, FE_F_SOURCE_RANGES, FrontendKey,
+    FrontendKind, FrontendValue, MAP_BACKENDS, MAP_EGRESS_POOLS, MAP_FRONTENDS, MAP_MAGLEV,
+    MAP_SERVICES, MAP_SLOTS, MAP_SRC_RANGES, SVC_F_CLUSTER_EGRESS, SVC_F_EGRESS_POOL, SVC_F_MAGLEV,
+    ServiceValue, SlotKey, SrcRangeKey, src_range_prefix_len,
 };
 use thiserror::Error;
 
@@ -50,6 +51,10 @@ pub enum MapOp {
     /// A Service port's Maglev table: slot -> backend id, [`proxy_common::MAGLEV_M`] slots.
     PutMaglev(u32, Arc<[u32]>),
     DeleteMaglev(u32),
+    /// A Service port's egress pool (`SVC_F_EGRESS_POOL`), keyed by its service id. Boxed: 264
+    /// bytes, where every other operation fits in 48.
+    PutEgressPool(u32, Box<EgressPool>),
+    DeleteEgressPool(u32),
 }
 
 impl MapOp {
@@ -61,6 +66,7 @@ impl MapOp {
             MapOp::PutBackend(..) => MAP_BACKENDS,
             MapOp::PutSrcRange(_) | MapOp::DeleteSrcRange(_) => MAP_SRC_RANGES,
             MapOp::PutMaglev(..) | MapOp::DeleteMaglev(_) => MAP_MAGLEV,
+            MapOp::PutEgressPool(..) | MapOp::DeleteEgressPool(_) => MAP_EGRESS_POOLS,
         }
     }
 }
@@ -129,6 +135,9 @@ pub struct MapState {
     pub src_ranges: BTreeSet<SrcRange>,
     /// Maglev tables written (not read back on adoption: rewritten once, then kept).
     pub maglev: BTreeMap<u32, Arc<[u32]>>,
+    /// Egress pools written (not read back on adoption either: rewritten once; a pool left by
+    /// the previous agent is deleted by its service value's flag).
+    pub egress_pools: BTreeMap<u32, EgressPool>,
 }
 
 impl MapState {
@@ -144,6 +153,7 @@ impl MapState {
                 .collect(),
             src_ranges: snapshot.src_ranges.into_iter().collect(),
             maglev: BTreeMap::new(),
+            egress_pools: BTreeMap::new(),
         }
     }
 
@@ -181,6 +191,12 @@ impl MapState {
             }
             MapOp::DeleteMaglev(id) => {
                 self.maglev.remove(&id);
+            }
+            MapOp::PutEgressPool(id, ref pool) => {
+                self.egress_pools.insert(id, **pool);
+            }
+            MapOp::DeleteEgressPool(id) => {
+                self.egress_pools.remove(&id);
             }
         }
     }
@@ -352,6 +368,12 @@ impl Model {
                 count_up(&mut self.service_refs, id);
             }
             MapOp::DeleteMaglev(id) if self.state.maglev.contains_key(&id) => {
+                count_down(&mut self.service_refs, id);
+            }
+            MapOp::PutEgressPool(id, _) if !self.state.egress_pools.contains_key(&id) => {
+                count_up(&mut self.service_refs, id);
+            }
+            MapOp::DeleteEgressPool(id) if self.state.egress_pools.contains_key(&id) => {
                 count_down(&mut self.service_refs, id);
             }
             _ => {}
@@ -1002,20 +1024,38 @@ impl Reconciler {
             emitter.emit(owner, MapOp::DeleteMaglev(id));
         }
 
+        // (3c) the egress pool, in place before the service value's flag sends the data path
+        // to it.
+        let pool = egress_pool(service);
+        if let Some(pool) = pool
+            && emitter.projected.egress_pool(id) != Some(pool)
+        {
+            emitter.emit(owner, MapOp::PutEgressPool(id, Box::new(pool)));
+        }
+        let had_pool = emitter.projected.had_egress_pool(id);
+
         // (4) the service value, which exposes the new slot count.
+        let mut flags = if service.cluster_egress {
+            SVC_F_CLUSTER_EGRESS | SVC_F_MAGLEV
+        } else {
+            0
+        };
+        if pool.is_some() {
+            flags |= SVC_F_EGRESS_POOL;
+        }
         let value = ServiceValue {
             backend_count: new_slots.len() as u32,
             affinity_timeout: service.affinity_timeout,
             egress: service.egress.map_or(Addr::ZERO, Addr::from),
-            flags: if service.cluster_egress {
-                SVC_F_CLUSTER_EGRESS | SVC_F_MAGLEV
-            } else {
-                0
-            },
+            flags,
             reserved: 0,
         };
         if emitter.projected.service(id) != Some(value) {
             emitter.emit(owner, MapOp::PutService(id, value));
+        }
+        // (4b) a pool no longer wanted, once the service value no longer names it.
+        if pool.is_none() && had_pool {
+            emitter.emit(owner, MapOp::DeleteEgressPool(id));
         }
 
         // (5) new source ranges: written only if a frontend consults them.
@@ -1142,11 +1182,15 @@ fn remove_service(emitter: &mut Emitter<'_, '_>, owner: &Option<ServicePortKey>,
     for frontend in frontends {
         emitter.emit(owner, MapOp::DeleteFrontend(frontend));
     }
+    let had_pool = emitter.projected.had_egress_pool(id);
     if emitter.projected.service(id).is_some() {
         emitter.emit(owner, MapOp::DeleteService(id));
     }
     if emitter.projected.maglev(id).is_some() {
         emitter.emit(owner, MapOp::DeleteMaglev(id));
+    }
+    if had_pool {
+        emitter.emit(owner, MapOp::DeleteEgressPool(id));
     }
     let slots: Vec<u32> = emitter.projected.slots_of(id).into_keys().collect();
     for slot in slots {
@@ -1190,6 +1234,7 @@ struct Projection<'a> {
     backends: HashMap<u32, BackendValue>,
     src_ranges: BTreeMap<SrcRange, bool>,
     maglev: HashMap<u32, Option<Arc<[u32]>>>,
+    egress_pools: HashMap<u32, Option<EgressPool>>,
     /// Frontends the plan gave each service id.
     frontends_added: HashMap<u32, BTreeSet<FrontendKey>>,
     /// Frontends of the model that the plan deleted or gave another service id.
@@ -1208,6 +1253,7 @@ impl<'a> Projection<'a> {
             backends: HashMap::new(),
             src_ranges: BTreeMap::new(),
             maglev: HashMap::new(),
+            egress_pools: HashMap::new(),
             frontends_added: HashMap::new(),
             frontends_gone: HashSet::new(),
             slot_refs: HashMap::new(),
@@ -1233,6 +1279,22 @@ impl<'a> Projection<'a> {
             Some(written) => written.clone(),
             None => self.base.state.maglev.get(&id).cloned(),
         }
+    }
+
+    fn egress_pool(&self, id: u32) -> Option<EgressPool> {
+        match self.egress_pools.get(&id) {
+            Some(written) => *written,
+            None => self.base.state.egress_pools.get(&id).copied(),
+        }
+    }
+
+    /// Whether the maps may hold an egress pool for `id`: one written, or one the service value
+    /// names (adopted maps: pools are not read back).
+    fn had_egress_pool(&self, id: u32) -> bool {
+        self.egress_pool(id).is_some()
+            || self
+                .service(id)
+                .is_some_and(|v| v.flags & SVC_F_EGRESS_POOL != 0)
     }
 
     fn backend(&self, id: u32) -> BackendValue {
@@ -1375,6 +1437,12 @@ impl<'a> Projection<'a> {
             MapOp::DeleteMaglev(id) => {
                 self.maglev.insert(id, None);
             }
+            MapOp::PutEgressPool(id, ref pool) => {
+                self.egress_pools.insert(id, Some(**pool));
+            }
+            MapOp::DeleteEgressPool(id) => {
+                self.egress_pools.insert(id, None);
+            }
         }
     }
 }
@@ -1394,6 +1462,26 @@ impl Emitter<'_, '_> {
             unit: self.unit,
         });
     }
+}
+
+/// The egress pool of a Service with more than one egress address: `egress` first, then the
+/// others (translation caps them at [`EGRESS_POOL_MAX`]). None for one address (the data path
+/// then never looks for a pool).
+pub fn egress_pool(service: &DesiredService) -> Option<EgressPool> {
+    let first = service.egress?;
+    if service.extra_egress.is_empty() || service.cluster_egress {
+        return None;
+    }
+    let mut pool = EgressPool::default();
+    for (slot, ip) in pool
+        .addrs
+        .iter_mut()
+        .zip(std::iter::once(&first).chain(&service.extra_egress))
+    {
+        *slot = Addr::from(*ip);
+    }
+    pool.count = (1 + service.extra_egress.len()).min(EGRESS_POOL_MAX) as u32;
+    Some(pool)
 }
 
 /// A Maglev table for the endpoints `endpoints` whose backend ids (this node's) are `ids`, in the

@@ -59,11 +59,14 @@ impl Reason {
     }
 }
 
-/// One problem: a Service port's flows to one endpoint from one egress address.
+/// One problem: a Service port's flows to one endpoint from one egress address (or pool).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RefusalKey {
     pub service: ServicePortKey,
+    /// The egress address, the first of the pool when the Service has several.
     pub egress: IpAddr,
+    /// The addresses the allocator tried: the pool's size (1: one address).
+    pub egress_count: u32,
     pub endpoint: SocketAddr,
     pub protocol: u8,
     pub reason: Reason,
@@ -74,8 +77,8 @@ impl RefusalKey {
     /// one problem.
     pub fn describe(&self) -> String {
         format!(
-            "Service {}/{} port {} ({}): new connections to endpoint {} from egress address {} \
-             are refused: {}",
+            "Service {}/{} port {} ({}): new connections to endpoint {} from egress {} are \
+             refused: {}",
             self.service.namespace,
             self.service.name,
             if self.service.port_name.is_empty() {
@@ -85,7 +88,15 @@ impl RefusalKey {
             },
             proto_name(self.protocol),
             self.endpoint,
-            self.egress,
+            if self.egress_count > 1 {
+                format!(
+                    "pool {} and {} other address(es)",
+                    self.egress,
+                    self.egress_count - 1
+                )
+            } else {
+                format!("address {}", self.egress)
+            },
             self.reason.advice()
         )
     }
@@ -142,6 +153,7 @@ impl Refusals {
             let key = RefusalKey {
                 service,
                 egress: e.egress.to_ip(),
+                egress_count: e.egress_count.max(1),
                 endpoint: SocketAddr::new(e.backend.to_ip(), port_host(e.backend_port)),
                 protocol: e.proto,
                 reason,
@@ -254,7 +266,7 @@ mod tests {
             backend_port: 443u16.to_be(),
             proto: proxy_common::PROTO_TCP,
             pad: 0,
-            reserved: 0,
+            egress_count: 1,
         }
     }
 
@@ -296,5 +308,23 @@ mod tests {
             names,
         );
         assert_eq!(r.unattributed, 4);
+    }
+
+    #[test]
+    fn a_pool_is_named_by_its_first_address_and_size() {
+        let mut r = Refusals::default();
+        r.record(
+            &[Event {
+                egress_count: 3,
+                ..event(2)
+            }],
+            |id| (id == 7).then(key),
+        );
+        let due = r.due(Instant::now());
+        let line = due[0].log_line();
+        assert!(
+            line.contains("from egress pool 10.0.0.1 and 2 other address(es)"),
+            "{line}"
+        );
     }
 }

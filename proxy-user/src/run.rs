@@ -31,6 +31,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::cli::{DatapathArgs, Listen, RunArgs};
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if let Err(problems) = extproxy::translate::check_egress_addresses(&args.node.egress_ips) {
+        bail!("--egress-ip: {}", problems.join("; "));
+    }
     let mounted_here = loader::ensure_bpffs().context("bpffs")?;
     check_pins_outlive_us(&args, mounted_here)?;
     let dp = &args.datapath;
@@ -140,6 +143,7 @@ fn snat_ranges(args: &RunArgs) -> Vec<std::ops::RangeInclusive<u16>> {
     let ports: u32 = ranges.iter().map(|r| r.len() as u32).sum();
     let capacity = snat::Capacity::of(
         ports,
+        snat::pool_size(&args.node.egress_ips),
         proxy_common::Config::DEFAULT.tcp_closing_timeout,
         snat::ENDPOINT_TIME_WAIT_SECS,
     );

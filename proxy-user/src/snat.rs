@@ -129,11 +129,26 @@ pub fn port_ranges(ranges: &[RangeInclusive<u16>]) -> Vec<PortRange> {
         .collect()
 }
 
-/// What a range of `ports` sustains towards one endpoint from one egress address, in new
-/// connections a second (see DESIGN.md, "SNAT ports").
+/// The egress pool size `--egress-ip` gives every Service (the smallest of its families; 1
+/// without the flag): what the start-up figures multiply the ports by. A Service's own
+/// `extproxy.io/egress-ip` pool is not known at start.
+pub fn pool_size(egress_ips: &[std::net::IpAddr]) -> u32 {
+    let v4 = egress_ips.iter().filter(|a| a.is_ipv4()).count() as u32;
+    let v6 = egress_ips.len() as u32 - v4;
+    match (v4, v6) {
+        (0, 0) => 1,
+        (0, n) | (n, 0) => n,
+        (a, b) => a.min(b),
+    }
+}
+
+/// What a range of `ports` from a pool of `addresses` egress addresses sustains towards one
+/// endpoint, in new connections a second (see DESIGN.md, "SNAT ports"): SNAT ports are unique
+/// per (egress address, endpoint), so the pairs are ports x addresses.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Capacity {
     pub ports: u32,
+    pub addresses: u32,
     /// Clients that keep calling: a port is free again for its own client once it closed; any
     /// client's port is free again `closing_secs` after a close in which the endpoint was not the
     /// first to close (no TIME_WAIT on its side). The conservative figure: every port held that
@@ -145,11 +160,25 @@ pub struct Capacity {
 }
 
 impl Capacity {
-    pub fn of(ports: u32, closing_secs: u32, time_wait_secs: u32) -> Self {
+    pub fn of(ports: u32, addresses: u32, closing_secs: u32, time_wait_secs: u32) -> Self {
+        let pairs = ports as f64 * addresses.max(1) as f64;
         Capacity {
             ports,
-            steady: ports as f64 / closing_secs.max(1) as f64,
-            new_clients: ports as f64 / time_wait_secs.max(1) as f64,
+            addresses: addresses.max(1),
+            steady: pairs / closing_secs.max(1) as f64,
+            new_clients: pairs / time_wait_secs.max(1) as f64,
+        }
+    }
+
+    /// "33512 port(s) per egress address" or "4 port(s) x 2 egress addresses".
+    fn pairs(&self) -> String {
+        if self.addresses == 1 {
+            format!("{} port(s) per egress address", self.ports)
+        } else {
+            format!(
+                "{} port(s) x {} egress addresses",
+                self.ports, self.addresses
+            )
         }
     }
 
@@ -157,11 +186,13 @@ impl Capacity {
     pub fn warning(&self, ranges: &str) -> Option<String> {
         (self.steady < TARGET_RATE as f64).then(|| {
             format!(
-                "SNAT ports {ranges}: {} port(s) per egress address and endpoint sustain about \
-                 {:.0} new connections/s to one endpoint (each closed flow holds its port for a \
-                 while), below {TARGET_RATE}/s: widen --snat-ports (default: auto, every port \
-                 outside the ephemeral and NodePort ranges) or add egress addresses",
-                self.ports, self.steady
+                "SNAT ports {ranges}: {} and endpoint sustain about {:.0} new connections/s to \
+                 one endpoint (each closed flow holds its port for a while), below \
+                 {TARGET_RATE}/s: widen --snat-ports (default: auto, every port outside the \
+                 ephemeral and NodePort ranges) or add egress addresses (--egress-ip, several \
+                 per family make a pool)",
+                self.pairs(),
+                self.steady
             )
         })
     }
@@ -171,9 +202,12 @@ impl fmt::Display for Capacity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} ports per egress address and endpoint: about {:.0} new connections/s from clients \
-             that keep calling, {:.0}/s from client addresses never seen within {} s",
-            self.ports, self.steady, self.new_clients, ENDPOINT_TIME_WAIT_SECS
+            "{} and endpoint: about {:.0} new connections/s from clients that keep calling, \
+             {:.0}/s from client addresses never seen within {} s",
+            self.pairs(),
+            self.steady,
+            self.new_clients,
+            ENDPOINT_TIME_WAIT_SECS
         )
     }
 }
@@ -229,10 +263,40 @@ mod tests {
 
     #[test]
     fn the_old_default_range_warns_and_the_new_one_does_not() {
-        let old = Capacity::of(4_536, 10, ENDPOINT_TIME_WAIT_SECS);
+        let old = Capacity::of(4_536, 1, 10, ENDPOINT_TIME_WAIT_SECS);
         assert!(old.warning("61000-65535").is_some());
-        let new = Capacity::of(33_512, 10, ENDPOINT_TIME_WAIT_SECS);
+        let new = Capacity::of(33_512, 1, 10, ENDPOINT_TIME_WAIT_SECS);
         assert!(new.warning("1024-29999,61000-65535").is_none());
         assert!((new.new_clients - 558.5).abs() < 1.0);
+    }
+
+    #[test]
+    fn a_pool_multiplies_what_the_ports_sustain() {
+        // 6,000 ports alone: 600/s, a warning; from three addresses: 1,800/s, none.
+        let one = Capacity::of(6_000, 1, 10, ENDPOINT_TIME_WAIT_SECS);
+        assert!(one.warning("1024-7023").is_some());
+        let three = Capacity::of(6_000, 3, 10, ENDPOINT_TIME_WAIT_SECS);
+        assert!(three.warning("1024-7023").is_none());
+        assert!((three.steady - 1_800.0).abs() < 1.0);
+        assert!(
+            three
+                .to_string()
+                .starts_with("6000 port(s) x 3 egress addresses")
+        );
+        let ips = |list: &[&str]| -> Vec<std::net::IpAddr> {
+            list.iter().map(|s| s.parse().unwrap()).collect()
+        };
+        assert_eq!(pool_size(&[]), 1);
+        assert_eq!(pool_size(&ips(&["192.0.2.1", "192.0.2.2"])), 2);
+        // Dual stack: the smaller family decides what every Service gets.
+        assert_eq!(
+            pool_size(&ips(&[
+                "192.0.2.1",
+                "192.0.2.2",
+                "192.0.2.3",
+                "2001:db8::1"
+            ])),
+            1
+        );
     }
 }

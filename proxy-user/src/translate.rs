@@ -161,8 +161,10 @@ pub enum ClaimPolicy {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
-    pub egress_v4: Option<Ipv4Addr>,
-    pub egress_v6: Option<Ipv6Addr>,
+    /// The node's egress (SNAT) addresses per family (`--egress-ip`): the first is a Service's
+    /// `egress`, the others the rest of its pool (see [`check_egress_addresses`]).
+    pub egress_v4: Vec<Ipv4Addr>,
+    pub egress_v6: Vec<Ipv6Addr>,
     /// The declared cluster egress addresses (see DESIGN.md, "Cluster egress").
     pub cluster_egress: ClusterEgressRules,
     /// Where missing cluster IPs are allocated from (the first range of each family).
@@ -176,8 +178,8 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            egress_v4: None,
-            egress_v6: None,
+            egress_v4: Vec::new(),
+            egress_v6: Vec::new(),
             cluster_egress: ClusterEgressRules::default(),
             service_cidrs: Vec::new(),
             node_port_range: 30_000..=32_767,
@@ -358,6 +360,10 @@ pub struct DesiredService {
     pub affinity_timeout: u32,
     /// SNAT address; None programs the service to reject (no egress for this family).
     pub egress: Option<IpAddr>,
+    /// The rest of the Service's egress pool, after `egress` (empty: one address). SNAT ports
+    /// are unique per (egress address, endpoint), so each address adds a port range per
+    /// endpoint. Never set for a cluster egress address.
+    pub extra_egress: Vec<IpAddr>,
     /// `egress` is a cluster egress address: its owner serves the flows, endpoints are chosen by
     /// Maglev.
     pub cluster_egress: bool,
@@ -506,8 +512,9 @@ struct ServiceFacts {
     /// Some when the Service restricts its load balancer sources: the valid ranges.
     source_ranges: Option<Vec<IpNet>>,
     affinity_timeout: u32,
-    egress_v4: Option<IpAddr>,
-    egress_v6: Option<IpAddr>,
+    /// Egress addresses per family, the first one the Service's `egress`.
+    egress_v4: Vec<IpAddr>,
+    egress_v6: Vec<IpAddr>,
     /// Families whose egress is a cluster egress address.
     cluster_egress: Vec<IpFamily>,
     health: HealthSetting,
@@ -687,8 +694,20 @@ impl Translator<'_> {
                 None
             },
             affinity_timeout: self.affinity(spec, site),
-            egress_v4: self.settings.egress_v4.map(IpAddr::V4),
-            egress_v6: self.settings.egress_v6.map(IpAddr::V6),
+            egress_v4: self
+                .settings
+                .egress_v4
+                .iter()
+                .copied()
+                .map(IpAddr::V4)
+                .collect(),
+            egress_v6: self
+                .settings
+                .egress_v6
+                .iter()
+                .copied()
+                .map(IpAddr::V6)
+                .collect(),
             cluster_egress: Vec::new(),
             health: self.health_setting(service, &ports, site),
         };
@@ -781,8 +800,10 @@ impl Translator<'_> {
     fn skip_unusable_endpoints(&mut self, slices: &[SliceRef<'_>]) {
         let own = |ip: &IpAddr| {
             self.node.addresses.contains(ip)
-                || self.settings.egress_v4.map(IpAddr::V4) == Some(*ip)
-                || self.settings.egress_v6.map(IpAddr::V6) == Some(*ip)
+                || match ip {
+                    IpAddr::V4(v4) => self.settings.egress_v4.contains(v4),
+                    IpAddr::V6(v6) => self.settings.egress_v6.contains(v6),
+                }
         };
         for slice in slices {
             for (ip, _, index) in &slice.facts().endpoints {
@@ -1354,6 +1375,9 @@ impl Translator<'_> {
         HealthSetting::Configured(Arc::new(config))
     }
 
+    /// The Service's egress addresses from `extproxy.io/egress-ip`: a comma-separated list, each
+    /// family's addresses (in order) its pool. A family the annotation names replaces the
+    /// node's addresses of that family; an address that cannot be one is an error and left out.
     fn egress_override(
         &mut self,
         service: &Service,
@@ -1364,7 +1388,8 @@ impl Translator<'_> {
             return facts;
         };
         let field = format!("metadata.annotations[{EGRESS_IP_ANNOTATION}]");
-        let mut seen: Vec<IpFamily> = Vec::new();
+        let mut v4: Vec<IpAddr> = Vec::new();
+        let mut v6: Vec<IpAddr> = Vec::new();
         for text in annotation
             .split(',')
             .map(str::trim)
@@ -1376,22 +1401,20 @@ impl Translator<'_> {
                     .push(site.error(&field, format!("{text:?} is not an IP address; ignored")));
                 continue;
             };
-            let family = IpFamily::of(&ip);
-            if seen.contains(&family) {
-                self.out.diagnostics.push(site.error(
-                    &field,
-                    format!(
-                        "more than one {} address: {ip} ignored, the first one is used",
-                        family.name()
-                    ),
-                ));
+            let pool = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
+            if let Err(why) = egress_address_problem(pool, &ip) {
+                self.out
+                    .diagnostics
+                    .push(site.error(&field, format!("{why}; ignored")));
                 continue;
             }
-            seen.push(family);
-            match family {
-                IpFamily::V4 => facts.egress_v4 = Some(ip),
-                IpFamily::V6 => facts.egress_v6 = Some(ip),
-            }
+            pool.push(ip);
+        }
+        if !v4.is_empty() {
+            facts.egress_v4 = v4;
+        }
+        if !v6.is_empty() {
+            facts.egress_v6 = v6;
         }
         facts
     }
@@ -1431,7 +1454,9 @@ impl Translator<'_> {
                     self.out.diagnostics.push(site.error(
                         &field,
                         format!(
-                            "more than one {} address: {ip} ignored, the first one is used",
+                            "more than one {} address: {ip} ignored, the first one is used (a \
+                             cluster egress address is one address per family, owned by one \
+                             node at a time; pools of addresses are for {EGRESS_IP_ANNOTATION})",
                             family.name()
                         ),
                     ));
@@ -1455,9 +1480,9 @@ impl Translator<'_> {
                 IpFamily::V6 => &mut facts.egress_v6,
             };
             match rules.check(ip, namespace) {
-                Ok(()) => *egress = Some(ip),
+                Ok(()) => *egress = vec![ip],
                 Err(why) => {
-                    *egress = None;
+                    egress.clear();
                     if annotated {
                         self.out.diagnostics.push(site.error(
                             &field,
@@ -1577,6 +1602,7 @@ impl Translator<'_> {
             backends,
             affinity_timeout: facts.affinity_timeout,
             egress: family_egress(facts, family),
+            extra_egress: family_pool(facts, family).iter().skip(1).copied().collect(),
             cluster_egress: facts.cluster_egress.contains(&family),
             source_ranges: facts
                 .source_ranges
@@ -1924,9 +1950,56 @@ fn api_server_refuses(ip: &IpAddr) -> bool {
 }
 
 fn family_egress(facts: &ServiceFacts, family: IpFamily) -> Option<IpAddr> {
+    family_pool(facts, family).first().copied()
+}
+
+fn family_pool(facts: &ServiceFacts, family: IpFamily) -> &[IpAddr] {
     match family {
-        IpFamily::V4 => facts.egress_v4,
-        IpFamily::V6 => facts.egress_v6,
+        IpFamily::V4 => &facts.egress_v4,
+        IpFamily::V6 => &facts.egress_v6,
+    }
+}
+
+/// Why `ip` cannot join the egress pool `pool` (addresses of its family so far): it must be a
+/// unicast address a remote host can answer (the endpoints' replies come back to it), listed
+/// once, and the pool holds at most [`proxy_common::EGRESS_POOL_MAX`] addresses.
+fn egress_address_problem(pool: &[IpAddr], ip: &IpAddr) -> Result<(), String> {
+    if let Some(what) = special_address(ip) {
+        return Err(format!("{ip} is {what}, which cannot be an egress address"));
+    }
+    if pool.contains(ip) {
+        return Err(format!("{ip} is listed twice"));
+    }
+    if pool.len() >= proxy_common::EGRESS_POOL_MAX {
+        return Err(format!(
+            "more than {} {} egress addresses: {ip}",
+            proxy_common::EGRESS_POOL_MAX,
+            IpFamily::of(ip).name()
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the node's egress addresses (`--egress-ip`, several per family make a pool): every
+/// problem, one line each (an address that cannot be one, a duplicate, too many of a family).
+pub fn check_egress_addresses(addrs: &[IpAddr]) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    let mut seen: Vec<IpAddr> = Vec::new();
+    for ip in addrs {
+        let family: Vec<IpAddr> = seen
+            .iter()
+            .filter(|a| a.is_ipv4() == ip.is_ipv4())
+            .copied()
+            .collect();
+        match egress_address_problem(&family, ip) {
+            Ok(()) => seen.push(*ip),
+            Err(why) => problems.push(why),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
     }
 }
 

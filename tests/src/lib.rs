@@ -277,6 +277,33 @@ impl Datapath {
         }
     }
 
+    /// Gives service `id` the egress pool `addrs` (the first should be its `egress`) and flags
+    /// its service value to use it, in that order, as the agent does.
+    pub fn set_egress_pool(&mut self, id: u32, addrs: &[&str]) {
+        {
+            let mut pools: HashMap<_, u32, EgressPool> =
+                HashMap::try_from(self.ebpf.map_mut(MAP_EGRESS_POOLS).unwrap()).unwrap();
+            let mut pool = EgressPool {
+                count: addrs.len() as u32,
+                ..EgressPool::default()
+            };
+            for (slot, a) in pool.addrs.iter_mut().zip(addrs) {
+                *slot = addr(a);
+            }
+            pools.insert(id, pool, 0).unwrap();
+        }
+        self.flag_egress_pool(id);
+    }
+
+    /// Sets SVC_F_EGRESS_POOL on service `id` (whether or not its pool is there).
+    pub fn flag_egress_pool(&mut self, id: u32) {
+        let mut svcs: HashMap<_, u32, ServiceValue> =
+            HashMap::try_from(self.ebpf.map_mut(MAP_SERVICES).unwrap()).unwrap();
+        let mut v = svcs.get(&id, 0).unwrap();
+        v.flags |= SVC_F_EGRESS_POOL;
+        svcs.insert(id, v, 0).unwrap();
+    }
+
     /// Writes a frontend and sets its FE_FILTER bit, as the agent does.
     pub fn put_frontend(&mut self, key: FrontendKey, value: FrontendValue) {
         let mut fes: HashMap<_, FrontendKey, FrontendValue> =

@@ -942,6 +942,115 @@ fn snat_port_exhaustion_is_refused_at_once_counted_and_reported() {
     assert_eq!((port_host(e.backend_port), e.proto), (8080, PROTO_TCP));
 }
 
+/// A second egress address for the pool tests (the first is the node's, NODE_V4).
+const POOL_2: &str = "10.0.0.2";
+
+/// With an egress pool, the SNAT pairs span its addresses: one port and two addresses carry two
+/// flows to one endpoint, one from each address; the third is refused at once, counted, and
+/// reported naming the pool's first address and its size. Replies to either address find
+/// their flow.
+#[test]
+fn an_egress_pool_multiplies_the_snat_pairs_per_endpoint() {
+    let node = TestNode::new();
+    let mut dp = Datapath::load_with(snat_ports(61000, 61000));
+    nodeport_service(&mut dp, EP1);
+    dp.set_egress_pool(1, &[NODE_V4, POOL_2]);
+    let mut sources = std::collections::BTreeSet::new();
+    let mut outs = Vec::new();
+    for sport in [29000, 29001] {
+        let run = dp.xdp(node.uplink, &outside_syn(sport));
+        assert_eq!(run.verdict, XDP_TX);
+        let out = decode(&run.out);
+        assert_eq!((out.dst, out.dport, out.sport), (ip(EP1), 8080, 61000));
+        sources.insert(out.src);
+        outs.push((sport, out));
+    }
+    assert_eq!(
+        sources,
+        [ip(NODE_V4), ip(POOL_2)].into_iter().collect(),
+        "one flow from each pool address"
+    );
+    let refused = decode(&dp.xdp(node.uplink, &outside_syn(29002)).out);
+    assert_eq!(refused.tcp_flags & RST, RST, "every pair is taken");
+    assert_eq!(refused.dport, 29002);
+    assert_eq!(dp.counter(Counter::DropSnatExhausted), 1);
+    let events = dp.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (events[0].kind, events[0].egress, events[0].egress_count),
+        (EV_SNAT_EXHAUSTED, addr(NODE_V4), 2)
+    );
+    // Each flow's reverse NAT entry is keyed by its own address.
+    let keyed: std::collections::BTreeSet<_> = dp
+        .revnat_entries()
+        .iter()
+        .map(|(k, v)| (k.snat.to_ip(), port_host(v.client_port)))
+        .collect();
+    assert_eq!(keyed.len(), 2, "{keyed:?}");
+    for (sport, out) in &outs {
+        assert!(keyed.contains(&(out.src, *sport)), "{keyed:?}");
+        let reply = from_outside(
+            EP1,
+            &out.src.to_string(),
+            tcp_seg(8080, 61000, 500, 2, SYN | ACK, &[]),
+            TCP,
+        );
+        let run = dp.xdp(node.uplink, &reply);
+        assert_eq!(run.verdict, XDP_TX);
+        let back = decode(&run.out);
+        assert_eq!(
+            (back.src, back.sport, back.dst, back.dport),
+            (ip(NODE_V4), 30080, ip(CLIENT_EXT), *sport),
+            "the reply to {} reaches its client",
+            out.src
+        );
+    }
+}
+
+/// A Service flagged for a pool whose entry is missing (an agent that recreated the pool map
+/// and has not written it yet) SNATs to its `egress` alone.
+#[test]
+fn a_missing_pool_leaves_the_service_its_one_address() {
+    let node = TestNode::new();
+    let mut dp = Datapath::load_with(snat_ports(61000, 61000));
+    nodeport_service(&mut dp, EP1);
+    dp.flag_egress_pool(1);
+    let run = dp.xdp(node.uplink, &outside_syn(29100));
+    assert_eq!(run.verdict, XDP_TX);
+    assert_eq!(decode(&run.out).src, ip(NODE_V4));
+    let refused = decode(&dp.xdp(node.uplink, &outside_syn(29101)).out);
+    assert_eq!(refused.tcp_flags & RST, RST, "one address, one port");
+    assert_eq!(dp.events()[0].egress_count, 1);
+}
+
+/// A large pool with a range beyond the walked size: candidates are scattered over every
+/// (address, port) pair, so flows spread over all addresses.
+#[test]
+fn flows_spread_over_every_pool_address() {
+    let node = TestNode::new();
+    let mut dp = Datapath::load_with(snat_ports(61000, 61099));
+    nodeport_service(&mut dp, EP1);
+    let pool = [NODE_V4, POOL_2, "10.0.0.3", "10.0.0.4"];
+    dp.set_egress_pool(1, &pool);
+    let mut per_address = std::collections::BTreeMap::new();
+    for sport in 30000..30200 {
+        let run = dp.xdp(node.uplink, &outside_syn(sport));
+        assert_eq!(run.verdict, XDP_TX);
+        let out = decode(&run.out);
+        assert_eq!(out.dst, ip(EP1));
+        assert!((61000..=61099).contains(&out.sport));
+        *per_address.entry(out.src).or_insert(0u32) += 1;
+    }
+    assert_eq!(
+        per_address.keys().copied().collect::<Vec<_>>(),
+        pool.iter().map(|a| ip(a)).collect::<Vec<_>>(),
+        "{per_address:?}"
+    );
+    // 200 flows over 4 x 100 pairs: each address carries a fair share, not a trickle.
+    assert!(per_address.values().all(|n| *n >= 25), "{per_address:?}");
+    assert_eq!(dp.counter(Counter::DropSnatExhausted), 0);
+}
+
 #[test]
 fn expired_flows_release_their_snat_port() {
     let node = TestNode::new();

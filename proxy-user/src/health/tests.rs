@@ -66,7 +66,7 @@ impl Rig {
             translator: Incremental::new(
                 NodeInfo::default(),
                 Settings {
-                    egress_v4: Some("192.0.2.100".parse().unwrap()),
+                    egress_v4: vec!["192.0.2.100".parse().unwrap()],
                     ..Settings::default()
                 },
             ),
@@ -523,7 +523,7 @@ async fn scale() {
     let mut translator = Incremental::new(
         NodeInfo::default(),
         Settings {
-            egress_v4: Some("192.0.2.100".parse().unwrap()),
+            egress_v4: vec!["192.0.2.100".parse().unwrap()],
             ..Settings::default()
         },
     );

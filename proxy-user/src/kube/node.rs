@@ -23,7 +23,8 @@ pub struct NodeOverrides {
 /// The node facts a translation is made with.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeFacts {
-    /// At most one per family, IPv4 first.
+    /// IPv4 first: each family's `--egress-ip` addresses (several make a pool), else the
+    /// Node's first InternalIP of the family.
     pub egress: Vec<IpAddr>,
     /// Addresses NodePorts listen on.
     pub node_ports: Vec<IpAddr>,
@@ -72,12 +73,15 @@ pub fn resolve(node: Option<&Node>, overrides: &NodeOverrides) -> NodeFacts {
     };
     let mut egress = Vec::new();
     for v6 in [false, true] {
-        let pick = overrides
+        let flagged: Vec<IpAddr> = overrides
             .egress_ips
             .iter()
-            .find(|a| a.is_ipv6() == v6)
-            .or_else(|| egress_candidates.iter().find(|a| a.is_ipv6() == v6));
-        if let Some(a) = pick {
+            .filter(|a| a.is_ipv6() == v6)
+            .copied()
+            .collect();
+        if !flagged.is_empty() {
+            egress.extend(flagged);
+        } else if let Some(a) = egress_candidates.iter().find(|a| a.is_ipv6() == v6) {
             egress.push(*a);
         }
     }
@@ -221,6 +225,22 @@ mod tests {
         );
         assert_eq!(facts.egress, ips(&["203.0.113.1", "fd00::10"]));
         assert_eq!(facts.node_ports, ips(&["10.0.0.1"]));
+    }
+
+    #[test]
+    fn several_flag_addresses_of_a_family_are_its_pool() {
+        let n = node(&[("InternalIP", "10.240.0.10"), ("InternalIP", "fd00::10")]);
+        let facts = resolve(
+            Some(&n),
+            &NodeOverrides {
+                egress_ips: ips(&["203.0.113.1", "203.0.113.2"]),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            facts.egress,
+            ips(&["203.0.113.1", "203.0.113.2", "fd00::10"])
+        );
     }
 
     #[test]

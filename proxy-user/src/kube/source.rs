@@ -216,14 +216,22 @@ fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
 /// ports, and only what kube-proxy is told to skip is claimed.
 fn settings(config: &SourceConfig, node: &NodeFacts) -> Settings {
     Settings {
-        egress_v4: node.egress.iter().find_map(|a| match a {
-            std::net::IpAddr::V4(v) => Some(*v),
-            _ => None,
-        }),
-        egress_v6: node.egress.iter().find_map(|a| match a {
-            std::net::IpAddr::V6(v) => Some(*v),
-            _ => None,
-        }),
+        egress_v4: node
+            .egress
+            .iter()
+            .filter_map(|a| match a {
+                std::net::IpAddr::V4(v) => Some(*v),
+                _ => None,
+            })
+            .collect(),
+        egress_v6: node
+            .egress
+            .iter()
+            .filter_map(|a| match a {
+                std::net::IpAddr::V6(v) => Some(*v),
+                _ => None,
+            })
+            .collect(),
         fill_missing: false,
         claim: ClaimPolicy::Label {
             claim_all_selectorless: config.claim_all_selectorless,

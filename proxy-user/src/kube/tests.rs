@@ -203,6 +203,7 @@ impl Harness {
             MapOp::PutBackend(_, b) => b.service_id == id,
             MapOp::PutSrcRange(r) | MapOp::DeleteSrcRange(r) => r.service_id == id,
             MapOp::PutMaglev(s, _) | MapOp::DeleteMaglev(s) => *s == id,
+            MapOp::PutEgressPool(s, _) | MapOp::DeleteEgressPool(s) => *s == id,
         })
     }
 }

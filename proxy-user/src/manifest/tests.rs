@@ -538,7 +538,7 @@ fn parser_positions_are_stripped() {
 fn feeding_changes_equals_translating_the_whole_set() {
     use crate::translate::{NodeInfo, Settings, translate};
     let settings = Settings {
-        egress_v4: Some("192.0.2.100".parse().unwrap()),
+        egress_v4: vec!["192.0.2.100".parse().unwrap()],
         service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
         fill_missing: true,
         ..Settings::default()

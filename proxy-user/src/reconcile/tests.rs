@@ -56,6 +56,7 @@ fn service(frontends: &[(&str, u16)], backends: &[(&str, BackendRole)]) -> Desir
         affinity_timeout: 0,
         cluster_egress: false,
         egress: Some(ip(EGRESS)),
+        extra_egress: Vec::new(),
         source_ranges: Vec::new(),
         port: 80,
         cluster_ip: None,
@@ -157,6 +158,13 @@ impl CheckingKernel {
                 assert!(
                     state.is_some_and(|s| s != BackendState::Free as u8),
                     "after {after:?}: service {id} slot {s} names free backend {backend_id}"
+                );
+            }
+            if value.flags & SVC_F_EGRESS_POOL != 0 {
+                let pool = self.maps.egress_pools.get(id);
+                assert!(
+                    pool.is_some_and(|p| p.count >= 2 && p.addrs[0] == value.egress),
+                    "after {after:?}: service {id} names egress pool {pool:?}"
                 );
             }
         }
@@ -1013,4 +1021,121 @@ fn unchanged_services_are_not_planned() {
             .collect::<Vec<_>>(),
         [Some(key("b"))]
     );
+}
+
+fn pool_of(addrs: &[&str]) -> Box<EgressPool> {
+    let mut pool = EgressPool {
+        count: addrs.len() as u32,
+        ..EgressPool::default()
+    };
+    for (slot, a) in pool.addrs.iter_mut().zip(addrs) {
+        *slot = Addr::from(ip(a));
+    }
+    Box::new(pool)
+}
+
+/// A Service with several egress addresses: its pool is written before the service value that
+/// flags it, changed in place, and deleted only after the value stops naming it.
+#[test]
+fn an_egress_pool_is_written_before_its_service_and_deleted_after() {
+    let mut r = Reconciler::new(LIMITS);
+    let mut kernel = CheckingKernel::default();
+    let mut s = service(&[("10.96.0.1", 80)], &[("10.1.0.1", Active)]);
+    s.extra_egress = vec![ip("192.0.2.101")];
+    let ops = sync(&mut r, &mut kernel, &desired(&[("a", s.clone())]));
+    let pooled = ServiceValue {
+        flags: SVC_F_EGRESS_POOL,
+        ..service_value(1)
+    };
+    assert_eq!(
+        ops,
+        [
+            MapOp::PutBackend(0, backend("10.1.0.1", BackendState::Active, 0)),
+            MapOp::PutSlot(slot(0, 1), 0),
+            MapOp::PutEgressPool(0, pool_of(&[EGRESS, "192.0.2.101"])),
+            MapOp::PutService(0, pooled),
+            MapOp::PutFrontend(fe("10.96.0.1", 80), cluster_ip(0)),
+        ]
+    );
+    assert_eq!(sync(&mut r, &mut kernel, &desired(&[("a", s.clone())])), []);
+
+    // A third address: the pool alone changes.
+    s.extra_egress.push(ip("192.0.2.102"));
+    let ops = sync(&mut r, &mut kernel, &desired(&[("a", s.clone())]));
+    assert_eq!(
+        ops,
+        [MapOp::PutEgressPool(
+            0,
+            pool_of(&[EGRESS, "192.0.2.101", "192.0.2.102"])
+        )]
+    );
+
+    // Back to one address: the value first, then the pool.
+    s.extra_egress.clear();
+    let ops = sync(&mut r, &mut kernel, &desired(&[("a", s.clone())]));
+    assert_eq!(
+        ops,
+        [
+            MapOp::PutService(0, service_value(1)),
+            MapOp::DeleteEgressPool(0),
+        ]
+    );
+    assert!(kernel.maps.egress_pools.is_empty());
+
+    // A removed Service's pool goes after its value.
+    s.extra_egress = vec![ip("192.0.2.101")];
+    sync(&mut r, &mut kernel, &desired(&[("a", s.clone())]));
+    let ops = sync(&mut r, &mut kernel, &desired(&[]));
+    let value_at = ops.iter().position(|op| *op == MapOp::DeleteService(0));
+    let pool_at = ops.iter().position(|op| *op == MapOp::DeleteEgressPool(0));
+    assert!(value_at.is_some() && pool_at > value_at, "{ops:?}");
+    assert!(kernel.maps.egress_pools.is_empty());
+}
+
+/// Pools are not read back from pinned maps: an adopting agent writes each one again, and a
+/// pool the previous agent left for a Service that no longer has one is deleted (its service
+/// value's flag says it is there).
+#[test]
+fn an_adopting_agent_rewrites_pools_and_deletes_stale_ones() {
+    let mut r = Reconciler::new(LIMITS);
+    let mut kernel = CheckingKernel::default();
+    let mut a = service(&[("10.96.0.1", 80)], &[("10.1.0.1", Active)]);
+    a.extra_egress = vec![ip("192.0.2.101")];
+    let mut b = service(&[("10.96.0.2", 80)], &[("10.1.0.2", Active)]);
+    b.extra_egress = vec![ip("192.0.2.101")];
+    sync(
+        &mut r,
+        &mut kernel,
+        &desired(&[("a", a.clone()), ("b", b.clone())]),
+    );
+    let snapshot = MapSnapshot {
+        frontends: kernel
+            .maps
+            .frontends
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect(),
+        services: kernel.maps.services.iter().map(|(k, v)| (*k, *v)).collect(),
+        slots: kernel.maps.slots.iter().map(|(k, v)| (*k, *v)).collect(),
+        backends: kernel.maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+        src_ranges: kernel.maps.src_ranges.iter().copied().collect(),
+    };
+    let mut adopted = Reconciler::from_snapshot(snapshot, LIMITS);
+    let a_id = r.service_id(&key("a")).unwrap();
+    let b_id = r.service_id(&key("b")).unwrap();
+    // The kernel still holds both pools; the adopted model knows none.
+    b.extra_egress.clear();
+    let plan = adopted.plan(&desired(&[("a", a), ("b", b)]));
+    let ops = plan.map_ops();
+    adopted.apply(plan, &mut kernel);
+    assert_eq!(
+        ops,
+        [
+            MapOp::PutEgressPool(a_id, pool_of(&[EGRESS, "192.0.2.101"])),
+            MapOp::PutService(b_id, service_value(1)),
+            MapOp::DeleteEgressPool(b_id),
+        ]
+    );
+    assert_eq!(adopted.state(), &kernel.maps);
+    assert_eq!(kernel.maps.egress_pools.keys().collect::<Vec<_>>(), [&a_id]);
 }

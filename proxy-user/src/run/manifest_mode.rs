@@ -246,14 +246,20 @@ pub fn settings(
     claim: ClaimPolicy,
 ) -> Settings {
     Settings {
-        egress_v4: egress.iter().find_map(|a| match a {
-            IpAddr::V4(v) => Some(*v),
-            _ => None,
-        }),
-        egress_v6: egress.iter().find_map(|a| match a {
-            IpAddr::V6(v) => Some(*v),
-            _ => None,
-        }),
+        egress_v4: egress
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(v) => Some(*v),
+                _ => None,
+            })
+            .collect(),
+        egress_v6: egress
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(v) => Some(*v),
+                _ => None,
+            })
+            .collect(),
         cluster_egress,
         service_cidrs: args.service_cidrs.clone(),
         node_port_range: args.node_port_range.clone(),

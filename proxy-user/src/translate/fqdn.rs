@@ -214,8 +214,8 @@ endpoints:
 
     fn settings() -> Settings {
         Settings {
-            egress_v4: Some("192.0.2.100".parse().unwrap()),
-            egress_v6: Some("2001:db8::100".parse().unwrap()),
+            egress_v4: vec!["192.0.2.100".parse().unwrap()],
+            egress_v6: vec!["2001:db8::100".parse().unwrap()],
             service_cidrs: vec![
                 "10.96.0.0/16".parse().unwrap(),
                 "fd00:96::/112".parse().unwrap(),

@@ -22,8 +22,8 @@ fn inventory(files: &[(&str, &str)]) -> Inventory {
 
 fn manifest_settings() -> Settings {
     Settings {
-        egress_v4: Some("192.0.2.100".parse().unwrap()),
-        egress_v6: Some("2001:db8::100".parse().unwrap()),
+        egress_v4: vec!["192.0.2.100".parse().unwrap()],
+        egress_v6: vec!["2001:db8::100".parse().unwrap()],
         service_cidrs: vec![
             "10.96.0.0/16".parse().unwrap(),
             "fd00:96::/112".parse().unwrap(),
@@ -878,23 +878,156 @@ fn legacy_source_range_annotation_is_honoured() {
 
 #[test]
 fn egress_comes_from_settings_or_the_annotation() {
-    let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: s\n  annotations: {extproxy.io/egress-ip: '192.0.2.7, 2001:db8::7, 192.0.2.8, x'}\nspec:\n  clusterIPs: [10.96.0.9, 'fd00:96::9']\n  ipFamilyPolicy: RequireDualStack\n  ports: [{port: 80}]\n";
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: s\n  annotations: {extproxy.io/egress-ip: '192.0.2.7, 2001:db8::7, x'}\nspec:\n  clusterIPs: [10.96.0.9, 'fd00:96::9']\n  ipFamilyPolicy: RequireDualStack\n  ports: [{port: 80}]\n";
     let t = run(yaml);
     assert_eq!(
         messages(&t),
         [
-            "error: m.yaml:1: Service default/s: metadata.annotations[extproxy.io/egress-ip]: more than one IPv4 address: 192.0.2.8 ignored, the first one is used",
             "error: m.yaml:1: Service default/s: metadata.annotations[extproxy.io/egress-ip]: \"x\" is not an IP address; ignored",
             "warning: m.yaml:1: Service default/s: no endpoints: connections will be refused",
         ]
     );
-    assert_eq!(
-        t.desired.services[&v4("default", "s", "")].egress,
-        Some("192.0.2.7".parse().unwrap())
-    );
+    let v4_port = &t.desired.services[&v4("default", "s", "")];
+    assert_eq!(v4_port.egress, Some("192.0.2.7".parse().unwrap()));
+    assert!(v4_port.extra_egress.is_empty(), "one address, no pool");
     assert_eq!(
         t.desired.services[&spk("default", "s", "", Protocol::Tcp, IpFamily::V6)].egress,
         Some("2001:db8::7".parse().unwrap())
+    );
+}
+
+/// Several addresses of a family in the annotation make the Service's egress pool, in the
+/// order given; what cannot be an egress address is an error and left out, the rest serve.
+#[test]
+fn the_annotation_lists_a_pool_per_family() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: s\n  annotations: {extproxy.io/egress-ip: '192.0.2.7, 2001:db8::7,192.0.2.8 , 192.0.2.7, 127.0.0.1, 224.0.0.5, 0.0.0.0, 2001:db8::9, fe80::1'}\nspec:\n  clusterIPs: [10.96.0.9, 'fd00:96::9']\n  ipFamilyPolicy: RequireDualStack\n  ports: [{port: 80}]\n";
+    let t = run(yaml);
+    let field = "error: m.yaml:1: Service default/s: metadata.annotations[extproxy.io/egress-ip]:";
+    assert_eq!(
+        messages(&t),
+        [
+            format!("{field} 192.0.2.7 is listed twice; ignored"),
+            format!(
+                "{field} 127.0.0.1 is a loopback address, which cannot be an egress address; ignored"
+            ),
+            format!(
+                "{field} 224.0.0.5 is a multicast address, which cannot be an egress address; ignored"
+            ),
+            format!(
+                "{field} 0.0.0.0 is the unspecified address, which cannot be an egress address; ignored"
+            ),
+            format!(
+                "{field} fe80::1 is a link-local address, which cannot be an egress address; ignored"
+            ),
+            "warning: m.yaml:1: Service default/s: no endpoints: connections will be refused"
+                .to_owned(),
+        ]
+    );
+    let v4_port = &t.desired.services[&v4("default", "s", "")];
+    assert_eq!(v4_port.egress, Some("192.0.2.7".parse().unwrap()));
+    assert_eq!(
+        v4_port.extra_egress,
+        ["192.0.2.8".parse::<IpAddr>().unwrap()]
+    );
+    let v6_port = &t.desired.services[&spk("default", "s", "", Protocol::Tcp, IpFamily::V6)];
+    assert_eq!(v6_port.egress, Some("2001:db8::7".parse().unwrap()));
+    assert_eq!(
+        v6_port.extra_egress,
+        ["2001:db8::9".parse::<IpAddr>().unwrap()]
+    );
+}
+
+/// A pool holds at most EGRESS_POOL_MAX addresses: the ones beyond are errors.
+#[test]
+fn a_pool_beyond_its_bound_is_cut_with_an_error() {
+    let list: Vec<String> = (1..=proxy_common::EGRESS_POOL_MAX + 1)
+        .map(|i| format!("192.0.2.{i}"))
+        .collect();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: s\n  annotations: {{extproxy.io/egress-ip: '{}'}}\nspec:\n  clusterIP: 10.96.0.9\n  ports: [{{port: 80}}]\n",
+        list.join(",")
+    );
+    let t = run(&yaml);
+    let last = list.last().unwrap();
+    assert!(
+        messages(&t).iter().any(|m| m.ends_with(&format!(
+            "more than {} IPv4 egress addresses: {last}; ignored",
+            proxy_common::EGRESS_POOL_MAX
+        ))),
+        "{:#?}",
+        messages(&t)
+    );
+    let port = &t.desired.services[&v4("default", "s", "")];
+    assert_eq!(port.extra_egress.len(), proxy_common::EGRESS_POOL_MAX - 1);
+}
+
+/// The node's pool (`--egress-ip` given several times) is every Service's, unless the
+/// annotation names that family; the node's pool addresses are never endpoints.
+#[test]
+fn the_node_pool_applies_to_services_without_the_annotation() {
+    let settings = Settings {
+        egress_v4: vec![
+            "192.0.2.100".parse().unwrap(),
+            "192.0.2.101".parse().unwrap(),
+        ],
+        ..manifest_settings()
+    };
+    let yaml = [
+        service_yaml("plain", "  clusterIP: 10.96.0.9\n  ports: [{port: 80}]"),
+        slice_yaml(
+            "plain-1",
+            "plain",
+            "IPv4",
+            "[{port: 80}]",
+            "[{addresses: [192.0.2.101]}, {addresses: [203.0.113.7]}]",
+        ),
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: own\n  annotations: {extproxy.io/egress-ip: '192.0.2.7'}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{port: 80}]\n".to_owned(),
+    ]
+    .join("---\n");
+    let t = run_with(&yaml, &settings);
+    let plain = &t.desired.services[&v4("default", "plain", "")];
+    assert_eq!(plain.egress, Some("192.0.2.100".parse().unwrap()));
+    assert_eq!(
+        plain.extra_egress,
+        ["192.0.2.101".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(backends(plain).len(), 1, "{:#?}", messages(&t));
+    assert!(
+        messages(&t)
+            .iter()
+            .any(|m| m.contains("192.0.2.101") && m.contains("this node's own address")),
+        "{:#?}",
+        messages(&t)
+    );
+    let own = &t.desired.services[&v4("default", "own", "")];
+    assert_eq!(own.egress, Some("192.0.2.7".parse().unwrap()));
+    assert!(own.extra_egress.is_empty());
+}
+
+#[test]
+fn node_egress_addresses_are_checked() {
+    let ips = |list: &[&str]| -> Vec<IpAddr> { list.iter().map(|s| s.parse().unwrap()).collect() };
+    assert_eq!(
+        check_egress_addresses(&ips(&["192.0.2.1", "192.0.2.2", "2001:db8::1"])),
+        Ok(())
+    );
+    assert_eq!(
+        check_egress_addresses(&ips(&["192.0.2.1", "192.0.2.1", "255.255.255.255", "::1"])),
+        Err(vec![
+            "192.0.2.1 is listed twice".to_owned(),
+            "255.255.255.255 is the broadcast address, which cannot be an egress address"
+                .to_owned(),
+            "::1 is a loopback address, which cannot be an egress address".to_owned(),
+        ])
+    );
+    let many: Vec<IpAddr> = (1..=17)
+        .map(|i| format!("192.0.2.{i}").parse().unwrap())
+        .collect();
+    assert_eq!(
+        check_egress_addresses(&many),
+        Err(vec![
+            "more than 16 IPv4 egress addresses: 192.0.2.17".to_owned()
+        ])
     );
 }
 
@@ -909,6 +1042,11 @@ fn cluster_egress_services_take_their_endpoints_as_frontends() {
             default_v4: None,
             default_v6: None,
         },
+        // A node pool: a cluster egress address replaces it, alone.
+        egress_v4: vec![
+            "192.0.2.100".parse().unwrap(),
+            "192.0.2.101".parse().unwrap(),
+        ],
         ..manifest_settings()
     };
     let service = |name: &str, ip: &str, annotation: &str| {
@@ -944,6 +1082,10 @@ fn cluster_egress_services_take_their_endpoints_as_frontends() {
     let api = &t.desired.services[&v4("default", "api", "")];
     assert!(api.cluster_egress);
     assert_eq!(api.egress, Some("10.0.0.100".parse().unwrap()));
+    assert!(
+        api.extra_egress.is_empty(),
+        "no pool for a cluster egress address"
+    );
     assert_eq!(
         frontends(api),
         [
@@ -984,7 +1126,7 @@ fn cluster_egress_services_take_their_endpoints_as_frontends() {
 #[test]
 fn missing_egress_is_an_error_but_the_service_is_still_programmed() {
     let settings = Settings {
-        egress_v6: None,
+        egress_v6: Vec::new(),
         ..manifest_settings()
     };
     let yaml = service_yaml(
@@ -1476,4 +1618,33 @@ fn later_cluster_ips_and_endpoints_are_checked_incrementally() {
     );
     assert_eq!(second.desired, single.desired);
     assert_eq!(second.diagnostics, single.diagnostics);
+}
+
+/// A cluster egress address is one per family (one owner node serves it): a second one is an
+/// error saying where pools belong, and the first serves alone.
+#[test]
+fn cluster_egress_takes_one_address_per_family() {
+    let settings = Settings {
+        cluster_egress: ClusterEgressRules {
+            addresses: vec![
+                ("10.0.0.100".parse().unwrap(), vec!["*".into()]),
+                ("10.0.0.101".parse().unwrap(), vec!["*".into()]),
+            ],
+            default_v4: None,
+            default_v6: None,
+        },
+        ..manifest_settings()
+    };
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: s\n  annotations: {extproxy.io/cluster-egress-ip: '10.0.0.100,10.0.0.101'}\nspec:\n  clusterIP: 10.96.0.9\n  ports: [{port: 80}]\n";
+    let t = run_with(yaml, &settings);
+    assert!(
+        messages(&t).iter().any(|m| m.contains(
+            "more than one IPv4 address: 10.0.0.101 ignored, the first one is used (a cluster egress address is one address per family"
+        ) && m.contains("pools of addresses are for extproxy.io/egress-ip")),
+        "{:#?}",
+        messages(&t)
+    );
+    let port = &t.desired.services[&v4("default", "s", "")];
+    assert_eq!(port.egress, Some("10.0.0.100".parse().unwrap()));
+    assert!(port.extra_egress.is_empty());
 }

@@ -105,6 +105,7 @@ pub fn ids_touched(rounds: &[Vec<MapOp>], before: &MapState) -> BTreeSet<u32> {
             MapOp::PutBackend(_, b) => Some(b.service_id),
             MapOp::PutSrcRange(r) | MapOp::DeleteSrcRange(r) => Some(r.service_id),
             MapOp::PutMaglev(id, _) | MapOp::DeleteMaglev(id) => Some(*id),
+            MapOp::PutEgressPool(id, _) | MapOp::DeleteEgressPool(id) => Some(*id),
         })
         .collect()
 }

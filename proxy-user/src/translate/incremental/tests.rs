@@ -113,8 +113,8 @@ fn slice(rng: &mut Rng) -> Value {
 
 fn settings() -> Settings {
     Settings {
-        egress_v4: Some("192.0.2.100".parse().unwrap()),
-        egress_v6: None,
+        egress_v4: vec!["192.0.2.100".parse().unwrap()],
+        egress_v6: Vec::new(),
         cluster_egress: Default::default(),
         // Tiny ranges: fills collide, probe past each other and run out.
         service_cidrs: vec![
