@@ -291,12 +291,10 @@ fn main() {
         max_frontends: (max * 2).next_power_of_two().max(1024),
         max_backends: (max * 4).next_power_of_two().max(4096),
         max_slots: (max * 4).next_power_of_two().max(4096),
-        // A round's first packets all wait in CT_NEW (CT's quarter): with room for twice them,
-        // none evicts another (a full CT_NEW, where every new flow evicts one, is a SYN flood's
-        // cost, not a new flow's; rounds before this one measured that).
-        ct_max: (a.runs as u32 * CT_NEW_DIVISOR * 2)
-            .next_power_of_two()
-            .max(1 << 16),
+        // At the default 100k runs: the agent's default --ct-max (262,144; CT_NEW a quarter),
+        // the tables a user has. A round's later first packets then evict earlier ones from
+        // CT_NEW, as new flows that never complete do on a node.
+        ct_max: (a.runs as u32 * 2).next_power_of_two().max(1 << 16),
         ..Limits::default()
     };
     // A wide SNAT range: every first-packet sample is a new flow to one of four endpoints.
