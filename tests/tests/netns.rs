@@ -559,6 +559,12 @@ fn an_upgrade_from_abi_2_carries_live_flows_over() {
         })
         .unwrap_or_else(|| panic!("no count of flows carried over:\n{log}"));
     assert!(carried >= 5, "{carried} flows carried over:\n{log}");
+    eprintln!(
+        "{}",
+        log.lines()
+            .find(|l| l.contains("upgrade from ABI 2: "))
+            .unwrap_or_default()
+    );
     for (i, (client, before)) in tcp.iter_mut().enumerate() {
         let after = client.exchange("after the upgrade").unwrap();
         assert_eq!(
