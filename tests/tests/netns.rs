@@ -545,6 +545,20 @@ fn an_upgrade_from_abi_2_carries_live_flows_over() {
         "the previous programs still forward with the previous tables"
     );
 
+    // Changing the flow tables again now would lose those flows: refused, saying what to do.
+    let mut again = Agent::launch(
+        &t,
+        &[&args[..], &["--ct-max", "131072"]].concat(),
+        "again.log",
+    );
+    let status = again
+        .wait_exit(Duration::from_secs(30))
+        .expect("it refuses");
+    assert!(!status.success());
+    let log = again.log_text();
+    assert!(log.contains("stopped before copying them"), "{log}");
+    assert!(t.pin_dir().join("previous-CT").exists(), "{log}");
+
     let new = t.start_agent(&args);
     let log = new.log_text();
     assert!(

@@ -46,6 +46,13 @@ pub enum UpgradeError {
         name: &'static str,
         source: MapError,
     },
+    #[error(
+        "{} holds the flows of an earlier upgrade that stopped before copying them, and these \
+         settings change the flow tables again: start once with that upgrade's settings (its \
+         --ct-max) to finish it, or run `extproxy cleanup` (drops tracked connections)",
+        path.display()
+    )]
+    Unfinished { path: PathBuf },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +143,14 @@ impl FlowMigration {
     /// aside, so that loading creates this version's tables in their place. The previous
     /// programs keep forwarding with the old tables until they are replaced.
     pub fn detach(dir: &Path, from_abi: u32) -> Result<FlowMigration, UpgradeError> {
+        // An upgrade that stopped half-way, whose flows this one would lose.
+        if let Some(path) = FLOW_MAPS
+            .iter()
+            .map(|name| dir.join(format!("previous-{name}")))
+            .find(|path| path.exists())
+        {
+            return Err(UpgradeError::Unfinished { path });
+        }
         let mut old = Vec::new();
         let mut aside = Vec::new();
         for name in FLOW_MAPS {
@@ -148,8 +163,6 @@ impl FlowMigration {
                 source,
             })?;
             let moved = dir.join(format!("previous-{name}"));
-            // A leftover of an upgrade that failed half-way holds nothing newer than `path`.
-            let _ = std::fs::remove_file(&moved);
             // Pinned a second time, then unpinned where loading will pin
             // ours (the previous programs hold the tables meanwhile).
             data.pin(&moved)
