@@ -371,81 +371,9 @@ impl DatapathMaps {
             .map_err(in_map(MAP_BACKEND_HEALTH))
     }
 
-    /// The health records of backend ids `0..count`, in as few system calls as the kernel
-    /// allows (BPF_MAP_LOOKUP_BATCH): the health monitor reads them five times a second, and
-    /// one lookup per backend was ~1 µs each (40k backends: 200k system calls a second).
+    /// The health records of backend ids `0..count` ([`backend_health_batch`]).
     pub fn backend_health_batch(&self, count: u32) -> Result<Vec<BackendHealth>, MapsError> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        let count = count as usize;
-        let mut keys = vec![0u32; count];
-        let mut values = vec![BackendHealth::default(); count];
-        let fd = IterableMap::map(&self.backend_health)
-            .fd()
-            .as_fd()
-            .as_raw_fd();
-        let mut done = 0usize;
-        let mut next: u32 = 0;
-        while done < count {
-            #[repr(C)]
-            struct BatchAttr {
-                in_batch: u64,
-                out_batch: u64,
-                keys: u64,
-                values: u64,
-                count: u32,
-                map_fd: u32,
-                elem_flags: u64,
-                flags: u64,
-            }
-            let mut out_batch: u32 = 0;
-            let mut attr = BatchAttr {
-                in_batch: if done == 0 {
-                    0
-                } else {
-                    &next as *const u32 as u64
-                },
-                out_batch: &mut out_batch as *mut u32 as u64,
-                keys: keys[done..].as_mut_ptr() as u64,
-                values: values[done..].as_mut_ptr() as u64,
-                count: (count - done) as u32,
-                map_fd: fd as u32,
-                elem_flags: 0,
-                flags: 0,
-            };
-            const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-            // SAFETY: attr points at buffers of `attr.count` keys and values that outlive the
-            // call; the kernel writes at most that many.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    &mut attr as *mut BatchAttr,
-                    std::mem::size_of::<BatchAttr>(),
-                )
-            };
-            let got = attr.count as usize;
-            if rc < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::ENOENT) {
-                    done += got;
-                    break;
-                }
-                return Err(MapsError::Map {
-                    name: MAP_BACKEND_HEALTH,
-                    source: MapError::SyscallError(SyscallError {
-                        call: "bpf_map_lookup_batch",
-                        io_error: err,
-                    }),
-                });
-            }
-            done += got;
-            next = out_batch;
-            if got == 0 {
-                break;
-            }
-        }
-        values.truncate(done);
-        Ok(values)
+        backend_health_batch(&self.backend_health, count)
     }
 
     pub fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
@@ -600,5 +528,105 @@ impl MapWriter for DatapathMaps {
             Some(written) => written.copy_from_slice(&filter.want),
             None => filter.written = Some(filter.want.clone()),
         }
+    }
+}
+
+/// The health records of backend ids `0..count`, in as few system calls as the kernel
+/// allows (BPF_MAP_LOOKUP_BATCH): the health monitor reads them five times a second, and
+/// one lookup per backend was ~1 µs each (40k backends: 200k system calls a second).
+fn backend_health_batch(
+    map: &Array<MapData, BackendHealth>,
+    count: u32,
+) -> Result<Vec<BackendHealth>, MapsError> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let count = count as usize;
+    let mut keys = vec![0u32; count];
+    let mut values = vec![BackendHealth::default(); count];
+    let fd = IterableMap::map(map).fd().as_fd().as_raw_fd();
+    let mut done = 0usize;
+    let mut next: u32 = 0;
+    while done < count {
+        #[repr(C)]
+        struct BatchAttr {
+            in_batch: u64,
+            out_batch: u64,
+            keys: u64,
+            values: u64,
+            count: u32,
+            map_fd: u32,
+            elem_flags: u64,
+            flags: u64,
+        }
+        let mut out_batch: u32 = 0;
+        let mut attr = BatchAttr {
+            in_batch: if done == 0 {
+                0
+            } else {
+                &next as *const u32 as u64
+            },
+            out_batch: &mut out_batch as *mut u32 as u64,
+            keys: keys[done..].as_mut_ptr() as u64,
+            values: values[done..].as_mut_ptr() as u64,
+            count: (count - done) as u32,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+        // SAFETY: attr points at buffers of `attr.count` keys and values that outlive the
+        // call; the kernel writes at most that many.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let got = attr.count as usize;
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENOENT) {
+                done += got;
+                break;
+            }
+            return Err(MapsError::Map {
+                name: MAP_BACKEND_HEALTH,
+                source: MapError::SyscallError(SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error: err,
+                }),
+            });
+        }
+        done += got;
+        next = out_batch;
+        if got == 0 {
+            break;
+        }
+    }
+    values.truncate(done);
+    Ok(values)
+}
+
+/// The passive health counters (BACKEND_HEALTH) opened from their pin: a handle of their own,
+/// for reads on another thread than the agent's maps.
+pub struct HealthCounters(Array<MapData, BackendHealth>);
+
+impl HealthCounters {
+    pub fn open_pinned(dir: &Path) -> Result<Self, MapsError> {
+        let path = dir.join(MAP_BACKEND_HEALTH);
+        let map = MapData::from_pin(&path)
+            .and_then(Map::from_map_data)
+            .map_err(|source| MapsError::Pinned { path, source })?;
+        Ok(HealthCounters(typed(MAP_BACKEND_HEALTH, map)?))
+    }
+
+    pub fn get(&self, id: u32) -> Result<BackendHealth, MapsError> {
+        self.0.get(&id, 0).map_err(in_map(MAP_BACKEND_HEALTH))
+    }
+
+    /// The records of backend ids `0..count`.
+    pub fn batch(&self, count: u32) -> Result<Vec<BackendHealth>, MapsError> {
+        backend_health_batch(&self.0, count)
     }
 }

@@ -23,7 +23,7 @@ use proxy_common::BackendHealth;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::maps::DatapathMaps;
+use crate::maps::{DatapathMaps, HealthCounters};
 use crate::reconcile::Reconciler;
 use crate::translate::{
     BackendRole, HealthSetting, Incremental, IpFamily, ObjectKey, Protocol, ServicePortKey,
@@ -160,6 +160,11 @@ pub struct Monitor {
     changed_at: HashMap<(ServicePortKey, (IpAddr, u16)), u64>,
     /// The counters are not read again before this (see [`PASSIVE_BUDGET`]).
     next_read: Option<Instant>,
+    /// A read of the counters is under way ([`Monitor::counters_due`]).
+    reading: bool,
+    /// Backend ids given to another endpoint while a read was under way: their counters in it
+    /// are not this endpoint's.
+    reassigned: HashSet<u32>,
     /// Verdicts published by prober nodes, which this node follows instead of probing
     /// (Kubernetes mode); None: it probes itself.
     follow: Option<Arc<Endpoints>>,
@@ -203,6 +208,8 @@ impl Monitor {
             records_dirty: true,
             changed_at: HashMap::new(),
             next_read: None,
+            reading: false,
+            reassigned: HashSet::new(),
             follow: None,
             touched: HashSet::new(),
             records_built: None,
@@ -274,8 +281,15 @@ impl Monitor {
                     self.update_port(&key, service_id, desired.egress, config, &candidates, now);
                     if let Some(port) = self.ports.get_mut(&key) {
                         for (&(ip, number), endpoint) in port.endpoints.iter_mut() {
-                            endpoint.backend_id =
+                            let id =
                                 service_id.and_then(|id| reconciler.backend_id(id, ip, number));
+                            // Counters read before this may be another endpoint's.
+                            if let Some(new) =
+                                id.filter(|_| self.reading && endpoint.backend_id != id)
+                            {
+                                self.reassigned.insert(new);
+                            }
+                            endpoint.backend_id = id;
                         }
                     }
                 }
@@ -508,25 +522,69 @@ impl Monitor {
     }
 
     /// Reads the data path's counters of every endpoint with passive detection on, ejects the
-    /// outliers, and readmits those whose ejection is over.
+    /// outliers, and readmits those whose ejection is over, all at once. The agent's loop reads
+    /// on a thread instead ([`Monitor::counters_due`], [`PassiveReads`]).
     pub fn poll(&mut self, maps: &DatapathMaps) {
-        let now = Instant::now();
-        let due = self.next_read.is_none_or(|t| now >= t);
-        let counters = if due {
-            let ids: Vec<u32> = self
-                .ports
+        match self.counters_due() {
+            Some(ids) => {
+                let started = Instant::now();
+                let counters = read_counters(maps, &ids);
+                self.counters_read(counters, started.elapsed());
+            }
+            None => self.tick(),
+        }
+    }
+
+    /// [`Monitor::poll`] with the read on `reads`' thread when there is one: its counters come
+    /// back through [`PassiveReads::done`] to [`Monitor::counters_read`].
+    pub fn poll_on(&mut self, maps: &DatapathMaps, reads: Option<&mut PassiveReads>) {
+        match (self.counters_due(), reads) {
+            (Some(ids), Some(reads)) => {
+                reads.start(ids);
+                self.tick();
+            }
+            (Some(ids), None) => {
+                let started = Instant::now();
+                let counters = read_counters(maps, &ids);
+                self.counters_read(counters, started.elapsed());
+            }
+            (None, _) => self.tick(),
+        }
+    }
+
+    /// The backend ids whose counters are due for reading (none while a read is under way):
+    /// read them ([`read_counters`]) and hand them to [`Monitor::counters_read`].
+    pub fn counters_due(&mut self) -> Option<Vec<u32>> {
+        if self.reading || self.next_read.is_some_and(|t| Instant::now() < t) {
+            return None;
+        }
+        self.reading = true;
+        self.reassigned.clear();
+        Some(
+            self.ports
                 .values()
                 .filter(|p| p.config.passive)
                 .flat_map(|p| p.endpoints.values().filter_map(|e| e.backend_id))
-                .collect();
-            let counters = read_counters(maps, &ids);
-            let took = now.elapsed();
-            self.next_read =
-                Some(now + (took * PASSIVE_BUDGET).max(PASSIVE_POLL) - PASSIVE_POLL / 4);
-            counters
-        } else {
-            Counters::None
-        };
+                .collect(),
+        )
+    }
+
+    /// The counters read (taking `took`): ejects the outliers, readmits those whose ejection is
+    /// over. Reads are spaced so that they take at most 1/[`PASSIVE_BUDGET`] of the time.
+    pub fn counters_read(&mut self, counters: Counters, took: Duration) {
+        let now = Instant::now();
+        self.reading = false;
+        self.next_read = Some(now + (took * PASSIVE_BUDGET).max(PASSIVE_POLL) - PASSIVE_POLL / 4);
+        let reassigned = std::mem::take(&mut self.reassigned);
+        self.judge(&counters, &reassigned, now);
+    }
+
+    /// Ejections that end, active checks' verdicts that fall due, without new counters.
+    pub fn tick(&mut self) {
+        self.judge(&Counters::None, &HashSet::new(), Instant::now());
+    }
+
+    fn judge(&mut self, counters: &Counters, reassigned: &HashSet<u32>, now: Instant) {
         let mut transitions = Vec::new();
         let following = self.follow.is_some();
         for (key, port) in self.ports.iter_mut() {
@@ -541,7 +599,11 @@ impl Monitor {
                     .filter(|e| e.health.ejected())
                     .count();
                 for (&endpoint, e) in port.endpoints.iter_mut() {
-                    let Some(c) = e.backend_id.and_then(|id| counters.get(&id)) else {
+                    let Some(c) = e
+                        .backend_id
+                        .filter(|id| !reassigned.contains(id))
+                        .and_then(|id| counters.get(&id))
+                    else {
                         continue;
                     };
                     match e.health.on_passive(*c, ejected < allowed, check, now) {
@@ -873,7 +935,7 @@ fn sock((ip, port): (IpAddr, u16)) -> String {
 
 /// The counters of backend ids `ids`: one lookup each for a few, one batch for many.
 /// The passive counters of some backend ids, as read at one poll.
-enum Counters {
+pub enum Counters {
     None,
     /// Every entry up to the largest id, indexed by id (one batch read).
     Dense(Vec<BackendHealth>),
@@ -894,9 +956,95 @@ impl Counters {
     }
 }
 
+/// Where the passive counters are read from: the agent's maps, or [`HealthCounters`] on a
+/// thread of its own.
+pub trait CounterSource {
+    fn one(&self, id: u32) -> Option<BackendHealth>;
+    fn batch(&self, count: u32) -> Result<Vec<BackendHealth>, crate::maps::MapsError>;
+}
+
+impl CounterSource for DatapathMaps {
+    fn one(&self, id: u32) -> Option<BackendHealth> {
+        self.backend_health(id).ok()
+    }
+    fn batch(&self, count: u32) -> Result<Vec<BackendHealth>, crate::maps::MapsError> {
+        self.backend_health_batch(count)
+    }
+}
+
+impl CounterSource for HealthCounters {
+    fn one(&self, id: u32) -> Option<BackendHealth> {
+        self.get(id).ok()
+    }
+    fn batch(&self, count: u32) -> Result<Vec<BackendHealth>, crate::maps::MapsError> {
+        HealthCounters::batch(self, count)
+    }
+}
+
+/// Reads the counters on a blocking thread, one read at a time: at 40k endpoints a read takes
+/// ~17 ms, which the agent's loop (a manifest change, an API event) must not wait behind.
+pub struct PassiveReads {
+    /// The counters' map, while no read has it.
+    source: Option<HealthCounters>,
+    running: Option<tokio::task::JoinHandle<(HealthCounters, Counters, Duration)>>,
+}
+
+impl PassiveReads {
+    /// Reads from the BACKEND_HEALTH map pinned in `pin_dir`; None if it cannot be opened (then
+    /// [`Monitor::poll`] reads on the loop).
+    pub fn open(pin_dir: &std::path::Path) -> Option<PassiveReads> {
+        match HealthCounters::open_pinned(pin_dir) {
+            Ok(source) => Some(PassiveReads {
+                source: Some(source),
+                running: None,
+            }),
+            Err(err) => {
+                tracing::warn!("passive health reads run on the agent's loop: {err}");
+                None
+            }
+        }
+    }
+
+    /// Starts reading `ids` (ignored while a read is under way).
+    pub fn start(&mut self, ids: Vec<u32>) {
+        let Some(source) = self.source.take() else {
+            return;
+        };
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let counters = read_counters(&source, &ids);
+            (source, counters, started.elapsed())
+        }));
+    }
+
+    /// The counters of the read under way of `reads`, once done (pending while none is).
+    pub async fn done_of(reads: &mut Option<PassiveReads>) -> (Counters, Duration) {
+        match reads {
+            Some(reads) => reads.done().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The counters of the read under way, once done (pending while none is).
+    pub async fn done(&mut self) -> (Counters, Duration) {
+        let Some(running) = self.running.as_mut() else {
+            return std::future::pending().await;
+        };
+        let result = running.await;
+        self.running = None;
+        match result {
+            Ok((source, counters, took)) => {
+                self.source = Some(source);
+                (counters, took)
+            }
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
+        }
+    }
+}
+
 /// Reads the counters of `ids`. Kept in vectors, not a map: at 40k endpoints a map of them was
 /// 4 MB built anew at every poll.
-fn read_counters(maps: &DatapathMaps, ids: &[u32]) -> Counters {
+pub fn read_counters(maps: &impl CounterSource, ids: &[u32]) -> Counters {
     if ids.is_empty() {
         return Counters::None;
     }
@@ -904,7 +1052,7 @@ fn read_counters(maps: &DatapathMaps, ids: &[u32]) -> Counters {
     let one_by_one = || {
         let mut some: Vec<(u32, BackendHealth)> = ids
             .iter()
-            .filter_map(|id| Some((*id, maps.backend_health(*id).ok()?)))
+            .filter_map(|id| Some((*id, maps.one(*id)?)))
             .collect();
         some.sort_unstable_by_key(|(id, _)| *id);
         Counters::Sparse(some)
@@ -912,7 +1060,7 @@ fn read_counters(maps: &DatapathMaps, ids: &[u32]) -> Counters {
     if ids.len() * SINGLE_LOOKUP_COST <= max as usize + 1 {
         return one_by_one();
     }
-    match maps.backend_health_batch(max + 1) {
+    match maps.batch(max + 1) {
         Ok(all) => Counters::Dense(all),
         Err(err) => {
             tracing::debug!("batch read of backend health failed ({err}); reading one by one");

@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context as _, bail};
 use extproxy::{
-    health::{Monitor, share::Sharing},
+    health::{Monitor, PassiveReads, share::Sharing},
     host,
     kube::{self as kubemode, Batch, KubeSource, NodeOverrides, SourceConfig},
     metrics::{self, Telemetry},
@@ -120,6 +120,7 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
     let mut health = Monitor::new();
     telemetry.set_health_metrics(health.metrics());
     let mut passive = super::manifest_mode::health_poll();
+    let mut passive_reads = PassiveReads::open(&dp.pin_dir);
     loop {
         tokio::select! {
             _ = hk.sigint.recv() => break,
@@ -157,8 +158,11 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
                 }
             }
             result = health.next_result() => health.on_probe(result),
+            (counters, took) = PassiveReads::done_of(&mut passive_reads) => {
+                health.counters_read(counters, took);
+            }
             _ = passive.tick() => {
-                health.poll(&running.agent.maps);
+                health.poll_on(&running.agent.maps, passive_reads.as_mut());
                 // Probers publish; the others follow them while one is live.
                 let prober = source.is_health_prober();
                 health.set_follow(sharing.to_follow(prober, std::time::SystemTime::now()));

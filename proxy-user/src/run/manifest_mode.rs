@@ -4,7 +4,7 @@ use std::{net::IpAddr, path::Path, time::Instant};
 
 use anyhow::{Context as _, bail};
 use extproxy::{
-    health::{self, Monitor},
+    health::{self, Monitor, PassiveReads},
     host,
     manifest::{ManifestSet, ParseQueue},
     metrics::Telemetry,
@@ -134,6 +134,7 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
     let mut reads = ParseQueue::new();
     let mut hk = Housekeeping::new(dp)?;
     let mut passive = health_poll();
+    let mut passive_reads = PassiveReads::open(&dp.pin_dir);
     loop {
         tokio::select! {
             _ = hk.sigint.recv() => break,
@@ -170,7 +171,10 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
                 dns_changed(&mut translator, &mut running.agent, &telemetry, &mut health);
             }
             result = health.next_result() => health.on_probe(result),
-            _ = passive.tick() => health.poll(&running.agent.maps),
+            _ = passive.tick() => health.poll_on(&running.agent.maps, passive_reads.as_mut()),
+            (counters, took) = PassiveReads::done_of(&mut passive_reads) => {
+                health.counters_read(counters, took);
+            }
             events = running.pods.next() => running.pod_events(events, &telemetry),
             events = dp_events.next() => {
                 refused(&events, &mut refusals, &running.agent, &telemetry);
