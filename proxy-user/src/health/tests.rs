@@ -566,3 +566,63 @@ async fn scale() {
     );
     assert_eq!(monitor.counts().0, 40_001);
 }
+
+/// The counters are read on another thread while the agent goes on: a backend id given to a new
+/// endpoint meanwhile must not hand it the failures the read found for the old one.
+#[tokio::test]
+async fn counters_read_before_an_id_changed_hands_are_not_the_new_endpoints() {
+    let eps = ["203.0.113.1", "203.0.113.3", "203.0.113.4"];
+    let mut rig = Rig::new("");
+    rig.set_endpoints("", &eps);
+    let id_of = |rig: &Rig, ip: &str| {
+        let (_, sid) = rig.reconciler.service_ids().next().expect("one port");
+        rig.reconciler.backend_id(sid, ip.parse().unwrap(), 5432)
+    };
+    let old = id_of(&rig, "203.0.113.1").expect("an id");
+    let ids = rig.monitor.counters_due().expect("a read is due");
+    assert!(ids.contains(&old));
+
+    // While the read is under way, endpoints come and go until one gets .1's id (the
+    // reconciler hands out fresh ids first).
+    let newcomer = (10..200)
+        .map(|i| format!("203.0.113.{i}"))
+        .find(|ip| {
+            rig.set_endpoints("", &[ip, eps[1], eps[2]]);
+            id_of(&rig, ip) == Some(old)
+        })
+        .expect("the id was given again");
+
+    // The read saw .1 failing every new flow.
+    let failing = BackendHealth {
+        failed: 50,
+        consecutive: 50,
+        last_kind: proxy_common::HF_REFUSED,
+        ..BackendHealth::default()
+    };
+    rig.monitor.counters_read(
+        Counters::Sparse(vec![(old, failing)]),
+        Duration::from_millis(1),
+    );
+    rig.settle();
+    assert!(
+        rig.roles()
+            .iter()
+            .all(|(_, role)| *role == BackendRole::Active),
+        "{:?}",
+        rig.roles()
+    );
+    // The next read is the new endpoint's own.
+    rig.monitor.next_read = None;
+    assert!(rig.monitor.counters_due().is_some());
+    rig.monitor.counters_read(
+        Counters::Sparse(vec![(old, failing)]),
+        Duration::from_millis(1),
+    );
+    rig.settle();
+    assert!(
+        rig.roles()
+            .contains(&(format!("{newcomer}:5432"), BackendRole::Unhealthy)),
+        "{:?}",
+        rig.roles()
+    );
+}
