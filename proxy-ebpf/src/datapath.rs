@@ -404,8 +404,10 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, at: &Addr) -> Action 
     }
 }
 
-/// Sends a client's packet to the owner of its Service's cluster egress address
-/// (`Scratch::tunnel_to`), untranslated: the owner serves the flow.
+/// Sends the packet through the tunnel to node `Scratch::tunnel_to`: a client's packet,
+/// untranslated, to the owner of its Service's cluster egress address (which serves the flow), or
+/// a reply, translated back, to the node of its client. The SYN's (and SYN-ACK's) MSS is clamped
+/// to fit the tunnel.
 #[inline(never)]
 fn to_tunnel<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     tunnel::clamp_mss(ctx, cfg, &s.pkt);
@@ -897,21 +899,10 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &mut RevNatValue) -
     }
     count_service(rn.service_id, s.pkt.l3_len, true);
     if tunnelled {
-        return back_through_tunnel(ctx, cfg, s, rn.tunnel_v4);
+        s.tunnel_to = Addr::from_v4_raw(rn.tunnel_v4);
+        return to_tunnel(ctx, cfg, s);
     }
     toward_client(ctx, s, r)
-}
-
-/// A reply (already translated back) for a client of another node: through the tunnel to it.
-#[inline(never)]
-fn back_through_tunnel<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, peer_v4: u32) -> Action {
-    // The SYN-ACK's MSS too: the client must not send segments the tunnel cannot carry.
-    tunnel::clamp_mss(ctx, cfg, &s.pkt);
-    let entropy = lb::flow_hash(&s.pkt.tuple, SEED_SELECT);
-    match tunnel::encap(ctx, cfg, &mut s.fib, &Addr::from_v4_raw(peer_v4), entropy) {
-        Ok(r) => via(ctx, s, r),
-        Err(why) => drop(why),
-    }
 }
 
 /// The client is out of the device the reply came in on: the packet must be sent back out.
@@ -992,7 +983,8 @@ fn icmp_error<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
     }
     count(Counter::IcmpErrorTranslated);
     if rn.tunnel_v4 != 0 {
-        return back_through_tunnel(ctx, cfg, s, rn.tunnel_v4);
+        s.tunnel_to = Addr::from_v4_raw(rn.tunnel_v4);
+        return to_tunnel(ctx, cfg, s);
     }
     toward_client(ctx, s, r)
 }

@@ -133,7 +133,8 @@ pub struct Scratch {
     pub syn_has_ts: bool,
     /// The node this packet came from through the tunnel; zero when it did not.
     pub tunnel_peer: Addr,
-    /// The owner of a cluster egress address a packet is to be tunnelled to.
+    /// The node a packet is to be tunnelled to: the owner of its cluster egress address, or the
+    /// node of the client a reply is for.
     pub tunnel_to: Addr,
     /// The new flow's Service's `SVC_F_*` flags.
     pub svc_flags: u32,

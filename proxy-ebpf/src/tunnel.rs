@@ -38,10 +38,9 @@ pub fn is_tunnel(pkt: &Pkt) -> bool {
         && pkt.has_l4()
 }
 
-/// Strips the outer IPv4 and UDP headers of the tunnelled packet `pkt` (TC only). Ok(true) when
-/// the inner packet is IPv6.
+/// Strips the outer IPv4 and UDP headers of the tunnelled packet `pkt` (TC only).
 #[inline(always)]
-pub fn decap<C: Ctx>(ctx: &C, pkt: &Pkt) -> Result<bool, Counter> {
+pub fn decap<C: Ctx>(ctx: &C, pkt: &Pkt) -> Result<(), Counter> {
     // The outer header has no options (we send none): the inner packet starts 28 bytes in.
     if pkt.l4_off != ETH_HLEN + IPV4_HLEN {
         return Err(Counter::DropTunnelMalformed);
@@ -61,8 +60,7 @@ pub fn decap<C: Ctx>(ctx: &C, pkt: &Pkt) -> Result<bool, Counter> {
     ctx.adjust_room(-(TUNNEL_OVERHEAD_V4 as i32), flags as u64)
         .map_err(|()| Counter::DropTunnelFailed)?;
     store(ctx, 12, if v6 { ETH_P_IPV6_RAW } else { ETH_P_IP_RAW })
-        .map_err(|()| Counter::DropTunnelFailed)?;
-    Ok(v6)
+        .map_err(|()| Counter::DropTunnelFailed)
 }
 
 /// Wraps the packet in the tunnel toward `peer` (an IPv4 node address) and routes it: the route
@@ -160,7 +158,4 @@ pub fn clamp_mss<C: Ctx>(ctx: &C, cfg: &Config, pkt: &Pkt) {
     count(Counter::TunnelMssClamped);
 }
 
-/// Bytes of the outer headers, for callers sizing packets.
-pub const OVERHEAD: usize = TUNNEL_OVERHEAD_V4 as usize;
-
-const _: () = assert!(OVERHEAD == IPV4_HLEN + UDP_HLEN);
+const _: () = assert!(TUNNEL_OVERHEAD_V4 as usize == IPV4_HLEN + UDP_HLEN);

@@ -377,10 +377,7 @@ fn serving(
         own = reconciler
             .service_ids()
             .map(|(key, id)| {
-                let service = ObjectKey {
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
-                };
+                let service = key.service();
                 (id, service)
             })
             .collect();

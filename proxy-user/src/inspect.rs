@@ -208,7 +208,7 @@ pub fn collect(pin_dir: &Path, state_dir: &Path) -> Result<Report, MapsError> {
             continue;
         }
         let address = sock(&b.addr, b.port);
-        let passive = maps.backend_health(*id).unwrap_or_default();
+        let passive = maps.health_counters().get(*id).unwrap_or_default();
         endpoints
             .entry(b.service_id)
             .or_default()

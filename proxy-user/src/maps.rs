@@ -58,7 +58,7 @@ pub struct DatapathMaps {
     services: HashMap<MapData, u32, ServiceValue>,
     slots: HashMap<MapData, SlotKey, u32>,
     backends: Array<MapData, BackendValue>,
-    backend_health: Array<MapData, BackendHealth>,
+    backend_health: HealthCounters,
     cluster_egress: HashMap<MapData, Addr, ClusterEgress>,
     tunnel_peers: HashMap<MapData, Addr, u32>,
     maglev: HashMap<MapData, u32, MaglevTable>,
@@ -141,7 +141,7 @@ impl DatapathMaps {
             services: typed(MAP_SERVICES, get(MAP_SERVICES)?)?,
             slots: typed(MAP_SLOTS, get(MAP_SLOTS)?)?,
             backends: typed(MAP_BACKENDS, get(MAP_BACKENDS)?)?,
-            backend_health: typed(MAP_BACKEND_HEALTH, get(MAP_BACKEND_HEALTH)?)?,
+            backend_health: HealthCounters(typed(MAP_BACKEND_HEALTH, get(MAP_BACKEND_HEALTH)?)?),
             cluster_egress: typed(MAP_CLUSTER_EGRESS, get(MAP_CLUSTER_EGRESS)?)?,
             tunnel_peers: typed(MAP_TUNNEL_PEERS, get(MAP_TUNNEL_PEERS)?)?,
             maglev: typed(MAP_MAGLEV, get(MAP_MAGLEV)?)?,
@@ -165,7 +165,7 @@ impl DatapathMaps {
             MAP_SERVICES => IterableMap::map(&self.services),
             MAP_SLOTS => IterableMap::map(&self.slots),
             MAP_BACKENDS => IterableMap::map(&self.backends),
-            MAP_BACKEND_HEALTH => IterableMap::map(&self.backend_health),
+            MAP_BACKEND_HEALTH => IterableMap::map(&self.backend_health.0),
             MAP_CLUSTER_EGRESS => IterableMap::map(&self.cluster_egress),
             MAP_TUNNEL_PEERS => IterableMap::map(&self.tunnel_peers),
             MAP_MAGLEV => IterableMap::map(&self.maglev),
@@ -364,16 +364,9 @@ impl DatapathMaps {
         Ok(())
     }
 
-    /// How new flows to backend `id` fared (passive health checking).
-    pub fn backend_health(&self, id: u32) -> Result<BackendHealth, MapsError> {
-        self.backend_health
-            .get(&id, 0)
-            .map_err(in_map(MAP_BACKEND_HEALTH))
-    }
-
-    /// The health records of backend ids `0..count` ([`backend_health_batch`]).
-    pub fn backend_health_batch(&self, count: u32) -> Result<Vec<BackendHealth>, MapsError> {
-        backend_health_batch(&self.backend_health, count)
+    /// How new flows to each backend fared (passive health checking).
+    pub fn health_counters(&self) -> &HealthCounters {
+        &self.backend_health
     }
 
     pub fn affinity(&self) -> Result<Vec<(AffinityKey, AffinityValue)>, MapsError> {
@@ -426,7 +419,7 @@ impl DatapathMaps {
     fn put_backend(&mut self, id: u32, value: BackendValue) -> Result<(), MapError> {
         let previous = self.backends.get(&id, 0)?;
         if previous.generation != value.generation {
-            self.backend_health.set(id, BackendHealth::default(), 0)?;
+            self.backend_health.0.set(id, BackendHealth::default(), 0)?;
         }
         self.backends.set(id, value, 0)
     }
@@ -608,8 +601,8 @@ fn backend_health_batch(
     Ok(values)
 }
 
-/// The passive health counters (BACKEND_HEALTH) opened from their pin: a handle of their own,
-/// for reads on another thread than the agent's maps.
+/// The passive health counters (BACKEND_HEALTH): the agent's maps hold one, and one opened from
+/// the pin reads them on another thread.
 pub struct HealthCounters(Array<MapData, BackendHealth>);
 
 impl HealthCounters {
@@ -621,6 +614,7 @@ impl HealthCounters {
         Ok(HealthCounters(typed(MAP_BACKEND_HEALTH, map)?))
     }
 
+    /// How new flows to backend `id` fared.
     pub fn get(&self, id: u32) -> Result<BackendHealth, MapsError> {
         self.0.get(&id, 0).map_err(in_map(MAP_BACKEND_HEALTH))
     }

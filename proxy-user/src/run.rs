@@ -34,6 +34,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Err(problems) = extproxy::translate::check_egress_addresses(&args.node.egress_ips) {
         bail!("--egress-ip: {}", problems.join("; "));
     }
+    let cluster_egress = egress::parse(&args.egress)?;
     let mounted_here = loader::ensure_bpffs().context("bpffs")?;
     check_pins_outlive_us(&args, mounted_here)?;
     let dp = &args.datapath;
@@ -60,8 +61,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let result = match resolve_ifaces(&args.node.ifaces) {
         Ok(ifaces) => match &args.manifests {
-            Some(dir) => manifest_mode::run_manifests(&args, dir, &ifaces).await,
-            None => kube_mode::run_kube(&args, &ifaces).await,
+            Some(dir) => manifest_mode::run_manifests(&args, &cluster_egress, dir, &ifaces).await,
+            None => kube_mode::run_kube(&args, &cluster_egress, &ifaces).await,
         },
         Err(err) => Err(err),
     };

@@ -267,6 +267,16 @@ pub struct ServicePortKey {
     pub family: IpFamily,
 }
 
+impl ServicePortKey {
+    /// The Service this port is of.
+    pub fn service(&self) -> ObjectKey {
+        ObjectKey {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
 impl fmt::Display for ServicePortKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -388,10 +398,7 @@ impl Desired {
     pub fn frontend_owners(&self) -> Vec<(FrontendKey, ObjectKey)> {
         let mut owners = Vec::new();
         for (key, service) in &self.services {
-            let owner = ObjectKey {
-                namespace: key.namespace.clone(),
-                name: key.name.clone(),
-            };
+            let owner = key.service();
             owners.extend(service.frontends.keys().map(|f| (*f, owner.clone())));
         }
         owners

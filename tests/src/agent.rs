@@ -1,6 +1,7 @@
 //! The agent under test: the real `extproxy` binary running in a topology's node namespace.
 
 use std::{
+    ffi::OsString,
     fs::File,
     io::Read,
     path::{Path, PathBuf},
@@ -108,29 +109,57 @@ pub struct Agent {
     state_dir: PathBuf,
 }
 
+impl AgentSite {
+    /// The node of a topology with one: its uplink `up0`, logging to `log_name` in its folder.
+    pub fn node(topo: &Topology, log_name: &str) -> AgentSite {
+        AgentSite {
+            node_ns: topo.node.name.clone(),
+            iface: "up0".into(),
+            pin_dir: topo.pin_dir(),
+            state_dir: topo.dir.join("state"),
+            log: topo.dir.join(log_name),
+        }
+    }
+}
+
+/// Manifest mode, reading `dir`.
+fn manifest_source(dir: &Path) -> Vec<OsString> {
+    vec!["--manifests".into(), dir.into()]
+}
+
+/// Kubernetes mode: the agent of Node `node_name`, reading the API server of `kubeconfig`.
+fn kube_source(kubeconfig: &Path, node_name: &str) -> Vec<OsString> {
+    vec![
+        "--kubeconfig".into(),
+        kubeconfig.into(),
+        "--node-name".into(),
+        node_name.into(),
+    ]
+}
+
+/// How long an agent may take to say it runs.
+const START_WITHIN: Duration = Duration::from_secs(20);
+
 impl Agent {
     fn start(topo: &Topology, extra: &[&str]) -> Agent {
-        let manifests = topo.manifests();
-        Agent::spawn(
-            topo,
-            &["--manifests".as_ref(), manifests.as_os_str()],
+        let site = AgentSite::node(topo, "agent.log");
+        let source = manifest_source(&topo.manifests());
+        Agent::run_at(
+            &site,
+            &extproxy_bin(),
+            &source,
             extra,
             Some("info"),
+            Some(START_WITHIN),
         )
     }
 
     /// Manifest mode, logging to `log_name` in the topology's folder, without waiting for it to
     /// run: a second agent on one node.
     pub fn launch(topo: &Topology, extra: &[&str], log_name: &str) -> Agent {
-        let manifests = topo.manifests();
-        Agent::launch_with(
-            topo,
-            &extproxy_bin(),
-            &["--manifests".as_ref(), manifests.as_os_str()],
-            extra,
-            Some("info"),
-            log_name,
-        )
+        let site = AgentSite::node(topo, log_name);
+        let source = manifest_source(&topo.manifests());
+        Agent::run_at(&site, &extproxy_bin(), &source, extra, Some("info"), None)
     }
 
     /// Kubernetes mode: the agent of Node `node_name`, reading the API server of `kubeconfig`.
@@ -140,92 +169,37 @@ impl Agent {
         node_name: &str,
         extra: &[&str],
     ) -> Agent {
-        Agent::spawn(
-            topo,
-            &[
-                "--kubeconfig".as_ref(),
-                kubeconfig.as_os_str(),
-                "--node-name".as_ref(),
-                node_name.as_ref(),
-            ],
+        let site = AgentSite::node(topo, "agent.log");
+        let source = kube_source(kubeconfig, node_name);
+        // The agent's own default log filter: the log as operators see it.
+        Agent::run_at(
+            &site,
+            &extproxy_bin(),
+            &source,
             extra,
-            // The agent's own default: the log as operators see it.
             None,
+            Some(START_WITHIN),
         )
     }
 
     /// Manifest mode with another build of the agent (`bin`): a previous release, to upgrade from.
     pub fn start_binary(topo: &Topology, bin: &Path, extra: &[&str]) -> Agent {
-        let manifests = topo.manifests();
-        let source = ["--manifests".as_ref(), manifests.as_os_str()];
-        Agent::spawn_binary(topo, bin, &source, extra, Some("info"))
-    }
-
-    fn spawn(
-        topo: &Topology,
-        source: &[&std::ffi::OsStr],
-        extra: &[&str],
-        log_filter: Option<&str>,
-    ) -> Agent {
-        Agent::spawn_binary(topo, &extproxy_bin(), source, extra, log_filter)
-    }
-
-    fn spawn_binary(
-        topo: &Topology,
-        bin: &Path,
-        source: &[&std::ffi::OsStr],
-        extra: &[&str],
-        log_filter: Option<&str>,
-    ) -> Agent {
-        let log = topo.dir.join("agent.log");
-        let runs_before = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default())
-            .matches("extproxy is running")
-            .count();
-        let agent = Agent::launch_with(topo, bin, source, extra, log_filter, "agent.log");
-        agent.wait_for_log_count(
-            "extproxy is running",
-            runs_before + 1,
-            Duration::from_secs(20),
-        );
-        agent
-    }
-
-    fn launch_with(
-        topo: &Topology,
-        bin: &Path,
-        source: &[&std::ffi::OsStr],
-        extra: &[&str],
-        log_filter: Option<&str>,
-        log_name: &str,
-    ) -> Agent {
-        let site = AgentSite {
-            node_ns: topo.node.name.clone(),
-            iface: "up0".into(),
-            pin_dir: topo.pin_dir(),
-            state_dir: topo.dir.join("state"),
-            log: topo.dir.join(log_name),
-        };
-        Agent::launch_at(&site, bin, source, extra, log_filter)
+        let site = AgentSite::node(topo, "agent.log");
+        let source = manifest_source(&topo.manifests());
+        Agent::run_at(&site, bin, &source, extra, Some("info"), Some(START_WITHIN))
     }
 
     /// Manifest mode at `site` (a node of a topology with several), waiting until it runs.
     pub fn start_at(site: &AgentSite, manifests: &Path, extra: &[&str]) -> Agent {
-        let runs_before = strip_ansi(&std::fs::read_to_string(&site.log).unwrap_or_default())
-            .matches("extproxy is running")
-            .count();
-        let agent = Agent::launch_at(
+        let source = manifest_source(manifests);
+        Agent::run_at(
             site,
             &extproxy_bin(),
-            &["--manifests".as_ref(), manifests.as_os_str()],
+            &source,
             extra,
             Some("info"),
-        );
-        agent.wait_for_log_count(
-            "extproxy is running",
-            runs_before + 1,
-            Duration::from_secs(20),
-        );
-        agent
+            Some(START_WITHIN),
+        )
     }
 
     /// Kubernetes mode at `site` (a node of a topology with several): the agent of Node
@@ -236,33 +210,42 @@ impl Agent {
         node_name: &str,
         extra: &[&str],
     ) -> Agent {
+        let source = kube_source(kubeconfig, node_name);
+        let within = Duration::from_secs(30);
+        Agent::run_at(
+            site,
+            &extproxy_bin(),
+            &source,
+            extra,
+            Some("info"),
+            Some(within),
+        )
+    }
+
+    /// Starts `bin` at `site` and, with `wait`, waits until it says it runs (once more than the
+    /// log, appended to across restarts, said so before).
+    fn run_at(
+        site: &AgentSite,
+        bin: &Path,
+        source: &[OsString],
+        extra: &[&str],
+        log_filter: Option<&str>,
+        wait: Option<Duration>,
+    ) -> Agent {
         let runs_before = strip_ansi(&std::fs::read_to_string(&site.log).unwrap_or_default())
             .matches("extproxy is running")
             .count();
-        let agent = Agent::launch_at(
-            site,
-            &extproxy_bin(),
-            &[
-                "--kubeconfig".as_ref(),
-                kubeconfig.as_os_str(),
-                "--node-name".as_ref(),
-                node_name.as_ref(),
-            ],
-            extra,
-            Some("info"),
-        );
-        agent.wait_for_log_count(
-            "extproxy is running",
-            runs_before + 1,
-            Duration::from_secs(30),
-        );
+        let agent = Agent::launch_at(site, bin, source, extra, log_filter);
+        if let Some(within) = wait {
+            agent.wait_for_log_count("extproxy is running", runs_before + 1, within);
+        }
         agent
     }
 
     fn launch_at(
         site: &AgentSite,
         bin: &Path,
-        source: &[&std::ffi::OsStr],
+        source: &[OsString],
         extra: &[&str],
         log_filter: Option<&str>,
     ) -> Agent {

@@ -4,6 +4,7 @@
 //! Service; the outside server says which source address it saw. Each test builds and deletes
 //! its own namespaces, pins and agents.
 
+use extproxy_tests::ip;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -50,10 +51,6 @@ endpoints:
   - addresses: ["{EP2}"]
 "#
     )
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
 }
 
 fn site(c: &Cluster, i: usize) -> AgentSite {

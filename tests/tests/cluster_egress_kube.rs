@@ -5,6 +5,7 @@
 //! keeps 100 connections open and opens new ones all along while the owner is killed and its link
 //! taken down, and while it comes back. Skipped, saying so, without $EXTPROXY_K8S_BIN.
 
+use extproxy_tests::ip;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,10 +37,6 @@ const LONG_LIVED: usize = 100;
 const WAIT: Duration = Duration::from_secs(60);
 /// How long the returned node is watched for a flap: longer than a Lease.
 const OBSERVE: Duration = Duration::from_secs(12);
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 /// API calls from a thread inside the segment's namespace, where the API server listens.
 struct ClusterApi {

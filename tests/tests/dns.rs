@@ -5,6 +5,7 @@
 //! `--dns-max-ttl`, addresses that leave the answer while a connection to them is open, NXDOMAIN,
 //! a resolver that stops answering; manifest mode and Kubernetes mode (a real API server).
 
+use extproxy_tests::ip;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -27,10 +28,6 @@ const VIP: &str = "10.96.0.10";
 const VIP6: &str = "fd00:10:96::10";
 const METRICS: &str = "127.0.0.1:19465";
 const WAIT: Duration = Duration::from_secs(40);
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 /// A dual-stack selector-less Service on port 80 and an FQDN EndpointSlice naming [`NAME`] on
 /// port 8080.

@@ -3,6 +3,7 @@
 //! address's SNAT ports to an endpoint are all in use. Needs root; each test builds and deletes
 //! its own namespaces.
 
+use extproxy_tests::ip;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Duration;
@@ -15,10 +16,6 @@ use extproxy_tests::agent::*;
 const POOL_2: &str = "192.0.2.71";
 /// The annotated Service's pool, routed back the same way.
 const ANNOTATED: [&str; 2] = ["192.0.2.72", "192.0.2.73"];
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 /// A selector-less TCP Service `name` at `cluster_ip`:80 with endpoint EP1:8080.
 fn service_yaml(name: &str, cluster_ip: &str, annotations: &str) -> String {

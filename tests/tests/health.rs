@@ -3,6 +3,7 @@
 //! back when they recover; established flows are left alone. The times printed are what the
 //! benchmark measures; the assertions wait with generous bounds.
 
+use extproxy_tests::ip;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -61,10 +62,6 @@ extproxy.io/health-check-interval: 1s
 extproxy.io/health-check-timeout: 500ms
 extproxy.io/health-check-unhealthy-threshold: \"2\"
 extproxy.io/health-check-healthy-threshold: \"2\"";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 /// One short connection from the pod to the Service: the endpoint that answered, or None.
 fn connect(t: &Topology) -> Option<IpAddr> {
@@ -364,17 +361,19 @@ fn batched_health_reads_match_single_lookups() {
     }
     let maps = extproxy::maps::DatapathMaps::take_from(&mut ebpf).expect("maps");
     let started = Instant::now();
-    let batch = maps.backend_health_batch(N).expect("batch read");
+    let batch = maps.health_counters().batch(N).expect("batch read");
     let batch_took = started.elapsed();
     assert_eq!(batch.len(), N as usize);
     let started = Instant::now();
-    let single: Vec<_> = (0..N).map(|id| maps.backend_health(id).unwrap()).collect();
+    let single: Vec<_> = (0..N)
+        .map(|id| maps.health_counters().get(id).unwrap())
+        .collect();
     let single_took = started.elapsed();
     assert_eq!(batch, single);
     assert_eq!(batch[7].failed, 7);
     assert_eq!(batch[8], proxy_common::BackendHealth::default());
     // A partial read (the highest id in use + 1).
-    assert_eq!(maps.backend_health_batch(100).unwrap(), single[..100]);
+    assert_eq!(maps.health_counters().batch(100).unwrap(), single[..100]);
     eprintln!(
         "{N} backend health records: one batch {batch_took:?}, one lookup each {single_took:?}"
     );

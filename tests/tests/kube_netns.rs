@@ -4,6 +4,7 @@
 //! outside, and the pinned kernel maps read back. Skipped, saying so, without $EXTPROXY_K8S_BIN
 //! (`cargo xtask test` sets it).
 
+use extproxy_tests::ip;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -156,10 +157,6 @@ fn active_endpoints(state: &MapState, vip: &str) -> BTreeSet<IpAddr> {
         .filter(|b| b.service_id == fe.service_id && b.state == BackendState::Active as u8)
         .map(|b| b.addr.to_ip())
         .collect()
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
 }
 
 /// The endpoints new connections from the pod to `vip`:80 reach, over `n` connections; each

@@ -2,6 +2,7 @@
 //! an outside network with endpoints and clients; real TCP and UDP through Service addresses,
 //! asserting what the far side saw. Needs root; each test builds and deletes its own namespaces.
 
+use extproxy_tests::ip;
 use std::time::Duration;
 
 use extproxy_tests::{agent::*, sh};
@@ -50,10 +51,6 @@ fn endpoint(ip: &str, ready: bool, serving: bool, terminating: bool) -> String {
 
 fn ready(ip: &str) -> String {
     endpoint(ip, true, true, false)
-}
-
-fn ip(s: &str) -> std::net::IpAddr {
-    s.parse().unwrap()
 }
 
 fn assert_snat(seen: &Seen, ep: &str) {
@@ -357,6 +354,14 @@ fn xdp_tx_fast_path_and_tc_only_mode() {
     assert_snat(&tcp_once(&t.pod.name, None, "10.96.0.10", 80).unwrap(), EP1);
 }
 
+/// Removes what agents run with `--keep-on-exit` left pinned.
+fn cleanup_pins(t: &Topology) {
+    let _ = std::process::Command::new(extproxy_bin())
+        .args(["cleanup", "--pin-dir"])
+        .arg(t.pin_dir())
+        .output();
+}
+
 /// Pins `name` in `dir` as a new, empty BPF hash map of the given layout, replacing what is
 /// pinned there: the maps an older agent left (aya has no call that creates a map of any layout).
 fn pin_hash_map(dir: &std::path::Path, name: &str, key_size: u32, value_size: u32, max: u32) {
@@ -448,10 +453,7 @@ fn an_upgrade_that_changes_only_maps_without_flows_keeps_connections() {
     assert!(t.pin_dir().join(proxy_common::MAP_EVENT_LIMIT).exists());
     assert_eq!(pod_to_cluster_ip(&t), ip(EP1), "new connections too");
     drop(agent);
-    let _ = std::process::Command::new(extproxy_bin())
-        .args(["cleanup", "--pin-dir"])
-        .arg(t.pin_dir())
-        .output();
+    cleanup_pins(&t);
 }
 
 /// The previous release's binary (`cargo xtask test` builds it from history), or None with the
@@ -622,10 +624,7 @@ fn an_upgrade_from_abi_2_carries_live_flows_over() {
         );
     }
     drop(resized);
-    let _ = std::process::Command::new(extproxy_bin())
-        .args(["cleanup", "--pin-dir"])
-        .arg(t.pin_dir())
-        .output();
+    cleanup_pins(&t);
 }
 
 #[test]

@@ -8,7 +8,6 @@
 //! and report over a channel; the passive counters are read in one batch five times a second.
 
 pub mod config;
-mod endpoints;
 pub mod probe;
 pub mod share;
 pub mod state;
@@ -27,10 +26,9 @@ use crate::maps::{DatapathMaps, HealthCounters};
 use crate::reconcile::Reconciler;
 use crate::translate::{
     BackendRole, HealthSetting, Incremental, IpFamily, ObjectKey, Protocol, ServicePortKey,
-    Translation, Unhealthy,
+    Translation, Unhealthy, VecMap,
 };
 use config::{AllDown, HealthConfig};
-use endpoints::SortedVecMap;
 use probe::{ProbeKey, ProbeResult};
 use state::{Cause, EndpointHealth, PassiveStep, Transition};
 
@@ -61,10 +59,7 @@ pub struct Report {
 
 impl Report {
     pub fn service(&self) -> ObjectKey {
-        ObjectKey {
-            namespace: self.port.namespace.clone(),
-            name: self.port.name.clone(),
-        }
+        self.port.service()
     }
 
     /// The log line (and the Event's note).
@@ -111,10 +106,9 @@ struct Endpoint {
 }
 
 struct PortHealth {
-    service_id: Option<u32>,
     egress: Option<IpAddr>,
     config: Arc<HealthConfig>,
-    endpoints: SortedVecMap<(IpAddr, u16), Endpoint>,
+    endpoints: VecMap<(IpAddr, u16), Endpoint>,
 }
 
 /// An unhealthy endpoint that left its port, remembered for [`DEPARTED_MEMORY`].
@@ -244,17 +238,14 @@ impl Monitor {
                 .ports
                 .get(&key)
                 .is_some_and(|p| p.config.active.is_some())
-                || self.touched.contains(&service_of(&key));
+                || self.touched.contains(&key.service());
             match translation.desired.services.get(&key) {
                 None => {
                     self.remove_port(&key);
-                    gone.push(service_of(&key));
+                    gone.push(key.service());
                 }
                 Some(desired) => {
-                    let service = ObjectKey {
-                        namespace: key.namespace.clone(),
-                        name: key.name.clone(),
-                    };
+                    let service = key.service();
                     let config = match &desired.health {
                         HealthSetting::Default => self.default_config.clone(),
                         HealthSetting::Configured(c) => c.clone(),
@@ -278,7 +269,7 @@ impl Monitor {
                         .collect();
                     listed |= config.active.is_some();
                     let service_id = reconciler.service_id(&key);
-                    self.update_port(&key, service_id, desired.egress, config, &candidates, now);
+                    self.update_port(&key, desired.egress, config, &candidates, now);
                     if let Some(port) = self.ports.get_mut(&key) {
                         for (&(ip, number), endpoint) in port.endpoints.iter_mut() {
                             let id =
@@ -323,27 +314,24 @@ impl Monitor {
             self.changed_at.remove(&(key.clone(), endpoint));
         }
         self.departed.retain(|(k, _), _| k != key);
-        self.pending.insert(service_of(key));
+        self.pending.insert(key.service());
         self.records_dirty = true;
     }
 
     fn update_port(
         &mut self,
         key: &ServicePortKey,
-        service_id: Option<u32>,
         egress: Option<IpAddr>,
         config: Arc<HealthConfig>,
         candidates: &[(IpAddr, u16)],
         now: Instant,
     ) {
         let mut port = self.ports.remove(key).unwrap_or_else(|| PortHealth {
-            service_id,
             egress,
             config: config.clone(),
-            endpoints: SortedVecMap::default(),
+            endpoints: VecMap::new(),
         });
         let passive_dropped = port.config.passive && !config.passive;
-        port.service_id = service_id;
         port.egress = egress;
         port.config = config.clone();
         let mut transitions = Vec::new();
@@ -372,7 +360,7 @@ impl Monitor {
                     );
                 }
             }
-            self.pending.insert(service_of(key));
+            self.pending.insert(key.service());
         }
         for &endpoint in candidates {
             let wanted = config
@@ -392,7 +380,7 @@ impl Monitor {
                 // Back while remembered: still unhealthy until its check says otherwise (a
                 // passive ejection runs out its back-off). Judged by another check, or while
                 // following a prober: new.
-                self.pending.insert(service_of(key));
+                self.pending.insert(key.service());
                 if d.probe == wanted && self.follow.is_none() {
                     if let Some(probe) = &wanted {
                         self.acquire(probe, key, endpoint);
@@ -435,13 +423,16 @@ impl Monitor {
                 && config.active.is_some()
             {
                 let listed = follow
-                    .get(&service_of(key))
+                    .get(&key.service())
                     .is_some_and(|eps| eps.contains(&(endpoint.0, endpoint.1, key.protocol)));
                 if let Some(t) = e.health.follow(!listed, now) {
                     transitions.push((endpoint, t));
                 }
             }
         }
+        // Endpoints come and go: keep what the port has, not what it once had (a map per
+        // Service port, 40k endpoints at 10k Services).
+        port.endpoints.shrink_to_fit();
         self.ports.insert(key.clone(), port);
         for (endpoint, t) in transitions {
             self.transition(key, endpoint, t);
@@ -521,22 +512,10 @@ impl Monitor {
         }
     }
 
-    /// Reads the data path's counters of every endpoint with passive detection on, ejects the
-    /// outliers, and readmits those whose ejection is over, all at once. The agent's loop reads
-    /// on a thread instead ([`Monitor::counters_due`], [`PassiveReads`]).
-    pub fn poll(&mut self, maps: &DatapathMaps) {
-        match self.counters_due() {
-            Some(ids) => {
-                let started = Instant::now();
-                let counters = read_counters(maps, &ids);
-                self.counters_read(counters, started.elapsed());
-            }
-            None => self.tick(),
-        }
-    }
-
-    /// [`Monitor::poll`] with the read on `reads`' thread when there is one: its counters come
-    /// back through [`PassiveReads::done`] to [`Monitor::counters_read`].
+    /// Reads the data path's counters of every endpoint with passive detection on (when due),
+    /// ejects the outliers, and readmits those whose ejection is over. With `reads`, the read
+    /// runs on its thread and its counters come back through [`PassiveReads::done`] to
+    /// [`Monitor::counters_read`]; without, it runs here.
     pub fn poll_on(&mut self, maps: &DatapathMaps, reads: Option<&mut PassiveReads>) {
         match (self.counters_due(), reads) {
             (Some(ids), Some(reads)) => {
@@ -545,7 +524,7 @@ impl Monitor {
             }
             (Some(ids), None) => {
                 let started = Instant::now();
-                let counters = read_counters(maps, &ids);
+                let counters = read_counters(maps.health_counters(), &ids);
                 self.counters_read(counters, started.elapsed());
             }
             (None, _) => self.tick(),
@@ -581,7 +560,11 @@ impl Monitor {
 
     /// Ejections that end, active checks' verdicts that fall due, without new counters.
     pub fn tick(&mut self) {
-        self.judge(&Counters::None, &HashSet::new(), Instant::now());
+        self.judge(
+            &Counters::Sparse(Vec::new()),
+            &HashSet::new(),
+            Instant::now(),
+        );
     }
 
     fn judge(&mut self, counters: &Counters, reassigned: &HashSet<u32>, now: Instant) {
@@ -669,8 +652,8 @@ impl Monitor {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.changed_at.insert((port.clone(), endpoint), unix);
-        self.touched.insert(service_of(port));
-        self.pending.insert(service_of(port));
+        self.touched.insert(port.service());
+        self.pending.insert(port.service());
         self.reports.push(report);
         self.records_dirty = true;
     }
@@ -702,9 +685,9 @@ impl Monitor {
             let Some(p) = self.ports.get(&key) else {
                 continue;
             };
-            let (service_id, egress, config) = (p.service_id, p.egress, p.config.clone());
+            let (egress, config) = (p.egress, p.config.clone());
             let endpoints: Vec<(IpAddr, u16)> = p.endpoints.keys().copied().collect();
-            self.update_port(&key, service_id, egress, config, &endpoints, now);
+            self.update_port(&key, egress, config, &endpoints, now);
         }
     }
 
@@ -721,7 +704,7 @@ impl Monitor {
             }
             for (&(ip, number), e) in &port.endpoints {
                 if !e.health.active_healthy() {
-                    out.entry(service_of(key))
+                    out.entry(key.service())
                         .or_default()
                         .insert((ip, number, key.protocol));
                 }
@@ -820,7 +803,7 @@ impl Monitor {
         self.records_built = Some(Instant::now());
         let mut records = Vec::new();
         for (key, port) in &self.ports {
-            if port.config.active.is_none() && !self.touched.contains(&service_of(key)) {
+            if port.config.active.is_none() && !self.touched.contains(&key.service()) {
                 continue;
             }
             let mut checks = Vec::new();
@@ -866,7 +849,7 @@ impl Monitor {
         };
         let mut healthy: BTreeMap<EndpointLabels, bool> = BTreeMap::new();
         for (key, port) in &self.ports {
-            if port.config.active.is_none() && !self.touched.contains(&service_of(key)) {
+            if port.config.active.is_none() && !self.touched.contains(&key.service()) {
                 continue;
             }
             for (&endpoint, e) in &port.endpoints {
@@ -889,7 +872,7 @@ impl Monitor {
         self.departed.retain(|(key, _), d| {
             let keep = now.duration_since(d.left) < DEPARTED_MEMORY;
             if !keep {
-                pending.insert(service_of(key));
+                pending.insert(key.service());
             }
             keep
         });
@@ -922,21 +905,12 @@ fn first_port_key(service: &ObjectKey) -> ServicePortKey {
     }
 }
 
-fn service_of(key: &ServicePortKey) -> ObjectKey {
-    ObjectKey {
-        namespace: key.namespace.clone(),
-        name: key.name.clone(),
-    }
-}
-
 fn sock((ip, port): (IpAddr, u16)) -> String {
     SocketAddr::new(ip, port).to_string()
 }
 
-/// The counters of backend ids `ids`: one lookup each for a few, one batch for many.
 /// The passive counters of some backend ids, as read at one poll.
 pub enum Counters {
-    None,
     /// Every entry up to the largest id, indexed by id (one batch read).
     Dense(Vec<BackendHealth>),
     /// The ids asked for, sorted, with their entries (single reads).
@@ -946,38 +920,12 @@ pub enum Counters {
 impl Counters {
     fn get(&self, id: &u32) -> Option<&BackendHealth> {
         match self {
-            Counters::None => None,
             Counters::Dense(all) => all.get(*id as usize),
             Counters::Sparse(some) => some
                 .binary_search_by_key(id, |(i, _)| *i)
                 .ok()
                 .map(|i| &some[i].1),
         }
-    }
-}
-
-/// Where the passive counters are read from: the agent's maps, or [`HealthCounters`] on a
-/// thread of its own.
-pub trait CounterSource {
-    fn one(&self, id: u32) -> Option<BackendHealth>;
-    fn batch(&self, count: u32) -> Result<Vec<BackendHealth>, crate::maps::MapsError>;
-}
-
-impl CounterSource for DatapathMaps {
-    fn one(&self, id: u32) -> Option<BackendHealth> {
-        self.backend_health(id).ok()
-    }
-    fn batch(&self, count: u32) -> Result<Vec<BackendHealth>, crate::maps::MapsError> {
-        self.backend_health_batch(count)
-    }
-}
-
-impl CounterSource for HealthCounters {
-    fn one(&self, id: u32) -> Option<BackendHealth> {
-        self.get(id).ok()
-    }
-    fn batch(&self, count: u32) -> Result<Vec<BackendHealth>, crate::maps::MapsError> {
-        HealthCounters::batch(self, count)
     }
 }
 
@@ -991,7 +939,7 @@ pub struct PassiveReads {
 
 impl PassiveReads {
     /// Reads from the BACKEND_HEALTH map pinned in `pin_dir`; None if it cannot be opened (then
-    /// [`Monitor::poll`] reads on the loop).
+    /// [`Monitor::poll_on`] reads on the loop).
     pub fn open(pin_dir: &std::path::Path) -> Option<PassiveReads> {
         match HealthCounters::open_pinned(pin_dir) {
             Ok(source) => Some(PassiveReads {
@@ -1042,17 +990,14 @@ impl PassiveReads {
     }
 }
 
-/// Reads the counters of `ids`. Kept in vectors, not a map: at 40k endpoints a map of them was
-/// 4 MB built anew at every poll.
-pub fn read_counters(maps: &impl CounterSource, ids: &[u32]) -> Counters {
-    if ids.is_empty() {
-        return Counters::None;
-    }
+/// Reads the counters of `ids`: one lookup each for a few, one batch for many. Kept in vectors,
+/// not a map: at 40k endpoints a map of them was 4 MB built anew at every poll.
+pub fn read_counters(maps: &HealthCounters, ids: &[u32]) -> Counters {
     let max = ids.iter().copied().max().unwrap_or(0);
     let one_by_one = || {
         let mut some: Vec<(u32, BackendHealth)> = ids
             .iter()
-            .filter_map(|id| Some((*id, maps.one(*id)?)))
+            .filter_map(|id| Some((*id, maps.get(*id).ok()?)))
             .collect();
         some.sort_unstable_by_key(|(id, _)| *id);
         Counters::Sparse(some)

@@ -71,7 +71,8 @@ impl Sharing {
                     Err(err) => {
                         if !failing {
                             tracing::warn!(
-                                "cannot read the health verdicts prober nodes publish (Leases):                                  {err}; this node probes by itself meanwhile"
+                                "cannot read the health verdicts prober nodes publish \
+                                 (Leases): {err}; this node probes by itself meanwhile"
                             );
                         }
                         failing = true;

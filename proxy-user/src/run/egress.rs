@@ -22,25 +22,39 @@ pub fn config(args: &EgressArgs) -> anyhow::Result<ClusterEgressConfig> {
     )?)
 }
 
-fn setup(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<Setup> {
-    let e = &args.egress;
-    Ok(Setup {
-        config: config(e)?,
+/// The cluster egress flags, checked once at start, before the pins or the network are touched.
+pub struct Parsed {
+    pub config: ClusterEgressConfig,
+    timing: Timing,
+}
+
+pub fn parse(args: &EgressArgs) -> anyhow::Result<Parsed> {
+    Ok(Parsed {
+        config: config(args)?,
         timing: Timing::new(
-            e.cluster_egress_lease_duration,
-            e.cluster_egress_renew_interval,
+            args.cluster_egress_lease_duration,
+            args.cluster_egress_renew_interval,
         )?,
+    })
+}
+
+fn setup(args: &RunArgs, parsed: &Parsed, ifaces: &[String]) -> Setup {
+    let e = &args.egress;
+    Setup {
+        config: parsed.config.clone(),
+        timing: parsed.timing,
         fencing: e.cluster_egress_fencing,
         announce: e.cluster_egress_announce,
         uplinks: ifaces.to_vec(),
         pin_dir: args.datapath.pin_dir.clone(),
         state_dir: args.datapath.state_dir.clone(),
-    })
+    }
 }
 
 /// Kubernetes mode: Leases in extproxy's namespace, candidates from the Node label.
 pub fn start_kube(
     args: &RunArgs,
+    parsed: &Parsed,
     ifaces: &[String],
     client: kube::Client,
     node_name: &str,
@@ -54,7 +68,7 @@ pub fn start_kube(
              elect the owners and every Node is a tunnel peer"
         );
     }
-    let setup = setup(args, ifaces)?;
+    let setup = setup(args, parsed, ifaces);
     Ok(ClusterEgress::start_kube(
         setup,
         KubeSetup {
@@ -70,11 +84,12 @@ pub fn start_kube(
 /// Manifest mode: owners and peers from flags.
 pub fn start_manifest(
     args: &RunArgs,
+    parsed: &Parsed,
     ifaces: &[String],
     iface_addrs: &[IpAddr],
     telemetry: &Arc<Telemetry>,
 ) -> anyhow::Result<Option<ClusterEgress>> {
-    let setup = setup(args, ifaces)?;
+    let setup = setup(args, parsed, ifaces);
     if setup.config.is_empty() {
         return Ok(None);
     }

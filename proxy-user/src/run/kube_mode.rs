@@ -18,7 +18,11 @@ use super::{
 };
 use crate::cli::RunArgs;
 
-pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
+pub async fn run_kube(
+    args: &RunArgs,
+    cluster_egress: &super::egress::Parsed,
+    ifaces: &[String],
+) -> anyhow::Result<()> {
     let dp = &args.datapath;
     let Some(node_name) = args.kube.node_name.clone().filter(|n| !n.is_empty()) else {
         bail!(
@@ -84,7 +88,7 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
             claim_all_selectorless: args.kube.claim_all_selectorless,
             overrides,
             streaming_lists: args.kube.streaming_lists,
-            cluster_egress: super::egress::config(&args.egress)?.rules(),
+            cluster_egress: cluster_egress.config.rules(),
         },
         telemetry.clone(),
     );
@@ -108,8 +112,14 @@ pub async fn run_kube(args: &RunArgs, ifaces: &[String]) -> anyhow::Result<()> {
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| extproxy::health::share::DEFAULT_NAMESPACE.to_owned());
     let mut sharing = Sharing::start(client.clone(), &namespace, &node_name);
-    let cluster_egress =
-        super::egress::start_kube(args, ifaces, client.clone(), &node_name, &telemetry)?;
+    let cluster_egress = super::egress::start_kube(
+        args,
+        cluster_egress,
+        ifaces,
+        client.clone(),
+        &node_name,
+        &telemetry,
+    )?;
     tracing::info!(
         "extproxy is running on node {node_name}; watching Services, EndpointSlices and Node \
          {node_name}"

@@ -22,7 +22,12 @@ use super::{
 };
 use crate::cli::{RunArgs, ServiceArgs};
 
-pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> anyhow::Result<()> {
+pub async fn run_manifests(
+    args: &RunArgs,
+    cluster_egress: &super::egress::Parsed,
+    dir: &Path,
+    ifaces: &[String],
+) -> anyhow::Result<()> {
     let dp = &args.datapath;
     let manifests =
         std::fs::canonicalize(dir).with_context(|| format!("--manifests {}", dir.display()))?;
@@ -79,7 +84,7 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
     let settings = settings(
         &args.services,
         &egress,
-        super::egress::config(&args.egress)?.rules(),
+        cluster_egress.config.rules(),
         true,
         ClaimPolicy::SelectorLess,
     );
@@ -128,7 +133,8 @@ pub async fn run_manifests(args: &RunArgs, dir: &Path, ifaces: &[String]) -> any
         verified.as_secs_f64() * 1e3
     );
     let mut running = Running::attach(loaded, agent, ifaces, dp, "none", &telemetry)?;
-    let cluster_egress = super::egress::start_manifest(args, ifaces, &iface_addrs, &telemetry)?;
+    let cluster_egress =
+        super::egress::start_manifest(args, cluster_egress, ifaces, &iface_addrs, &telemetry)?;
     tracing::info!("extproxy is running; watching {}", manifests.display());
 
     let mut reads = ParseQueue::new();

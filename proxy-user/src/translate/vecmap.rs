@@ -53,6 +53,25 @@ impl<K: Ord, V> VecMap<K, V> {
         }
     }
 
+    pub fn get_mut<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+    {
+        self.find(key).ok().map(|at| &mut self.0[at].1)
+    }
+
+    /// The value of `key`, inserted from `make` if absent.
+    pub fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
+        let at = match self.find(&key) {
+            Ok(at) => at,
+            Err(at) => {
+                self.0.insert(at, (key, make()));
+                at
+            }
+        };
+        &mut self.0[at].1
+    }
+
     pub fn remove<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<V>
     where
         K: Borrow<Q>,
@@ -169,5 +188,12 @@ mod tests {
             (tree.len(), tree[&2], tree.get(&7))
         );
         assert!(vec.contains_key(&5) && !vec.contains_key(&3));
+        *vec.get_or_insert_with(6, || "f") = "F";
+        assert_eq!(*vec.get_or_insert_with(6, || "x"), "F");
+        if let Some(v) = vec.get_mut(&6) {
+            *v = "G";
+        }
+        assert!(vec.get_mut(&7).is_none());
+        assert_eq!(vec.get(&6), Some(&"G"));
     }
 }

@@ -97,27 +97,15 @@ pub fn flow_layout(abi: u32, name: &str) -> Option<Option<(usize, usize)>> {
     })
 }
 
-/// What one pass copied.
+/// What the passes copied.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Copied {
     /// Flows written into CT or CT_NEW.
     pub flows: usize,
     /// SNAT port entries written into REVNAT.
     pub ports: usize,
-    /// Entries the new tables already had (an earlier pass's, or written by the new programs
-    /// since).
-    pub present: usize,
     /// Entries that could not be written (a table full): those flows are lost.
     pub lost: usize,
-}
-
-impl std::ops::AddAssign for Copied {
-    fn add_assign(&mut self, o: Copied) {
-        self.flows += o.flows;
-        self.ports += o.ports;
-        self.present += o.present;
-        self.lost += o.lost;
-    }
 }
 
 /// The previous agent's flow tables, held open (their pins moved aside) while this agent's
@@ -146,7 +134,7 @@ impl FlowMigration {
         // An upgrade that stopped half-way, whose flows this one would lose.
         if let Some(path) = FLOW_MAPS
             .iter()
-            .map(|name| dir.join(format!("previous-{name}")))
+            .map(|name| aside_path(dir, name))
             .find(|path| path.exists())
         {
             return Err(UpgradeError::Unfinished { path });
@@ -162,7 +150,7 @@ impl FlowMigration {
                 path: path.clone(),
                 source,
             })?;
-            let moved = dir.join(format!("previous-{name}"));
+            let moved = aside_path(dir, name);
             // Pinned a second time, then unpinned where loading will pin
             // ours (the previous programs hold the tables meanwhile).
             data.pin(&moved)
@@ -191,52 +179,46 @@ impl FlowMigration {
     /// tables' pins aside and letting them go): their flows are still to be copied. None when
     /// there are none, or when their layout is no version this agent can read.
     pub fn interrupted(dir: &Path) -> Option<FlowMigration> {
-        let aside: Vec<(&'static str, PathBuf)> = FLOW_MAPS
-            .iter()
-            .map(|name| (*name, dir.join(format!("previous-{name}"))))
-            .filter(|(_, path)| path.exists())
-            .collect();
+        let mut aside = Vec::new();
+        for name in FLOW_MAPS {
+            let path = aside_path(dir, name);
+            if path.exists() {
+                let data = MapData::from_pin(&path).ok()?;
+                let info = data.info().ok()?;
+                let layout = (info.key_size() as usize, info.value_size() as usize);
+                aside.push((name, path, data, layout));
+            }
+        }
         if aside.is_empty() {
             return None;
         }
-        let layout = |path: &Path| {
-            MapData::from_pin(path)
-                .and_then(|m| m.info())
-                .ok()
-                .map(|i| (i.key_size() as usize, i.value_size() as usize))
-        };
         let from_abi = MIGRATABLE_ABIS.into_iter().find(|&abi| {
             aside
                 .iter()
-                .all(|(name, path)| flow_layout(abi, name).flatten() == layout(path))
+                .all(|(name, _, _, layout)| flow_layout(abi, name).flatten() == Some(*layout))
         })?;
-        let mut old = Vec::new();
-        for (name, path) in &aside {
-            let map = MapData::from_pin(path).and_then(Map::from_map_data).ok()?;
-            old.push((*name, map));
-        }
-        Some(FlowMigration {
+        let mut migration = FlowMigration {
             from_abi,
-            old,
-            aside: aside.into_iter().map(|(_, path)| path).collect(),
+            old: Vec::new(),
+            aside: Vec::new(),
             copied: Copied::default(),
-        })
+        };
+        for (name, path, data, _) in aside {
+            migration.old.push((name, Map::from_map_data(data).ok()?));
+            migration.aside.push(path);
+        }
+        Some(migration)
     }
 
     /// Copies into the tables pinned in `dir` every flow they lack. `clock`: this version's
     /// configuration, whose fine clock stamps the ports of flows that closed before.
-    pub fn copy(&mut self, dir: &Path, clock: &Config) -> Result<Copied, UpgradeError> {
+    pub fn copy(&mut self, dir: &Path, clock: &Config) -> Result<(), UpgradeError> {
         let converted = self.read(crate::host::datapath_ticks(clock))?;
-        let mut copied = Copied::default();
-        write(dir, MAP_REVNAT, &converted.revnat, &mut copied, |c| {
-            &mut c.ports
-        });
-        write(dir, MAP_CT, &converted.ct, &mut copied, |c| &mut c.flows);
-        write(dir, MAP_CT_NEW, &converted.ct_new, &mut copied, |c| {
-            &mut c.flows
-        });
-        self.copied += copied;
-        Ok(copied)
+        let copied = &mut self.copied;
+        write(dir, MAP_REVNAT, &converted.revnat, copied, |c| &mut c.ports);
+        write(dir, MAP_CT, &converted.ct, copied, |c| &mut c.flows);
+        write(dir, MAP_CT_NEW, &converted.ct_new, copied, |c| &mut c.flows);
+        Ok(())
     }
 
     /// The last pass, once this version's programs forward: then the previous tables are let go.
@@ -295,6 +277,11 @@ impl FlowMigration {
     }
 }
 
+/// Where a previous flow table's pin waits while its flows are copied.
+fn aside_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("previous-{name}"))
+}
+
 /// The conntrack key of the flow an ABI 2 SNAT port entry belongs to.
 fn revnat_flow_key(rn: &abi2::RevNatValueV2, proto: u8) -> CtKey {
     RevNatValue {
@@ -345,9 +332,8 @@ fn write<K: aya::Pod, V: aya::Pod>(
     for (key, value) in entries {
         match table.insert(key, value, BPF_NOEXIST) {
             Ok(()) => *count(copied) += 1,
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
-                copied.present += 1
-            }
+            // An earlier pass's, or written by this version's programs since.
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
             Err(_) => copied.lost += 1,
         }
     }
