@@ -717,6 +717,10 @@ impl KubeSource {
     }
 }
 
+/// At most this many Services are named one per line when their claims change in one
+/// translation; more (a start at 10k Services) make one summary line, and the rest go to debug.
+const CLAIMS_LOGGED_EACH: usize = 10;
+
 /// Logs Services that became claimed or stopped being claimed (the reasons for leaving one alone
 /// are diagnostics, logged by the agent).
 fn log_claims(claimed: &mut BTreeMap<ObjectKey, ClaimReason>, translation: &Translation) {
@@ -725,19 +729,45 @@ fn log_claims(claimed: &mut BTreeMap<ObjectKey, ClaimReason>, translation: &Tran
         .iter()
         .map(|c| (c.service.clone(), c.reason))
         .collect();
-    for (key, reason) in &now {
-        if claimed.get(key) != Some(reason) {
-            let why = match reason {
-                ClaimReason::Label => {
-                    format!("labelled {SERVICE_PROXY_NAME_LABEL}={PROXY_NAME}")
-                }
-                ClaimReason::SelectorLess => "no selector, and --claim-all-selectorless".to_owned(),
-            };
-            tracing::info!("claiming Service {key}: {why}");
+    let why = |reason: &ClaimReason| match reason {
+        ClaimReason::Label => format!("labelled {SERVICE_PROXY_NAME_LABEL}={PROXY_NAME}"),
+        ClaimReason::SelectorLess => "no selector, and --claim-all-selectorless".to_owned(),
+    };
+    let gained: Vec<(&ObjectKey, &ClaimReason)> = now
+        .iter()
+        .filter(|(key, reason)| claimed.get(*key) != Some(*reason))
+        .collect();
+    let lost: Vec<&ObjectKey> = claimed.keys().filter(|k| !now.contains_key(*k)).collect();
+    let each = gained.len() + lost.len() <= CLAIMS_LOGGED_EACH;
+    for (key, reason) in &gained {
+        if each {
+            tracing::info!("claiming Service {key}: {}", why(reason));
+        } else {
+            tracing::debug!("claiming Service {key}: {}", why(reason));
         }
     }
-    for key in claimed.keys().filter(|k| !now.contains_key(*k)) {
-        tracing::info!("no longer claiming Service {key}: deleted or no longer labelled");
+    for key in &lost {
+        if each {
+            tracing::info!("no longer claiming Service {key}: deleted or no longer labelled");
+        } else {
+            tracing::debug!("no longer claiming Service {key}: deleted or no longer labelled");
+        }
+    }
+    if !each {
+        let labelled = gained
+            .iter()
+            .filter(|(_, r)| **r == ClaimReason::Label)
+            .count();
+        tracing::info!(
+            "claiming {} more Service(s) ({labelled} labelled {SERVICE_PROXY_NAME_LABEL}=\
+             {PROXY_NAME}, {} without a selector under --claim-all-selectorless), no longer \
+             claiming {} (deleted or no longer labelled); {} claimed in all (each named at debug \
+             level)",
+            gained.len(),
+            gained.len() - labelled,
+            lost.len(),
+            now.len()
+        );
     }
     *claimed = now;
 }
