@@ -101,6 +101,8 @@ pub struct Topology {
     /// [`Wire::Offloads`] only: the bridge between `up0` and `ext0` (ports `w0` towards the node,
     /// `w1` towards ext, the one without offloads).
     pub wire: Option<NamedNetns>,
+    /// The node's end of the pod's veth (`pod0`; the benchmarks name it as a CNI would).
+    pub pod_link: String,
     pub dir: PathBuf,
     _machine: MachineLock,
     _serial: MutexGuard<'static, ()>,
@@ -114,6 +116,11 @@ impl Topology {
 
     /// [`Topology::new`] with the given links; [`Wire::Offloads`] adds `xp<name>-wire`.
     pub fn with_wire(name: &str, wire: Wire) -> Self {
+        Self::with_links(name, wire, "pod0")
+    }
+
+    /// [`Topology::with_wire`] with the node's end of the pod's veth named `pod_link`.
+    pub fn with_links(name: &str, wire: Wire, pod_link: &str) -> Self {
         require_root();
         let serial = serial();
         let machine = MachineLock::acquire();
@@ -126,14 +133,14 @@ impl Topology {
         match &bridge {
             None => sh(&format!(
                 "ip link add up0 netns {n} type veth peer name ext0 netns {e}
-                 ip link add pod0 netns {n} type veth peer name eth0 netns {p}"
+                 ip link add {pod_link} netns {n} type veth peer name eth0 netns {p}"
             )),
             Some(w) => {
                 let w = &w.name;
                 sh(&format!(
                     "ip link add up0 netns {n} type veth peer name w0 netns {w}
                      ip link add w1 netns {w} type veth peer name ext0 netns {e}
-                     ip link add pod0 netns {n} type veth peer name eth0 netns {p}"
+                     ip link add {pod_link} netns {n} type veth peer name eth0 netns {p}"
                 ))
             }
         };
@@ -142,11 +149,14 @@ impl Topology {
                  ip link set w0 master br0; ip link set w1 master br0
                  ip link set br0 up; ip link set w0 up; ip link set w1 up");
         }
-        node.sh("ip link set lo up; ip link set up0 up; ip link set pod0 up
+        node.sh(&format!(
+            "ip link set lo up; ip link set up0 up; ip link set {pod_link} up
              ip addr add 10.0.0.1/24 dev up0; ip -6 addr add fd00::1/64 dev up0 nodad
-             ip addr add 10.244.0.1/24 dev pod0; ip -6 addr add fd00:244::1/64 dev pod0 nodad
+             ip addr add 10.244.0.1/24 dev {pod_link}
+             ip -6 addr add fd00:244::1/64 dev {pod_link} nodad
              ip route add default via 10.0.0.254; ip -6 route add default via fd00::fe
-             sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1");
+             sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1"
+        ));
         pod.sh("ip link set lo up; ip link set eth0 up
              ip addr add 10.244.0.5/24 dev eth0; ip -6 addr add fd00:244::5/64 dev eth0 nodad
              ip route add default via 10.244.0.1; ip -6 route add default via fd00:244::1");
@@ -164,7 +174,7 @@ impl Topology {
                 // veth checksum offload they carry only the pseudo-header part.
                 for (ns, dev) in [
                     (&node, "up0"),
-                    (&node, "pod0"),
+                    (&node, pod_link),
                     (&ext, "ext0"),
                     (&pod, "eth0"),
                 ] {
@@ -175,7 +185,7 @@ impl Topology {
                 // GRO as a NIC driver does it (veths leave it off by default).
                 for (ns, dev) in [
                     (&node, "up0"),
-                    (&node, "pod0"),
+                    (&node, pod_link),
                     (w, "w0"),
                     (&ext, "ext0"),
                     (&pod, "eth0"),
@@ -189,7 +199,7 @@ impl Topology {
                 ext.sh("ethtool -K ext0 rx off >/dev/null");
                 // The same for the way back: replies translated on the node are checksummed in
                 // software on pod0 and verified in the pod.
-                node.sh("ethtool -K pod0 tx off >/dev/null");
+                node.sh(&format!("ethtool -K {pod_link} tx off >/dev/null"));
                 pod.sh("ethtool -K eth0 rx off >/dev/null");
             }
         }
@@ -202,6 +212,7 @@ impl Topology {
             node,
             ext,
             wire: bridge,
+            pod_link: pod_link.to_owned(),
             dir,
             _machine: machine,
             _serial: serial,

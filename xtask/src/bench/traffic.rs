@@ -832,6 +832,13 @@ pub fn run(opts: &TrafficOpts) -> Result<Results> {
     Ok(results)
 }
 
+/// The node's end of the pod's veth, named as the bridge, Flannel and most CNIs name theirs
+/// (`veth` and a suffix): extproxy's default `--pod-ifaces` (veth*, cali*, lxc*, ...) finds it
+/// as it finds a real cluster's pods, and translates their packets as they leave the pod.
+/// Named `pod0`, which no CNI uses, it was left to the uplink's TC egress, behind the kernel's
+/// forwarding: a path the default does not give a pod in a real cluster.
+const POD_LINK: &str = "vethpod0";
+
 /// The contenders in the order of `round`: each round starts one later, so none always runs
 /// first (or on a warmer machine).
 fn rotated(running: &[Contender], round: usize) -> Vec<Contender> {
@@ -925,7 +932,7 @@ fn run_one(
     // the previous run's namespaces) takes CPU from the path under test: wait for it to calm
     // down, and say in the records how busy it was.
     let busy = wait_for_quiet(opts.quiet_wait)?;
-    let topo = Topology::with_wire("bench", wire);
+    let topo = Topology::with_links("bench", wire, POD_LINK);
     // The fourth endpoint, and a route back to the pods for the contenders that do not SNAT
     // (for the others it turns a missing SNAT into a visible wrong source instead of a hang).
     topo.ext.sh(&format!(
@@ -1096,10 +1103,13 @@ fn add_clients(topo: &Topology, count: usize) -> Result<Vec<IpAddr>> {
         .arg(&file)
         .status()?;
     ensure!(status.success(), "adding the client addresses to the pod");
-    topo.node.sh("ip route add 10.244.1.0/24 dev pod0");
+    topo.node
+        .sh(&format!("ip route add 10.244.1.0/24 dev {}", topo.pod_link));
     if count > 250 {
-        topo.node
-            .sh("ip route add 10.244.0.0/16 dev pod0 metric 100");
+        topo.node.sh(&format!(
+            "ip route add 10.244.0.0/16 dev {} metric 100",
+            topo.pod_link
+        ));
     }
     Ok(clients)
 }
