@@ -702,6 +702,10 @@ pub const CT_F_ESTABLISHED: u8 = 16;
 pub const CT_F_TS_OFFSET: u8 = 32;
 /// The flow's failure to reach its endpoint has been counted ([`BackendHealth`]).
 pub const CT_F_FAIL_COUNTED: u8 = 64;
+/// The flow came through the pod program: its packets went from the pod's interface straight
+/// to the endpoint's, so its replies go straight back to the pod's (TC), and neither direction
+/// passes the node's forwarding and netfilter, which would see half a connection.
+pub const CT_F_FROM_POD: u8 = 128;
 
 /// A TCP flow both sides have finished, or that was reset.
 #[inline(always)]

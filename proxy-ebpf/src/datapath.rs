@@ -631,6 +631,7 @@ fn new_flow<C: Ctx>(
         s.syn_has_ts = false;
     }
     s.svc_flags = svc.flags;
+    s.from_pod = C::HOOK == Hook::PodIngress;
     s.route = r;
     s.chosen = chosen;
     s.fe = *fe;
@@ -707,6 +708,9 @@ fn open_flow(cfg: &Config, s: &mut Scratch, now: u32) -> Action {
     ct.flags = ct_flags(pkt.tuple.proto, pkt.tcp_flags, false);
     if ts_offset != 0 {
         ct.flags |= CT_F_TS_OFFSET;
+    }
+    if s.from_pod {
+        ct.flags |= CT_F_FROM_POD;
     }
     ct.kind = s.fe.kind;
     ct.pad = [0; 2];
@@ -810,6 +814,12 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &mut RevNatValue) -
     s.ct_key = rn.ct_key(s.pkt.tuple.proto);
     let now = now_secs(cfg);
     let ct = ct_lookup(&s.ct_key);
+    // A pod's flow goes straight back to the pod's interface, from TC (see `toward_client`).
+    let to_pod = ct.is_some_and(|(ct, _)| unsafe { (*ct).flags } & CT_F_FROM_POD != 0);
+    if to_pod && C::HOOK == Hook::Xdp {
+        count(Counter::XdpPassToTc);
+        return Action::PASS;
+    }
     // A flow that came through the tunnel goes back through it; only TC can send it there.
     let tunnelled = rn.tunnel_v4 != 0;
     if tunnelled && C::HOOK == Hook::Xdp {
@@ -902,7 +912,7 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &mut RevNatValue) -
         s.tunnel_to = Addr::from_v4_raw(rn.tunnel_v4);
         return to_tunnel(ctx, cfg, s);
     }
-    toward_client(ctx, s, r)
+    toward_client(ctx, s, r, to_pod)
 }
 
 /// The client is out of the device the reply came in on: the packet must be sent back out.
@@ -911,12 +921,22 @@ fn needs_tx<C: Ctx>(ctx: &C, s: &Scratch, r: Route) -> bool {
     matches!(r, Route::Out | Route::NoNeigh) && s.fib.ifindex == ctx.ifindex()
 }
 
-/// A translated reply: back out of the uplink ourselves (hairpin: the client is outside), or to
-/// the kernel, which delivers it to a local socket or forwards it to a pod.
+/// A translated reply: back out of the uplink ourselves (hairpin: the client is outside), to
+/// the pod's interface for a flow the pod program opened (`to_pod`), or to the kernel, which
+/// delivers it to a local socket or forwards it to a pod.
 #[inline(always)]
-fn toward_client<C: Ctx>(ctx: &C, s: &Scratch, r: Route) -> Action {
+fn toward_client<C: Ctx>(ctx: &C, s: &Scratch, r: Route, to_pod: bool) -> Action {
     let out = s.fib.ifindex;
     if out != ctx.ifindex() {
+        // Only TC: a veth takes frames redirected from XDP only with XDP or GRO of its own (XDP
+        // leaves a pod's flow to TC). An unresolved neighbour is left to the kernel, which
+        // resolves it for the next reply.
+        if to_pod && C::HOOK == Hook::TcIngress && r == Route::Out {
+            if set_macs(ctx, &s.fib.smac, &s.fib.dmac).is_err() {
+                return drop(Counter::DropMalformed);
+            }
+            return Action::redirect(out);
+        }
         return Action::PASS;
     }
     match r {
@@ -986,7 +1006,7 @@ fn icmp_error<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch) -> Action {
         s.tunnel_to = Addr::from_v4_raw(rn.tunnel_v4);
         return to_tunnel(ctx, cfg, s);
     }
-    toward_client(ctx, s, r)
+    toward_client(ctx, s, r, false)
 }
 
 /// Rejects the packet by turning it into its answer, sent back the way it came.

@@ -1311,12 +1311,18 @@ fn pod_traffic_is_translated_at_the_pod_veth_before_netfilter() {
         (ip(NODE_V4), 8080, UPLINK_MAC, GW_MAC)
     );
     assert!(d.dst == ip(EP1) || d.dst == ip(EP2));
-    // The reply comes back through the uplink as usual.
-    let back = decode(&dp.xdp(node.uplink, &endpoint_synack(&d, 9, 2)).out);
+    // The reply comes back through the uplink: XDP leaves a pod's flow to TC, which translates
+    // it and sends it straight to the pod's interface, as the pod's packets left it.
+    let synack = endpoint_synack(&d, 9, 2);
+    let run = dp.xdp(node.uplink, &synack);
+    assert_eq!((run.verdict, run.out == synack), (XDP_PASS, true));
+    let run = dp.tc_ingress(node.uplink, &synack);
+    let back = decode(&run.out);
     assert_eq!(
         (back.src, back.sport, back.dst, back.dport),
         (ip(CLUSTER_IP), 80, ip(POD_V4), 40100)
     );
+    assert_eq!((run.verdict, back.dmac), (TC_ACT_REDIRECT, POD_MAC));
     // Anything else from the pod is not ours.
     let other = from_pod("192.0.2.99", 1);
     let run = dp.tc_pod(node.pod_if, &other);

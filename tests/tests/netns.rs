@@ -898,6 +898,58 @@ fn pod_links(t: &Topology) -> Vec<String> {
     names
 }
 
+/// A pod's flow leaves through the pod program, past the node's forwarding and netfilter; its
+/// replies come back the same way, straight to the pod's interface. Through the kernel instead,
+/// netfilter saw only the replies: a CNI's policy judges those as new connections to the pod.
+#[test]
+fn a_pod_flows_replies_go_straight_back_to_the_pod() {
+    let t = Topology::new("podreply");
+    let _servers = EchoServers::start(&t.ext.name, &[(EP1, 8080), (EP1, 5353)]);
+    t.write_manifest("svc.yaml", &service_yaml("web", "", &ready(EP1)));
+    // The node knows the pod's address, as once it sent the pod anything (or as Calico sets
+    // it): a reply to a pod it never heard from goes to the kernel, which resolves it.
+    let mac = t.pod.sh("cat /sys/class/net/eth0/address");
+    t.node.sh(&format!(
+        "ip neigh replace 10.244.0.5 lladdr {} dev pod0 nud permanent",
+        mac.trim()
+    ));
+    t.node.sh("nft add table inet seen
+         nft add chain inet seen pods '{ type filter hook forward priority 0; }'
+         nft add rule inet seen pods ip daddr 10.244.0.5 counter
+         nft add rule inet seen pods ip saddr 10.244.0.5 counter");
+    let forwarded = |t: &Topology| -> Vec<u64> {
+        let rules = t.node.sh("nft list chain inet seen pods");
+        rules
+            .split("packets ")
+            .skip(1)
+            .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap())
+            .collect()
+    };
+
+    // Without the pod program the kernel forwards both ways: the counters count.
+    let agent = t.start_agent(&["--pod-ifaces", "none"]);
+    assert_snat(&tcp_once(&t.pod.name, None, "10.96.0.10", 80).unwrap(), EP1);
+    let through_kernel = forwarded(&t);
+    assert!(
+        through_kernel.len() == 2 && through_kernel.iter().all(|n| *n > 0),
+        "{through_kernel:?}"
+    );
+    drop(agent);
+
+    let agent = t.start_agent(&["--pod-ifaces", "pod0"]);
+    for _ in 0..5 {
+        assert_snat(&tcp_once(&t.pod.name, None, "10.96.0.10", 80).unwrap(), EP1);
+    }
+    assert_snat(&udp_once(&t.pod.name, None, "10.96.0.10", 53).unwrap(), EP1);
+    assert_eq!(
+        forwarded(&t),
+        through_kernel,
+        "no packet of the pod's flows passed the node's forwarding, in either direction"
+    );
+    drop(agent);
+    t.node.sh("nft delete table inet seen");
+}
+
 #[test]
 fn pods_reach_services_beside_kube_proxy_in_nftables_mode() {
     let t = Topology::new("nftpod");
