@@ -672,11 +672,18 @@ async fn deploy_rbac_suffices_and_events_count_episodes_not_nodes() {
         !m.rounds.is_empty() && t.readiness().is_ok()
     })
     .await;
-    let events = eventually("two Events", async || {
+    // Both reasons, then exactly one Event each: waiting for "two Events" alone once caught two
+    // of which neither was NoEndpoints (and said nothing more).
+    let events = eventually("the NoEndpoints and PortNameMismatch Events", async || {
         let e = events_by_reason(&admin, "shop").await;
-        (e.values().map(Vec::len).sum::<usize>() == 2).then_some(e)
+        (e.contains_key("NoEndpoints") && e.contains_key("PortNameMismatch")).then_some(e)
     })
     .await;
+    assert_eq!(
+        events.values().map(Vec::len).sum::<usize>(),
+        2,
+        "one Event per problem: {events:#?}"
+    );
     let no_endpoints = &events["NoEndpoints"][0];
     assert_eq!(no_endpoints.type_.as_deref(), Some("Warning"));
     assert_eq!(
