@@ -383,7 +383,7 @@ fn forward<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, at: &Addr) -> Action 
         }
     }
     let action = match new_flow(ctx, cfg, s, fe, now) {
-        Action::OPEN => open_flow(cfg, s, now),
+        Action::OPEN => open_flow(cfg, s, now, C::HOOK == Hook::PodIngress),
         action => action,
     };
     if action == Action::TUNNEL {
@@ -631,7 +631,6 @@ fn new_flow<C: Ctx>(
         s.syn_has_ts = false;
     }
     s.svc_flags = svc.flags;
-    s.from_pod = C::HOOK == Hook::PodIngress;
     s.route = r;
     s.chosen = chosen;
     s.fe = *fe;
@@ -641,9 +640,9 @@ fn new_flow<C: Ctx>(
 }
 
 /// A new flow, second half: its SNAT port and conntrack entry (Action::SEND), from what
-/// [`new_flow`] left in the scratch.
+/// [`new_flow`] left in the scratch; `from_pod`: the pod program opens it.
 #[inline(never)]
-fn open_flow(cfg: &Config, s: &mut Scratch, now: u32) -> Action {
+fn open_flow(cfg: &Config, s: &mut Scratch, now: u32, from_pod: bool) -> Action {
     let pkt = &s.pkt;
     let chosen = &s.chosen;
     // Field by field: whole-struct literals are built on the stack first, and the call chain
@@ -709,7 +708,7 @@ fn open_flow(cfg: &Config, s: &mut Scratch, now: u32) -> Action {
     if ts_offset != 0 {
         ct.flags |= CT_F_TS_OFFSET;
     }
-    if s.from_pod {
+    if from_pod {
         ct.flags |= CT_F_FROM_POD;
     }
     ct.kind = s.fe.kind;
@@ -927,16 +926,10 @@ fn needs_tx<C: Ctx>(ctx: &C, s: &Scratch, r: Route) -> bool {
 #[inline(always)]
 fn toward_client<C: Ctx>(ctx: &C, s: &Scratch, r: Route, to_pod: bool) -> Action {
     let out = s.fib.ifindex;
-    if out != ctx.ifindex() {
-        // Only TC: a veth takes frames redirected from XDP only with XDP or GRO of its own (XDP
-        // leaves a pod's flow to TC). An unresolved neighbour is left to the kernel, which
-        // resolves it for the next reply.
-        if to_pod && C::HOOK == Hook::TcIngress && r == Route::Out {
-            if set_macs(ctx, &s.fib.smac, &s.fib.dmac).is_err() {
-                return drop(Counter::DropMalformed);
-            }
-            return Action::redirect(out);
-        }
+    let hairpin = out == ctx.ifindex();
+    // Only TC sends a pod's flow to the pod: a veth takes frames redirected from XDP only with
+    // XDP or GRO of its own (XDP leaves a pod's flow to TC).
+    if !hairpin && !(to_pod && C::HOOK == Hook::TcIngress) {
         return Action::PASS;
     }
     match r {
@@ -944,11 +937,16 @@ fn toward_client<C: Ctx>(ctx: &C, s: &Scratch, r: Route, to_pod: bool) -> Action
             if set_macs(ctx, &s.fib.smac, &s.fib.dmac).is_err() {
                 return drop(Counter::DropMalformed);
             }
-            Action::TX
+            if hairpin {
+                Action::TX
+            } else {
+                Action::redirect(out)
+            }
         }
         // The kernel drops a packet from a local address (a NodePort frontend) arriving on the
         // uplink as a martian; TC hands it to the neighbour code instead.
-        Route::NoNeigh if C::HOOK != Hook::Xdp => Action::redirect_neigh(out),
+        Route::NoNeigh if hairpin && C::HOOK != Hook::Xdp => Action::redirect_neigh(out),
+        // A pod's unresolved neighbour: the kernel resolves it, for the next reply.
         _ => Action::PASS,
     }
 }

@@ -131,8 +131,6 @@ pub struct Scratch {
     /// The new flow's SYN carries a TCP timestamp, this one.
     pub syn_ts: u32,
     pub syn_has_ts: bool,
-    /// The new flow came through the pod program ([`proxy_common::CT_F_FROM_POD`]).
-    pub from_pod: bool,
     /// The node this packet came from through the tunnel; zero when it did not.
     pub tunnel_peer: Addr,
     /// The node a packet is to be tunnelled to: the owner of its cluster egress address, or the

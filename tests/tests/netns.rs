@@ -947,7 +947,6 @@ fn a_pod_flows_replies_go_straight_back_to_the_pod() {
         "no packet of the pod's flows passed the node's forwarding, in either direction"
     );
     drop(agent);
-    t.node.sh("nft delete table inet seen");
 }
 
 #[test]

@@ -599,11 +599,14 @@ async fn counters_read_before_an_id_changed_hands_are_not_the_new_endpoints() {
         last_kind: proxy_common::HF_REFUSED,
         ..BackendHealth::default()
     };
-    rig.monitor.counters_read(
-        Counters::Sparse(vec![(old, failing)]),
-        Duration::from_millis(1),
-    );
-    rig.settle();
+    let read_failing = |rig: &mut Rig| {
+        rig.monitor.counters_read(
+            Counters::Sparse(vec![(old, failing)]),
+            Duration::from_millis(1),
+        );
+        rig.settle();
+    };
+    read_failing(&mut rig);
     assert!(
         rig.roles()
             .iter()
@@ -614,11 +617,7 @@ async fn counters_read_before_an_id_changed_hands_are_not_the_new_endpoints() {
     // The next read is the new endpoint's own.
     rig.monitor.next_read = None;
     assert!(rig.monitor.counters_due().is_some());
-    rig.monitor.counters_read(
-        Counters::Sparse(vec![(old, failing)]),
-        Duration::from_millis(1),
-    );
-    rig.settle();
+    read_failing(&mut rig);
     assert!(
         rig.roles()
             .contains(&(format!("{newcomer}:5432"), BackendRole::Unhealthy)),

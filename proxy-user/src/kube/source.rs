@@ -739,19 +739,20 @@ fn log_claims(claimed: &mut BTreeMap<ObjectKey, ClaimReason>, translation: &Tran
         .collect();
     let lost: Vec<&ObjectKey> = claimed.keys().filter(|k| !now.contains_key(*k)).collect();
     let each = gained.len() + lost.len() <= CLAIMS_LOGGED_EACH;
-    for (key, reason) in &gained {
+    let say = |line: String| {
         if each {
-            tracing::info!("claiming Service {key}: {}", why(reason));
+            tracing::info!("{line}");
         } else {
-            tracing::debug!("claiming Service {key}: {}", why(reason));
+            tracing::debug!("{line}");
         }
+    };
+    for (key, reason) in &gained {
+        say(format!("claiming Service {key}: {}", why(reason)));
     }
     for key in &lost {
-        if each {
-            tracing::info!("no longer claiming Service {key}: deleted or no longer labelled");
-        } else {
-            tracing::debug!("no longer claiming Service {key}: deleted or no longer labelled");
-        }
+        say(format!(
+            "no longer claiming Service {key}: deleted or no longer labelled"
+        ));
     }
     if !each {
         let labelled = gained
