@@ -45,9 +45,10 @@ pub const MAP_CLUSTER_EGRESS: &str = "CLUSTER_EGRESS";
 pub const MAP_TUNNEL_PEERS: &str = "TUNNEL_PEERS";
 pub const MAP_MAGLEV: &str = "MAGLEV";
 pub const MAP_EGRESS_POOLS: &str = "EGRESS_POOLS";
+pub const MAP_SNAT_CURSOR: &str = "SNAT_CURSOR";
 
 /// Every map the data path defines, in the order the agent pins and checks them.
-pub const ALL_MAPS: [&str; 21] = [
+pub const ALL_MAPS: [&str; 22] = [
     MAP_CONFIG,
     MAP_FRONTENDS,
     MAP_SERVICES,
@@ -69,6 +70,7 @@ pub const ALL_MAPS: [&str; 21] = [
     MAP_TUNNEL_PEERS,
     MAP_MAGLEV,
     MAP_EGRESS_POOLS,
+    MAP_SNAT_CURSOR,
 ];
 
 /// Program names (the Rust function names of the entry points).
@@ -823,6 +825,9 @@ pub struct RevNatValue {
 pub const RN_F_ENDPOINT_TIME_WAIT: u8 = 1;
 /// The closed flow carried TCP timestamps (and `ts_last` holds the last one).
 pub const RN_F_TIMESTAMPS: u8 = 2;
+/// The pod program opened the flow (as [`CT_F_FROM_POD`]): its replies go back to the pod from
+/// TC, and XDP hands them on after this one lookup. Kept when the flow closes.
+pub const RN_F_FROM_POD: u8 = 4;
 
 impl RevNatValue {
     /// Whether the port's flow has closed (the entry only holds the port for its client).

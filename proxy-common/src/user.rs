@@ -114,6 +114,7 @@ pub fn map_layout(name: &str) -> Option<(usize, usize)> {
         MAP_TUNNEL_PEERS => (size_of::<Addr>(), 4),
         MAP_MAGLEV => (4, size_of::<MaglevTable>()),
         MAP_EGRESS_POOLS => (4, size_of::<EgressPool>()),
+        MAP_SNAT_CURSOR => (4, 8),
         _ => return None,
     })
 }

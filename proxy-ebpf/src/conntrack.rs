@@ -52,6 +52,15 @@ pub fn ct_lookup(key: &CtKey) -> Option<(*mut CtValue, Table)> {
     CT_NEW.get_ptr_mut(key).map(|ct| (ct, Table::New))
 }
 
+/// As [`ct_lookup`], CT_NEW first: for a handshake's packets, whose flow has not completed it.
+#[inline(always)]
+pub fn ct_lookup_new_first(key: &CtKey) -> Option<(*mut CtValue, Table)> {
+    if let Some(ct) = CT_NEW.get_ptr_mut(key) {
+        return Some((ct, Table::New));
+    }
+    CT.get_ptr_mut(key).map(|ct| (ct, Table::Established))
+}
+
 /// Whether the flow `ct` is (still) tracked in either table, for SNAT ports' owners.
 #[inline(always)]
 pub fn ct_get(key: &CtKey) -> Option<&'static CtValue> {
@@ -160,7 +169,7 @@ pub fn owns(rn: &RevNatValue, key: &CtKey) -> bool {
 /// claims closed entries by it.
 #[inline(always)]
 pub fn hold_port(rn: &mut RevNatValue, ticks: u32, rn_flags: u8, ts_last: u32) {
-    rn.flags = rn_flags;
+    rn.flags = rn_flags | rn.flags & RN_F_FROM_POD;
     rn.ts_last = ts_last;
     rn.closed_at = ticks;
 }

@@ -5,8 +5,8 @@ use proxy_common::*;
 
 use crate::{
     conntrack::{
-        Table, completes, ct_flags, ct_lookup, delete_flow, hold_port, hold_port_of, is_reopen,
-        now_secs, now_ticks, promote, touch,
+        Table, completes, ct_flags, ct_lookup, ct_lookup_new_first, delete_flow, hold_port,
+        hold_port_of, is_reopen, now_secs, now_ticks, promote, touch,
     },
     ctx::{Ctx, Hook, ptr_at},
     fwd::{Route, remember, route, route_cached},
@@ -654,7 +654,7 @@ fn open_flow(cfg: &Config, s: &mut Scratch, now: u32, from_pod: bool) -> Action 
     rn.frontend_port = pkt.tuple.dport;
     rn.service_id = s.fe.service_id;
     rn.closed_at = 0;
-    rn.flags = 0;
+    rn.flags = if from_pod { RN_F_FROM_POD } else { 0 };
     rn.pad = 0;
     rn.pad16 = 0;
     rn.tunnel_v4 = s.tunnel_peer.v4_raw();
@@ -810,18 +810,25 @@ fn reply<C: Ctx>(ctx: &C, cfg: &Config, s: &mut Scratch, rn: &mut RevNatValue) -
     if s.pkt.bad_len {
         return drop(Counter::DropMalformed);
     }
-    s.ct_key = rn.ct_key(s.pkt.tuple.proto);
-    let now = now_secs(cfg);
-    let ct = ct_lookup(&s.ct_key);
-    // A pod's flow goes straight back to the pod's interface, from TC (see `toward_client`).
-    let to_pod = ct.is_some_and(|(ct, _)| unsafe { (*ct).flags } & CT_F_FROM_POD != 0);
-    if to_pod && C::HOOK == Hook::Xdp {
+    // A pod's flow goes straight back to the pod's interface, and a flow that came through the
+    // tunnel back through it: only TC can send them there (see `toward_client`).
+    let tunnelled = rn.tunnel_v4 != 0;
+    if C::HOOK == Hook::Xdp && (tunnelled || rn.flags & RN_F_FROM_POD != 0) {
         count(Counter::XdpPassToTc);
         return Action::PASS;
     }
-    // A flow that came through the tunnel goes back through it; only TC can send it there.
-    let tunnelled = rn.tunnel_v4 != 0;
-    if tunnelled && C::HOOK == Hook::Xdp {
+    s.ct_key = rn.ct_key(s.pkt.tuple.proto);
+    let now = now_secs(cfg);
+    // A handshake's answer is for a flow that has not completed it: CT_NEW first.
+    let ct = if s.pkt.tuple.proto == PROTO_TCP && s.pkt.tcp_flags & TCP_SYN != 0 {
+        ct_lookup_new_first(&s.ct_key)
+    } else {
+        ct_lookup(&s.ct_key)
+    };
+    // Conntrack says so too, for a reverse NAT entry written before its flag existed.
+    let to_pod = rn.flags & RN_F_FROM_POD != 0
+        || ct.is_some_and(|(ct, _)| unsafe { (*ct).flags } & CT_F_FROM_POD != 0);
+    if to_pod && C::HOOK == Hook::Xdp {
         count(Counter::XdpPassToTc);
         return Action::PASS;
     }

@@ -52,6 +52,11 @@ pub static CT_NEW: LruHashMap<CtKey, CtValue> =
 pub static REVNAT: HashMap<RevNatKey, RevNatValue> =
     HashMap::with_max_entries(DEFAULT_CT_MAX * REVNAT_PER_CT, 0);
 
+/// The node-wide sequence new TCP connections take their SNAT (address, port) pair from
+/// (`nat::next_in_sequence`): one counter, every CPU adds to it.
+#[map]
+pub static SNAT_CURSOR: Array<u64> = Array::with_max_entries(1, 0);
+
 /// What the agent must hear about (`Event`), rate-limited through EVENT_LIMIT.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);

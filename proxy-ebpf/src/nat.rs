@@ -8,8 +8,8 @@ use crate::{
     csum,
     ctx::{Ctx, load, ptr_at, store},
     lb,
-    maps::{CONFIG, CT, CT_NEW, EGRESS_POOLS, REVNAT, SCRATCH},
-    parse::{ETH_HLEN, Inner, Pkt},
+    maps::{CONFIG, CT, CT_NEW, EGRESS_POOLS, REVNAT, SCRATCH, SNAT_CURSOR},
+    parse::{ETH_HLEN, Inner, Pkt, TCP_ACK, TCP_SYN},
     stats::count,
     tcpts,
 };
@@ -89,14 +89,6 @@ pub fn snat_alloc(
     if total == 0 {
         return Err(AllocError::Exhausted);
     }
-    // The common case, outside the loop: the first candidate has no entry (no flow used it
-    // within its hold). A plain hash refuses the insert of a taken key without side effects, so
-    // no lookup first; anything else is for the tries.
-    if set_candidate(cfg, s, flow % total)
-        && REVNAT.insert(&s.rn_key, &s.rn, BPF_NOEXIST as u64).is_ok()
-    {
-        return Ok(0);
-    }
     let st = &mut s.alloc;
     st.now = now;
     st.ticks = ticks;
@@ -109,6 +101,25 @@ pub fn snat_alloc(
     st.full = 0;
     st.offset = 0;
     st.best_port = 0;
+    if sequential(s)
+        && let Some(idx) = next_in_sequence(range, s.alloc.addrs)
+    {
+        // A new connection: the pair after the last one handed out, which of all pairs was
+        // handed out longest ago. Once the range has gone round, its entry is a closed flow's
+        // the new one may reuse (see `judge`); the random tries below are for the rest.
+        if set_candidate(cfg, s, idx)
+            && let Some(offset) = take_in_sequence(cfg, s)
+        {
+            return Ok(offset);
+        }
+    } else if set_candidate(cfg, s, flow % total)
+        && REVNAT.insert(&s.rn_key, &s.rn, BPF_NOEXIST as u64).is_ok()
+    {
+        // The common case of the flow hash's first candidate: no entry (no flow used it within
+        // its hold). A plain hash refuses the insert of a taken key without side effects, so
+        // no lookup first; anything else is for the tries.
+        return Ok(0);
+    }
     unsafe {
         bpf_loop(
             SNAT_TRIES,
@@ -124,6 +135,63 @@ pub fn snat_alloc(
         Err(AllocError::TableFull)
     } else {
         Err(AllocError::Exhausted)
+    }
+}
+
+/// Whether the new flow takes its pair in sequence ([`next_in_sequence`]) rather than from its
+/// hash: a TCP connection's SYN. Not a cluster egress flow, whose next owner after a failover
+/// must find its port from the flow alone; not a flow recreated mid-stream (its conntrack entry
+/// lost), for which only its old port keeps the connection; not UDP, whose flows are recreated
+/// on the same tuple after an idle timeout and are best kept on their port.
+#[inline(always)]
+fn sequential(s: &crate::maps::Scratch) -> bool {
+    s.pkt.tuple.proto == PROTO_TCP
+        && s.pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && s.svc_flags & SVC_F_CLUSTER_EGRESS == 0
+}
+
+/// The next pair of the node-wide sequence, as a candidate index (`< range x addrs`, see
+/// [`set_candidate`]). One counter for every CPU, Service and endpoint: a pair comes round again
+/// only after every other pair was handed out once, so the one at the counter is the one idle
+/// longest, for whatever endpoint. With a pool the sequence takes the addresses in turn, so
+/// consecutive flows spread over all of them.
+///
+/// A plain read and write, not an atomic add: the programs are built for BPF v1, which has no
+/// fetching add. Two CPUs reading the same value offer two flows the same pair, and the
+/// entry's own insert or compare-and-swap lets only one of them have it; the other goes on to
+/// the random tries.
+#[inline(always)]
+fn next_in_sequence(range: u32, addrs: u32) -> Option<u32> {
+    let total = range.wrapping_mul(addrs);
+    if total == 0 || addrs == 0 {
+        return None;
+    }
+    let cursor = SNAT_CURSOR.get_ptr_mut(0)?;
+    let n = unsafe { core::ptr::read_volatile(cursor) };
+    unsafe { core::ptr::write_volatile(cursor, n.wrapping_add(1)) };
+    let n = (n % total as u64) as u32;
+    Some(n % addrs * range + n / addrs)
+}
+
+/// Takes the pair in `s.rn_key` for the new flow if it is free or usable, as one try of the
+/// allocator would but without keeping it for a second opinion (in sequence, no other pair was
+/// idle longer). The timestamp offset the flow needs on it, or None.
+#[inline(always)]
+fn take_in_sequence(cfg: &Config, s: &mut crate::maps::Scratch) -> Option<u32> {
+    let Some(existing) = REVNAT.get_ptr_mut(&s.rn_key) else {
+        return REVNAT
+            .insert(&s.rn_key, &s.rn, BPF_NOEXIST as u64)
+            .is_ok()
+            .then_some(0);
+    };
+    let existing = unsafe { &mut *existing };
+    match judge(cfg, &s.alloc, &s.rn, existing) {
+        Verdict::Reusable(offset) => {
+            let word = unsafe { core::ptr::read_volatile(closed_word(existing)) };
+            claim(existing, word, &s.rn).then_some(offset)
+        }
+        Verdict::Stale => take_stale(cfg, s).then_some(0),
+        Verdict::Busy | Verdict::HeldForOther => None,
     }
 }
 
@@ -416,7 +484,7 @@ fn claim(existing: &mut RevNatValue, seen: u64, rn: &RevNatValue) -> bool {
     existing.client_port = rn.client_port;
     existing.frontend_port = rn.frontend_port;
     existing.service_id = rn.service_id;
-    existing.flags = 0;
+    existing.flags = rn.flags;
     count(Counter::SnatClosedPortReused);
     true
 }

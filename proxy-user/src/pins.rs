@@ -7,7 +7,8 @@ use proxy_common::{
     ABI_VERSION, ALL_MAPS, COUNTER_SLOTS, DEFAULT_MAX_CLUSTER_EGRESS, DEFAULT_MAX_MAGLEV,
     DEFAULT_MAX_TUNNEL_PEERS, EVENT_LIMIT_SLOTS, EVENTS_BYTES, FE_FILTER_WORDS, MAP_BACKEND_HEALTH,
     MAP_CLUSTER_EGRESS, MAP_CONFIG, MAP_COUNTERS, MAP_EGRESS_POOLS, MAP_EVENT_LIMIT, MAP_EVENTS,
-    MAP_FE_FILTER, MAP_FRAGS, MAP_MAGLEV, MAP_SVC_STATS, MAP_TUNNEL_PEERS, user::map_layout,
+    MAP_FE_FILTER, MAP_FRAGS, MAP_MAGLEV, MAP_SNAT_CURSOR, MAP_SVC_STATS, MAP_TUNNEL_PEERS,
+    user::map_layout,
 };
 
 use crate::{loader::Limits, upgrade};
@@ -38,11 +39,11 @@ pub enum Pinned {
 /// Maps an agent can create empty under live flows: what is in them is derived from the desired
 /// state and rewritten in full at start (the Maglev tables, the frontend filter, the cluster
 /// egress owners and tunnel peers, the configuration), transient (the event ring and its rate
-/// limits, fragments in flight), or statistics whose reset costs a counter reset (counters,
+/// limits, fragments in flight, the SNAT sequence's position), or statistics whose reset costs a counter reset (counters,
 /// per-Service stats, passive health signals, which start over). Never the flows (CT, CT_NEW,
 /// REVNAT), nor what their entries refer to by id (SERVICES, BACKENDS, SLOTS, FRONTENDS,
 /// SRC_RANGES), nor session affinity (clients would move between endpoints).
-pub const REBUILDABLE_MAPS: [&str; 12] = [
+pub const REBUILDABLE_MAPS: [&str; 13] = [
     MAP_CONFIG,
     MAP_MAGLEV,
     MAP_EGRESS_POOLS,
@@ -55,6 +56,7 @@ pub const REBUILDABLE_MAPS: [&str; 12] = [
     MAP_COUNTERS,
     MAP_SVC_STATS,
     MAP_BACKEND_HEALTH,
+    MAP_SNAT_CURSOR,
 ];
 
 pub fn check(dir: &Path, limits: &Limits) -> Pinned {
@@ -79,6 +81,7 @@ pub fn check(dir: &Path, limits: &Limits) -> Pinned {
             (MAP_TUNNEL_PEERS, DEFAULT_MAX_TUNNEL_PEERS),
             (MAP_MAGLEV, DEFAULT_MAX_MAGLEV),
             (MAP_EVENT_LIMIT, EVENT_LIMIT_SLOTS),
+            (MAP_SNAT_CURSOR, 1),
         ])
         .collect();
     for name in ALL_MAPS {

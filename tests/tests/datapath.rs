@@ -1313,7 +1313,11 @@ fn pod_traffic_is_translated_at_the_pod_veth_before_netfilter() {
     assert!(d.dst == ip(EP1) || d.dst == ip(EP2));
     // The reply comes back through the uplink: XDP leaves a pod's flow to TC, which translates
     // it and sends it straight to the pod's interface, as the pod's packets left it.
+    // The reverse NAT entry says whose flow it is, so XDP needs no conntrack lookup to know.
     let synack = endpoint_synack(&d, 9, 2);
+    let rn = dp.revnat_entries();
+    assert_eq!(rn.len(), 1);
+    assert_eq!(rn[0].1.flags & RN_F_FROM_POD, RN_F_FROM_POD);
     let run = dp.xdp(node.uplink, &synack);
     assert_eq!((run.verdict, run.out == synack), (XDP_PASS, true));
     let run = dp.tc_ingress(node.uplink, &synack);
@@ -1347,7 +1351,10 @@ fn pod_traffic_is_translated_at_the_pod_veth_before_netfilter() {
 /// `fill_pct` percent of the range in use no flow may be refused; every port handed out is
 /// distinct and in the range; the last free ports are still found; a full range refuses new flows
 /// as counted drops and leaves every live flow its port.
-fn snat_range_fills_up(ports: u16, fill_pct: usize) {
+///
+/// `first`: the flows' first segments. SYNs take the ports in sequence; a segment without SYN (a
+/// flow that lost its conntrack entry) takes them from its hash, with the scattered tries.
+fn snat_range_fills_up(ports: u16, fill_pct: usize, first: fn(u16) -> Vec<u8>) {
     let node = TestNode::new();
     let (min, max) = (61000, 61000 + (ports - 1));
     // Conntrack and reverse NAT (LRU maps) far larger than the range: no eviction frees a port.
@@ -1362,7 +1369,7 @@ fn snat_range_fills_up(ports: u16, fill_pct: usize) {
     let mut sports = 1024u16..;
     // A SYN from a client port not used before: true if it was translated, false if refused.
     let mut new_flow = |dp: &mut Datapath, used: &mut std::collections::HashSet<u16>| {
-        let run = dp.xdp(node.uplink, &outside_syn(sports.next().unwrap()));
+        let run = dp.xdp(node.uplink, &first(sports.next().unwrap()));
         assert_eq!(run.verdict, XDP_TX);
         let out = decode(&run.out);
         if out.tcp_flags & RST != 0 {
@@ -1432,8 +1439,45 @@ fn snat_ports_are_handed_out_until_the_range_is_nearly_full() {
         // No larger than the tries: walked port by port, so nothing is refused before it is full.
         (20, 100),
     ] {
-        snat_range_fills_up(ports, fill_pct);
+        snat_range_fills_up(ports, fill_pct, outside_ack);
+        // In sequence: no port is taken twice before every other was, so none is refused
+        // before the range is full.
+        snat_range_fills_up(ports, 100, outside_syn);
     }
+}
+
+/// New connections take the SNAT ports in sequence, so a port comes round again only after
+/// every other one was handed out: of the closed flows' ports, the one idle longest. Here the
+/// endpoint closes first and the flows have no timestamps, so a reused port would meet its
+/// TIME_WAIT; a range of 50 ports carries 50 connections before any port is held for another.
+#[test]
+fn new_connections_take_the_snat_ports_in_sequence() {
+    let node = TestNode::new();
+    let mut dp = Datapath::load_with(snat_ports(61000, 61049));
+    nodeport_service(&mut dp, EP1);
+    let mut ports = Vec::new();
+    for i in 0..50u16 {
+        let sport = 20000 + i;
+        let snat = connect(&mut dp, &node, CLIENT_EXT, sport);
+        close(&mut dp, &node, CLIENT_EXT, sport, snat, true);
+        ports.push(snat);
+    }
+    // One full round of the range, each port once, one after the other.
+    let mut sorted = ports.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted, (61000..=61049).collect::<Vec<_>>(), "{ports:?}");
+    let steps: Vec<u16> = ports
+        .windows(2)
+        .map(|w| w[1].wrapping_sub(w[0]) % 50)
+        .collect();
+    assert!(steps.iter().all(|d| *d == 1), "not in sequence: {ports:?}");
+    assert_eq!(dp.counter(Counter::SnatCollision), 0);
+    assert_eq!(dp.counter(Counter::SnatTimeWaitSkipped), 0);
+    // Every port is now held for the endpoint's TIME_WAIT: a 51st connection from another
+    // client port is refused at once, not handed a port the endpoint would not accept.
+    assert!(refused(&mut dp, &node, CLIENT_EXT, 21000));
+    assert_eq!(dp.counter(Counter::DropSnatExhausted), 1);
 }
 
 // ------------------------------------------------------------------------------------------------
