@@ -156,10 +156,10 @@ fn sequential(s: &crate::maps::Scratch) -> bool {
 /// longest, for whatever endpoint. With a pool the sequence takes the addresses in turn, so
 /// consecutive flows spread over all of them.
 ///
-/// A plain read and write, not an atomic add: the programs are built for BPF v1, which has no
-/// fetching add. Two CPUs reading the same value offer two flows the same pair, and the
-/// entry's own insert or compare-and-swap lets only one of them have it; the other goes on to
-/// the random tries.
+/// Advanced by compare-and-swap (BPF v1, which the programs are built for, has no add that
+/// returns the old value), so no two flows are offered the same pair: the second would find it
+/// claimed but its conntrack entry not written yet, and take it as a stale flow's. A CPU that
+/// loses the swap twice in a row (others opening flows at that very moment) goes without.
 #[inline(always)]
 fn next_in_sequence(range: u32, addrs: u32) -> Option<u32> {
     let total = range.wrapping_mul(addrs);
@@ -167,10 +167,27 @@ fn next_in_sequence(range: u32, addrs: u32) -> Option<u32> {
         return None;
     }
     let cursor = SNAT_CURSOR.get_ptr_mut(0)?;
-    let n = unsafe { core::ptr::read_volatile(cursor) };
-    unsafe { core::ptr::write_volatile(cursor, n.wrapping_add(1)) };
+    let seen = unsafe { core::ptr::read_volatile(cursor) };
+    let n = match advance(cursor, seen) {
+        Ok(()) => seen,
+        // Another CPU took it: the one after, if nobody takes that first.
+        Err(now) => advance(cursor, now).ok().map(|()| now)?,
+    };
     let n = (n % total as u64) as u32;
     Some(n % addrs * range + n / addrs)
+}
+
+/// Moves the sequence on from `seen`; Err(the value another CPU moved it to) if it was not there.
+#[inline(always)]
+fn advance(cursor: *mut u64, seen: u64) -> Result<(), u64> {
+    let (was, swapped) = unsafe {
+        core::intrinsics::atomic_cxchg::<
+            u64,
+            { core::intrinsics::AtomicOrdering::SeqCst },
+            { core::intrinsics::AtomicOrdering::SeqCst },
+        >(cursor, seen, seen.wrapping_add(1))
+    };
+    if swapped { Ok(()) } else { Err(was) }
 }
 
 /// Takes the pair in `s.rn_key` for the new flow if it is free or usable, as one try of the
