@@ -9,6 +9,7 @@ use proxy_common::*;
 
 use crate::{
     maps::{CT, CT_NEW, REVNAT},
+    mem,
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count,
 };
@@ -145,8 +146,8 @@ pub fn touch(ct: &mut CtValue, now: u32, flags: u8) -> Option<u8> {
 #[inline(always)]
 pub fn revnat_key(ct: &CtValue, proto: u8) -> RevNatKey {
     RevNatKey {
-        backend: ct.backend,
-        snat: ct.snat,
+        backend: mem::addr(&ct.backend),
+        snat: mem::addr(&ct.snat),
         backend_port: ct.backend_port,
         snat_port: ct.snat_port,
         proto,

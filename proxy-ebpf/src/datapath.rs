@@ -9,7 +9,7 @@ use crate::{
         hold_port_of, is_reopen, now_secs, now_ticks, promote, touch,
     },
     ctx::{Ctx, Hook, ptr_at},
-    fwd::{Route, remember, route, route_cached},
+    fwd::{Route, remember, route, route_cached, route_new},
     hdr::{IcmpHdr, get},
     health,
     lb::{self, Chosen},
@@ -17,6 +17,7 @@ use crate::{
         BACKENDS, CLUSTER_EGRESS, CONFIG, CT_NEW, EVENT_LIMIT, EVENTS, FRAGS, REVNAT, SCRATCH,
         Scratch, TUNNEL_PEERS,
     },
+    mem,
     nat::{
         AllocError, icmp_error_source, in_snat_range, set_macs, snat_alloc, xlate,
         xlate_icmp_error_reply,
@@ -133,7 +134,7 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
             return Action::PASS;
         }
     }
-    s.tunnel_peer = Addr::ZERO;
+    mem::zero_addr(&mut s.tunnel_peer);
     if tunnel::is_tunnel(&s.pkt) {
         // Only TC can take the tunnel's headers off; XDP hands such packets on.
         if C::HOOK != Hook::TcIngress {
@@ -577,7 +578,7 @@ fn new_flow<C: Ctx>(
             if !s.tunnel_peer.is_zero() {
                 return drop(Counter::DropTunnelNotOurs);
             }
-            s.tunnel_to = ce.owner;
+            s.tunnel_to = mem::addr(&ce.owner);
             return Action::TUNNEL;
         }
     }
@@ -610,7 +611,15 @@ fn new_flow<C: Ctx>(
         count(Counter::DropNoEndpoints);
         return Action::REJECT;
     };
-    let r = route(ctx, &mut s.fib, pkt.v6, &svc.egress, &chosen.addr);
+    let r = route_new(
+        ctx,
+        &mut s.fib,
+        now,
+        pkt.v6,
+        &svc.egress,
+        &chosen.addr,
+        chosen.id,
+    );
     if C::HOOK == Hook::Xdp && !xdp_can_send(ctx, s, r) {
         // Nothing is allocated yet: the TC program starts this flow from scratch.
         count(Counter::XdpPassToTc);
@@ -635,7 +644,7 @@ fn new_flow<C: Ctx>(
     s.chosen = chosen;
     s.fe = *fe;
     s.affinity_timeout = svc.affinity_timeout;
-    s.egress = svc.egress;
+    s.egress = mem::addr(&svc.egress);
     Action::OPEN
 }
 
@@ -714,8 +723,8 @@ fn open_flow(cfg: &Config, s: &mut Scratch, now: u32, from_pod: bool) -> Action 
     ct.kind = s.fe.kind;
     ct.pad = [0; 2];
     ct.ts_offset = ts_offset;
-    ct.to_backend = NextHop::default();
-    ct.to_client = NextHop::default();
+    mem::zero_hop(&mut ct.to_backend);
+    mem::zero_hop(&mut ct.to_client);
     ct.tunnel_peer = s.tunnel_peer;
     remember(&mut s.ct.to_backend, s.route, now, &s.fib);
     if CT_NEW.insert(&s.ct_key, &s.ct, BPF_NOEXIST as u64).is_err() {

@@ -4,6 +4,7 @@ use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::*;
 
 use crate::maps::{AFFINITY, BACKENDS, FE_FILTER, FRONTENDS, MAGLEV, SERVICES, SLOTS, SRC_RANGES};
+use crate::mem;
 
 /// False: certainly not a frontend. True: maybe (look it up).
 #[inline(always)]
@@ -63,7 +64,7 @@ fn active_backend(id: u32) -> Option<Chosen> {
     Some(Chosen {
         id,
         generation: b.generation,
-        addr: b.addr,
+        addr: mem::addr(&b.addr),
         port: b.port,
     })
 }
@@ -80,7 +81,7 @@ pub fn direct_backend(fe: &FrontendValue, addr: &Addr, port: u16) -> Option<Chos
     Some(Chosen {
         id,
         generation: b.generation,
-        addr: b.addr,
+        addr: mem::addr(&b.addr),
         port: b.port,
     })
 }

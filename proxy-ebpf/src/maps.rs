@@ -8,7 +8,7 @@ use aya_ebpf::{
 use proxy_common::*;
 
 use crate::{
-    fwd::{FibParams, Route},
+    fwd::{FibParams, ROUTE_CACHE_SLOTS, Route, RouteCacheEntry},
     lb::Chosen,
     nat::AllocLoop,
     parse::{Inner, Pkt},
@@ -149,3 +149,9 @@ pub struct Scratch {
 
 #[map]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// New flows' routes, by endpoint (`fwd::route_new`). Per CPU, and never pinned: a cache the
+/// next agent's programs start without.
+#[map]
+pub static ROUTE_CACHE: PerCpuArray<RouteCacheEntry> =
+    PerCpuArray::with_max_entries(ROUTE_CACHE_SLOTS, 0);

@@ -9,6 +9,7 @@ use crate::{
     ctx::{Ctx, load, ptr_at, store},
     lb,
     maps::{CONFIG, CT, CT_NEW, EGRESS_POOLS, REVNAT, SCRATCH, SNAT_CURSOR},
+    mem,
     parse::{ETH_HLEN, Inner, Pkt, TCP_ACK, TCP_SYN},
     stats::count,
     tcpts,
@@ -97,10 +98,10 @@ pub fn snat_alloc(
     st.total = total;
     st.syn_ts = syn_ts.unwrap_or(0);
     st.has_ts = syn_ts.is_some() as u32;
-    st.taken = 0;
-    st.full = 0;
-    st.offset = 0;
-    st.best_port = 0;
+    mem::zero(&mut st.taken);
+    mem::zero(&mut st.full);
+    mem::zero(&mut st.offset);
+    mem::zero(&mut st.best_port);
     if sequential(s)
         && let Some(idx) = next_in_sequence(range, s.alloc.addrs)
     {
@@ -195,13 +196,17 @@ fn advance(cursor: *mut u64, seen: u64) -> Result<(), u64> {
 /// idle longer). The timestamp offset the flow needs on it, or None.
 #[inline(always)]
 fn take_in_sequence(cfg: &Config, s: &mut crate::maps::Scratch) -> Option<u32> {
-    let Some(existing) = REVNAT.get_ptr_mut(&s.rn_key) else {
-        return REVNAT
-            .insert(&s.rn_key, &s.rn, BPF_NOEXIST as u64)
-            .is_ok()
-            .then_some(0);
-    };
-    let existing = unsafe { &mut *existing };
+    // Insert first: a pair no flow used within its hold has no entry, and a refused insert
+    // leaves the bucket in cache for the lookup after it.
+    match REVNAT.insert(&s.rn_key, &s.rn, BPF_NOEXIST as u64) {
+        Ok(()) => return Some(0),
+        Err(e) if e != -EEXIST => {
+            s.alloc.full = 1;
+            return None;
+        }
+        Err(_) => {}
+    }
+    let existing = unsafe { &mut *REVNAT.get_ptr_mut(&s.rn_key)? };
     match judge(cfg, &s.alloc, &s.rn, existing) {
         Verdict::Reusable(offset) => {
             let word = unsafe { core::ptr::read_volatile(closed_word(existing)) };
@@ -496,8 +501,8 @@ fn claim(existing: &mut RevNatValue, seen: u64, rn: &RevNatValue) -> bool {
     if !swapped {
         return false;
     }
-    existing.client = rn.client;
-    existing.frontend = rn.frontend;
+    existing.client = mem::addr(&rn.client);
+    existing.frontend = mem::addr(&rn.frontend);
     existing.client_port = rn.client_port;
     existing.frontend_port = rn.frontend_port;
     existing.service_id = rn.service_id;

@@ -1282,10 +1282,71 @@ fn established_flows_cache_their_next_hop_for_a_second() {
         after <= (NEXT_HOP_CACHE_SECS as usize + 1) * 10,
         "took {after} x 100 ms"
     );
-    // A new flow looks the route up at once.
+    // New flows share their endpoint's route for as long (see the next test): by now it is
+    // the new one for them too.
     assert_eq!(
         decode(&dp.xdp(node.uplink, &outside_syn(33001)).out).dmac,
         new_mac
+    );
+}
+
+/// New flows to one endpoint share the route the FIB last gave one of them (on the same CPU)
+/// for at most NEXT_HOP_CACHE_SECS, as long as an established flow trusts its own.
+#[test]
+fn new_flows_to_an_endpoint_share_its_route_for_a_second() {
+    // The cache is per CPU: this thread stays on one, so every packet meets the same cache.
+    // SAFETY: a zeroed cpu_set_t is empty; CPU 0 is within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+    let node = TestNode::new();
+    let mut dp = Datapath::load();
+    nodeport_service(&mut dp, EP1);
+    // The data path's clock (Config::DEFAULT: whole seconds of CLOCK_MONOTONIC_COARSE) must not
+    // tick between the first two flows, or the cached route would be a second old already.
+    loop {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: t is a valid timespec to write.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut t) };
+        if t.tv_nsec < 500_000_000 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        decode(&dp.xdp(node.uplink, &outside_syn(34000)).out).dmac,
+        GW_MAC
+    );
+    let new_mac = [0x02, 0, 0, 0, 0, 0xfd];
+    sh("ip neigh replace 10.0.0.254 lladdr 02:00:00:00:00:fd dev up0 nud permanent");
+    // The FIB would answer with the new address at once; the next new flow does not ask it.
+    assert_eq!(
+        decode(&dp.xdp(node.uplink, &outside_syn(34001)).out).dmac,
+        GW_MAC,
+        "the second new flow to the endpoint asked the FIB"
+    );
+    let mut seen_new = None;
+    for i in 0..30u16 {
+        let d = decode(&dp.xdp(node.uplink, &outside_syn(34002 + i)).out);
+        if d.dmac == new_mac {
+            seen_new = Some(i as usize);
+            break;
+        }
+        assert_eq!(d.dmac, GW_MAC);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let after = seen_new.expect("the new MAC address never reached new flows");
+    assert!(
+        after <= (NEXT_HOP_CACHE_SECS as usize + 1) * 10,
+        "took {after} x 100 ms"
     );
 }
 
