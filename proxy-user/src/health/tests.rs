@@ -625,3 +625,43 @@ async fn counters_read_before_an_id_changed_hands_are_not_the_new_endpoints() {
         rig.roles()
     );
 }
+
+/// Ticks (no counters) only look at the endpoints when one may be ejected: a pass that finds
+/// none lets the next ticks return at once, an ejection makes them look again.
+#[tokio::test]
+async fn ticks_look_at_the_endpoints_only_while_one_is_ejected() {
+    let eps = ["203.0.113.1", "203.0.113.3", "203.0.113.4"];
+    let mut rig = Rig::new("");
+    rig.set_endpoints("", &eps);
+    assert!(rig.monitor.may_be_ejected, "unknown until a pass looked");
+    rig.monitor.tick();
+    assert!(!rig.monitor.may_be_ejected, "nobody is ejected");
+
+    let (_, sid) = rig.reconciler.service_ids().next().expect("one port");
+    let id = rig
+        .reconciler
+        .backend_id(sid, eps[0].parse().unwrap(), 5432)
+        .expect("an id");
+    let failing = BackendHealth {
+        failed: 50,
+        consecutive: 50,
+        last_kind: proxy_common::HF_REFUSED,
+        ..BackendHealth::default()
+    };
+    assert!(rig.monitor.counters_due().is_some());
+    rig.monitor.counters_read(
+        Counters::Sparse(vec![(id, failing)]),
+        Duration::from_millis(1),
+    );
+    rig.settle();
+    assert!(
+        rig.roles()
+            .contains(&(format!("{}:5432", eps[0]), BackendRole::Unhealthy)),
+        "{:?}",
+        rig.roles()
+    );
+    assert!(rig.monitor.may_be_ejected);
+    // Its ejection runs for seconds: ticks keep looking, so they readmit it when it is over.
+    rig.monitor.tick();
+    assert!(rig.monitor.may_be_ejected);
+}
