@@ -104,9 +104,8 @@ fn drop(reason: Counter) -> Action {
     Action::DROP
 }
 
-/// Flow-hash seeds: endpoint choice and SNAT port start must not be correlated.
+/// Flow-hash seed of the endpoint choice (the SNAT candidates have their own, `nat::SEED_SNAT`).
 const SEED_SELECT: u32 = 0x5eed_0001;
-const SEED_SNAT: u32 = 0x5eed_0002;
 
 #[inline(always)]
 pub fn process<C: Ctx>(ctx: &C) -> Action {
@@ -675,21 +674,10 @@ fn open_flow(cfg: &Config, s: &mut Scratch, now: u32, from_pod: bool) -> Action 
     rk.proto = pkt.tuple.proto;
     rk.pad = 0;
     rk.pad16 = 0;
-    let flow = lb::flow_hash(&s.ct_key, SEED_SNAT);
     let ticks = now_ticks(cfg);
     let syn_ts = s.syn_has_ts.then_some(s.syn_ts);
-    let ts_offset = match snat_alloc(cfg, now, ticks, flow, syn_ts) {
-        Ok(offset) => {
-            // A new owner after a failover derives the port from the flow: it finds only the
-            // first candidate again.
-            if s.svc_flags & SVC_F_CLUSTER_EGRESS != 0
-                && cfg.snat_ports != 0
-                && s.rn_key.snat_port != cfg.snat_port_at(flow % cfg.snat_ports).to_be()
-            {
-                count(Counter::SnatNotFirstCandidate);
-            }
-            offset
-        }
+    let ts_offset = match snat_alloc(cfg, now, ticks, syn_ts) {
+        Ok(offset) => offset,
         Err(e) => {
             let (counter, kind) = match e {
                 AllocError::Exhausted => (Counter::DropSnatExhausted, EV_SNAT_EXHAUSTED),

@@ -15,6 +15,10 @@ use crate::{
     tcpts,
 };
 
+/// Seed of the flow hash SNAT candidates come from; the endpoint choice has its own, so the two
+/// are not correlated.
+const SEED_SNAT: u32 = 0x5eed_0002;
+
 /// (Address, port) pairs tried before a new flow is refused as `snat_ports_exhausted`. The candidates are
 /// independent, so with a fraction f of the range unusable a new flow is refused with probability
 /// about f^SNAT_TRIES: 0.08% at f = 0.8, 3.4% at 0.9. The tries run under bpf_loop, so their
@@ -54,9 +58,10 @@ pub enum AllocError {
 /// ([`set_candidate`]), so that a pool of n addresses offers n times the pairs per endpoint. A
 /// Service with one address never looks at the pool map.
 ///
-/// Candidates come from the flow hash `flow` (a flow recreated after losing its conntrack entry
-/// usually gets its pair again), scattered over all pairs: consecutive ports pile flows up
-/// behind each other. Pair sets no larger than the tries are walked one by one instead, so a
+/// A new connection takes the next pair in sequence ([`next_in_sequence`]). Other flows, and a
+/// new connection whose pair in sequence is not usable, take candidates from the flow's hash
+/// (a flow recreated after losing its conntrack entry usually gets its pair again), scattered
+/// over all pairs: consecutive ports pile flows up behind each other. Pair sets no larger than the tries are walked one by one instead, so a
 /// refusal there always means that no pair is usable. Of the first two usable candidates the one
 /// idle longer is taken: a pair no flow has used within its hold has no entry at all and beats
 /// every closed flow's pair.
@@ -68,7 +73,6 @@ pub fn snat_alloc(
     cfg: &Config,
     now: u32,
     ticks: u32,
-    flow: u32,
     syn_ts: Option<u32>,
 ) -> Result<u32, AllocError> {
     let range = cfg.snat_ports;
@@ -93,8 +97,6 @@ pub fn snat_alloc(
     let st = &mut s.alloc;
     st.now = now;
     st.ticks = ticks;
-    st.x = flow;
-    st.start = flow % total;
     st.total = total;
     st.syn_ts = syn_ts.unwrap_or(0);
     st.has_ts = syn_ts.is_some() as u32;
@@ -102,18 +104,24 @@ pub fn snat_alloc(
     mem::zero(&mut st.full);
     mem::zero(&mut st.offset);
     mem::zero(&mut st.best_port);
-    if sequential(s)
+    let in_sequence = sequential(s);
+    if in_sequence
         && let Some(idx) = next_in_sequence(range, s.alloc.addrs)
+        && set_candidate(cfg, s, idx)
+        && let Some(offset) = take_in_sequence(cfg, s)
     {
         // A new connection: the pair after the last one handed out, which of all pairs was
         // handed out longest ago. Once the range has gone round, its entry is a closed flow's
         // the new one may reuse (see `judge`); the random tries below are for the rest.
-        if set_candidate(cfg, s, idx)
-            && let Some(offset) = take_in_sequence(cfg, s)
-        {
-            return Ok(offset);
-        }
-    } else if set_candidate(cfg, s, flow % total)
+        return Ok(offset);
+    }
+    // The flow's own candidates, from its hash: hashed only here, as a new connection in
+    // sequence never needs it.
+    let flow = lb::flow_hash(&s.ct_key, SEED_SNAT);
+    s.alloc.x = flow;
+    s.alloc.start = flow % total;
+    if !in_sequence
+        && set_candidate(cfg, s, flow % total)
         && REVNAT.insert(&s.rn_key, &s.rn, BPF_NOEXIST as u64).is_ok()
     {
         // The common case of the flow hash's first candidate: no entry (no flow used it within
@@ -131,6 +139,13 @@ pub fn snat_alloc(
     };
     let st = &s.alloc;
     if st.taken != 0 {
+        // A new owner after a failover derives the port from the flow: it finds only the
+        // first candidate again.
+        if s.svc_flags & SVC_F_CLUSTER_EGRESS != 0
+            && s.rn_key.snat_port != cfg.snat_port_at(flow % range).to_be()
+        {
+            count(Counter::SnatNotFirstCandidate);
+        }
         Ok(st.offset)
     } else if st.full != 0 {
         Err(AllocError::TableFull)

@@ -554,12 +554,22 @@ fn on_threads<T: Send>(
 /// CPU with server thread i, and the scheduler cannot stack two busy loops on one CPU while the
 /// other idles, which otherwise moves results by ±20 % from run to run.
 fn pin_to_cpu(i: usize) {
+    // Best effort: unpinned, the numbers are only noisier.
+    let _ = pin_thread(cpu_of(i));
+}
+
+/// Keeps the calling thread on CPU `cpu` (< CPU_SETSIZE).
+pub fn pin_thread(cpu: usize) -> std::io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays within it (index < CPU_SETSIZE).
-    unsafe {
+    let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu_of(i), &mut set);
-        // Best effort: unpinned, the numbers are only noisier.
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

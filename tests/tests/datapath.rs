@@ -1258,35 +1258,55 @@ fn without_xdp_tx_xdp_leaves_sending_back_out_to_tc() {
     assert_eq!(d.dst, ip(POD_V4));
 }
 
-#[test]
-fn established_flows_cache_their_next_hop_for_a_second() {
-    let (node, mut dp) = with_tcp_service();
-    let first = decode(&dp.xdp(node.uplink, &outside_syn(33000)).out);
-    assert_eq!(first.dmac, GW_MAC);
-    // The gateway moves to another MAC address.
-    let new_mac = [0x02, 0, 0, 0, 0, 0xfd];
+/// The gateway's new MAC address after [`move_gateway`].
+const MOVED_GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfd];
+
+/// The gateway moves to another MAC address ([`MOVED_GW_MAC`]).
+fn move_gateway() {
     sh("ip neigh replace 10.0.0.254 lladdr 02:00:00:00:00:fd dev up0 nud permanent");
-    // The flow keeps its cached next hop for at most NEXT_HOP_CACHE_SECS, then looks again.
+}
+
+/// Sends `packet(i)` every 100 ms until one leaves for [`MOVED_GW_MAC`] (each before it for
+/// the old one), and asserts that it took at most NEXT_HOP_CACHE_SECS (and a tick). `who`: whose
+/// packets, for the message.
+fn reaches_moved_gateway_within_the_cache_time(
+    dp: &mut Datapath,
+    node: &TestNode,
+    who: &str,
+    packet: impl Fn(u16) -> Vec<u8>,
+) {
     let mut seen_new = None;
-    for i in 0..30 {
-        let d = decode(&dp.xdp(node.uplink, &outside_ack(33000)).out);
-        if d.dmac == new_mac {
-            seen_new = Some(i);
+    for i in 0..30u16 {
+        let d = decode(&dp.xdp(node.uplink, &packet(i)).out);
+        if d.dmac == MOVED_GW_MAC {
+            seen_new = Some(i as usize);
             break;
         }
         assert_eq!(d.dmac, GW_MAC);
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let after = seen_new.expect("the new MAC address never reached the established flow");
+    let after = seen_new.unwrap_or_else(|| panic!("the new MAC address never reached {who}"));
     assert!(
         after <= (NEXT_HOP_CACHE_SECS as usize + 1) * 10,
         "took {after} x 100 ms"
     );
+}
+
+#[test]
+fn established_flows_cache_their_next_hop_for_a_second() {
+    let (node, mut dp) = with_tcp_service();
+    let first = decode(&dp.xdp(node.uplink, &outside_syn(33000)).out);
+    assert_eq!(first.dmac, GW_MAC);
+    move_gateway();
+    // The flow keeps its cached next hop for at most NEXT_HOP_CACHE_SECS, then looks again.
+    reaches_moved_gateway_within_the_cache_time(&mut dp, &node, "the established flow", |_| {
+        outside_ack(33000)
+    });
     // New flows share their endpoint's route for as long (see the next test): by now it is
     // the new one for them too.
     assert_eq!(
         decode(&dp.xdp(node.uplink, &outside_syn(33001)).out).dmac,
-        new_mac
+        MOVED_GW_MAC
     );
 }
 
@@ -1295,15 +1315,7 @@ fn established_flows_cache_their_next_hop_for_a_second() {
 #[test]
 fn new_flows_to_an_endpoint_share_its_route_for_a_second() {
     // The cache is per CPU: this thread stays on one, so every packet meets the same cache.
-    // SAFETY: a zeroed cpu_set_t is empty; CPU 0 is within it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0
-        );
-    }
+    testbed::load::pin_thread(0).expect("this thread pinned to CPU 0");
     let node = TestNode::new();
     let mut dp = Datapath::load();
     nodeport_service(&mut dp, EP1);
@@ -1325,29 +1337,16 @@ fn new_flows_to_an_endpoint_share_its_route_for_a_second() {
         decode(&dp.xdp(node.uplink, &outside_syn(34000)).out).dmac,
         GW_MAC
     );
-    let new_mac = [0x02, 0, 0, 0, 0, 0xfd];
-    sh("ip neigh replace 10.0.0.254 lladdr 02:00:00:00:00:fd dev up0 nud permanent");
+    move_gateway();
     // The FIB would answer with the new address at once; the next new flow does not ask it.
     assert_eq!(
         decode(&dp.xdp(node.uplink, &outside_syn(34001)).out).dmac,
         GW_MAC,
         "the second new flow to the endpoint asked the FIB"
     );
-    let mut seen_new = None;
-    for i in 0..30u16 {
-        let d = decode(&dp.xdp(node.uplink, &outside_syn(34002 + i)).out);
-        if d.dmac == new_mac {
-            seen_new = Some(i as usize);
-            break;
-        }
-        assert_eq!(d.dmac, GW_MAC);
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let after = seen_new.expect("the new MAC address never reached new flows");
-    assert!(
-        after <= (NEXT_HOP_CACHE_SECS as usize + 1) * 10,
-        "took {after} x 100 ms"
-    );
+    reaches_moved_gateway_within_the_cache_time(&mut dp, &node, "new flows", |i| {
+        outside_syn(34002 + i)
+    });
 }
 
 /// A SYN to `dst`:80 as the pod sends it: from the pod's MAC to the node's pod-side MAC.

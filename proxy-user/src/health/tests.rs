@@ -567,6 +567,22 @@ async fn scale() {
     assert_eq!(monitor.counts().0, 40_001);
 }
 
+/// The backend id of endpoint `ip`:5432 of the rig's one Service port.
+fn backend_id_of(rig: &Rig, ip: &str) -> Option<u32> {
+    let (_, sid) = rig.reconciler.service_ids().next().expect("one port");
+    rig.reconciler.backend_id(sid, ip.parse().unwrap(), 5432)
+}
+
+/// The data path's counters of an endpoint that failed its last 50 new flows (refused).
+fn failing_every_flow() -> BackendHealth {
+    BackendHealth {
+        failed: 50,
+        consecutive: 50,
+        last_kind: proxy_common::HF_REFUSED,
+        ..BackendHealth::default()
+    }
+}
+
 /// The counters are read on another thread while the agent goes on: a backend id given to a new
 /// endpoint meanwhile must not hand it the failures the read found for the old one.
 #[tokio::test]
@@ -574,11 +590,7 @@ async fn counters_read_before_an_id_changed_hands_are_not_the_new_endpoints() {
     let eps = ["203.0.113.1", "203.0.113.3", "203.0.113.4"];
     let mut rig = Rig::new("");
     rig.set_endpoints("", &eps);
-    let id_of = |rig: &Rig, ip: &str| {
-        let (_, sid) = rig.reconciler.service_ids().next().expect("one port");
-        rig.reconciler.backend_id(sid, ip.parse().unwrap(), 5432)
-    };
-    let old = id_of(&rig, "203.0.113.1").expect("an id");
+    let old = backend_id_of(&rig, "203.0.113.1").expect("an id");
     let ids = rig.monitor.counters_due().expect("a read is due");
     assert!(ids.contains(&old));
 
@@ -588,17 +600,12 @@ async fn counters_read_before_an_id_changed_hands_are_not_the_new_endpoints() {
         .map(|i| format!("203.0.113.{i}"))
         .find(|ip| {
             rig.set_endpoints("", &[ip, eps[1], eps[2]]);
-            id_of(&rig, ip) == Some(old)
+            backend_id_of(&rig, ip) == Some(old)
         })
         .expect("the id was given again");
 
     // The read saw .1 failing every new flow.
-    let failing = BackendHealth {
-        failed: 50,
-        consecutive: 50,
-        last_kind: proxy_common::HF_REFUSED,
-        ..BackendHealth::default()
-    };
+    let failing = failing_every_flow();
     let read_failing = |rig: &mut Rig| {
         rig.monitor.counters_read(
             Counters::Sparse(vec![(old, failing)]),
@@ -637,17 +644,8 @@ async fn ticks_look_at_the_endpoints_only_while_one_is_ejected() {
     rig.monitor.tick();
     assert!(!rig.monitor.may_be_ejected, "nobody is ejected");
 
-    let (_, sid) = rig.reconciler.service_ids().next().expect("one port");
-    let id = rig
-        .reconciler
-        .backend_id(sid, eps[0].parse().unwrap(), 5432)
-        .expect("an id");
-    let failing = BackendHealth {
-        failed: 50,
-        consecutive: 50,
-        last_kind: proxy_common::HF_REFUSED,
-        ..BackendHealth::default()
-    };
+    let id = backend_id_of(&rig, eps[0]).expect("an id");
+    let failing = failing_every_flow();
     assert!(rig.monitor.counters_due().is_some());
     rig.monitor.counters_read(
         Counters::Sparse(vec![(id, failing)]),
