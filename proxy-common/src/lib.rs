@@ -1177,6 +1177,9 @@ counters! {
     SnatNotFirstCandidate = 53, "snat_not_first_candidate", false;
     /// TCP SYNs whose MSS was lowered to fit the tunnel.
     TunnelMssClamped = 54, "tunnel_mss_clamped", false;
+    /// Packets one of our programs had translated (or tunnelled) and redirected out of an
+    /// uplink, which its egress program let go at once.
+    EgressAlreadyTranslated = 55, "egress_already_translated", false;
 }
 
 /// Size of the COUNTERS array: room for the indices above and future ones.

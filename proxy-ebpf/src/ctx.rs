@@ -9,8 +9,8 @@ use aya_ebpf::{
         __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::{
-        bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_skb_adjust_room, bpf_skb_change_tail,
-        bpf_skb_pull_data, bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len,
+        bpf_l4_csum_replace, bpf_skb_adjust_room, bpf_skb_change_tail, bpf_skb_pull_data,
+        bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_get_buff_len,
     },
     programs::{TcContext, XdpContext},
 };
@@ -230,11 +230,12 @@ macro_rules! impl_tc_ctx {
                     let _ = unsafe { bpf_skb_pull_data(skb(&self.0), want) };
                 }
             }
+            /// In place: what `bpf_l3_csum_replace` writes, without a helper call. A
+            /// CHECKSUM_COMPLETE sum stays right, as with the helper: the header with its
+            /// checksum sums to the same before and after.
             #[inline(always)]
             fn csum_l3(&self, off: usize, delta: u32) -> Result<(), ()> {
-                let ret =
-                    unsafe { bpf_l3_csum_replace(skb(&self.0), off as u32, 0, delta as u64, 0) };
-                if ret == 0 { Ok(()) } else { Err(()) }
+                csum_fix_in_place(self, off, delta, false)
             }
             #[inline(always)]
             fn csum_l4(&self, off: usize, delta: u32, pseudo: bool, udp: bool) -> Result<(), ()> {

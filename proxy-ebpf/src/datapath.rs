@@ -48,6 +48,8 @@ pub enum Verdict {
     RedirectNeigh(u32),
     /// Back into the device's ingress (TC egress answering a local sender).
     RedirectIngress(u32),
+    /// bpf_redirect to a pod's interface: a reply the pod program's flow gets (TC ingress).
+    RedirectPod(u32),
 }
 
 impl Action {
@@ -83,6 +85,10 @@ impl Action {
     pub const fn redirect_ingress(ifindex: u32) -> Action {
         Action(5 | (ifindex as u64) << 32)
     }
+    #[inline(always)]
+    pub const fn redirect_pod(ifindex: u32) -> Action {
+        Action(13 | (ifindex as u64) << 32)
+    }
 
     #[inline(always)]
     pub fn verdict(self) -> Verdict {
@@ -93,6 +99,7 @@ impl Action {
             3 => Verdict::Redirect(ifindex),
             4 => Verdict::RedirectNeigh(ifindex),
             5 => Verdict::RedirectIngress(ifindex),
+            13 => Verdict::RedirectPod(ifindex),
             _ => Verdict::Pass,
         }
     }
@@ -120,7 +127,6 @@ pub fn process<C: Ctx>(ctx: &C) -> Action {
         return Action::PASS;
     };
     let s = unsafe { &mut *s };
-    ctx.pull(PULL_LEN);
     match parse_packet(ctx, &mut s.pkt) {
         Parsed::Pkt => {}
         Parsed::Other => return Action::PASS,
@@ -259,11 +265,12 @@ fn from_tunnel<C: Ctx>(ctx: &C, s: &mut Scratch) -> Action {
     if unsafe { TUNNEL_PEERS.get(&peer) }.is_none() {
         return drop(Counter::DropTunnelUnknownPeer);
     }
+    // The tunnel's own headers, and the inner packet's behind them.
+    ctx.pull(PULL_LEN);
     if let Err(why) = tunnel::decap(ctx, &s.pkt) {
         return drop(why);
     }
     count(Counter::TunnelReceived);
-    ctx.pull(PULL_LEN);
     match parse_packet(ctx, &mut s.pkt) {
         Parsed::Pkt => {}
         Parsed::Other | Parsed::Unparsed => return Action::PASS,
@@ -289,9 +296,37 @@ fn frag_key(pkt: &Pkt) -> FragKey {
 }
 
 /// Its own frame: parsing's temporaries are dead before the heavy paths run.
+///
+/// A TC program reads what the skb has linear, and pulls more only when the headers it reads
+/// are not all there. Pulling a fixed length brought payload into the linear part of every
+/// segment with data, and a segment a local TCP sent is a clone, which the kernel then copies
+/// whole (`pskb_expand_head`): 8% of the programs' time in a short-connection load.
 #[inline(never)]
 fn parse_packet<C: Ctx>(ctx: &C, pkt: &mut Pkt) -> Parsed {
+    let parsed = parse(ctx, pkt);
+    if C::HOOK == Hook::Xdp || headers_linear(ctx, pkt, &parsed) {
+        return parsed;
+    }
+    ctx.pull(PULL_LEN);
     parse(ctx, pkt)
+}
+
+/// Whether the headers the data path reads of `pkt` (as far as `parse` got) are linear: the
+/// transport header with its options; an ICMP error's quoted headers, which parsing does not
+/// reach, are assumed not to be.
+#[inline(always)]
+fn headers_linear<C: Ctx>(ctx: &C, pkt: &Pkt, parsed: &Parsed) -> bool {
+    let end = match parsed {
+        Parsed::Other | Parsed::Malformed(_) => return true,
+        Parsed::Pkt if !pkt.has_l4() => return true,
+        Parsed::Pkt if pkt.tuple.proto == PROTO_TCP => pkt.l4_off + pkt.tcp_hlen as usize,
+        // UDP's header was read whole; tunnels pull for their own headers (`from_tunnel`).
+        Parsed::Pkt if pkt.tuple.proto == PROTO_UDP => return true,
+        Parsed::Pkt | Parsed::Unparsed => PULL_LEN as usize,
+    };
+    let len = ctx.len() as usize;
+    let end = if end > len { len } else { end };
+    ctx.data() + end <= ctx.data_end()
 }
 
 /// Remembers a first fragment's ports so the later fragments can follow it.
@@ -944,7 +979,7 @@ fn toward_client<C: Ctx>(ctx: &C, s: &Scratch, r: Route, to_pod: bool) -> Action
             if hairpin {
                 Action::TX
             } else {
-                Action::redirect(out)
+                Action::redirect_pod(out)
             }
         }
         // The kernel drops a packet from a local address (a NodePort frontend) arriving on the

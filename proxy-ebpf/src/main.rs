@@ -47,7 +47,7 @@ mod tunnel;
 #[cfg(target_arch = "bpf")]
 mod entry {
     use aya_ebpf::{
-        bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+        bindings::{__sk_buff, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
         helpers::{bpf_redirect, bpf_redirect_neigh},
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
@@ -58,7 +58,9 @@ mod entry {
         datapath::{Action, Verdict, process},
         maps::SCRATCH,
         parse::{Parsed, parse},
+        stats::count,
     };
+    use proxy_common::Counter;
 
     #[xdp]
     pub fn extproxy_xdp(ctx: XdpContext) -> u32 {
@@ -68,23 +70,42 @@ mod entry {
             Verdict::Tx => xdp_action::XDP_TX,
             Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as u32 },
             // Not produced at XDP: the datapath passes such packets on to TC instead.
-            Verdict::RedirectNeigh(_) | Verdict::RedirectIngress(_) => xdp_action::XDP_PASS,
+            Verdict::RedirectNeigh(_) | Verdict::RedirectIngress(_) | Verdict::RedirectPod(_) => {
+                xdp_action::XDP_PASS
+            }
         }
     }
 
+    /// Marks a packet this node's programs are done with on its way to a device's egress, where
+    /// our egress program (on the uplinks) would parse it and look its flow up for nothing.
+    /// Bit 15 of `skb->tc_index`, which no qdisc has read since dsmark went (Linux 6.3);
+    /// Cilium passes flags between its programs there too, from bit 0 up. Not set on replies
+    /// sent into a pod, which carry no trace of us into its namespace.
+    const TC_INDEX_DONE: u32 = 1 << 15;
+
     #[inline(always)]
     fn tc_verdict<C: Ctx>(ctx: &C, action: Action) -> i32 {
+        let skb = ctx.raw() as *mut __sk_buff;
+        let done = || unsafe { (*skb).tc_index |= TC_INDEX_DONE };
         match action.verdict() {
             Verdict::Pass => TC_ACT_OK,
             Verdict::Drop => TC_ACT_SHOT,
-            Verdict::Tx => unsafe { bpf_redirect(ctx.ifindex(), 0) as i32 },
-            Verdict::Redirect(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
-            Verdict::RedirectNeigh(ifindex) => unsafe {
-                bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
-            },
+            Verdict::Tx => {
+                done();
+                unsafe { bpf_redirect(ctx.ifindex(), 0) as i32 }
+            }
+            Verdict::Redirect(ifindex) => {
+                done();
+                unsafe { bpf_redirect(ifindex, 0) as i32 }
+            }
+            Verdict::RedirectNeigh(ifindex) => {
+                done();
+                unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+            }
             Verdict::RedirectIngress(ifindex) => unsafe {
                 bpf_redirect(ifindex, BPF_F_INGRESS as u64) as i32
             },
+            Verdict::RedirectPod(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
         }
     }
 
@@ -98,6 +119,14 @@ mod entry {
     #[classifier]
     pub fn extproxy_tc_egress(ctx: TcContext) -> i32 {
         let ctx = TcEgress(ctx);
+        // Translated (or tunnelled) by one of our programs already: on its way out as it is.
+        let skb = ctx.raw() as *mut __sk_buff;
+        let tc_index = unsafe { (*skb).tc_index };
+        if tc_index & TC_INDEX_DONE != 0 {
+            unsafe { (*skb).tc_index = tc_index & !TC_INDEX_DONE };
+            count(Counter::EgressAlreadyTranslated);
+            return TC_ACT_OK;
+        }
         let action = process(&ctx);
         tc_verdict(&ctx, action)
     }
