@@ -22,7 +22,9 @@ use crate::{
         AllocError, icmp_error_source, in_snat_range, set_macs, snat_alloc, xlate,
         xlate_icmp_error_reply,
     },
-    parse::{Frag, PULL_LEN, Parsed, Pkt, TCP_ACK, TCP_RST, TCP_SYN, parse, parse_inner},
+    parse::{
+        Frag, PULL_LEN, Parsed, Pkt, TCP_ACK, TCP_RST, TCP_SYN, headers_linear, parse, parse_inner,
+    },
     reject,
     stats::{count, count_service},
     tcpts, tunnel,
@@ -298,35 +300,15 @@ fn frag_key(pkt: &Pkt) -> FragKey {
 /// Its own frame: parsing's temporaries are dead before the heavy paths run.
 ///
 /// A TC program reads what the skb has linear, and pulls more only when the headers it reads
-/// are not all there. Pulling a fixed length brought payload into the linear part of every
-/// segment with data, and a segment a local TCP sent is a clone, which the kernel then copies
-/// whole (`pskb_expand_head`): 8% of the programs' time in a short-connection load.
+/// are not all there (`headers_linear`). Pulling a fixed length brought payload into the linear
+/// part of every segment with data, and a segment a local TCP sent is a clone, which the kernel
+/// then copies whole (`pskb_expand_head`): 8% of the programs' time in a short-connection load.
 #[inline(never)]
 fn parse_packet<C: Ctx>(ctx: &C, pkt: &mut Pkt) -> Parsed {
-    let parsed = parse(ctx, pkt);
-    if C::HOOK == Hook::Xdp || headers_linear(ctx, pkt, &parsed) {
-        return parsed;
+    if C::HOOK != Hook::Xdp && !headers_linear(ctx) {
+        ctx.pull(PULL_LEN);
     }
-    ctx.pull(PULL_LEN);
     parse(ctx, pkt)
-}
-
-/// Whether the headers the data path reads of `pkt` (as far as `parse` got) are linear: the
-/// transport header with its options; an ICMP error's quoted headers, which parsing does not
-/// reach, are assumed not to be.
-#[inline(always)]
-fn headers_linear<C: Ctx>(ctx: &C, pkt: &Pkt, parsed: &Parsed) -> bool {
-    let end = match parsed {
-        Parsed::Other | Parsed::Malformed(_) => return true,
-        Parsed::Pkt if !pkt.has_l4() => return true,
-        Parsed::Pkt if pkt.tuple.proto == PROTO_TCP => pkt.l4_off + pkt.tcp_hlen as usize,
-        // UDP's header was read whole; tunnels pull for their own headers (`from_tunnel`).
-        Parsed::Pkt if pkt.tuple.proto == PROTO_UDP => return true,
-        Parsed::Pkt | Parsed::Unparsed => PULL_LEN as usize,
-    };
-    let len = ctx.len() as usize;
-    let end = if end > len { len } else { end };
-    ctx.data() + end <= ctx.data_end()
 }
 
 /// Remembers a first fragment's ports so the later fragments can follow it.

@@ -94,6 +94,52 @@ pub enum Parsed {
     Malformed(proxy_common::Counter),
 }
 
+/// Whether the headers the data path reads are in the linear data already, judged from the few
+/// fields that say where they end: an IPv4 header (options included) or a bare IPv6 header, then
+/// TCP's data offset (its options are read) or UDP's fixed header. ICMP (an error's quote is
+/// read) and IPv6 extension headers are answered no, and pulled; protocols the data path does
+/// not read are answered yes.
+#[inline(always)]
+pub fn headers_linear<C: Ctx>(ctx: &C) -> bool {
+    let linear = ctx.data_end() - ctx.data();
+    let len = ctx.len() as usize;
+    if linear >= len || linear >= PULL_LEN as usize {
+        return true;
+    }
+    let Some(eth_type) = load::<C, u16>(ctx, 12) else {
+        return false;
+    };
+    let (l4_off, proto) = if eth_type == ETH_P_IP_RAW {
+        let Some(ip) = ptr_at::<C, Ipv4Hdr>(ctx, ETH_HLEN) else {
+            return false;
+        };
+        // A later fragment's IP header is all that is read of it.
+        if u16::from_be(get!(ip, frag)) & 0x1fff != 0 {
+            return true;
+        }
+        (
+            ETH_HLEN + (((get!(ip, vihl) & 0x0f) as usize) << 2),
+            get!(ip, proto),
+        )
+    } else if eth_type == ETH_P_IPV6_RAW {
+        let Some(ip) = ptr_at::<C, Ipv6Hdr>(ctx, ETH_HLEN) else {
+            return false;
+        };
+        (ETH_HLEN + IPV6_HLEN, get!(ip, next))
+    } else {
+        return true;
+    };
+    match proto {
+        PROTO_TCP => match ptr_at::<C, TcpHdr>(ctx, l4_off) {
+            Some(tcp) => l4_off + (((get!(tcp, doff) >> 4) as usize) << 2) <= linear,
+            None => false,
+        },
+        PROTO_UDP => l4_off + UDP_HLEN <= linear,
+        PROTO_ICMP | PROTO_ICMPV6 => false,
+        next => !is_ipv6_ext(next),
+    }
+}
+
 /// Parses the packet at the start of `ctx` into `pkt`.
 #[inline(always)]
 pub fn parse<C: Ctx>(ctx: &C, pkt: &mut Pkt) -> Parsed {
