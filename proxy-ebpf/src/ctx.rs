@@ -72,7 +72,17 @@ pub trait Ctx {
     /// Adds (`delta` > 0) or removes room right after the Ethernet header, with
     /// `bpf_skb_adjust_room`'s encapsulation `flags` (TC only: XDP cannot).
     fn adjust_room(&self, delta: i32, flags: u64) -> Result<(), ()>;
+    /// Marks a packet our programs are done with, on its way to a device's egress, where our
+    /// egress program lets it go at once ([`TC_INDEX_DONE`]). XDP's frames never reach it.
+    fn mark_done(&self) {}
 }
+
+/// Bit 15 of `skb->tc_index`: a packet one of our TC programs translated (or tunnelled) and
+/// redirected to a device's egress, where our egress program (on the uplinks) would parse it and
+/// look its flow up for nothing. No qdisc has read `tc_index` since dsmark went (Linux 6.3);
+/// Cilium passes flags between its programs there too, from bit 0 up. Not set on replies sent
+/// into a pod, which carry no trace of us into its namespace.
+const TC_INDEX_DONE: u32 = 1 << 15;
 
 /// Deepest offset the data path reads at. Bounding every offset explicitly matters: offsets kept
 /// in the scratch map come back from memory with no bounds the verifier knows.
@@ -238,6 +248,10 @@ macro_rules! impl_tc_ctx {
                 csum_fix_in_place(self, off, delta, false)
             }
             #[inline(always)]
+            fn mark_done(&self) {
+                unsafe { (*skb(&self.0)).tc_index |= TC_INDEX_DONE };
+            }
+            #[inline(always)]
             fn csum_l4(&self, off: usize, delta: u32, pseudo: bool, udp: bool) -> Result<(), ()> {
                 let mut flags = 0u64;
                 if pseudo {
@@ -271,6 +285,20 @@ macro_rules! impl_tc_ctx {
             }
         }
     };
+}
+
+impl TcEgress {
+    /// Whether one of our programs is done with the packet ([`Ctx::mark_done`]); clears the mark.
+    #[inline(always)]
+    pub fn take_done(&self) -> bool {
+        let skb = skb(&self.0);
+        let tc_index = unsafe { (*skb).tc_index };
+        if tc_index & TC_INDEX_DONE == 0 {
+            return false;
+        }
+        unsafe { (*skb).tc_index = tc_index & !TC_INDEX_DONE };
+        true
+    }
 }
 
 impl_tc_ctx!(TcIngress, Hook::TcIngress);

@@ -47,7 +47,7 @@ mod tunnel;
 #[cfg(target_arch = "bpf")]
 mod entry {
     use aya_ebpf::{
-        bindings::{__sk_buff, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+        bindings::{BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
         helpers::{bpf_redirect, bpf_redirect_neigh},
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
@@ -76,36 +76,28 @@ mod entry {
         }
     }
 
-    /// Marks a packet this node's programs are done with on its way to a device's egress, where
-    /// our egress program (on the uplinks) would parse it and look its flow up for nothing.
-    /// Bit 15 of `skb->tc_index`, which no qdisc has read since dsmark went (Linux 6.3);
-    /// Cilium passes flags between its programs there too, from bit 0 up. Not set on replies
-    /// sent into a pod, which carry no trace of us into its namespace.
-    const TC_INDEX_DONE: u32 = 1 << 15;
-
     #[inline(always)]
     fn tc_verdict<C: Ctx>(ctx: &C, action: Action) -> i32 {
-        let skb = ctx.raw() as *mut __sk_buff;
-        let done = || unsafe { (*skb).tc_index |= TC_INDEX_DONE };
-        match action.verdict() {
+        let verdict = action.verdict();
+        if matches!(
+            verdict,
+            Verdict::Tx | Verdict::Redirect(_) | Verdict::RedirectNeigh(_)
+        ) {
+            ctx.mark_done();
+        }
+        match verdict {
             Verdict::Pass => TC_ACT_OK,
             Verdict::Drop => TC_ACT_SHOT,
-            Verdict::Tx => {
-                done();
-                unsafe { bpf_redirect(ctx.ifindex(), 0) as i32 }
-            }
-            Verdict::Redirect(ifindex) => {
-                done();
-                unsafe { bpf_redirect(ifindex, 0) as i32 }
-            }
-            Verdict::RedirectNeigh(ifindex) => {
-                done();
-                unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
-            }
+            Verdict::Tx => unsafe { bpf_redirect(ctx.ifindex(), 0) as i32 },
+            Verdict::Redirect(ifindex) | Verdict::RedirectPod(ifindex) => unsafe {
+                bpf_redirect(ifindex, 0) as i32
+            },
+            Verdict::RedirectNeigh(ifindex) => unsafe {
+                bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+            },
             Verdict::RedirectIngress(ifindex) => unsafe {
                 bpf_redirect(ifindex, BPF_F_INGRESS as u64) as i32
             },
-            Verdict::RedirectPod(ifindex) => unsafe { bpf_redirect(ifindex, 0) as i32 },
         }
     }
 
@@ -120,10 +112,7 @@ mod entry {
     pub fn extproxy_tc_egress(ctx: TcContext) -> i32 {
         let ctx = TcEgress(ctx);
         // Translated (or tunnelled) by one of our programs already: on its way out as it is.
-        let skb = ctx.raw() as *mut __sk_buff;
-        let tc_index = unsafe { (*skb).tc_index };
-        if tc_index & TC_INDEX_DONE != 0 {
-            unsafe { (*skb).tc_index = tc_index & !TC_INDEX_DONE };
+        if ctx.take_done() {
             count(Counter::EgressAlreadyTranslated);
             return TC_ACT_OK;
         }

@@ -61,10 +61,10 @@ pub enum AllocError {
 /// A new connection takes the next pair in sequence ([`next_in_sequence`]). Other flows, and a
 /// new connection whose pair in sequence is not usable, take candidates from the flow's hash
 /// (a flow recreated after losing its conntrack entry usually gets its pair again), scattered
-/// over all pairs: consecutive ports pile flows up behind each other. Pair sets no larger than the tries are walked one by one instead, so a
-/// refusal there always means that no pair is usable. Of the first two usable candidates the one
-/// idle longer is taken: a pair no flow has used within its hold has no entry at all and beats
-/// every closed flow's pair.
+/// over all pairs: consecutive ports pile flows up behind each other. Pair sets no larger than
+/// the tries are walked one by one instead, so a refusal there always means that no pair is
+/// usable. Of the first two usable candidates the one idle longer is taken: a pair no flow has
+/// used within its hold has no entry at all and beats every closed flow's pair.
 ///
 /// A pair is usable when no flow has it, when its flow is gone or expired, or when its flow
 /// closed and the endpoint will accept a new connection on it: see [`judge`].
@@ -121,7 +121,7 @@ pub fn snat_alloc(
     s.alloc.x = flow;
     s.alloc.start = flow % total;
     if !in_sequence
-        && set_candidate(cfg, s, flow % total)
+        && set_candidate(cfg, s, s.alloc.start)
         && REVNAT.insert(&s.rn_key, &s.rn, BPF_NOEXIST as u64).is_ok()
     {
         // The common case of the flow hash's first candidate: no entry (no flow used it within

@@ -36,9 +36,29 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// Bytes the TC programs make linear before parsing: the deepest headers we read are an ICMP
-/// error's inner IP and transport headers behind an outer IPv6 header with extensions.
+/// Bytes a TC program makes linear when the headers it reads are not ([`headers_linear`]): the
+/// deepest are an ICMP error's inner IP and transport headers behind an outer IPv6 header with
+/// extensions.
 pub const PULL_LEN: u32 = 192;
+
+/// IPv4 header length in bytes, from its version and IHL byte.
+#[inline(always)]
+fn ipv4_hlen(vihl: u8) -> usize {
+    ((vihl & 0x0f) as usize) << 2
+}
+
+/// TCP header length in bytes (data offset x 4), from its data offset byte.
+#[inline(always)]
+fn tcp_hlen(doff: u8) -> u8 {
+    (doff >> 4) << 2
+}
+
+/// A later IPv4 fragment (its fragment offset, in the host-order flags and offset field, not 0):
+/// it has no transport header.
+#[inline(always)]
+fn ipv4_later_fragment(frag_field: u16) -> bool {
+    frag_field & 0x1fff != 0
+}
 
 #[repr(u8)]
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -114,13 +134,10 @@ pub fn headers_linear<C: Ctx>(ctx: &C) -> bool {
             return false;
         };
         // A later fragment's IP header is all that is read of it.
-        if u16::from_be(get!(ip, frag)) & 0x1fff != 0 {
+        if ipv4_later_fragment(u16::from_be(get!(ip, frag))) {
             return true;
         }
-        (
-            ETH_HLEN + (((get!(ip, vihl) & 0x0f) as usize) << 2),
-            get!(ip, proto),
-        )
+        (ETH_HLEN + ipv4_hlen(get!(ip, vihl)), get!(ip, proto))
     } else if eth_type == ETH_P_IPV6_RAW {
         let Some(ip) = ptr_at::<C, Ipv6Hdr>(ctx, ETH_HLEN) else {
             return false;
@@ -131,7 +148,7 @@ pub fn headers_linear<C: Ctx>(ctx: &C) -> bool {
     };
     match proto {
         PROTO_TCP => match ptr_at::<C, TcpHdr>(ctx, l4_off) {
-            Some(tcp) => l4_off + (((get!(tcp, doff) >> 4) as usize) << 2) <= linear,
+            Some(tcp) => l4_off + tcp_hlen(get!(tcp, doff)) as usize <= linear,
             None => false,
         },
         PROTO_UDP => l4_off + UDP_HLEN <= linear,
@@ -161,7 +178,7 @@ fn parse_v4<C: Ctx>(ctx: &C, out: &mut Pkt) -> Parsed {
         return Parsed::Unparsed;
     };
     let vihl = get!(ip, vihl);
-    let ihl = ((vihl & 0x0f) as usize) << 2;
+    let ihl = ipv4_hlen(vihl);
     if vihl >> 4 != 4 || ihl < IPV4_HLEN {
         return Parsed::Unparsed;
     }
@@ -172,7 +189,7 @@ fn parse_v4<C: Ctx>(ctx: &C, out: &mut Pkt) -> Parsed {
         tot_len = ctx.len().saturating_sub(ETH_HLEN as u32);
     }
     let frag_field = u16::from_be(get!(ip, frag));
-    let frag = if frag_field & 0x1fff != 0 {
+    let frag = if ipv4_later_fragment(frag_field) {
         Frag::Later
     } else if frag_field & 0x2000 != 0 {
         Frag::First
@@ -306,7 +323,7 @@ fn parse_l4<C: Ctx>(ctx: &C, pkt: &mut Pkt) -> Parsed {
             pkt.tuple.sport = get!(tcp, sport);
             pkt.tuple.dport = get!(tcp, dport);
             pkt.tcp_flags = get!(tcp, flags);
-            pkt.tcp_hlen = (get!(tcp, doff) >> 4) << 2;
+            pkt.tcp_hlen = tcp_hlen(get!(tcp, doff));
             // Checked against the IP header's length, not the linear data a TC skb happens to
             // have: the header must lie within the datagram.
             // An IP header that lies about the length is the data path's to drop (bad_len).
@@ -394,9 +411,9 @@ pub fn parse_inner<C: Ctx>(ctx: &C, pkt: &Pkt, out: &mut Inner) -> Option<()> {
         (l3 + IPV6_HLEN, get!(ip, next), src, dst)
     } else {
         let ip = ptr_at::<C, Ipv4Hdr>(ctx, l3)?;
-        let ihl = ((get!(ip, vihl) & 0x0f) as usize) << 2;
+        let ihl = ipv4_hlen(get!(ip, vihl));
         // A quoted later fragment has no ports to match.
-        if ihl < IPV4_HLEN || u16::from_be(get!(ip, frag)) & 0x1fff != 0 {
+        if ihl < IPV4_HLEN || ipv4_later_fragment(u16::from_be(get!(ip, frag))) {
             return None;
         }
         let src = Addr::from_v4_raw(get!(ip, src));

@@ -40,9 +40,10 @@ pub enum Pinned {
 /// state and rewritten in full at start (the Maglev tables, the frontend filter, the cluster
 /// egress owners and tunnel peers, the configuration), transient (the event ring and its rate
 /// limits, fragments in flight, the SNAT sequence's position), or statistics whose reset costs
-/// a counter reset (counters, per-Service stats, passive health signals, which start over). Never the flows (CT, CT_NEW,
-/// REVNAT), nor what their entries refer to by id (SERVICES, BACKENDS, SLOTS, FRONTENDS,
-/// SRC_RANGES), nor session affinity (clients would move between endpoints).
+/// a counter reset (counters, per-Service stats, passive health signals, which start over).
+/// Never the flows (CT, CT_NEW, REVNAT), nor what their entries refer to by id (SERVICES,
+/// BACKENDS, SLOTS, FRONTENDS, SRC_RANGES), nor session affinity (clients would move between
+/// endpoints).
 pub const REBUILDABLE_MAPS: [&str; 13] = [
     MAP_CONFIG,
     MAP_MAGLEV,

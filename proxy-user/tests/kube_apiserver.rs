@@ -550,8 +550,7 @@ async fn an_expired_watch_relists_and_writes_only_what_changed() {
 
 const SA_USER: &str = "system:serviceaccount:extproxy-system:extproxy";
 
-/// The `events.k8s.io` Events in `namespace`, by reason.
-/// extproxy's Events in `namespace`, by reason. The API server's own (its ClusterIP repair loop
+/// extproxy's `events.k8s.io` Events in `namespace`, by reason. The API server's own (its ClusterIP repair loop
 /// once reported `ClusterIPNotAllocated` for a Service it had not finished allocating) are not
 /// ours to count.
 async fn events_by_reason(
